@@ -1,0 +1,3 @@
+from celldino.cli import main
+
+raise SystemExit(main())

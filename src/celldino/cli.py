@@ -1,0 +1,157 @@
+"""The `celldino` command: load config → call the API → write. No logic of its own.
+
+Every stage takes an optional YAML config and `key.sub=value` overrides; the keys a stage reads
+are listed, with their comments and defaults, by `celldino <stage> --help`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from celldino import __version__, log
+from celldino import config as C
+
+logger = log.get_logger(__name__)
+
+
+def _split(items: list[str]) -> tuple[str | None, list[str]]:
+    """Separate an optional YAML config path from key=value overrides."""
+    cfg_path, overrides = None, []
+    for item in items:
+        if "=" in item:
+            overrides.append(item)
+        elif item.endswith((".yaml", ".yml")) and cfg_path is None:
+            cfg_path = item
+        else:
+            raise C.ConfigError(
+                f"'{item}' is neither a .yaml config nor a key=value override "
+                "(example: celldino train configs/tiny.yaml train.epochs=3)"
+            )
+    return cfg_path, overrides
+
+
+def _config(args: argparse.Namespace, extra: list[str] | None = None) -> C.Config:
+    path, overrides = _split(args.settings)
+    return C.load_config(path, overrides + (extra or []))
+
+
+# ---- commands ----------------------------------------------------------------------------
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from celldino.synth import make_screen
+
+    cfg = _config(args)
+    out = make_screen(args.out_dir, cfg.synth)
+    print(out / "load_data.csv")
+    return 0
+
+
+def _not_yet(name: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        logger.error("`celldino %s` is not available in this version yet.", name)
+        return 2
+
+    return run
+
+
+# name → (help, handler, config sections shown in --help, extra positional arguments)
+COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int], list[str], list[tuple]]] = {
+    "synth": (
+        "write the synthetic screen (TIFF images, plate map, load-data table, ground truth)",
+        cmd_synth,
+        ["synth"],
+        [("out_dir", "folder to write the screen into (created if missing)")],
+    ),
+    "prepare": (
+        "images → cells table, single-cell crop store, QC and engineered features",
+        _not_yet("prepare"),
+        ["prepare"],
+        [],
+    ),
+    "train": (
+        "self-supervised training (DINO / WS-DINO); runs under torchrun too",
+        _not_yet("train"),
+        ["model", "train"],
+        [],
+    ),
+    "extract": (
+        "checkpoint + crops → per-cell embeddings (Parquet shards with metadata)",
+        _not_yet("extract"),
+        ["extract"],
+        [],
+    ),
+    "profile": (
+        "embeddings → well/treatment profiles (aggregate, normalise, batch-correct)",
+        _not_yet("profile"),
+        ["profile"],
+        [],
+    ),
+    "evaluate": (
+        "profiles → retrieval, classification and biology metrics",
+        _not_yet("evaluate"),
+        ["evaluate"],
+        [],
+    ),
+    "report": ("metrics and plots → one self-contained report.html", _not_yet("report"), ["report"], []),
+    "run": ("the whole pipeline from one config, skipping finished stages", _not_yet("run"), [], []),
+    "demo": ("the whole pipeline on the built-in synthetic screen", _not_yet("demo"), [], []),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="celldino",
+        description="Self-supervised vision transformers for cell images: "
+        "images in, morphology profiles and biology out.",
+    )
+    parser.add_argument("--version", action="version", version=f"celldino {__version__}")
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only, no progress bars")
+    verbosity.add_argument("-v", "--verbose", action="count", default=0, help="more detail (debug logging)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    section_cls = C.typing.get_type_hints(C.Config)
+    section_docs = C.field_docs(C.Config)
+    for name, (help_text, handler, sections, positionals) in COMMANDS.items():
+        epilog = ""
+        if sections:
+            parts = [f"[{s}] {section_docs.get(s, '')}\n" + C.describe(section_cls[s], s) for s in sections]
+            epilog = "settings (key=value on the command line, or in the YAML config):\n" + "\n".join(parts)
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        for pos_name, pos_help in positionals:
+            p.add_argument(pos_name, type=Path, help=pos_help)
+        p.add_argument(
+            "settings",
+            nargs="*",
+            metavar="[CONFIG.yaml] [key=value ...]",
+            help="an optional YAML config, then overrides such as train.epochs=3",
+        )
+        p.set_defaults(handler=handler)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    log.setup(-1 if args.quiet else args.verbose)
+    try:
+        return int(args.handler(args) or 0)
+    except C.ConfigError as e:
+        logger.error("configuration error: %s", e)
+        return 2
+    except KeyboardInterrupt:
+        logger.error("interrupted; finished work is kept and a rerun resumes where it stopped")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,309 @@
+"""Configuration: frozen dataclasses, YAML files and command-line dotlist overrides.
+
+One `Config` holds a section per stage. A YAML file under `configs/` sets any subset of it and
+`key.sub=value` overrides on the command line win over the file. Unknown keys are errors that
+list the valid keys at that level. The resolved config is written into every run directory.
+
+Every field carries a one-line comment; `field_docs` reads those comments so that the CLI help
+and the docs show them (the comment is the documentation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that does not fit the schema."""
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    preset: str = "tiny"  # size preset: tiny (tests), demo (the demo), or custom (fields below)
+    seed: int = 0  # random seed; the same seed gives byte-identical files
+    n_plates: int = 0  # plates (0 = take from the preset)
+    n_batches: int = 0  # experimental batches the plates are spread over (0 = preset)
+    wells_per_compound: int = 0  # replicate wells per compound and dose on each plate (0 = preset)
+    control_wells: int = 0  # negative-control (DMSO) wells per plate (0 = preset)
+    sites_per_well: int = 0  # fields of view per well (0 = preset)
+    image_size: int = 0  # field-of-view side in pixels (0 = preset)
+    cells_per_site: int = 0  # mean number of cells per field of view (0 = preset)
+    channels: tuple[str, ...] = ("DNA", "ER", "RNA", "AGP", "Mito")  # channel names, DNA first
+    protein_channel: bool = False  # add a 'Protein' channel with HPA-like localisation classes
+    n_bad_images: int = -1  # planted out-of-focus and debris images (-1 = preset)
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    load_data: str = ""  # load-data table (CSV/Parquet) in the CellProfiler convention
+    crop_size: int = 96  # side of the square single-cell crops in pixels
+    seed: int = 0  # random seed for anything sampled while preparing
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "vit_tiny"  # backbone: vit_tiny, vit_small, vit_base, vit_large
+    patch_size: int = 16  # patch side in pixels: 8, 14 or 16
+    channel_mode: str = "multichannel"  # multichannel, channelwise or channel_adaptive
+    in_chans: int = 5  # input channels for multichannel models
+    num_registers: int = 0  # register tokens (DINOv2 'registers'); 0 = none
+    out_dim: int = 4096  # DINO head output dimension (paper: 65536)
+    pretrained: str = ""  # local checkpoint to start from (DINO, DINOv2, DINO4Cells or celldino)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    run_dir: str = "runs/train"  # where checkpoints/, metrics.jsonl and config.yaml go
+    epochs: int = 10  # passes over the data
+    batch_size: int = 64  # global batch size (split across ranks under torchrun)
+    seed: int = 0  # random seed for weights, augmentation and sampling
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    out_dir: str = "runs/embeddings"  # where the Parquet shards and manifest go
+    batch_size: int = 128  # images per forward pass
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    out: str = "runs/profiles.h5ad"  # AnnData file written by `celldino profile`
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    out_dir: str = "runs/eval"  # tables and summary.json
+    seed: int = 0  # random seed for splits and permutations
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    out: str = "runs/report.html"  # the self-contained HTML report
+
+
+@dataclass(frozen=True)
+class Config:
+    synth: SynthConfig = field(default_factory=SynthConfig)  # the synthetic screen
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)  # images → cells and crops
+    model: ModelConfig = field(default_factory=ModelConfig)  # vision transformer and DINO head
+    train: TrainConfig = field(default_factory=TrainConfig)  # self-supervised training
+    extract: ExtractConfig = field(default_factory=ExtractConfig)  # checkpoint → embeddings
+    profile: ProfileConfig = field(default_factory=ProfileConfig)  # embeddings → profiles
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)  # profiles → metrics
+    report: ReportConfig = field(default_factory=ReportConfig)  # metrics → report.html
+
+
+# --------------------------------------------------------------------------------------------
+# Building from dicts, YAML and overrides
+# --------------------------------------------------------------------------------------------
+
+
+def _valid_keys(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML value to the annotated type, or raise ConfigError naming `where`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of {_valid_keys(tp)}, got {value!r}")
+        return _build(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: {value!r} fits none of {tp}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        inner = args[0] if args else Any
+        return tuple(_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        inner = args[0] if args else Any
+        return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if value is None:
+            return ""
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _build(cls: type, data: dict, where: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    valid = _valid_keys(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in valid:
+            at = where or "top level"
+            raise ConfigError(
+                f"unknown config key '{(where + '.' if where else '') + str(key)}' "
+                f"(valid keys at {at}: {', '.join(valid)})"
+            )
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key)
+    return cls(**kwargs)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_dotlist(overrides: list[str]) -> dict:
+    """Turn ['train.epochs=3', 'model.arch=vit_small'] into a nested dict (values parsed as YAML)."""
+    out: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key.sub=value")
+        key, raw = item.split("=", 1)
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override '{item}' has an empty key")
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}' conflicts with an earlier override")
+        node[parts[-1]] = value
+    return out
+
+
+def to_dict(cfg: Any) -> dict:
+    """A plain dict (tuples as lists) suitable for YAML."""
+
+    def conv(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (tuple, list)):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+
+    return conv(cfg)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Resolve the configuration: defaults ← YAML file ← dotlist overrides."""
+    data: dict = {}
+    if path:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file {p} does not exist (see configs/ for examples)")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p}: top level must be a mapping of sections")
+        data = loaded
+    data = _merge(data, parse_dotlist(overrides or []))
+    try:
+        return _build(Config, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+
+
+def replace(cfg: Any, **changes: Any) -> Any:
+    """`dataclasses.replace` with dotted keys: replace(cfg, **{'train.epochs': 3})."""
+    nested: dict = {}
+    for key, value in changes.items():
+        head, _, rest = key.partition(".")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            nested[head] = value
+    direct = {}
+    for head, value in nested.items():
+        if isinstance(value, dict) and dataclasses.is_dataclass(getattr(cfg, head, None)):
+            direct[head] = replace(getattr(cfg, head), **value)
+        else:
+            direct[head] = value
+    try:
+        return dataclasses.replace(cfg, **direct)
+    except TypeError as e:
+        raise ConfigError(f"{e} (valid keys: {', '.join(_valid_keys(type(cfg)))})") from None
+
+
+def save_config(cfg: Any, path: str | Path) -> Path:
+    """Write the resolved config as YAML (atomically) and return the path."""
+    from celldino.io.files import atomic_write_text
+
+    return atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+_FIELD_RE = re.compile(r"^\s+(\w+)\s*:\s*[^#]*?#\s*(.+)$")
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The one-line comment of each field, read from the class source."""
+    try:
+        src = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    return {m.group(1): m.group(2).strip() for line in src.splitlines() if (m := _FIELD_RE.match(line))}
+
+
+def describe(cls: type, prefix: str) -> str:
+    """Human-readable list of a section's keys, defaults and comments (for --help)."""
+    docs = field_docs(cls)
+    lines = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if isinstance(default, tuple):
+            default = ",".join(map(str, default)) if default else "[]"
+        lines.append(f"  {prefix}.{f.name}={default!s:<14} {docs.get(f.name, '')}")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""All file access: images, tables, zarr stores, checkpoints. The only package that touches files."""

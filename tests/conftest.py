@@ -1,0 +1,64 @@
+"""Shared fixtures. Real data lives at ../shared/data beside the repository (never copied in)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def _require_shared(sub: str) -> Path:
+    path = SHARED_DATA / sub
+    if not path.exists():
+        msg = f"real test data missing: {path} (expected ../shared/data beside the repository)"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """Root of ../shared/data; fails under CI=true when missing, skips otherwise."""
+    return _require_shared("")
+
+
+@pytest.fixture(scope="session")
+def bbbc021_dir() -> Path:
+    return _require_shared("bbbc021_crops")
+
+
+@pytest.fixture(scope="session")
+def cellpainting_fovs() -> Path:
+    return _require_shared("cellpainting_fovs")
+
+
+@pytest.fixture(scope="session")
+def lincs_csv() -> Path:
+    return _require_shared("lincs_SQ00015054") / "SQ00015054_normalized_feature_select.csv.gz"
+
+
+@pytest.fixture(scope="session")
+def tiny_screen(tmp_path_factory) -> Path:
+    """The `tiny` synthetic screen, generated once per test session."""
+    from celldino.config import SynthConfig
+    from celldino.synth import make_screen
+
+    out = tmp_path_factory.mktemp("tiny_screen")
+    return make_screen(out, SynthConfig(preset="tiny", seed=0))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _few_threads():
+    """Two cores on CI: keep torch from oversubscribing when several processes run."""
+    try:
+        import torch
+
+        torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    except ImportError:
+        pass
+    yield
