@@ -1,0 +1,83 @@
+"""DINO loss: cross-entropy between the centred, sharpened teacher and the student (torch only).
+
+Caron et al. 2021. The teacher's outputs for the global crops are centred (a running mean of the
+teacher outputs, the *centre*, is subtracted) and sharpened with a low temperature; the student's
+outputs for every crop are compared with every teacher crop except the same view. The centre is
+updated with momentum after each step and, under torch.distributed, averaged over all ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+def _all_reduce_sum(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Sum `x` over ranks (in place) when distributed; return it with the world size."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(x)
+        return x, dist.get_world_size()
+    return x, 1
+
+
+class DINOLoss(nn.Module):
+    """Multi-crop DINO loss with teacher centring.
+
+    forward(student_out (n_crops*B, K), teacher_out (n_global*B, K), teacher_temp) -> scalar.
+    Crops are stacked crop-major: rows [c*B:(c+1)*B] hold crop c of every image; the first
+    `n_global` student crops are the global crops seen by the teacher.
+    """
+
+    def __init__(
+        self,
+        out_dim: int,
+        *,
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+    ) -> None:
+        super().__init__()
+        self.out_dim = out_dim
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))  # (1, K)
+
+    def teacher_probs(self, teacher_out: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        """Centred, sharpened teacher distribution (no gradient): (n_global*B, K)."""
+        return F.softmax((teacher_out.detach().float() - self.center) / teacher_temp, dim=-1)
+
+    def forward(
+        self,
+        student_out: torch.Tensor,  # (n_crops*B, K)
+        teacher_out: torch.Tensor,  # (n_global*B, K)
+        teacher_temp: float,
+        *,
+        n_global: int = 2,
+        update_center: bool = True,
+    ) -> torch.Tensor:
+        n_crops = student_out.shape[0] * n_global // teacher_out.shape[0]
+        student_logp = F.log_softmax(student_out.float() / self.student_temp, dim=-1)
+        s_chunks = student_logp.chunk(n_crops)  # n_crops x (B, K)
+        t_chunks = self.teacher_probs(teacher_out, teacher_temp).chunk(n_global)
+        total = student_out.new_zeros((), dtype=torch.float32)
+        n_terms = 0
+        for iq, q in enumerate(t_chunks):
+            for v, logp in enumerate(s_chunks):
+                if v == iq:  # the same view: skipped
+                    continue
+                total = total + torch.sum(-q * logp, dim=-1).mean()
+                n_terms += 1
+        if n_terms == 0:
+            raise ValueError("DINO loss needs at least two crops (2 global, or 1 global + locals)")
+        if update_center:
+            self.update_center(teacher_out)
+        return total / n_terms
+
+    @torch.no_grad()
+    def update_center(self, teacher_out: torch.Tensor) -> None:
+        """center ← m·center + (1−m)·mean(teacher_out) over every rank's batch."""
+        batch_sum = teacher_out.detach().float().sum(dim=0, keepdim=True)  # (1, K)
+        batch_sum, world = _all_reduce_sum(batch_sum)
+        batch_center = batch_sum / (teacher_out.shape[0] * world)
+        self.center.mul_(self.center_momentum).add_(batch_center * (1 - self.center_momentum))
