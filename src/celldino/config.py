@@ -66,6 +66,43 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class AugmentConfig:
+    global_crop_size: int = 224  # side in pixels of the 2 global crops (e.g. 96 for tiny models)
+    global_crop_scale: tuple[float, ...] = (0.4, 1.0)  # area fraction range of global crop boxes
+    local_crop_size: int = 96  # side in pixels of the local crops (e.g. 48 for tiny models)
+    local_crop_scale: tuple[float, ...] = (0.05, 0.4)  # area fraction range of local crop boxes
+    n_local_crops: int = 8  # local crops per image (0 = no multi-crop, only the 2 global crops)
+    random_resized_crop: bool = True  # random crop boxes; off = resize the whole image
+    crop_ratio: tuple[float, ...] = (0.75, 1.3333333)  # aspect-ratio (w/h) range, log-uniform
+    hflip_p: float = 0.5  # probability of a horizontal flip
+    vflip_p: float = 0.5  # probability of a vertical flip
+    rot90: bool = True  # random rotation by 0, 90, 180 or 270 degrees (uniform)
+    affine_p: float = 0.0  # probability of a random affine warp (rotation, scale, shear, shift)
+    affine_degrees: float = 15.0  # affine rotation range in degrees (+-)
+    affine_scale: tuple[float, ...] = (0.9, 1.1)  # affine zoom range (>1 enlarges the content)
+    affine_shear: float = 0.0  # affine shear range in degrees (+-)
+    affine_translate: float = 0.0  # affine shift range as a fraction of the crop side (+-)
+    elastic_p: float = 0.0  # probability of a smooth random elastic warp
+    elastic_alpha: float = 0.03  # elastic displacement std as a fraction of the crop side
+    elastic_grid: int = 4  # control points per side of the elastic noise (lower = smoother)
+    padding_mode: str = "reflection"  # fill outside the image: reflection, border or zeros
+    brightness_p: float = 0.8  # probability per image of a brightness change
+    brightness: float = 0.2  # per-channel gain drawn from [1-brightness, 1+brightness]
+    contrast_p: float = 0.8  # probability per image of a contrast change
+    contrast: float = 0.2  # per-channel contrast factor drawn from [1-contrast, 1+contrast]
+    per_channel: bool = True  # independent brightness/contrast per channel (else one per image)
+    channel_drop_p: float = 0.0  # probability each channel is zeroed (never all channels)
+    protein_channel: int = -1  # index of the channel to rescale, e.g. the HPA protein (-1 = none)
+    protein_rescale_p: float = 0.2  # probability per image of rescaling the protein channel
+    protein_rescale: tuple[float, ...] = (0.0, 2.0)  # range of the protein channel's random gain
+    blur_p: float = 0.0  # probability of a Gaussian blur (off: useless for cells per Cell-DINO)
+    blur_sigma: tuple[float, ...] = (0.1, 2.0)  # blur sigma range in pixels
+    solarize_p: float = 0.0  # probability of solarisation (off: useless for cells)
+    solarize_threshold: float = 0.5  # values >= threshold become 1 - value (data in [0, 1])
+    greyscale_p: float = 0.0  # probability of replacing every channel by the channel mean (off)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     run_dir: str = "runs/train"  # where checkpoints/, metrics.jsonl and config.yaml go
     epochs: int = 10  # passes over the data
@@ -102,6 +139,7 @@ class Config:
     synth: SynthConfig = field(default_factory=SynthConfig)  # the synthetic screen
     prepare: PrepareConfig = field(default_factory=PrepareConfig)  # images → cells and crops
     model: ModelConfig = field(default_factory=ModelConfig)  # vision transformer and DINO head
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # augmentations, multi-crop
     train: TrainConfig = field(default_factory=TrainConfig)  # self-supervised training
     extract: ExtractConfig = field(default_factory=ExtractConfig)  # checkpoint → embeddings
     profile: ProfileConfig = field(default_factory=ProfileConfig)  # embeddings → profiles
