@@ -59,10 +59,20 @@ class ModelConfig:
     arch: str = "vit_tiny"  # backbone: vit_tiny, vit_small, vit_base, vit_large
     patch_size: int = 16  # patch side in pixels: 8, 14 or 16
     channel_mode: str = "multichannel"  # multichannel, channelwise or channel_adaptive
-    in_chans: int = 5  # input channels for multichannel models
+    in_chans: int = 5  # input channels (channel_adaptive: number of known channels)
+    backbone_chans: int = 3  # channelwise: channels of the shared backbone (3 = RGB model, or 1)
+    img_size: int = 224  # image side the position embeddings are made for (others interpolated)
     num_registers: int = 0  # register tokens (DINOv2 'registers'); 0 = none
+    layerscale: float = 0.0  # LayerScale initial value (0 = off; DINOv2 uses 1e-5)
+    qkv_bias: bool = True  # bias in the attention qkv projection
+    drop_path_rate: float = 0.1  # stochastic depth rate of the last block (linear from 0)
     out_dim: int = 4096  # DINO head output dimension (paper: 65536)
+    head_hidden_dim: int = 2048  # DINO head hidden width
+    head_bottleneck_dim: int = 256  # DINO head bottleneck before the weight-normalised layer
+    head_nlayers: int = 3  # DINO head MLP layers
+    norm_last_layer: bool = True  # fix the norm of the head's last layer at 1 (DINO default)
     pretrained: str = ""  # local checkpoint to start from (DINO, DINOv2, DINO4Cells or celldino)
+    pretrained_which: str = "teacher"  # network of a two-network checkpoint: teacher or student
 
 
 @dataclass(frozen=True)
