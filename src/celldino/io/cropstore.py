@@ -1,0 +1,139 @@
+"""The single-cell crop store: one chunked Zarr array (N, C, H, W) plus a Parquet index.
+
+Crops are appended one image (site) at a time. After the pixels of a site are written, its index
+rows go to `parts/<n>.parquet` and the ledger `ledger.json` (written atomically) records the
+site's key and its rows [start, start + count). The ledger is the truth: on reopening, the array
+is cut back to the ledger's length and sites already in it are skipped, so a run killed at any
+point and rerun ends with every cell exactly once. `finalize()` joins the parts into
+`cells.parquet` (row i = crop i).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from celldino.io.files import read_json, write_json
+from celldino.io.tables import write_parquet
+
+CROPS = "crops.zarr"
+CELLS = "cells.parquet"
+LEDGER = "ledger.json"
+PARTS = "parts"
+
+
+class CropStoreError(RuntimeError):
+    """A crop store that does not match what is being written into it."""
+
+
+class CropStore:
+    """Append-only, resumable crop store in `prep_dir` (crops.zarr + cells.parquet)."""
+
+    def __init__(
+        self,
+        prep_dir: str | Path,
+        *,
+        channels: list[str],
+        crop_size: int,
+        dtype: Any,
+        attrs: dict | None = None,
+        chunk_cells: int = 64,
+        settings_fingerprint: str = "",
+    ):
+        import zarr
+
+        self.dir = Path(prep_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / PARTS).mkdir(exist_ok=True)
+        self.channels = list(channels)
+        self.crop_size = int(crop_size)
+        self.dtype = np.dtype(dtype)
+        self.fingerprint = settings_fingerprint
+        ledger_path = self.dir / LEDGER
+        shape = (0, len(self.channels), self.crop_size, self.crop_size)
+        if ledger_path.exists() and (self.dir / CROPS).exists():
+            self.ledger = read_json(ledger_path)
+            if self.ledger.get("fingerprint") != settings_fingerprint:
+                raise CropStoreError(
+                    f"{self.dir} holds crops made with other settings "
+                    f"(fingerprint {self.ledger.get('fingerprint')} != {settings_fingerprint}); "
+                    "use a new prepare.out_dir or delete the old one"
+                )
+            self.array = zarr.open_array(str(self.dir / CROPS), mode="r+")
+            n = self.n_cells
+            if self.array.shape[0] != n:  # pixels written after the last ledger entry: drop them
+                self.array.resize((n, *self.array.shape[1:]))
+        else:
+            self.ledger = {"fingerprint": settings_fingerprint, "sites": [], "n": 0, "done": False}
+            # chunks (k, C, H, W): k cells per chunk, all channels together
+            self.array = zarr.create_array(
+                str(self.dir / CROPS),
+                shape=shape,
+                chunks=(chunk_cells, *shape[1:]),
+                dtype=self.dtype,
+                fill_value=0,
+                overwrite=True,
+            )
+            write_json(ledger_path, self.ledger)
+        self.array.attrs.update(
+            {"channels": self.channels, "crop_size": self.crop_size, **(attrs or {})}
+        )
+        self._done = {s["key"] for s in self.ledger["sites"]}
+
+    @property
+    def n_cells(self) -> int:
+        return int(self.ledger["n"])
+
+    def has(self, key: str) -> bool:
+        return key in self._done
+
+    def append(self, key: str, crops: np.ndarray, index: pd.DataFrame) -> None:
+        """Add one site's crops (n, C, H, W) and its n index rows, atomically as one step."""
+        if key in self._done:
+            raise CropStoreError(f"site {key} is already in the store {self.dir}")
+        if len(crops) != len(index):
+            raise CropStoreError(f"site {key}: {len(crops)} crops but {len(index)} index rows")
+        if len(crops) and crops.shape[1:] != self.array.shape[1:]:
+            raise CropStoreError(
+                f"site {key}: crops {crops.shape[1:]} != store {self.array.shape[1:]}"
+            )
+        start, n = self.n_cells, len(crops)
+        if n:
+            self.array.resize((start + n, *self.array.shape[1:]))
+            self.array[start : start + n] = crops.astype(self.dtype, copy=False)
+        part = f"{len(self.ledger['sites']):08d}.parquet"
+        write_parquet(index.reset_index(drop=True), self.dir / PARTS / part)
+        self.ledger["sites"].append({"key": key, "start": start, "count": n, "part": part})
+        self.ledger["n"] = start + n
+        write_json(self.dir / LEDGER, self.ledger)  # the commit point
+        self._done.add(key)
+
+    def finalize(self, extra_attrs: dict | None = None) -> pd.DataFrame:
+        """Join the index parts into cells.parquet (row i = crop i) and mark the store done."""
+        frames = [pd.read_parquet(self.dir / PARTS / s["part"]) for s in self.ledger["sites"]]
+        frames = [f for f in frames if len(f)]
+        cells = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+        if len(cells) != self.n_cells or self.array.shape[0] != self.n_cells:
+            raise CropStoreError(
+                f"{self.dir}: index has {len(cells)} rows, ledger {self.n_cells}, "
+                f"array {self.array.shape[0]}"
+            )
+        if extra_attrs:
+            self.array.attrs.update(extra_attrs)
+        write_parquet(cells, self.dir / CELLS)
+        self.ledger["done"] = True
+        write_json(self.dir / LEDGER, self.ledger)
+        return cells
+
+
+def open_crops(prep_dir: str | Path):
+    """The crop array of a prepared folder (read-only zarr.Array)."""
+    import zarr
+
+    path = Path(prep_dir) / CROPS
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run `celldino prepare` first")
+    return zarr.open_array(str(path), mode="r")
