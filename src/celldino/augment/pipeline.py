@@ -1,0 +1,163 @@
+"""`CellAugment`: one randomly augmented view of every image in a batch, driven by AugmentConfig.
+
+Order: crop box + affine + elastic (one grid_sample) → flips → 90° rotation → protein-channel
+rescale → brightness → contrast → blur → solarise → greyscale → channel dropping (last, so dropped
+channels stay zero). An operation whose probability is 0 (or switch is off) draws no random
+numbers and does not touch the tensor; with everything off the view is the input resized to the
+crop size (the input itself when it already has that size).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from celldino.augment import geometric as G
+from celldino.augment import intensity as I
+from celldino.config import AugmentConfig
+
+
+def _check_range(cfg: AugmentConfig, name: str, low: float, high: float) -> None:
+    value = getattr(cfg, name)
+    if len(value) != 2 or not (low <= value[0] <= value[1] <= high):
+        raise ValueError(
+            f"augment.{name}={list(value)}: expected [min, max] with {low} <= min <= max <= {high}"
+        )
+
+
+def check_config(cfg: AugmentConfig) -> None:
+    """Raise ValueError naming the `augment.*` key that is out of range."""
+    for f in dataclasses.fields(cfg):
+        if f.name.endswith("_p") and not 0.0 <= getattr(cfg, f.name) <= 1.0:
+            raise ValueError(f"augment.{f.name}={getattr(cfg, f.name)}: a probability in [0, 1]")
+    for name in ("global_crop_size", "local_crop_size", "elastic_grid"):
+        if getattr(cfg, name) < (2 if name == "elastic_grid" else 1):
+            raise ValueError(f"augment.{name}={getattr(cfg, name)} is too small")
+    if cfg.n_local_crops < 0:
+        raise ValueError(f"augment.n_local_crops={cfg.n_local_crops}: must be >= 0")
+    _check_range(cfg, "global_crop_scale", 1e-6, 1.0)
+    _check_range(cfg, "local_crop_scale", 1e-6, 1.0)
+    _check_range(cfg, "crop_ratio", 1e-3, 1e3)
+    _check_range(cfg, "affine_scale", 1e-3, 1e3)
+    _check_range(cfg, "protein_rescale", 0.0, 1e6)
+    _check_range(cfg, "blur_sigma", 0.0, 1e3)
+    if cfg.padding_mode not in G.PADDING_MODES:
+        raise ValueError(f"augment.padding_mode={cfg.padding_mode!r}: one of {G.PADDING_MODES}")
+    for name in ("brightness", "contrast"):
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            raise ValueError(f"augment.{name}={getattr(cfg, name)}: expected a value in [0, 1]")
+
+
+class CellAugment:
+    """Batched multi-channel augmentation: `aug(x, size=96, scale=(0.05, 0.4), generator=g)`."""
+
+    def __init__(self, cfg: AugmentConfig | None = None):
+        self.cfg = cfg or AugmentConfig()
+        check_config(self.cfg)
+
+    # -- geometry ---------------------------------------------------------------------------
+    def _geometry(
+        self, x: torch.Tensor, size: int, scale: tuple[float, float], g: torch.Generator
+    ) -> torch.Tensor:
+        cfg = self.cfg
+        b, _, h, w = x.shape
+        warped = False
+        if cfg.random_resized_crop:
+            boxes = G.sample_crop_boxes(
+                b, h, w, scale=scale, ratio=tuple(cfg.crop_ratio), generator=g
+            )
+            theta = G.boxes_to_theta(boxes, h, w)  # (B, 2, 3)
+            warped = True
+        else:
+            theta = torch.zeros(b, 2, 3, dtype=torch.float64, device=g.device)
+            theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+        if cfg.affine_p > 0:
+            apply = G.bernoulli((b,), cfg.affine_p, g)
+            deg = G.uniform((b,), -cfg.affine_degrees, cfg.affine_degrees, g)
+            zoom = G.uniform((b,), cfg.affine_scale[0], cfg.affine_scale[1], g)
+            shear = G.uniform((b,), -cfg.affine_shear, cfg.affine_shear, g)
+            shift = G.uniform((b, 2), -cfg.affine_translate, cfg.affine_translate, g)
+            inv = G.affine_matrices(deg, zoom, shear, shift)  # (B, 3, 3)
+            eye = torch.eye(3, dtype=inv.dtype, device=inv.device).expand_as(inv)
+            inv = torch.where(apply[:, None, None], inv, eye)
+            theta = theta @ inv  # (B, 2, 3): output -> warped crop -> input
+            warped = True
+        disp = None
+        if cfg.elastic_p > 0:
+            apply = G.bernoulli((b,), cfg.elastic_p, g)
+            disp = G.elastic_displacement(
+                b, size, alpha=cfg.elastic_alpha, grid=cfg.elastic_grid, generator=g
+            )
+            disp = disp * apply.to(disp.dtype)[:, None, None, None]
+            warped = True
+        if warped:
+            return G.warp(x, theta, size, displacement=disp, padding_mode=cfg.padding_mode)
+        if (h, w) == (size, size):
+            return x
+        return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+
+    # -- everything ---------------------------------------------------------------------------
+    def __call__(
+        self,
+        x: torch.Tensor,
+        *,
+        size: int,
+        scale: tuple[float, float] = (1.0, 1.0),
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """x (B, C, H, W) float → (B, C, size, size); random draws from `generator` only."""
+        if x.ndim != 4 or not x.is_floating_point():
+            raise ValueError(
+                f"augmentations take a float tensor (B, C, H, W), got {x.dtype} {tuple(x.shape)}"
+            )
+        g = generator if generator is not None else torch.default_generator
+        cfg = self.cfg
+        b, c = x.shape[:2]
+        out = self._geometry(x, size, scale, g)  # (B, C, size, size)
+
+        hflip = G.bernoulli((b,), cfg.hflip_p, g) if cfg.hflip_p > 0 else None
+        vflip = G.bernoulli((b,), cfg.vflip_p, g) if cfg.vflip_p > 0 else None
+        if hflip is not None or vflip is not None:
+            none = torch.zeros(b, dtype=torch.bool)
+            out = G.flip(out, none if hflip is None else hflip, none if vflip is None else vflip)
+        if cfg.rot90:
+            k = torch.randint(0, 4, (b,), generator=g, device=g.device)
+            out = G.rot90(out, k)
+
+        if cfg.protein_channel >= 0 and cfg.protein_rescale_p > 0:
+            apply = G.bernoulli((b,), cfg.protein_rescale_p, g)
+            gain = G.uniform((b,), cfg.protein_rescale[0], cfg.protein_rescale[1], g)
+            out = I.rescale_channel(out, cfg.protein_channel, torch.where(apply, gain, 1.0))
+
+        n_val = c if cfg.per_channel else 1
+        if cfg.brightness_p > 0 and cfg.brightness > 0:
+            apply = G.bernoulli((b,), cfg.brightness_p, g)
+            gain = G.uniform((b, n_val), 1 - cfg.brightness, 1 + cfg.brightness, g)
+            gain = torch.where(apply[:, None], gain, 1.0).expand(b, c)
+            out = I.adjust_brightness(out, gain)  # gain 1 leaves values exactly unchanged
+        if cfg.contrast_p > 0 and cfg.contrast > 0:
+            apply = G.bernoulli((b,), cfg.contrast_p, g)
+            factor = G.uniform((b, n_val), 1 - cfg.contrast, 1 + cfg.contrast, g).expand(b, c)
+            m = apply.to(out.device)[:, None, None, None]
+            out = torch.where(m, I.adjust_contrast(out, factor), out)
+
+        if cfg.blur_p > 0:
+            apply = G.bernoulli((b,), cfg.blur_p, g).to(out.device)
+            sigma = G.uniform((b,), cfg.blur_sigma[0], cfg.blur_sigma[1], g).to(out.device)
+            idx = torch.nonzero(apply).flatten()
+            if idx.numel():
+                out = out.clone()
+                out[idx] = I.gaussian_blur(out[idx], sigma[idx])
+        if cfg.solarize_p > 0:
+            m = G.bernoulli((b,), cfg.solarize_p, g).to(out.device)[:, None, None, None]
+            out = torch.where(m, I.solarize(out, cfg.solarize_threshold), out)
+        if cfg.greyscale_p > 0:
+            m = G.bernoulli((b,), cfg.greyscale_p, g).to(out.device)[:, None, None, None]
+            out = torch.where(m, I.greyscale(out), out)
+
+        if cfg.channel_drop_p > 0:
+            keep = I.sample_channel_keep(b, c, cfg.channel_drop_p, g)
+            out = I.drop_channels(out, keep)
+        return out
