@@ -1,1 +1,40 @@
-"""pp."""
+"""Profiles from per-cell features: aggregate → normalise → batch-correct → select → consensus.
+
+Scanpy-style stages: each takes the AnnData first, everything else keyword-only, and records
+its parameters in `adata.uns['celldino']['steps']`.
+
+    adata = pp.aggregate("runs/embeddings", by=["Metadata_Plate", "Metadata_Well"], features="emb_")
+    adata = pp.handle_nonfinite(adata, policy="drop_feature")
+    pp.annotate(adata, controls="Metadata_pert_type == 'control'")
+    pp.normalize(adata, method="mad_robustize", by="Metadata_Plate")
+    adata = pp.sphere(adata, method="ZCA", epsilon=1e-6)
+    adata = pp.feature_select(adata, operations=["variance", "correlation"])
+    treatments = pp.consensus(adata, by=["Metadata_Compound", "Metadata_Dose"])
+"""
+
+from celldino.pp.aggregate import aggregate
+from celldino.pp.consensus import consensus
+from celldino.pp.controls import annotate
+from celldino.pp.feature_select import feature_select
+from celldino.pp.harmony import harmony
+from celldino.pp.inverse_normal import inverse_normal
+from celldino.pp.nonfinite import handle_nonfinite
+from celldino.pp.normalize import normalize, pca
+from celldino.pp.pipeline import run_profile
+from celldino.pp.sphere import sphere
+from celldino.pp.steps import steps
+
+__all__ = [
+    "aggregate",
+    "annotate",
+    "consensus",
+    "feature_select",
+    "handle_nonfinite",
+    "harmony",
+    "inverse_normal",
+    "normalize",
+    "pca",
+    "run_profile",
+    "sphere",
+    "steps",
+]

@@ -1,0 +1,55 @@
+"""Consensus profiles: one profile per treatment from its replicate wells (mean or median)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from celldino.pp.steps import record
+
+
+def consensus(
+    adata: ad.AnnData, *, by: Sequence[str] = ("Metadata_Compound",), method: str = "median"
+) -> ad.AnnData:
+    """Group profiles by obs[`by`] and take the mean or median of each feature.
+
+    Metadata constant within every group is kept; `Metadata_Count_Replicates` counts profiles.
+    """
+    if method not in ("mean", "median"):
+        raise ValueError(f"consensus method must be 'mean' or 'median', got {method!r}")
+    by = list(by)
+    missing = [k for k in by if k not in adata.obs.columns]
+    if missing:
+        raise KeyError(f"consensus keys {missing} not in the metadata {list(adata.obs.columns)}")
+    feats = list(map(str, adata.var_names))
+    df = pd.DataFrame(np.asarray(adata.X, dtype=np.float64), columns=feats)
+    obs = adata.obs.reset_index(drop=True)
+    for k in by:
+        df[k] = obs[k].to_numpy()
+    grouped = df.groupby(by, sort=True, dropna=False, observed=True)
+    prof = grouped[feats].median() if method == "median" else grouped[feats].mean()
+    prof = prof.reset_index()
+    other = [c for c in obs.columns if c not in by]
+    if other:
+        meta = obs[other].copy()
+        for k in by:
+            meta[k] = obs[k].to_numpy()
+        g = meta.groupby(by, sort=True, dropna=False, observed=True)
+        constant = [c for c in other if bool((g[c].nunique(dropna=False) <= 1).all())]
+        first = g[constant].first().reset_index() if constant else None
+        if first is not None:
+            prof = prof.merge(first, on=by, how="left")
+    prof["Metadata_Count_Replicates"] = grouped.size().to_numpy()
+    meta_cols = [c for c in prof.columns if c not in feats]
+    out = ad.AnnData(
+        X=prof[feats].to_numpy(dtype=np.float64),
+        obs=prof[meta_cols].set_axis(prof.index.astype(str)),
+        var=pd.DataFrame(index=pd.Index(feats, dtype=str)),
+        uns=dict(adata.uns),
+    )
+    out.uns["celldino"] = dict(adata.uns.get("celldino", {}))
+    record(out, "consensus", {"by": by, "method": method, "n_profiles": int(out.n_obs)})
+    return out

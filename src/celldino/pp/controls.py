@@ -1,0 +1,76 @@
+"""Which profiles are negative controls: `pp.annotate` marks them, later steps read the mark."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from celldino.pp.steps import CONTROL_COLUMN, record
+
+Controls = str | tuple[str, object] | Sequence[bool] | np.ndarray | None
+
+
+def select(obs: pd.DataFrame, controls: Controls) -> np.ndarray:
+    """A bool mask (n_obs,) from a pandas query, a (column, value) pair, or a bool array."""
+    if isinstance(controls, str):
+        try:
+            hit = obs.query(controls).index
+        except Exception as e:  # pandas raises many types for a bad expression
+            raise ValueError(
+                f"controls query {controls!r} failed on columns {list(obs.columns)[:10]}: {e}"
+            ) from e
+        return obs.index.isin(hit)
+    if isinstance(controls, tuple) and len(controls) == 2 and isinstance(controls[0], str):
+        column, value = controls
+        if column not in obs.columns:
+            raise KeyError(f"controls column {column!r} not in the metadata {list(obs.columns)}")
+        return (obs[column] == value).to_numpy()
+    mask = np.asarray(controls, dtype=bool)
+    if mask.shape != (len(obs),):
+        raise ValueError(f"controls mask has shape {mask.shape}, expected ({len(obs)},)")
+    return mask
+
+
+def annotate(adata: ad.AnnData, *, controls: Controls) -> ad.AnnData:
+    """Mark negative controls in obs[`Metadata_celldino_control`] (in place; returns adata)."""
+    mask = select(adata.obs, controls)
+    if not mask.any():
+        raise ValueError(f"controls {controls!r} match no profile; check the column and value")
+    adata.obs[CONTROL_COLUMN] = mask
+    record(
+        adata,
+        "annotate",
+        {
+            "controls": controls if isinstance(controls, (str, tuple)) else "mask",
+            "n_controls": int(mask.sum()),
+        },
+    )
+    return adata
+
+
+def control_mask(adata: ad.AnnData, controls: Controls = None) -> np.ndarray:
+    """Controls given here, else those marked by pp.annotate, else a clear error."""
+    if controls is not None:
+        return select(adata.obs, controls)
+    if CONTROL_COLUMN in adata.obs.columns:
+        return adata.obs[CONTROL_COLUMN].to_numpy(dtype=bool)
+    raise ValueError(
+        "no controls found: pass controls=... (a query such as "
+        "\"Metadata_pert_type == 'control'\" or a (column, value) pair) or run pp.annotate first"
+    )
+
+
+def groups(adata: ad.AnnData, by: str | None) -> list[tuple[object, np.ndarray]]:
+    """(value, row indices) per value of obs[by]; one group of every row when by is empty."""
+    if not by:
+        return [(None, np.arange(adata.n_obs))]
+    if by not in adata.obs.columns:
+        raise KeyError(f"group key {by!r} not in the metadata {list(adata.obs.columns)}")
+    values = adata.obs[by].to_numpy()
+    out = []
+    for v in pd.unique(values):
+        out.append((v, np.flatnonzero(values == v)))
+    return out

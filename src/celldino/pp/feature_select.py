@@ -1,0 +1,104 @@
+"""Feature selection with pycytominer's rules (same thresholds give the same features).
+
+- variance: drop features whose population variance is <= min_variance (sklearn
+  VarianceThreshold keeps variance > threshold).
+- frequency: drop features whose 2nd-most-common / most-common value count < freq_cut, or
+  whose unique-value ratio < unique_cut.
+- correlation: for every pair (a, b) with correlation > threshold, drop the member with the
+  larger total absolute correlation to all features (all pairs decided at once, as pycytominer).
+- drop_na: drop features with more than na_cutoff missing values.
+- blocklist: drop the named features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from celldino.pp.controls import Controls, select
+from celldino.pp.steps import record
+
+OPERATIONS = ("variance", "frequency", "correlation", "drop_na", "blocklist")
+
+
+def _variance(X: np.ndarray, min_variance: float) -> np.ndarray:
+    return ~(np.nanvar(X, axis=0) > min_variance)
+
+
+def _frequency(X: np.ndarray, freq_cut: float, unique_cut: float) -> np.ndarray:
+    drop = np.zeros(X.shape[1], bool)
+    for j in range(X.shape[1]):
+        counts = pd.Series(X[:, j]).value_counts()  # NaN not counted, as pandas value_counts
+        ratio = counts.iloc[1] / counts.iloc[0] if len(counts) >= 2 else 0.0
+        drop[j] = ratio < freq_cut or (pd.Series(X[:, j]).nunique() / X.shape[0]) < unique_cut
+    return drop
+
+
+def _correlation(X: np.ndarray, names: list[str], threshold: float, method: str) -> np.ndarray:
+    if method == "pearson" and np.isfinite(X).all():
+        corr = np.corrcoef(X.T)  # (d, d)
+    else:
+        corr = pd.DataFrame(X, columns=names).corr(method=method).to_numpy()
+    # rank of each feature by total absolute correlation (ascending, pandas' sort order)
+    order = pd.Series(np.abs(corr).sum(axis=0), index=names).sort_values().index
+    rank = pd.Series(np.arange(len(order)), index=order).reindex(names).to_numpy()
+    i, j = np.nonzero(np.tril(corr > threshold, k=-1))  # pairs (a=row, b=column), a > b
+    drop = np.zeros(len(names), bool)
+    drop[np.where(rank[i] > rank[j], i, j)] = True
+    return drop
+
+
+def feature_select(
+    adata: ad.AnnData,
+    *,
+    operations: Sequence[str] = ("variance", "correlation"),
+    min_variance: float = 1e-6,
+    freq_cut: float = 0.05,
+    unique_cut: float = 0.01,
+    corr_threshold: float = 0.9,
+    corr_method: str = "pearson",
+    na_cutoff: float = 0.05,
+    blocklist: Sequence[str] = (),
+    samples: Controls = None,
+) -> ad.AnnData:
+    """Drop features by the given operations in order; returns a new AnnData.
+
+    samples: compute the statistics on a subset (a pandas query, (column, value) or mask);
+    None uses every profile (pycytominer's samples='all').
+    """
+    unknown = [op for op in operations if op not in OPERATIONS]
+    if unknown:
+        raise ValueError(f"unknown feature selection operation(s) {unknown}; choose {OPERATIONS}")
+    if not 0 <= corr_threshold <= 1:
+        raise ValueError(f"corr_threshold must be in [0, 1], got {corr_threshold}")
+    rows = np.ones(adata.n_obs, bool) if samples is None else select(adata.obs, samples)
+    keep = np.ones(adata.n_vars, bool)
+    names = np.asarray(list(map(str, adata.var_names)))
+    X_all = np.asarray(adata.X, dtype=np.float64)[rows]
+    dropped: dict[str, list[str]] = {}
+    for op in operations:
+        idx = np.flatnonzero(keep)
+        X = X_all[:, idx]
+        if op == "variance":
+            drop = _variance(X, min_variance)
+        elif op == "frequency":
+            drop = _frequency(X, freq_cut, unique_cut)
+        elif op == "correlation":
+            drop = _correlation(X, list(names[idx]), corr_threshold, corr_method)
+        elif op == "drop_na":
+            drop = np.isnan(X).mean(axis=0) > na_cutoff
+        else:
+            drop = np.isin(names[idx], list(blocklist))
+        keep[idx[drop]] = False
+        dropped[op] = list(names[idx[drop]])
+    out = adata[:, keep].copy()
+    record(out, "feature_select", {
+        "operations": list(operations), "min_variance": min_variance, "freq_cut": freq_cut,
+        "unique_cut": unique_cut, "corr_threshold": corr_threshold, "corr_method": corr_method,
+        "na_cutoff": na_cutoff, "blocklist": list(blocklist),
+        "n_dropped": {k: len(v) for k, v in dropped.items()}, "n_kept": int(keep.sum()),
+    })  # fmt: skip
+    return out

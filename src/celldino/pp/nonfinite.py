@@ -1,0 +1,59 @@
+"""NaN / inf in profiles: count them, report them, and apply an explicit policy."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+
+from celldino.log import get_logger
+from celldino.pp.steps import record
+
+logger = get_logger(__name__)
+POLICIES = ("drop_feature", "drop_row", "error")
+
+
+def handle_nonfinite(adata: ad.AnnData, *, policy: str = "drop_feature") -> ad.AnnData:
+    """Count non-finite values; drop the features or rows holding them, or raise (policy).
+
+    Returns a new AnnData (or the same one when everything is finite).
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"nonfinite policy must be one of {POLICIES}, got {policy!r}")
+    X = np.asarray(adata.X, dtype=np.float64)  # (n_obs, n_vars)
+    bad = ~np.isfinite(X)
+    n_bad = int(bad.sum())
+    bad_vars = np.flatnonzero(bad.any(axis=0))
+    bad_rows = np.flatnonzero(bad.any(axis=1))
+    params = {
+        "policy": policy,
+        "n_nonfinite": n_bad,
+        "n_nan": int(np.isnan(X).sum()),
+        "n_inf": int(np.isinf(X).sum()),
+        "features": [str(adata.var_names[j]) for j in bad_vars[:50]],
+        "n_features_affected": int(len(bad_vars)),
+        "n_rows_affected": int(len(bad_rows)),
+    }
+    if n_bad == 0:
+        record(adata, "nonfinite", params)
+        return adata
+    where = ", ".join(f"{adata.var_names[j]} ({int(bad[:, j].sum())})" for j in bad_vars[:5]) + (
+        " ..." if len(bad_vars) > 5 else ""
+    )
+    msg = (
+        f"{n_bad} non-finite values (NaN {params['n_nan']}, inf {params['n_inf']}) in "
+        f"{len(bad_vars)} feature(s) and {len(bad_rows)} row(s): {where}"
+    )
+    if policy == "error":
+        first = bad_rows[0]
+        raise ValueError(
+            f"{msg}; first bad row {first} ({adata.obs.iloc[first].to_dict()}). "
+            "Set the policy to drop_feature or drop_row to continue."
+        )
+    if policy == "drop_feature":
+        out = adata[:, np.setdiff1d(np.arange(adata.n_vars), bad_vars)].copy()
+        logger.warning("%s; dropped those features", msg)
+    else:
+        out = adata[np.setdiff1d(np.arange(adata.n_obs), bad_rows)].copy()
+        logger.warning("%s; dropped those rows", msg)
+    record(out, "nonfinite", params)
+    return out

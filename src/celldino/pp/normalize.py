@@ -1,0 +1,115 @@
+"""Normalisation within each plate (or globally), fitted on negative controls or all profiles.
+
+- standardize: (x - mean) / std (population std; a zero std leaves the feature unscaled, as
+  sklearn's StandardScaler).
+- mad_robustize: (x - median) / (1.4826 * MAD + epsilon), pycytominer's `mad_robustize` with
+  its default epsilon 1e-18.
+"""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from celldino.pp.controls import Controls, control_mask, groups
+from celldino.pp.steps import record
+
+METHODS = ("standardize", "mad_robustize")
+MAD_SCALE = 1.4826  # scipy's median_abs_deviation(scale=1/1.4826), as pycytominer
+
+
+def _fit(ref: np.ndarray, method: str, epsilon: float) -> tuple[np.ndarray, np.ndarray]:
+    """(center, scale) per feature from the reference rows (n_ref, n_features)."""
+    if method == "standardize":
+        center = ref.mean(axis=0)
+        scale = ref.std(axis=0)
+        scale[scale == 0] = 1.0
+        return center, scale
+    center = np.median(ref, axis=0)
+    mad = np.median(np.abs(ref - center), axis=0) * MAD_SCALE
+    return center, mad + epsilon
+
+
+def normalize(
+    adata: ad.AnnData,
+    *,
+    method: str = "mad_robustize",
+    by: str | None = "Metadata_Plate",
+    reference: str = "controls",
+    controls: Controls = None,
+    epsilon: float = 1e-18,
+) -> ad.AnnData:
+    """Normalise features in place, one fit per value of obs[`by`] ('' or None: one global fit).
+
+    reference='controls' fits on negative controls (given here or marked by pp.annotate);
+    a group without controls is an error naming it. reference='all' fits on every profile.
+    """
+    if method not in METHODS:
+        raise ValueError(f"normalisation method must be one of {METHODS}, got {method!r}")
+    if reference not in ("controls", "all"):
+        raise ValueError(f"reference must be 'controls' or 'all', got {reference!r}")
+    mask = control_mask(adata, controls) if reference == "controls" else np.ones(adata.n_obs, bool)
+    X = np.asarray(adata.X, dtype=np.float64).copy()  # (n_obs, n_vars)
+    out = np.empty_like(X)
+    for value, rows in groups(adata, by):
+        ref_rows = rows[mask[rows]]
+        if len(ref_rows) == 0:
+            raise ValueError(
+                f"{by} {value!r} has no control profiles to normalise against "
+                f"({len(rows)} profiles, none selected as controls); add control wells, "
+                "fix the controls selection, or use reference='all'"
+            )
+        center, scale = _fit(X[ref_rows], method, epsilon)
+        out[rows] = (X[rows] - center) / scale
+    adata.X = out
+    record(
+        adata,
+        "normalize",
+        {"method": method, "by": by or "", "reference": reference, "epsilon": epsilon,
+         "n_reference": int(mask.sum())},
+    )  # fmt: skip
+    return adata
+
+
+def pca(
+    adata: ad.AnnData,
+    *,
+    n_components: int | float | None = None,
+    reference: str = "all",
+    controls: Controls = None,
+) -> ad.AnnData:
+    """Project onto principal components fitted on controls or all profiles (sklearn PCA).
+
+    Returns a new AnnData whose features are PC1..PCk; the loadings go to
+    `uns['celldino']['pca']` (components, mean, explained variance ratio).
+    """
+    from sklearn.decomposition import PCA
+
+    mask = control_mask(adata, controls) if reference == "controls" else np.ones(adata.n_obs, bool)
+    X = np.asarray(adata.X, dtype=np.float64)
+    model = PCA(n_components=n_components, svd_solver="full").fit(X[mask])
+    Z = model.transform(X)  # (n_obs, k)
+    out = ad.AnnData(
+        X=Z,
+        obs=adata.obs.copy(),
+        var=pd.DataFrame(index=pd.Index([f"PC{i + 1}" for i in range(Z.shape[1])], dtype=str)),
+        uns=dict(adata.uns),
+    )
+    out.uns["celldino"] = dict(adata.uns.get("celldino", {}))
+    out.uns["celldino"]["pca"] = {
+        "components": model.components_,
+        "mean": model.mean_,
+        "explained_variance_ratio": model.explained_variance_ratio_,
+        "features": list(map(str, adata.var_names)),
+    }
+    record(
+        out,
+        "pca",
+        {
+            "n_components": int(Z.shape[1]),
+            "reference": reference,
+            "explained_variance": float(model.explained_variance_ratio_.sum()),
+        },
+    )
+    return out
