@@ -130,7 +130,32 @@ class ExtractConfig:
 
 @dataclass(frozen=True)
 class ProfileConfig:
-    out: str = "runs/profiles.h5ad"  # AnnData file written by `celldino profile`
+    input: tuple[str, ...] = ("runs/embeddings",)  # per-cell Parquet shards: folders/files/globs
+    out: str = "runs/profiles.h5ad"  # AnnData file written by `celldino profile` (+ .parquet/.csv)
+    formats: tuple[str, ...] = ("h5ad", "parquet", "csv")  # outputs: h5ad, parquet, csv
+    features: str = "emb_"  # feature columns: a prefix, or a comma-separated list of names
+    by: tuple[str, ...] = ("Metadata_Plate", "Metadata_Well")  # keys of one aggregated profile
+    via: tuple[str, ...] = ()  # intermediate level added to `by` first, e.g. Metadata_Site
+    method: str = "mean"  # aggregation of cells: mean or median
+    memory_limit: str = "2GB"  # DuckDB memory limit while aggregating (spills to disk beyond)
+    threads: int = 0  # DuckDB threads (0 = all cores)
+    nonfinite: str = "drop_feature"  # NaN/inf in profiles: drop_feature, drop_row or error
+    controls: str = "Metadata_pert_type == 'control'"  # negative controls (pandas query; '' = none)
+    normalize: str = "mad_robustize"  # standardize, mad_robustize, or none
+    normalize_by: str = "Metadata_Plate"  # normalise within each value of this key ('' = global)
+    normalize_reference: str = "controls"  # fit normalisation on: controls or all
+    mad_epsilon: float = 1e-18  # added to the MAD (pycytominer's mad_robustize_epsilon)
+    sphere: str = "none"  # sphering of controls: none, ZCA, PCA, ZCA-cor, PCA-cor
+    sphere_epsilon: float = 1e-6  # regularisation added to singular values (as pycytominer)
+    sphere_by: str = ""  # fit one sphering per value of this key, e.g. Metadata_Batch ('' = global)
+    harmony_key: str = ""  # batch key for Harmony (harmonypy) correction ('' = skip)
+    inverse_normal: bool = False  # rank-based inverse-normal transform of each feature
+    select: tuple[str, ...] = ()  # selection: variance, frequency, correlation, drop_na, blocklist
+    min_variance: float = 1e-6  # variance threshold (pycytominer min_variance)
+    corr_threshold: float = 0.9  # correlation threshold (pycytominer corr_threshold)
+    blocklist: tuple[str, ...] = ()  # feature names to drop with the blocklist operation
+    consensus: tuple[str, ...] = ()  # keys of treatment-level consensus profiles ('' = skip)
+    consensus_method: str = "median"  # consensus of replicate profiles: mean or median
 
 
 @dataclass(frozen=True)
