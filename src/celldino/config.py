@@ -50,7 +50,44 @@ class SynthConfig:
 @dataclass(frozen=True)
 class PrepareConfig:
     load_data: str = ""  # load-data table (CSV/Parquet) in the CellProfiler convention
+    image_dir: str = ""  # or: a folder of images matched by `pattern` (when load_data is empty)
+    pattern: str = ""  # file-name regex with groups plate/well/site/channel, or opera_phenix, nf1
+    channel_map: dict[str, str] = field(default_factory=dict)  # file channel → name: {'5': 'DNA'}
+    plate: str = ""  # plate name for image_dir sets without a plate group (default: folder name)
+    channels: tuple[str, ...] = ()  # channel order to use and record (empty = all, table order)
+    out_dir: str = "runs/prep"  # prep folder: cells.parquet, crops.zarr, qc.parquet, ...
+    illumination: bool = True  # CellProfiler-style illumination correction per plate and channel
+    illum_filter: str = "median"  # illumination smoothing: median or gaussian
+    illum_size: int = 0  # smoothing window in pixels (0 = 1/20 of the image side)
+    normalization: str = "percentile_image"  # percentile_image, percentile_plate, divisor or none
+    norm_percentiles: tuple[float, ...] = (1.0, 99.8)  # low/high percentiles for percentile_*
+    norm_divisor: float = 65535.0  # divisor for normalization=divisor
+    segmentation: str = "watershed"  # watershed (Otsu + watershed), masks, or locations
+    nuclei_channel: str = "DNA"  # channel to find nuclei in
+    cell_channel: str = ""  # cell-body channel for cell watershed (empty = expand nuclei)
+    smooth_sigma: float = 2.0  # Gaussian smoothing (px) before thresholding
+    nuclei_min_area: int = 50  # smallest nucleus kept, in pixels
+    nuclei_max_area: int = 20000  # largest nucleus kept, in pixels
+    nuclei_min_distance: int = 7  # minimum distance between nucleus seeds (px) when splitting
+    exclude_border: bool = True  # drop nuclei touching the image edge (as CellProfiler does)
+    cell_expand: int = 15  # without a cell channel: grow nuclei by this many px to get cells
+    mask_dir: str = ""  # folder of label masks (segmentation=masks)
+    nuclei_masks: str = ""  # nuclei mask file name template, e.g. '{stem_DNA}_MaskNuclei.tiff'
+    cell_masks: str = ""  # cell mask file name template (empty = expand nuclei)
+    locations: str = ""  # cell-locations table (segmentation=locations), CSV or Parquet
+    location_x: str = "Nuclei_Location_Center_X"  # x column (pixels) of the locations table
+    location_y: str = "Nuclei_Location_Center_Y"  # y column (pixels) of the locations table
     crop_size: int = 96  # side of the square single-cell crops in pixels
+    border: str = "pad"  # cells near the border: pad (with zeros) or drop
+    mask_neighbours: bool = False  # zero pixels of other cells inside each crop
+    qc_blur_z: float = -3.0  # flag blur when the robust z of log blur score is below this
+    qc_max_saturation: float = 0.05  # flag when more than this fraction of pixels is saturated
+    qc_min_foreground: float = 0.002  # flag empty when the DNA foreground fraction is below this
+    qc_debris_area: float = 0.05  # flag debris when one bright object covers this image fraction
+    qc_exclude: bool = True  # leave QC-flagged images out of the cells and crops
+    on_error: str = "raise"  # bad image: raise, or skip (recorded in skipped.parquet)
+    features: bool = True  # compute engineered CellProfiler-like features (engineered.parquet)
+    workers: int = 1  # processes for segmentation, cropping and features
     seed: int = 0  # random seed for anything sampled while preparing
 
 
