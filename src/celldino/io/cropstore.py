@@ -90,8 +90,13 @@ class CropStore:
     def has(self, key: str) -> bool:
         return key in self._done
 
-    def append(self, key: str, crops: np.ndarray, index: pd.DataFrame) -> None:
-        """Add one site's crops (n, C, H, W) and its n index rows, atomically as one step."""
+    def append(
+        self, key: str, crops: np.ndarray, index: pd.DataFrame, info: dict | None = None
+    ) -> None:
+        """Add one site's crops (n, C, H, W) and its n index rows, atomically as one step.
+
+        `info` (JSON) is kept in the ledger with the site (e.g. its normalisation statistics).
+        """
         if key in self._done:
             raise CropStoreError(f"site {key} is already in the store {self.dir}")
         if len(crops) != len(index):
@@ -106,7 +111,9 @@ class CropStore:
             self.array[start : start + n] = crops.astype(self.dtype, copy=False)
         part = f"{len(self.ledger['sites']):08d}.parquet"
         write_parquet(index.reset_index(drop=True), self.dir / PARTS / part)
-        self.ledger["sites"].append({"key": key, "start": start, "count": n, "part": part})
+        self.ledger["sites"].append(
+            {"key": key, "start": start, "count": n, "part": part, "info": info or {}}
+        )
         self.ledger["n"] = start + n
         write_json(self.dir / LEDGER, self.ledger)  # the commit point
         self._done.add(key)

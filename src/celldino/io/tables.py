@@ -27,7 +27,10 @@ PATTERNS: dict[str, str] = {
     ),
     # NF1 Cell Painting (cellpainting_fovs/NF1_...): B7_01_1_3_DAPI_001.tif → well B7,
     # channel index 1, site 3, channel DAPI.
-    "nf1": r"(?P<well>[A-P]\d{1,2})_01_(?P<chidx>\d)_(?P<site>\d+)_(?P<channel>[A-Za-z0-9]+)_001\.tif$",
+    "nf1": (
+        r"(?P<well>[A-P]\d{1,2})_01_(?P<chidx>\d)_(?P<site>\d+)_(?P<channel>[A-Za-z0-9]+)"
+        r"_001\.tif$"
+    ),
 }
 
 

@@ -1,0 +1,144 @@
+"""Datasets over a prep folder: single-cell crops (DINO) and whole fields (WS-DINO, field-level).
+
+`CropDataset(prep_dir, channels=None, transform=None)[i]` → float32 tensor (C, H, W) of crop i,
+normalised with the option and statistics recorded in crops.zarr; `.metadata` is cells.parquet
+(row i ↔ item i) and `.channels` the channel names in tensor order.
+`FieldDataset(prep_dir, ...)[i]` → the whole site (C, H, W) float32, illumination-corrected and
+normalised the same way; `.metadata` is one row per QC-passing site (images.parquet).
+The Zarr array is opened lazily in each worker process, so DataLoader workers are safe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from celldino.data.illumination import apply_illumination, load_functions
+from celldino.data.imagesets import ImageSet
+from celldino.data.intensity import image_percentiles, lo_hi_for, normalise
+from celldino.io.cropstore import CELLS, open_crops
+from celldino.io.files import read_json
+
+
+def _channel_index(available: list[str], wanted: list[str] | tuple[str, ...] | None) -> list[int]:
+    if not wanted:
+        return list(range(len(available)))
+    missing = [c for c in wanted if c not in available]
+    if missing:
+        raise KeyError(f"channel '{missing[0]}' not in the prepared data (channels: {available})")
+    return [available.index(c) for c in wanted]
+
+
+class CropDataset(torch.utils.data.Dataset):
+    """Single-cell crops of a prep folder as float32 tensors (C, H, W)."""
+
+    def __init__(
+        self,
+        prep_dir: str | Path,
+        channels: list[str] | tuple[str, ...] | None = None,
+        transform: Callable | None = None,
+    ):
+        self.prep_dir = Path(prep_dir)
+        cells = self.prep_dir / CELLS
+        if not cells.exists():
+            raise FileNotFoundError(f"{cells} not found: run `celldino prepare` first")
+        self.metadata = pd.read_parquet(cells)
+        arr = open_crops(self.prep_dir)
+        attrs = dict(arr.attrs)
+        self.all_channels = list(attrs["channels"])
+        self.channel_index = _channel_index(self.all_channels, channels)
+        self.channels = [self.all_channels[i] for i in self.channel_index]
+        self.norm = dict(attrs.get("normalization", {"method": "none"}))
+        self.transform = transform
+        self._array = None
+        n = len(self.metadata)
+        if arr.shape[0] != n:
+            raise ValueError(f"{self.prep_dir}: {arr.shape[0]} crops but {n} rows in cells.parquet")
+        # per-crop (C,) lo/hi for the percentile options
+        self._lo = self._hi = None
+        if self.norm.get("method") in ("percentile_image", "percentile_plate") and n:
+            keys = self.metadata["Metadata_ImageKey"].astype(str)
+            plates = self.metadata["Metadata_Plate"].astype(str)
+            pairs = [lo_hi_for(self.norm, k, p) for k, p in zip(keys, plates)]
+            self._lo = np.asarray([p[0] for p in pairs], np.float32)[
+                :, self.channel_index
+            ]  # (N, C)
+            self._hi = np.asarray([p[1] for p in pairs], np.float32)[
+                :, self.channel_index
+            ]  # (N, C)
+
+    def __len__(self) -> int:
+        return len(self.metadata)
+
+    @property
+    def array(self):
+        if self._array is None:
+            self._array = open_crops(self.prep_dir)
+        return self._array
+
+    def __getstate__(self):  # DataLoader workers reopen the store
+        state = self.__dict__.copy()
+        state["_array"] = None
+        return state
+
+    def raw(self, i: int) -> np.ndarray:
+        """Crop i (C, H, W) in the source dtype, selected channels."""
+        return np.asarray(self.array[i])[self.channel_index]
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        x = self.raw(int(i))
+        lo = None if self._lo is None else self._lo[i]
+        hi = None if self._hi is None else self._hi[i]
+        t = torch.from_numpy(np.ascontiguousarray(normalise(x, self.norm, lo, hi)))  # (C, H, W)
+        return self.transform(t) if self.transform is not None else t
+
+
+class FieldDataset(torch.utils.data.Dataset):
+    """Whole fields of view (C, H, W) float32, from a prep folder's images.parquet."""
+
+    def __init__(
+        self,
+        prep_dir: str | Path,
+        channels: list[str] | tuple[str, ...] | None = None,
+        transform: Callable | None = None,
+        include_flagged: bool = False,
+    ):
+        self.prep_dir = Path(prep_dir)
+        state = read_json(self.prep_dir / "prepare.json")
+        table = pd.read_parquet(self.prep_dir / "images.parquet")
+        if not include_flagged and "QC_Pass" in table:
+            table = table[table["QC_Pass"].astype(bool)]
+        if "Skipped" in table:
+            table = table[~table["Skipped"].astype(bool)]
+        self.metadata = table.reset_index(drop=True)
+        self.all_channels = list(state["channels"])
+        self.channel_index = _channel_index(self.all_channels, channels)
+        self.channels = [self.all_channels[i] for i in self.channel_index]
+        self.norm = dict(state["normalization"])
+        self.illum = (
+            load_functions(self.prep_dir / "illum", state["illumination"])
+            if state.get("illumination")
+            else {}
+        )
+        self._set = ImageSet(self.metadata.drop(columns=["Metadata_ImageKey"]), self.all_channels)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.metadata)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        img = self._set.read(int(i))
+        plate = str(self.metadata.at[int(i), "Metadata_Plate"])
+        img = apply_illumination(img, self.illum.get(plate))
+        key = str(self.metadata.at[int(i), "Metadata_ImageKey"])
+        if self.norm.get("method") == "percentile_image" and key not in self.norm.get("image", {}):
+            lo, hi = image_percentiles(img, tuple(self.norm["percentiles"]))
+        else:
+            lo, hi = lo_hi_for(self.norm, key, plate)
+        x = normalise(img, self.norm, lo, hi)[self.channel_index]
+        t = torch.from_numpy(np.ascontiguousarray(x))  # (C, H, W)
+        return self.transform(t) if self.transform is not None else t
