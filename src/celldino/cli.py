@@ -50,6 +50,20 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    from celldino.pp import run_profile
+
+    cfg = _config(args)
+    try:
+        written = run_profile(cfg.profile)
+    except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+        logger.error("profile: %s", e.args[0] if e.args else e)
+        return 2
+    for path in written.values():
+        print(path)
+    return 0
+
+
 def _not_yet(name: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         logger.error("`celldino %s` is not available in this version yet.", name)
@@ -86,7 +100,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int], list[str], l
     ),
     "profile": (
         "embeddings → well/treatment profiles (aggregate, normalise, batch-correct)",
-        _not_yet("profile"),
+        cmd_profile,
         ["profile"],
         [],
     ),
@@ -96,8 +110,18 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int], list[str], l
         ["evaluate"],
         [],
     ),
-    "report": ("metrics and plots → one self-contained report.html", _not_yet("report"), ["report"], []),
-    "run": ("the whole pipeline from one config, skipping finished stages", _not_yet("run"), [], []),
+    "report": (
+        "metrics and plots → one self-contained report.html",
+        _not_yet("report"),
+        ["report"],
+        [],
+    ),
+    "run": (
+        "the whole pipeline from one config, skipping finished stages",
+        _not_yet("run"),
+        [],
+        [],
+    ),
     "demo": ("the whole pipeline on the built-in synthetic screen", _not_yet("demo"), [], []),
 }
 
@@ -110,16 +134,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"celldino {__version__}")
     verbosity = parser.add_mutually_exclusive_group()
-    verbosity.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only, no progress bars")
-    verbosity.add_argument("-v", "--verbose", action="count", default=0, help="more detail (debug logging)")
+    verbosity.add_argument(
+        "-q", "--quiet", action="store_true", help="warnings and errors only, no progress bars"
+    )
+    verbosity.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more detail (debug logging)"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     section_cls = C.typing.get_type_hints(C.Config)
     section_docs = C.field_docs(C.Config)
     for name, (help_text, handler, sections, positionals) in COMMANDS.items():
         epilog = ""
         if sections:
-            parts = [f"[{s}] {section_docs.get(s, '')}\n" + C.describe(section_cls[s], s) for s in sections]
-            epilog = "settings (key=value on the command line, or in the YAML config):\n" + "\n".join(parts)
+            parts = [
+                f"[{s}] {section_docs.get(s, '')}\n" + C.describe(section_cls[s], s)
+                for s in sections
+            ]
+            epilog = (
+                "settings (key=value on the command line, or in the YAML config):\n"
+                + "\n".join(parts)
+            )
         p = sub.add_parser(
             name,
             help=help_text,
