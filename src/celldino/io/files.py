@@ -32,7 +32,9 @@ def atomic_write_text(path: Path, text: str) -> Path:
 
 
 def write_json(path: Path, obj: Any) -> Path:
-    return atomic_write_text(Path(path), json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    return atomic_write_text(
+        Path(path), json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"
+    )
 
 
 def read_json(path: Path) -> Any:

@@ -1,0 +1,289 @@
+"""The synthetic screen: plate map, fields of view as TIFFs, load-data table and ground truth.
+
+`make_screen(out_dir, SynthConfig)` writes:
+
+    out_dir/
+      load_data.csv          one row per site (CellProfiler convention: FileName_<CH>, PathName_<CH>, Metadata_*)
+      platemap.csv           plate × well → compound, dose, MoA, batch, control flag
+      images/<plate>/<plate>_<well>_s<site>_<channel>.tif   uint16, one file per channel
+      masks/<plate>/<plate>_<well>_s<site>_{nuclei,cells}.tif  true label masks (uint16)
+      truth_cells.parquet    one row per cell: centroid, phenotype factors, cell cycle, localisation
+      truth_images.parquet   one row per site: QC truth and the technical variation applied
+      screen.json            the resolved settings and a summary
+
+Everything is drawn from `np.random.default_rng([seed, ...])` streams keyed by plate, well and
+site, so a seed always gives the same bytes, independently of the order sites are drawn in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from celldino import log
+from celldino.config import SynthConfig
+from celldino.io.files import write_json
+from celldino.io.images import write_tiff
+from celldino.synth.biology import (
+    CONTROL_COMPOUND,
+    FACTORS,
+    make_treatments,
+    sample_cell_factors,
+    treatment_factors,
+)
+from celldino.synth.render import LOCALISATIONS, CellSpec, camera, channel_kind, render_site
+
+logger = log.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Sizes of a screen after the preset is applied."""
+
+    n_plates: int
+    n_batches: int
+    n_moas: int
+    compounds_per_moa: int
+    doses: tuple[float, ...]
+    wells_per_compound: int
+    control_wells: int
+    sites_per_well: int
+    image_size: int
+    cells_per_site: int
+    n_bad_images: int
+
+
+PRESETS: dict[str, Layout] = {
+    # 32 sites, ~300 cells: seconds; enough for every stage's tests.
+    "tiny": Layout(2, 2, 3, 2, (1.0, 10.0), 1, 4, 1, 128, 10, 2),
+    # 256 sites, ~7,000 cells: the demo (under a minute to draw).
+    "demo": Layout(4, 2, 4, 2, (0.3, 3.0, 30.0), 1, 8, 2, 256, 30, 4),
+}
+
+
+def resolve_layout(cfg: SynthConfig) -> Layout:
+    """The preset's layout with every non-zero (non-negative for bad images) field overriding it."""
+    base_name = cfg.preset if cfg.preset != "custom" else "tiny"
+    if base_name not in PRESETS:
+        raise ValueError(
+            f"unknown synth.preset '{cfg.preset}' (choose from {', '.join(PRESETS)}, custom)"
+        )
+    base = PRESETS[base_name]
+    changes = {
+        f.name: getattr(cfg, f.name)
+        for f in dataclasses.fields(Layout)
+        if hasattr(cfg, f.name) and getattr(cfg, f.name) not in (0, -1, ())
+    }
+    if cfg.n_doses:
+        changes["doses"] = (
+            tuple(float(x) for x in np.geomspace(0.3, 30.0, cfg.n_doses))
+            if cfg.n_doses > 1
+            else (10.0,)
+        )
+    layout = dataclasses.replace(base, **changes)
+    if layout.n_batches > layout.n_plates:
+        raise ValueError(
+            f"synth.n_batches ({layout.n_batches}) cannot exceed the plates ({layout.n_plates})"
+        )
+    return layout
+
+
+def well_names(n: int) -> list[str]:
+    """Row-major well names of a 384-well plate (A01 … P24), or 1536 if more are needed."""
+    cols = 24 if n <= 384 else 48
+    rows = string.ascii_uppercase + "".join(f"A{c}" for c in string.ascii_uppercase)
+    return [f"{rows[i // cols]}{i % cols + 1:02d}" for i in range(n)]
+
+
+def plate_map(cfg: SynthConfig, layout: Layout) -> pd.DataFrame:
+    """Plates × wells with treatment, batch and control flag; a shuffled layout per plate."""
+    rng = np.random.default_rng([cfg.seed, 7])
+    treatments = make_treatments(layout.n_moas, layout.compounds_per_moa, layout.doses, rng)
+    rows = []
+    for p in range(layout.n_plates):
+        plate = f"P{p + 1:02d}"
+        batch = f"B{p * layout.n_batches // layout.n_plates + 1}"
+        slots = [treatments[0]] * layout.control_wells
+        for t in treatments[1:]:
+            slots += [t] * layout.wells_per_compound
+        order = np.random.default_rng([cfg.seed, 11, p]).permutation(len(slots))
+        for well, k in zip(well_names(len(slots)), order):
+            t = slots[k]
+            rows.append(
+                {
+                    "Metadata_Plate": plate,
+                    "Metadata_Well": well,
+                    "Metadata_Batch": batch,
+                    "Metadata_Compound": t.compound,
+                    "Metadata_Dose": t.dose,
+                    "Metadata_MoA": t.moa,
+                    "Metadata_pert_type": "control" if t.compound == CONTROL_COMPOUND else "trt",
+                    "_treatment": t,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def _place_cells(n: int, size: int, rng: np.random.Generator) -> list[tuple[float, float]]:
+    """Cell centres with a soft minimum distance: neighbours touch and sometimes overlap."""
+    pts: list[tuple[float, float]] = []
+    min_d = 1.45 * 15.0
+    margin = 4
+    for _ in range(n * 30):
+        if len(pts) == n:
+            break
+        x, y = rng.uniform(margin, size - margin, 2)
+        d_min = min_d * rng.uniform(0.8, 1.05)
+        if all((x - a) ** 2 + (y - b) ** 2 >= d_min**2 for a, b in pts):
+            pts.append((float(x), float(y)))
+    return pts
+
+
+def _site_rngs(seed: int, p: int, w: int, s: int) -> np.random.Generator:
+    return np.random.default_rng([seed, 101, p, w, s])
+
+
+def make_screen(out_dir: str | Path, cfg: SynthConfig | None = None) -> Path:
+    """Write the synthetic screen into out_dir and return out_dir."""
+    cfg = cfg or SynthConfig()
+    layout = resolve_layout(cfg)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    channels = list(cfg.channels) + (["Protein"] if cfg.protein_channel else [])
+    if len(set(channels)) != len(channels):
+        raise ValueError(f"synth.channels has duplicates: {channels}")
+    kinds = [channel_kind(c, i) for i, c in enumerate(channels)]
+    pm = plate_map(cfg, layout)
+    plates = list(dict.fromkeys(pm["Metadata_Plate"]))
+
+    # Technical variation drawn per plate (scale, vignetting), batch and well (offsets).
+    tech_rng = np.random.default_rng([cfg.seed, 23])
+    batch_scale = {
+        b: np.exp(tech_rng.normal(0, 0.12, len(channels)))
+        for b in sorted(set(pm["Metadata_Batch"]))
+    }
+    plate_tech = {}
+    for p in plates:
+        batch = pm.loc[pm["Metadata_Plate"] == p, "Metadata_Batch"].iloc[0]
+        plate_tech[p] = {
+            "scale": batch_scale[batch] * np.exp(tech_rng.normal(0, 0.1, len(channels))),
+            "vignette": float(tech_rng.uniform(0.15, 0.35)),
+            "centre": tuple(
+                float(v) for v in layout.image_size * (0.5 + tech_rng.normal(0, 0.05, 2))
+            ),
+        }
+    n_sites = len(pm) * layout.sites_per_well
+    bad_rng = np.random.default_rng([cfg.seed, 31])
+    bad_idx = bad_rng.choice(n_sites, size=min(layout.n_bad_images, n_sites), replace=False)
+    bad_kind = {int(i): ("blur" if j % 2 == 0 else "debris") for j, i in enumerate(sorted(bad_idx))}
+
+    load_rows, cell_rows, image_rows = [], [], []
+    sites = [(wi, s) for wi in range(len(pm)) for s in range(layout.sites_per_well)]
+    for site_idx, (wi, s) in enumerate(log.progress(sites, desc="synth: drawing sites")):
+        row = pm.iloc[wi]
+        plate, well = row["Metadata_Plate"], row["Metadata_Well"]
+        p_idx = plates.index(plate)
+        rng = _site_rngs(cfg.seed, p_idx, wi, s)
+        t = row["_treatment"]
+        mean_f = treatment_factors(t)
+        centres = _place_cells(
+            max(1, int(rng.poisson(layout.cells_per_site))), layout.image_size, rng
+        )
+        cells = []
+        for cx, cy in centres:
+            f = sample_cell_factors(mean_f, rng)
+            mitotic = bool(rng.random() < mean_f["mitotic_fraction"])
+            loc = (
+                LOCALISATIONS[int(rng.integers(len(LOCALISATIONS)))] if cfg.protein_channel else ""
+            )
+            cells.append(CellSpec(cx, cy, f, mitotic, loc))
+        signal, nuc_lab, cell_lab, info = render_site(layout.image_size, cells, kinds, rng)
+
+        qc = bad_kind.get(site_idx, "ok")
+        tech = plate_tech[plate]
+        offset = rng.uniform(0, 30, len(channels)).astype(np.float32)  # per-well background offset
+        debris = None
+        if qc == "debris":
+            debris = (*rng.uniform(0.3, 0.7, 2) * layout.image_size, layout.image_size * 0.12)
+        img = camera(
+            signal,
+            channel_scale=tech["scale"].astype(np.float32),
+            offset=offset,
+            vignette=tech["vignette"],
+            vignette_centre=tech["centre"],
+            defocus=4.0 if qc == "blur" else 0.0,
+            debris=debris,
+            rng=rng,
+        )
+        stem = f"{plate}_{well}_s{s + 1}"
+        img_dir, mask_dir = out / "images" / plate, out / "masks" / plate
+        load = {}
+        for c, ch in enumerate(channels):
+            write_tiff(img_dir / f"{stem}_{ch}.tif", img[c])
+            load[f"FileName_{ch}"] = f"{stem}_{ch}.tif"
+            load[f"PathName_{ch}"] = str((img_dir).resolve())
+        write_tiff(mask_dir / f"{stem}_nuclei.tif", nuc_lab.astype(np.uint16))
+        write_tiff(mask_dir / f"{stem}_cells.tif", cell_lab.astype(np.uint16))
+        meta = {k: row[k] for k in pm.columns if k.startswith("Metadata_")}
+        meta["Metadata_Site"] = s + 1
+        load_rows.append({**load, **meta, "Metadata_QC_Truth": qc})
+        image_rows.append(
+            {
+                **meta,
+                "qc": qc,
+                "n_cells": len(cells),
+                "vignette": tech["vignette"],
+                **{f"scale_{ch}": float(tech["scale"][c]) for c, ch in enumerate(channels)},
+                **{f"offset_{ch}": float(offset[c]) for c, ch in enumerate(channels)},
+                "mask_nuclei": str((mask_dir / f"{stem}_nuclei.tif").resolve()),
+                "mask_cells": str((mask_dir / f"{stem}_cells.tif").resolve()),
+            }
+        )
+        for i, (cell, m) in enumerate(zip(cells, info)):
+            cell_rows.append(
+                {
+                    **meta,
+                    "cell_index": i + 1,
+                    "center_x": m["nucleus_x"],
+                    "center_y": m["nucleus_y"],
+                    "cell_center_x": cell.cx,
+                    "cell_center_y": cell.cy,
+                    "nucleus_area": m["nucleus_area"],
+                    "cell_area": m["cell_area"],
+                    "cell_cycle": "mitotic" if cell.mitotic else "interphase",
+                    "localisation": cell.localisation,
+                    "qc": qc,
+                    **{f"factor_{k}": cell.factors[k] for k in FACTORS if k != "mitotic_fraction"},
+                }
+            )
+
+    load_df = pd.DataFrame(load_rows)
+    load_df.to_csv(out / "load_data.csv", index=False)
+    pm.drop(columns="_treatment").to_csv(out / "platemap.csv", index=False)
+    pd.DataFrame(cell_rows).to_parquet(out / "truth_cells.parquet", index=False)
+    pd.DataFrame(image_rows).to_parquet(out / "truth_images.parquet", index=False)
+    write_json(
+        out / "screen.json",
+        {
+            "config": dataclasses.asdict(cfg),
+            "layout": dataclasses.asdict(layout),
+            "channels": channels,
+            "n_sites": len(load_df),
+            "n_cells": len(cell_rows),
+            "n_bad_images": len(bad_kind),
+        },
+    )
+    logger.info(
+        "synthetic screen: %d plates, %d sites, %d cells, %d channels → %s",
+        len(plates),
+        len(load_df),
+        len(cell_rows),
+        len(channels),
+        out,
+    )
+    return out
