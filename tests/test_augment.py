@@ -403,3 +403,48 @@ def test_config_errors_name_the_key_and_overrides_work():
     assert cfg.augment.n_local_crops == 2 and cfg.augment.local_crop_scale == (0.1, 0.3)
     defaults = AugmentConfig()
     assert defaults.blur_p == defaults.solarize_p == defaults.greyscale_p == 0.0  # paper: off
+
+
+def test_fused_intensity_pass_equals_the_operations_one_after_another():
+    cfg = dataclasses.replace(
+        ALL_OFF,
+        protein_channel=1,
+        protein_rescale_p=1.0,
+        brightness_p=1.0,
+        contrast_p=1.0,
+        channel_drop_p=0.3,
+    )
+    x = images(6, c=3)
+    y = A.CellAugment(cfg)(x, size=16, generator=gen(10))
+    # replay the same draws, in the documented order, and apply the ops one after another
+    g, b, c = gen(10), 6, 3
+    A.geometric.bernoulli((b,), 1.0, g)
+    pgain = A.geometric.uniform((b,), *cfg.protein_rescale, g)
+    A.geometric.bernoulli((b,), 1.0, g)
+    bgain = A.geometric.uniform((b, c), 1 - cfg.brightness, 1 + cfg.brightness, g)
+    A.geometric.bernoulli((b,), 1.0, g)
+    factor = A.geometric.uniform((b, c), 1 - cfg.contrast, 1 + cfg.contrast, g)
+    keep = A.sample_channel_keep(b, c, cfg.channel_drop_p, g)
+    ref = A.rescale_channel(x, 1, pgain)
+    ref = A.adjust_contrast(A.adjust_brightness(ref, bgain), factor)
+    ref = A.drop_channels(ref, keep)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    assert (~keep).any()
+
+
+def test_flips_and_turns_folded_into_the_crop_grid_equal_torch_flip_rot90():
+    # same seed: the crop boxes are drawn first, so both runs crop the same boxes
+    crop = dataclasses.replace(ALL_OFF, random_resized_crop=True)
+    both = dataclasses.replace(crop, hflip_p=0.5, vflip_p=0.5, rot90=True)
+    x = images(24, c=2, h=32, w=32)
+    plain = A.CellAugment(crop)(x, size=16, scale=(0.2, 0.8), generator=gen(11))
+    turned = A.CellAugment(both)(x, size=16, scale=(0.2, 0.8), generator=gen(11))
+    changed = 0
+    for i in range(24):
+        variants = []
+        for f in (plain[i], torch.flip(plain[i], dims=(-1,))):
+            variants += [torch.rot90(f, k, dims=(-2, -1)) for k in range(4)]
+        dist = [(turned[i] - v).abs().max().item() for v in variants]
+        assert min(dist) < 1e-9
+        changed += int(dist[0] > 1e-9)
+    assert changed > 12  # most of the 24 crops were flipped or turned

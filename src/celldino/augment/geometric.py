@@ -170,15 +170,36 @@ def warp(
     h, w = (size, size) if isinstance(size, int) else size
     b, c = x.shape[:2]
     work = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-    theta = theta.to(device=x.device, dtype=torch.float64)
+    theta = theta.to(device=x.device, dtype=work)
     grid = F.affine_grid(theta, [b, c, h, w], align_corners=False)  # (B, h, w, 2)
     if displacement is not None:
-        d = displacement.to(device=x.device, dtype=torch.float64)
+        d = displacement.to(device=x.device, dtype=work)
         grid = grid + torch.einsum("bij,bhwj->bhwi", theta[:, :, :2], d)
     out = F.grid_sample(
-        x.to(work), grid.to(work), mode="bilinear", padding_mode=padding_mode, align_corners=False
+        x.to(work), grid, mode="bilinear", padding_mode=padding_mode, align_corners=False
     )
     return out.to(x.dtype)
+
+
+def dihedral_matrices(
+    horizontal: torch.Tensor, vertical: torch.Tensor, k: torch.Tensor
+) -> torch.Tensor:
+    """Sampling matrices (n, 3, 3) equal to `rot90(flip(crop, horizontal, vertical), k)`.
+
+    Folded into a crop's affine grid, flips and quarter turns cost nothing: the flipped grid
+    points are the original ones permuted, so the sampled values are the same (to rounding).
+    """
+    n = k.shape[0]
+    dev = k.device
+    hm = torch.ones(n, dtype=torch.float64, device=dev)
+    hm[horizontal.to(dev)] = -1.0
+    vm = torch.ones(n, dtype=torch.float64, device=dev)
+    vm[vertical.to(dev)] = -1.0
+    quarter = torch.tensor([[0.0, -1.0], [1.0, 0.0]], dtype=torch.float64, device=dev)
+    turns = torch.stack([torch.linalg.matrix_power(quarter, int(t)) for t in range(4)])
+    m = torch.eye(3, dtype=torch.float64, device=dev).repeat(n, 1, 1)
+    m[:, :2, :2] = torch.diag_embed(torch.stack([hm, vm], dim=1)) @ turns[k.to(dev) % 4]
+    return m
 
 
 # ---------------------------------------------------------------------------------------------

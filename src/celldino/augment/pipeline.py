@@ -1,6 +1,6 @@
 """`CellAugment`: one randomly augmented view of every image in a batch, driven by AugmentConfig.
 
-Order: crop box + affine + elastic (one grid_sample) → flips → 90° rotation → protein-channel
+Order: crop box + affine + elastic + flips + 90° turns (one grid_sample) → protein-channel
 rescale → brightness → contrast → blur → solarise → greyscale → channel dropping (last, so dropped
 channels stay zero). An operation whose probability is 0 (or switch is off) draws no random
 numbers and does not touch the tensor; with everything off the view is the input resized to the
@@ -61,6 +61,7 @@ class CellAugment:
     def _geometry(
         self, x: torch.Tensor, size: int, scale: tuple[float, float], g: torch.Generator
     ) -> torch.Tensor:
+        """Crop box, affine, elastic, flips and quarter turns: one grid_sample when warping."""
         cfg = self.cfg
         b, _, h, w = x.shape
         warped = False
@@ -92,11 +93,70 @@ class CellAugment:
             )
             disp = disp * apply.to(disp.dtype)[:, None, None, None]
             warped = True
-        if warped:
+        no = torch.zeros(b, dtype=torch.bool, device=g.device)
+        hflip = G.bernoulli((b,), cfg.hflip_p, g) if cfg.hflip_p > 0 else no
+        vflip = G.bernoulli((b,), cfg.vflip_p, g) if cfg.vflip_p > 0 else no
+        turns = torch.randint(0, 4, (b,), generator=g, device=g.device) if cfg.rot90 else None
+        if warped:  # fold flips and turns into the sampling grid: no extra pass over the pixels
+            k = turns if turns is not None else torch.zeros(b, dtype=torch.int64, device=g.device)
+            theta = theta @ G.dihedral_matrices(hflip, vflip, k)
             return G.warp(x, theta, size, displacement=disp, padding_mode=cfg.padding_mode)
-        if (h, w) == (size, size):
-            return x
-        return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        out = x
+        if (h, w) != (size, size):
+            out = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        if cfg.hflip_p > 0 or cfg.vflip_p > 0:
+            out = G.flip(out, hflip, vflip)
+        if turns is not None:
+            out = G.rot90(out, turns)
+        return out
+
+    # -- intensity ----------------------------------------------------------------------------
+    def _channel_affine(
+        self, out: torch.Tensor, g: torch.Generator, fold_drop: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Protein rescale, brightness, contrast (and channel drop) as one fused pass.
+
+        All are per-channel linear maps and commute: gain * (m + f (x - m)) = x * (f gain) +
+        m (1 - f) gain, with m the channel's spatial mean. Returns the views and the keep mask
+        when dropping has to wait until after non-linear operations.
+        """
+        cfg = self.cfg
+        b, c = out.shape[:2]
+        n_val = c if cfg.per_channel else 1
+        gain = torch.ones(b, c, dtype=torch.float64, device=g.device)
+        factor = None
+        if cfg.protein_channel >= 0 and cfg.protein_rescale_p > 0:
+            if cfg.protein_channel >= c:
+                raise ValueError(
+                    f"augment.protein_channel={cfg.protein_channel} but the images have {c} "
+                    "channels"
+                )
+            apply = G.bernoulli((b,), cfg.protein_rescale_p, g)
+            pg = G.uniform((b,), cfg.protein_rescale[0], cfg.protein_rescale[1], g)
+            gain[:, cfg.protein_channel] = torch.where(apply, pg, 1.0)
+        if cfg.brightness_p > 0 and cfg.brightness > 0:
+            apply = G.bernoulli((b,), cfg.brightness_p, g)
+            bg = G.uniform((b, n_val), 1 - cfg.brightness, 1 + cfg.brightness, g)
+            gain = gain * torch.where(apply[:, None], bg, 1.0)
+        if cfg.contrast_p > 0 and cfg.contrast > 0:
+            apply = G.bernoulli((b,), cfg.contrast_p, g)
+            f = G.uniform((b, n_val), 1 - cfg.contrast, 1 + cfg.contrast, g)
+            factor = torch.where(apply[:, None], f, 1.0).expand(b, c)
+        keep = None
+        if cfg.channel_drop_p > 0:
+            keep = I.sample_channel_keep(b, c, cfg.channel_drop_p, g)
+            if fold_drop:
+                gain = gain * keep.to(gain.device)
+                keep = None
+        if factor is None:
+            if bool((gain == 1.0).all()):
+                return out, keep
+            return I.adjust_brightness(out, gain), keep  # gain 1 leaves a channel unchanged
+        m = out.mean(dim=(-2, -1), keepdim=True)  # (B, C, 1, 1)
+        dt, dev = out.dtype, out.device
+        scale = (factor * gain).to(device=dev, dtype=dt)[:, :, None, None]
+        offset = ((1 - factor) * gain).to(device=dev, dtype=dt)[:, :, None, None]
+        return torch.addcmul(m * offset, out, scale), keep  # (B, C, S, S)
 
     # -- everything ---------------------------------------------------------------------------
     def __call__(
@@ -114,34 +174,11 @@ class CellAugment:
             )
         g = generator if generator is not None else torch.default_generator
         cfg = self.cfg
-        b, c = x.shape[:2]
+        b = x.shape[0]
         out = self._geometry(x, size, scale, g)  # (B, C, size, size)
-
-        hflip = G.bernoulli((b,), cfg.hflip_p, g) if cfg.hflip_p > 0 else None
-        vflip = G.bernoulli((b,), cfg.vflip_p, g) if cfg.vflip_p > 0 else None
-        if hflip is not None or vflip is not None:
-            none = torch.zeros(b, dtype=torch.bool)
-            out = G.flip(out, none if hflip is None else hflip, none if vflip is None else vflip)
-        if cfg.rot90:
-            k = torch.randint(0, 4, (b,), generator=g, device=g.device)
-            out = G.rot90(out, k)
-
-        if cfg.protein_channel >= 0 and cfg.protein_rescale_p > 0:
-            apply = G.bernoulli((b,), cfg.protein_rescale_p, g)
-            gain = G.uniform((b,), cfg.protein_rescale[0], cfg.protein_rescale[1], g)
-            out = I.rescale_channel(out, cfg.protein_channel, torch.where(apply, gain, 1.0))
-
-        n_val = c if cfg.per_channel else 1
-        if cfg.brightness_p > 0 and cfg.brightness > 0:
-            apply = G.bernoulli((b,), cfg.brightness_p, g)
-            gain = G.uniform((b, n_val), 1 - cfg.brightness, 1 + cfg.brightness, g)
-            gain = torch.where(apply[:, None], gain, 1.0).expand(b, c)
-            out = I.adjust_brightness(out, gain)  # gain 1 leaves values exactly unchanged
-        if cfg.contrast_p > 0 and cfg.contrast > 0:
-            apply = G.bernoulli((b,), cfg.contrast_p, g)
-            factor = G.uniform((b, n_val), 1 - cfg.contrast, 1 + cfg.contrast, g).expand(b, c)
-            m = apply.to(out.device)[:, None, None, None]
-            out = torch.where(m, I.adjust_contrast(out, factor), out)
+        # zeroing commutes with the per-channel linear maps and blur, not with solarise/greyscale
+        fold_drop = cfg.solarize_p == 0 and cfg.greyscale_p == 0
+        out, keep = self._channel_affine(out, g, fold_drop)
 
         if cfg.blur_p > 0:
             apply = G.bernoulli((b,), cfg.blur_p, g).to(out.device)
@@ -156,8 +193,6 @@ class CellAugment:
         if cfg.greyscale_p > 0:
             m = G.bernoulli((b,), cfg.greyscale_p, g).to(out.device)[:, None, None, None]
             out = torch.where(m, I.greyscale(out), out)
-
-        if cfg.channel_drop_p > 0:
-            keep = I.sample_channel_keep(b, c, cfg.channel_drop_p, g)
+        if keep is not None:
             out = I.drop_channels(out, keep)
         return out
