@@ -1,0 +1,474 @@
+"""Mean average precision (mAP) of profile retrieval, as defined by copairs, in bounded memory.
+
+Every profile is a query; its *positives* and *negatives* are the other profiles that satisfy
+metadata rules (copairs' `sameby` / `diffby`: share every `sameby` column, differ in every
+`diffby` column). Candidates are ranked by cosine similarity to the query and the average
+precision (AP) of the positives in that ranking is the query's score; mAP averages the APs of a
+group (a compound, a compound at one dose, a MoA) and a permutation null gives its p-value.
+
+`average_precision` gives the same numbers as `copairs.map.average_precision`:
+similarities are rounded to float32 and ranked by `1 - similarity` in float32, and at equal
+similarity positives rank before negatives (copairs' stable `lexsort`). Features are used in
+float64 for both backends. copairs builds every positive and negative pair in memory (it was
+killed at ~9,000 profiles on a 14 GB machine), so above `copairs_max_rows` profiles the blocked
+backend ranks one block of queries against all profiles at a time: memory grows as
+block × profiles, not profiles².
+
+`mean_average_precision` reproduces copairs' null distributions (same seeds, same random
+stream) while drawing them in chunks, then its p-values and Benjamini-Hochberg FDR.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import scipy.stats
+import torch
+
+from celldino.log import get_logger, progress
+
+logger = get_logger(__name__)
+
+COPAIRS_MAX_ROWS = 2000  # `method="auto"` uses copairs up to this many profiles
+BLOCK_BYTES = 256 * 2**20  # working memory for one block of queries (blocked backend)
+_INF = torch.iinfo(torch.int64).max
+
+
+# ---- inputs ----------------------------------------------------------------------------------
+
+
+def _as_list(cols: str | Sequence[str] | None) -> list[str]:
+    if cols is None:
+        return []
+    return [cols] if isinstance(cols, str) else list(cols)
+
+
+def check_inputs(meta: pd.DataFrame, feats: np.ndarray, columns: Sequence[str]) -> np.ndarray:
+    """Validate metadata columns and features; return the features as float64 (n, d)."""
+    X = np.asarray(feats, dtype=np.float64)
+    if X.ndim != 2:
+        raise ValueError(f"features must be a 2-D array (profiles, features), got shape {X.shape}")
+    if len(meta) != len(X):
+        raise ValueError(f"metadata has {len(meta)} rows but features have {len(X)}")
+    for c in columns:
+        if c not in meta.columns:
+            raise KeyError(f"column '{c}' is not in the metadata; available: {list(meta.columns)}")
+        if meta[c].isna().any():
+            rows = np.flatnonzero(meta[c].isna().to_numpy())[:5].tolist()
+            raise ValueError(
+                f"metadata column '{c}' has missing values (rows {rows}); fill them "
+                "(e.g. controls: fillna('DMSO')) or drop those rows"
+            )
+    bad = ~np.isfinite(X).all(axis=1)
+    if bad.any():
+        raise ValueError(
+            f"features have NaN/inf in rows {np.flatnonzero(bad)[:5].tolist()}: impute or drop them"
+        )
+    zero = np.linalg.norm(X, axis=1) == 0
+    if zero.any():
+        raise ValueError(
+            f"profiles {np.flatnonzero(zero)[:5].tolist()} are all-zero: cosine similarity is "
+            "undefined; drop them"
+        )
+    return X
+
+
+def _codes(meta: pd.DataFrame, cols: list[str]) -> list[np.ndarray]:
+    return [pd.factorize(meta[c])[0].astype(np.int64) for c in cols]
+
+
+def _rule_mask(
+    codes_same: list[np.ndarray], codes_diff: list[np.ndarray], rows: slice, n: int
+) -> np.ndarray:
+    """(B, n) bool: rows share every `sameby` code and differ in every `diffby` code."""
+    r = np.arange(rows.start, rows.stop)
+    mask = np.ones((len(r), n), dtype=bool)
+    for c in codes_same:
+        mask &= c[r, None] == c[None, :]
+    for c in codes_diff:
+        mask &= c[r, None] != c[None, :]
+    mask[np.arange(len(r)), r] = False  # a profile is never its own pair
+    return mask
+
+
+# ---- average precision ------------------------------------------------------------------------
+
+
+def _ordered_bits(key: torch.Tensor) -> torch.Tensor:
+    """float32 → int64 with the same order (IEEE bits; negative values flipped)."""
+    bits = (key + 0.0).view(torch.int32).to(torch.int64)  # +0.0 turns -0.0 into +0.0
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+def _ap_block(
+    sim: np.ndarray, pos: np.ndarray, neg: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """AP of each query row of a (B, n) similarity block, copairs' ranking and tie rule."""
+    key = torch.from_numpy(np.float32(1) - sim.astype(np.float32))  # (B, n), as copairs ranks
+    pos_t, neg_t = torch.from_numpy(pos), torch.from_numpy(neg)
+    # Composite sort key: similarity order first, then positives (0) before negatives (1).
+    comp = _ordered_bits(key) * 2 + neg_t.to(torch.int64)  # (B, n)
+    comp = torch.where(pos_t | neg_t, comp, torch.full_like(comp, _INF))
+    del key
+    comp, _ = torch.sort(comp, dim=1)
+    rel = (comp & 1) == 0  # positives (non-candidates hold _INF, which is odd)
+    del comp
+    tp = torch.cumsum(rel, dim=1, dtype=torch.int64)  # (B, n)
+    k = torch.arange(1, rel.shape[1] + 1, dtype=torch.float64)
+    num_pos = pos_t.sum(dim=1)
+    total = num_pos + neg_t.sum(dim=1)
+    prec_sum = torch.where(rel, tp.to(torch.float64) / k, 0.0).sum(dim=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ap = prec_sum.numpy() / num_pos.numpy()
+    ap[total.numpy() == 0] = np.nan
+    return ap, num_pos.numpy(), total.numpy()
+
+
+def _block_rows(n: int, block_bytes: int) -> int:
+    # about 40 bytes per (query, candidate) cell live at once in _ap_block and the masks
+    return int(max(1, min(n, block_bytes // max(1, 40 * n))))
+
+
+def expected_ap(num_pos: np.ndarray, total: np.ndarray) -> np.ndarray:
+    """Expected AP under a random ranking (copairs.map.normalization.expected_ap, vectorised)."""
+    M = np.asarray(num_pos, dtype=np.int64)
+    L = np.asarray(total, dtype=np.int64)
+    if len(L) == 0:
+        return np.zeros(0)
+    harmonic = np.concatenate([[0.0], np.cumsum(1.0 / np.arange(1, max(int(L.max()), 1) + 1))])
+    H = harmonic[L]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mu0 = (1.0 / L) * (((M - 1.0) / (L - 1.0)) * (L - H) + H)
+    mu0 = np.where(L == 1, (M == 1).astype(float), mu0)
+    mu0 = np.where(M == 0, 0.0, mu0)
+    return np.where((M == L) & (L > 1), 1.0, mu0)
+
+
+def normalized_ap(ap: np.ndarray, num_pos: np.ndarray, total: np.ndarray) -> np.ndarray:
+    """(AP - E[AP]) / (1 - E[AP]) clipped to [-1, 1], as copairs' `normalize_ap`."""
+    mu0 = expected_ap(num_pos, total)
+    return np.clip((np.asarray(ap) - mu0) / np.maximum(1 - mu0, 1e-10), -1.0, 1.0)
+
+
+def _average_precision_blocked(
+    meta: pd.DataFrame,
+    X: np.ndarray,
+    pos_sameby: list[str],
+    pos_diffby: list[str],
+    neg_sameby: list[str],
+    neg_diffby: list[str],
+    block_bytes: int,
+    show_progress: bool,
+) -> pd.DataFrame:
+    n = len(X)
+    Xn = X / np.linalg.norm(X, axis=1, keepdims=True)  # (n, d) unit rows
+    ps, pd_, ns, nd = (_codes(meta, c) for c in (pos_sameby, pos_diffby, neg_sameby, neg_diffby))
+    ap = np.full(n, np.nan)
+    num_pos = np.zeros(n, dtype=np.int64)
+    total = np.zeros(n, dtype=np.int64)
+    step = _block_rows(n, block_bytes)
+    starts = range(0, n, step)
+    for start in progress(starts, desc="average precision", disable=not show_progress):
+        rows = slice(start, min(n, start + step))
+        pos = _rule_mask(ps, pd_, rows, n)  # (B, n)
+        neg = _rule_mask(ns, nd, rows, n)
+        if (pos & neg).any():
+            raise ValueError(
+                "the positive and negative rules overlap (a pair is both): add the positive "
+                "`sameby` columns to the negative `diffby` columns"
+            )
+        sim = Xn[rows] @ Xn.T  # (B, n) cosine similarity
+        ap[rows], num_pos[rows], total[rows] = _ap_block(sim, pos, neg)
+    if num_pos.sum() == 0:
+        raise ValueError("no positive pairs: check the positive rule columns and their values")
+    if (total - num_pos).sum() == 0:
+        raise ValueError("no negative pairs: check the negative rule columns and their values")
+    out = meta.reset_index(drop=True).copy()
+    out["n_pos_pairs"] = num_pos
+    out["n_total_pairs"] = total
+    out["average_precision"] = ap
+    paired = total > 0
+    norm = np.full(n, np.nan)
+    norm[paired] = normalized_ap(ap[paired], num_pos[paired], total[paired])
+    out["normalized_average_precision"] = norm
+    return out
+
+
+def average_precision(
+    meta: pd.DataFrame,
+    feats: np.ndarray,
+    *,
+    pos_sameby: Sequence[str],
+    pos_diffby: Sequence[str] = (),
+    neg_sameby: Sequence[str] = (),
+    neg_diffby: Sequence[str] = (),
+    method: str = "auto",
+    copairs_max_rows: int = COPAIRS_MAX_ROWS,
+    block_bytes: int = BLOCK_BYTES,
+    show_progress: bool = True,
+) -> pd.DataFrame:
+    """AP of every profile (cosine similarity), with copairs' columns and numbers.
+
+    Returns `meta` (index reset) plus `n_pos_pairs`, `n_total_pairs`, `average_precision`
+    (NaN without positives) and `normalized_average_precision`. `method` is `copairs`,
+    `blocked` or `auto` (copairs up to `copairs_max_rows` profiles, blocked above).
+    """
+    pos_sameby, pos_diffby = _as_list(pos_sameby), _as_list(pos_diffby)
+    neg_sameby, neg_diffby = _as_list(neg_sameby), _as_list(neg_diffby)
+    if not (pos_sameby or pos_diffby) or not (neg_sameby or neg_diffby):
+        raise ValueError("the positive and the negative rule each need at least one column")
+    X = check_inputs(meta, feats, pos_sameby + pos_diffby + neg_sameby + neg_diffby)
+    if method == "auto":
+        method = "copairs" if len(X) <= copairs_max_rows else "blocked"
+    if method == "blocked":
+        return _average_precision_blocked(
+            meta, X, pos_sameby, pos_diffby, neg_sameby, neg_diffby, block_bytes, show_progress
+        )
+    if method != "copairs":
+        raise ValueError(f"unknown mAP method '{method}' (use auto, copairs or blocked)")
+    from copairs.map import average_precision as copairs_ap
+
+    out = copairs_ap(
+        meta.reset_index(drop=True),
+        X,
+        pos_sameby=pos_sameby,
+        pos_diffby=pos_diffby,
+        neg_sameby=neg_sameby,
+        neg_diffby=neg_diffby,
+        progress_bar=False,
+    )
+    return out.astype({"n_pos_pairs": np.int64, "n_total_pairs": np.int64})
+
+
+# ---- null distributions, p-values, FDR ------------------------------------------------------
+
+
+def random_ap(null_size: int, num_pos: int, total: int, seed: int) -> np.ndarray:
+    """copairs' `random_ap` (same random stream), drawn in chunks of rows to bound memory."""
+    rng = np.random.default_rng(seed)
+    dtype = np.uint16 if total < 2**16 else np.uint32
+    chunk = max(1, (32 * 2**20) // max(1, total * np.dtype(dtype).itemsize))
+    ranks_k = np.arange(1, num_pos + 1, dtype=np.float32)
+    out = np.empty(null_size, dtype=np.float32)
+    for start in range(0, null_size, chunk):
+        rows = min(chunk, null_size - start)
+        idx = np.tile(np.arange(total, dtype=dtype), (rows, 1))
+        rng.permuted(idx, axis=1, out=idx)
+        rel_k = np.sort(idx[:, :num_pos], axis=1)
+        pr_k = ranks_k / (rel_k + 1)
+        out[start : start + rows] = (pr_k.sum(axis=1) / num_pos).astype(np.float32)
+    return out
+
+
+def null_distributions(confs: np.ndarray, null_size: int, seed: int) -> np.ndarray:
+    """(n_confs, null_size) float32 nulls for unique (num_pos, total) rows, as copairs seeds them."""
+    seeds = np.random.default_rng(seed).integers(8096, size=len(confs))
+    out = np.empty((len(confs), null_size), dtype=np.float32)
+    for i in progress(range(len(confs)), desc="null distributions", disable=len(confs) < 50):
+        num_pos, total = (int(v) for v in confs[i])
+        out[i] = random_ap(null_size, num_pos, total, int(seeds[i]))
+    return out
+
+
+def mean_average_precision(
+    ap: pd.DataFrame,
+    *,
+    sameby: Sequence[str],
+    null_size: int = 10000,
+    threshold: float = 0.05,
+    seed: int = 0,
+    method: str = "celldino",
+) -> pd.DataFrame:
+    """mAP per group of `sameby`, permutation p-value, BH-corrected p-value (copairs' table).
+
+    Columns: the `sameby` columns, `mean_average_precision`, `indices`,
+    `mean_normalized_average_precision`, `p_value`, `corrected_p_value`, `below_p`,
+    `below_corrected_p`. `method="copairs"` calls copairs itself (its null cache goes to a
+    temporary folder, not ~/.copairs); `celldino` computes the same numbers in bounded memory.
+    """
+    sameby = _as_list(sameby)
+    if method == "copairs":
+        from copairs.map import mean_average_precision as copairs_map
+
+        with tempfile.TemporaryDirectory() as cache:
+            return copairs_map(
+                ap, sameby, null_size, threshold, seed, progress_bar=False, cache_dir=cache
+            )
+    if method != "celldino":
+        raise ValueError(f"unknown p-value method '{method}' (use celldino or copairs)")
+    scores = ap[ap["average_precision"].notna() & (ap["n_pos_pairs"] > 0)]
+    scores = scores.reset_index(drop=True)
+    if scores.empty:
+        raise ValueError("no profile has positives: nothing to average (check the pair rules)")
+    confs, rev_ix = np.unique(
+        scores[["n_pos_pairs", "n_total_pairs"]].to_numpy(), axis=0, return_inverse=True
+    )
+    rev_ix = rev_ix.ravel()
+    nulls = null_distributions(confs, null_size, seed)
+    out = scores.groupby(sameby, observed=True, as_index=False).agg(
+        {
+            "average_precision": ["mean", lambda x: list(x.index)],
+            "normalized_average_precision": "mean",
+        }
+    )
+    out.columns = [
+        *sameby,
+        "mean_average_precision",
+        "indices",
+        "mean_normalized_average_precision",
+    ]
+    pvals = []
+    for map_score, indices in zip(out["mean_average_precision"], out["indices"]):
+        null = nulls[rev_ix[indices]].mean(axis=0)
+        pvals.append((int((null > map_score).sum()) + 1) / (null_size + 1))
+    out["p_value"] = pvals
+    out["corrected_p_value"] = scipy.stats.false_discovery_control(out["p_value"], method="bh")
+    out["below_p"] = out["p_value"] < threshold
+    out["below_corrected_p"] = out["corrected_p_value"] < threshold
+    return out
+
+
+def fraction_retrieved(map_scores: pd.DataFrame, threshold: float = 0.05) -> float:
+    """Fraction of groups whose BH-corrected p-value is below `threshold`."""
+    if len(map_scores) == 0:
+        return math.nan
+    return float((map_scores["corrected_p_value"] < threshold).mean())
+
+
+def summarize(map_scores: pd.DataFrame, threshold: float = 0.05) -> dict[str, float]:
+    """mAP (mean over groups), normalised mAP and fraction retrieved at `threshold`."""
+    return {
+        "mAP": float(map_scores["mean_average_precision"].mean()),
+        "mAP_normalized": float(map_scores["mean_normalized_average_precision"].mean()),
+        "fraction_retrieved": fraction_retrieved(map_scores, threshold),
+        "n_groups": float(len(map_scores)),
+    }
+
+
+# ---- retrieval tasks ----------------------------------------------------------------------------
+
+_REF = "_celldino_ref"  # -1 for treatments, the row number for each control
+_CTRL = "_celldino_is_control"
+
+
+def control_mask(meta: pd.DataFrame, control_col: str, control_value: str) -> np.ndarray:
+    """Boolean (n,) of negative-control rows, with a clear error when the column is missing."""
+    if control_col not in meta.columns:
+        raise KeyError(
+            f"control column '{control_col}' not in the metadata (available: {list(meta.columns)});"
+            " set the control column (e.g. Metadata_pert_type) or add it"
+        )
+    return (meta[control_col].astype(str) == str(control_value)).to_numpy()
+
+
+def _with_refs(meta: pd.DataFrame, by: list[str], is_ctrl: np.ndarray) -> pd.DataFrame:
+    m = meta.reset_index(drop=True).copy()
+    m[_REF] = np.where(is_ctrl, np.arange(len(m)), -1)
+    m[_CTRL] = is_ctrl
+    for c in by:  # controls often carry no compound/dose (NaN): give them a value
+        if c in m.columns and m[c].isna().any():
+            m[c] = m[c].astype(object).where(~(m[c].isna() & is_ctrl), "__control__")
+    return m
+
+
+def retrieval_map(
+    meta: pd.DataFrame,
+    feats: np.ndarray,
+    *,
+    by: Sequence[str],
+    negatives: str = "controls",
+    pos_diffby: Sequence[str] = (),
+    control_col: str = "Metadata_pert_type",
+    control_value: str = "control",
+    null_size: int = 10000,
+    threshold: float = 0.05,
+    seed: int = 0,
+    method: str = "auto",
+    block_bytes: int = BLOCK_BYTES,
+    show_progress: bool = True,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Retrieve each treatment's replicates (same `by` values) among negatives.
+
+    negatives = `controls`: against negative controls only (phenotypic activity);
+    negatives = `others`: against every profile with a different first `by` column (other
+    compounds and the controls). Controls are never queries. `pos_diffby` (e.g. the dose
+    column, with by=[compound]) makes positives differ in those columns. Returns the per-profile
+    AP table and the per-group mAP table with p-values and FDR.
+    """
+    by = _as_list(by)
+    if not by:
+        raise ValueError("retrieval needs at least one column in `by` (e.g. the compound)")
+    is_ctrl = control_mask(meta, control_col, control_value)
+    if negatives == "controls" and not is_ctrl.any():
+        raise ValueError(
+            f"no controls found ({control_col} == {control_value!r}): phenotypic activity needs "
+            "negative-control profiles"
+        )
+    m = _with_refs(meta, by, is_ctrl)
+    if negatives == "controls":
+        neg_diffby = [_CTRL]
+    elif negatives == "others":
+        neg_diffby = [by[0]]
+    else:
+        raise ValueError(f"negatives must be 'controls' or 'others', got {negatives!r}")
+    ap = average_precision(
+        m,
+        feats,
+        pos_sameby=[*by, _REF],
+        pos_diffby=_as_list(pos_diffby),
+        neg_sameby=[],
+        neg_diffby=neg_diffby,
+        method=method,
+        block_bytes=block_bytes,
+        show_progress=show_progress,
+    )
+    ap = ap.drop(columns=[_REF, _CTRL])
+    maps = mean_average_precision(
+        ap, sameby=by, null_size=null_size, threshold=threshold, seed=seed
+    )
+    return ap, maps
+
+
+def moa_map(
+    meta: pd.DataFrame,
+    feats: np.ndarray,
+    *,
+    moa: str,
+    compound: str,
+    control_col: str = "Metadata_pert_type",
+    control_value: str = "control",
+    null_size: int = 10000,
+    threshold: float = 0.05,
+    seed: int = 0,
+    method: str = "auto",
+    block_bytes: int = BLOCK_BYTES,
+    show_progress: bool = True,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """MoA retrieval: positives share the MoA but not the compound; negatives differ in MoA.
+
+    Controls are dropped (rows where `control_col == control_value`, when the column exists).
+    Returns the per-profile AP table and the per-MoA mAP table.
+    """
+    keep = np.ones(len(meta), dtype=bool)
+    if control_col in meta.columns:
+        keep = ~control_mask(meta, control_col, control_value)
+    m = meta.reset_index(drop=True)[keep].reset_index(drop=True)
+    ap = average_precision(
+        m,
+        np.asarray(feats)[keep],
+        pos_sameby=[moa],
+        pos_diffby=[compound],
+        neg_sameby=[],
+        neg_diffby=[moa],
+        method=method,
+        block_bytes=block_bytes,
+        show_progress=show_progress,
+    )
+    maps = mean_average_precision(
+        ap, sameby=[moa], null_size=null_size, threshold=threshold, seed=seed
+    )
+    return ap, maps

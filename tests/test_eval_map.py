@@ -1,0 +1,229 @@
+"""mAP: the blocked computation against copairs itself, hand-worked AP, real LINCS plate."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from copairs.compute import random_ap as copairs_random_ap
+from copairs.map import average_precision as copairs_ap
+from copairs.map import mean_average_precision as copairs_map
+from copairs.map.normalization import expected_ap as copairs_expected_ap
+
+from celldino.eval import map as M
+from celldino.eval.activity import phenotypic_activity
+
+AP_COLS = ["n_pos_pairs", "n_total_pairs", "average_precision", "normalized_average_precision"]
+MAP_COLS = [
+    "mean_average_precision",
+    "mean_normalized_average_precision",
+    "p_value",
+    "corrected_p_value",
+]
+
+
+def _screen(n_cpd=30, doses=2, reps=3, n_ctrl=16, d=12, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = [
+        (f"c{c}", dose, f"M{c % 4}", "trt")
+        for c in range(n_cpd)
+        for dose in range(doses)
+        for _ in range(reps)
+    ]
+    rows += [("DMSO", 0, "none", "control")] * n_ctrl
+    meta = pd.DataFrame(
+        rows, columns=["Metadata_Compound", "Metadata_Dose", "Metadata_MoA", "Metadata_pert_type"]
+    )
+    centre = {c: rng.normal(size=d) for c in meta.Metadata_Compound.unique()}
+    strength = {c: rng.uniform(0, 1.5) for c in centre}  # some compounds inactive
+    X = np.stack([strength[c] * centre[c] + rng.normal(size=d) for c in meta.Metadata_Compound])
+    return meta, X
+
+
+def _assert_same_ap(a: pd.DataFrame, b: pd.DataFrame):
+    assert list(a.columns) == list(b.columns)
+    for c in AP_COLS:
+        x, y = a[c].to_numpy(float), b[c].to_numpy(float)
+        np.testing.assert_array_equal(np.isnan(x), np.isnan(y), err_msg=c)
+        np.testing.assert_allclose(x[~np.isnan(x)], y[~np.isnan(y)], rtol=0, atol=1e-12, err_msg=c)
+
+
+@pytest.mark.parametrize("block_bytes", [10_000, 1 << 28])  # many blocks / one block
+def test_blocked_ap_equals_copairs(block_bytes):
+    meta, X = _screen()
+    rules = dict(
+        pos_sameby=["Metadata_Compound", "Metadata_Dose"],
+        pos_diffby=[],
+        neg_sameby=[],
+        neg_diffby=["Metadata_Compound"],
+    )
+    ref = copairs_ap(meta, X, progress_bar=False, **rules)
+    ours = M.average_precision(meta, X, method="blocked", block_bytes=block_bytes, **rules)
+    _assert_same_ap(ref, ours)
+    assert ours.n_pos_pairs.max() > 0 and ours.average_precision.notna().sum() == len(meta)
+
+
+def test_blocked_ap_ties_like_copairs():
+    # few distinct integer vectors: many exact similarity ties between positives and negatives
+    rng = np.random.default_rng(1)
+    n = 240
+    meta = pd.DataFrame({"g": rng.integers(0, 15, n).astype(str), "b": rng.integers(0, 3, n)})
+    X = rng.integers(1, 3, (n, 3)).astype(float)
+    rules = dict(pos_sameby=["g"], pos_diffby=[], neg_sameby=["b"], neg_diffby=["g"])
+    ref = copairs_ap(meta, X, progress_bar=False, **rules)
+    _assert_same_ap(ref, M.average_precision(meta, X, method="blocked", block_bytes=5000, **rules))
+
+
+def test_average_precision_hand_worked():
+    # query 0 at angle 0; ranking by similarity: 1 (pos, 10°), 2 (neg, 20°), 3 (pos, 30°)
+    # AP = (1/1 + 2/3) / 2 ; ties: 4 (neg) sits exactly on 3's angle and ranks after it.
+    ang = np.deg2rad([0, 10, 20, 30, 30])
+    X = np.stack([np.cos(ang), np.sin(ang)], axis=1)
+    meta = pd.DataFrame({"g": ["a", "a", "b", "a", "c"]})
+    out = M.average_precision(meta, X, pos_sameby=["g"], neg_diffby=["g"], method="blocked")
+    assert out.average_precision[0] == pytest.approx((1 + 2 / 3) / 2)
+    assert out.n_pos_pairs[0] == 2 and out.n_total_pairs[0] == 4
+    assert np.isnan(out.average_precision[2])  # no positives
+
+
+def test_expected_ap_matches_copairs():
+    M_, L = np.array([0, 1, 1, 2, 3, 5, 7, 40]), np.array([1, 1, 5, 2, 9, 20, 300, 1000])
+    ref = [copairs_expected_ap(int(m), int(t - m)) for m, t in zip(M_, L)]
+    np.testing.assert_allclose(M.expected_ap(M_, L), ref, rtol=1e-13)
+
+
+def test_random_ap_equals_copairs_in_chunks():
+    ours = M.random_ap(3000, 4, 9000, seed=17)  # 9000 columns → several row chunks
+    np.testing.assert_array_equal(ours, copairs_random_ap(3000, 4, 9000, 17))
+
+
+def test_mean_average_precision_equals_copairs(tmp_path):
+    meta, X = _screen(seed=2)
+    ap = copairs_ap(
+        meta,
+        X,
+        ["Metadata_Compound", "Metadata_Dose"],
+        [],
+        [],
+        ["Metadata_Compound"],
+        progress_bar=False,
+    )
+    sameby = ["Metadata_Compound", "Metadata_Dose"]
+    ref = copairs_map(ap, sameby, 2000, 0.05, 3, progress_bar=False, cache_dir=tmp_path)
+    ours = M.mean_average_precision(ap, sameby=sameby, null_size=2000, seed=3)
+    assert list(ours.columns) == list(ref.columns)
+    for c in MAP_COLS:
+        np.testing.assert_allclose(ours[c], ref[c], rtol=1e-12, atol=1e-15, err_msg=c)
+    np.testing.assert_array_equal(ours.below_corrected_p, ref.below_corrected_p)
+    assert 0 < M.fraction_retrieved(ours) < 1  # planted active and inactive compounds
+
+
+def test_moa_map_equals_copairs(tmp_path):
+    meta, X = _screen(seed=4)
+    ap, maps = M.moa_map(
+        meta,
+        X,
+        moa="Metadata_MoA",
+        compound="Metadata_Compound",
+        null_size=500,
+        method="blocked",
+        block_bytes=20_000,
+    )
+    trt = meta[meta.Metadata_pert_type == "trt"].reset_index(drop=True)
+    ref_ap = copairs_ap(
+        trt,
+        X[(meta.Metadata_pert_type == "trt").to_numpy()],
+        ["Metadata_MoA"],
+        ["Metadata_Compound"],
+        [],
+        ["Metadata_MoA"],
+        progress_bar=False,
+    )
+    _assert_same_ap(ref_ap, ap)
+    ref = copairs_map(
+        ref_ap, ["Metadata_MoA"], 500, 0.05, 0, progress_bar=False, cache_dir=tmp_path
+    )
+    for c in MAP_COLS:
+        np.testing.assert_allclose(maps[c], ref[c], rtol=1e-12, err_msg=c)
+
+
+def test_missing_metadata_is_a_clear_error():
+    meta, X = _screen()
+    meta.loc[3, "Metadata_Dose"] = np.nan
+    with pytest.raises(ValueError, match=r"Metadata_Dose.*rows \[3\]"):
+        M.average_precision(meta, X, pos_sameby=["Metadata_Dose"], neg_diffby=["Metadata_Dose"])
+
+
+# ---- the real LINCS plate --------------------------------------------------------------------
+
+
+def _lincs(path):
+    df = pd.read_csv(path)
+    feats = [c for c in df.columns if not c.startswith("Metadata_")]
+    meta = df[[c for c in df.columns if c.startswith("Metadata_")]]
+    return meta, df[feats].to_numpy(float)
+
+
+def _copairs_reference_index(meta):
+    """copairs' phenotypic-activity recipe: each control gets its own reference index."""
+    m = meta.copy()
+    ctrl = (m.Metadata_pert_type == "control").to_numpy()
+    m["Metadata_reference_index"] = np.where(ctrl, np.arange(len(m)), -1)
+    return m
+
+
+@pytest.mark.parametrize("method", ["copairs", "blocked"])
+def test_lincs_activity_vs_dmso_equals_copairs(lincs_csv, tmp_path, method):
+    meta, X = _lincs(lincs_csv)
+    ap, maps, summary = phenotypic_activity(
+        meta, X, by=["Metadata_broad_sample"], null_size=1000, seed=0, method=method
+    )
+    m = _copairs_reference_index(meta)
+    ref_ap = copairs_ap(
+        m,
+        X,
+        ["Metadata_broad_sample", "Metadata_reference_index"],
+        [],
+        [],
+        ["Metadata_broad_sample", "Metadata_reference_index"],
+        progress_bar=False,
+    )
+    _assert_same_ap(ref_ap.drop(columns="Metadata_reference_index"), ap)
+    ref = copairs_map(
+        ref_ap, ["Metadata_broad_sample"], 1000, 0.05, 0, progress_bar=False, cache_dir=tmp_path
+    )
+    for c in MAP_COLS:
+        np.testing.assert_allclose(maps[c], ref[c], rtol=1e-12, err_msg=c)
+    assert summary["fraction_retrieved"] == pytest.approx(ref.below_corrected_p.mean())
+    assert summary["n_groups"] == 58  # 56 six-dose compounds + 2 at one dose in 12 wells
+
+
+def test_lincs_compound_retrieval_across_doses_equals_copairs(lincs_csv, tmp_path):
+    meta, X = _lincs(lincs_csv)
+    ap, maps = M.retrieval_map(
+        meta,
+        X,
+        by=["Metadata_broad_sample"],
+        pos_diffby=["Metadata_mmoles_per_liter"],
+        negatives="others",
+        null_size=1000,
+        seed=0,
+        method="blocked",
+    )
+    m = _copairs_reference_index(meta)
+    ref_ap = copairs_ap(
+        m,
+        X,
+        ["Metadata_broad_sample", "Metadata_reference_index"],
+        ["Metadata_mmoles_per_liter"],
+        [],
+        ["Metadata_broad_sample"],
+        progress_bar=False,
+    )
+    _assert_same_ap(ref_ap.drop(columns="Metadata_reference_index"), ap)
+    ref = copairs_map(
+        ref_ap, ["Metadata_broad_sample"], 1000, 0.05, 0, progress_bar=False, cache_dir=tmp_path
+    )
+    for c in MAP_COLS:
+        np.testing.assert_allclose(maps[c], ref[c], rtol=1e-12, err_msg=c)
+    assert (ap.loc[meta.Metadata_pert_type == "control", "n_pos_pairs"] == 0).all()
