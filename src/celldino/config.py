@@ -83,7 +83,7 @@ class PrepareConfig:
     qc_blur_z: float = -3.0  # flag blur when the robust z of log blur score is below this
     qc_max_saturation: float = 0.05  # flag when more than this fraction of pixels is saturated
     qc_min_foreground: float = 0.002  # flag empty when the DNA foreground fraction is below this
-    qc_debris_area: float = 0.05  # flag debris when one bright object covers this image fraction
+    qc_debris_area: float = 0.005  # flag debris when one very bright object covers this fraction
     qc_exclude: bool = True  # leave QC-flagged images out of the cells and crops
     on_error: str = "raise"  # bad image: raise, or skip (recorded in skipped.parquet)
     features: bool = True  # compute engineered CellProfiler-like features (engineered.parquet)
