@@ -7,8 +7,9 @@ Metrics per image (`image_metrics`), then flags over the whole screen (`flag_ima
 - `QC_Saturation`: largest fraction, over channels, of pixels at the dtype's maximum.
 - `QC_Foreground`: fraction of DNA pixels above the background (median + 6 robust sigmas);
   `empty` below `min_foreground`.
-- `QC_LargestObject`: image fraction covered by the largest bright connected object in the DNA
-  channel; `debris` above `debris_area` (a nucleus covers well under 1 %).
+- `QC_LargestObject`: image fraction covered by the largest connected DNA object whose mean
+  intensity is over 3x the median object's (bright junk, not a clump of nuclei); `debris` above
+  `debris_area`.
 """
 
 from __future__ import annotations
@@ -39,7 +40,13 @@ def image_metrics(image: np.ndarray, dna_index: int = 0) -> dict[str, float]:
     largest = 0.0
     if fg.any():
         lab, n = ndi.label(fg)
-        largest = float(np.bincount(lab.ravel())[1:].max() / fg.size) if n else 0.0
+        if n:
+            ids = np.arange(1, n + 1)
+            area = np.bincount(lab.ravel(), minlength=n + 1)[1:]
+            mean = np.asarray(ndi.mean(small - med, lab, ids))
+            # debris: objects far brighter than the typical object (nuclei), counted by area
+            bright = mean > 3.0 * np.median(mean) if n >= 3 else np.zeros(n, bool)
+            largest = float(area[bright].max() / fg.size) if bright.any() else 0.0
     return {
         "QC_Blur": blur,
         "QC_Saturation": sat,
@@ -54,7 +61,7 @@ def flag_images(
     blur_z: float = -3.0,
     max_saturation: float = 0.05,
     min_foreground: float = 0.002,
-    debris_area: float = 0.05,
+    debris_area: float = 0.005,
 ) -> pd.DataFrame:
     """Add QC_Flag_<kind> booleans and QC_Flags ('' or 'blur;debris'...) to a metrics table."""
     out = metrics.copy()

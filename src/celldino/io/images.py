@@ -79,7 +79,9 @@ def _read_tiff(path: Path, frame: int | None) -> np.ndarray:
             )
         if not 0 <= frame < n_planes:
             raise ImageReadError(path, f"frame {frame} out of range (0..{n_planes - 1})")
-        return series.asarray(key=frame).reshape(shape[-2:])
+        if len(series.pages) == n_planes:  # one page per plane: read only that page
+            return series.asarray(key=frame).reshape(shape[-2:])
+        return series.asarray().reshape(n_planes, *shape[-2:])[frame]  # planar (e.g. separated)
 
 
 def _read_png(path: Path) -> np.ndarray:
