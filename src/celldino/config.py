@@ -152,10 +152,35 @@ class AugmentConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     run_dir: str = "runs/train"  # where checkpoints/, metrics.jsonl and config.yaml go
+    data: str = ""  # prepared folder (cells.parquet + crops.zarr) written by `celldino prepare`
+    channels: tuple[str, ...] = ()  # channels to train on, by name (empty = all in the crop store)
     epochs: int = 10  # passes over the data
     batch_size: int = 64  # global batch size (split across ranks under torchrun)
     seed: int = 0  # random seed for weights, augmentation and sampling
     device: str = "auto"  # auto, cpu, cuda, cuda:N
+    num_workers: int = 0  # DataLoader worker processes reading crops (0 = main process)
+    lr: float = 5e-4  # peak learning rate for a batch of 256 (scaled by batch_size / 256)
+    min_lr: float = 1e-6  # learning rate at the end of the cosine schedule
+    warmup_epochs: float = 1.0  # epochs of linear learning-rate warm-up from 0
+    weight_decay: float = 0.04  # AdamW weight decay at the start (cosine schedule)
+    weight_decay_end: float = 0.4  # AdamW weight decay at the end
+    momentum_teacher: float = 0.996  # teacher EMA momentum at the start (cosine to 1)
+    teacher_temp: float = 0.04  # teacher softmax temperature after warm-up
+    warmup_teacher_temp: float = 0.04  # teacher temperature at the start (linear warm-up)
+    warmup_teacher_temp_epochs: float = 0.0  # epochs of teacher-temperature warm-up
+    student_temp: float = 0.1  # student softmax temperature
+    center_momentum: float = 0.9  # momentum of the running centre of the teacher outputs
+    clip_grad: float = 3.0  # clip the gradient norm to this value (0 = off)
+    freeze_last_layer: int = 1  # epochs during which the head's last layer is not updated
+    ibot_weight: float = 0.0  # weight of the iBOT masked patch-token loss (0 = plain DINO)
+    ibot_mask_ratio: tuple[float, ...] = (0.1, 0.5)  # range of the masked fraction of patches
+    ibot_mask_prob: float = 0.5  # fraction of global crops that get masked
+    koleo_weight: float = 0.0  # weight of the KoLeo regulariser on class tokens (DINOv2: 0.1)
+    weak_label: str = ""  # WS-DINO: metadata column of weak labels, e.g. Metadata_Compound
+    amp: bool = True  # bf16 autocast on CUDA (always off on CPU)
+    log_every: int = 10  # steps between diagnostics in metrics.jsonl and the log
+    save_every: int = 1  # keep an epoch_NNNN checkpoint every this many epochs (0 = only last)
+    diagnostics: bool = True  # teacher entropy, KL and embedding std, with a collapse warning
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,224 @@
+"""Student and teacher: multi-crop wrappers, the EMA teacher update and the per-step losses.
+
+The student sees every crop (global and local), the teacher only the global crops. The teacher
+starts as a copy of the student and follows it by exponential moving average (EMA); it gets no
+gradient. With iBOT on, the student sees its global crops with some patch tokens masked and the
+teacher's tokens at those positions are the targets; KoLeo spreads the student's class tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from celldino.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
+
+
+class MultiCropNet(nn.Module):
+    """Backbone + DINO head over a list of crops of possibly different sizes.
+
+    forward(crops: list of (B, C, H_i, W_i), masks=None, apply_masks=True) returns
+    `cls` (n_crops*B, D) backbone class tokens, `head` (n_crops*B, K) head outputs, and with
+    `masks` ((n_global*B, N) bool, for the first crops) `patch_head` (M, K): the head on the
+    patch tokens of the masked positions. Crops of one size go through the backbone together.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(
+        self,
+        crops: list[torch.Tensor],
+        *,
+        masks: torch.Tensor | None = None,
+        apply_masks: bool = True,
+        channel_ids: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        # consecutive runs of equal spatial size → one backbone call each
+        groups: list[list[torch.Tensor]] = []
+        for c in crops:
+            if groups and groups[-1][0].shape[-2:] == c.shape[-2:]:
+                groups[-1].append(c)
+            else:
+                groups.append([c])
+        cls_parts, patch_tokens = [], None
+        for gi, group in enumerate(groups):
+            x = torch.cat(group)  # (g*B, C, H, W)
+            kwargs = {}
+            if channel_ids is not None:
+                kwargs["channel_ids"] = channel_ids
+            if gi == 0 and masks is not None and apply_masks:
+                kwargs["masks"] = masks
+            out = self.backbone(x, **kwargs)
+            cls_parts.append(out["cls"])  # (g*B, D)
+            if gi == 0 and masks is not None:
+                patch_tokens = out["patch"]  # (g*B, N, D)
+        cls = torch.cat(cls_parts)  # (n_crops*B, D)
+        result = {"cls": cls}
+        if patch_tokens is not None:
+            if patch_tokens.shape[:2] != masks.shape:
+                raise ValueError(
+                    f"iBOT masks have shape {tuple(masks.shape)} but the global crops give "
+                    f"{tuple(patch_tokens.shape[:2])} patch tokens"
+                )
+            picked = patch_tokens[masks]  # (M, D)
+            both = self.head(torch.cat([cls, picked]))  # one head call: (n*B + M, K)
+            result["head"], result["patch_head"] = both[: cls.shape[0]], both[cls.shape[0] :]
+        else:
+            result["head"] = self.head(cls)
+        return result
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """teacher ← momentum · teacher + (1 − momentum) · student, parameter by parameter."""
+    t_params = [p for p in teacher.parameters()]
+    s_params = [p.detach() for p in student.parameters()]
+    if len(t_params) != len(s_params):
+        raise ValueError("teacher and student have different parameter lists")
+    torch._foreach_mul_(t_params, momentum)
+    torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
+
+
+@dataclass
+class StepTemps:
+    """Per-step values of the schedules the losses need."""
+
+    teacher_temp: float
+
+
+class DINOMetaArch(nn.Module):
+    """Student, teacher and losses. The student may later be wrapped in DDP (`student_ddp`)."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        head: nn.Module,
+        *,
+        out_dim: int,
+        n_global: int = 2,
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+        ibot_weight: float = 0.0,
+        koleo_weight: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.student = MultiCropNet(backbone, head)
+        self.teacher = copy.deepcopy(self.student)
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.n_global = n_global
+        self.dino_loss = DINOLoss(
+            out_dim, student_temp=student_temp, center_momentum=center_momentum
+        )
+        self.ibot_weight = ibot_weight
+        self.koleo_weight = koleo_weight
+        self.ibot_loss = iBOTPatchLoss(
+            out_dim, student_temp=student_temp, center_momentum=center_momentum
+        )
+        self.koleo_loss = KoLeoLoss()
+        self.student_ddp: nn.Module = self.student  # replaced by a DDP wrapper when distributed
+
+    def forward_losses(
+        self,
+        global_crops: list[torch.Tensor],
+        local_crops: list[torch.Tensor],
+        *,
+        teacher_temp: float,
+        masks: torch.Tensor | None = None,
+        channel_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Total loss and the tensors the diagnostics need (all detached but `loss`)."""
+        B = global_crops[0].shape[0]
+        use_ibot = self.ibot_weight > 0 and masks is not None
+        with torch.no_grad():
+            t_out = self.teacher(
+                global_crops,
+                masks=masks if use_ibot else None,
+                apply_masks=False,
+                channel_ids=channel_ids,
+            )
+        s_out = self.student_ddp(
+            global_crops + local_crops,
+            masks=masks if use_ibot else None,
+            channel_ids=channel_ids,
+        )
+        dino = self.dino_loss(s_out["head"], t_out["head"], teacher_temp, n_global=self.n_global)
+        loss = dino
+        parts = {"loss_dino": dino.detach()}
+        if use_ibot:
+            counts = masks.sum(dim=1, keepdim=True).clamp_min(1).float()  # (n_global*B, 1)
+            weight = (1.0 / counts).expand_as(masks)[masks]  # (M,)
+            ibot = self.ibot_loss(
+                s_out["patch_head"],
+                t_out["patch_head"],
+                weight,
+                teacher_temp,
+                n_images=masks.shape[0],
+            )
+            loss = loss + self.ibot_weight * ibot
+            parts["loss_ibot"] = ibot.detach()
+        if self.koleo_weight > 0:
+            s_cls = s_out["cls"][: self.n_global * B]
+            koleo = sum(self.koleo_loss(c) for c in s_cls.chunk(self.n_global))
+            loss = loss + self.koleo_weight * koleo
+            parts["loss_koleo"] = koleo.detach()
+        parts.update(
+            teacher_head=t_out["head"].detach(),
+            student_head=s_out["head"][: self.n_global * B].detach(),
+            teacher_cls=t_out["cls"].detach(),
+        )
+        return loss, parts
+
+    @torch.no_grad()
+    def diagnostics(self, parts: dict[str, torch.Tensor], teacher_temp: float) -> dict[str, float]:
+        """Teacher entropy, KL(student‖teacher) on the same global views, embedding std."""
+        q = self.dino_loss.teacher_probs(parts["teacher_head"], teacher_temp)  # (n_g*B, K)
+        logq = torch.log(q.clamp_min(1e-12))
+        entropy = -(q * logq).sum(-1).mean()
+        logp = F.log_softmax(parts["student_head"].float() / self.dino_loss.student_temp, dim=-1)
+        kl = (logp.exp() * (logp - logq)).sum(-1).mean()
+        z = F.normalize(parts["teacher_cls"].float(), dim=-1)  # (n_g*B, D)
+        emb_std = z.std(dim=0).mean() * z.shape[1] ** 0.5  # ~1 when spread, → 0 when collapsed
+        return {
+            "teacher_entropy": float(entropy),
+            "kl_student_teacher": float(kl),
+            "embedding_std": float(emb_std),
+        }
+
+    def update_teacher(self, momentum: float) -> None:
+        ema_update(self.teacher, self.student, momentum)
+
+
+def collapse_message(teacher_entropy: float, out_dim: int, embedding_std: float) -> str | None:
+    """A clear warning when the diagnostics say training collapsed, or None."""
+    import math
+
+    log_k = math.log(out_dim)
+    if embedding_std < 0.05:
+        kind = (
+            "uniform teacher (entropy ~ log(out_dim))"
+            if teacher_entropy > 0.95 * log_k
+            else "one dominant output (entropy ~ 0)"
+            if teacher_entropy < 0.05 * log_k
+            else "identical embeddings"
+        )
+        return (
+            f"training looks COLLAPSED: {kind}; embedding std {embedding_std:.3f} (healthy ~1), "
+            f"teacher entropy {teacher_entropy:.3f} of max {log_k:.2f}. Try: lower train.lr, "
+            "lower train.teacher_temp (sharper teacher), raise train.center_momentum, more "
+            "augmentation, or model.out_dim smaller than the number of images."
+        )
+    if teacher_entropy < 0.01 * log_k:
+        return (
+            f"training looks COLLAPSED to one output dimension: teacher entropy "
+            f"{teacher_entropy:.4f} (max {log_k:.2f}). Try raising train.center_momentum "
+            "closer to 1 or lowering train.lr."
+        )
+    return None
