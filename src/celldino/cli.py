@@ -50,6 +50,18 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from celldino.data.prepare import INPUT_ERRORS, prepare
+
+    cfg = _config(args)
+    try:
+        print(prepare(cfg.prepare))
+    except INPUT_ERRORS as e:
+        logger.error("prepare: %s", e)
+        return 2
+    return 0
+
+
 def cmd_profile(args: argparse.Namespace) -> int:
     from celldino.pp import run_profile
 
@@ -61,6 +73,23 @@ def cmd_profile(args: argparse.Namespace) -> int:
         return 2
     for path in written.values():
         print(path)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from celldino.eval.runner import evaluate
+
+    cfg = _config(args)
+    out = evaluate(args.profiles, spec=args.spec, cfg=cfg.evaluate)
+    print(out / "summary.json")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from celldino.train import train
+
+    cfg = _config(args)
+    print(train(cfg, resume=args.resume))
     return 0
 
 
@@ -82,15 +111,21 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int], list[str], l
     ),
     "prepare": (
         "images → cells table, single-cell crop store, QC and engineered features",
-        _not_yet("prepare"),
+        cmd_prepare,
         ["prepare"],
         [],
     ),
     "train": (
         "self-supervised training (DINO / WS-DINO); runs under torchrun too",
-        _not_yet("train"),
-        ["model", "train"],
-        [],
+        cmd_train,
+        ["model", "augment", "train"],
+        [
+            (
+                "--resume",
+                "continue the run in train.run_dir from checkpoints/last exactly",
+                {"action": "store_true"},
+            )
+        ],
     ),
     "extract": (
         "checkpoint + crops → per-cell embeddings (Parquet shards with metadata)",
@@ -106,9 +141,12 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int], list[str], l
     ),
     "evaluate": (
         "profiles → retrieval, classification and biology metrics",
-        _not_yet("evaluate"),
+        cmd_evaluate,
         ["evaluate"],
-        [],
+        [
+            ("profiles", "profiles (.parquet, .csv, .h5ad): the feature set named by spec `name`"),
+            ("--spec", "evaluation spec YAML: more feature sets, columns, analyses (docs/evaluation.md)"),
+        ],
     ),
     "report": (
         "metrics and plots → one self-contained report.html",
@@ -161,8 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
             epilog=epilog,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        for pos_name, pos_help in positionals:
-            p.add_argument(pos_name, type=Path, help=pos_help)
+        for pos_name, pos_help, *pos_kw in positionals:  # optional 3rd item: argparse kwargs
+            p.add_argument(pos_name, help=pos_help, **(pos_kw[0] if pos_kw else {"type": Path}))
         p.add_argument(
             "settings",
             nargs="*",

@@ -40,10 +40,10 @@ from celldino.data.segmentation import (
     segment_cells,
     segment_nuclei,
 )
-from celldino.io.cropstore import CropStore
+from celldino.io.cropstore import CropStore, CropStoreError
 from celldino.io.files import fingerprint, read_json, write_json
 from celldino.io.images import ImageReadError, read_image
-from celldino.io.tables import read_table, write_parquet
+from celldino.io.tables import LoadDataError, read_table, write_parquet
 
 logger = log.get_logger(__name__)
 
@@ -54,6 +54,10 @@ _N_SAMPLE = 4096
 
 class PrepareError(ValueError):
     """Settings that cannot work together (named in the message)."""
+
+
+# errors the CLI reports as one line (bad input or settings), not as a traceback
+INPUT_ERRORS = (PrepareError, LoadDataError, ImageReadError, ImageSetError, CropStoreError)
 
 
 def _check(cfg, channels: list[str]) -> None:
