@@ -49,7 +49,8 @@ def generate(folder: Path, n: int, seed: int = 0) -> list[Path]:
         for j in range(D):
             cols[f"emb_{j:04d}"] = pa.array(X[:, j])
         path = folder / f"part-{start // SHARD:05d}.parquet"
-        pq.write_table(pa.table(cols), path, row_group_size=100_000)
+        pq.write_table(pa.table(cols), path, row_group_size=100_000, compression="snappy",
+                       use_dictionary=["Metadata_Plate", "Metadata_Well"])  # fmt: skip
         paths.append(path)
     return paths
 
