@@ -267,3 +267,27 @@ def test_h5ad_round_trip_keeps_steps(tmp_path):
     assert list(back.obs["Metadata_Plate"]) == list(adata.obs["Metadata_Plate"])
     again = read_profiles(path)
     assert pp.steps(again) == ["annotate", "normalize"]
+
+
+def test_pca_on_controls_matches_sklearn():
+    from sklearn.decomposition import PCA
+
+    adata = _profiles()
+    ctrl = (adata.obs["Metadata_pert_type"] == "control").to_numpy()
+    out = pp.pca(adata, n_components=3, reference="controls", controls=ctrl)
+    ref = PCA(n_components=3, svd_solver="full").fit(np.asarray(adata.X)[ctrl])
+    np.testing.assert_allclose(out.X, ref.transform(np.asarray(adata.X)), atol=1e-10)
+    assert list(out.var_names) == ["PC1", "PC2", "PC3"] and pp.steps(out) == ["pca"]
+
+
+def test_drop_na_matches_pycytominer(lincs):
+    from pycytominer import feature_select as pyc_select
+
+    df, feats = lincs
+    df = df.copy()
+    feats = feats[:20]
+    df.loc[:30, feats[2]] = np.nan  # 31 of 384 rows missing: above the 5 % cutoff
+    df.loc[:5, feats[4]] = np.nan  # 6 of 384: kept
+    ref = pyc_select(df[feats], features=feats, operation="drop_na_columns", na_cutoff=0.05)
+    out = pp.feature_select(frame_to_anndata(df, feats), operations=["drop_na"], na_cutoff=0.05)
+    assert list(out.var_names) == list(ref.columns) and feats[2] not in out.var_names
