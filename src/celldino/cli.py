@@ -76,9 +76,18 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+class _SpecThenSettings(argparse.Action):
+    """`--spec SPEC.yaml key=value ...`: the spec, then settings that argparse would drop."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        namespace.spec = Path(values[0])
+        namespace.spec_settings = list(values[1:])
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from celldino.eval.runner import evaluate
 
+    args.settings = list(args.settings) + list(getattr(args, "spec_settings", []))
     cfg = _config(args)
     out = evaluate(args.profiles, spec=args.spec, cfg=cfg.evaluate)
     print(out / "summary.json")
@@ -145,7 +154,11 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int], list[str], l
         ["evaluate"],
         [
             ("profiles", "profiles (.parquet, .csv, .h5ad): the feature set named by spec `name`"),
-            ("--spec", "evaluation spec YAML: more feature sets, columns, analyses (docs/evaluation.md)"),
+            (
+                "--spec",
+                "evaluation spec YAML: more feature sets, columns, analyses (docs/evaluation.md)",
+                {"nargs": "+", "metavar": "SPEC.yaml", "action": _SpecThenSettings},
+            ),
         ],
     ),
     "report": (

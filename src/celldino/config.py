@@ -185,9 +185,31 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class ExtractConfig:
+    checkpoint: str = ""  # celldino run dir or checkpoint, or a DINO/DINOv2/DINO4Cells weights file
+    data: str = ""  # prepared folder (cells.parquet + crops.zarr) written by `celldino prepare`
     out_dir: str = "runs/embeddings"  # where the Parquet shards and manifest go
+    which: str = "teacher"  # network of a two-network checkpoint: teacher or student
+    channels: tuple[str, ...] = ()  # channels in model order (empty = the run's, else all stored)
+    channel_mode: str = ""  # channelwise: RGB/1-channel model on each channel, features joined
+    adapt_channels: bool = False  # foreign weights on other channel counts: average the kernel
+    feature: str = "cls"  # cls, last_blocks, block, patch_mean or cls_patch_mean
+    n_blocks: int = 4  # feature=last_blocks: how many last blocks' class tokens to concatenate
+    block: int = -1  # feature=block: block index (0-based; negative counts from the end)
+    level: str = "cell"  # cell (single-cell crops) or field (whole fields of view)
+    field_mode: str = "center4"  # level=field: center4 (median of 4 centre crops) or tile
+    field_crop: int = 224  # level=field: side in pixels of the centre crops or tiles
+    field_stride: int = 0  # level=field, tile: step between tiles in pixels (0 = field_crop)
+    field_pool: str = "mean"  # level=field, tile: pooling of the tiles' features, mean or median
+    dtype: str = "float32"  # embedding columns: float32 or float16
     batch_size: int = 128  # images per forward pass
+    num_workers: int = 0  # DataLoader worker processes reading crops (0 = main process)
     device: str = "auto"  # auto, cpu, cuda, cuda:N
+    amp: bool = True  # bf16 autocast on CUDA (always off on CPU)
+    shard_size: int = 4096  # rows per Parquet shard (the unit of resuming and of torchrun ranks)
+    attention_cells: tuple[str, ...] = ()  # Metadata_CellID values: save patch tokens + attention
+    attention_sample: int = 0  # or: save them for this many cells spread evenly over the table
+    format: str = "parquet"  # parquet, or h5ad (also writes embeddings.h5ad, AnnData)
+    overwrite: bool = False  # replace embeddings made with another checkpoint or options
 
 
 @dataclass(frozen=True)

@@ -136,7 +136,8 @@ def nsc_nscb(
     """NSC (and NSCB when `batch` is given) accuracy, plus the per-treatment table.
 
     `treatment` lists the columns that define a treatment (e.g. compound and dose): rows are
-    aggregated by treatment (and batch) first; None means the rows already are treatments.
+    aggregated by treatment first (for NSCB by treatment and batch, so a treatment seen in two
+    batches gives two profiles); None means the rows already are treatments.
     Controls (`control_col == control_value`) are dropped first.
     """
     meta = meta.reset_index(drop=True)
@@ -144,14 +145,19 @@ def nsc_nscb(
     if control_col and control_col in meta.columns:
         keep = ~control_mask(meta, control_col, control_value)
         meta, X = meta[keep].reset_index(drop=True), X[keep]
-    if treatment:
-        keys = list(dict.fromkeys([*treatment, compound, moa] + ([batch] if batch else [])))
-        meta, X = aggregate_treatments(meta, X, by=keys, how=aggregate)
-    res = nearest_moa(meta, X, moa=moa, compound=compound, moa_sep=moa_sep)
+    m_nsc, X_nsc = meta, X
+    if treatment:  # NSC: one profile per treatment, over all batches
+        keys = list(dict.fromkeys([*treatment, compound, moa]))
+        m_nsc, X_nsc = aggregate_treatments(meta, X, by=keys, how=aggregate)
+    res = nearest_moa(m_nsc, X_nsc, moa=moa, compound=compound, moa_sep=moa_sep)
     metrics = {"NSC": res.accuracy, "NSC_n": float(res.n_queries)}
     tables = [res.table.assign(metric="NSC")]
     if batch:
-        res_b = nearest_moa(meta, X, moa=moa, compound=compound, batch=batch, moa_sep=moa_sep)
+        m_b, X_b = meta, X
+        if treatment:  # NSCB: one profile per treatment and batch
+            keys = list(dict.fromkeys([*treatment, compound, moa, batch]))
+            m_b, X_b = aggregate_treatments(meta, X, by=keys, how=aggregate)
+        res_b = nearest_moa(m_b, X_b, moa=moa, compound=compound, batch=batch, moa_sep=moa_sep)
         metrics |= {"NSCB": res_b.accuracy, "NSCB_n": float(res_b.n_queries)}
         tables.append(res_b.table.assign(metric="NSCB"))
     return metrics, pd.concat(tables, ignore_index=True)

@@ -1,0 +1,458 @@
+"""`celldino evaluate PROFILES --spec eval.yaml`: analyses × feature sets, side by side.
+
+The spec (YAML, or a dict) names extra feature sets (baselines), derived ones (PCA of another
+set), the metadata columns, and the analyses to run with their parameters; see
+docs/evaluation.md. Every analysis runs on every feature set; the result is one tidy table
+(`metrics.parquet` / `metrics.csv`: feature_set, analysis, metric, value), detail tables under
+`tables/`, and `summary.json`. Finished (feature set, analysis) parts are kept under `parts/`
+with a fingerprint of their inputs, so a rerun skips them.
+
+An analysis is a function `fn(meta, feats, ctx, **params) -> AnalysisResult` (or a plain dict
+of metric → number) registered in `ANALYSES` by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from celldino.config import ConfigError, EvaluateConfig
+from celldino.eval.activity import phenotypic_activity
+from celldino.eval.enrichment import enrichment
+from celldino.eval.map import moa_map, retrieval_map, summarize
+from celldino.eval.retrieval import nsc_nscb
+from celldino.io.files import atomic_write_text, file_fingerprint, fingerprint, write_json
+from celldino.log import get_logger, progress
+
+logger = get_logger(__name__)
+
+
+class SpecError(ConfigError):
+    """An evaluation spec that cannot be run (names the key and what to do)."""
+
+
+# ---- what analyses receive ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Metadata column names the analyses use (spec key `columns`)."""
+
+    compound: str = "Metadata_Compound"
+    dose: str = "Metadata_Dose"
+    moa: str = "Metadata_MoA"
+    batch: str = "Metadata_Batch"
+    plate: str = "Metadata_Plate"
+    well: str = "Metadata_Well"
+    control: str = "Metadata_pert_type"
+    control_value: str = "control"
+    moa_sep: str | None = None  # split MoA strings into label sets (e.g. '|')
+
+    def present(self, meta: pd.DataFrame, name: str) -> str | None:
+        """The column for `name` if the table has it, else None."""
+        col = getattr(self, name)
+        return col if col and col in meta.columns else None
+
+    def require(self, meta: pd.DataFrame, name: str, analysis: str) -> str:
+        col = getattr(self, name)
+        if not col or col not in meta.columns:
+            raise SpecError(
+                f"analysis '{analysis}' needs the {name} column '{col}', which the profiles lack; "
+                f"set columns.{name} in the spec (metadata columns: {list(meta.columns)})"
+            )
+        return col
+
+
+@dataclass(frozen=True)
+class EvalContext:
+    """Settings shared by every analysis of one run."""
+
+    cols: Columns = field(default_factory=Columns)
+    seed: int = 0
+    null_size: int = 10000
+    threshold: float = 0.05
+    map_method: str = "auto"
+    block_bytes: int = 256 * 2**20
+
+
+@dataclass
+class AnalysisResult:
+    """Numbers for the tidy table plus optional detail tables."""
+
+    metrics: dict[str, float]
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+
+
+# ---- the analyses of this file ---------------------------------------------------------------
+
+
+def _map_kwargs(ctx: EvalContext, params: dict) -> dict:
+    return {
+        "null_size": int(params.get("null_size", ctx.null_size)),
+        "threshold": float(params.get("threshold", ctx.threshold)),
+        "seed": ctx.seed,
+        "method": params.get("method", ctx.map_method),
+        "block_bytes": ctx.block_bytes,
+        "control_col": ctx.cols.control,
+        "control_value": ctx.cols.control_value,
+    }
+
+
+def run_nsc(meta: pd.DataFrame, feats: np.ndarray, ctx: EvalContext, **params) -> AnalysisResult:
+    """NSC and NSCB (when the batch column exists) on treatment profiles."""
+    c = ctx.cols
+    treatment = params.get("treatment")
+    if treatment is None:
+        treatment = [c.require(meta, "compound", "nsc")] + (
+            [c.dose] if c.present(meta, "dose") else []
+        )
+    use_batch = params.get("batch", True)
+    metrics, table = nsc_nscb(
+        meta,
+        feats,
+        moa=c.require(meta, "moa", "nsc"),
+        compound=c.require(meta, "compound", "nsc"),
+        treatment=treatment or None,
+        batch=c.present(meta, "batch") if use_batch else None,
+        control_col=c.control,
+        control_value=c.control_value,
+        aggregate=params.get("aggregate", "median"),
+        moa_sep=c.moa_sep,
+    )
+    return AnalysisResult(metrics, {"neighbours": table})
+
+
+def run_map_replicate(
+    meta: pd.DataFrame, feats: np.ndarray, ctx: EvalContext, **params
+) -> AnalysisResult:
+    """Replicate retrieval: same compound (and dose) vs other compounds and controls."""
+    c = ctx.cols
+    by = params.get("by") or [c.require(meta, "compound", "map_replicate")] + (
+        [c.dose] if c.present(meta, "dose") else []
+    )
+    ap, maps = retrieval_map(
+        meta,
+        feats,
+        by=by,
+        negatives=params.get("negatives", "others"),
+        pos_diffby=params.get("pos_diffby", ()),
+        **_map_kwargs(ctx, params),
+    )
+    return AnalysisResult(summarize(maps, ctx.threshold), {"map": maps.drop(columns="indices")})
+
+
+def run_map_moa(
+    meta: pd.DataFrame, feats: np.ndarray, ctx: EvalContext, **params
+) -> AnalysisResult:
+    """MoA retrieval: same MoA, other compound, against other MoAs."""
+    c = ctx.cols
+    kw = _map_kwargs(ctx, params)
+    ap, maps = moa_map(
+        meta,
+        feats,
+        moa=c.require(meta, "moa", "map_moa"),
+        compound=c.require(meta, "compound", "map_moa"),
+        **kw,
+    )
+    return AnalysisResult(summarize(maps, kw["threshold"]), {"map": maps.drop(columns="indices")})
+
+
+def run_activity(
+    meta: pd.DataFrame, feats: np.ndarray, ctx: EvalContext, **params
+) -> AnalysisResult:
+    """Phenotypic activity: each compound (all doses, or `by`) against the controls."""
+    by = params.get("by") or [ctx.cols.require(meta, "compound", "activity")]
+    _, maps, summary = phenotypic_activity(meta, feats, by=by, **_map_kwargs(ctx, params))
+    return AnalysisResult(summary, {"map": maps.drop(columns="indices")})
+
+
+def run_enrichment(
+    meta: pd.DataFrame, feats: np.ndarray, ctx: EvalContext, **params
+) -> AnalysisResult:
+    """Folds of enrichment of same-MoA pairs among the most similar treatment pairs."""
+    c = ctx.cols
+    compound = c.require(meta, "compound", "enrichment")
+    treatment = params.get("treatment")
+    if treatment is None:
+        treatment = [compound] + ([c.dose] if c.present(meta, "dose") else [])
+    m, X = meta, feats
+    if treatment:
+        from celldino.eval.retrieval import aggregate_treatments
+
+        keep = np.ones(len(meta), dtype=bool)
+        if c.control in meta.columns:
+            keep = (meta[c.control].astype(str) != str(c.control_value)).to_numpy()
+        keys = list(dict.fromkeys([*treatment, c.require(meta, "moa", "enrichment")]))
+        m, X = aggregate_treatments(meta[keep], np.asarray(feats)[keep], by=keys)
+    table = enrichment(
+        m,
+        X,
+        moa=c.require(meta, "moa", "enrichment"),
+        compound=compound,
+        percentiles=tuple(params.get("percentiles", (1.0, 5.0))),
+        control_col=c.control,
+        control_value=c.control_value,
+        moa_sep=c.moa_sep,
+    )
+    metrics = {}
+    for _, row in table.iterrows():
+        pct = f"{row.percentile:g}"
+        metrics[f"odds_ratio_top{pct}pct"] = float(row.odds_ratio)
+        metrics[f"p_value_top{pct}pct"] = float(row.p_value)
+    return AnalysisResult(metrics, {"enrichment": table})
+
+
+# name → function(meta, feats, ctx, **params); other modules add their analyses here.
+ANALYSES: dict[str, Callable[..., AnalysisResult | dict]] = {
+    "nsc": run_nsc,
+    "map_replicate": run_map_replicate,
+    "map_moa": run_map_moa,
+    "activity": run_activity,
+    "enrichment": run_enrichment,
+}
+
+DEFAULT_ANALYSES = ("nsc", "map_replicate", "activity")
+
+
+# ---- the spec -----------------------------------------------------------------------------
+
+_SPEC_KEYS = (
+    "name",
+    "inputs",
+    "derived",
+    "metadata_prefix",
+    "feature_prefix",
+    "columns",
+    "analyses",
+)
+
+
+def load_spec(spec: str | Path | dict | None) -> tuple[dict, Path]:
+    """Read and check a spec; returns (spec dict, folder that relative paths start from)."""
+    if spec is None or spec == "":
+        return {}, Path.cwd()
+    if isinstance(spec, dict):
+        data, base = dict(spec), Path.cwd()
+    else:
+        path = Path(spec)
+        if not path.exists():
+            raise SpecError(f"evaluation spec {path} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        base = path.resolve().parent
+        if not isinstance(data, dict):
+            raise SpecError(f"{path}: the spec must be a mapping (keys: {', '.join(_SPEC_KEYS)})")
+    unknown = [k for k in data if k not in _SPEC_KEYS]
+    if unknown:
+        raise SpecError(f"unknown spec key(s) {unknown}; valid keys: {', '.join(_SPEC_KEYS)}")
+    valid_cols = [f.name for f in dataclasses.fields(Columns)]
+    bad = [k for k in (data.get("columns") or {}) if k not in valid_cols]
+    if bad:
+        raise SpecError(f"unknown column role(s) {bad} under 'columns'; valid: {valid_cols}")
+    return data, base
+
+
+def _analyses(spec: dict) -> dict[str, dict]:
+    raw = spec.get("analyses", list(DEFAULT_ANALYSES))
+    if isinstance(raw, (list, tuple)):
+        raw = {name: {} for name in raw}
+    if not isinstance(raw, dict):
+        raise SpecError("'analyses' must be a list of names or a mapping name → parameters")
+    unknown = [a for a in raw if a not in ANALYSES]
+    if unknown:
+        raise SpecError(f"unknown analysis {unknown}; available: {', '.join(sorted(ANALYSES))}")
+    return {name: dict(params or {}) for name, params in raw.items()}
+
+
+def read_profile_table(path: str | Path) -> pd.DataFrame:
+    """A profile file (.parquet, .csv[.gz], .h5ad) as one table of metadata + features."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"profile file {path} does not exist")
+    if path.name.lower().endswith(".h5ad"):
+        from celldino.io.profiles import anndata_to_frame, read_h5ad
+
+        return anndata_to_frame(read_h5ad(path))
+    from celldino.io.tables import read_table
+
+    return read_table(path)
+
+
+@dataclass
+class FeatureSet:
+    name: str
+    meta: pd.DataFrame
+    feats: np.ndarray  # (profiles, features) float64
+    features: list[str]
+    source: str
+    key: str  # fingerprint of the data, for resuming
+
+
+def split_features(
+    df: pd.DataFrame, *, metadata_prefix: str = "Metadata_", feature_prefix: str = "", source: str
+) -> tuple[pd.DataFrame, np.ndarray, list[str]]:
+    """Metadata = columns with `metadata_prefix`; features = `feature_prefix` (or all others)."""
+    meta_cols = [c for c in df.columns if str(c).startswith(metadata_prefix)]
+    if feature_prefix:
+        feats = [c for c in df.columns if str(c).startswith(feature_prefix)]
+    else:
+        feats = [c for c in df.columns if c not in set(meta_cols)]
+    if not feats:
+        raise SpecError(f"{source}: no feature columns (prefix '{feature_prefix or '<any>'}')")
+    non_numeric = [c for c in feats if not pd.api.types.is_numeric_dtype(df[c])]
+    if non_numeric:
+        raise SpecError(
+            f"{source}: feature columns {non_numeric[:5]} are not numeric; prefix metadata "
+            f"columns with '{metadata_prefix}' or set feature_prefix in the spec"
+        )
+    return df[meta_cols].reset_index(drop=True), df[feats].to_numpy(np.float64), feats
+
+
+def _derive(name: str, how: dict, sets: dict[str, FeatureSet], seed: int) -> FeatureSet:
+    if not isinstance(how, dict) or "pca" not in how:
+        raise SpecError(f"derived set '{name}': give {{pca: <feature set>, n_components: N}}")
+    src = how["pca"]
+    if src not in sets:
+        raise SpecError(f"derived set '{name}': no feature set '{src}' (have {list(sets)})")
+    from sklearn.decomposition import PCA
+
+    base = sets[src]
+    k = int(how.get("n_components", 50))
+    k = max(1, min(k, base.feats.shape[0], base.feats.shape[1]))
+    Z = PCA(n_components=k, random_state=seed).fit_transform(base.feats)  # (n, k)
+    return FeatureSet(
+        name,
+        base.meta,
+        Z,
+        [f"PC{i + 1}" for i in range(k)],
+        f"pca({src}, {k})",
+        fingerprint([base.key, "pca", k, seed]),
+    )
+
+
+def load_feature_sets(profiles: str | Path | None, spec: dict, base: Path, seed: int) -> dict:
+    """The feature sets named by PROFILES and the spec, in order."""
+    mp = spec.get("metadata_prefix", "Metadata_")
+    fp = spec.get("feature_prefix", "")
+    paths: dict[str, Path] = {}
+    if profiles:
+        paths[spec.get("name", "learned")] = Path(profiles)
+    for name, p in (spec.get("inputs") or {}).items():
+        if name in paths:
+            raise SpecError(f"feature set '{name}' is named twice (PROFILES and inputs)")
+        p = Path(p)
+        paths[name] = p if p.is_absolute() else base / p
+    if not paths:
+        raise SpecError("no profiles: pass PROFILES or list feature sets under 'inputs'")
+    sets: dict[str, FeatureSet] = {}
+    for name, path in paths.items():
+        df = read_profile_table(path)
+        meta, X, feats = split_features(df, metadata_prefix=mp, feature_prefix=fp, source=str(path))
+        key = fingerprint([file_fingerprint(path), mp, fp])
+        sets[name] = FeatureSet(name, meta, X, feats, str(path), key)
+    for name, how in (spec.get("derived") or {}).items():
+        sets[name] = _derive(name, how, sets, seed)
+    return sets
+
+
+# ---- running --------------------------------------------------------------------------------
+
+
+def _as_result(out: Any) -> AnalysisResult:
+    if isinstance(out, AnalysisResult):
+        return out
+    if isinstance(out, dict):
+        return AnalysisResult({k: float(v) for k, v in out.items()})
+    raise TypeError(f"an analysis must return AnalysisResult or dict, got {type(out).__name__}")
+
+
+def _write_table(df: pd.DataFrame, path: Path) -> None:
+    from celldino.io.tables import write_parquet
+
+    df = df.copy()
+    for col in df.columns:  # Parquet needs one type per column
+        if df[col].dtype == object:
+            df[col] = df[col].map(lambda v: v if v is None or isinstance(v, str) else str(v))
+    write_parquet(df, path)
+
+
+def evaluate(
+    profiles: str | Path | None,
+    *,
+    spec: str | Path | dict | None = None,
+    cfg: EvaluateConfig | None = None,
+) -> Path:
+    """Run the spec's analyses on every feature set; returns the output folder.
+
+    Writes `metrics.parquet` and `metrics.csv` (feature_set, analysis, metric, value),
+    `tables/<analysis>__<feature_set>__<table>.parquet` and `summary.json`.
+    """
+    cfg = cfg or EvaluateConfig()
+    spec_dict, base = load_spec(spec if spec is not None else (cfg.spec or None))
+    analyses = _analyses(spec_dict)
+    cols = Columns(**(spec_dict.get("columns") or {}))
+    ctx = EvalContext(
+        cols=cols,
+        seed=cfg.seed,
+        null_size=cfg.null_size,
+        threshold=cfg.threshold,
+        map_method=cfg.map_method,
+        block_bytes=cfg.map_memory_mb * 2**20,
+    )
+    sets = load_feature_sets(profiles, spec_dict, base, cfg.seed)
+    out = Path(cfg.out_dir)
+    (out / "parts").mkdir(parents=True, exist_ok=True)
+    (out / "tables").mkdir(parents=True, exist_ok=True)
+    ctx_key = dataclasses.asdict(ctx)
+    rows: list[dict] = []
+    jobs = [(fs, name, params) for fs in sets.values() for name, params in analyses.items()]
+    for fs, name, params in progress(jobs, desc="evaluate"):
+        part = out / "parts" / f"{name}__{fs.name}.json"
+        key = fingerprint([fs.key, name, params, ctx_key])
+        done = json.loads(part.read_text()) if part.exists() else None
+        if cfg.resume and done and done.get("key") == key:
+            logger.info("%s on %s: done before, kept", name, fs.name)
+            metrics = dict(done["metrics"])  # stored as [name, value] pairs, in order
+        else:
+            logger.info("%s on %s (%d profiles × %d features)", name, fs.name, *fs.feats.shape)
+            res = _as_result(ANALYSES[name](fs.meta, fs.feats, ctx, **params))
+            metrics = {k: float(v) for k, v in res.metrics.items()}
+            for tname, table in res.tables.items():
+                _write_table(table, out / "tables" / f"{name}__{fs.name}__{tname}.parquet")
+            write_json(part, {"key": key, "metrics": [[k, v] for k, v in metrics.items()]})
+        rows += [
+            {"feature_set": fs.name, "analysis": name, "metric": k, "value": v}
+            for k, v in metrics.items()
+        ]
+    tidy = pd.DataFrame(rows, columns=["feature_set", "analysis", "metric", "value"])
+    _write_table(tidy, out / "metrics.parquet")
+    atomic_write_text(out / "metrics.csv", tidy.to_csv(index=False))
+    nested: dict[str, dict[str, dict[str, float | None]]] = {}
+    for r in rows:
+        v = r["value"]
+        nested.setdefault(r["analysis"], {}).setdefault(r["metric"], {})[r["feature_set"]] = (
+            None if np.isnan(v) else v
+        )
+    summary = {
+        "feature_sets": {
+            n: {
+                "source": s.source,
+                "n_profiles": int(s.feats.shape[0]),
+                "n_features": len(s.features),
+            }
+            for n, s in sets.items()
+        },
+        "analyses": analyses,
+        "metrics": nested,
+        "settings": ctx_key,
+    }
+    write_json(out / "summary.json", summary)
+    logger.info("evaluation written to %s", out)
+    return out
