@@ -102,6 +102,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_extract(args: argparse.Namespace) -> int:
+    from celldino.extract import ExtractError, extract
+
+    flags = ["extract.overwrite=true"] if args.overwrite else []
+    flags += [f"extract.format={args.format}"] if args.format else []
+    cfg = _config(args, flags)
+    try:
+        print(extract(cfg.extract))
+    except (ExtractError, KeyError, FileNotFoundError) as e:  # bad data, settings or checkpoint
+        logger.error("extract: %s", e.args[0] if e.args else e)
+        return 2
+    return 0
+
+
 def _not_yet(name: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         logger.error("`celldino %s` is not available in this version yet.", name)
@@ -138,9 +152,20 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int], list[str], l
     ),
     "extract": (
         "checkpoint + crops → per-cell embeddings (Parquet shards with metadata)",
-        _not_yet("extract"),
+        cmd_extract,
         ["extract"],
-        [],
+        [
+            (
+                "--overwrite",
+                "replace embeddings made with another checkpoint or options (extract.overwrite)",
+                {"action": "store_true"},
+            ),
+            (
+                "--format",
+                "parquet, or h5ad to write embeddings.h5ad too (extract.format)",
+                {"choices": ["parquet", "h5ad"], "default": None},
+            ),
+        ],
     ),
     "profile": (
         "embeddings → well/treatment profiles (aggregate, normalise, batch-correct)",

@@ -1,0 +1,508 @@
+"""`celldino extract`: a backbone over a prepared dataset → per-cell (or per-field) embeddings.
+
+`extract(ExtractConfig)` loads the backbone (`celldino.models.load_backbone`: celldino run dirs
+and checkpoints, or foreign DINO / DINOv2 / DINO4Cells weights), checks that it fits the data
+(channels, patch size), and writes Parquet shards joined with every `Metadata_*` column (see
+`celldino.extract.writer`). Inference is batched under `torch.inference_mode`, reads crops with
+DataLoader workers and uses bf16 autocast on CUDA. Shard k covers rows [k·S, (k+1)·S) whatever
+the number of processes; under `torchrun` rank r computes shards r, r + W, r + 2W, ... so the
+union of the ranks' output is the single-process output. Shards on disk are whole (atomic
+writes) and skipped on a rerun: killed and rerun, every cell is there exactly once. A rerun with
+another checkpoint, other options or other data is refused unless `extract.overwrite=true`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+from torch import nn
+
+from celldino import log
+from celldino.config import ExtractConfig
+from celldino.extract import features as F
+from celldino.extract.attention import (
+    ATTENTION,
+    attention_outputs,
+    pick_cells,
+    write_attention,
+)
+from celldino.extract.writer import (
+    DTYPES,
+    H5AD,
+    MANIFEST,
+    clear_outputs,
+    done_shards,
+    identity_differences,
+    read_manifest,
+    shard_name,
+    shard_plan,
+    write_anndata,
+    write_manifest,
+    write_shard,
+)
+from celldino.io.files import file_fingerprint, read_json
+from celldino.models import ChannelwiseModel, VisionTransformer, load_backbone, resolve_checkpoint
+
+logger = log.get_logger(__name__)
+LEVELS = ("cell", "field")
+FORMATS = ("parquet", "h5ad")
+
+
+class ExtractError(ValueError):
+    """Extraction settings, data or checkpoint that do not fit (the message says what to do)."""
+
+
+# ---- processes -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Ranks:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    owns_group: bool = False  # this call initialised the process group (and destroys it)
+
+    def barrier(self) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+
+def _ranks(device: torch.device) -> Ranks:
+    """Rank and world size: from an initialised process group, or torchrun's environment."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world <= 1 or not dist.is_available():
+        return Ranks()
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), True)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ExtractError(f"extract.device={name} but CUDA is not available (use auto or cpu)")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return dev
+
+
+# ---- inputs ----------------------------------------------------------------------------------
+
+
+def _check_options(cfg: ExtractConfig) -> None:
+    if not cfg.checkpoint:
+        raise ExtractError(
+            "extract.checkpoint is empty: give a celldino run dir (from `celldino train`), "
+            "a checkpoint file, or DINO/DINOv2/DINO4Cells weights"
+        )
+    if not cfg.data:
+        raise ExtractError(
+            "extract.data is empty: give the folder written by `celldino prepare` (prepare.out_dir)"
+        )
+    checks = [
+        ("which", cfg.which, ("teacher", "student")),
+        ("level", cfg.level, LEVELS),
+        ("dtype", cfg.dtype, DTYPES),
+        ("format", cfg.format, FORMATS),
+        ("channel_mode", cfg.channel_mode, ("", "channelwise")),
+        ("field_mode", cfg.field_mode, F.FIELD_MODES),
+        ("field_pool", cfg.field_pool, F.POOLS),
+        ("feature", cfg.feature, F.FEATURES),
+    ]
+    for name, value, valid in checks:
+        if value not in valid:
+            shown = ", ".join(v or "''" for v in valid)
+            raise ExtractError(f"extract.{name}={value!r} is not one of {shown}")
+    if cfg.batch_size < 1:
+        raise ExtractError(f"extract.batch_size must be at least 1, not {cfg.batch_size}")
+    if cfg.shard_size < 1:
+        raise ExtractError(f"extract.shard_size must be at least 1, not {cfg.shard_size}")
+
+
+def _open_data(cfg: ExtractConfig, channels: list[str] | None):
+    """(dataset, Metadata_* table, data identity, image side) of the prep folder."""
+    from celldino.data import CropDataset, FieldDataset
+    from celldino.io.cropstore import CELLS, CROPS
+
+    prep = Path(cfg.data)
+    make = f"make it with `celldino prepare prepare.load_data=... prepare.out_dir={prep}`"
+    if cfg.level == "cell":
+        for name in (CROPS, CELLS):
+            if not (prep / name).exists():
+                raise ExtractError(f"crop store {prep / name} not found: {make}")
+        try:
+            ds = CropDataset(prep, channels=channels or None)
+        except KeyError as e:
+            raise ExtractError(f"{prep / CROPS}: {e.args[0]}") from None
+        side = tuple(int(s) for s in ds.array.shape[-2:])
+        fp = str(ds.array.attrs.get("settings_fingerprint", ""))
+    else:
+        for name in ("images.parquet", "prepare.json"):
+            if not (prep / name).exists():
+                raise ExtractError(f"whole-field index {prep / name} not found: {make}")
+        try:
+            ds = FieldDataset(prep, channels=channels or None)
+        except KeyError as e:
+            raise ExtractError(f"{prep / 'prepare.json'}: {e.args[0]}") from None
+        side = (cfg.field_crop, cfg.field_crop)
+        fp = str(read_json(prep / "prepare.json").get("fingerprint", ""))
+    meta = ds.metadata[[c for c in ds.metadata.columns if str(c).startswith("Metadata_")]]
+    identity = {"fingerprint": fp, "n_rows": len(meta), "level": cfg.level}
+    return ds, meta.reset_index(drop=True), identity, side
+
+
+def _run_channels(file: Path) -> list[str]:
+    """Channels a celldino run was trained on (train.channels of its config.yaml), or []."""
+    for cand in (file.parent.parent / "config.yaml", file.parent / "config.yaml"):
+        if cand.is_file():
+            try:
+                data = yaml.safe_load(cand.read_text()) or {}
+            except yaml.YAMLError:
+                return []
+            chans = (data.get("train") or {}).get("channels") or []
+            return [str(c) for c in chans]
+    return []
+
+
+def _stored_channels(cfg: ExtractConfig) -> list[str]:
+    prep = Path(cfg.data)
+    if cfg.level == "field":
+        p = prep / "prepare.json"
+        return list(read_json(p)["channels"]) if p.exists() else []
+    from celldino.io.cropstore import CROPS, open_crops
+
+    if not (prep / CROPS).exists():
+        return []
+    return list(open_crops(prep).attrs.get("channels", []))
+
+
+def _vit(model: nn.Module) -> VisionTransformer:
+    return model.backbone if isinstance(model, ChannelwiseModel) else model  # type: ignore[return-value]
+
+
+def _check_fit(
+    model: nn.Module, file: Path, channels: list[str], side: tuple[int, int], cfg: ExtractConfig
+) -> None:
+    """Channel count and patch size of the model against the data; errors name both."""
+    vit = _vit(model)
+    C = len(channels)
+    p = vit.patch_size
+    where = f"the data in {cfg.data}"
+    if isinstance(model, ChannelwiseModel):
+        want, ok = model.num_chans, model.num_chans == C
+    elif vit.channel_adaptive:
+        want, ok = vit.in_chans, C <= vit.in_chans
+    else:
+        want, ok = vit.in_chans, vit.in_chans == C
+    if not ok:
+        raise ExtractError(
+            f"checkpoint {file} takes {want} channels but {where} has {C} channels {channels}: "
+            "pick the model's channels with extract.channels=[...], or for an RGB/1-channel "
+            "model use extract.channel_mode=channelwise" + ("" if vit.in_chans in (1, 3) else "")
+        )
+    H, W = side
+    if H % p or W % p:
+        what = "crops" if cfg.level == "cell" else "field crops (extract.field_crop)"
+        raise ExtractError(
+            f"checkpoint {file} has patch size {p} px but the {what} of {where} are {H}x{W} px, "
+            f"not a multiple of {p}: use crops of a multiple of {p} px (prepare.crop_size or "
+            "extract.field_crop) or a checkpoint with a fitting patch size"
+        )
+
+
+def _load_model(cfg: ExtractConfig, file: Path, n_chans: int) -> tuple[nn.Module, dict]:
+    from celldino.io.checkpoints import CheckpointError
+
+    try:
+        model, mcfg = load_backbone(
+            file, cfg.which, in_chans=n_chans if cfg.adapt_channels else None
+        )
+    except CheckpointError as e:
+        raise ExtractError(str(e)) from None
+    if cfg.channel_mode == "channelwise" and not isinstance(model, ChannelwiseModel):
+        if model.channel_adaptive or model.in_chans not in (1, 3):
+            raise ExtractError(
+                f"extract.channel_mode=channelwise needs a 1- or 3-channel (RGB) model, but "
+                f"checkpoint {file} takes {model.in_chans} channels"
+            )
+        model = ChannelwiseModel(model, n_chans)
+    return model.eval(), dataclasses.asdict(mcfg)
+
+
+def _feature_options(cfg: ExtractConfig) -> dict[str, Any]:
+    """The options that decide the numbers (only those that matter for the chosen mode)."""
+    opts: dict[str, Any] = {"feature": cfg.feature, "level": cfg.level}
+    if cfg.feature == "last_blocks":
+        opts["n_blocks"] = cfg.n_blocks
+    if cfg.feature == "block":
+        opts["block"] = cfg.block
+    if cfg.channel_mode:
+        opts["channel_mode"] = cfg.channel_mode
+    if cfg.adapt_channels:
+        opts["adapt_channels"] = True
+    if cfg.level == "field":
+        opts.update(field_mode=cfg.field_mode, field_crop=cfg.field_crop)
+        if cfg.field_mode == "tile":
+            opts.update(field_stride=cfg.field_stride or cfg.field_crop, field_pool=cfg.field_pool)
+    return opts
+
+
+# ---- the forward pass ------------------------------------------------------------------------
+
+
+class Embedder:
+    """Backbone + feature choice: (B, C, H, W) normalised images → (B, F) float32 embeddings."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: ExtractConfig,
+        device: torch.device,
+        channel_ids: torch.Tensor | None = None,
+    ):
+        self.model = model.to(device).eval()
+        self.cfg = cfg
+        self.device = device
+        self.channel_ids = None if channel_ids is None else channel_ids.to(device)
+        self.amp = cfg.amp and device.type == "cuda"
+
+    def autocast(self):
+        if self.amp:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        out = self.model(x, channel_ids=self.channel_ids, return_blocks=F.needs_blocks(cfg.feature))
+        return F.select_features(out, cfg.feature, n_blocks=cfg.n_blocks, block=cfg.block).float()
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        x = x.to(self.device, non_blocking=True)
+        with self.autocast():
+            if cfg.level == "cell":
+                return self._forward(x).cpu()  # (B, F)
+            views = F.field_views(x, cfg.field_mode, cfg.field_crop, cfg.field_stride)
+            B, K = views.shape[:2]
+            flat = views.flatten(0, 1)  # (B·K, C, s, s)
+            feats = torch.cat(
+                [
+                    self._forward(flat[i : i + cfg.batch_size])
+                    for i in range(0, len(flat), cfg.batch_size)
+                ]
+            )  # (B·K, F)
+        pool = "median" if cfg.field_mode == "center4" else cfg.field_pool
+        return F.pool_views(feats.reshape(B, K, -1), pool).cpu()  # (B, F)
+
+    @torch.inference_mode()
+    def attention(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        with self.autocast():
+            out = attention_outputs(self.model, x.to(self.device), channel_ids=self.channel_ids)
+        return {k: v.float().cpu() for k, v in out.items()}
+
+
+def _batches(plan: list[tuple[int, int]], shards: list[int], batch_size: int) -> list[list[int]]:
+    """Index batches that never cross a shard boundary, shard after shard."""
+    out = []
+    for k in shards:
+        start, stop = plan[k]
+        out += [list(range(s, min(s + batch_size, stop))) for s in range(start, stop, batch_size)]
+    return out
+
+
+def _loader(ds, batches: list[list[int]], cfg: ExtractConfig, device: torch.device) -> Iterator:
+    return iter(
+        torch.utils.data.DataLoader(
+            ds,
+            batch_sampler=batches,
+            num_workers=cfg.num_workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=False,
+        )
+    )
+
+
+# ---- the command -----------------------------------------------------------------------------
+
+
+def extract(cfg: ExtractConfig, *, after_shard: Callable[[int], None] | None = None) -> Path:
+    """Write the embeddings of `cfg.data` by `cfg.checkpoint` into `cfg.out_dir`; returns it.
+
+    `after_shard(k)` is called after shard k is on disk (progress hooks; tests use it to
+    simulate a kill). Resumes a folder made with the same settings; refuses one made with other
+    settings unless `cfg.overwrite`.
+    """
+    _check_options(cfg)
+    try:
+        file = resolve_checkpoint(cfg.checkpoint)
+    except ValueError as e:
+        raise ExtractError(str(e)) from None
+    stored = _stored_channels(cfg)
+    run_chans = _run_channels(file)
+    channels = list(cfg.channels) or [c for c in run_chans if c in stored] or stored
+    if run_chans and not cfg.channels and len(channels) != len(run_chans):
+        missing = [c for c in run_chans if c not in stored]
+        raise ExtractError(
+            f"checkpoint {file} was trained on channels {run_chans} but {cfg.data} lacks "
+            f"{missing} (it has {stored}); choose channels with extract.channels=[...]"
+        )
+    ds, meta, data_id, side = _open_data(cfg, channels)
+    channels = list(ds.channels)
+    model, model_cfg = _load_model(cfg, file, len(channels))
+    _check_fit(model, file, channels, side, cfg)
+    vit = _vit(model)
+    F.check_feature(cfg.feature, cfg.n_blocks, cfg.block, len(vit.blocks))
+    channel_ids = None
+    if vit.channel_adaptive and not isinstance(model, ChannelwiseModel):
+        known = run_chans or channels
+        channel_ids = torch.tensor(
+            [known.index(c) if c in known else i for i, c in enumerate(channels)]
+        )
+    n_features = F.feature_dim(cfg.feature, model.embed_dim, cfg.n_blocks)
+
+    device = _device(cfg.device)
+    ranks = _ranks(device)
+    out_dir = Path(cfg.out_dir)
+    plan = shard_plan(len(meta), cfg.shard_size)
+    manifest = {
+        "checkpoint": {"sha256_16": file_fingerprint(file), "which": cfg.which},
+        "features": _feature_options(cfg),
+        "channels": channels,
+        "data": data_id,
+        "n_features": n_features,
+        "dtype": cfg.dtype,
+        "shard_size": cfg.shard_size,
+        "checkpoint_path": str(file),
+        "model_config": model_cfg,
+        "data_path": str(Path(cfg.data).resolve()),
+        "shards": [list(s) for s in plan],
+        "n_rows": len(meta),
+        "complete": False,
+    }
+    old = read_manifest(out_dir)
+    stray = out_dir.exists() and any(out_dir.glob("part-*.parquet"))
+    if not cfg.overwrite:
+        if old is not None and (diffs := identity_differences(old, manifest)):
+            raise ExtractError(
+                f"{out_dir} holds embeddings made with other settings ("
+                + "; ".join(diffs[:6])
+                + "): set extract.overwrite=true (--overwrite) to replace them, or choose "
+                "another extract.out_dir"
+            )
+        if old is None and stray:
+            raise ExtractError(
+                f"{out_dir} holds embedding shards without {MANIFEST}: set extract.overwrite=true "
+                "(--overwrite) to replace them, or choose another extract.out_dir"
+            )
+    if ranks.rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.overwrite and (old is not None or stray):
+            logger.info("overwrite: removing the earlier extraction in %s", out_dir)
+            clear_outputs(out_dir)
+        if cfg.overwrite or old is None:
+            write_manifest(out_dir, manifest)
+    ranks.barrier()
+
+    done = done_shards(out_dir, plan)
+    mine = [k for k in range(len(plan)) if k % ranks.world == ranks.rank and k not in done]
+    if ranks.rank == 0:
+        logger.info(
+            "extract: %d %ss, %s %s (%d features, channels %s) → %s; %d of %d shards to do%s",
+            len(meta),
+            cfg.level,
+            model_cfg["arch"],
+            cfg.feature,
+            n_features,
+            channels,
+            out_dir,
+            len(plan) - len(done),
+            len(plan),
+            f" on {ranks.world} processes" if ranks.world > 1 else "",
+        )
+    embed = Embedder(model, cfg, device, channel_ids)
+    batches = _batches(plan, mine, cfg.batch_size)
+    if batches:
+        loader = _loader(ds, batches, cfg, device)
+        pending: list[torch.Tensor] = []
+        shard_iter = iter(mine)
+        k = next(shard_iter)
+        start, stop = plan[k]
+        for x in log.progress(loader, total=len(batches), desc="embed", disable=ranks.rank != 0):
+            pending.append(embed(x))
+            if sum(len(p) for p in pending) == stop - start:
+                emb = torch.cat(pending).numpy()  # (rows, F)
+                write_shard(out_dir / shard_name(k), meta.iloc[start:stop], emb, cfg.dtype)
+                pending = []
+                if after_shard is not None:
+                    after_shard(k)
+                k = next(shard_iter, -1)
+                if k >= 0:
+                    start, stop = plan[k]
+    ranks.barrier()
+
+    if ranks.rank == 0:
+        missing = sorted(set(range(len(plan))) - done_shards(out_dir, plan))
+        if missing:
+            raise ExtractError(
+                f"{out_dir}: shards {missing[:5]} are missing after extraction; rerun to finish"
+            )
+        if cfg.attention_cells or cfg.attention_sample:
+            _save_attention(embed, ds, meta, channels, out_dir, cfg)
+        if cfg.format == "h5ad":
+            write_anndata(out_dir, manifest)
+            logger.info("wrote %s", out_dir / H5AD)
+        write_manifest(out_dir, {**manifest, "complete": True})
+        logger.info("embeddings of %d %ss in %s", len(meta), cfg.level, out_dir)
+    ranks.barrier()
+    if ranks.owns_group:
+        torch.distributed.destroy_process_group()
+    return out_dir
+
+
+def _save_attention(
+    embed: Embedder,
+    ds,
+    meta: pd.DataFrame,
+    channels: list[str],
+    out_dir: Path,
+    cfg: ExtractConfig,
+) -> Path | None:
+    if cfg.level != "cell":
+        logger.warning("attention maps are saved for single cells only (extract.level=cell)")
+        return None
+    ids = meta["Metadata_CellID"].astype(str).tolist()
+    rows = pick_cells(ids, list(cfg.attention_cells), cfg.attention_sample)
+    parts: dict[str, list[np.ndarray]] = {}
+    for s in range(0, len(rows), cfg.batch_size):
+        x = torch.stack([ds[i] for i in rows[s : s + cfg.batch_size]])  # (b, C, H, W)
+        for name, t in embed.attention(x).items():
+            parts.setdefault(name, []).append(t.numpy())
+    arrays = {name: np.concatenate(v) for name, v in parts.items()}
+    p = _vit(embed.model).patch_size
+    H, W = x.shape[-2:]
+    path = write_attention(
+        out_dir / ATTENTION,
+        arrays,
+        cell_ids=[ids[i] for i in rows],
+        channels=channels,
+        grid=(H // p, W // p),
+        num_registers=_vit(embed.model).num_registers,
+    )
+    logger.info("patch tokens and attention of %d cells → %s", len(rows), path)
+    return path
