@@ -9,7 +9,9 @@ group (compound, dose, batch, ...) are carried along; those that vary (cell ids,
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,6 +40,8 @@ def _connect(memory_limit: str, threads: int, temp_dir: str | None) -> duckdb.Du
     con.execute(f"SET memory_limit = '{memory_limit}'")
     con.execute(f"SET threads = {int(threads) if threads > 0 else os.cpu_count() or 1}")
     con.execute("SET preserve_insertion_order = false")
+    if sys.stdout.isatty() and logger.isEnabledFor(logging.INFO):
+        con.execute("SET enable_progress_bar = true")  # DuckDB's own bar for long queries
     con.execute(f"SET temp_directory = '{temp_dir or tempfile.gettempdir()}/celldino_duckdb'")
     return con
 
