@@ -246,6 +246,12 @@ class ProfileConfig:
 class EvaluateConfig:
     out_dir: str = "runs/eval"  # tables and summary.json
     seed: int = 0  # random seed for splits and permutations
+    spec: str = ""  # evaluation spec YAML (feature sets, columns, analyses); --spec sets it
+    null_size: int = 10000  # permutations in each mAP null distribution (copairs' null_size)
+    threshold: float = 0.05  # significance level for BH-corrected mAP p-values
+    map_method: str = "auto"  # mAP backend: auto (copairs when small, else blocked), copairs, blocked
+    map_memory_mb: int = 256  # working memory of one block of queries in the blocked mAP
+    resume: bool = True  # keep finished (feature set, analysis) parts of an earlier run
 
 
 @dataclass(frozen=True)
