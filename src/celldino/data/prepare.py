@@ -380,7 +380,7 @@ def prepare(cfg, *, after_site: Callable[[int, str], None] | None = None) -> Pat
     images = iset.table.merge(qc, on="Metadata_ImageKey", how="left")
     skipped_keys = {s["Metadata_ImageKey"] for s in skipped1}
     images["Skipped"] = images["Metadata_ImageKey"].isin(skipped_keys)
-    images["QC_Pass"] = images["QC_Pass"].fillna(False).astype(bool)
+    images["QC_Pass"] = images["QC_Pass"].astype("boolean").fillna(False).astype(bool)
     write_parquet(images, out / "images.parquet")
 
     qc_cols = ["QC_Flags", "QC_Pass"]

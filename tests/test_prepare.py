@@ -1,0 +1,198 @@
+"""The prepare pipeline end to end: tiny screen, resumability, real sites, bad input."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+import zarr
+
+from celldino.config import PrepareConfig
+from celldino.data import CropDataset, FieldDataset
+from celldino.data.illumination import apply_illumination
+from celldino.data.imagesets import ImageSetError
+from celldino.data.prepare import prepare
+from celldino.io.images import ImageReadError, read_image
+
+FAST = dict(features=False, crop_size=32)
+
+
+@pytest.fixture(scope="module")
+def tiny_prep(tiny_screen, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prep")
+    return prepare(PrepareConfig(load_data=str(tiny_screen / "load_data.csv"), out_dir=str(out),
+                                 crop_size=48, cell_channel="AGP"))  # fmt: skip
+
+
+def test_tiny_screen_outputs(tiny_prep, tiny_screen):
+    cells = pd.read_parquet(tiny_prep / "cells.parquet")
+    arr = zarr.open_array(str(tiny_prep / "crops.zarr"), mode="r")
+    assert arr.shape == (len(cells), 5, 48, 48) and arr.dtype == np.uint16
+    assert arr.attrs["channels"] == ["DNA", "ER", "RNA", "AGP", "Mito"]
+    assert arr.attrs["normalization"]["method"] == "percentile_image"
+    assert cells["Metadata_CellID"].is_unique and len(cells) > 50
+    # QC-flagged (planted) images are left out by default
+    assert set(cells["Metadata_QC_Truth"]) == {"ok"}
+    eng = pd.read_parquet(tiny_prep / "engineered.parquet")
+    assert list(eng["Metadata_CellID"]) == list(cells["Metadata_CellID"])
+    assert any(c.startswith("CP_Cells_Texture") for c in eng.columns)
+    # crop i is the illumination-corrected image around the recorded centre
+    i = len(cells) // 2
+    r = cells.iloc[i]
+    ld = pd.read_csv(tiny_screen / "load_data.csv")
+    site = ld[(ld.Metadata_Plate == r.Metadata_Plate) & (ld.Metadata_Well == r.Metadata_Well)
+              & (ld.Metadata_Site == r.Metadata_Site)].iloc[0]  # fmt: skip
+    img = np.stack([read_image(tiny_screen / site[f"PathName_{c}"] / site[f"FileName_{c}"])
+                    for c in arr.attrs["channels"]])  # fmt: skip
+    illum = np.load(tiny_prep / "illum" / f"{r.Metadata_Plate}.npy")
+    img = np.pad(apply_illumination(img, illum), ((0, 0), (24, 24), (24, 24)))
+    y0, x0 = int(np.floor(r.Metadata_Cell_Center_Y)), int(np.floor(r.Metadata_Cell_Center_X))
+    assert np.array_equal(arr[i], img[:, y0 : y0 + 48, x0 : x0 + 48])
+    # nuclei found near the planted cells
+    truth = pd.read_parquet(tiny_screen / "truth_cells.parquet")
+    t = truth[(truth.Metadata_Plate == r.Metadata_Plate) & (truth.Metadata_Well == r.Metadata_Well)
+              & (truth.Metadata_Site == r.Metadata_Site)]  # fmt: skip
+    d = np.hypot(t.center_x - r.Metadata_Cell_Center_X, t.center_y - r.Metadata_Cell_Center_Y)
+    assert d.min() < 6
+
+
+def test_crop_dataset_normalises_as_recorded(tiny_prep):
+    ds = CropDataset(tiny_prep, channels=["Mito", "DNA"])
+    x = ds[3]
+    assert x.dtype.is_floating_point and tuple(x.shape) == (2, 48, 48)
+    assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
+    key = ds.metadata.Metadata_ImageKey.iloc[3]
+    stats = dict(zarr.open_array(str(tiny_prep / "crops.zarr")).attrs)["normalization"]["image"][
+        key
+    ]
+    raw = ds.raw(3).astype(np.float32)
+    lo, hi = np.array(stats["lo"])[[4, 0]], np.array(stats["hi"])[[4, 0]]
+    expect = np.clip((raw - lo[:, None, None]) / (hi - lo)[:, None, None], 0, 1)
+    assert np.allclose(x.numpy(), expect, atol=1e-6)
+    fields = FieldDataset(tiny_prep)
+    assert len(fields) == int(pd.read_parquet(tiny_prep / "images.parquet").QC_Pass.sum())
+    assert tuple(fields[0].shape) == (5, 128, 128)
+
+
+def test_resume_after_kill_gives_every_cell_once(tiny_screen, tmp_path):
+    cfg = PrepareConfig(load_data=str(tiny_screen / "load_data.csv"), out_dir=str(tmp_path / "a"),
+                        qc_exclude=False, **FAST)  # fmt: skip
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_7(n_done, key):
+        if n_done == 7:
+            raise Killed
+
+    with pytest.raises(Killed):
+        prepare(cfg, after_site=kill_after_7)
+    assert not (tmp_path / "a" / "cells.parquet").exists()
+    # also leave pixels written after the last commit point, as a kill mid-write would
+    arr = zarr.open_array(str(tmp_path / "a" / "crops.zarr"), mode="r+")
+    arr.resize((arr.shape[0] + 5, *arr.shape[1:]))
+    seen = []
+    prepare(cfg, after_site=lambda n, k: seen.append(k))
+    assert len(seen) == 32 - 7  # only the rest was processed
+    full = prepare(PrepareConfig(**{**cfg.__dict__, "out_dir": str(tmp_path / "b")}))
+    a, b = (
+        pd.read_parquet(tmp_path / "a" / "cells.parquet"),
+        pd.read_parquet(full / "cells.parquet"),
+    )
+    assert a["Metadata_CellID"].is_unique
+    assert list(a["Metadata_CellID"]) == list(b["Metadata_CellID"])
+    za, zb = (
+        zarr.open_array(str(tmp_path / "a" / "crops.zarr")),
+        zarr.open_array(str(full / "crops.zarr")),
+    )
+    assert za.shape == zb.shape and np.array_equal(za[:], zb[:])
+
+
+def _one_site(tmp_path, shapes=((64, 64), (64, 64)), blank=False):
+    rng = np.random.default_rng(0)
+    rows = {"Metadata_Plate": ["P"], "Metadata_Well": ["A01"], "Metadata_Site": [1]}
+    for ch, shape in zip(("DNA", "ER"), shapes):
+        img = rng.poisson(100, shape).astype(np.uint16)
+        if not blank:
+            yy, xx = np.mgrid[: shape[0], : shape[1]]
+            img[(yy - 32) ** 2 + (xx - 32) ** 2 < 64] += 3000
+        tifffile.imwrite(tmp_path / f"{ch}.tif", img)
+        rows[f"FileName_{ch}"], rows[f"PathName_{ch}"] = [f"{ch}.tif"], [str(tmp_path)]
+    pd.DataFrame(rows).to_csv(tmp_path / "ld.csv", index=False)
+    return tmp_path / "ld.csv"
+
+
+def test_truncated_file_raises_or_is_skipped(tiny_screen, tmp_path):
+    ld = pd.read_csv(tiny_screen / "load_data.csv")
+    bad = tmp_path / "bad.tif"
+    src = tiny_screen / ld.PathName_ER[2] / ld.FileName_ER[2]
+    bad.write_bytes(src.read_bytes()[:300])
+    ld.loc[2, "PathName_ER"], ld.loc[2, "FileName_ER"] = str(tmp_path), "bad.tif"
+    ld["PathName_DNA"] = [str(tiny_screen / p) for p in ld.PathName_DNA]
+    for c in ("RNA", "AGP", "Mito"):
+        ld[f"PathName_{c}"] = [str(tiny_screen / p) for p in ld[f"PathName_{c}"]]
+    ld.loc[ld.index != 2, "PathName_ER"] = [
+        str(tiny_screen / p) for p in ld.PathName_ER[ld.index != 2]
+    ]
+    ld.to_csv(tmp_path / "ld.csv", index=False)
+    cfg = PrepareConfig(load_data=str(tmp_path / "ld.csv"), out_dir=str(tmp_path / "o"), **FAST)
+    with pytest.raises(ImageReadError) as e:
+        prepare(cfg)
+    assert "bad.tif" in str(e.value) and "row 2" in str(e.value)
+    out = prepare(PrepareConfig(**{**cfg.__dict__, "on_error": "skip"}))
+    skipped = pd.read_parquet(out / "skipped.parquet")
+    assert len(skipped) == 1 and skipped.file[0].endswith("bad.tif") and skipped.row[0] == 2
+    assert "ImageReadError" in skipped.reason[0]
+    cells = pd.read_parquet(out / "cells.parquet")
+    assert not cells.Metadata_ImageKey.isin(skipped.Metadata_ImageKey).any() and len(cells)
+
+
+def test_different_shapes_within_a_site(tmp_path):
+    ld = _one_site(tmp_path, shapes=((64, 64), (64, 60)))
+    with pytest.raises(ImageSetError, match="different shapes"):
+        prepare(PrepareConfig(load_data=str(ld), out_dir=str(tmp_path / "o"), **FAST))
+
+
+def test_empty_field_warns_and_gives_zero_cells(tmp_path, caplog):
+    ld = _one_site(tmp_path, blank=True)
+    cfg = PrepareConfig(load_data=str(ld), out_dir=str(tmp_path / "o"), qc_exclude=False,
+                        illumination=False, **FAST)  # fmt: skip
+    logging.getLogger("celldino").propagate = True
+    with caplog.at_level(logging.WARNING, logger="celldino"):
+        out = prepare(cfg)
+    assert "no cells found" in caplog.text
+    assert len(pd.read_parquet(out / "cells.parquet")) == 0
+    assert zarr.open_array(str(out / "crops.zarr")).shape == (0, 2, 32, 32)
+    assert pd.read_parquet(out / "qc.parquet").QC_Flag_empty.all()
+
+
+def test_nf1_with_cellprofiler_masks(cellpainting_fovs, tmp_path):
+    root = cellpainting_fovs / "NF1_cellpainting_data_shrunken"
+    cfg = PrepareConfig(image_dir=str(root / "Plate_2_images"), pattern="nf1",
+                        channel_map={"DAPI": "DNA", "GFP": "GFP", "RFP": "RFP"},
+                        segmentation="masks", mask_dir=str(root / "Plate_2_masks"),
+                        nuclei_masks="{stem_DNA}_MaskNuclei.tiff", cell_masks="{stem_RFP}_MaskCells.tiff",
+                        out_dir=str(tmp_path / "o"), illumination=False, features=False)  # fmt: skip
+    cells = pd.read_parquet(prepare(cfg) / "cells.parquet")
+    # CellProfiler's 23-29 nuclei per site, minus any too close to the border for a 96 px crop
+    assert cells.groupby("Metadata_Well").size().to_dict() == {"B7": 28, "D6": 27, "D7": 29,
+                                                               "F7": 25, "H12": 23}  # fmt: skip
+
+
+def test_pediatric_site_from_cellprofiler_locations(cellpainting_fovs, tmp_path):
+    root = cellpainting_fovs / "pediatric_cancer_atlas_profiling"
+    cmap = {"5": "DNA", "2": "ER", "6": "RNA", "3": "AGP", "4": "Mito", "1": "Brightfield"}
+    cfg = PrepareConfig(image_dir=str(root / "images" / "orig"), pattern="opera_phenix",
+                        channel_map=cmap, plate="BR00143976", segmentation="locations",
+                        locations=str(root / "BR00143976_shrunken.parquet"),
+                        out_dir=str(tmp_path / "o"), illumination=False)  # fmt: skip
+    out = prepare(cfg)
+    cells = pd.read_parquet(out / "cells.parquet")
+    loc = pd.read_parquet(root / "BR00143976_shrunken.parquet")
+    assert len(cells) == len(loc) == 5
+    assert np.allclose(sorted(cells.Metadata_Cell_Center_X), sorted(loc.Nuclei_Location_Center_X))
+    arr = zarr.open_array(str(out / "crops.zarr"))
+    assert arr.shape == (5, 6, 96, 96) and arr.attrs["channels"][0] == "DNA"
