@@ -1,0 +1,121 @@
+"""Training parts: exact EMA, WS-DINO sampler, rank sharding, masks, frozen last layer, CLI."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from celldino import cli
+from celldino.train.loop import sample_masks, step_generator
+from celldino.train.meta_arch import collapse_message, ema_update
+from celldino.train.sampler import StepBatchSampler, WeakLabelPairSampler
+from train_helpers import random_prep, tiny_config, weights
+
+
+def test_ema_update_is_exact():
+    # dyadic values and momentum: every product and sum is exact in float32
+    teacher = nn.Linear(3, 2)
+    student = nn.Linear(3, 2)
+    with torch.no_grad():
+        teacher.weight.copy_(torch.tensor([[0.5, -1.0, 2.0], [0.25, 4.0, -0.75]]))
+        teacher.bias.copy_(torch.tensor([1.0, -2.0]))
+        student.weight.copy_(torch.tensor([[1.5, 3.0, -2.0], [0.75, 0.0, 1.25]]))
+        student.bias.copy_(torch.tensor([-1.0, 6.0]))
+    ema_update(teacher, student, 0.75)
+    want_w = [[0.75 * 0.5 + 0.25 * 1.5, 0.75 * -1 + 0.25 * 3, 0.75 * 2 + 0.25 * -2],
+              [0.75 * 0.25 + 0.25 * 0.75, 0.75 * 4, 0.75 * -0.75 + 0.25 * 1.25]]  # fmt: skip
+    assert teacher.weight.tolist() == want_w
+    assert teacher.bias.tolist() == [0.75 * 1 + 0.25 * -1, 0.75 * -2 + 0.25 * 6]
+    assert student.bias.tolist() == [-1.0, 6.0]  # the student is untouched
+
+
+def test_step_sampler_shards_by_rank_and_resumes():
+    full = StepBatchSampler(20, 8, seed=3)
+    full.set_epoch(1)
+    batches = list(full)
+    assert len(batches) == 2 and all(len(b) == 8 for b in batches)  # last partial batch dropped
+    ranks = [StepBatchSampler(20, 8, seed=3, rank=r, world_size=2) for r in range(2)]
+    for s in ranks:
+        s.set_epoch(1)
+    shards = [list(s) for s in ranks]
+    for step in range(2):  # the two ranks' shares make up the single-process batch
+        assert shards[0][step] + shards[1][step] == batches[step]
+    full.set_epoch(1, start_step=1)
+    assert list(full) == batches[1:]  # resuming skips exactly the done steps
+    full.set_epoch(2)
+    assert list(full) != batches  # a new order every epoch
+    with pytest.raises(ValueError, match="divisible"):
+        StepBatchSampler(20, 7, world_size=2)
+
+
+def test_ws_dino_pairs_share_weak_label_and_balance_groups():
+    # a very unbalanced labelling: 60 / 30 / 6 / 4 images
+    labels = ["A"] * 60 + ["B"] * 30 + ["C"] * 6 + ["D"] * 4
+    s = WeakLabelPairSampler(labels, 10, seed=0)
+    counts: Counter = Counter()
+    for epoch in range(20):
+        s.set_epoch(epoch)
+        for batch in s:
+            for i, j in batch:
+                assert labels[i] == labels[j]  # the pair shares the weak label
+                assert i != j  # and is two different images
+                counts[labels[i]] += 1
+    total = sum(counts.values())
+    assert total == 20 * 100
+    for g in "ABCD":  # balanced: each group ~ 1/4 of the pairs despite sizes 60..4
+        assert abs(counts[g] / total - 0.25) < 0.03, counts
+    with pytest.raises(ValueError, match="missing"):
+        WeakLabelPairSampler(["A", "", "B", "B"], 2)
+
+
+def test_masks_and_step_generator_are_deterministic():
+    g1, g2 = step_generator(0, 5, 0), step_generator(0, 5, 0)
+    m1 = sample_masks(8, 16, ratio=(0.25, 0.5), prob=0.5, generator=g1)
+    m2 = sample_masks(8, 16, ratio=(0.25, 0.5), prob=0.5, generator=g2)
+    assert torch.equal(m1, m2)
+    per_image = m1.sum(1)
+    assert int((per_image > 0).sum()) == 4  # half of the images are masked
+    assert all(4 <= int(k) <= 8 for k in per_image[per_image > 0])  # 25-50 % of 16 patches
+    other = sample_masks(8, 16, ratio=(0.25, 0.5), prob=0.5, generator=step_generator(0, 6, 0))
+    assert not torch.equal(m1, other)
+
+
+def test_collapse_message():
+    assert collapse_message(3.0, 4096, 0.8) is None
+    msg = collapse_message(8.3, 4096, 0.01)
+    assert msg and "COLLAPSED" in msg and "uniform" in msg
+    assert "one output dimension" in collapse_message(0.01, 4096, 0.8)
+
+
+def test_cli_train_writes_run_and_freezes_last_layer(tmp_path):
+    prep = random_prep(tmp_path / "prep")
+    run = tmp_path / "run"
+    cfg = tiny_config(run, data=prep)
+    # last layer frozen for the first of 2 epochs: after epoch 1 it equals its initial value
+    cfg_path = tmp_path / "c.yaml"
+    from celldino.config import save_config
+
+    save_config(cfg, cfg_path)
+    assert cli.main(["train", str(cfg_path), "train.epochs=1", "train.ibot_weight=0.5"]) == 0
+    w1 = weights(run)
+    torch.manual_seed(cfg.train.seed)  # the model's initial weights, rebuilt independently
+    from celldino.models.build import build_head, build_model
+
+    init_head = build_head(cfg.model, build_model(cfg.model).embed_dim)
+    key = "last_layer.weight_v"
+    assert torch.equal(w1[f"student.head.{key}"], init_head.state_dict()[key])
+    assert not torch.equal(w1["student.head.mlp.0.weight"], init_head.state_dict()["mlp.0.weight"])
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2]
+    for key in ("loss", "lr", "momentum", "teacher_entropy", "kl_student_teacher", "embedding_std"):
+        assert all(np.isfinite(r[key]) for r in lines), key
+    assert lines[0]["loss_ibot"] > 0
+    saved = (run / "config.yaml").read_text()
+    assert "ibot_weight: 0.5" in saved
+    # a second run into the same folder without --resume is refused
+    assert cli.main(["train", str(cfg_path), "train.epochs=1"]) != 0
