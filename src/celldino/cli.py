@@ -94,14 +94,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from celldino.train import train
-
-    cfg = _config(args)
-    print(train(cfg, resume=args.resume))
-    return 0
-
-
 def cmd_extract(args: argparse.Namespace) -> int:
     from celldino.extract import ExtractError, extract
 
@@ -112,6 +104,18 @@ def cmd_extract(args: argparse.Namespace) -> int:
         print(extract(cfg.extract))
     except (ExtractError, KeyError, FileNotFoundError) as e:  # bad data, settings or checkpoint
         logger.error("extract: %s", e.args[0] if e.args else e)
+        return 2
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from celldino.train import train
+
+    cfg = _config(args)
+    try:
+        print(train(cfg, resume=args.resume))
+    except (ValueError, FileNotFoundError) as e:  # bad data, settings or checkpoints
+        logger.error("train: %s", e, exc_info=logger.isEnabledFor(10))
         return 2
     return 0
 
