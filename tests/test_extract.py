@@ -322,3 +322,27 @@ def test_cli_extract(prep, run, reference, tmp_path, capsys):
     assert main(args + ["extract.feature=patch_mean", "--overwrite"]) == 0
     assert json.loads((out / MANIFEST).read_text())["features"]["feature"] == "patch_mean"
     assert main(["extract", f"extract.checkpoint={run[0]}", f"extract.data={tmp_path}"]) == 2
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_union_equals_single(prep, run, tmp_path):
+    """torchrun with 2 CPU processes (gloo): each rank writes its shards; together the output
+    equals the single-process output."""
+    import os
+    import subprocess
+    import sys
+
+    single = read_embeddings(extract(_cfg(prep, run[0], tmp_path / "one", shard_size=32)))
+    out = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "celldino", "extract", f"extract.checkpoint={run[0]}", f"extract.data={prep}",
+           f"extract.out_dir={out}", "extract.shard_size=32", "extract.batch_size=24",
+           "extract.device=cpu"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = read_manifest(out)
+    assert m["complete"] and m["world_size"] == 2
+    df = read_embeddings(out)
+    assert df["Metadata_CellID"].is_unique and len(df) == len(single)
+    pd.testing.assert_frame_equal(df, single, check_exact=False, atol=1e-5, rtol=1e-5)

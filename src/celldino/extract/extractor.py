@@ -467,7 +467,7 @@ def extract(cfg: ExtractConfig, *, after_shard: Callable[[int], None] | None = N
         if cfg.format == "h5ad":
             write_anndata(out_dir, manifest)
             logger.info("wrote %s", out_dir / H5AD)
-        write_manifest(out_dir, {**manifest, "complete": True})
+        write_manifest(out_dir, {**manifest, "complete": True, "world_size": ranks.world})
         logger.info("embeddings of %d %ss in %s", len(meta), cfg.level, out_dir)
     ranks.barrier()
     if ranks.owns_group:
