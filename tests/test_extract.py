@@ -167,6 +167,15 @@ def test_channelwise_rgb_model(prep, tmp_path):
         )
     np.testing.assert_allclose(_emb(read_embeddings(out)), ref.numpy(), atol=1e-5, rtol=1e-5)
 
+    # adapt_channels: every channel gets the mean RGB kernel x 3/5, so the 5-channel model sees
+    # what the RGB model sees on the grey image (channel mean) replicated to R=G=B
+    out = extract(
+        _cfg(prep, tmp_path / "dino_rgb.safetensors", tmp_path / "ad", adapt_channels=True)
+    )
+    with torch.no_grad():
+        ref = rgb(x.mean(1, keepdim=True).expand(-1, 3, -1, -1))["cls"]
+    np.testing.assert_allclose(_emb(read_embeddings(out)), ref.numpy(), atol=1e-4, rtol=1e-4)
+
 
 def test_whole_fields_center4_median_and_tiles(prep, run, tmp_path):
     from celldino.data import FieldDataset
@@ -250,7 +259,10 @@ def test_killed_and_rerun_has_every_cell_once(prep, run, tmp_path):
     cells = pd.read_parquet(prep / "cells.parquet")
     assert df["Metadata_CellID"].is_unique
     assert list(df["Metadata_CellID"]) == list(cells["Metadata_CellID"])
-    whole = read_embeddings(extract(_cfg(prep, run[0], tmp_path / "w", shard_size=32)))
+    # uninterrupted, crops read by 2 DataLoader worker processes
+    whole = read_embeddings(
+        extract(_cfg(prep, run[0], tmp_path / "w", shard_size=32, num_workers=2))
+    )
     np.testing.assert_array_equal(_emb(df), _emb(whole))
 
     again: list[int] = []

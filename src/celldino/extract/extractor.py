@@ -212,8 +212,9 @@ def _check_fit(
     if not ok:
         raise ExtractError(
             f"checkpoint {file} takes {want} channels but {where} has {C} channels {channels}: "
-            "pick the model's channels with extract.channels=[...], or for an RGB/1-channel "
-            "model use extract.channel_mode=channelwise" + ("" if vit.in_chans in (1, 3) else "")
+            "pick the model's channels with extract.channels=[...], use "
+            "extract.channel_mode=channelwise for an RGB/1-channel model, or "
+            "extract.adapt_channels=true to average a foreign model's patch kernel over channels"
         )
     H, W = side
     if H % p or W % p:
