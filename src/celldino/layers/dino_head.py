@@ -86,6 +86,6 @@ class DINOHead(nn.Module):
 
 def _init_linear(m: nn.Module) -> None:
     if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
+        nn.init.normal_(m.weight, std=0.02)  # = DINO trunc_normal_ (cut at ±2 = 100 std)
         if m.bias is not None:
             nn.init.zeros_(m.bias)

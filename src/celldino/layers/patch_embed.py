@@ -38,7 +38,7 @@ class ChannelAdaptivePatchEmbed(nn.Module):
         self.num_chans = num_chans
         self.proj = nn.Conv2d(1, embed_dim, kernel_size=patch_size, stride=patch_size)
         self.channel_embed = nn.Parameter(torch.zeros(num_chans, embed_dim))
-        nn.init.trunc_normal_(self.channel_embed, std=0.02)
+        nn.init.normal_(self.channel_embed, std=0.02)  # = DINO trunc_normal_ (cut at ±2 = 100 std)
 
     def channel_ids_for(self, x: torch.Tensor, channel_ids: torch.Tensor | None) -> torch.Tensor:
         """Validated (B, C) channel indices (default: 0..C-1)."""

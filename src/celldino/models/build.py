@@ -26,6 +26,7 @@ def _vit_from_config(cfg: ModelConfig, in_chans: int, adaptive: bool) -> VisionT
     if cfg.img_size % cfg.patch_size:
         raise ValueError(f"model.img_size={cfg.img_size} is not a multiple of {cfg.patch_size}")
     dim, depth, heads = ARCHS[cfg.arch]
+    depth = cfg.depth or depth
     return VisionTransformer(
         img_size=cfg.img_size,
         patch_size=cfg.patch_size,
@@ -62,7 +63,7 @@ def build_model(cfg: ModelConfig, *, load_pretrained: bool = True) -> nn.Module:
         obj = read_state_dict(path)
         try:
             sd = canonical_backbone_state(obj, cfg.pretrained_which)
-            load_into(model, sd, source=str(path))
+            load_into(model, sd)
         except (KeyError, ValueError) as e:
             raise CheckpointError(f"{path}: {e.args[0] if e.args else e}") from None
         logger.info("loaded pretrained %s weights from %s", cfg.pretrained_which, path)

@@ -70,6 +70,8 @@ def canonical_backbone_state(
             continue
         k = re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k)  # DINOv2 chunked blocks
         out[k] = value
+    if "register_tokens" in out and out["register_tokens"].numel() == 0:
+        del out["register_tokens"]
     if "cls_token" not in out or "pos_embed" not in out:
         raise KeyError(
             "no ViT backbone found (expected keys such as 'cls_token', 'pos_embed', "
@@ -135,7 +137,9 @@ def fit_state_to_model(
     return sd
 
 
-def load_into(model: nn.Module, sd: dict[str, torch.Tensor], *, source: str = "checkpoint") -> None:
+def load_into(
+    model: nn.Module, sd: dict[str, torch.Tensor], *, source: str = "the checkpoint"
+) -> None:
     """Load a canonical backbone state dict into a ViT (or the ViT inside a channelwise model)."""
     vit = model.backbone if hasattr(model, "backbone") else model
     if not isinstance(vit, VisionTransformer):

@@ -84,13 +84,13 @@ class VisionTransformer(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        nn.init.normal_(self.pos_embed, std=0.02)  # = DINO trunc_normal_ (cut at ±2 = 100 std)
+        nn.init.normal_(self.cls_token, std=0.02)  # = DINO trunc_normal_ (cut at ±2 = 100 std)
         if self.register_tokens is not None:
             nn.init.normal_(self.register_tokens, std=1e-6)
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.normal_(m.weight, std=0.02)  # = DINO trunc_normal_ (cut at ±2 = 100 std)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.LayerNorm):
