@@ -143,7 +143,7 @@ def test_sample_weights_inverse_to_frequency():
 
 def test_mlp_learns_planted_classes_and_is_reproducible():
     meta, X = planted(signal=3.0, cells=6)
-    opts = MLPOptions(epochs=15, batch_size=32)
+    opts = MLPOptions(epochs=8, batch_size=32)
     a = mlp_f1(meta, X, label_col="Metadata_Class", split_by="Metadata_Plate", options=opts)
     b = mlp_f1(meta, X, label_col="Metadata_Class", split_by="Metadata_Plate", options=opts)
     assert a.macro_f1.iloc[0] > 0.85
@@ -161,7 +161,7 @@ def test_mlp_multilabel_with_bce():
     Yenc, classes = encode_multilabel(meta, "Metadata_Loc")
     assert classes.tolist() == ["L0", "L1", "L2"] and np.array_equal(Yenc, Y)
     t = mlp_f1(meta, X, label_col="Metadata_Loc", multilabel=True, split_by="Metadata_Plate",
-               options=MLPOptions(epochs=20, batch_size=32))  # fmt: skip
+               options=MLPOptions(epochs=20, batch_size=32, hidden=(64, 32), lr=1e-2))  # fmt: skip
     assert t.classifier.iloc[0] == "mlp_multilabel" and t.macro_f1.iloc[0] > 0.8
 
 
