@@ -1,1 +1,25 @@
-"""pl."""
+"""Plots (matplotlib) and the self-contained HTML report.
+
+Every plotting function returns a `matplotlib.figure.Figure` and saves it when given `save=`
+(PNG or SVG by the file suffix).
+"""
+
+from celldino.pl.attention import attention_maps, patch_match, patch_pca_rgb
+from celldino.pl.colours import CHANNEL_COLOURS, composite
+from celldino.pl.embedding import umap
+from celldino.pl.heatmap import confusion_matrix, similarity_heatmap
+from celldino.pl.montage import montage
+from celldino.pl.training import training_curves
+
+__all__ = [
+    "CHANNEL_COLOURS",
+    "attention_maps",
+    "composite",
+    "confusion_matrix",
+    "montage",
+    "patch_match",
+    "patch_pca_rgb",
+    "similarity_heatmap",
+    "training_curves",
+    "umap",
+]

@@ -1,0 +1,125 @@
+"""Attention maps per head, PCA of patch tokens as RGB, and patch matching across cells."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from celldino.pl.colours import composite
+from celldino.pl.figure import finish, new_figure
+
+
+def _grid(n_tokens: int) -> int:
+    side = int(round(np.sqrt(n_tokens)))
+    if side * side != n_tokens:
+        raise ValueError(f"{n_tokens} patch tokens do not form a square grid")
+    return side
+
+
+def _upsample(grid: np.ndarray, size: int) -> np.ndarray:
+    rep = int(np.ceil(size / grid.shape[0]))
+    return np.kron(grid, np.ones((rep, rep)))[:size, :size]
+
+
+def attention_maps(
+    image: np.ndarray,
+    attention: np.ndarray,
+    channels: Sequence[str],
+    *,
+    title: str = "",
+    save: str | Path | None = None,
+) -> Figure:
+    """The cell (composite) and the class token's attention over patches for each head.
+
+    attention: (heads, N) class-token attention to the N patch tokens (registers removed), or the
+    full (heads, T, T) matrix of the last block, whose row 0 is used.
+    """
+    att = np.asarray(attention, dtype=np.float32)
+    if att.ndim == 3:
+        att = att[:, 0, 1:]
+        att = att[:, -(_grid_tokens(att.shape[1])) :]
+    heads, n = att.shape
+    side = _grid(n)
+    fig = new_figure(1.9 * (heads + 1), 2.2)
+    ax = fig.add_subplot(1, heads + 1, 1)
+    ax.imshow(composite(np.asarray(image), list(channels)))
+    ax.set_title(title or "cell", fontsize=8)
+    ax.axis("off")
+    for h in range(heads):
+        ax = fig.add_subplot(1, heads + 1, h + 2)
+        ax.imshow(_upsample(att[h].reshape(side, side), image.shape[-1]), cmap="inferno")
+        ax.set_title(f"head {h}", fontsize=8)
+        ax.axis("off")
+    return finish(fig, save)
+
+
+def _grid_tokens(n: int) -> int:
+    """Largest square count ≤ n (patch tokens after any register tokens)."""
+    return int(np.floor(np.sqrt(n))) ** 2
+
+
+def patch_pca_rgb(patch_tokens: np.ndarray) -> np.ndarray:
+    """(B, N, D) patch tokens → (B, side, side, 3): the first 3 principal components, jointly fitted."""
+    tokens = np.asarray(patch_tokens, dtype=np.float64)
+    b, n, d = tokens.shape
+    side = _grid(n)
+    flat = tokens.reshape(-1, d)
+    flat = flat - flat.mean(0)
+    _, _, vt = np.linalg.svd(flat, full_matrices=False)
+    proj = flat @ vt[:3].T
+    lo, hi = np.percentile(proj, 1, axis=0), np.percentile(proj, 99, axis=0)
+    rgb = np.clip((proj - lo) / np.maximum(hi - lo, 1e-9), 0, 1)
+    return rgb.reshape(b, side, side, 3)
+
+
+def patch_match(
+    images: np.ndarray,
+    patch_tokens: np.ndarray,
+    channels: Sequence[str],
+    *,
+    query: tuple[int, int],
+    save: str | Path | None = None,
+) -> Figure:
+    """Cosine similarity of one query patch (cell index, patch index) to every patch of every cell.
+
+    Row 1: the cells as composites (query patch boxed); row 2: PCA-of-patches as RGB;
+    row 3: the similarity maps.
+    """
+    tokens = np.asarray(patch_tokens, dtype=np.float64)
+    b, n, _ = tokens.shape
+    side = _grid(n)
+    qi, qp = query
+    unit = tokens / np.linalg.norm(tokens, axis=-1, keepdims=True).clip(1e-12)
+    sim = unit @ unit[qi, qp]  # (B, N)
+    pca = patch_pca_rgb(tokens)
+    size = images.shape[-1]
+    fig = new_figure(2.0 * b, 6.2)
+    for i in range(b):
+        ax = fig.add_subplot(3, b, i + 1)
+        ax.imshow(composite(images[i], list(channels)))
+        if i == qi:
+            step = size / side
+            r, c = divmod(qp, side)
+            ax.add_patch(_query_box(c * step, r * step, step))
+        ax.axis("off")
+        ax = fig.add_subplot(3, b, b + i + 1)
+        ax.imshow(pca[i], interpolation="nearest")
+        ax.axis("off")
+        ax = fig.add_subplot(3, b, 2 * b + i + 1)
+        ax.imshow(
+            sim[i].reshape(side, side), cmap="viridis", vmin=-1, vmax=1, interpolation="nearest"
+        )
+        ax.axis("off")
+    fig.suptitle(
+        "query patch (boxed) · PCA of patch tokens · cosine similarity to the query", fontsize=9
+    )
+    return finish(fig, save)
+
+
+def _query_box(x: float, y: float, s: float):
+    from matplotlib.patches import Rectangle
+
+    return Rectangle((x - 0.5, y - 0.5), s, s, fill=False, ec="white", lw=1.5)

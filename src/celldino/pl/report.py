@@ -1,0 +1,163 @@
+"""One self-contained HTML report of a run directory (images embedded, no network).
+
+Sections: data and QC summary, training curves and collapse diagnostics, UMAPs, evaluation tables
+with the baselines side by side (best value marked), attention maps and patch maps. A section
+whose inputs are missing says which stage makes them. Every piece of metadata text is
+HTML-escaped, so a plate named `<script>` is shown, never run.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from celldino import log
+from celldino.io.files import atomic_write_text, read_json
+from celldino.pl.figure import close
+
+logger = log.get_logger(__name__)
+
+# Metrics where lower is better (everything else: higher is better).
+LOWER_IS_BETTER = {"p_value", "q_value", "loss"}
+
+
+@dataclass
+class Section:
+    id: str  # HTML id of the section (the report test looks for these)
+    title: str  # heading shown to the reader
+    parts: list[str] = field(default_factory=list)  # HTML fragments, already escaped
+
+    def text(self, s: str) -> None:
+        self.parts.append(f"<p>{html.escape(s)}</p>")
+
+    def missing(self, what: str, stage: str) -> None:
+        self.parts.append(
+            f'<p class="missing">No {html.escape(what)} found: run <code>{html.escape(stage)}</code> first.</p>'
+        )
+
+    def figure(self, fig: Figure, caption: str) -> None:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100)
+        close(fig)
+        data = base64.b64encode(buf.getvalue()).decode()
+        self.parts.append(
+            f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}"/>'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+        )
+
+    def table(
+        self, df: pd.DataFrame, *, best: dict[str, str] | None = None, caption: str = ""
+    ) -> None:
+        self.parts.append(html_table(df, best=best, caption=caption))
+
+    def html(self) -> str:
+        body = "\n".join(self.parts) or "<p>(empty)</p>"
+        return f'<section id="{self.id}"><h2>{html.escape(self.title)}</h2>\n{body}\n</section>'
+
+
+def _fmt(v: object) -> str:
+    if isinstance(v, (float, np.floating)):
+        if math.isnan(v):
+            return "–"
+        return f"{v:.3g}" if abs(v) < 1e-3 and v != 0 else f"{v:.3f}"
+    return str(v)
+
+
+def html_table(df: pd.DataFrame, *, best: dict[str, str] | None = None, caption: str = "") -> str:
+    """An escaped HTML table; cells named in `best` ({row label: column}) get class 'best'."""
+    best = best or {}
+    head = "".join(
+        f"<th>{html.escape(str(c))}</th>" for c in [df.index.name or ""] + list(df.columns)
+    )
+    rows = []
+    for idx, row in df.iterrows():
+        cells = [f"<th>{html.escape(str(idx))}</th>"]
+        for col, v in row.items():
+            cls = ' class="best"' if best.get(str(idx)) == str(col) else ""
+            mark = " ★" if cls else ""
+            cells.append(f"<td{cls}>{html.escape(_fmt(v))}{mark}</td>")
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
+    return f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+
+
+def best_per_row(wide: pd.DataFrame) -> dict[str, str]:
+    """Column holding the best value of each row (max, or min for LOWER_IS_BETTER metrics)."""
+    out = {}
+    for idx, row in wide.iterrows():
+        vals = pd.to_numeric(row, errors="coerce")
+        if vals.notna().sum() < 2:
+            continue
+        lower = any(k in str(idx) for k in LOWER_IS_BETTER)
+        out[str(idx)] = str(vals.idxmin() if lower else vals.idxmax())
+    return out
+
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2rem auto;max-width:1100px;color:#1d2330;line-height:1.45}
+h1{font-size:1.7rem;margin-bottom:.2rem} h2{border-bottom:2px solid #e3e7ee;padding-bottom:.3rem;margin-top:2.4rem}
+nav a{margin-right:1rem} figure{margin:1rem 0} img{max-width:100%;border:1px solid #e3e7ee}
+figcaption{font-size:.85rem;color:#5b6478} table{border-collapse:collapse;margin:1rem 0;font-size:.88rem}
+th,td{border:1px solid #d5dbe5;padding:.25rem .55rem;text-align:right} thead th{background:#f2f4f8}
+tbody th{text-align:left;font-weight:600} td.best{background:#dff5e3;font-weight:700}
+caption{caption-side:top;text-align:left;font-weight:600;padding:.3rem 0} .missing{color:#a15c00}
+.warn{background:#fff3d6;border-left:4px solid #e0a100;padding:.5rem .8rem} code{background:#f2f4f8;padding:0 .25rem}
+"""
+
+
+def render_html(title: str, subtitle: str, sections: list[Section]) -> str:
+    nav = " ".join(f'<a href="#{s.id}">{html.escape(s.title)}</a>' for s in sections)
+    body = "\n".join(s.html() for s in sections)
+    return (
+        "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+        f"<meta name='viewport' content='width=device-width,initial-scale=1'><title>{html.escape(title)}</title>"
+        f"<style>{CSS}</style></head><body><header><h1>{html.escape(title)}</h1>"
+        f"<p>{html.escape(subtitle)}</p><nav>{nav}</nav></header>\n{body}\n</body></html>\n"
+    )
+
+
+def build_report(
+    run_dir: str | Path,
+    *,
+    out: str | Path | None = None,
+    title: str = "celldino report",
+    sections: list[Callable[[Path], Section]] | None = None,
+) -> Path:
+    """Write `report.html` for a run directory laid out by `celldino run` and return its path."""
+    from celldino.pl.report_sections import DEFAULT_SECTIONS
+
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise FileNotFoundError(
+            f"run directory {run} does not exist: run `celldino run` or `celldino demo` first"
+        )
+    built = []
+    for make in sections or DEFAULT_SECTIONS:
+        try:
+            built.append(make(run))
+        except Exception as e:  # one broken section must not lose the others
+            logger.warning("report section %s failed: %s", make.__name__, e)
+            sec = Section(
+                make.__name__.removeprefix("section_"), make.__name__.removeprefix("section_")
+            )
+            sec.parts.append(
+                f'<p class="warn">This section could not be drawn: {html.escape(str(e))}</p>'
+            )
+            built.append(sec)
+    path = Path(out) if out else run / "report.html"
+    subtitle = f"run directory: {run.resolve()}"
+    manifest = run / "pipeline.json"
+    if manifest.exists():
+        subtitle += f" · pipeline fingerprint {read_json(manifest).get('fingerprint', '?')}"
+    atomic_write_text(path, render_html(title, subtitle, built))
+    logger.info("report written: %s", path)
+    return path

@@ -1,0 +1,216 @@
+"""`celldino run` end to end on the tiny screen, stage skipping, failures, and the report in Chromium."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from celldino import cli
+from celldino.config import load_config
+from celldino.pipeline import StageError, run_pipeline
+
+pytestmark = pytest.mark.slow
+
+# A plate name that would run script in the report if any metadata were not escaped.
+EVIL_PLATE = '<img src=x onerror="document.title=1">'
+
+SETTINGS = [
+    "prepare.crop_size=32",
+    "prepare.nuclei_min_area=30",
+    "prepare.cell_expand=8",
+    "model.depth=2",
+    "model.patch_size=8",
+    "model.img_size=32",
+    "model.out_dim=256",
+    "model.drop_path_rate=0.0",
+    "augment.global_crop_size=32",
+    "augment.local_crop_size=16",
+    "augment.n_local_crops=2",
+    "train.epochs=1",
+    "train.batch_size=32",
+    "train.log_every=2",
+    "extract.batch_size=64",
+    "extract.attention_sample=4",
+    "evaluate.null_size=200",
+]
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tiny_screen, tmp_path_factory):
+    """The whole pipeline on a copy of the tiny screen whose first plate has a hostile name."""
+    root = tmp_path_factory.mktemp("pipeline")
+    ld = pd.read_csv(tiny_screen / "load_data.csv")
+    ld["Metadata_Plate"] = ld["Metadata_Plate"].replace({"P01": EVIL_PLATE})
+    ld.to_csv(root / "load_data.csv", index=False)
+    cfg = load_config(
+        None,
+        [*SETTINGS, f"prepare.load_data={root / 'load_data.csv'}", f"run.out_dir={root / 'run'}"],
+    )
+    report = run_pipeline(cfg)
+    return cfg, root / "run", report
+
+
+def test_pipeline_writes_every_stage(pipeline_run):
+    cfg, run, report = pipeline_run
+    assert report == run / "report.html" and report.exists()
+    record = json.loads((run / "pipeline.json").read_text())
+    assert list(record["stages"]) == [
+        "prepare",
+        "train",
+        "extract",
+        "profile",
+        "evaluate",
+        "report",
+    ]
+    metrics = pd.read_parquet(run / "eval" / "metrics.parquet")
+    # learned embeddings, and every baseline beside them, on the same analyses
+    assert {"learned", "engineered", "pca_engineered", "random_init"} <= set(metrics.feature_set)
+    per_set = metrics.groupby("feature_set").metric.apply(set)
+    assert per_set["learned"] == per_set["random_init"] == per_set["engineered"]
+    assert metrics.value.notna().any()
+    cells = pd.read_parquet(run / "prep" / "cells.parquet")
+    emb = pd.concat(
+        pd.read_parquet(p) for p in sorted((run / "embeddings" / "learned").glob("*.parquet"))
+    )
+    assert len(emb) == len(cells)  # one embedding per prepared cell
+    assert EVIL_PLATE in set(emb.Metadata_Plate)  # metadata carried through unchanged
+
+
+def test_rerun_skips_finished_stages_and_redoes_changed_ones(pipeline_run, caplog):
+    cfg, run, _ = pipeline_run
+    before = json.loads((run / "pipeline.json").read_text())["stages"]
+    mtime = (run / "train" / "checkpoints" / "last.safetensors").stat().st_mtime_ns
+    caplog.set_level("INFO", logger="celldino")
+    run_pipeline(cfg)
+    skipped = [
+        r.getMessage().split(":")[0] for r in caplog.records if "up to date" in r.getMessage()
+    ]
+    assert skipped == [
+        "stage prepare",
+        "stage train",
+        "stage extract",
+        "stage profile",
+        "stage evaluate",
+        "stage report",
+    ]
+    assert (run / "train" / "checkpoints" / "last.safetensors").stat().st_mtime_ns == mtime
+    # A changed evaluation setting reruns evaluate and report only.
+    caplog.clear()
+    from celldino.config import replace
+
+    run_pipeline(replace(cfg, **{"evaluate.null_size": 100}))
+    ran = [
+        r.getMessage().split(":")[0] for r in caplog.records if r.getMessage().endswith(": running")
+    ]
+    assert ran == ["stage evaluate", "stage report"]
+    after = json.loads((run / "pipeline.json").read_text())["stages"]
+    assert after["train"] == before["train"] and after["evaluate"] != before["evaluate"]
+
+
+def test_failure_names_the_stage_and_keeps_earlier_outputs(pipeline_run, tmp_path):
+    cfg, run, _ = pipeline_run
+    from celldino.config import replace
+
+    work = tmp_path / "copy"
+    shutil.copytree(run, work)
+    bad = replace(
+        cfg,
+        **{
+            "run.out_dir": str(work),
+            "profile.normalize": "bogus",
+            "profile.by": ("Metadata_Nope",),
+        },
+    )
+    ckpt = work / "train" / "checkpoints" / "last.safetensors"
+    digest = ckpt.read_bytes()
+    with pytest.raises(StageError, match="stage 'profile' failed"):
+        run_pipeline(bad)
+    assert ckpt.read_bytes() == digest
+    assert (work / "prep" / "cells.parquet").exists()
+    assert len(list((work / "embeddings" / "learned").glob("*.parquet"))) > 0
+
+
+def _chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if path := shutil.which(name):
+            return path
+    # The test set-up installs Debian's chromium when it is missing (CI runs as root).
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], check=False, env=env, capture_output=True)
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", "chromium"],
+            check=False,
+            env=env,
+            capture_output=True,
+        )
+        if path := shutil.which("chromium"):
+            return path
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail("chromium is missing and could not be installed with apt-get")
+    pytest.skip("chromium not installed")
+
+
+CHECK_JS = """
+<script>
+window.addEventListener('load', () => {
+  const imgs = [...document.images];
+  const out = {
+    sections: [...document.querySelectorAll('section')].map(s => s.id),
+    images: imgs.length,
+    loaded: imgs.filter(i => i.complete && i.naturalWidth > 0).length,
+    best: document.querySelectorAll('td.best').length,
+    title: document.title,
+    evil_nodes: document.querySelectorAll('img[onerror]').length,
+    text: document.body.innerText.includes('onerror="document.title=1"'),
+  };
+  const pre = document.createElement('pre'); pre.id = 'celldino-check';
+  pre.textContent = JSON.stringify(out); document.body.appendChild(pre);
+});
+</script>
+"""
+
+
+def test_report_renders_in_chromium(pipeline_run, tmp_path):
+    _, run, report = pipeline_run
+    html = report.read_text()
+    assert "http://" not in html and "https://" not in html  # self-contained: no network
+    assert EVIL_PLATE not in html  # escaped everywhere
+    probe = tmp_path / "probe.html"
+    probe.write_text(html.replace("</body>", CHECK_JS + "</body>"))
+    browser = _chromium()
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run",
+             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000"]  # fmt: skip
+    dom = subprocess.run(
+        [browser, *flags, "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=180
+    )
+    marker = dom.stdout.split('<pre id="celldino-check">', 1)
+    assert len(marker) == 2, f"chromium did not render the report: {dom.stderr[-2000:]}"
+    check = json.loads(marker[1].split("</pre>", 1)[0].replace("&quot;", '"').replace("&amp;", "&"))
+    assert check["sections"] == ["data", "training", "umap", "evaluation", "attention"]
+    assert check["images"] >= 6 and check["loaded"] == check["images"]
+    assert check["best"] >= 1
+    assert check["title"] == "celldino report" and check["evil_nodes"] == 0 and check["text"]
+    shot = tmp_path / "report.png"
+    subprocess.run([browser, *flags, "--window-size=1200,2400", f"--screenshot={shot}", report.as_uri()],
+                   capture_output=True, timeout=180)  # fmt: skip
+    assert shot.exists() and shot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_report_and_demo_help(pipeline_run, tmp_path, capsys):
+    _, run, _ = pipeline_run
+    out = tmp_path / "r.html"
+    assert cli.main(["-q", "report", str(run), "--out", str(out)]) == 0
+    assert Path(capsys.readouterr().out.strip()) == out and out.stat().st_size > 10_000
+    assert cli.main(["-q", "report", str(tmp_path / "missing")]) == 2
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--help"])
+    text = capsys.readouterr().out
+    assert "run.out_dir=" in text and "synth.preset=" in text
