@@ -49,7 +49,7 @@ def _assert_same_ap(a: pd.DataFrame, b: pd.DataFrame):
 
 
 @pytest.mark.parametrize("block_bytes", [10_000, 1 << 28])  # many blocks / one block
-def test_blocked_ap_equals_copairs(block_bytes):
+def test_blocked_ap_equals_copairs(block_bytes, ranking):
     meta, X = _screen()
     rules = dict(
         pos_sameby=["Metadata_Compound", "Metadata_Dose"],
@@ -63,7 +63,14 @@ def test_blocked_ap_equals_copairs(block_bytes):
     assert ours.n_pos_pairs.max() > 0 and ours.average_precision.notna().sum() == len(meta)
 
 
-def test_blocked_ap_ties_like_copairs():
+@pytest.fixture(params=["count", "sort"])
+def ranking(request, monkeypatch):
+    """Run a test through both ranking paths of the blocked backend."""
+    monkeypatch.setattr(M, "SORT_ABOVE_POSITIVES", 10**9 if request.param == "count" else -1)
+    return request.param
+
+
+def test_blocked_ap_ties_like_copairs(ranking):
     # few distinct integer vectors: many exact similarity ties between positives and negatives
     rng = np.random.default_rng(1)
     n = 240
@@ -74,7 +81,7 @@ def test_blocked_ap_ties_like_copairs():
     _assert_same_ap(ref, M.average_precision(meta, X, method="blocked", block_bytes=5000, **rules))
 
 
-def test_average_precision_hand_worked():
+def test_average_precision_hand_worked(ranking):
     # query 0 at angle 0; ranking by similarity: 1 (pos, 10°), 2 (neg, 20°), 3 (pos, 30°)
     # AP = (1/1 + 2/3) / 2 ; ties: 4 (neg) sits exactly on 3's angle and ranks after it.
     ang = np.deg2rad([0, 10, 20, 30, 30])
@@ -118,7 +125,7 @@ def test_mean_average_precision_equals_copairs(tmp_path):
     assert 0 < M.fraction_retrieved(ours) < 1  # planted active and inactive compounds
 
 
-def test_moa_map_equals_copairs(tmp_path):
+def test_moa_map_equals_copairs(tmp_path, ranking):
     meta, X = _screen(seed=4)
     ap, maps = M.moa_map(
         meta,

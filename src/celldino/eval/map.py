@@ -77,21 +77,21 @@ def check_inputs(meta: pd.DataFrame, feats: np.ndarray, columns: Sequence[str]) 
     return X
 
 
-def _codes(meta: pd.DataFrame, cols: list[str]) -> list[np.ndarray]:
-    return [pd.factorize(meta[c])[0].astype(np.int64) for c in cols]
+def _codes(meta: pd.DataFrame, cols: list[str]) -> list[torch.Tensor]:
+    return [torch.from_numpy(pd.factorize(meta[c])[0].astype(np.int64)) for c in cols]
 
 
 def _rule_mask(
-    codes_same: list[np.ndarray], codes_diff: list[np.ndarray], rows: slice, n: int
-) -> np.ndarray:
+    codes_same: list[torch.Tensor], codes_diff: list[torch.Tensor], rows: slice, n: int
+) -> torch.Tensor:
     """(B, n) bool: rows share every `sameby` code and differ in every `diffby` code."""
-    r = np.arange(rows.start, rows.stop)
-    mask = np.ones((len(r), n), dtype=bool)
+    r = torch.arange(rows.start, rows.stop)
+    mask = torch.ones((len(r), n), dtype=torch.bool)
     for c in codes_same:
         mask &= c[r, None] == c[None, :]
     for c in codes_diff:
         mask &= c[r, None] != c[None, :]
-    mask[np.arange(len(r)), r] = False  # a profile is never its own pair
+    mask[torch.arange(len(r)), r] = False  # a profile is never its own pair
     return mask
 
 
@@ -104,12 +104,48 @@ def _ordered_bits(key: torch.Tensor) -> torch.Tensor:
     return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
 
 
+SORT_ABOVE_POSITIVES = 32  # above this many positives per query, rank by sorting whole rows
+
+
 def _ap_block(
-    sim: np.ndarray, pos: np.ndarray, neg: np.ndarray
+    sim: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """AP of each query row of a (B, n) similarity block, copairs' ranking and tie rule."""
-    key = torch.from_numpy(np.float32(1) - sim.astype(np.float32))  # (B, n), as copairs ranks
-    pos_t, neg_t = torch.from_numpy(pos), torch.from_numpy(neg)
+    key = 1 - sim.to(torch.float32)  # (B, n): copairs ranks float32 `1 - similarity`
+    max_pos = int(pos.sum(dim=1).max()) if len(pos) else 0
+    if max_pos <= SORT_ABOVE_POSITIVES:
+        return _ap_block_count(key, pos, neg, max_pos)
+    return _ap_block_sort(key, pos, neg)
+
+
+def _ap_block_count(
+    key: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, max_pos: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Few positives: rank of the j-th best positive = j + negatives with a strictly smaller key.
+
+    (Strictly: at equal similarity positives rank before negatives, as in copairs.)
+    """
+    inf = torch.tensor(float("inf"), dtype=key.dtype)
+    num_pos = pos.sum(dim=1)  # (B,)
+    total = num_pos + neg.sum(dim=1)
+    ap = torch.zeros(len(key), dtype=torch.float64)
+    if max_pos > 0:
+        pos_keys = torch.topk(torch.where(pos, key, inf), max_pos, dim=1, largest=False).values
+        neg_keys = torch.where(neg, key, inf)  # (B, n)
+        for j in range(max_pos):  # (B,) contributions of each row's j-th positive
+            less = (neg_keys < pos_keys[:, j : j + 1]).sum(dim=1)
+            prec = (j + 1) / (j + 1 + less).to(torch.float64)
+            ap += torch.where(num_pos > j, prec, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = ap.numpy() / num_pos.numpy()
+    out[(num_pos == 0).numpy()] = np.nan
+    return out, num_pos.numpy(), total.numpy()
+
+
+def _ap_block_sort(
+    key: torch.Tensor, pos_t: torch.Tensor, neg_t: torch.Tensor
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Many positives: sort each row once by (key, negative-after-positive)."""
     # Composite sort key: similarity order first, then positives (0) before negatives (1).
     comp = _ordered_bits(key) * 2 + neg_t.to(torch.int64)  # (B, n)
     comp = torch.where(pos_t | neg_t, comp, torch.full_like(comp, _INF))
@@ -124,7 +160,7 @@ def _ap_block(
     prec_sum = torch.where(rel, tp.to(torch.float64) / k, 0.0).sum(dim=1)
     with np.errstate(divide="ignore", invalid="ignore"):
         ap = prec_sum.numpy() / num_pos.numpy()
-    ap[total.numpy() == 0] = np.nan
+    ap[num_pos.numpy() == 0] = np.nan
     return ap, num_pos.numpy(), total.numpy()
 
 
@@ -165,7 +201,7 @@ def _average_precision_blocked(
     show_progress: bool,
 ) -> pd.DataFrame:
     n = len(X)
-    Xn = X / np.linalg.norm(X, axis=1, keepdims=True)  # (n, d) unit rows
+    Xn = torch.from_numpy(X / np.linalg.norm(X, axis=1, keepdims=True))  # (n, d) unit rows
     ps, pd_, ns, nd = (_codes(meta, c) for c in (pos_sameby, pos_diffby, neg_sameby, neg_diffby))
     ap = np.full(n, np.nan)
     num_pos = np.zeros(n, dtype=np.int64)
@@ -181,7 +217,7 @@ def _average_precision_blocked(
                 "the positive and negative rules overlap (a pair is both): add the positive "
                 "`sameby` columns to the negative `diffby` columns"
             )
-        sim = Xn[rows] @ Xn.T  # (B, n) cosine similarity
+        sim = Xn[rows] @ Xn.T  # (B, n) cosine similarity, float64
         ap[rows], num_pos[rows], total[rows] = _ap_block(sim, pos, neg)
     if num_pos.sum() == 0:
         raise ValueError("no positive pairs: check the positive rule columns and their values")
