@@ -14,7 +14,7 @@ from celldino import cli
 from celldino.train.loop import sample_masks, step_generator
 from celldino.train.meta_arch import collapse_message, ema_update
 from celldino.train.sampler import StepBatchSampler, WeakLabelPairSampler
-from train_helpers import random_prep, tiny_config, weights
+from train_helpers import one_thread, random_prep, tiny_config, weights  # noqa: F401
 
 
 def test_ema_update_is_exact():

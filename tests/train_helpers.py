@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 
 from celldino import config as C
@@ -77,3 +78,25 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     from celldino.io.checkpoints import read_state_dict
 
     return read_state_dict(Path(run_dir) / "checkpoints" / "last.safetensors")
+
+
+# augmentations whose outcome does not depend on random draws: with them, the split of a global
+# batch across ranks cannot change what any image's crops look like
+DETERMINISTIC_AUG = (
+    "augment.random_resized_crop=false",
+    "augment.hflip_p=0",
+    "augment.vflip_p=0",
+    "augment.rot90=false",
+    "augment.brightness_p=0",
+    "augment.contrast_p=0",
+    "model.drop_path_rate=0",
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and the CI cores are shared by other tests."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
