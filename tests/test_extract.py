@@ -301,6 +301,23 @@ def test_channel_count_mismatch_names_both(prep, tmp_path):
     assert read_manifest(out)["channels"] == ["DNA", "RNA", "Mito"]
 
 
+def test_run_training_channels_are_used_in_order(prep, tmp_path):
+    """A run trained on [Mito, DNA, ER] (its config.yaml) gets those channels in that order."""
+    from celldino.config import Config, TrainConfig, save_config
+
+    run_dir, nets = _save_run(tmp_path / "run3", _model_config(in_chans=3))
+    save_config(Config(train=TrainConfig(channels=("Mito", "DNA", "ER"))), run_dir / "config.yaml")
+    out = extract(_cfg(prep, run_dir, tmp_path / "e"))
+    assert read_manifest(out)["channels"] == ["Mito", "DNA", "ER"]
+    with torch.no_grad():
+        ref = nets["teacher"](_crops(prep)[:, [4, 0, 1]])["cls"].numpy()
+    np.testing.assert_allclose(_emb(read_embeddings(out)), ref, atol=1e-5, rtol=1e-5)
+
+    save_config(Config(train=TrainConfig(channels=("Mito", "GFP", "ER"))), run_dir / "config.yaml")
+    with pytest.raises(ExtractError, match=r"trained on channels.*lacks \['GFP'\]"):
+        extract(_cfg(prep, run_dir, tmp_path / "e2"))
+
+
 def test_patch_size_mismatch_names_both(prep, tmp_path):
     run_dir, _ = _save_run(tmp_path / "p14", _model_config(patch_size=14, img_size=28))
     with pytest.raises(ExtractError, match=r"patch size 14 px.*32x32 px"):

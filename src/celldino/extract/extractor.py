@@ -174,8 +174,9 @@ def _run_channels(file: Path) -> list[str]:
                 data = yaml.safe_load(cand.read_text()) or {}
             except yaml.YAMLError:
                 return []
-            chans = (data.get("train") or {}).get("channels") or []
-            return [str(c) for c in chans]
+            train = data.get("train") if isinstance(data, dict) else None
+            chans = train.get("channels") if isinstance(train, dict) else None
+            return [str(c) for c in chans] if isinstance(chans, list) else []
     return []
 
 
