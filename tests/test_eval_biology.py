@@ -70,8 +70,7 @@ def moa_screen(signal=6.0, seed=0):
 
 def test_moa_prediction_leave_compound_out_on_planted_moas():
     meta, X = moa_screen()
-    per_moa, summary = moa_prediction(meta, X, n_folds=None, seed=0)
-    preds = per_moa.attrs["predictions"]
+    per_moa, preds, summary = moa_prediction(meta, X, n_folds=None, seed=0)
     assert summary["n_controls_excluded"] == 12 and "DMSO" not in set(preds.compound)
     assert summary["n_folds"] == 12 and summary["n_moas"] == 4
     # leave-compound-out: each compound's rows sit in exactly one fold
@@ -83,7 +82,7 @@ def test_moa_prediction_leave_compound_out_on_planted_moas():
     assert summary["micro_pr_auc"] == pytest.approx(ref)
     assert summary["micro_pr_auc"] > 0.8 > summary["prevalence"] + 0.3
     noise = np.random.default_rng(1).normal(size=X.shape).astype(np.float32)
-    _, null = moa_prediction(meta, noise, n_folds=None, seed=0)
+    _, _, null = moa_prediction(meta, noise, n_folds=None, seed=0)
     assert null["micro_pr_auc"] < 0.6
 
 

@@ -7,7 +7,19 @@ several feature sets side by side.
 """
 
 from celldino.eval.activity import phenotypic_activity
+from celldino.eval.classify import (
+    MLPClassifier,
+    MLPOptions,
+    block_search,
+    classify,
+    knn_f1,
+    linear_probe,
+    mlp_f1,
+)
 from celldino.eval.enrichment import enrichment
+from celldino.eval.factors import factor_mutual_information
+from celldino.eval.heterogeneity import field_std, heterogeneity, treatment_heterogeneity
+from celldino.eval.lowshot import lowshot_curve
 from celldino.eval.map import (
     average_precision,
     fraction_retrieved,
@@ -15,9 +27,46 @@ from celldino.eval.map import (
     moa_map,
     retrieval_map,
 )
+from celldino.eval.moa import moa_prediction
+from celldino.eval.multitask import masked_bce, multitask_activity
+from celldino.eval.pseudotime import diffusion_pseudotime
 from celldino.eval.retrieval import aggregate_treatments, nearest_moa, nsc_nscb
+from celldino.eval.similarity import cca_matching, group_similarity, mantel_test
+from celldino.eval.splits import group_folds, group_split, split_table
+from celldino.eval.subcellular import (
+    cls_attention_maps,
+    discriminative_patches,
+    head_channel_iou,
+    patch_fraction,
+)
 
 __all__ = [
+    "MLPClassifier",
+    "MLPOptions",
+    "block_search",
+    "cca_matching",
+    "classify",
+    "cls_attention_maps",
+    "diffusion_pseudotime",
+    "discriminative_patches",
+    "factor_mutual_information",
+    "field_std",
+    "group_folds",
+    "group_similarity",
+    "group_split",
+    "head_channel_iou",
+    "heterogeneity",
+    "knn_f1",
+    "linear_probe",
+    "lowshot_curve",
+    "mantel_test",
+    "masked_bce",
+    "mlp_f1",
+    "moa_prediction",
+    "multitask_activity",
+    "patch_fraction",
+    "split_table",
+    "treatment_heterogeneity",
     "aggregate_treatments",
     "average_precision",
     "enrichment",

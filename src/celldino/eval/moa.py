@@ -68,15 +68,15 @@ def moa_prediction(
     mlp_options: MLPOptions | None = None,
     C: float = 1.0,
     seed: int = 0,
-) -> tuple[pd.DataFrame, dict]:
+) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Leave-compound-out multi-label MoA prediction.
 
     Rows whose `control_col` is in `control_values` and rows without a MoA are dropped; MoAs
     with fewer than `min_compounds` compounds are dropped (they cannot be predicted for a
     held-out compound). `n_folds=None` is leave-one-compound-out. Returns the per-MoA table
-    (moa, n_compounds, n_profiles, average_precision) and a summary with `micro_pr_auc`,
-    sizes and the seed. The out-of-fold scores are in `table.attrs["predictions"]` (a DataFrame:
-    row, compound, fold, moa, label, score), so that the summary stays JSON.
+    (moa, n_compounds, n_profiles, average_precision), the out-of-fold predictions (row,
+    compound, fold, moa, label, score; `row` indexes `meta`) and a summary with `micro_pr_auc`,
+    sizes and the seed.
     """
     if classifier not in ("linear", "mlp"):
         raise ValueError(f"MoA classifier must be 'linear' or 'mlp', got {classifier!r}")
@@ -164,5 +164,4 @@ def moa_prediction(
         "classifier": classifier,
         "seed": seed,
     }
-    per_moa.attrs["predictions"] = predictions
-    return per_moa, summary
+    return per_moa, predictions, summary

@@ -40,8 +40,9 @@ def diffusion_pseudotime(
             f"(import failed: {e})"
         ) from None
     X = as_matrix(X, len(meta))
-    adata = ad.AnnData(X=X, obs=meta.reset_index(drop=True).astype(str))
-    adata.obs_names = [str(i) for i in range(len(meta))]
+    obs = meta.reset_index(drop=True).astype(str)
+    obs.index = [str(i) for i in range(len(meta))]
+    adata = ad.AnnData(X=X, obs=obs)
     if n_pcs:
         sc.pp.pca(adata, n_comps=n_pcs, random_state=seed)
         sc.pp.neighbors(adata, n_neighbors=n_neighbors, use_rep="X_pca", random_state=seed)

@@ -26,6 +26,7 @@ import yaml
 
 from celldino.config import ConfigError, EvaluateConfig
 from celldino.eval.activity import phenotypic_activity
+from celldino.eval.bio_runs import RUNS as BIO_RUNS
 from celldino.eval.enrichment import enrichment
 from celldino.eval.map import moa_map, retrieval_map, summarize
 from celldino.eval.retrieval import nsc_nscb
@@ -217,6 +218,7 @@ ANALYSES: dict[str, Callable[..., AnalysisResult | dict]] = {
     "map_moa": run_map_moa,
     "activity": run_activity,
     "enrichment": run_enrichment,
+    **BIO_RUNS,  # classify, lowshot, moa_prediction, multitask, factors, similarity, ...
 }
 
 DEFAULT_ANALYSES = ("nsc", "map_replicate", "activity")
