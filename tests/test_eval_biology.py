@@ -340,3 +340,21 @@ def test_discriminative_patches_are_nuclear_when_nuclei_differ():
     nn = NearestNeighbors(n_neighbors=6, metric="cosine").fit(flat)
     idx = nn.kneighbors(flat[: 8 * N], return_distance=False)[:, 1:]
     assert np.allclose(t2.score.to_numpy(), is_a[idx].mean(1))
+
+
+def test_factor_mi_on_the_synthetic_screens_truth_table(tiny_screen):
+    """The planted per-cell factors: those a MoA of the tiny screen moves carry MoA information,
+    the untouched ones do not, and none of them follows the plate."""
+    cells = pd.read_parquet(tiny_screen / "truth_cells.parquet")
+    feats = cells.filter(like="factor_")
+    moved = ["factor_int_ER", "factor_er_coarseness", "factor_int_DNA", "factor_nucleus_scale"]
+    untouched = ["factor_int_Mito", "factor_mito_perinuclear", "factor_actin_cortical"]
+    present = set(cells.Metadata_MoA)
+    assert {"DNA damage", "ER stress"} <= present  # the MoAs moving `moved`
+    assert not present & {"Mitochondrial uncoupler", "Actin disruptor"}  # nothing moves these
+    table, _ = factor_mutual_information(
+        cells, feats, factor_cols=["Metadata_MoA", "Metadata_Plate"], n_bins=5
+    )
+    mi = table.pivot(index="feature", columns="factor", values="mi")
+    assert (mi.loc[moved, "Metadata_MoA"] > mi.loc[moved, "Metadata_Plate"]).all()
+    assert mi.loc[moved, "Metadata_MoA"].min() > 2 * mi.loc[untouched, "Metadata_MoA"].max()
