@@ -94,7 +94,12 @@ def nearest_moa(
     meta, X = meta[keep].reset_index(drop=True), X[keep]
     n = len(meta)
     if n < 2:
-        raise ValueError(f"1-NN matching needs at least 2 treatments, got {n}")
+        logger.warning(
+            "1-NN matching%s: %d treatment(s) left, nothing to match (accuracy NaN)",
+            " across batches" if batch else "",
+            n,
+        )
+        return MatchResult(accuracy=float("nan"), n_queries=0, table=meta[cols].iloc[:0].copy())
     Xn = X / np.linalg.norm(X, axis=1, keepdims=True)
     sim = Xn @ Xn.T  # (n, n) cosine similarity
     cpd = pd.factorize(meta[compound])[0]

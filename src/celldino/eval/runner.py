@@ -107,9 +107,26 @@ def _map_kwargs(ctx: EvalContext, params: dict) -> dict:
     }
 
 
+def _with_moa(
+    meta: pd.DataFrame, feats: np.ndarray, ctx: EvalContext, analysis: str
+) -> tuple[pd.DataFrame, np.ndarray]:
+    """Drop treatment rows without a MoA annotation (controls are dropped by the analyses)."""
+    moa = ctx.cols.require(meta, "moa", analysis)
+    missing = meta[moa].isna().to_numpy()
+    if ctx.cols.control in meta.columns:  # controls may lack a MoA: give them one
+        ctrl = (meta[ctx.cols.control].astype(str) == str(ctx.cols.control_value)).to_numpy()
+        meta = meta.assign(**{moa: meta[moa].astype(object).where(~(missing & ctrl), "control")})
+        missing &= ~ctrl
+    if missing.any():
+        logger.info("%s: %d rows without %s are left out", analysis, int(missing.sum()), moa)
+        meta, feats = meta[~missing].reset_index(drop=True), np.asarray(feats)[~missing]
+    return meta, feats
+
+
 def run_nsc(meta: pd.DataFrame, feats: np.ndarray, ctx: EvalContext, **params) -> AnalysisResult:
     """NSC and NSCB (when the batch column exists) on treatment profiles."""
     c = ctx.cols
+    meta, feats = _with_moa(meta, feats, ctx, "nsc")
     treatment = params.get("treatment")
     if treatment is None:
         treatment = [c.require(meta, "compound", "nsc")] + (
@@ -155,6 +172,7 @@ def run_map_moa(
 ) -> AnalysisResult:
     """MoA retrieval: same MoA, other compound, against other MoAs."""
     c = ctx.cols
+    meta, feats = _with_moa(meta, feats, ctx, "map_moa")
     kw = _map_kwargs(ctx, params)
     ap, maps = moa_map(
         meta,
@@ -180,6 +198,7 @@ def run_enrichment(
 ) -> AnalysisResult:
     """Folds of enrichment of same-MoA pairs among the most similar treatment pairs."""
     c = ctx.cols
+    meta, feats = _with_moa(meta, feats, ctx, "enrichment")
     compound = c.require(meta, "compound", "enrichment")
     treatment = params.get("treatment")
     if treatment is None:
@@ -424,7 +443,13 @@ def evaluate(
             metrics = dict(done["metrics"])  # stored as [name, value] pairs, in order
         else:
             logger.info("%s on %s (%d profiles × %d features)", name, fs.name, *fs.feats.shape)
-            res = _as_result(ANALYSES[name](fs.meta, fs.feats, ctx, **params))
+            try:
+                res = _as_result(ANALYSES[name](fs.meta, fs.feats, ctx, **params))
+            except (ValueError, KeyError) as e:  # bad data or columns: say where, no traceback
+                if isinstance(e, SpecError):
+                    raise
+                msg = e.args[0] if e.args else e
+                raise SpecError(f"analysis '{name}' on feature set '{fs.name}': {msg}") from e
             metrics = {k: float(v) for k, v in res.metrics.items()}
             for tname, table in res.tables.items():
                 _write_table(table, out / "tables" / f"{name}__{fs.name}__{tname}.parquet")
