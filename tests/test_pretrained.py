@@ -182,6 +182,8 @@ def test_dinov2_layout_with_registers_matches_hf(tmp_path, chunked):
             else k: v
             for k, v in sd.items()
         }
+        # ... inside a DINOv2 training checkpoint: {'model': {'teacher.backbone.*': ...}}
+        sd = {"model": {f"teacher.backbone.{k}": v for k, v in sd.items()}, "iteration": 5}
     path = tmp_path / "dinov2_vits14_reg4.pth"
     torch.save(sd, path)
     model, cfg = load_backbone(path)

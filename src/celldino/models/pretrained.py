@@ -38,13 +38,13 @@ def pick_network(obj: dict[str, Any], which: str = "teacher") -> dict[str, Any]:
     if isinstance(obj.get(which), dict):
         return obj[which]
     other = "student" if which == "teacher" else "teacher"
-    for key in ("model", "state_dict", "model_state_dict"):
-        if isinstance(obj.get(key), dict):
-            return obj[key]
     if isinstance(obj.get(other), dict):
         raise KeyError(f"the checkpoint has a '{other}' network but no '{which}'")
-    if any(k.startswith(f"{which}.backbone.") for k in obj):  # celldino layout
-        prefix = f"{which}.backbone."
+    for key in ("model", "state_dict", "model_state_dict"):
+        if isinstance(obj.get(key), dict):
+            return pick_network(obj[key], which)
+    prefix = f"{which}.backbone."  # celldino and DINOv2 training checkpoints
+    if any(k.startswith(prefix) for k in obj):
         return {k[len(prefix) :]: v for k, v in obj.items() if k.startswith(prefix)}
     if any(k.startswith(f"{other}.backbone.") for k in obj):
         raise KeyError(f"the checkpoint has '{other}.backbone.*' weights but no '{which}'")
@@ -61,7 +61,7 @@ def canonical_backbone_state(
         if not isinstance(value, torch.Tensor):
             continue
         k = key
-        for prefix in ("module.", "_orig_mod.", "backbone.", "encoder."):
+        for prefix in ("module.", "_orig_mod.", "backbone."):
             if k.startswith(prefix):
                 k = k[len(prefix) :]
         if k.startswith("backbone."):  # channelwise celldino model: backbone.backbone.*
