@@ -211,3 +211,16 @@ def test_enrichment_multilabel_and_bad_percentile():
     assert out.same_top[0] == len(shared & set(top))
     with pytest.raises(ValueError, match="percentile"):
         enrichment(meta, X, moa="Metadata_MoA", percentiles=(0,), control_col=None)
+
+
+def test_nscb_is_nan_when_every_moa_lives_in_one_batch():
+    meta = HAND.assign(Metadata_Batch="b1")
+    metrics, _ = nsc_nscb(
+        meta,
+        _vectors(ANGLES),
+        moa="Metadata_MoA",
+        compound="Metadata_Compound",
+        batch="Metadata_Batch",
+    )
+    assert metrics["NSC"] == pytest.approx(4 / 6)
+    assert np.isnan(metrics["NSCB"]) and metrics["NSCB_n"] == 0
