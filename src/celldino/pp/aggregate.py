@@ -40,6 +40,10 @@ def _connect(memory_limit: str, threads: int, temp_dir: str | None) -> duckdb.Du
     con.execute(f"SET memory_limit = '{memory_limit}'")
     con.execute(f"SET threads = {int(threads) if threads > 0 else os.cpu_count() or 1}")
     con.execute("SET preserve_insertion_order = false")
+    try:  # DuckDB >= 1.3 caches file bytes in its buffer pool: no use for one pass over shards
+        con.execute("SET enable_external_file_cache = false")
+    except duckdb.Error:
+        pass
     if sys.stdout.isatty() and logger.isEnabledFor(logging.INFO):
         con.execute("SET enable_progress_bar = true")  # DuckDB's own bar for long queries
     con.execute(f"SET temp_directory = '{temp_dir or tempfile.gettempdir()}/celldino_duckdb'")
