@@ -47,7 +47,7 @@ DEFAULT_ANALYSES = {
     "nsc": {},
     "map_replicate": {},
     "map_moa": {},
-    "knn": {"group_by": "Metadata_Plate"},
+    "classify": {"classifiers": ["knn"], "ks": [1, 5], "split_by": "Metadata_Plate"},
 }
 
 
