@@ -143,7 +143,7 @@ def test_sample_weights_inverse_to_frequency():
 
 def test_mlp_learns_planted_classes_and_is_reproducible():
     meta, X = planted(signal=3.0, cells=6)
-    opts = MLPOptions(epochs=8, batch_size=32)
+    opts = MLPOptions(epochs=8, batch_size=32, hidden=(64, 32), lr=1e-2)
     a = mlp_f1(meta, X, label_col="Metadata_Class", split_by="Metadata_Plate", options=opts)
     b = mlp_f1(meta, X, label_col="Metadata_Class", split_by="Metadata_Plate", options=opts)
     assert a.macro_f1.iloc[0] > 0.85

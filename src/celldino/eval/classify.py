@@ -456,7 +456,10 @@ def block_search(
     table["is_best"] = False
     table.loc[best_idx.to_numpy(), "is_best"] = True
     summary = {
-        task: {"best_block": table.loc[i, "block"], "macro_f1": float(table.loc[i, "macro_f1"])}
+        task: {
+            "best_block": getattr(b := table.loc[i, "block"], "item", lambda: b)(),
+            "macro_f1": float(table.loc[i, "macro_f1"]),
+        }
         for task, i in best_idx.items()
     }
     return table, summary
