@@ -2,7 +2,7 @@
 
 Writes synthetic Parquet shards (500k cells each; Metadata_Plate/Well/Site + emb_0000…emb_0383)
 to a temporary folder, then times each tool in a fresh subprocess and reads that process's peak
-RSS (getrusage ru_maxrss, so the child's own peak, reading included). celldino runs
+RSS (VmHWM of the child process, reading included). celldino runs
 `pp.aggregate` (DuckDB over the shards, memory_limit below); pycytominer reads the shards with
 pandas and calls `pycytominer.aggregate` (what its users do). Both results are compared.
 
@@ -76,9 +76,21 @@ def worker(tool: str, files: list[str], method: str, out: str, memory_limit: str
         cells = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
         df = aggregate(cells, strata=keys, features=feats, operation=method)
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    peak = _peak_rss()
     df.sort_values(keys)[keys + feats].to_parquet(out, index=False)
     print(json.dumps({"seconds": seconds, "peak_bytes": peak, "rows": len(df)}))
+
+
+def _peak_rss() -> int:
+    """This process's peak RSS in bytes: VmHWM, which starts afresh at exec. (ru_maxrss does
+    not: on Linux a child inherits its parent's ru_maxrss through fork + exec.)"""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def measure(tool: str, files: list[Path], method: str, out: Path, memory_limit: str) -> dict:
