@@ -225,6 +225,19 @@ def test_attention_for_requested_cells(prep, run, tmp_path):
         extract(_cfg(prep, run[0], tmp_path / "a2", attention_cells=["no/such/cell"]))
 
 
+def test_batch_reader_equals_crop_dataset(prep):
+    """Slice-at-a-time reading gives the same normalised crops as CropDataset item by item."""
+    from celldino.data import CropDataset
+    from celldino.extract.reader import CropBatches
+
+    ds = CropDataset(prep, channels=["Mito", "DNA"])
+    assert ds.norm["method"] == "percentile_image"
+    batches = CropBatches(ds, [(0, 7), (7, 70), (200, len(ds))])
+    for b, (start, stop) in enumerate(batches.ranges):
+        ref = torch.stack([ds[i] for i in range(start, stop)])
+        torch.testing.assert_close(batches[b], ref, rtol=0, atol=0)
+
+
 # ---- resume, refusal ---------------------------------------------------------------------------
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from celldino.extract.attention import (
     pick_cells,
     write_attention,
 )
+from celldino.extract.reader import CropBatches
 from celldino.extract.writer import (
     DTYPES,
     H5AD,
@@ -319,25 +320,25 @@ class Embedder:
         return {k: v.float().cpu() for k, v in out.items()}
 
 
-def _batches(plan: list[tuple[int, int]], shards: list[int], batch_size: int) -> list[list[int]]:
-    """Index batches that never cross a shard boundary, shard after shard."""
+def _batches(
+    plan: list[tuple[int, int]], shards: list[int], batch_size: int
+) -> list[tuple[int, int]]:
+    """Row ranges [start, stop) of batches that never cross a shard boundary, shard after shard."""
     out = []
     for k in shards:
         start, stop = plan[k]
-        out += [list(range(s, min(s + batch_size, stop))) for s in range(start, stop, batch_size)]
+        out += [(s, min(s + batch_size, stop)) for s in range(start, stop, batch_size)]
     return out
 
 
-def _loader(ds, batches: list[list[int]], cfg: ExtractConfig, device: torch.device) -> Iterator:
-    return iter(
-        torch.utils.data.DataLoader(
-            ds,
-            batch_sampler=batches,
-            num_workers=cfg.num_workers,
-            pin_memory=device.type == "cuda",
-            persistent_workers=False,
-        )
-    )
+def _loader(ds, batches: list[tuple[int, int]], cfg: ExtractConfig, device: torch.device):
+    """Batches (B, C, H, W) in order: single cells read a slice at a time (`CropBatches`),
+    whole fields one by one."""
+    common = dict(num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+    if cfg.level == "cell":
+        return torch.utils.data.DataLoader(CropBatches(ds, batches), batch_size=None, **common)
+    index = [list(range(s, e)) for s, e in batches]
+    return torch.utils.data.DataLoader(ds, batch_sampler=index, **common)
 
 
 # ---- the command -----------------------------------------------------------------------------
