@@ -95,14 +95,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from celldino.extract import ExtractError, extract
+    from celldino.extract import extract
 
     flags = ["extract.overwrite=true"] if args.overwrite else []
     flags += [f"extract.format={args.format}"] if args.format else []
     cfg = _config(args, flags)
     try:
         print(extract(cfg.extract))
-    except (ExtractError, KeyError, FileNotFoundError) as e:  # bad data, settings or checkpoint
+    except (ValueError, KeyError, FileNotFoundError) as e:  # bad data, settings or checkpoint
         logger.error("extract: %s", e.args[0] if e.args else e)
         return 2
     return 0
