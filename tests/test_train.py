@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from celldino import cli
+from celldino.train import train
 from celldino.train.loop import sample_masks, step_generator
 from celldino.train.meta_arch import collapse_message, ema_update
 from celldino.train.sampler import StepBatchSampler, WeakLabelPairSampler
@@ -119,3 +120,38 @@ def test_cli_train_writes_run_and_freezes_last_layer(tmp_path):
     assert "ibot_weight: 0.5" in saved
     # a second run into the same folder without --resume is refused
     assert cli.main(["train", str(cfg_path), "train.epochs=1"]) != 0
+
+
+def test_fine_tune_starts_from_pretrained_teacher(tmp_path):
+    prep = random_prep(tmp_path / "prep")
+    first = tiny_config(tmp_path / "first", "train.epochs=1", data=prep)
+    train(first)
+    # lr 0: the fine-tuned run must keep exactly the weights it started from
+    ft = tiny_config(
+        tmp_path / "ft",
+        "train.epochs=1",
+        "train.lr=0",
+        "train.min_lr=0",
+        f"model.pretrained={tmp_path / 'first'}",
+        data=prep,
+    )
+    train(ft)
+    a, b = weights(tmp_path / "first"), weights(tmp_path / "ft")
+    backbone = [k for k in a if k.startswith("teacher.backbone.")]
+    assert backbone
+    for k in backbone:
+        assert torch.equal(a[k], b[k]), k  # teacher of run 1 → teacher of the fine-tuned run
+        assert torch.equal(a[k], b[k.replace("teacher.", "student.", 1)]), k
+
+
+def test_ws_dino_training_and_bad_weak_label(tmp_path):
+    prep = random_prep(tmp_path / "prep")
+    cfg = tiny_config(
+        tmp_path / "ws", "train.epochs=1", "train.weak_label=Metadata_Compound", data=prep
+    )
+    train(cfg)
+    lines = (tmp_path / "ws" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and all(np.isfinite(json.loads(x)["loss"]) for x in lines)
+    bad = tiny_config(tmp_path / "bad", "train.weak_label=Metadata_Nope", data=prep)
+    with pytest.raises(ValueError, match="Metadata_Nope.*Metadata_Compound"):
+        train(bad)

@@ -77,13 +77,15 @@ class MultiCropNet(nn.Module):
 
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """teacher ← momentum · teacher + (1 − momentum) · student, parameter by parameter."""
+    """teacher ← momentum · teacher + (1 − momentum) · student, parameter by parameter.
+
+    Computed as teacher + (1 − momentum)(student − teacher) (a lerp), which leaves a teacher that
+    equals the student exactly unchanged."""
     t_params = [p for p in teacher.parameters()]
     s_params = [p.detach() for p in student.parameters()]
     if len(t_params) != len(s_params):
         raise ValueError("teacher and student have different parameter lists")
-    torch._foreach_mul_(t_params, momentum)
-    torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
+    torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)
 
 
 @dataclass
