@@ -155,3 +155,16 @@ def test_ws_dino_training_and_bad_weak_label(tmp_path):
     bad = tiny_config(tmp_path / "bad", "train.weak_label=Metadata_Nope", data=prep)
     with pytest.raises(ValueError, match="Metadata_Nope.*Metadata_Compound"):
         train(bad)
+
+
+def test_teacher_is_deterministic_while_student_trains():
+    from celldino.models.build import build_head, build_model
+    from celldino.train.meta_arch import DINOMetaArch
+
+    cfg = tiny_config("unused", "model.drop_path_rate=0.5")
+    backbone = build_model(cfg.model)
+    meta = DINOMetaArch(backbone, build_head(cfg.model, backbone.embed_dim), out_dim=32).train()
+    assert meta.student.training and not meta.teacher.training
+    x = [torch.rand(3, 2, 16, 16)]
+    assert torch.equal(meta.teacher(x)["head"], meta.teacher(x)["head"])  # no stochastic depth
+    assert not torch.equal(meta.student(x)["head"], meta.student(x)["head"])

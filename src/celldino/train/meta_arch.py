@@ -194,6 +194,12 @@ class DINOMetaArch(nn.Module):
             "embedding_std": float(emb_std),
         }
 
+    def train(self, mode: bool = True) -> DINOMetaArch:
+        """Train mode for the student only: the teacher never uses stochastic depth."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
     def update_teacher(self, momentum: float) -> None:
         ema_update(self.teacher, self.student, momentum)
 
