@@ -68,6 +68,8 @@ class Block(nn.Module):
         self, x: torch.Tensor, return_attention: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         y, attn = self.attn(self.norm1(x), return_attention=return_attention)  # (B, N, D)
-        x = x + self.drop_path(self.ls1(y))
-        x = x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
-        return x, attn
+        x = x + self.drop_path(self.ls1(y))  # a new tensor: the caller's x is never modified
+        z = self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+        if torch.is_grad_enabled():
+            return x + z, attn
+        return x.add_(z), attn  # inference: residual added in place into our own tensor

@@ -24,4 +24,9 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) → (..., out)
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        h = self.fc1(x)  # (..., hidden)
+        if torch.is_grad_enabled():
+            h = self.act(h)
+        else:  # inference: GELU in place, saving the largest allocation of the block
+            torch.ops.aten.gelu_(h)
+        return self.drop(self.fc2(self.drop(h)))
