@@ -291,3 +291,19 @@ def test_drop_na_matches_pycytominer(lincs):
     ref = pyc_select(df[feats], features=feats, operation="drop_na_columns", na_cutoff=0.05)
     out = pp.feature_select(frame_to_anndata(df, feats), operations=["drop_na"], na_cutoff=0.05)
     assert list(out.var_names) == list(ref.columns) and feats[2] not in out.var_names
+
+
+def test_median_in_many_partitions_with_site_level(shards, monkeypatch):
+    import sys
+
+    folder, df = shards
+    monkeypatch.setattr(sys.modules["celldino.pp.aggregate"], "PARTITION_BYTES", 2000.0)
+    well = ["Metadata_Plate", "Metadata_Well"]
+    site = [*well, "Metadata_Site"]
+    adata = pp.aggregate(folder, by=well, features="emb_", method="median", levels=[site])
+    ref = df.groupby(site)[FEATS].median().reset_index().groupby(well)[FEATS].median()
+    np.testing.assert_allclose(adata.X, ref.to_numpy(np.float64), atol=1e-6)
+    assert list(adata.obs["Metadata_Count_Cells"]) == list(df.groupby(well).size())
+    assert list(adata.obs["Metadata_Compound"]) == list(
+        df.groupby(well)["Metadata_Compound"].first()
+    )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -22,12 +23,13 @@ import numpy as np
 import pandas as pd
 
 from celldino.io.profiles import frame_to_anndata, shard_paths
-from celldino.log import get_logger
+from celldino.log import get_logger, progress
 from celldino.pp.steps import record
 
 logger = get_logger(__name__)
 
 COUNT_COLUMN = "Metadata_Count_Cells"
+PARTITION_BYTES = 256e6  # median: feature bytes (as float64) per in-memory partition
 _NUMERIC = ("FLOAT", "DOUBLE", "REAL", "INTEGER", "BIGINT", "SMALLINT", "TINYINT", "HUGEINT")
 
 
@@ -93,6 +95,79 @@ def _level_sql(source: str, keys: list[str], cols: list[str], fn: str, carry: li
     return f"SELECT {', '.join(parts)} FROM {source} GROUP BY {key_sql}"
 
 
+def _mean_sql(chain: list[list[str]], feats: list[str], carry: list[str]) -> str:
+    """Level 0 reads the shards; each further level reads the previous one (a subquery)."""
+    sql = _level_sql("read_parquet(?, union_by_name=true)", chain[0], feats, "avg", carry)
+    for keys in chain[1:]:
+        key_sql = ", ".join(_q(k) for k in keys)
+        parts = [key_sql] + [f"avg({_q(c)}) AS {_q(c)}" for c in feats]
+        parts.append(f"sum({_q(COUNT_COLUMN)}) AS {_q(COUNT_COLUMN)}")
+        for m in carry:
+            lo, hi = "__min_" + m, "__max_" + m
+            parts += [f"min({_q(lo)}) AS {_q(lo)}", f"max({_q(hi)}) AS {_q(hi)}"]
+        sql = f"SELECT {', '.join(parts)} FROM ({sql}) GROUP BY {key_sql}"
+    return sql
+
+
+def _median_levels(df: pd.DataFrame, chain: list[list[str]], feats: list[str], carry: list[str]):
+    """Medians of one partition (all of its cells in memory), level by level, in pandas."""
+    for i, keys in enumerate(chain):
+        g = df.groupby(keys, sort=False, dropna=False, observed=True)
+        out = g[feats].median().astype(np.float64)
+        out[COUNT_COLUMN] = g.size() if i == 0 else g[COUNT_COLUMN].sum()
+        for m in carry:
+            lo, hi = (m, m) if i == 0 else ("__min_" + m, "__max_" + m)
+            out["__min_" + m] = g[lo].min()
+            out["__max_" + m] = g[hi].max()
+        df = out.reset_index()
+    return df
+
+
+def _median_by_partition(
+    con: duckdb.DuckDBPyConnection,
+    files: list[str],
+    chain: list[list[str]],
+    feats: list[str],
+    carry: list[str],
+    temp_dir: str | None,
+) -> pd.DataFrame:
+    """Median is holistic (every value of a group is needed), so DuckDB first splits the cells
+    into partitions by a hash of the final keys (one streaming pass, Parquet under `temp_dir`);
+    each partition (whole groups, ~256 MB of features) is then reduced in memory with pandas.
+    Peak memory ~ the largest partition."""
+    n_rows = con.execute("SELECT count(*) FROM read_parquet(?, union_by_name=true)", [files])
+    n_rows = int(n_rows.fetchone()[0])
+    n_parts = int(np.clip(np.ceil(n_rows * len(feats) * 8 / PARTITION_BYTES), 1, 512))
+    key_hash = f"hash({', '.join(_q(k) for k in chain[-1])}) % {n_parts}"
+    cols = list(dict.fromkeys([*chain[0], *carry, *feats]))
+    tmp = Path(tempfile.mkdtemp(prefix="celldino_median_", dir=temp_dir))
+    try:
+        for setting in ("partitioned_write_flush_threshold = 20000",):
+            try:
+                con.execute(f"SET {setting}")
+            except duckdb.Error:
+                pass
+        sel = ", ".join(_q(c) for c in cols)
+        con.execute(
+            f"COPY (SELECT {sel}, {key_hash} AS __part "
+            "FROM read_parquet(?, union_by_name=true)) "
+            f"TO '{tmp}' (FORMAT parquet, PARTITION_BY (__part), ROW_GROUP_SIZE 20000)",
+            [files],
+        )
+        parts = sorted(p for p in tmp.iterdir() if p.is_dir())
+        frames = []
+        for p in progress(parts, desc="median per partition"):
+            cells = con.execute(
+                "SELECT * EXCLUDE (__part) FROM read_parquet(?, hive_partitioning=true)",
+                [str(p / "*.parquet")],
+            ).fetchdf()
+            frames.append(_median_levels(cells, chain, feats, carry))
+            del cells
+        return pd.concat(frames, ignore_index=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def aggregate(
     source: str | Path | Sequence[str | Path],
     *,
@@ -132,26 +207,16 @@ def aggregate(
     if carry is None:
         carry = [c for c in cols if c.startswith("Metadata_") and c not in all_keys]
     carry = [c for c in carry if c not in all_keys]
-    fn = "avg" if method == "mean" else "median"
-
-    # level 0 reads the shards; each further level reads the previous one (a subquery)
-    source_sql = "read_parquet(?, union_by_name=true)"
-    sql = _level_sql(source_sql, chain[0], feats, fn, carry)
-    for keys in chain[1:]:
-        inner_carry = [("__min_" + m, "__max_" + m) for m in carry]
-        key_sql = ", ".join(_q(k) for k in keys)
-        parts = [key_sql] + [f"{fn}({_q(c)}) AS {_q(c)}" for c in feats]
-        parts.append(f"sum({_q(COUNT_COLUMN)}) AS {_q(COUNT_COLUMN)}")
-        for lo, hi in inner_carry:
-            parts += [f"min({_q(lo)}) AS {_q(lo)}", f"max({_q(hi)}) AS {_q(hi)}"]
-        sql = f"SELECT {', '.join(parts)} FROM ({sql}) GROUP BY {key_sql}"
-    sql += " ORDER BY " + ", ".join(_q(k) for k in by)
     logger.info(
         "aggregating %d shard(s) by %s (%s of %d features, DuckDB memory_limit=%s)",
         len(files), by, method, len(feats), memory_limit,
     )  # fmt: skip
-    df = con.execute(sql, [files]).fetchdf()
+    if method == "mean":
+        df = con.execute(_mean_sql(chain, feats, carry), [files]).fetchdf()
+    else:
+        df = _median_by_partition(con, files, chain, feats, carry, temp_dir)
     con.close()
+    df = df.sort_values(by, kind="stable").reset_index(drop=True)
 
     kept: list[str] = []
     for m in carry:
