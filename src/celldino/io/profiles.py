@@ -32,7 +32,11 @@ def shard_paths(inputs: str | Path | list | tuple) -> list[str]:
                 raise FileNotFoundError(f"no Parquet files match {s!r}")
             out += hits
         elif Path(s).is_dir():
-            hits = sorted(str(p) for p in Path(s).rglob("*.parquet"))
+            hits = sorted(
+                str(p)
+                for p in Path(s).rglob("*.parquet")
+                if not p.name.startswith((".", "_"))  # temporary / hidden files of writers
+            )
             if not hits:
                 raise FileNotFoundError(f"folder {s} holds no *.parquet shards")
             out += hits
