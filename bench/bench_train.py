@@ -53,7 +53,7 @@ def step(meta, opt, crops: list[torch.Tensor], amp: bool) -> float:
     torch.nn.utils.clip_grad_norm_(meta.student.parameters(), 3.0)
     opt.step()
     meta.update_teacher(0.996)
-    return float(loss)
+    return float(loss.detach())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -103,26 +103,25 @@ def main(argv: list[str] | None = None) -> None:
     def bare() -> None:
         step(meta, opt, fixed, amp)
 
-    results = {}
-    for name, fn in [
-        ("celldino step", ours),
-        ("per-sample aug + step", peer),
-        ("model only", bare),
-    ]:
+    variants = {"celldino step": ours, "per-sample aug + step": peer, "model only": bare}
+    for fn in variants.values():
         fn()  # warm-up
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(args.steps):  # round-robin, so load changes on a shared machine hit all alike
+        for name, fn in variants.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
             fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        results[name] = args.batch * args.steps / (time.perf_counter() - t0)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t0)
+    results = {name: args.batch / float(np.median(t)) for name, t in times.items()}
 
     peer_rate = results["per-sample aug + step"]
     print(
         f"\nViT-S/16 DINO training, 5 channels, 2x224 + 8x96 crops, out_dim {args.out_dim}, "
-        f"batch {args.batch}, {args.steps} steps, {device} ({torch.get_num_threads()} threads)"
+        f"batch {args.batch}, median of {args.steps} steps, {device} ({torch.get_num_threads()} threads)"
     )
     print("| variant | images/s | vs per-sample aug |")
     print("|---|---:|---:|")
