@@ -177,6 +177,28 @@ def test_channelwise_rgb_model(prep, tmp_path):
     np.testing.assert_allclose(_emb(read_embeddings(out)), ref.numpy(), atol=1e-4, rtol=1e-4)
 
 
+def test_dino4cells_torch_checkpoint(prep, tmp_path):
+    """A DINO4Cells-style training checkpoint (.pth: teacher/student with `module.backbone.`
+    prefixes, head weights and an argparse Namespace) loads without unpickling objects."""
+    import argparse
+
+    torch.manual_seed(5)
+    teacher, student = build_model(_model_config()).eval(), build_model(_model_config())
+    ckpt = {
+        "teacher": {f"module.backbone.{k}": v for k, v in teacher.state_dict().items()}
+        | {"module.head.last_layer.weight": torch.zeros(8, 4)},
+        "student": {f"module.backbone.{k}": v for k, v in student.state_dict().items()},
+        "epoch": 100,
+        "args": argparse.Namespace(arch="vit_tiny", patch_size=16),
+    }
+    torch.save(ckpt, tmp_path / "checkpoint.pth")
+    out = extract(_cfg(prep, tmp_path / "checkpoint.pth", tmp_path / "d4c"))
+    with torch.no_grad():
+        ref = teacher(_crops(prep))["cls"].numpy()
+    np.testing.assert_allclose(_emb(read_embeddings(out)), ref, atol=1e-5, rtol=1e-5)
+    assert read_manifest(out)["model_config"]["arch"] == "vit_tiny"
+
+
 def test_whole_fields_center4_median_and_tiles(prep, run, tmp_path):
     from celldino.data import FieldDataset
 
