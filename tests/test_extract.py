@@ -377,15 +377,16 @@ def test_cli_extract(prep, run, reference, tmp_path, capsys):
         f"extract.out_dir={out}",
         "extract.batch_size=64",
     ]
-    assert main(args + ["--format", "h5ad"]) == 0
+    assert main(args[:2] + ["--format", "h5ad"] + args[2:]) == 0  # flags anywhere
     assert (out / "embeddings.h5ad").exists()
     np.testing.assert_allclose(
         _emb(read_embeddings(out)), reference["cls"].numpy(), atol=1e-5, rtol=1e-5
     )
     assert main(args + ["extract.feature=patch_mean"]) == 2  # refused: other options
-    assert main(args + ["extract.feature=patch_mean", "--overwrite"]) == 0
+    assert main(["extract", "--overwrite"] + args[1:] + ["extract.feature=patch_mean"]) == 0
     assert json.loads((out / MANIFEST).read_text())["features"]["feature"] == "patch_mean"
     assert main(["extract", f"extract.checkpoint={run[0]}", f"extract.data={tmp_path}"]) == 2
+    assert main(args + ["--format", "zarr"]) == 2  # not a format: one error line
 
 
 @pytest.mark.slow

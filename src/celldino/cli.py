@@ -97,8 +97,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_extract(args: argparse.Namespace) -> int:
     from celldino.extract import extract
 
-    flags = ["extract.overwrite=true"] if args.overwrite else []
-    flags += [f"extract.format={args.format}"] if args.format else []
+    # --overwrite / --format take the key=value settings that follow them (argparse would drop
+    # settings written after an option), so flags and settings may come in any order
+    flags, extra = [], []
+    if args.overwrite is not None:
+        flags.append("extract.overwrite=true")
+        extra += args.overwrite
+    if args.format:
+        fmt, *rest = args.format
+        flags.append(f"extract.format={fmt}")
+        extra += rest
+    args.settings = list(args.settings) + extra
     cfg = _config(args, flags)
     try:
         print(extract(cfg.extract))
@@ -162,12 +171,12 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int], list[str], l
             (
                 "--overwrite",
                 "replace embeddings made with another checkpoint or options (extract.overwrite)",
-                {"action": "store_true"},
+                {"nargs": "*", "metavar": "key=value", "default": None},
             ),
             (
                 "--format",
                 "parquet, or h5ad to write embeddings.h5ad too (extract.format)",
-                {"choices": ["parquet", "h5ad"], "default": None},
+                {"nargs": "+", "metavar": ("FORMAT", "key=value"), "default": None},
             ),
         ],
     ),
