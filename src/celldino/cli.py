@@ -15,6 +15,7 @@ from celldino import __version__, log
 from celldino import config as C
 
 logger = log.get_logger(__name__)
+DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 
 
 def _split(items: list[str]) -> tuple[str | None, list[str]]:
@@ -129,12 +130,44 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _not_yet(name: str) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        logger.error("`celldino %s` is not available in this version yet.", name)
-        return 2
+def cmd_report(args: argparse.Namespace) -> int:
+    from celldino.pl.report import build_report
 
-    return run
+    cfg = _config(args)
+    out = args.out or Path(args.run_dir) / "report.html"
+    try:
+        print(build_report(args.run_dir, out=out, title=cfg.report.title))
+    except FileNotFoundError as e:
+        logger.error("report: %s", e)
+        return 2
+    return 0
+
+
+def _run_pipeline(args: argparse.Namespace, demo: bool) -> int:
+    from celldino.pipeline import StageError, run_demo, run_pipeline
+
+    out_dir = getattr(args, "out_dir", None)
+    if out_dir is not None and ("=" in str(out_dir) or str(out_dir).endswith((".yaml", ".yml"))):
+        args.settings, out_dir = [str(out_dir)] + list(args.settings), None  # a setting, not a dir
+    extra = [f"run.out_dir={out_dir}"] if out_dir else []
+    if demo and not any(str(s).endswith((".yaml", ".yml")) for s in args.settings):
+        args.settings = [str(DEMO_CONFIG)] + list(args.settings)
+    cfg = _config(args, extra)
+    try:
+        out = run_demo(cfg) if demo else run_pipeline(cfg, force=tuple(args.force or ()))
+    except StageError as e:
+        logger.error("%s", e)
+        return 1
+    print(out)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    return _run_pipeline(args, demo=False)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    return _run_pipeline(args, demo=True)
 
 
 # name → (help, handler, config sections shown in --help, extra positional arguments)
@@ -201,17 +234,38 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int], list[str], l
     ),
     "report": (
         "metrics and plots → one self-contained report.html",
-        _not_yet("report"),
+        cmd_report,
         ["report"],
-        [],
+        [
+            ("run_dir", "run directory written by `celldino run` or `celldino demo`"),
+            ("--out", "where to write the report (default RUN_DIR/report.html)", {"type": Path}),
+        ],
     ),
     "run": (
-        "the whole pipeline from one config, skipping finished stages",
-        _not_yet("run"),
-        [],
-        [],
+        "prepare → train → extract → profile → evaluate → report from one config; "
+        "finished stages are skipped by fingerprint",
+        cmd_run,
+        ["run"],
+        [
+            (
+                "--force",
+                "redo these stages even when up to date (run.force)",
+                {"nargs": "+", "metavar": "STAGE", "choices": list(C.PIPELINE_STAGES)},
+            )
+        ],
     ),
-    "demo": ("the whole pipeline on the built-in synthetic screen", _not_yet("demo"), [], []),
+    "demo": (
+        "the whole pipeline on the built-in synthetic screen (configs/demo.yaml); prints the report path",
+        cmd_demo,
+        ["run", "synth"],
+        [
+            (
+                "out_dir",
+                "run directory (default: run.out_dir of the config, demo_out/)",
+                {"nargs": "?", "type": Path, "default": None},
+            )
+        ],
+    ),
 }
 
 

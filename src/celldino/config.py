@@ -37,6 +37,9 @@ class SynthConfig:
     seed: int = 0  # random seed; the same seed gives byte-identical files
     n_plates: int = 0  # plates (0 = take from the preset)
     n_batches: int = 0  # experimental batches the plates are spread over (0 = preset)
+    n_moas: int = 0  # mechanisms of action, 1 to 6 (0 = preset)
+    compounds_per_moa: int = 0  # compounds per MoA; 2+ makes NSC meaningful (0 = preset)
+    n_doses: int = 0  # doses per compound, log-spaced 0.3 to 30 uM (0 = preset)
     wells_per_compound: int = 0  # replicate wells per compound and dose on each plate (0 = preset)
     control_wells: int = 0  # negative-control (DMSO) wells per plate (0 = preset)
     sites_per_well: int = 0  # fields of view per well (0 = preset)
@@ -95,6 +98,7 @@ class PrepareConfig:
 class ModelConfig:
     arch: str = "vit_tiny"  # backbone: vit_tiny, vit_small, vit_base, vit_large
     patch_size: int = 16  # patch side in pixels: 8, 14 or 16
+    depth: int = 0  # transformer blocks (0 = the architecture's own; e.g. 4 for quick CPU runs)
     channel_mode: str = "multichannel"  # multichannel, channelwise or channel_adaptive
     in_chans: int = 5  # input channels (channel_adaptive: number of known channels)
     backbone_chans: int = 3  # channelwise: channels of the shared backbone (3 = RGB model, or 1)
@@ -257,6 +261,20 @@ class EvaluateConfig:
 @dataclass(frozen=True)
 class ReportConfig:
     out: str = "runs/report.html"  # the self-contained HTML report
+    title: str = "celldino report"  # heading of the report
+
+
+PIPELINE_STAGES = ("prepare", "train", "extract", "profile", "evaluate", "report")
+BASELINES = ("engineered", "pca_engineered", "random_init")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    out_dir: str = "runs/pipeline"  # run directory of `celldino run` / `demo` (every stage's outputs)
+    stages: tuple[str, ...] = PIPELINE_STAGES  # stages to run (prepare … report), in this order
+    force: tuple[str, ...] = ()  # stages to redo even when their fingerprint matches (--force)
+    baselines: tuple[str, ...] = BASELINES  # feature sets evaluated beside the learned embeddings
+    eval_spec: str = ""  # evaluation spec YAML (empty = NSC, NSCB, mAP and kNN F1 on well profiles)
 
 
 @dataclass(frozen=True)
@@ -270,6 +288,7 @@ class Config:
     profile: ProfileConfig = field(default_factory=ProfileConfig)  # embeddings → profiles
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)  # profiles → metrics
     report: ReportConfig = field(default_factory=ReportConfig)  # metrics → report.html
+    run: RunConfig = field(default_factory=RunConfig)  # the whole pipeline (`celldino run`, `demo`)
 
 
 # --------------------------------------------------------------------------------------------
@@ -457,7 +476,9 @@ def field_docs(cls: type) -> dict[str, str]:
         src = inspect.getsource(cls)
     except (OSError, TypeError):
         return {}
-    return {m.group(1): m.group(2).strip() for line in src.splitlines() if (m := _FIELD_RE.match(line))}
+    return {
+        m.group(1): m.group(2).strip() for line in src.splitlines() if (m := _FIELD_RE.match(line))
+    }
 
 
 def describe(cls: type, prefix: str) -> str:

@@ -61,8 +61,8 @@ class Layout:
 PRESETS: dict[str, Layout] = {
     # 32 sites, ~300 cells: seconds; enough for every stage's tests.
     "tiny": Layout(2, 2, 3, 2, (1.0, 10.0), 1, 4, 1, 128, 10, 2),
-    # 256 sites, ~7,000 cells: the demo (under a minute to draw).
-    "demo": Layout(4, 2, 4, 2, (0.3, 3.0, 30.0), 1, 8, 2, 256, 30, 4),
+    # 128 sites, ~3,800 cells: the demo (seconds to draw).
+    "demo": Layout(4, 2, 4, 2, (0.3, 3.0, 30.0), 1, 8, 1, 256, 30, 4),
 }
 
 
