@@ -45,7 +45,9 @@ def _package(path: Path) -> str:
 
 @pytest.mark.parametrize("pkg", sorted(FORBIDDEN))
 def test_imports_go_one_way(pkg):
-    files = [SRC / f"{pkg}.py"] if (SRC / f"{pkg}.py").exists() else sorted((SRC / pkg).rglob("*.py"))
+    files = (
+        [SRC / f"{pkg}.py"] if (SRC / f"{pkg}.py").exists() else sorted((SRC / pkg).rglob("*.py"))
+    )
     assert files, f"no sources for {pkg}"
     bad = []
     for f in files:
@@ -53,8 +55,20 @@ def test_imports_go_one_way(pkg):
             parts = name.split(".")
             if parts[0] == "celldino" and len(parts) > 1 and parts[1] in FORBIDDEN[pkg]:
                 bad.append(f"{f.relative_to(SRC)} imports {name}")
-            if pkg in THIRD_PARTY_ONLY_TORCH and parts[0] not in ("torch", "celldino", "__future__", "math", "typing", "collections", "dataclasses", "functools", "warnings"):
-                bad.append(f"{f.relative_to(SRC)} imports {name} (layers/ and losses/ import only torch)")
+            if pkg in THIRD_PARTY_ONLY_TORCH and parts[0] not in (
+                "torch",
+                "celldino",
+                "__future__",
+                "math",
+                "typing",
+                "collections",
+                "dataclasses",
+                "functools",
+                "warnings",
+            ):
+                bad.append(
+                    f"{f.relative_to(SRC)} imports {name} (layers/ and losses/ import only torch)"
+                )
     assert not bad, "\n".join(bad)
 
 

@@ -78,3 +78,20 @@ def test_cli_help_lists_every_synth_setting(capsys):
 def test_cli_rejects_bad_setting(capsys, tmp_path):
     assert cli.main(["synth", str(tmp_path), "synth.nope=1"]) == 2
     assert cli.main(["synth", str(tmp_path), "not_a_yaml"]) == 2
+
+
+@dataclasses.dataclass(frozen=True)
+class _Wrapped:
+    plain: int = 1  # a plain comment
+    wrapped: tuple[str, ...] = (
+        "a",
+        "b",
+    )  # the formatter moved this comment to the closing line
+    bare: int = 2
+
+
+def test_field_docs_survive_formatter_wrapping():
+    assert C.field_docs(_Wrapped) == {
+        "plain": "a plain comment",
+        "wrapped": "the formatter moved this comment to the closing line",
+    }

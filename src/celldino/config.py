@@ -10,9 +10,12 @@ and the docs show them (the comment is the documentation).
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import inspect
-import re
+import io
+import textwrap
+import tokenize
 import types
 import typing
 from dataclasses import dataclass, field
@@ -253,7 +256,9 @@ class EvaluateConfig:
     spec: str = ""  # evaluation spec YAML (feature sets, columns, analyses); --spec sets it
     null_size: int = 10000  # permutations in each mAP null distribution (copairs' null_size)
     threshold: float = 0.05  # significance level for BH-corrected mAP p-values
-    map_method: str = "auto"  # mAP backend: auto (copairs when small, else blocked), copairs, blocked
+    map_method: str = (
+        "auto"  # mAP backend: auto (copairs when small, else blocked), copairs, blocked
+    )
     map_memory_mb: int = 256  # working memory of one block of queries in the blocked mAP
     resume: bool = True  # keep finished (feature set, analysis) parts of an earlier run
 
@@ -270,7 +275,9 @@ BASELINES = ("engineered", "pca_engineered", "random_init")
 
 @dataclass(frozen=True)
 class RunConfig:
-    out_dir: str = "runs/pipeline"  # run directory of `celldino run` / `demo` (every stage's outputs)
+    out_dir: str = (
+        "runs/pipeline"  # run directory of `celldino run` / `demo` (every stage's outputs)
+    )
     stages: tuple[str, ...] = PIPELINE_STAGES  # stages to run (prepare … report), in this order
     force: tuple[str, ...] = ()  # stages to redo even when their fingerprint matches (--force)
     baselines: tuple[str, ...] = BASELINES  # feature sets evaluated beside the learned embeddings
@@ -467,18 +474,27 @@ def save_config(cfg: Any, path: str | Path) -> Path:
     return atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-_FIELD_RE = re.compile(r"^\s+(\w+)\s*:\s*[^#]*?#\s*(.+)$")
-
-
 def field_docs(cls: type) -> dict[str, str]:
-    """The one-line comment of each field, read from the class source."""
+    """The one-line comment of each field, read from the class source.
+
+    The comment may sit on any line of the field's statement (a formatter may wrap long ones).
+    """
     try:
-        src = inspect.getsource(cls)
+        src = textwrap.dedent(inspect.getsource(cls))
     except (OSError, TypeError):
         return {}
-    return {
-        m.group(1): m.group(2).strip() for line in src.splitlines() if (m := _FIELD_RE.match(line))
-    }
+    comments: dict[int, str] = {}
+    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = tok.string.lstrip("#").strip()
+    docs = {}
+    for node in ast.parse(src).body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            lines = range(node.lineno, (node.end_lineno or node.lineno) + 1)
+            found = [comments[i] for i in lines if i in comments]
+            if found:
+                docs[node.target.id] = " ".join(found)
+    return docs
 
 
 def describe(cls: type, prefix: str) -> str:
