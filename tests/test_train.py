@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 from celldino import cli
+from celldino.diagnostics import collapse_message
 from celldino.train import train
 from celldino.train.loop import sample_masks, step_generator
-from celldino.train.meta_arch import collapse_message, ema_update
+from celldino.train.meta_arch import ema_update
 from celldino.train.sampler import StepBatchSampler, WeakLabelPairSampler
 from train_helpers import one_thread, random_prep, tiny_config, weights  # noqa: F401
 

@@ -28,11 +28,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from celldino.augment import N_GLOBAL_CROPS, MultiCrop
 from celldino.config import Config, save_config
+from celldino.diagnostics import collapse_message
 from celldino.log import console, get_logger
 from celldino.models.build import build_head, build_model
 from celldino.train import checkpoint, distributed
 from celldino.train import schedules as S
-from celldino.train.meta_arch import DINOMetaArch, collapse_message
+from celldino.train.meta_arch import DINOMetaArch
 from celldino.train.sampler import StepBatchSampler, WeakLabelPairSampler
 
 logger = get_logger(__name__)
