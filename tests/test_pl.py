@@ -140,8 +140,13 @@ def test_report_table_marks_best_and_escapes():
         {"learned": [0.8, 0.01], "engineered": [0.6, 0.2]},
         index=pd.Index(["NSC", "p_value"], name="metric"),
     )
+    wide.loc["nsc: NSC_n"] = [24, 20]
+    wide.loc["tied"] = [0.5, 0.5]
     best = best_per_row(wide)
-    assert best == {"NSC": "learned", "p_value": "learned"}  # p-values: lower is better
+    assert best == {
+        "NSC": "learned",
+        "p_value": "learned",
+    }  # p-values: lower is better; no counts, no ties
     wide.loc["<b>x</b>"] = [0.1, 0.2]
     out = html_table(wide, best=best)
     assert '<td class="best">0.800 ★</td>' in out

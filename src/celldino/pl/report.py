@@ -90,12 +90,20 @@ def html_table(df: pd.DataFrame, *, best: dict[str, str] | None = None, caption:
     return f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
 
+def _is_count(label: str) -> bool:
+    name = label.rsplit(":", 1)[-1].strip()
+    return name.startswith("n_") or name.endswith("_n")
+
+
 def best_per_row(wide: pd.DataFrame) -> dict[str, str]:
-    """Column holding the best value of each row (max, or min for LOWER_IS_BETTER metrics)."""
+    """Column holding the best value of each row (max, or min for LOWER_IS_BETTER metrics).
+
+    Rows of counts (`n_groups`, `NSC_n`) and rows where every value ties have no best.
+    """
     out = {}
     for idx, row in wide.iterrows():
         vals = pd.to_numeric(row, errors="coerce")
-        if vals.notna().sum() < 2:
+        if vals.notna().sum() < 2 or _is_count(str(idx)) or vals.nunique() < 2:
             continue
         lower = any(k in str(idx) for k in LOWER_IS_BETTER)
         out[str(idx)] = str(vals.idxmin() if lower else vals.idxmax())

@@ -82,7 +82,7 @@ def section_data(run: Path) -> Section:
             montage(crops, cells[label].to_numpy()[pick], channels, per_group=6),
             f"Example single-cell crops per {label.removeprefix('Metadata_')} (false colour: "
             + ", ".join(f"{c}" for c in channels)
-            + "; colour map in docs/plots.md)",
+            + "; colour map in docs/pipeline.md)",
         )
     return sec
 
@@ -196,7 +196,7 @@ def section_evaluation(run: Path) -> Section:
     sec.text(
         "NSC / NSCB: 1-nearest-neighbour MoA accuracy over treatment profiles excluding the same compound "
         "(and the same batch); mAP: mean average precision of replicate / MoA retrieval (copairs definition); "
-        "kNN F1: macro-F1 of a cosine kNN classifier on single cells, split by plate."
+        "kNN F1: macro-F1 of a cosine kNN MoA classifier on well profiles, tested on a held-out plate."
     )
     summary = lay.eval / "summary.json"
     if summary.exists():
