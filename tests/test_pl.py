@@ -58,7 +58,7 @@ def test_similarity_heatmap_and_confusion_save(tmp_path):
     texts = sorted(t.get_text() for t in fig.axes[0].texts)
     assert texts == ["0.00", "0.50", "0.50", "1.00"]  # row-normalised by hand
     with pytest.raises(ValueError, match="use .png, .svg or .pdf"):
-        pl.confusion_matrix(["a"], ["a"], save=tmp_path / "c.gif")
+        pl.confusion_matrix(["a", "b"], ["a", "b"], save=tmp_path / "c.gif")
 
 
 def test_training_curves_from_metrics(tmp_path):

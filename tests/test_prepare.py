@@ -196,3 +196,23 @@ def test_pediatric_site_from_cellprofiler_locations(cellpainting_fovs, tmp_path)
     assert np.allclose(sorted(cells.Metadata_Cell_Center_X), sorted(loc.Nuclei_Location_Center_X))
     arr = zarr.open_array(str(out / "crops.zarr"))
     assert arr.shape == (5, 6, 96, 96) and arr.attrs["channels"][0] == "DNA"
+
+
+@pytest.mark.slow
+def test_jump_site_end_to_end_with_watershed_and_features(cellpainting_fovs, tmp_path):
+    """The CPJUMP1 site (3 channels, ~180 nuclei per the data README): segmented by celldino."""
+    root = cellpainting_fovs / "JUMP_plate_BR00117006" / "images" / "orig"
+    cfg = PrepareConfig(image_dir=str(root), pattern="opera_phenix",
+                        channel_map={"5": "DNA", "2": "AGP", "3": "RNA"}, channels=("DNA", "RNA", "AGP"),
+                        plate="BR00117006", cell_channel="AGP", illumination=False,
+                        qc_exclude=False, out_dir=str(tmp_path / "o"))  # fmt: skip
+    out = prepare(cfg)
+    cells = pd.read_parquet(out / "cells.parquet")
+    feats = pd.read_parquet(out / "engineered.parquet")
+    assert 120 <= len(cells) <= 240, len(cells)  # roughly 180 nuclei, border cells dropped
+    assert zarr.open_array(str(out / "crops.zarr")).attrs["channels"] == ["DNA", "RNA", "AGP"]
+    assert len(feats) == len(cells)
+    assert list(feats.Metadata_CellID) == list(cells.Metadata_CellID)
+    cp = [c for c in feats.columns if c.startswith("CP_")]
+    assert any("DNA" in c for c in cp) and any("AGP" in c for c in cp)
+    assert np.isfinite(feats[cp].to_numpy(float)).mean() > 0.99
