@@ -26,10 +26,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from celldino import log
 from celldino.augment import N_GLOBAL_CROPS, MultiCrop
 from celldino.config import Config, save_config
 from celldino.diagnostics import collapse_message
-from celldino.log import console, get_logger
+from celldino.log import get_logger
 from celldino.models.build import build_head, build_model
 from celldino.train import checkpoint, distributed
 from celldino.train import schedules as S
@@ -125,44 +126,6 @@ def _weak_labels(dataset: Dataset, column: str) -> list:
         cols = [c for c in meta.columns if c.startswith("Metadata_")]
         raise ValueError(f"train.weak_label={column!r} is not a metadata column (have: {cols})")
     return meta[column].tolist()
-
-
-class _Bar:
-    """A rich progress bar with the latest diagnostics, hidden when logging is quiet."""
-
-    def __init__(self, total: int, done: int, enabled: bool) -> None:
-        self.progress = None
-        if enabled and logger.isEnabledFor(logging.INFO):
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self.progress = Progress(
-                TextColumn("[bold]train"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                TimeRemainingColumn(),
-                TextColumn("{task.fields[info]}"),
-                console=console,
-                transient=not console.is_terminal,
-            )
-            self.task = self.progress.add_task("train", total=total, completed=done, info="")
-            self.progress.start()
-
-    def update(self, info: str | None = None) -> None:
-        if self.progress is not None:
-            kw = {"info": info} if info is not None else {}
-            self.progress.update(self.task, advance=1, **kw)
-
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
 
 
 def train(
@@ -283,7 +246,8 @@ def _train(
     warmup_steps = int(round(tc.warmup_epochs * spe))
     temp_warmup_steps = int(round(tc.warmup_teacher_temp_epochs * spe))
     use_amp = tc.amp and device.type == "cuda"
-    bar = _Bar(total_steps, step, info.is_main)
+    enabled = info.is_main and logger.isEnabledFor(logging.INFO)
+    bar = log.ProgressBar("train", total=total_steps, done=step, enabled=enabled)
     metrics_path = run_dir / "metrics.jsonl"
     warned = False
     t0, seen = time.perf_counter(), 0
