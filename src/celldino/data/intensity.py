@@ -37,7 +37,8 @@ def pixel_sample(image: np.ndarray, n: int = 4096, seed: int = 0) -> np.ndarray:
 
 
 def normalise(x: np.ndarray, stats: dict, lo=None, hi=None) -> np.ndarray:
-    """Apply the recorded option to (..., C, H, W); lo/hi are (C,) for the percentile options."""
+    """Apply the recorded option to (..., C, H, W); lo/hi are (..., C) for the percentile options
+    (one (C,) pair for a crop, or (N, C) for a batch of N crops)."""
     x = x.astype(np.float32, copy=False)
     method = stats.get("method", "none")
     if method == "none":
@@ -46,8 +47,8 @@ def normalise(x: np.ndarray, stats: dict, lo=None, hi=None) -> np.ndarray:
         return x / float(stats["divisor"])
     if lo is None or hi is None:
         raise ValueError(f"normalization {method} needs per-channel lo and hi")
-    lo = np.asarray(lo, np.float32)[:, None, None]
-    hi = np.asarray(hi, np.float32)[:, None, None]
+    lo = np.asarray(lo, np.float32)[..., None, None]
+    hi = np.asarray(hi, np.float32)[..., None, None]
     return np.clip((x - lo) / np.maximum(hi - lo, 1e-6), 0.0, 1.0)
 
 
