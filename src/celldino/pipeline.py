@@ -249,7 +249,7 @@ def run_pipeline(cfg: Config, *, force: tuple[str, ...] = ()) -> Path:
         record["fingerprint"] = fp
         write_json(lay.manifest, record)
         logger.info("stage %s: done in %.1f s", stage, record["stages"][stage]["seconds"])
-    return Path(cfg.report.out) if "report" in cfg.run.stages else lay.root
+    return (Path(cfg.report.out) if "report" in cfg.run.stages else lay.root).resolve()
 
 
 def run_demo(cfg: Config) -> Path:
