@@ -267,8 +267,9 @@ class Killed(RuntimeError):
     pass
 
 
-def test_killed_and_rerun_has_every_cell_once(prep, run, tmp_path):
-    cfg = _cfg(prep, run[0], tmp_path / "k", shard_size=32)
+@pytest.mark.parametrize("overwrite", [False, True])  # overwrite: as `celldino run` reruns it
+def test_killed_and_rerun_has_every_cell_once(prep, run, tmp_path, overwrite):
+    cfg = _cfg(prep, run[0], tmp_path / "k", shard_size=32, overwrite=overwrite)
     seen: list[int] = []
 
     def die_after_two(k: int) -> None:

@@ -400,8 +400,9 @@ def extract(cfg: ExtractConfig, *, after_shard: Callable[[int], None] | None = N
     }
     old = read_manifest(out_dir)
     stray = out_dir.exists() and any(out_dir.glob("part-*.parquet"))
+    diffs = identity_differences(old, manifest) if old is not None else []
     if not cfg.overwrite:
-        if old is not None and (diffs := identity_differences(old, manifest)):
+        if diffs:
             raise ExtractError(
                 f"{out_dir} holds embeddings made with other settings ("
                 + "; ".join(diffs[:6])
@@ -415,10 +416,13 @@ def extract(cfg: ExtractConfig, *, after_shard: Callable[[int], None] | None = N
             )
     if ranks.rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        if cfg.overwrite and (old is not None or stray):
+        # overwrite replaces only embeddings of another identity: the same checkpoint,
+        # options and data resume from the finished shards, with or without overwrite
+        replace = cfg.overwrite and (bool(diffs) or (old is None and stray))
+        if replace:
             logger.info("overwrite: removing the earlier extraction in %s", out_dir)
             clear_outputs(out_dir)
-        if cfg.overwrite or old is None:
+        if replace or old is None:
             write_manifest(out_dir, manifest)
     ranks.barrier()
 
