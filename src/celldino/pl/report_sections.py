@@ -21,11 +21,29 @@ MAX_UMAP_CELLS = 3000  # cells drawn in a UMAP (a random subset of larger screen
 FIELD_KEYS = ["Metadata_Plate", "Metadata_Well", "Metadata_Site"]
 
 
-def _label_column(obs: pd.DataFrame) -> str | None:
+def _label_column(columns) -> str | None:
+    """The metadata column to group and colour cells by (MoA, else compound), or None."""
     for col in ("Metadata_MoA", "Metadata_moa", "Metadata_Compound", "Metadata_Treatment"):
-        if col in obs.columns:
+        if col in columns:
             return col
     return None
+
+
+def _query(sql: str, *params) -> pd.DataFrame:
+    """Run SQL over Parquet files with DuckDB: counts and samples without loading whole tables."""
+    import duckdb
+
+    con = duckdb.connect()
+    try:
+        return con.execute(sql, list(params)).df()
+    finally:
+        con.close()
+
+
+def _columns(path: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return list(pq.read_schema(path).names)
 
 
 def section_data(run: Path) -> Section:
@@ -35,26 +53,37 @@ def section_data(run: Path) -> Section:
     if not cells_path.exists():
         sec.missing("cells table", "celldino prepare")
         return sec
-    cells = pd.read_parquet(cells_path)
+    cols = _columns(cells_path)
+    src = f"read_parquet('{cells_path}', file_row_number = true)"
+
+    def n_distinct(keys: list[str]) -> int:
+        keys = [k for k in keys if k in cols]
+        if not keys:
+            return 0
+        return int(
+            _query(f"SELECT count(*) AS n FROM (SELECT DISTINCT {_sql_cols(keys)} FROM {src})").n[0]
+        )
+
     summary = {
-        "cells": len(cells),
-        "plates": cells["Metadata_Plate"].nunique() if "Metadata_Plate" in cells else 1,
-        "wells": cells.groupby(["Metadata_Plate", "Metadata_Well"]).ngroups
-        if "Metadata_Well" in cells
-        else 0,
-        "fields of view": cells.groupby([c for c in FIELD_KEYS if c in cells]).ngroups,
+        "cells": int(_query(f"SELECT count(*) AS n FROM {src}").n[0]),
+        "plates": n_distinct(["Metadata_Plate"]),
+        "wells": n_distinct(["Metadata_Plate", "Metadata_Well"]),
+        "fields of view": n_distinct(FIELD_KEYS),
     }
     sec.table(pd.DataFrame({"count": summary}).rename_axis("what"), caption="Prepared data")
-    if "Metadata_Plate" in cells:
-        per_plate = cells.groupby("Metadata_Plate").size().rename("cells").to_frame()
-        per_plate.index = per_plate.index.astype(str)
+    if "Metadata_Plate" in cols:
+        per_plate = _query(
+            f'SELECT CAST("Metadata_Plate" AS VARCHAR) AS "Metadata_Plate", count(*) AS cells '
+            f"FROM {src} GROUP BY 1 ORDER BY 1"
+        ).set_index("Metadata_Plate")
         sec.table(per_plate, caption="Cells per plate")
     qc_path = lay.prep / "qc.parquet"
     if qc_path.exists():
-        qc = pd.read_parquet(qc_path)
-        flag_cols = [c for c in qc.columns if c.startswith("qc_") and qc[c].dtype == bool]
+        qc = pd.read_parquet(qc_path)  # one row per image: small
+        flag_cols = [c for c in qc.columns if c.startswith("QC_Flag_") and qc[c].dtype == bool]
         if flag_cols:
             counts = qc[flag_cols].sum().rename("images flagged").to_frame()
+            counts.index = [c.removeprefix("QC_Flag_") for c in flag_cols]
             counts.loc["total images"] = len(qc)
             sec.table(
                 counts.rename_axis("QC flag"),
@@ -66,25 +95,30 @@ def section_data(run: Path) -> Section:
         if len(sk):
             sec.table(sk.head(20).set_index(sk.columns[0]), caption=f"Skipped images ({len(sk)})")
     crops_path = lay.prep / "crops.zarr"
-    label = _label_column(cells)
+    label = _label_column(cols)
     if crops_path.exists() and label:
         import zarr
 
         arr = zarr.open_array(str(crops_path), mode="r")
         channels = list(arr.attrs.get("channels", [f"ch{i}" for i in range(arr.shape[1])]))
-        rng = np.random.default_rng(0)
-        pick = []
-        for _, idx in cells.groupby(label).indices.items():
-            pick += list(rng.choice(idx, size=min(6, len(idx)), replace=False))
-        pick = np.sort(np.asarray(pick))
-        crops = np.stack([arr[int(i)] for i in pick])
+        # 6 random cells per group, chosen inside DuckDB (the table is never loaded whole)
+        pick = _query(
+            f'SELECT file_row_number AS row, CAST("{label}" AS VARCHAR) AS label FROM ('
+            f'SELECT *, row_number() OVER (PARTITION BY "{label}" ORDER BY hash(file_row_number)) AS k '
+            f"FROM {src}) WHERE k <= 6 ORDER BY row"
+        )
+        crops = np.asarray(arr.oindex[pick.row.to_numpy()])
         sec.figure(
-            montage(crops, cells[label].to_numpy()[pick], channels, per_group=6),
+            montage(crops, pick.label.to_numpy(), channels, per_group=6),
             f"Example single-cell crops per {label.removeprefix('Metadata_')} (false colour: "
             + ", ".join(f"{c}" for c in channels)
             + "; colour map in docs/pipeline.md)",
         )
     return sec
+
+
+def _sql_cols(cols: list[str]) -> str:
+    return ", ".join(f'"{c}"' for c in cols)
 
 
 def section_training(run: Path) -> Section:
@@ -131,15 +165,24 @@ def section_training(run: Path) -> Section:
 def read_embeddings(
     folder: Path, max_rows: int | None = None, seed: int = 0
 ) -> tuple[np.ndarray, pd.DataFrame]:
-    """Feature matrix and metadata of an embeddings folder (Parquet shards), optionally subsampled."""
+    """Feature matrix and metadata of an embeddings folder (Parquet shards).
+
+    With `max_rows`, a reservoir sample drawn by DuckDB while scanning the shards: memory stays at
+    the sample's size however many cells the screen has.
+    """
     files = sorted(folder.glob("*.parquet"))
     if not files:
         raise FileNotFoundError(f"no Parquet shards in {folder}")
-    df = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
-    if max_rows and len(df) > max_rows:
-        df = df.sample(max_rows, random_state=seed).reset_index(drop=True)
+    src = "read_parquet([" + ", ".join(f"'{f}'" for f in files) + "])"
+    sample = (
+        f" USING SAMPLE reservoir({int(max_rows)} ROWS) REPEATABLE ({int(seed)})"
+        if max_rows
+        else ""
+    )
+    df = _query(f"SELECT * FROM {src}{sample}")
+    meta = [c for c in df.columns if c.startswith("Metadata_")]
     feats = [c for c in df.columns if not c.startswith("Metadata_")]
-    return df[feats].to_numpy(np.float32), df[[c for c in df.columns if c.startswith("Metadata_")]]
+    return df[feats].to_numpy(np.float32), df[meta]
 
 
 def section_umap(run: Path) -> Section:
@@ -157,7 +200,7 @@ def section_umap(run: Path) -> Section:
         X, obs = read_embeddings(lay.embeddings(name), MAX_UMAP_CELLS)
         keys = [c for c in FIELD_KEYS if c in obs.columns]
         coords = umap_coords(X, obs, fit_on=keys or None)
-        label = _label_column(obs)
+        label = _label_column(obs.columns)
         for col in [label, "Metadata_Plate"]:
             if col and col in obs.columns:
                 sec.figure(
@@ -223,15 +266,21 @@ def section_attention(run: Path) -> Section:
     patches = np.asarray(g["patch"])  # (B, N, D)
     if maps.ndim != 4:
         sec.text(
-            "Attention maps of channel-adaptive models are per channel; shown in docs/plots.md."
+            "Attention maps of channel-adaptive models are per channel and are not drawn here."
         )
         return sec
-    cells = pd.read_parquet(lay.prep / "cells.parquet")
-    row_of = {str(c): i for i, c in enumerate(cells["Metadata_CellID"])}
+    cells_path = lay.prep / "cells.parquet"
+    label = _label_column(_columns(cells_path))
+    found = _query(
+        'SELECT file_row_number AS row, CAST("Metadata_CellID" AS VARCHAR) AS id'
+        + (f', CAST("{label}" AS VARCHAR) AS label' if label else "")
+        + f" FROM read_parquet('{cells_path}', file_row_number = true)"
+        + ' WHERE CAST("Metadata_CellID" AS VARCHAR) IN (SELECT unnest(?))',
+        ids,
+    ).set_index("id")
     crops = zarr.open_array(str(lay.prep / "crops.zarr"), mode="r")
-    images = np.stack([np.asarray(crops[row_of[c]], dtype=np.float32) for c in ids])
-    label = _label_column(cells)
-    names = [str(cells[label].iloc[row_of[c]]) if label else c for c in ids]
+    images = np.asarray(crops.oindex[found.loc[ids, "row"].to_numpy()], dtype=np.float32)
+    names = list(found.loc[ids, "label"]) if label else ids
     for i in range(min(3, len(ids))):
         sec.figure(
             attention_maps(images[i], maps[i].reshape(maps.shape[1], -1), channels, title=names[i]),
