@@ -104,6 +104,24 @@ def test_rerun_skips_finished_stages_and_redoes_changed_ones(pipeline_run, caplo
     assert ran == ["stage evaluate", "stage report"]
     after = json.loads((run / "pipeline.json").read_text())["stages"]
     assert after["train"] == before["train"] and after["evaluate"] != before["evaluate"]
+    # A worker count changes speed, not results: nothing reruns.
+    caplog.clear()
+    run_pipeline(replace(cfg, **{"evaluate.null_size": 100, "prepare.workers": 2}))
+    assert not [r for r in caplog.records if r.getMessage().endswith(": running")]
+    # Forcing train trains again from scratch (not a no-op resume) and reruns what follows.
+    caplog.clear()
+    run_pipeline(replace(cfg, **{"evaluate.null_size": 100}), force=("train",))
+    ran = [
+        r.getMessage().split(":")[0] for r in caplog.records if r.getMessage().endswith(": running")
+    ]
+    assert ran == [
+        "stage train",
+        "stage extract",
+        "stage profile",
+        "stage evaluate",
+        "stage report",
+    ]
+    assert (run / "train" / "checkpoints" / "last.safetensors").stat().st_mtime_ns != mtime
 
 
 def test_failure_names_the_stage_and_keeps_earlier_outputs(pipeline_run, tmp_path):

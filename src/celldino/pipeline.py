@@ -15,13 +15,14 @@ the evaluation) and `random_init` (the same architecture with random weights).
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from celldino import log
 from celldino.config import Config, ConfigError, replace, to_dict
-from celldino.io.files import fingerprint, read_json, write_json
+from celldino.io.files import file_fingerprint, fingerprint, read_json, write_json
 from celldino.io.runlayout import STAGES, RunLayout
 
 logger = log.get_logger(__name__)
@@ -76,8 +77,6 @@ def _random_init_checkpoint(cfg: Config, lay: RunLayout) -> Path:
     from celldino.models import build_model
 
     path = lay.root / "baselines" / "random_init.safetensors"
-    if path.exists():
-        return path
     torch.manual_seed(cfg.train.seed)
     model_cfg = dataclasses.replace(cfg.model, pretrained="")
     backbone = build_model(model_cfg)
@@ -95,20 +94,24 @@ def _feature_sets(cfg: Config) -> list[str]:
 # ---- stages ---------------------------------------------------------------------------------
 
 
-def stage_prepare(cfg: Config, lay: RunLayout) -> None:
+def stage_prepare(cfg: Config, lay: RunLayout, *, resume: bool) -> None:
     from celldino.data.prepare import prepare
 
+    if not resume:  # other settings: the crop store refuses to mix, so start it again
+        shutil.rmtree(lay.prep, ignore_errors=True)
     prepare(cfg.prepare)
 
 
-def stage_train(cfg: Config, lay: RunLayout) -> None:
+def stage_train(cfg: Config, lay: RunLayout, *, resume: bool) -> None:
     from celldino.train.checkpoint import has_checkpoint
     from celldino.train.loop import train
 
-    train(cfg, resume=has_checkpoint(lay.train))
+    if not resume:  # changed, forced or upstream redone: train from scratch
+        shutil.rmtree(lay.train, ignore_errors=True)
+    train(cfg, resume=resume and has_checkpoint(lay.train))
 
 
-def stage_extract(cfg: Config, lay: RunLayout) -> None:
+def stage_extract(cfg: Config, lay: RunLayout, *, resume: bool) -> None:
     from celldino.extract import extract
 
     extract(dataclasses.replace(cfg.extract, overwrite=True))
@@ -123,7 +126,7 @@ def stage_extract(cfg: Config, lay: RunLayout) -> None:
         )
 
 
-def stage_profile(cfg: Config, lay: RunLayout) -> None:
+def stage_profile(cfg: Config, lay: RunLayout, *, resume: bool) -> None:
     from celldino.pp.pipeline import run_profile
 
     inputs = {
@@ -135,7 +138,11 @@ def stage_profile(cfg: Config, lay: RunLayout) -> None:
         path, prefix = inputs[name]
         run_profile(
             dataclasses.replace(
-                cfg.profile, input=(path,), features=prefix, out=str(lay.profiles(name))
+                cfg.profile,
+                input=(path,),
+                features=prefix,
+                out=str(lay.profiles(name)),
+                formats=tuple(dict.fromkeys(("h5ad", "parquet", *cfg.profile.formats))),
             )
         )
 
@@ -161,19 +168,19 @@ def eval_spec(cfg: Config, lay: RunLayout) -> dict:
     return spec
 
 
-def stage_evaluate(cfg: Config, lay: RunLayout) -> None:
+def stage_evaluate(cfg: Config, lay: RunLayout, *, resume: bool) -> None:
     from celldino.eval.runner import evaluate
 
     evaluate(None, spec=eval_spec(cfg, lay), cfg=cfg.evaluate)
 
 
-def stage_report(cfg: Config, lay: RunLayout) -> None:
+def stage_report(cfg: Config, lay: RunLayout, *, resume: bool) -> None:
     from celldino.pl.report import build_report
 
     build_report(lay.root, out=cfg.report.out, title=cfg.report.title)
 
 
-STAGE_FUNCTIONS: dict[str, Callable[[Config, RunLayout], None]] = {
+STAGE_FUNCTIONS: dict[str, Callable[..., None]] = {
     "prepare": stage_prepare,
     "train": stage_train,
     "extract": stage_extract,
@@ -199,8 +206,48 @@ def stage_outputs_exist(stage: str, cfg: Config, lay: RunLayout) -> bool:
     return checks[stage]()
 
 
-def run_pipeline(cfg: Config, *, force: tuple[str, ...] = ()) -> Path:
-    """Run the configured stages into `run.out_dir`; returns the report path (or the run dir)."""
+# Not fingerprinted: settings that change how fast a stage runs, never what it computes, and the
+# paths `_stage_configs` points into the run directory (a moved or copied run stays up to date).
+NOT_FINGERPRINTED = {
+    "prepare": ("workers", "out_dir"),
+    "train": ("num_workers", "device", "log_every", "run_dir", "data"),
+    "extract": ("batch_size", "num_workers", "device", "data", "checkpoint", "out_dir"),
+    "profile": ("threads", "memory_limit"),
+    "evaluate": ("map_memory_mb", "resume", "out_dir"),
+    "report": ("out",),
+}
+
+
+def stage_fingerprints(cfg: Config, *, demo: bool = False) -> dict[str, str]:
+    """Each stage's fingerprint: what it computes from (its settings) and the stage before it."""
+    out, upstream = {}, ""
+    for stage in STAGES:
+        sections = {}
+        for name in STAGE_SECTIONS[stage]:
+            values = to_dict(getattr(cfg, name))
+            for key in NOT_FINGERPRINTED.get(name, ()):
+                values.pop(key, None)
+            sections[name] = values
+        if stage == "prepare" and demo:
+            sections["synth"] = to_dict(cfg.synth)  # the demo draws its own images
+        if stage in ("extract", "profile", "evaluate"):
+            sections["baselines"] = list(cfg.run.baselines)
+        if stage == "evaluate" and cfg.run.eval_spec and Path(cfg.run.eval_spec).exists():
+            sections["eval_spec"] = file_fingerprint(Path(cfg.run.eval_spec))  # its contents
+        out[stage] = upstream = fingerprint({"upstream": upstream, "sections": sections})
+    return out
+
+
+def run_pipeline(cfg: Config, *, force: tuple[str, ...] = (), demo: bool = False) -> Path:
+    """Run the configured stages into `run.out_dir`; returns the report path (or the run dir).
+
+    pipeline.json records each stage as started (with its fingerprint) before it runs and as done
+    after. A stage is skipped when done with the same fingerprint and its outputs exist; resumed
+    when it was started with the same fingerprint and interrupted; otherwise run afresh, and every
+    later stage's record is dropped so that they run again too.
+    """
+    from celldino.config import save_config
+
     lay = RunLayout(Path(cfg.run.out_dir))
     lay.root.mkdir(parents=True, exist_ok=True)
     unknown = [s for s in (*cfg.run.stages, *cfg.run.force, *force) if s not in STAGES]
@@ -209,35 +256,27 @@ def run_pipeline(cfg: Config, *, force: tuple[str, ...] = ()) -> Path:
             f"unknown stage(s) {unknown} in run.stages/run.force (valid: {', '.join(STAGES)})"
         )
     cfg = _stage_configs(cfg, lay)
-    from celldino.config import save_config
-
     save_config(cfg, lay.root / "config.yaml")
     record = read_json(lay.manifest) if lay.manifest.exists() else {"stages": {}}
     forced = set(cfg.run.force) | set(force)
-    upstream = ""
-    redo_rest = False
-    for stage in STAGES:
-        sections = {s: to_dict(getattr(cfg, s)) for s in STAGE_SECTIONS[stage]}
-        if stage in ("profile", "evaluate", "extract"):
-            sections["run"] = {"baselines": list(cfg.run.baselines), "eval_spec": cfg.run.eval_spec}
-        fp = fingerprint({"upstream": upstream, "sections": sections})
-        upstream = fp
+    fps = stage_fingerprints(cfg, demo=demo)
+    for i, stage in enumerate(STAGES):
         if stage not in cfg.run.stages:
             continue
-        done = record["stages"].get(stage, {})
-        if (
-            not redo_rest
-            and stage not in forced
-            and done.get("fingerprint") == fp
-            and stage_outputs_exist(stage, cfg, lay)
-        ):
+        fp, old = fps[stage], record["stages"].get(stage, {})
+        same = old.get("fingerprint") == fp and stage not in forced
+        if same and old.get("done") and stage_outputs_exist(stage, cfg, lay):
             logger.info("stage %s: up to date (fingerprint %s), skipped", stage, fp)
             continue
-        redo_rest = True  # everything after a rerun stage is rerun too
-        logger.info("stage %s: running", stage)
+        resume = same and not old.get("done")
+        for later in STAGES[i:]:
+            record["stages"].pop(later, None)
+        record["stages"][stage] = {"fingerprint": fp, "done": False}
+        write_json(lay.manifest, record)
+        logger.info("stage %s: %s", stage, "resuming" if resume else "running")
         t0 = time.perf_counter()
         try:
-            STAGE_FUNCTIONS[stage](cfg, lay)
+            STAGE_FUNCTIONS[stage](cfg, lay, resume=resume)
         except KeyboardInterrupt:
             raise
         except Exception as e:
@@ -245,10 +284,11 @@ def run_pipeline(cfg: Config, *, force: tuple[str, ...] = ()) -> Path:
                 f"stage '{stage}' failed: {e}. Outputs of earlier stages in {lay.root} are intact; "
                 f"fix the cause and rerun the same command to resume from '{stage}'."
             ) from e
-        record["stages"][stage] = {"fingerprint": fp, "seconds": round(time.perf_counter() - t0, 1)}
+        seconds = round(time.perf_counter() - t0, 1)
+        record["stages"][stage] = {"fingerprint": fp, "done": True, "seconds": seconds}
         record["fingerprint"] = fp
         write_json(lay.manifest, record)
-        logger.info("stage %s: done in %.1f s", stage, record["stages"][stage]["seconds"])
+        logger.info("stage %s: done in %.1f s", stage, seconds)
     return (Path(cfg.report.out) if "report" in cfg.run.stages else lay.root).resolve()
 
 
@@ -258,6 +298,8 @@ def run_demo(cfg: Config) -> Path:
 
     lay = RunLayout(Path(cfg.run.out_dir))
     load_data = lay.screen / "load_data.csv"
-    if not load_data.exists():
+    drawn = lay.screen / "screen.json"
+    if not drawn.exists() or read_json(drawn).get("config") != to_dict(cfg.synth):
+        shutil.rmtree(lay.screen, ignore_errors=True)  # missing, or other synth settings
         make_screen(lay.screen, cfg.synth)
-    return run_pipeline(replace(cfg, **{"prepare.load_data": str(load_data)}))
+    return run_pipeline(replace(cfg, **{"prepare.load_data": str(load_data)}), demo=True)
