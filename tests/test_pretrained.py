@@ -322,3 +322,20 @@ def test_bad_checkpoints_get_clear_errors(tmp_path):
     )
     with pytest.raises(CheckpointError, match="layerscale"):
         build_model(cfg)
+
+
+def test_foreign_channel_adaptive_checkpoint_keeps_its_channel_table(tmp_path):
+    """Without celldino metadata the architecture comes from the shapes; a channel-adaptive
+    kernel sees one channel, so the channel count must come from the channel table."""
+    cfg = ModelConfig(arch="vit_tiny", patch_size=8, img_size=32, in_chans=5,
+                      channel_mode="channel_adaptive", drop_path_rate=0.0)  # fmt: skip
+    torch.manual_seed(0)
+    src = build_model(cfg).eval()
+    path = tmp_path / "adaptive.pth"
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in src.state_dict().items()}}, path)
+    model, got = load_backbone(path)
+    assert got.channel_mode == "channel_adaptive" and got.in_chans == 5
+    x = torch.rand(2, 3, 32, 32)
+    ids = torch.tensor([4, 0, 2])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, channel_ids=ids)["cls"], src(x, channel_ids=ids)["cls"])

@@ -43,9 +43,15 @@ class DINOLoss(nn.Module):
         self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))  # (1, K)
 
-    def teacher_probs(self, teacher_out: torch.Tensor, teacher_temp: float) -> torch.Tensor:
-        """Centred, sharpened teacher distribution (no gradient): (n_global*B, K)."""
-        return F.softmax((teacher_out.detach().float() - self.center) / teacher_temp, dim=-1)
+    def teacher_probs(
+        self, teacher_out: torch.Tensor, teacher_temp: float, center: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Centred, sharpened teacher distribution (no gradient): (n_global*B, K).
+
+        `center` (1, K) replaces the running centre, e.g. the one a past loss call used.
+        """
+        c = self.center if center is None else center
+        return F.softmax((teacher_out.detach().float() - c) / teacher_temp, dim=-1)
 
     def forward(
         self,

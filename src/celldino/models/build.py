@@ -139,7 +139,8 @@ def load_backbone(
         return model.eval(), cfg
     obj = read_state_dict(file)
     try:
-        spec = infer_spec(canonical_backbone_state(obj, which))
+        sd = canonical_backbone_state(obj, which)
+        spec = infer_spec(sd)
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{file}: {e.args[0] if e.args else e}") from None
     mode = channel_mode or ("channel_adaptive" if spec["channel_adaptive"] else "multichannel")
@@ -157,4 +158,9 @@ def load_backbone(
         pretrained=str(file),
         pretrained_which=which,
     )
-    return build_model(cfg).eval(), cfg
+    model = build_model(cfg, load_pretrained=False)  # the file is read once, here
+    try:
+        load_into(model, sd)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{file}: {e.args[0] if e.args else e}") from None
+    return model.eval(), cfg

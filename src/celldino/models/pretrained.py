@@ -95,7 +95,12 @@ def infer_spec(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
     return {
         "arch": arch,
         "patch_size": int(w.shape[-1]),
-        "in_chans": int(w.shape[1]),
+        # channel-adaptive kernels see one channel at a time; the channel table knows them all
+        "in_chans": int(
+            sd["patch_embed.channel_embed"].shape[0]
+            if "patch_embed.channel_embed" in sd
+            else w.shape[1]
+        ),
         "num_registers": int(sd["register_tokens"].shape[1]) if "register_tokens" in sd else 0,
         "layerscale": "blocks.0.ls1.gamma" in sd,
         "qkv_bias": "blocks.0.attn.qkv.bias" in sd,

@@ -9,7 +9,6 @@ teacher's tokens at those positions are the targets; KoLeo spreads the student's
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -88,13 +87,6 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)
 
 
-@dataclass
-class StepTemps:
-    """Per-step values of the schedules the losses need."""
-
-    teacher_temp: float
-
-
 class DINOMetaArch(nn.Module):
     """Student, teacher and losses. The student may later be wrapped in DDP (`student_ddp`)."""
 
@@ -151,6 +143,7 @@ class DINOMetaArch(nn.Module):
             masks=masks if use_ibot else None,
             channel_ids=channel_ids,
         )
+        center = self.dino_loss.center.detach().clone()  # (1, K): the loss call moves it
         dino = self.dino_loss(s_out["head"], t_out["head"], teacher_temp, n_global=self.n_global)
         loss = dino
         parts = {"loss_dino": dino.detach()}
@@ -175,13 +168,15 @@ class DINOMetaArch(nn.Module):
             teacher_head=t_out["head"].detach(),
             student_head=s_out["head"][: self.n_global * B].detach(),
             teacher_cls=t_out["cls"].detach(),
+            center=center,
         )
         return loss, parts
 
     @torch.no_grad()
     def diagnostics(self, parts: dict[str, torch.Tensor], teacher_temp: float) -> dict[str, float]:
         """Teacher entropy, KL(student‖teacher) on the same global views, embedding std."""
-        q = self.dino_loss.teacher_probs(parts["teacher_head"], teacher_temp)  # (n_g*B, K)
+        # the distribution the loss used: centred with the centre before this step's update
+        q = self.dino_loss.teacher_probs(parts["teacher_head"], teacher_temp, parts["center"])
         logq = torch.log(q.clamp_min(1e-12))
         entropy = -(q * logq).sum(-1).mean()
         logp = F.log_softmax(parts["student_head"].float() / self.dino_loss.student_temp, dim=-1)
