@@ -274,7 +274,7 @@ def _site_job(i: int) -> dict:
         row.update({f"Metadata_{k2}": v for k2, v in qc_row.items()})
         rows.append(row)
     feats = None
-    if cfg.features and cells is not None:
+    if cfg.features and cells is not None and rows:  # no kept cell: no feature rows
         f = cell_features(img, nuclei, cells, iset.channels, cell_ids=ids[kept])
         feats = pd.concat([pd.DataFrame(rows)[list(meta) + ["Metadata_CellID"]], f], axis=1)
     return {"i": i, "key": key, "crops": crops, "rows": rows, "features": feats, "info": info,

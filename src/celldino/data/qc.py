@@ -30,8 +30,8 @@ def image_metrics(image: np.ndarray, dna_index: int = 0) -> dict[str, float]:
     if image.dtype.kind in "ui":
         top = np.iinfo(image.dtype).max
         sat = float(max((ch == top).mean() for ch in image))
-    else:
-        sat = float(max((ch >= 1.0).mean() for ch in image))
+    else:  # float images have no fixed ceiling: count pixels clipped at the channel's maximum
+        sat = float(max((ch >= ch.max()).mean() for ch in image))
     small = ndi.gaussian_filter(dna, 2.0)
     med = float(np.median(small))
     sigma = 1.4826 * float(np.median(np.abs(small - med))) + 1e-6

@@ -77,7 +77,9 @@ def resolve_layout(cfg: SynthConfig) -> Layout:
     changes = {
         f.name: getattr(cfg, f.name)
         for f in dataclasses.fields(Layout)
-        if hasattr(cfg, f.name) and getattr(cfg, f.name) not in (0, -1, ())
+        if hasattr(cfg, f.name)
+        # "take the preset": -1 for n_bad_images (0 is a real choice there), 0 for the sizes
+        and getattr(cfg, f.name) != (-1 if f.name == "n_bad_images" else 0)
     }
     if cfg.n_doses:
         changes["doses"] = (
