@@ -219,3 +219,16 @@ def test_bad_spec_is_a_clear_error(inputs, caplog):
             spec={"analyses": ["nsc"], "columns": {"moa": "Metadata_Nope"}},
             cfg=runner.EvaluateConfig(out_dir=str(tmp / "o4")),
         )
+
+
+def test_runner_works_under_pandas_copy_on_write(inputs):
+    """pycytominer switches pandas' copy-on-write on for the whole process, which makes arrays
+    from `to_numpy()` read-only: the analyses must not write into them."""
+    from celldino.eval.runner import evaluate
+
+    tmp, _ = inputs
+    with pd.option_context("mode.copy_on_write", True):
+        out = evaluate(tmp / "learned.parquet", spec=tmp / "eval.yaml",
+                       cfg=runner.EvaluateConfig(out_dir=str(tmp / "cow"), null_size=100))  # fmt: skip
+    metrics = pd.read_parquet(out / "metrics.parquet")
+    assert {"nsc", "map_replicate", "enrichment"} <= set(metrics.analysis)

@@ -307,3 +307,20 @@ def test_median_in_many_partitions_with_site_level(shards, monkeypatch):
     assert list(adata.obs["Metadata_Compound"]) == list(
         df.groupby(well)["Metadata_Compound"].first()
     )
+
+
+def test_groups_keep_a_missing_key_as_its_own_group():
+    from celldino.pp.controls import groups
+
+    df = pd.DataFrame({"Metadata_Plate": ["a", None, "a", None, "b"], "f": range(5)})
+    adata = frame_to_anndata(df, ["f"])
+    got = {("NaN" if pd.isna(v) else v): list(ix) for v, ix in groups(adata, "Metadata_Plate")}
+    assert got == {"a": [0, 2], "NaN": [1, 3], "b": [4]}  # NaN rows are not lost
+
+
+def test_profile_outputs_named_after_any_format(tmp_path):
+    from celldino.pp.pipeline import _outputs
+
+    out = _outputs(tmp_path / "p.parquet", ("h5ad", "parquet", "csv"))
+    assert [p.name for p in out.values()] == ["p.h5ad", "p.parquet", "p.csv"]
+    assert _outputs(tmp_path / "p.h5ad", ("csv",), ".consensus")["csv"].name == "p.consensus.csv"

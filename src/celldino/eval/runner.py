@@ -116,7 +116,7 @@ def _with_moa(
     if ctx.cols.control in meta.columns:  # controls may lack a MoA: give them one
         ctrl = (meta[ctx.cols.control].astype(str) == str(ctx.cols.control_value)).to_numpy()
         meta = meta.assign(**{moa: meta[moa].astype(object).where(~(missing & ctrl), "control")})
-        missing &= ~ctrl
+        missing = missing & ~ctrl  # not in place: under pandas copy-on-write the array is read-only
     if missing.any():
         logger.info("%s: %d rows without %s are left out", analysis, int(missing.sum()), moa)
         meta, feats = meta[~missing].reset_index(drop=True), np.asarray(feats)[~missing]
@@ -156,15 +156,16 @@ def run_map_replicate(
     by = params.get("by") or [c.require(meta, "compound", "map_replicate")] + (
         [c.dose] if c.present(meta, "dose") else []
     )
+    kw = _map_kwargs(ctx, params)
     ap, maps = retrieval_map(
         meta,
         feats,
         by=by,
         negatives=params.get("negatives", "others"),
         pos_diffby=params.get("pos_diffby", ()),
-        **_map_kwargs(ctx, params),
-    )
-    return AnalysisResult(summarize(maps, ctx.threshold), {"map": maps.drop(columns="indices")})
+        **kw,
+    )  # the spec's threshold, as the mAP table used it
+    return AnalysisResult(summarize(maps, kw["threshold"]), {"map": maps.drop(columns="indices")})
 
 
 def run_map_moa(

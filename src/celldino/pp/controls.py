@@ -69,8 +69,6 @@ def groups(adata: ad.AnnData, by: str | None) -> list[tuple[object, np.ndarray]]
         return [(None, np.arange(adata.n_obs))]
     if by not in adata.obs.columns:
         raise KeyError(f"group key {by!r} not in the metadata {list(adata.obs.columns)}")
-    values = adata.obs[by].to_numpy()
-    out = []
-    for v in pd.unique(values):
-        out.append((v, np.flatnonzero(values == v)))
-    return out
+    # factorize keeps a missing value as a group of its own (== never matches NaN)
+    codes, uniques = pd.factorize(adata.obs[by], use_na_sentinel=False)
+    return [(v, np.flatnonzero(codes == i)) for i, v in enumerate(uniques)]

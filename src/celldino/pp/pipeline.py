@@ -38,8 +38,9 @@ def _features(spec: str) -> str | list[str] | None:
 
 
 def _outputs(out: Path, formats: tuple[str, ...], suffix: str = "") -> dict[str, Path]:
-    stem = out.name[: -len(".h5ad")] if out.name.endswith(".h5ad") else out.name
     ext = {"h5ad": ".h5ad", "parquet": ".parquet", "csv": ".csv"}
+    # profile.out may name any of the formats: runs/p.parquet → runs/p.h5ad, runs/p.csv too
+    stem = next((out.name[: -len(e)] for e in ext.values() if out.name.endswith(e)), out.name)
     bad = [f for f in formats if f not in ext]
     if bad:
         raise ValueError(f"unknown profile output format(s) {bad}; choose {list(ext)}")
