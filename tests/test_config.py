@@ -54,11 +54,9 @@ def test_resolved_config_round_trips(tmp_path):
 
 
 def test_every_field_is_documented():
-    sections = [f.type for f in dataclasses.fields(C.Config)]
     classes = [C.Config] + [
         C.typing.get_type_hints(C.Config)[f.name] for f in dataclasses.fields(C.Config)
     ]
-    assert len(classes) == len(sections) + 1
     for cls in classes:
         docs = C.field_docs(cls)
         missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]

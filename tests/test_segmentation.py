@@ -27,6 +27,7 @@ def test_nuclei_match_cellprofiler_on_nf1(cellpainting_fovs, site):
     assert 20 <= ref.max() <= 30  # CellProfiler's 23 to 29 nuclei
     pred = segment_nuclei(dna)
     score = object_f1(pred, ref, iou=0.5)
+    print(f"{site}: object F1 {score['f1']:.3f}")  # pytest -s shows the per-site F1
     assert score["f1"] >= 0.8, score
 
 

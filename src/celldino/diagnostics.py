@@ -20,7 +20,8 @@ def collapse_message(teacher_entropy: float, out_dim: int, embedding_std: float)
             f"training looks COLLAPSED: {kind}; embedding std {embedding_std:.3f} (healthy ~1), "
             f"teacher entropy {teacher_entropy:.3f} of max {log_k:.2f}. Try: lower train.lr, "
             "lower train.teacher_temp (sharper teacher), raise train.center_momentum, more "
-            "augmentation, or model.out_dim smaller than the number of images."
+            "augmentation, model.out_dim smaller than the number of images, or the KoLeo "
+            "regulariser (train.koleo_weight=0.1, as the tiny and demo configs use)."
         )
     if teacher_entropy < 0.01 * log_k:
         return (

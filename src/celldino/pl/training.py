@@ -22,7 +22,8 @@ PANELS = (
 
 
 def read_metrics(path: str | Path) -> pd.DataFrame:
-    """metrics.jsonl → DataFrame (one row per logged step); a torn last line is ignored."""
+    """metrics.jsonl → DataFrame (one row per logged step); a line that is not JSON is an error
+    naming the line."""
     rows = []
     for i, line in enumerate(Path(path).read_text().splitlines()):
         if not line.strip():
