@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shutil
 import sys
 import tempfile
 import time
@@ -130,6 +131,9 @@ def main() -> int:
         torch.save(torch.cat(feats), tmp / "features.pth")
 
     def celldino() -> None:
+        # a fresh output each repeat: with the same checkpoint and options extract would resume
+        # (and skip every finished shard), even with overwrite
+        shutil.rmtree(tmp / "emb", ignore_errors=True)
         extract(
             ExtractConfig(
                 checkpoint=str(tmp / "run"), data=str(tmp / "prep"), out_dir=str(tmp / "emb"),
