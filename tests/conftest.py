@@ -62,3 +62,29 @@ def _few_threads():
     except ImportError:
         pass
     yield
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Run `celldino ARGS...` in-process: returns (exit code, stderr text with newlines joined).
+
+    The rich console wraps long lines at the terminal width, so the message is returned with
+    line breaks replaced by spaces: assert on words of the message, not on its layout.
+    """
+    from celldino import log
+    from celldino.cli import main
+
+    def _run(*args: str) -> tuple[int, str]:
+        capsys.readouterr()
+        width = log.console.width
+        log.console.width = 10_000  # one user error = one line
+        try:
+            rc = main([str(a) for a in args])
+        except SystemExit as e:  # argparse usage errors
+            rc = int(e.code or 0)
+        finally:
+            log.console.width = width
+        out = capsys.readouterr()
+        return rc, " ".join((out.err + "\n" + out.out).split())
+
+    return _run

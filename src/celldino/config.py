@@ -24,8 +24,10 @@ from typing import Any
 
 import yaml
 
+from celldino.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration file or override that does not fit the schema."""
 
 
