@@ -22,6 +22,7 @@ from pathlib import Path
 
 from celldino import log
 from celldino.config import Config, ConfigError, replace, to_dict
+from celldino.io.embeddings import read_manifest
 from celldino.io.files import file_fingerprint, fingerprint, read_json, write_json
 from celldino.io.runlayout import STAGES, RunLayout
 
@@ -195,7 +196,7 @@ def stage_outputs_exist(stage: str, cfg: Config, lay: RunLayout) -> bool:
         "prepare": lambda: (lay.prep / "cells.parquet").exists(),
         "train": lambda: (lay.train / "checkpoints" / "last.safetensors").exists(),
         "extract": lambda: all(
-            (lay.embeddings(n) / "manifest.json").exists()
+            read_manifest(lay.embeddings(n)) is not None
             for n in _feature_sets(cfg)
             if n != "engineered"
         ),

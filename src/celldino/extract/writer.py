@@ -5,7 +5,7 @@ Layout of `extract.out_dir`:
   cells (or images) table, S = `shard_size`: every `Metadata_*` column, then `emb_0000`... float32
   (or float16). Each shard is written atomically, so a shard on disk is always whole; a rerun
   skips the shards already there (the unit of resuming, and of work split across torchrun ranks).
-- `manifest.json`: checkpoint fingerprint, feature options, channel order, data fingerprint,
+- `_manifest.json` (`celldino.io.embeddings`; underscore: Parquet readers skip it): checkpoint fingerprint, feature options, channel order, data fingerprint,
   the shard plan and `complete`. A rerun whose manifest identity differs is refused.
 - `embeddings.h5ad` (format h5ad): the same table as AnnData (X float32, obs = `Metadata_*`).
 - `attention.zarr` (attention_cells): see `celldino.extract.attention`.
@@ -22,18 +22,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from celldino.io.files import atomic_write_bytes, read_json, write_json
+from celldino.io.embeddings import LEGACY_MANIFEST, MANIFEST, read_manifest, shard_name, write_manifest
+from celldino.io.files import atomic_write_bytes
 
-MANIFEST = "manifest.json"
 H5AD = "embeddings.h5ad"
 EMB_PREFIX = "emb_"
 DTYPES = ("float32", "float16")
 # manifest entries that must agree for a rerun to continue an existing folder
 IDENTITY = ("checkpoint", "features", "channels", "data", "n_features", "dtype", "shard_size")
-
-
-def shard_name(k: int) -> str:
-    return f"part-{k:05d}.parquet"
 
 
 def feature_names(n: int) -> list[str]:
@@ -78,15 +74,6 @@ def done_shards(out_dir: Path, plan: list[tuple[int, int]]) -> set[int]:
     return out
 
 
-def read_manifest(out_dir: Path) -> dict[str, Any] | None:
-    p = Path(out_dir) / MANIFEST
-    return read_json(p) if p.exists() else None
-
-
-def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> Path:
-    return write_json(Path(out_dir) / MANIFEST, manifest)
-
-
 def identity_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Human-readable list of identity entries on which two manifests differ."""
     diffs = []
@@ -110,7 +97,7 @@ def clear_outputs(out_dir: Path) -> None:
     out_dir = Path(out_dir)
     for p in out_dir.glob("part-*.parquet"):
         p.unlink()
-    for name in (MANIFEST, H5AD):
+    for name in (MANIFEST, LEGACY_MANIFEST, H5AD):
         (out_dir / name).unlink(missing_ok=True)
     if (out_dir / "attention.zarr").exists():
         shutil.rmtree(out_dir / "attention.zarr")

@@ -4,7 +4,7 @@
   screen/               the synthetic screen (demo only)
   prep/                 cells.parquet, crops.zarr, qc.parquet, engineered.parquet
   train/                config.yaml, checkpoints/, metrics.jsonl
-  embeddings/<name>/    Parquet shards + manifest.json (+ attention file) per feature set
+  embeddings/<name>/    Parquet shards + _manifest.json (+ attention file) per feature set
   profiles/<name>.h5ad  well profiles per feature set (+ .parquet, .csv)
   eval/                 results tables and summary.json
   report.html
