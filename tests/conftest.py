@@ -88,3 +88,35 @@ def run_cli(capsys):
         return rc, " ".join((out.err + "\n" + out.out).split())
 
     return _run
+
+
+@pytest.fixture
+def read_only():
+    """`read_only(folder)` makes a folder unwritable, also for root (which ignores chmod).
+
+    As a normal user: chmod 555. As root (CI containers): `chattr +i` (immutable), undone at
+    teardown; skips when the filesystem does not support it.
+    """
+    import shutil
+    import subprocess
+
+    done: list[Path] = []
+
+    def _make(folder: Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() != 0:
+            folder.chmod(0o555)
+        elif not shutil.which("chattr") or subprocess.run(
+            ["chattr", "+i", str(folder)], capture_output=True
+        ).returncode:
+            pytest.skip("cannot make a folder read-only for root here (no chattr +i)")
+        done.append(folder)
+        return folder
+
+    yield _make
+    for folder in done:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(folder)], capture_output=True)
+        else:
+            folder.chmod(0o755)

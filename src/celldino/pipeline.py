@@ -24,13 +24,18 @@ from celldino import log
 from celldino.config import Config, ConfigError, replace, to_dict
 from celldino.io.embeddings import read_manifest
 from celldino.io.files import file_fingerprint, fingerprint, read_json, write_json
+from celldino.io.lock import output_lock
 from celldino.io.runlayout import STAGES, RunLayout
 
 logger = log.get_logger(__name__)
 
 
 class StageError(RuntimeError):
-    """A stage failed; earlier stages' outputs are intact and a rerun resumes from this stage."""
+    """A stage failed; earlier stages' outputs are intact and a rerun resumes from this stage.
+
+    `__cause__` is the original exception: a `UserError` (the CLI prints one line) or a bug
+    (the CLI shows its traceback).
+    """
 
 
 # Config sections each stage reads (its fingerprint covers them).
@@ -239,6 +244,98 @@ def stage_fingerprints(cfg: Config, *, demo: bool = False) -> dict[str, str]:
     return out
 
 
+# Column roles the default analyses read (DEFAULT_ANALYSES): nsc, map_moa and classify need the
+# MoA, nsc and map_replicate the compound. Checked against the load-data table before any stage
+# runs, so a missing column fails in a second instead of after training.
+DEFAULT_ROLE_COLUMNS = {"compound": "Metadata_Compound", "moa": "Metadata_MoA"}
+
+
+def _query_columns(query: str) -> set[str]:
+    """Metadata column names a pandas query mentions (backticks or bare Metadata_* names)."""
+    import re
+
+    return set(re.findall(r"`([^`]+)`", query)) | set(re.findall(r"\bMetadata_\w+", query))
+
+
+def check_preconditions(cfg: Config) -> None:
+    """Refuse, before the first stage starts, a run that is bound to fail in a later stage.
+
+    Checks: every configured input exists; the engineered baselines have engineered features to
+    read; the load-data table has the columns that profiling (`profile.by`, `profile.via`,
+    `profile.controls`) and evaluation (the spec's column roles) will look for. Raises one
+    ConfigError listing every problem, each with the setting to change.
+    """
+    import yaml
+
+    stages, problems = set(cfg.run.stages), []
+    p = cfg.prepare
+    if "prepare" in stages:
+        if not p.load_data and not p.image_dir:
+            problems.append(
+                "prepare.load_data (or prepare.image_dir) is empty: say where the images are"
+            )
+        elif p.load_data and not Path(p.load_data).exists():
+            problems.append(f"prepare.load_data: {p.load_data} does not exist")
+        elif p.image_dir and not p.load_data and not Path(p.image_dir).is_dir():
+            problems.append(f"prepare.image_dir: {p.image_dir} is not a folder")
+    engineered = [b for b in cfg.run.baselines if b in ("engineered", "pca_engineered")]
+    if engineered and not p.features and stages & {"profile", "evaluate"}:
+        problems.append(
+            f"run.baselines has {', '.join(engineered)}, which read engineered features, but "
+            "prepare.features=false: set prepare.features=true, or leave them out "
+            "(run.baselines=random_init)"
+        )
+    spec: dict = {}
+    if cfg.run.eval_spec:
+        spec_path = Path(cfg.run.eval_spec)
+        if not spec_path.exists():
+            problems.append(f"run.eval_spec: {spec_path} does not exist")
+        else:
+            try:
+                spec = yaml.safe_load(spec_path.read_text()) or {}
+            except yaml.YAMLError as e:
+                problems.append(f"run.eval_spec: {spec_path} is not valid YAML ({e})")
+            if not isinstance(spec, dict):
+                spec = {}
+    table = Path(p.load_data) if p.load_data else None
+    if table is not None and table.exists() and "prepare" in stages:
+        from celldino.io.tables import read_table
+
+        try:
+            columns = set(read_table(table).columns)
+        except Exception:  # prepare itself reports an unreadable table, naming the problem
+            columns = None
+        if columns is not None:
+            need: dict[str, str] = {}
+            if stages & {"profile", "evaluate"}:
+                for col in (*cfg.profile.by, *cfg.profile.via):
+                    need.setdefault(col, "profile.by/via")
+                if (
+                    cfg.profile.normalize != "none"
+                    and cfg.profile.normalize_reference == "controls"
+                ):
+                    for col in _query_columns(cfg.profile.controls):
+                        need.setdefault(col, "profile.controls")
+            if "evaluate" in stages:
+                roles = dict(spec.get("columns") or {})
+                if not cfg.run.eval_spec:
+                    roles = {**DEFAULT_ROLE_COLUMNS, **roles}
+                for role, col in roles.items():
+                    if isinstance(col, str) and col.startswith("Metadata_"):
+                        need.setdefault(col, f"evaluation column '{role}'")
+            for col, why in need.items():
+                if col not in columns:
+                    problems.append(
+                        f"{table} has no column {col} ({why} needs it; its Metadata columns: "
+                        f"{', '.join(sorted(c for c in columns if c.startswith('Metadata_')))})"
+                    )
+    if problems:
+        raise ConfigError(
+            "celldino run checked every stage before starting and ran nothing: "
+            + "; ".join(problems)
+        )
+
+
 def run_pipeline(cfg: Config, *, force: tuple[str, ...] = (), demo: bool = False) -> Path:
     """Run the configured stages into `run.out_dir`; returns the report path (or the run dir).
 
@@ -247,16 +344,20 @@ def run_pipeline(cfg: Config, *, force: tuple[str, ...] = (), demo: bool = False
     when it was started with the same fingerprint and interrupted; otherwise run afresh, and every
     later stage's record is dropped so that they run again too.
     """
-    from celldino.config import save_config
-
     lay = RunLayout(Path(cfg.run.out_dir))
-    lay.root.mkdir(parents=True, exist_ok=True)
     unknown = [s for s in (*cfg.run.stages, *cfg.run.force, *force) if s not in STAGES]
     if unknown:
         raise ConfigError(
             f"unknown stage(s) {unknown} in run.stages/run.force (valid: {', '.join(STAGES)})"
         )
-    cfg = _stage_configs(cfg, lay)
+    check_preconditions(cfg)
+    with output_lock(lay.root, "run"):
+        return _run_stages(_stage_configs(cfg, lay), lay, force=force, demo=demo)
+
+
+def _run_stages(cfg: Config, lay: RunLayout, *, force: tuple[str, ...], demo: bool) -> Path:
+    from celldino.config import save_config
+
     save_config(cfg, lay.root / "config.yaml")
     record = read_json(lay.manifest) if lay.manifest.exists() else {"stages": {}}
     forced = set(cfg.run.force) | set(force)

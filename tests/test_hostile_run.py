@@ -1,0 +1,192 @@
+"""Hostile inputs at the level of the whole run: file modes, folder locks, batch-log progress,
+and `celldino run` refusing, before any stage starts, a run bound to fail later."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from celldino import log
+from celldino.config import load_config, save_config
+from celldino.errors import OutputError
+from celldino.io.files import atomic_write_text
+from celldino.io.lock import LOCK_NAME, output_lock
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+def test_atomic_writes_honour_the_umask(tmp_path, umask):
+    """Results get the mode a plain open() gives (0666 less the umask), not mkstemp's 0600."""
+    old = os.umask(umask)
+    try:
+        written = atomic_write_text(tmp_path / "a.txt", "x")
+        plain = tmp_path / "b.txt"
+        plain.write_text("x")  # the independent reference: what open() does
+        cfg = save_config(load_config(), tmp_path / "config.yaml")
+    finally:
+        os.umask(old)
+    expected = plain.stat().st_mode & 0o777
+    assert expected == 0o666 & ~umask
+    assert written.stat().st_mode & 0o777 == expected
+    assert cfg.stat().st_mode & 0o777 == expected
+
+
+def _hold_lock_in_subprocess(folder: Path) -> subprocess.Popen:
+    code = textwrap.dedent(
+        f"""
+        import sys, time
+        from celldino.io.lock import output_lock
+        with output_lock({str(folder)!r}, "extract"):
+            print("held", flush=True)
+            sys.stdin.readline()
+        """
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_second_writer_is_refused_naming_the_holder_and_a_dead_holder_frees_the_folder(tmp_path):
+    folder = tmp_path / "emb"
+    proc = _hold_lock_in_subprocess(folder)
+    try:
+        with pytest.raises(OutputError) as err:
+            with output_lock(folder, "extract"):
+                pass
+        msg = str(err.value)
+        assert str(folder) in msg and f"pid {proc.pid}" in msg and "'extract'" in msg
+    finally:
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        proc.wait(timeout=60)
+    with output_lock(folder, "extract"):  # released when the holder exited
+        assert (folder / LOCK_NAME).exists()
+
+
+def test_killed_holder_leaves_no_stale_lock(tmp_path):
+    folder = tmp_path / "prep"
+    proc = _hold_lock_in_subprocess(folder)
+    proc.kill()
+    proc.wait(timeout=60)
+    with output_lock(folder, "prepare"):
+        pass
+
+
+def test_lock_on_a_read_only_folder_names_it(tmp_path, read_only):
+    ro = read_only(tmp_path / "ro")
+    with pytest.raises(OutputError, match=str(ro)):
+        with output_lock(ro / "out", "profile"):
+            pass
+    with pytest.raises(OutputError, match=str(ro)):
+        with output_lock(ro, "profile"):
+            pass
+
+
+def test_run_into_a_read_only_folder_is_refused(tiny_screen, tmp_path, read_only, run_cli):
+    ro = read_only(tmp_path / "ro")
+    rc, text = run_cli(
+        "run", f"prepare.load_data={tiny_screen / 'load_data.csv'}", f"run.out_dir={ro / 'run'}"
+    )
+    assert rc == 2 and str(ro) in text and "Traceback" not in text
+
+
+def test_progress_prints_log_lines_when_not_on_a_terminal(capsys):
+    """Batch jobs (SLURM logs) get a line at each tenth and one at the end, not a silent bar."""
+    assert not log.console.is_terminal  # pytest captures stderr
+    log.setup(0)
+    width = log.console.width
+    log.console.width = 1000
+    try:
+        for _ in log.progress(range(25), desc="sites"):
+            pass
+    finally:
+        log.console.width = width
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "sites:" in ln]
+    counts = [int(ln.split("sites: ")[1].split("/")[0]) for ln in lines]
+    assert counts == [3, 5, 8, 10, 13, 15, 18, 20, 23, 25]  # ceil(k * 25 / 10), k = 1..10
+    assert "left" in lines[0] and "left" not in lines[-1]
+
+
+def test_progress_is_silent_with_quiet(capsys):
+    log.setup(-1)
+    try:
+        for _ in log.progress(range(5), desc="sites"):
+            pass
+    finally:
+        log.setup(0)
+    assert "sites" not in capsys.readouterr().err
+
+
+# ---- celldino run: preconditions checked before the first stage ---------------------------
+
+
+def test_run_refuses_engineered_baselines_without_features_before_starting(
+    tiny_screen, tmp_path, run_cli
+):
+    """configs/tiny.yaml has prepare.features=false: `run` used to fail after training."""
+    out = tmp_path / "run"
+    rc, text = run_cli(
+        "run",
+        f"prepare.load_data={tiny_screen / 'load_data.csv'}",
+        "prepare.features=false",
+        f"run.out_dir={out}",
+    )
+    assert rc == 2
+    assert "prepare.features" in text and "run.baselines" in text
+    assert "Traceback" not in text
+    assert not out.exists()  # nothing was started or written
+
+
+def test_run_refuses_a_table_without_the_evaluation_columns(tiny_screen, tmp_path, run_cli):
+    table = pd.read_csv(tiny_screen / "load_data.csv").drop(columns=["Metadata_MoA"])
+    path = tmp_path / "load_data.csv"
+    table.to_csv(path, index=False)
+    out = tmp_path / "run"
+    rc, text = run_cli("run", f"prepare.load_data={path}", f"run.out_dir={out}")
+    assert rc == 2
+    assert "Metadata_MoA" in text and str(path) in text and "moa" in text
+    assert not out.exists()
+
+
+def test_run_refuses_a_controls_query_on_a_missing_column(tiny_screen, tmp_path, run_cli):
+    out = tmp_path / "run"
+    rc, text = run_cli(
+        "run",
+        f"prepare.load_data={tiny_screen / 'load_data.csv'}",
+        "profile.controls=Metadata_Treatment == 'DMSO'",
+        f"run.out_dir={out}",
+    )
+    assert rc == 2
+    assert "Metadata_Treatment" in text and "profile.controls" in text
+    assert not out.exists()
+
+
+def test_run_refuses_a_missing_load_data_table(tmp_path, run_cli):
+    missing = tmp_path / "nope.csv"
+    rc, text = run_cli("run", f"prepare.load_data={missing}", f"run.out_dir={tmp_path / 'run'}")
+    assert rc == 2 and str(missing) in text and "prepare.load_data" in text
+
+
+def test_run_into_a_locked_run_dir_is_refused(tiny_screen, tmp_path, run_cli):
+    out = tmp_path / "run"
+    proc = _hold_lock_in_subprocess(out)
+    try:
+        before = sorted(p.name for p in out.iterdir())
+        rc, text = run_cli(
+            "run",
+            f"prepare.load_data={tiny_screen / 'load_data.csv'}",
+            f"run.out_dir={out}",
+        )
+        assert rc == 2 and f"pid {proc.pid}" in text
+        assert sorted(p.name for p in out.iterdir()) == before  # no config.yaml, nothing started
+    finally:
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        proc.wait(timeout=60)
