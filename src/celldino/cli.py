@@ -13,9 +13,11 @@ from pathlib import Path
 
 from celldino import __version__, log
 from celldino import config as C
+from celldino.errors import UserError
 
 logger = log.get_logger(__name__)
-DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
 
 
 def _split(items: list[str]) -> tuple[str | None, list[str]]:
@@ -26,6 +28,10 @@ def _split(items: list[str]) -> tuple[str | None, list[str]]:
             overrides.append(item)
         elif item.endswith((".yaml", ".yml")) and cfg_path is None:
             cfg_path = item
+        elif item.endswith((".yaml", ".yml")):
+            raise C.ConfigError(
+                f"two config files, {cfg_path} and {item}: give one, and key=value overrides"
+            )
         else:
             raise C.ConfigError(
                 f"'{item}' is neither a .yaml config nor a key=value override "
@@ -52,14 +58,10 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from celldino.data.prepare import INPUT_ERRORS, prepare
+    from celldino.data.prepare import prepare
 
     cfg = _config(args)
-    try:
-        print(prepare(cfg.prepare))
-    except INPUT_ERRORS as e:
-        logger.error("prepare: %s", e)
-        return 2
+    print(prepare(cfg.prepare))
     return 0
 
 
@@ -67,28 +69,15 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from celldino.pp import run_profile
 
     cfg = _config(args)
-    try:
-        written = run_profile(cfg.profile)
-    except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
-        logger.error("profile: %s", e.args[0] if e.args else e)
-        return 2
+    written = run_profile(cfg.profile)
     for path in written.values():
         print(path)
     return 0
 
 
-class _SpecThenSettings(argparse.Action):
-    """`--spec SPEC.yaml key=value ...`: the spec, then settings that argparse would drop."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        namespace.spec = Path(values[0])
-        namespace.spec_settings = list(values[1:])
-
-
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from celldino.eval.runner import evaluate
 
-    args.settings = list(args.settings) + list(getattr(args, "spec_settings", []))
     cfg = _config(args)
     out = evaluate(args.profiles, spec=args.spec, cfg=cfg.evaluate)
     print(out / "summary.json")
@@ -98,23 +87,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_extract(args: argparse.Namespace) -> int:
     from celldino.extract import extract
 
-    # --overwrite / --format take the key=value settings that follow them (argparse would drop
-    # settings written after an option), so flags and settings may come in any order
-    flags, extra = [], []
-    if args.overwrite is not None:
-        flags.append("extract.overwrite=true")
-        extra += args.overwrite
+    flags = ["extract.overwrite=true"] if args.overwrite else []
     if args.format:
-        fmt, *rest = args.format
-        flags.append(f"extract.format={fmt}")
-        extra += rest
-    args.settings = list(args.settings) + extra
+        flags.append(f"extract.format={args.format}")
     cfg = _config(args, flags)
-    try:
-        print(extract(cfg.extract))
-    except (ValueError, KeyError, FileNotFoundError) as e:  # bad data, settings or checkpoint
-        logger.error("extract: %s", e.args[0] if e.args else e)
-        return 2
+    print(extract(cfg.extract))
     return 0
 
 
@@ -122,11 +99,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from celldino.train import train
 
     cfg = _config(args)
-    try:
-        print(train(cfg, resume=args.resume))
-    except (ValueError, FileNotFoundError) as e:  # bad data, settings or checkpoints
-        logger.error("train: %s", e, exc_info=logger.isEnabledFor(10))
-        return 2
+    print(train(cfg, resume=args.resume))
     return 0
 
 
@@ -135,29 +108,24 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     out = args.out or Path(args.run_dir) / "report.html"
-    try:
-        print(build_report(args.run_dir, out=out, title=cfg.report.title))
-    except FileNotFoundError as e:
-        logger.error("report: %s", e)
-        return 2
+    print(build_report(args.run_dir, out=out, title=cfg.report.title))
     return 0
 
 
 def _run_pipeline(args: argparse.Namespace, demo: bool) -> int:
-    from celldino.pipeline import StageError, run_demo, run_pipeline
+    from celldino.pipeline import run_demo, run_pipeline
 
     out_dir = getattr(args, "out_dir", None)
     if out_dir is not None and ("=" in str(out_dir) or str(out_dir).endswith((".yaml", ".yml"))):
         args.settings, out_dir = [str(out_dir)] + list(args.settings), None  # a setting, not a dir
     extra = [f"run.out_dir={out_dir}"] if out_dir else []
+    force = tuple(args.force or ())
     if demo and not any(str(s).endswith((".yaml", ".yml")) for s in args.settings):
         args.settings = [str(DEMO_CONFIG)] + list(args.settings)
+    if demo and force:
+        extra.append(f"run.force={','.join(force)}")
     cfg = _config(args, extra)
-    try:
-        out = run_demo(cfg) if demo else run_pipeline(cfg, force=tuple(args.force or ()))
-    except StageError as e:
-        logger.error("%s", e)
-        return 1
+    out = run_demo(cfg) if demo else run_pipeline(cfg, force=force)
     print(out)
     return 0
 
@@ -170,7 +138,52 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return _run_pipeline(args, demo=True)
 
 
-# name → (help, handler, config sections shown in --help, extra positional arguments)
+def cmd_config(args: argparse.Namespace) -> int:
+    if args.settings:
+        raise C.ConfigError(f"config show takes one name, not {' '.join(args.settings)}")
+    if args.name is None:
+        print("starting configs (celldino config show NAME > my.yaml):")
+        for name, (path, what) in STARTERS.items():
+            print(f"  {name:<10} {what}  [{path.name}]")
+        return 0
+    if args.name not in STARTERS:
+        raise C.ConfigError(
+            f"no starting config named '{args.name}' (choose from: {', '.join(STARTERS)})"
+        )
+    sys.stdout.write(STARTERS[args.name][0].read_text())
+    return 0
+
+
+# name → (file, one line) for `celldino config show NAME`
+STARTERS: dict[str, tuple[Path, str]] = {
+    "tiny": (CONFIG_DIR / "tiny.yaml", "a few minutes on one CPU: synth → prepare → train"),
+    "demo": (CONFIG_DIR / "demo.yaml", "the whole pipeline on the demo screen (`celldino demo`)"),
+    "eval-spec": (
+        CONFIG_DIR / "eval-spec.yaml",
+        "an evaluation spec for `celldino evaluate PROFILES --spec` / run.eval_spec",
+    ),
+}
+
+
+def _stage_list(text: str) -> list[str]:
+    """`--force train` / `--force train,extract`: stage names, checked."""
+    stages = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in stages if s not in C.PIPELINE_STAGES]
+    if bad or not stages:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a stage (choose from: {', '.join(C.PIPELINE_STAGES)})"
+        )
+    return stages
+
+
+_FORCE = (
+    "--force",
+    "redo these stages even when up to date (run.force); one or more of: "
+    + ", ".join(C.PIPELINE_STAGES),
+    {"action": "extend", "type": _stage_list, "metavar": "STAGE", "default": None},
+)
+
+# name → (help, handler, config sections shown in --help, extra arguments)
 COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int], list[str], list[tuple]]] = {
     "synth": (
         "write the synthetic screen (TIFF images, plate map, load-data table, ground truth)",
@@ -204,12 +217,12 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int], list[str], l
             (
                 "--overwrite",
                 "replace embeddings made with another checkpoint or options (extract.overwrite)",
-                {"nargs": "*", "metavar": "key=value", "default": None},
+                {"action": "store_true"},
             ),
             (
                 "--format",
                 "parquet, or h5ad to write embeddings.h5ad too (extract.format)",
-                {"nargs": "+", "metavar": ("FORMAT", "key=value"), "default": None},
+                {"metavar": "FORMAT", "default": None},
             ),
         ],
     ),
@@ -227,8 +240,9 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int], list[str], l
             ("profiles", "profiles (.parquet, .csv, .h5ad): the feature set named by spec `name`"),
             (
                 "--spec",
-                "evaluation spec YAML: more feature sets, columns, analyses (docs/evaluation.md)",
-                {"nargs": "+", "metavar": "SPEC.yaml", "action": _SpecThenSettings},
+                "evaluation spec YAML: more feature sets, columns, analyses (docs/evaluation.md; "
+                "`celldino config show eval-spec` prints an example)",
+                {"metavar": "SPEC.yaml", "type": Path, "default": None},
             ),
         ],
     ),
@@ -246,13 +260,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int], list[str], l
         "finished stages are skipped by fingerprint",
         cmd_run,
         ["run"],
-        [
-            (
-                "--force",
-                "redo these stages even when up to date (run.force)",
-                {"nargs": "+", "metavar": "STAGE", "choices": list(C.PIPELINE_STAGES)},
-            )
-        ],
+        [_FORCE],
     ),
     "demo": (
         "the whole pipeline on the built-in synthetic screen (configs/demo.yaml); prints the report path",
@@ -263,10 +271,25 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int], list[str], l
                 "out_dir",
                 "run directory (default: run.out_dir of the config, demo_out/)",
                 {"nargs": "?", "type": Path, "default": None},
-            )
+            ),
+            _FORCE,
         ],
     ),
 }
+
+
+def _verbosity_flags(parser: argparse.ArgumentParser) -> None:
+    """-q / -v: accepted anywhere on the line (main takes them out before argparse)."""
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", help="warnings and errors only, no progress bars"
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="more detail (debug logging; tracebacks of user errors too)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -274,15 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="celldino",
         description="Self-supervised vision transformers for cell images: "
         "images in, morphology profiles and biology out.",
+        epilog="-q and -v may come anywhere on the line; `celldino COMMAND --help` lists every "
+        "setting of a command with its default.",
     )
     parser.add_argument("--version", action="version", version=f"celldino {__version__}")
-    verbosity = parser.add_mutually_exclusive_group()
-    verbosity.add_argument(
-        "-q", "--quiet", action="store_true", help="warnings and errors only, no progress bars"
-    )
-    verbosity.add_argument(
-        "-v", "--verbose", action="count", default=0, help="more detail (debug logging)"
-    )
+    _verbosity_flags(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     section_cls = C.typing.get_type_hints(C.Config)
     section_docs = C.field_docs(C.Config)
@@ -294,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
                 for s in sections
             ]
             epilog = (
-                "settings (key=value on the command line, or in the YAML config):\n"
+                "settings (key=value on the command line, or in the YAML config; lists as "
+                "a,b or [a,b]; `celldino config show tiny` prints a starting config):\n"
                 + "\n".join(parts)
             )
         p = sub.add_parser(
@@ -309,25 +329,109 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "settings",
             nargs="*",
+            default=[],
             metavar="[CONFIG.yaml] [key=value ...]",
-            help="an optional YAML config, then overrides such as train.epochs=3",
+            help="an optional YAML config, then overrides such as train.epochs=3 (any order)",
         )
+        _verbosity_flags(p)
         p.set_defaults(handler=handler)
+    p = sub.add_parser(
+        "config",
+        help="print a commented starting config: celldino config show tiny|demo|eval-spec",
+        description="`celldino config show` lists the starting configs; "
+        "`celldino config show NAME > my.yaml` writes one to edit.",
+    )
+    p.add_argument("action", choices=["show"], help="show: print a starting config")
+    p.add_argument("name", nargs="?", default=None, help=", ".join(STARTERS))
+    _verbosity_flags(p)
+    p.set_defaults(handler=cmd_config, settings=[])
     return parser
 
 
+def _take_global_flags(argv: list[str]) -> tuple[int | None, list[str]]:
+    """Remove -q/--quiet and -v/-vv/--verbose from anywhere before `--`: (verbosity, rest).
+
+    Verbosity is -1 for quiet, else the number of v's; None when both were given.
+    """
+    quiet, verbose, rest = False, 0, []
+    for i, tok in enumerate(argv):
+        if tok == "--":
+            rest += argv[i:]
+            break
+        if tok in ("-q", "--quiet"):
+            quiet = True
+        elif tok == "--verbose":
+            verbose += 1
+        elif len(tok) > 1 and tok[0] == "-" and set(tok[1:]) == {"v"}:
+            verbose += len(tok) - 1
+        else:
+            rest.append(tok)
+    if quiet and verbose:
+        return None, rest
+    return (-1 if quiet else verbose), rest
+
+
+def _gather_force(argv: list[str]) -> list[str]:
+    """`--force train extract CONFIG.yaml` → `--force=train,extract CONFIG.yaml`.
+
+    argparse's nargs='+' would also swallow the config path and the overrides that follow; here
+    --force takes the stage names that follow it and nothing else.
+    """
+    out, i = [], 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok == "--force":
+            stages = []
+            while i + 1 < len(argv) and argv[i + 1] and not argv[i + 1].startswith("-"):
+                parts = [s.strip() for s in argv[i + 1].split(",")]
+                if not all(s in C.PIPELINE_STAGES for s in parts if s):
+                    break
+                stages += [s for s in parts if s]
+                i += 1
+            out.append(f"--force={','.join(stages)}" if stages else tok)
+        else:
+            out.append(tok)
+        i += 1
+    return out
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _user_error(command: str, err: BaseException, verbosity: int) -> int:
+    logger.error("error: %s: %s", command, _one_line(err), exc_info=err if verbosity > 0 else None)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
+    verbosity, argv = _take_global_flags(list(sys.argv[1:] if argv is None else argv))
+    argv = _gather_force(argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
-    log.setup(-1 if args.quiet else args.verbose)
+    if verbosity is None:
+        parser.error("-q and -v exclude each other: give one")
+    args, unknown = parser.parse_known_args(argv)
+    options = [a for a in unknown if a.startswith("-") and a != "-"]
+    if options:
+        parser.error(f"unrecognized arguments: {' '.join(options)}")
+    # settings written after an option (`report RUN --out x.html report.title=T`) come back as
+    # unknown positionals: they are settings too, in the order given
+    args.settings = list(getattr(args, "settings", [])) + [a for a in unknown if a not in options]
+    log.setup(verbosity)
+    command = args.command
     try:
         return int(args.handler(args) or 0)
-    except C.ConfigError as e:
-        logger.error("configuration error: %s", e)
-        return 2
+    except UserError as e:
+        return _user_error(command, e, verbosity)
     except KeyboardInterrupt:
         logger.error("interrupted; finished work is kept and a rerun resumes where it stopped")
         return 130
+    except Exception as e:
+        # `celldino run` wraps a stage's failure in StageError; the cause decides what it is
+        cause = e.__cause__
+        if type(e).__name__ == "StageError" and isinstance(cause, UserError):
+            return _user_error(command, e, verbosity)
+        raise
 
 
 if __name__ == "__main__":
