@@ -249,6 +249,7 @@ class ProfileConfig:
     blocklist: tuple[str, ...] = ()  # feature names to drop with the blocklist operation
     consensus: tuple[str, ...] = ()  # keys of treatment-level consensus profiles ('' = skip)
     consensus_method: str = "median"  # consensus of replicate profiles: mean or median
+    allow_partial: bool = False  # profile an unfinished extraction (recorded in the output)
 
 
 @dataclass(frozen=True)
