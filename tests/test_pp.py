@@ -52,7 +52,7 @@ def test_aggregate_equals_pandas_groupby(shards, method):
     # constant within wells → carried; varying (cell ids, sites) → not
     assert "Metadata_Compound" in adata.obs and "Metadata_CellID" not in adata.obs
     assert pp.steps(adata) == ["aggregate"]
-    assert adata.uns["celldino"]["steps"][0]["params"]["method"] == method
+    assert pp.history(adata)[0]["params"]["method"] == method
 
 
 def test_aggregate_via_sites_weights_sites_equally(shards):
@@ -71,7 +71,7 @@ def test_aggregate_via_sites_weights_sites_equally(shards):
 
 def test_aggregate_bad_keys_and_features(shards):
     folder, _ = shards
-    with pytest.raises(KeyError, match="Metadata_Nope"):
+    with pytest.raises(ValueError, match="Metadata_Nope"):
         pp.aggregate(folder, by=["Metadata_Nope"], features="emb_")
     with pytest.raises(ValueError, match="no feature columns match"):
         pp.aggregate(folder, by=["Metadata_Plate"], features="CP_")
@@ -233,7 +233,7 @@ def test_nonfinite_policies():
     assert list(out.var_names) == ["f0", "f3", "f4"] and out.n_obs == adata.n_obs
     out = pp.handle_nonfinite(adata, policy="drop_row")
     assert out.n_obs == adata.n_obs - 2 and out.n_vars == adata.n_vars
-    assert out.uns["celldino"]["steps"][-1]["params"]["n_nonfinite"] == 2
+    assert pp.history(out)[-1]["params"]["n_nonfinite"] == 2
 
 
 def test_inverse_normal_and_consensus():

@@ -9,7 +9,7 @@ import pytest
 from celldino import cli
 from celldino.config import ProfileConfig
 from celldino.io.profiles import read_h5ad
-from celldino.pp import run_profile
+from celldino.pp import history, run_profile
 
 
 def _write_shards(folder, seed=0):
@@ -48,7 +48,7 @@ def test_profile_command_writes_all_formats(tmp_path, capsys):
         assert str(out.with_name(name)) in printed
     adata = read_h5ad(out)
     assert adata.shape == (16, 8)
-    steps = [s["step"] for s in adata.uns["celldino"]["steps"]]
+    steps = [s["step"] for s in history(adata)]
     assert steps == ["aggregate", "nonfinite", "annotate", "normalize", "feature_select"]
     # MAD-robustised against each plate's controls: control medians are 0
     table = pd.read_parquet(out.with_name("wells.parquet"))

@@ -29,9 +29,24 @@ import pandas as pd
 import scipy.stats
 import torch
 
+from celldino.errors import DataError
 from celldino.log import get_logger, progress
 
 logger = get_logger(__name__)
+
+
+class Unpaired(DataError):
+    """No positive (or negative) pair in the profiles: this mAP cannot be computed here."""
+
+
+def _unpaired(kind: str, sameby: list[str], diffby: list[str]) -> str:
+    same = f"share {sameby}" if sameby else ""
+    diff = f"differ in {diffby}" if diffby else ""
+    return (
+        f"no {kind} pairs: no two profiles {' and '.join(x for x in (same, diff) if x)} "
+        f"({'e.g. a single replicate per group' if kind == 'positive' else 'e.g. one group only'})"
+    )
+
 
 COPAIRS_MAX_ROWS = 2000  # `method="auto"` uses copairs up to this many profiles
 BLOCK_BYTES = 256 * 2**20  # working memory for one block of queries (blocked backend)
@@ -220,9 +235,9 @@ def _average_precision_blocked(
         sim = Xn[rows] @ Xn.T  # (B, n) cosine similarity, float64
         ap[rows], num_pos[rows], total[rows] = _ap_block(sim, pos, neg)
     if num_pos.sum() == 0:
-        raise ValueError("no positive pairs: check the positive rule columns and their values")
+        raise Unpaired(_unpaired("positive", pos_sameby, pos_diffby))
     if (total - num_pos).sum() == 0:
-        raise ValueError("no negative pairs: check the negative rule columns and their values")
+        raise Unpaired(_unpaired("negative", neg_sameby, neg_diffby))
     out = meta.reset_index(drop=True).copy()
     out["n_pos_pairs"] = num_pos
     out["n_total_pairs"] = total
@@ -267,16 +282,22 @@ def average_precision(
     if method != "copairs":
         raise ValueError(f"unknown mAP method '{method}' (use auto, copairs or blocked)")
     from copairs.map import average_precision as copairs_ap
+    from copairs.matching import UnpairedException
 
-    out = copairs_ap(
-        meta.reset_index(drop=True),
-        X,
-        pos_sameby=pos_sameby,
-        pos_diffby=pos_diffby,
-        neg_sameby=neg_sameby,
-        neg_diffby=neg_diffby,
-        progress_bar=False,
-    )
+    try:
+        out = copairs_ap(
+            meta.reset_index(drop=True),
+            X,
+            pos_sameby=pos_sameby,
+            pos_diffby=pos_diffby,
+            neg_sameby=neg_sameby,
+            neg_diffby=neg_diffby,
+            progress_bar=False,
+        )
+    except UnpairedException as e:
+        kind = "negative" if "negative" in str(e).lower() else "positive"
+        rule = (pos_sameby, pos_diffby) if kind == "positive" else (neg_sameby, neg_diffby)
+        raise Unpaired(_unpaired(kind, *rule)) from None
     return out.astype({"n_pos_pairs": np.int64, "n_total_pairs": np.int64})
 
 
@@ -339,7 +360,7 @@ def mean_average_precision(
     scores = ap[ap["average_precision"].notna() & (ap["n_pos_pairs"] > 0)]
     scores = scores.reset_index(drop=True)
     if scores.empty:
-        raise ValueError("no profile has positives: nothing to average (check the pair rules)")
+        raise Unpaired("no profile has positives: nothing to average (check the pair rules)")
     confs, rev_ix = np.unique(
         scores[["n_pos_pairs", "n_total_pairs"]].to_numpy(), axis=0, return_inverse=True
     )

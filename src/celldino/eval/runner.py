@@ -14,7 +14,9 @@ of metric → number) registered in `ANALYSES` by name.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,12 +27,15 @@ import pandas as pd
 import yaml
 
 from celldino.config import ConfigError, EvaluateConfig
+from celldino.errors import DataError, MissingInputError
 from celldino.eval.activity import phenotypic_activity
 from celldino.eval.bio_runs import RUNS as BIO_RUNS
 from celldino.eval.enrichment import enrichment
-from celldino.eval.map import moa_map, retrieval_map, summarize
+from celldino.eval.map import Unpaired, moa_map, retrieval_map, summarize
 from celldino.eval.retrieval import nsc_nscb
 from celldino.io.files import atomic_write_text, file_fingerprint, fingerprint, write_json
+from celldino.io.lock import output_lock
+from celldino.io.profiles import require_writable
 from celldino.log import get_logger, progress
 
 logger = get_logger(__name__)
@@ -38,6 +43,11 @@ logger = get_logger(__name__)
 
 class SpecError(ConfigError):
     """An evaluation spec that cannot be run (names the key and what to do)."""
+
+
+class NotEvaluable(DataError):
+    """This analysis cannot run on these profiles (no MoA values, no replicate pairs, ...):
+    the runner skips it, says why, and runs the others."""
 
 
 # ---- what analyses receive ------------------------------------------------------------------
@@ -117,6 +127,15 @@ def _with_moa(
         ctrl = (meta[ctx.cols.control].astype(str) == str(ctx.cols.control_value)).to_numpy()
         meta = meta.assign(**{moa: meta[moa].astype(object).where(~(missing & ctrl), "control")})
         missing = missing & ~ctrl  # not in place: under pandas copy-on-write the array is read-only
+    if ctx.cols.control in meta.columns:
+        treated = ~ctrl
+    else:
+        treated = np.ones(len(meta), dtype=bool)
+    if treated.any() and missing[treated].all():
+        raise NotEvaluable(
+            f"the MoA column '{moa}' is empty (NaN) for all {int(treated.sum())} treatment "
+            "profiles; fill it, or set columns.moa in the spec to the column holding the MoA"
+        )
     if missing.any():
         logger.info("%s: %d rows without %s are left out", analysis, int(missing.sum()), moa)
         meta, feats = meta[~missing].reset_index(drop=True), np.asarray(feats)[~missing]
@@ -265,9 +284,17 @@ def load_spec(spec: str | Path | dict | None) -> tuple[dict, Path]:
         data, base = dict(spec), Path.cwd()
     else:
         path = Path(spec)
-        if not path.exists():
-            raise SpecError(f"evaluation spec {path} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+        if not path.is_file():
+            raise SpecError(f"evaluation spec {path} does not exist (--spec or evaluate.spec)")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}, line {mark.line + 1}" if mark else str(path)
+            what = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise SpecError(f"{where}: not valid YAML ({what}); fix the spec") from None
+        except UnicodeDecodeError:
+            raise SpecError(f"{path}: not UTF-8 text; save the spec as UTF-8") from None
         base = path.resolve().parent
         if not isinstance(data, dict):
             raise SpecError(f"{path}: the spec must be a mapping (keys: {', '.join(_SPEC_KEYS)})")
@@ -290,21 +317,73 @@ def _analyses(spec: dict) -> dict[str, dict]:
     unknown = [a for a in raw if a not in ANALYSES]
     if unknown:
         raise SpecError(f"unknown analysis {unknown}; available: {', '.join(sorted(ANALYSES))}")
-    return {name: dict(params or {}) for name, params in raw.items()}
+    out = {}
+    for name, params in raw.items():
+        if params is not None and not isinstance(params, dict):
+            raise SpecError(f"analyses.{name}: parameters must be a mapping, got {params!r}")
+        params = dict(params or {})
+        valid = analysis_parameters(name)
+        bad = [k for k in params if valid is not None and k not in valid]
+        if bad:
+            raise SpecError(
+                f"analyses.{name}: unknown parameter(s) {bad}; valid parameters of {name}: "
+                f"{', '.join(sorted(valid)) or '(none)'}"
+            )
+        out[name] = params
+    return out
+
+
+def _reads(name: str, src: str) -> set[str]:
+    """Keys read from the mapping `name` in source text: name.get("x"...) or name["x"]."""
+    pat = rf"""\b{re.escape(name)}(?:\.get\(|\[)\s*["'](\w+)["']"""
+    return set(re.findall(pat, src))
+
+
+def analysis_parameters(name: str) -> set[str] | None:
+    """The spec parameters an analysis reads (`params.get("x")` / `params["x"]` in its code and
+    in the helpers it hands `params` to); an explicit `fn.parameters` wins. None: unknown (the
+    function passes its parameters on unread, so they cannot be checked)."""
+    fn = ANALYSES[name]
+    if hasattr(fn, "parameters"):
+        return set(fn.parameters)
+    try:
+        sig = inspect.signature(fn)
+        src = inspect.getsource(fn)
+    except (OSError, TypeError, ValueError):
+        return None
+    named = [p.name for p in list(sig.parameters.values())[3:] if p.kind == p.KEYWORD_ONLY]
+    var = [p.name for p in sig.parameters.values() if p.kind == p.VAR_KEYWORD]
+    if not var:
+        return set(named)
+    kw = var[0]
+    found = set(named) | _reads(kw, src)
+    for helper in set(re.findall(rf"(\w+)\([^()]*\b{kw}\b", src)):
+        obj = getattr(fn, "__globals__", {}).get(helper)
+        if inspect.isfunction(obj) and obj is not fn:
+            found |= _reads("params", inspect.getsource(obj))
+    return found or None
 
 
 def read_profile_table(path: str | Path) -> pd.DataFrame:
     """A profile file (.parquet, .csv[.gz], .h5ad) as one table of metadata + features."""
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"profile file {path} does not exist")
+    if not path.is_file():
+        raise MissingInputError(
+            f"profile file {path} does not exist; run `celldino profile` first or fix the path"
+        )
     if path.name.lower().endswith(".h5ad"):
         from celldino.io.profiles import anndata_to_frame, read_h5ad
 
         return anndata_to_frame(read_h5ad(path))
     from celldino.io.tables import read_table
 
-    return read_table(path)
+    try:
+        return read_table(path)
+    except DataError:
+        raise
+    except (ValueError, OSError, UnicodeDecodeError) as e:  # pandas / pyarrow parse errors
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"{path}: cannot read the profile table ({msg})") from None
 
 
 @dataclass
@@ -335,6 +414,41 @@ def split_features(
             f"columns with '{metadata_prefix}' or set feature_prefix in the spec"
         )
     return df[meta_cols].reset_index(drop=True), df[feats].to_numpy(np.float64), feats
+
+
+def _from_anndata(path: Path, feature_prefix: str) -> tuple[pd.DataFrame, np.ndarray, list[str]]:
+    """An .h5ad: features are `X` (columns `var_names`), metadata every `obs` column; an obs
+    column never becomes a feature, whatever its name or type."""
+    from celldino.io.profiles import read_h5ad
+
+    adata = read_h5ad(path)
+    feats = list(map(str, adata.var_names))
+    X = np.asarray(adata.X.toarray() if hasattr(adata.X, "toarray") else adata.X, np.float64)
+    if feature_prefix:
+        keep = [i for i, f in enumerate(feats) if f.startswith(feature_prefix)]
+        X, feats = X[:, keep], [feats[i] for i in keep]
+    meta = adata.obs.reset_index(drop=True)
+    for c in meta.columns:  # categoricals (how .h5ad stores strings) back to plain values
+        if isinstance(meta[c].dtype, pd.CategoricalDtype):
+            meta[c] = meta[c].astype(object).where(meta[c].notna(), None)
+    return meta, X, feats
+
+
+def _check_matrix(X: np.ndarray, feats: list[str], source: str) -> None:
+    if X.shape[0] == 0:
+        raise DataError(f"{source}: 0 profile rows; nothing to evaluate")
+    if X.shape[1] == 0:
+        raise DataError(f"{source}: 0 feature columns; nothing to evaluate")
+    bad = ~np.isfinite(X)
+    if bad.any():
+        cols = np.flatnonzero(bad.any(axis=0))
+        rows = np.flatnonzero(bad.any(axis=1))
+        raise DataError(
+            f"{source}: {int(bad.sum())} NaN/inf values in {len(cols)} feature column(s) "
+            f"({', '.join(feats[j] for j in cols[:5])}) and {len(rows)} row(s) (first: row "
+            f"{rows[0]}); drop or fix them (`celldino profile` handles them with "
+            "profile.nonfinite)"
+        )
 
 
 def _derive(name: str, how: dict, sets: dict[str, FeatureSet], seed: int) -> FeatureSet:
@@ -375,8 +489,14 @@ def load_feature_sets(profiles: str | Path | None, spec: dict, base: Path, seed:
         raise SpecError("no profiles: pass PROFILES or list feature sets under 'inputs'")
     sets: dict[str, FeatureSet] = {}
     for name, path in paths.items():
-        df = read_profile_table(path)
-        meta, X, feats = split_features(df, metadata_prefix=mp, feature_prefix=fp, source=str(path))
+        if path.name.lower().endswith(".h5ad") and path.is_file():
+            meta, X, feats = _from_anndata(path, fp)
+        else:
+            df = read_profile_table(path)
+            meta, X, feats = split_features(
+                df, metadata_prefix=mp, feature_prefix=fp, source=str(path)
+            )
+        _check_matrix(X, feats, str(path))
         key = fingerprint([file_fingerprint(path), mp, fp])
         sets[name] = FeatureSet(name, meta, X, feats, str(path), key)
     for name, how in (spec.get("derived") or {}).items():
@@ -405,6 +525,86 @@ def _write_table(df: pd.DataFrame, path: Path) -> None:
     write_parquet(df, path)
 
 
+def _run_all(
+    sets: dict[str, FeatureSet],
+    analyses: dict[str, dict],
+    ctx: EvalContext,
+    cfg: EvaluateConfig,
+    out: Path,
+) -> dict:
+    """Every analysis on every feature set, written under `out`; returns the summary."""
+    (out / "parts").mkdir(parents=True, exist_ok=True)
+    (out / "tables").mkdir(parents=True, exist_ok=True)
+    ctx_key = dataclasses.asdict(ctx)
+    rows: list[dict] = []
+    skipped: dict[str, str] = {}
+    jobs = [(fs, name, params) for fs in sets.values() for name, params in analyses.items()]
+    for fs, name, params in progress(jobs, desc="evaluate"):
+        part = out / "parts" / f"{name}__{fs.name}.json"
+        key = fingerprint([fs.key, name, params, ctx_key])
+        done = json.loads(part.read_text()) if part.exists() else None
+        if cfg.resume and done and done.get("key") == key:
+            logger.info("%s on %s: done before, kept", name, fs.name)
+            metrics = dict(done["metrics"])  # stored as [name, value] pairs, in order
+        else:
+            logger.info("%s on %s (%d profiles × %d features)", name, fs.name, *fs.feats.shape)
+            try:
+                res = _as_result(ANALYSES[name](fs.meta, fs.feats, ctx, **params))
+            except (Unpaired, NotEvaluable) as e:  # cannot run on these data: skip, say why
+                reason = str(e.args[0] if e.args else e)
+                skipped[f"{name} on {fs.name}"] = reason
+                logger.warning("%s on %s skipped: %s", name, fs.name, reason)
+                continue
+            except (ValueError, KeyError) as e:  # bad data or columns: say where, no traceback
+                if isinstance(e, SpecError):
+                    raise
+                msg = e.args[0] if e.args else e
+                raise SpecError(f"analysis '{name}' on feature set '{fs.name}': {msg}") from e
+            metrics = {k: float(v) for k, v in res.metrics.items()}
+            for tname, table in res.tables.items():
+                _write_table(table, out / "tables" / f"{name}__{fs.name}__{tname}.parquet")
+            write_json(part, {"key": key, "metrics": [[k, v] for k, v in metrics.items()]})
+        rows += [
+            {"feature_set": fs.name, "analysis": name, "metric": k, "value": v}
+            for k, v in metrics.items()
+        ]
+    if not rows and skipped:
+        raise DataError(
+            "no analysis could run on these profiles: "
+            + "; ".join(f"{k}: {v}" for k, v in skipped.items())
+        )
+    tidy = pd.DataFrame(rows, columns=["feature_set", "analysis", "metric", "value"])
+    _write_table(tidy, out / "metrics.parquet")
+    atomic_write_text(out / "metrics.csv", tidy.to_csv(index=False))
+    nested: dict[str, dict[str, dict[str, float | None]]] = {}
+    for r in rows:
+        v = r["value"]
+        nested.setdefault(r["analysis"], {}).setdefault(r["metric"], {})[r["feature_set"]] = (
+            None if np.isnan(v) else v
+        )
+    summary = {
+        "feature_sets": {
+            n: {
+                "source": s.source,
+                "n_profiles": int(s.feats.shape[0]),
+                "n_features": len(s.features),
+            }
+            for n, s in sets.items()
+        },
+        "analyses": analyses,
+        "metrics": nested,
+        "settings": ctx_key,
+        "skipped": skipped,
+    }
+    write_json(out / "summary.json", summary)
+    if skipped:
+        logger.warning(
+            "evaluate skipped %d of %d analyses (listed under 'skipped' in %s): %s",
+            len(skipped), len(jobs), out / "summary.json", "; ".join(skipped),
+        )  # fmt: skip
+    return summary
+
+
 def evaluate(
     profiles: str | Path | None,
     *,
@@ -428,59 +628,9 @@ def evaluate(
         map_method=cfg.map_method,
         block_bytes=cfg.map_memory_mb * 2**20,
     )
-    sets = load_feature_sets(profiles, spec_dict, base, cfg.seed)
-    out = Path(cfg.out_dir)
-    (out / "parts").mkdir(parents=True, exist_ok=True)
-    (out / "tables").mkdir(parents=True, exist_ok=True)
-    ctx_key = dataclasses.asdict(ctx)
-    rows: list[dict] = []
-    jobs = [(fs, name, params) for fs in sets.values() for name, params in analyses.items()]
-    for fs, name, params in progress(jobs, desc="evaluate"):
-        part = out / "parts" / f"{name}__{fs.name}.json"
-        key = fingerprint([fs.key, name, params, ctx_key])
-        done = json.loads(part.read_text()) if part.exists() else None
-        if cfg.resume and done and done.get("key") == key:
-            logger.info("%s on %s: done before, kept", name, fs.name)
-            metrics = dict(done["metrics"])  # stored as [name, value] pairs, in order
-        else:
-            logger.info("%s on %s (%d profiles × %d features)", name, fs.name, *fs.feats.shape)
-            try:
-                res = _as_result(ANALYSES[name](fs.meta, fs.feats, ctx, **params))
-            except (ValueError, KeyError) as e:  # bad data or columns: say where, no traceback
-                if isinstance(e, SpecError):
-                    raise
-                msg = e.args[0] if e.args else e
-                raise SpecError(f"analysis '{name}' on feature set '{fs.name}': {msg}") from e
-            metrics = {k: float(v) for k, v in res.metrics.items()}
-            for tname, table in res.tables.items():
-                _write_table(table, out / "tables" / f"{name}__{fs.name}__{tname}.parquet")
-            write_json(part, {"key": key, "metrics": [[k, v] for k, v in metrics.items()]})
-        rows += [
-            {"feature_set": fs.name, "analysis": name, "metric": k, "value": v}
-            for k, v in metrics.items()
-        ]
-    tidy = pd.DataFrame(rows, columns=["feature_set", "analysis", "metric", "value"])
-    _write_table(tidy, out / "metrics.parquet")
-    atomic_write_text(out / "metrics.csv", tidy.to_csv(index=False))
-    nested: dict[str, dict[str, dict[str, float | None]]] = {}
-    for r in rows:
-        v = r["value"]
-        nested.setdefault(r["analysis"], {}).setdefault(r["metric"], {})[r["feature_set"]] = (
-            None if np.isnan(v) else v
-        )
-    summary = {
-        "feature_sets": {
-            n: {
-                "source": s.source,
-                "n_profiles": int(s.feats.shape[0]),
-                "n_features": len(s.features),
-            }
-            for n, s in sets.items()
-        },
-        "analyses": analyses,
-        "metrics": nested,
-        "settings": ctx_key,
-    }
-    write_json(out / "summary.json", summary)
+    out = require_writable(cfg.out_dir, "evaluate")  # before reading or computing anything
+    with output_lock(out, "evaluate"):
+        sets = load_feature_sets(profiles, spec_dict, base, cfg.seed)
+        _run_all(sets, analyses, ctx, cfg, out)
     logger.info("evaluation written to %s", out)
     return out

@@ -2,8 +2,9 @@
 
 A profile table is `Metadata_*` columns plus feature columns (the pycytominer / copairs
 convention). In memory a profile is an `anndata.AnnData`: `X` = features (float64),
-`obs` = metadata, `uns['celldino']['steps']` = the list of {step, params} that made it.
-HDF5 cannot hold a list of dicts, so the steps travel as JSON text inside the .h5ad.
+`obs` = metadata (`obs_names` = plate_well, or the profile's keys), `uns['celldino']['steps']` =
+JSON text of the list of {step, params} that made it (HDF5 cannot hold a list of dicts or None;
+`celldino.pp.history(adata)` parses it). Inputs may be Parquet, CSV or gzipped CSV.
 """
 
 from __future__ import annotations
@@ -17,11 +18,28 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-_STEPS_JSON = "steps_json"
+from celldino.errors import DataError, MissingInputError
+
+_STEPS_JSON = "steps_json"  # the key of files written before the steps became JSON in memory
+TABLE_SUFFIXES = (".parquet", ".csv", ".csv.gz")
+
+
+def table_kind(path: str | Path) -> str:
+    """'parquet' or 'csv' by the file name's ending, else a DataError naming the file."""
+    name = str(path).lower()
+    if name.endswith((".parquet", ".pq")):
+        return "parquet"
+    if name.endswith((".csv", ".csv.gz")):
+        return "csv"
+    raise DataError(
+        f"{path}: unknown table format; per-cell inputs are Parquet (.parquet), CSV (.csv) "
+        "or gzipped CSV (.csv.gz)"
+    )
 
 
 def shard_paths(inputs: str | Path | list | tuple) -> list[str]:
-    """Expand folders (their *.parquet), files and globs into a sorted list of Parquet files."""
+    """Expand folders (their *.parquet, else *.csv / *.csv.gz), files and globs into a sorted
+    list of table files."""
     items = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     out: list[str] = []
     for item in items:
@@ -29,26 +47,63 @@ def shard_paths(inputs: str | Path | list | tuple) -> list[str]:
         if any(ch in s for ch in "*?["):
             hits = sorted(glob.glob(s, recursive=True))
             if not hits:
-                raise FileNotFoundError(f"no Parquet files match {s!r}")
+                raise MissingInputError(f"no files match {s!r}; check profile.input")
             out += hits
         elif Path(s).is_dir():
-            hits = sorted(
-                str(p)
-                for p in Path(s).rglob("*.parquet")
-                if not p.name.startswith((".", "_"))  # temporary / hidden files of writers
-            )
+            hits: list[str] = []
+            for pattern in ("*.parquet", "*.csv", "*.csv.gz"):
+                hits = sorted(
+                    str(p)
+                    for p in Path(s).rglob(pattern)
+                    if not p.name.startswith((".", "_"))  # temporary / hidden files of writers
+                )
+                if hits:
+                    break
             if not hits:
-                raise FileNotFoundError(f"folder {s} holds no *.parquet shards")
+                raise MissingInputError(
+                    f"folder {s} holds no *.parquet (or *.csv[.gz]) tables; run "
+                    "`celldino extract` into it first or point profile.input at the shards"
+                )
             out += hits
         elif Path(s).is_file():
             out.append(s)
         else:
-            raise FileNotFoundError(f"profile input {s} does not exist (a folder, file or glob)")
+            raise MissingInputError(
+                f"profile input {s} does not exist (give a folder, file or glob)"
+            )
+    for f in out:
+        table_kind(f)
     return out
 
 
-def frame_to_anndata(df: pd.DataFrame, features: list[str] | None = None) -> ad.AnnData:
-    """A profile table → AnnData; features default to every non-`Metadata_` numeric column."""
+def obs_names(obs: pd.DataFrame, keys: list[str] | None = None) -> pd.Index:
+    """Meaningful, unique profile names: the keys joined ('P1_A01'), else a cell id or plate_well
+    (made unique with '-1', '-2', ...), else '0', '1', ..."""
+    if keys is None:
+        for cand in (
+            ["Metadata_Plate", "Metadata_Well"],
+            ["Metadata_Cell_ID"],
+            ["Metadata_cell_id"],
+        ):
+            if all(k in obs.columns for k in cand):
+                keys = cand
+                break
+    if keys and all(k in obs.columns for k in keys) and len(obs):
+        names = obs[list(keys)].astype(str).agg("_".join, axis=1)
+        return pd.Index(ad.utils.make_index_unique(pd.Index(names.to_numpy(dtype=str))))
+    return pd.Index(np.arange(len(obs)).astype(str))
+
+
+def frame_to_anndata(
+    df: pd.DataFrame,
+    features: list[str] | None = None,
+    keys: list[str] | None = None,
+    *,
+    source: str = "the profile table",
+) -> ad.AnnData:
+    """A profile table → AnnData; features default to every non-`Metadata_` numeric column.
+
+    `obs_names` are the `keys` joined (default plate_well), see `obs_names`."""
     if features is None:
         features = [
             c
@@ -57,13 +112,24 @@ def frame_to_anndata(df: pd.DataFrame, features: list[str] | None = None) -> ad.
         ]
     missing = [f for f in features if f not in df.columns]
     if missing:
-        raise KeyError(f"feature columns not in the table: {missing[:5]} ({len(missing)} missing)")
+        raise DataError(
+            f"{source}: feature columns not in the table: {missing[:5]} ({len(missing)} missing)"
+        )
     meta = [c for c in df.columns if c not in set(features)]
     X = df[features].to_numpy(dtype=np.float64)  # (n_profiles, n_features)
     obs = df[meta].reset_index(drop=True)
-    obs.index = obs.index.astype(str)
+    for c in obs.columns:  # dates (DuckDB reads CSV dates as such): ISO text, as in the file
+        if pd.api.types.is_datetime64_any_dtype(obs[c]):
+            t = obs[c]
+            fmt = (
+                "%Y-%m-%d"
+                if (t.dropna() == t.dropna().dt.normalize()).all()
+                else "%Y-%m-%dT%H:%M:%S"
+            )
+            obs[c] = t.dt.strftime(fmt).astype(object)
+    obs.index = obs_names(obs, keys)
     adata = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=pd.Index(features, dtype=str)))
-    adata.uns["celldino"] = {"steps": []}
+    adata.uns["celldino"] = {"steps": "[]"}
     return adata
 
 
@@ -75,16 +141,20 @@ def anndata_to_frame(adata: ad.AnnData) -> pd.DataFrame:
     return pd.concat([obs, feats], axis=1)
 
 
-def _h5ad_safe(adata: ad.AnnData) -> ad.AnnData:
-    out = adata.copy()
-    for col in out.obs.columns:
-        if out.obs[col].dtype == object:
-            out.obs[col] = out.obs[col].astype(str)
-    meta = dict(out.uns.get("celldino", {}))
-    steps = meta.pop("steps", [])
-    meta[_STEPS_JSON] = json.dumps(steps, default=_json_default)
-    out.uns["celldino"] = meta
-    return out
+def _category(col: pd.Series) -> pd.Series:
+    """Object column → categorical of strings, missing values kept missing (not 'nan')."""
+    return col.map(lambda v: v if v is None or (isinstance(v, float) and np.isnan(v)) else str(v))
+
+
+def _uns_safe(v: object) -> object:
+    """uns values anndata can write: None entries dropped, nested or ragged lists as JSON text."""
+    if isinstance(v, dict):
+        return {str(k): _uns_safe(x) for k, x in v.items() if x is not None}
+    if isinstance(v, (list, tuple)) and any(
+        isinstance(x, (dict, list, tuple)) or x is None for x in v
+    ):
+        return json.dumps(v, default=_json_default)
+    return v
 
 
 def _json_default(o: object) -> object:
@@ -93,6 +163,20 @@ def _json_default(o: object) -> object:
     if isinstance(o, np.ndarray):
         return o.tolist()
     return str(o)
+
+
+def _h5ad_safe(adata: ad.AnnData) -> ad.AnnData:
+    out = adata.copy()
+    for col in out.obs.columns:
+        if out.obs[col].dtype == object:
+            out.obs[col] = _category(out.obs[col]).astype("category")
+    meta = dict(out.uns.get("celldino", {}))
+    steps = meta.get("steps", "[]")
+    if not isinstance(steps, str):  # a list of dicts (written by older code or by hand)
+        steps = json.dumps(list(steps), default=_json_default)
+    meta["steps"] = steps
+    out.uns["celldino"] = _uns_safe(meta)
+    return out
 
 
 def _tmp(path: Path) -> Path:
@@ -110,12 +194,17 @@ def write_h5ad(adata: ad.AnnData, path: str | Path) -> Path:
 
 
 def read_h5ad(path: str | Path) -> ad.AnnData:
-    """Read an .h5ad written by `write_h5ad`; `uns['celldino']['steps']` is a list again."""
-    adata = ad.read_h5ad(path)
+    """Read an .h5ad written by `write_h5ad` (or any AnnData file): `uns['celldino']['steps']`
+    is JSON text (files of older versions held it under `steps_json`)."""
+    try:
+        adata = ad.read_h5ad(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise DataError(f"{path}: not a readable .h5ad file ({e}); rewrite it") from e
     meta = dict(adata.uns.get("celldino", {}))
     if _STEPS_JSON in meta:
-        meta["steps"] = json.loads(str(meta.pop(_STEPS_JSON)))
-    meta.setdefault("steps", [])
+        meta["steps"] = str(meta.pop(_STEPS_JSON))
+    steps = meta.get("steps", "[]")
+    meta["steps"] = steps if isinstance(steps, str) else json.dumps(list(steps), default=str)
     adata.uns["celldino"] = meta
     return adata
 
@@ -132,7 +221,7 @@ def write_table(adata: ad.AnnData, path: str | Path) -> Path:
     elif name.endswith((".csv", ".csv.gz")):
         df.to_csv(tmp, index=False, compression="gzip" if name.endswith(".gz") else None)
     else:
-        raise ValueError(f"{path}: unknown table format (use .parquet, .csv or .csv.gz)")
+        raise DataError(f"{path}: unknown table format (use .parquet, .csv or .csv.gz)")
     os.replace(tmp, path)
     return path
 
@@ -142,11 +231,32 @@ def read_profiles(path: str | Path, features: list[str] | None = None) -> ad.Ann
     path = Path(path)
     name = path.name.lower()
     if not path.exists():
-        raise FileNotFoundError(f"profile file {path} does not exist")
+        raise MissingInputError(f"profile file {path} does not exist")
     if name.endswith(".h5ad"):
         return read_h5ad(path)
     if name.endswith(".parquet"):
-        return frame_to_anndata(pd.read_parquet(path), features)
+        return frame_to_anndata(pd.read_parquet(path), features, source=str(path))
     if name.endswith((".csv", ".csv.gz")):
-        return frame_to_anndata(pd.read_csv(path), features)
-    raise ValueError(f"{path}: unknown profile format (use .h5ad, .parquet, .csv or .csv.gz)")
+        return frame_to_anndata(pd.read_csv(path), features, source=str(path))
+    raise DataError(f"{path}: unknown profile format (use .h5ad, .parquet, .csv or .csv.gz)")
+
+
+def require_writable(folder: str | Path, what: str) -> Path:
+    """Create `folder` if needed and prove a file can be written in it, before any computing;
+    else an OutputError naming the folder. (A probe file, not `os.access`: root ignores modes
+    but not read-only mounts or immutable folders.)"""
+    import tempfile
+
+    from celldino.errors import OutputError
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".celldino-probe-"):
+            pass
+    except OSError as e:
+        raise OutputError(
+            f"{what}: cannot write to the output folder {folder} ({e.strerror or e}); "
+            "make it writable or choose another output"
+        ) from None
+    return folder

@@ -21,7 +21,9 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from celldino import log
+from celldino.errors import MissingInputError
 from celldino.io.files import atomic_write_text, read_json
+from celldino.io.profiles import require_writable
 from celldino.pl.figure import close
 
 logger = log.get_logger(__name__)
@@ -145,9 +147,11 @@ def build_report(
 
     run = Path(run_dir)
     if not run.is_dir():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"run directory {run} does not exist: run `celldino run` or `celldino demo` first"
         )
+    path = Path(out) if out else run / "report.html"
+    require_writable(path.parent, "report")  # before drawing any figure
     built = []
     for make in sections or DEFAULT_SECTIONS:
         try:
@@ -161,7 +165,6 @@ def build_report(
                 f'<p class="warn">This section could not be drawn: {html.escape(str(e))}</p>'
             )
             built.append(sec)
-    path = Path(out) if out else run / "report.html"
     subtitle = f"run directory: {run.resolve()}"
     manifest = run / "pipeline.json"
     if manifest.exists():

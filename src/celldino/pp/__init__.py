@@ -1,7 +1,7 @@
 """Profiles from per-cell features: aggregate → normalise → batch-correct → select → consensus.
 
 Scanpy-style stages: each takes the AnnData first, everything else keyword-only, and records
-its parameters in `adata.uns['celldino']['steps']`.
+its parameters in `adata.uns['celldino']['steps']` (JSON text; `pp.history(adata)` parses it).
 
     adata = pp.aggregate("runs/embeddings", by=["Metadata_Plate", "Metadata_Well"], features="emb_")
     adata = pp.handle_nonfinite(adata, policy="drop_feature")
@@ -22,7 +22,7 @@ from celldino.pp.nonfinite import handle_nonfinite
 from celldino.pp.normalize import normalize, pca
 from celldino.pp.pipeline import run_profile
 from celldino.pp.sphere import sphere
-from celldino.pp.steps import steps
+from celldino.pp.steps import history, steps
 
 __all__ = [
     "aggregate",
@@ -31,6 +31,7 @@ __all__ = [
     "feature_select",
     "handle_nonfinite",
     "harmony",
+    "history",
     "inverse_normal",
     "normalize",
     "pca",

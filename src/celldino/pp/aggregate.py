@@ -22,7 +22,8 @@ import duckdb
 import numpy as np
 import pandas as pd
 
-from celldino.io.profiles import frame_to_anndata, shard_paths
+from celldino.errors import DataError
+from celldino.io.profiles import frame_to_anndata, shard_paths, table_kind
 from celldino.log import get_logger, progress
 from celldino.pp.steps import record
 
@@ -52,11 +53,51 @@ def _connect(memory_limit: str, threads: int, temp_dir: str | None) -> duckdb.Du
     return con
 
 
+def _reader(files: list[str]) -> str:
+    """The DuckDB table function reading every file (Parquet, or CSV / gzipped CSV)."""
+    kinds = {table_kind(f) for f in files}
+    if len(kinds) > 1:
+        raise DataError(
+            f"profile inputs mix Parquet and CSV files ({files[0]}, ...); give one kind"
+        )
+    if kinds == {"csv"}:
+        return "read_csv_auto(?, union_by_name=true)"
+    return "read_parquet(?, union_by_name=true)"
+
+
+def _where(files: list[str]) -> str:
+    return files[0] if len(files) == 1 else f"{len(files)} files under {Path(files[0]).parent}"
+
+
 def schema(files: list[str], con: duckdb.DuckDBPyConnection | None = None) -> dict[str, str]:
-    """Column name → DuckDB type of the union of the shards."""
+    """Column name → DuckDB type of the union of the shards (DuckDB's names, see `_names`)."""
     con = con or duckdb.connect(":memory:")
-    rows = con.execute("DESCRIBE SELECT * FROM read_parquet(?, union_by_name=true)", [files])
+    try:
+        rows = con.execute(f"DESCRIBE SELECT * FROM {_reader(files)}", [files])
+    except duckdb.Error as e:
+        raise DataError(f"cannot read {_where(files)}: {e}".splitlines()[0]) from e
     return {r[0]: r[1] for r in rows.fetchall()}
+
+
+def _file_columns(path: str) -> list[str]:
+    if table_kind(path) == "csv":
+        return [str(c) for c in pd.read_csv(path, nrows=0).columns]
+    import pyarrow.parquet as pq
+
+    return list(pq.read_schema(path).names)
+
+
+def _names(files: list[str], duck: list[str]) -> dict[str, str]:
+    """DuckDB name → the file's own name. DuckDB's column names are case-insensitive, so of
+    `Metadata_plate_map_name` and `Metadata_Plate_Map_Name` it renames the second `..._1`;
+    the profiles keep the names the files hold."""
+    orig = list(dict.fromkeys(c for f in files for c in _file_columns(f)))
+    out = {d: d for d in duck}
+    if len(orig) == len(duck):
+        for d, o in zip(duck, orig):
+            if d != o and d.lower().startswith(o.lower()):
+                out[d] = o
+    return out
 
 
 def resolve_features(columns: dict[str, str], features: str | Sequence[str] | None) -> list[str]:
@@ -73,15 +114,15 @@ def resolve_features(columns: dict[str, str], features: str | Sequence[str] | No
         feats = list(features)
         missing = [f for f in feats if f not in columns]
         if missing:
-            raise KeyError(f"feature columns not in the shards: {missing[:5]} ({len(missing)})")
+            raise DataError(f"feature columns not in the shards: {missing[:5]} ({len(missing)})")
     if not feats:
-        raise ValueError(
+        raise DataError(
             f"no feature columns match {features!r} (columns: {list(columns)[:8]}...); "
             "pass features= a prefix such as 'emb_' or an explicit list"
         )
     bad = [f for f in feats if not columns[f].upper().startswith(_NUMERIC)]
     if bad:
-        raise TypeError(f"feature columns are not numeric: {bad[:5]} (types {columns[bad[0]]})")
+        raise DataError(f"feature columns are not numeric: {bad[:5]} (types {columns[bad[0]]})")
     return feats
 
 
@@ -97,7 +138,7 @@ def _level_sql(source: str, keys: list[str], cols: list[str], fn: str, carry: li
 
 def _mean_sql(chain: list[list[str]], feats: list[str], carry: list[str]) -> str:
     """Level 0 reads the shards; each further level reads the previous one (a subquery)."""
-    sql = _level_sql("read_parquet(?, union_by_name=true)", chain[0], feats, "avg", carry)
+    sql = _level_sql("__READER__", chain[0], feats, "avg", carry)
     for keys in chain[1:]:
         key_sql = ", ".join(_q(k) for k in keys)
         parts = [key_sql] + [f"avg({_q(c)}) AS {_q(c)}" for c in feats]
@@ -135,7 +176,7 @@ def _median_by_partition(
     into partitions by a hash of the final keys (one streaming pass, Parquet under `temp_dir`);
     each partition (whole groups, ~256 MB of features) is then reduced in memory with pandas.
     Peak memory ~ the largest partition."""
-    n_rows = con.execute("SELECT count(*) FROM read_parquet(?, union_by_name=true)", [files])
+    n_rows = con.execute(f"SELECT count(*) FROM {_reader(files)}", [files])
     n_rows = int(n_rows.fetchone()[0])
     n_parts = int(np.clip(np.ceil(n_rows * len(feats) * 8 / PARTITION_BYTES), 1, 512))
     key_hash = f"hash({', '.join(_q(k) for k in chain[-1])}) % {n_parts}"
@@ -150,7 +191,7 @@ def _median_by_partition(
         sel = ", ".join(_q(c) for c in cols)
         con.execute(
             f"COPY (SELECT {sel}, {key_hash} AS __part "
-            "FROM read_parquet(?, union_by_name=true)) "
+            f"FROM {_reader(files)}) "
             f"TO '{tmp}' (FORMAT parquet, PARTITION_BY (__part), ROW_GROUP_SIZE 20000)",
             [files],
         )
@@ -190,33 +231,58 @@ def aggregate(
     `Metadata_Count_Cells`. NaN in a cell propagates to its group (see pp.handle_nonfinite).
     """
     if method not in ("mean", "median"):
-        raise ValueError(f"method must be 'mean' or 'median', got {method!r}")
+        raise DataError(f"aggregation method must be 'mean' or 'median', got {method!r}")
     files = shard_paths(source)
+    where = _where(files)
     by = list(by)
     chain = [list(k) for k in levels] + [by]
     for finer, coarser in zip(chain[:-1], chain[1:]):
         if not set(coarser) <= set(finer):
-            raise ValueError(f"level {finer} must contain every key of the next level {coarser}")
+            raise DataError(f"level {finer} must contain every key of the next level {coarser}")
     con = _connect(memory_limit, threads, temp_dir)
     cols = schema(files, con)
-    missing = [k for k in set().union(*map(set, chain)) if k not in cols]
+    names = _names(files, list(cols))  # DuckDB name → the file's name
+    to_duck = {v: k for k, v in names.items()}
+    chain = [[to_duck.get(k, k) for k in keys] for keys in chain]
+    by_d = chain[-1]
+    missing = [k for k in dict.fromkeys(k for keys in chain for k in keys) if k not in cols]
     if missing:
-        raise KeyError(f"grouping keys {missing} not in the shards (columns: {list(cols)[:8]}...)")
-    feats = resolve_features(cols, features)
+        raise DataError(
+            f"{where}: grouping key(s) {[names.get(k, k) for k in missing]} not in the "
+            f"columns {[names[c] for c in cols][:12]}...; set profile.by / profile.via"
+        )
+    if features is not None and not isinstance(features, str):
+        features = [to_duck.get(f, f) for f in features]
+    try:
+        feats = resolve_features(cols, features)
+    except (KeyError, ValueError, TypeError) as e:
+        raise DataError(f"{where}: {e.args[0] if e.args else e}") from None
     all_keys = set().union(*map(set, chain))
     if carry is None:
-        carry = [c for c in cols if c.startswith("Metadata_") and c not in all_keys]
+        carry = [c for c in cols if names[c].startswith("Metadata_") and c not in all_keys]
+    else:
+        carry = [to_duck.get(c, c) for c in carry]
     carry = [c for c in carry if c not in all_keys]
     logger.info(
-        "aggregating %d shard(s) by %s (%s of %d features, DuckDB memory_limit=%s)",
+        "aggregating %d file(s) by %s (%s of %d features, DuckDB memory_limit=%s)",
         len(files), by, method, len(feats), memory_limit,
     )  # fmt: skip
-    if method == "mean":
-        df = con.execute(_mean_sql(chain, feats, carry), [files]).fetchdf()
-    else:
-        df = _median_by_partition(con, files, chain, feats, carry, temp_dir)
-    con.close()
-    df = df.sort_values(by, kind="stable").reset_index(drop=True)
+    try:
+        if method == "mean":
+            sql = _mean_sql(chain, feats, carry).replace("__READER__", _reader(files))
+            df = con.execute(sql, [files]).fetchdf()
+        else:
+            df = _median_by_partition(con, files, chain, feats, carry, temp_dir)
+    except duckdb.Error as e:
+        raise DataError(f"cannot aggregate {where}: {e}".splitlines()[0]) from e
+    finally:
+        con.close()
+    if df.empty:
+        raise DataError(
+            f"{where}: 0 rows (cells) to aggregate; the input tables are empty. Check that "
+            "extraction wrote cells (its log) and that profile.input names the right folder"
+        )
+    df = df.sort_values(by_d, kind="stable").reset_index(drop=True)
 
     kept: list[str] = []
     for m in carry:
@@ -226,8 +292,11 @@ def aggregate(
             df[m] = lo
             kept.append(m)
     df[COUNT_COLUMN] = df[COUNT_COLUMN].astype(np.int64)
-    df = df[by + kept + [COUNT_COLUMN] + feats]
-    adata = frame_to_anndata(df, feats)
+    df = df[by_d + kept + [COUNT_COLUMN] + feats].rename(columns=names)
+    feats = [names[f] for f in feats]
+    kept = [names[m] for m in kept]
+    carry = [names[m] for m in carry]
+    adata = frame_to_anndata(df, feats, by, source=where)
     dropped = [m for m in carry if m not in kept]
     if dropped:
         logger.debug("metadata varying within groups, not carried: %s", dropped)

@@ -8,6 +8,8 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from celldino.errors import DataError
+from celldino.io.profiles import obs_names
 from celldino.pp.steps import record
 
 
@@ -19,11 +21,11 @@ def consensus(
     Metadata constant within every group is kept; `Metadata_Count_Replicates` counts profiles.
     """
     if method not in ("mean", "median"):
-        raise ValueError(f"consensus method must be 'mean' or 'median', got {method!r}")
+        raise DataError(f"consensus method must be 'mean' or 'median', got {method!r}")
     by = list(by)
     missing = [k for k in by if k not in adata.obs.columns]
     if missing:
-        raise KeyError(f"consensus keys {missing} not in the metadata {list(adata.obs.columns)}")
+        raise DataError(f"consensus keys {missing} not in the metadata {list(adata.obs.columns)}")
     feats = list(map(str, adata.var_names))
     df = pd.DataFrame(np.asarray(adata.X, dtype=np.float64), columns=feats)
     obs = adata.obs.reset_index(drop=True)
@@ -46,7 +48,7 @@ def consensus(
     meta_cols = [c for c in prof.columns if c not in feats]
     out = ad.AnnData(
         X=prof[feats].to_numpy(dtype=np.float64),
-        obs=prof[meta_cols].set_axis(prof.index.astype(str)),
+        obs=prof[meta_cols].set_axis(obs_names(prof, by)),
         var=pd.DataFrame(index=pd.Index(feats, dtype=str)),
         uns=dict(adata.uns),
     )

@@ -8,6 +8,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from celldino.errors import DataError
 from celldino.pp.steps import CONTROL_COLUMN, record
 
 Controls = str | tuple[str, object] | Sequence[bool] | np.ndarray | None
@@ -19,26 +20,43 @@ def select(obs: pd.DataFrame, controls: Controls) -> np.ndarray:
         try:
             hit = obs.query(controls).index
         except Exception as e:  # pandas raises many types for a bad expression
-            raise ValueError(
+            raise DataError(
                 f"controls query {controls!r} failed on columns {list(obs.columns)[:10]}: {e}"
             ) from e
         return obs.index.isin(hit)
     if isinstance(controls, tuple) and len(controls) == 2 and isinstance(controls[0], str):
         column, value = controls
         if column not in obs.columns:
-            raise KeyError(f"controls column {column!r} not in the metadata {list(obs.columns)}")
+            raise DataError(f"controls column {column!r} not in the metadata {list(obs.columns)}")
         return (obs[column] == value).to_numpy()
     mask = np.asarray(controls, dtype=bool)
     if mask.shape != (len(obs),):
-        raise ValueError(f"controls mask has shape {mask.shape}, expected ({len(obs)},)")
+        raise DataError(f"controls mask has shape {mask.shape}, expected ({len(obs)},)")
     return mask
+
+
+def _values_hint(obs: pd.DataFrame, controls: Controls) -> str:
+    """' (Metadata_pert_type has: 'trt', ...)' for the columns the selection names."""
+    text = controls[0] if isinstance(controls, tuple) else str(controls)
+    named = [c for c in obs.columns if str(c) in text]
+    hints = []
+    for c in named[:2]:
+        vals = pd.unique(obs[c].dropna())[:6]
+        hints.append(f"{c} has {', '.join(repr(v) for v in vals)}")
+    return f" ({'; '.join(hints)})" if hints else ""
 
 
 def annotate(adata: ad.AnnData, *, controls: Controls) -> ad.AnnData:
     """Mark negative controls in obs[`Metadata_celldino_control`] (in place; returns adata)."""
+    if adata.n_obs == 0:
+        raise DataError("there are 0 profiles to mark controls in (the input is empty)")
     mask = select(adata.obs, controls)
     if not mask.any():
-        raise ValueError(f"controls {controls!r} match no profile; check the column and value")
+        raise DataError(
+            f"controls {controls!r} match none of the {adata.n_obs} profiles"
+            f"{_values_hint(adata.obs, controls)}; fix the controls selection "
+            "(profile.controls), or set profile.normalize_reference=all and profile.controls=''"
+        )
     adata.obs[CONTROL_COLUMN] = mask
     record(
         adata,
@@ -57,7 +75,7 @@ def control_mask(adata: ad.AnnData, controls: Controls = None) -> np.ndarray:
         return select(adata.obs, controls)
     if CONTROL_COLUMN in adata.obs.columns:
         return adata.obs[CONTROL_COLUMN].to_numpy(dtype=bool)
-    raise ValueError(
+    raise DataError(
         "no controls found: pass controls=... (a query such as "
         "\"Metadata_pert_type == 'control'\" or a (column, value) pair) or run pp.annotate first"
     )
@@ -68,7 +86,7 @@ def groups(adata: ad.AnnData, by: str | None) -> list[tuple[object, np.ndarray]]
     if not by:
         return [(None, np.arange(adata.n_obs))]
     if by not in adata.obs.columns:
-        raise KeyError(f"group key {by!r} not in the metadata {list(adata.obs.columns)}")
+        raise DataError(f"group key {by!r} not in the metadata {list(adata.obs.columns)}")
     # factorize keeps a missing value as a group of its own (== never matches NaN)
     codes, uniques = pd.factorize(adata.obs[by], use_na_sentinel=False)
     return [(v, np.flatnonzero(codes == i)) for i, v in enumerate(uniques)]

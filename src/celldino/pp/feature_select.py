@@ -18,6 +18,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from celldino.errors import DataError
 from celldino.pp.controls import Controls, select
 from celldino.pp.steps import record
 
@@ -71,9 +72,9 @@ def feature_select(
     """
     unknown = [op for op in operations if op not in OPERATIONS]
     if unknown:
-        raise ValueError(f"unknown feature selection operation(s) {unknown}; choose {OPERATIONS}")
+        raise DataError(f"unknown feature selection operation(s) {unknown}; choose {OPERATIONS}")
     if not 0 <= corr_threshold <= 1:
-        raise ValueError(f"corr_threshold must be in [0, 1], got {corr_threshold}")
+        raise DataError(f"corr_threshold must be in [0, 1], got {corr_threshold}")
     rows = np.ones(adata.n_obs, bool) if samples is None else select(adata.obs, samples)
     keep = np.ones(adata.n_vars, bool)
     names = np.asarray(list(map(str, adata.var_names)))
@@ -94,6 +95,12 @@ def feature_select(
             drop = np.isin(names[idx], list(blocklist))
         keep[idx[drop]] = False
         dropped[op] = list(names[idx[drop]])
+    if not keep.any():
+        counts = ", ".join(f"{op} {len(v)}" for op, v in dropped.items())
+        raise DataError(
+            f"feature selection {list(operations)} would drop all {adata.n_vars} features "
+            f"({counts}); loosen profile.min_variance / profile.corr_threshold or select less"
+        )
     out = adata[:, keep].copy()
     record(out, "feature_select", {
         "operations": list(operations), "min_variance": min_variance, "freq_cut": freq_cut,

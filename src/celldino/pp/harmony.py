@@ -5,6 +5,7 @@ from __future__ import annotations
 import anndata as ad
 import numpy as np
 
+from celldino.errors import DataError
 from celldino.log import get_logger
 from celldino.pp.steps import record
 
@@ -30,10 +31,10 @@ def harmony(
     import harmonypy
 
     if key not in adata.obs.columns:
-        raise KeyError(f"harmony batch key {key!r} not in the metadata {list(adata.obs.columns)}")
+        raise DataError(f"harmony batch key {key!r} not in the metadata {list(adata.obs.columns)}")
     n_batches = adata.obs[key].nunique()
     if n_batches < 2:
-        raise ValueError(f"harmony needs at least 2 values of {key!r}, found {n_batches}")
+        raise DataError(f"harmony needs at least 2 values of {key!r}, found {n_batches}")
     X = np.asarray(adata.X, dtype=np.float64)  # (n_obs, d)
     meta = adata.obs[[key]].astype(str)
     ho = harmonypy.run_harmony(

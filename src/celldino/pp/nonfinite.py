@@ -5,6 +5,7 @@ from __future__ import annotations
 import anndata as ad
 import numpy as np
 
+from celldino.errors import DataError
 from celldino.log import get_logger
 from celldino.pp.steps import record
 
@@ -18,7 +19,7 @@ def handle_nonfinite(adata: ad.AnnData, *, policy: str = "drop_feature") -> ad.A
     Returns a new AnnData (or the same one when everything is finite).
     """
     if policy not in POLICIES:
-        raise ValueError(f"nonfinite policy must be one of {POLICIES}, got {policy!r}")
+        raise DataError(f"nonfinite policy must be one of {POLICIES}, got {policy!r}")
     X = np.asarray(adata.X, dtype=np.float64)  # (n_obs, n_vars)
     bad = ~np.isfinite(X)
     n_bad = int(bad.sum())
@@ -45,9 +46,20 @@ def handle_nonfinite(adata: ad.AnnData, *, policy: str = "drop_feature") -> ad.A
     )
     if policy == "error":
         first = bad_rows[0]
-        raise ValueError(
+        raise DataError(
             f"{msg}; first bad row {first} ({adata.obs.iloc[first].to_dict()}). "
             "Set the policy to drop_feature or drop_row to continue."
+        )
+    if policy == "drop_feature" and len(bad_vars) == adata.n_vars:
+        raise DataError(
+            f"{msg}: every feature holds NaN/inf, so dropping them (profile.nonfinite="
+            f"drop_feature) would leave {adata.n_obs} profiles × 0 features. The input "
+            "features are NaN: check the extraction (NaN embeddings) or the feature columns"
+        )
+    if policy == "drop_row" and len(bad_rows) == adata.n_obs:
+        raise DataError(
+            f"{msg}: every profile holds NaN/inf, so dropping them (profile.nonfinite=drop_row) "
+            "would leave 0 profiles; use profile.nonfinite=drop_feature or fix the input"
         )
     if policy == "drop_feature":
         out = adata[:, np.setdiff1d(np.arange(adata.n_vars), bad_vars)].copy()

@@ -12,6 +12,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from celldino.errors import DataError
 from celldino.pp.controls import Controls, control_mask, groups
 from celldino.pp.steps import record
 
@@ -46,16 +47,16 @@ def normalize(
     a group without controls is an error naming it. reference='all' fits on every profile.
     """
     if method not in METHODS:
-        raise ValueError(f"normalisation method must be one of {METHODS}, got {method!r}")
+        raise DataError(f"normalisation method must be one of {METHODS}, got {method!r}")
     if reference not in ("controls", "all"):
-        raise ValueError(f"reference must be 'controls' or 'all', got {reference!r}")
+        raise DataError(f"reference must be 'controls' or 'all', got {reference!r}")
     mask = control_mask(adata, controls) if reference == "controls" else np.ones(adata.n_obs, bool)
     X = np.asarray(adata.X, dtype=np.float64).copy()  # (n_obs, n_vars)
     out = np.empty_like(X)
     for value, rows in groups(adata, by):
         ref_rows = rows[mask[rows]]
         if len(ref_rows) == 0:
-            raise ValueError(
+            raise DataError(
                 f"{by} {value!r} has no control profiles to normalise against "
                 f"({len(rows)} profiles, none selected as controls); add control wells, "
                 "fix the controls selection, or use reference='all'"

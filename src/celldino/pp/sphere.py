@@ -14,6 +14,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from celldino.errors import DataError
 from celldino.log import get_logger
 from celldino.pp.controls import Controls, control_mask, groups
 from celldino.pp.steps import record
@@ -32,19 +33,19 @@ def fit_whitening(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(mean, scale, W) such that ((x - mean) / scale) @ W is white on `ref` (n, d)."""
     if method not in METHODS:
-        raise ValueError(f"sphering method must be one of {METHODS}, got {method!r}")
+        raise DataError(f"sphering method must be one of {METHODS}, got {method!r}")
     if method.endswith("-cor") and not center:
-        raise ValueError("PCA-cor and ZCA-cor need center=True")
+        raise DataError("PCA-cor and ZCA-cor need center=True")
     n, d = ref.shape
     if n < 2:
-        raise ValueError(f"sphering{where} needs at least 2 reference profiles, got {n}")
+        raise DataError(f"sphering{where} needs at least 2 reference profiles, got {n}")
     mean = ref.mean(axis=0) if center else np.zeros(d)
     scale = np.ones(d)
     if method.endswith("-cor"):
         scale = ref.std(axis=0)
         zero = np.flatnonzero(scale == 0)
         if len(zero):
-            raise ValueError(
+            raise DataError(
                 f"sphering{where}: {len(zero)} feature(s) have zero variance in the reference "
                 f"(first: column {zero[0]}); remove them first (pp.feature_select variance)"
             )
@@ -54,7 +55,7 @@ def fit_whitening(
     r = int((S > tol).sum())  # rank, as np.linalg.matrix_rank
     full = r == d or (center and r == n - 1 and n <= d) or (not center and r == n and n <= d)
     if r == 0:
-        raise ValueError(f"sphering{where}: the reference profiles are all identical")
+        raise DataError(f"sphering{where}: the reference profiles are all identical")
     if len(S) < d or r < len(S):
         S = np.concatenate([S[:r], np.repeat(S[r - 1], d - r)])
     if not full or n <= d:
@@ -91,7 +92,7 @@ def sphere(
         ref_rows = rows[mask[rows]]
         where = f" ({by} {value!r})" if by else ""
         if len(ref_rows) == 0:
-            raise ValueError(f"{by} {value!r} has no control profiles to fit the sphering on")
+            raise DataError(f"{by} {value!r} has no control profiles to fit the sphering on")
         mean, scale, W = fit_whitening(
             X[ref_rows], method=method, epsilon=epsilon, center=center, where=where
         )

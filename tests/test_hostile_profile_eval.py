@@ -1,0 +1,407 @@
+"""Hostile inputs to `profile`, `evaluate` and `report` (issue 11): each is either done right or
+refused with exit code 2 and one line naming the file, row, column or key, and nothing that was
+already written is lost or changed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+from celldino import pp
+from celldino.io.embeddings import shard_name, write_manifest
+from celldino.io.profiles import read_h5ad
+
+FEATS = [f"emb_{j:04d}" for j in range(6)]
+
+
+def _cells(n_wells: int = 6, cells: int = 4, seed: int = 0) -> pd.DataFrame:
+    """Per-cell table: 2 plates × n_wells wells, the first 2 wells of a plate are controls."""
+    rng = np.random.default_rng(seed)
+    rows = [
+        (p, f"A{w:02d}", "control" if w < 2 else "trt", "DMSO" if w < 2 else f"cpd{w % 2}")
+        for p in ("P1", "P2")
+        for w in range(n_wells)
+        for _ in range(cells)
+    ]
+    df = pd.DataFrame(
+        rows, columns=["Metadata_Plate", "Metadata_Well", "Metadata_pert_type", "Metadata_Compound"]
+    )
+    for f in FEATS:
+        df[f] = rng.normal(size=len(df))
+    return df
+
+
+def _shards(folder, df: pd.DataFrame, n: int = 3, manifest: bool | None = None):
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, part in enumerate(np.array_split(np.arange(len(df)), n)):
+        df.iloc[part].to_parquet(folder / shard_name(k), index=False)
+    if manifest is not None:
+        write_manifest(folder, {"complete": manifest, "shards": [shard_name(k) for k in range(n)]})
+    return folder
+
+
+def _snapshot(folder) -> dict[str, bytes]:
+    return {str(p): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _kept(before: dict[str, bytes], folder) -> bool:
+    """Every file there before is still there, byte for byte (caches may be added)."""
+    after = _snapshot(folder)
+    return all(after.get(k) == v for k, v in before.items())
+
+
+@pytest.fixture
+def earlier(tmp_path):
+    """An output folder holding the files of an earlier run (must survive every refusal)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "wells.h5ad").write_bytes(b"earlier profiles")
+    (out / "metrics.csv").write_text("earlier,metrics\n")
+    return out
+
+
+# ---- profile: inputs ---------------------------------------------------------------------
+
+
+def test_profile_refuses_an_unfinished_extraction_unless_allowed(tmp_path, earlier, run_cli):
+    emb = _shards(tmp_path / "emb", _cells(), n=3, manifest=True)
+    (emb / shard_name(2)).unlink()  # a shard lost: the manifest still says complete
+    before = _snapshot(earlier)
+    rc, text = run_cli("profile", f"profile.input=[{emb}]", f"profile.out={earlier}/wells.h5ad")
+    assert rc == 2 and str(emb) in text and "part-00002.parquet" in text
+    assert "allow_partial" in text and "Traceback" not in text
+    assert _kept(before, earlier)
+    # a manifest that says incomplete is refused as well
+    write_manifest(emb, {"complete": False, "shards": [shard_name(0), shard_name(1)]})
+    rc, text = run_cli("profile", f"profile.input=[{emb}]", f"profile.out={earlier}/wells.h5ad")
+    assert rc == 2 and "incomplete" in text and _kept(before, earlier)
+    # the explicit flag profiles what is there and records it in the output
+    write_manifest(emb, {"complete": True, "shards": [shard_name(k) for k in range(3)]})
+    out = tmp_path / "partial" / "wells.h5ad"
+    rc, text = run_cli(
+        "profile", f"profile.input=[{emb}]", f"profile.out={out}", "profile.allow_partial=true"
+    )
+    assert rc == 0, text
+    assert "part-00002.parquet" in text  # the warning names the missing shard
+    partial = read_h5ad(out).uns["celldino"]["partial_input"]
+    assert list(partial["missing_shards"]) == [f"{emb}/part-00002.parquet"]
+
+
+def test_profile_all_nan_features_is_an_error_naming_the_step(tmp_path, earlier, run_cli):
+    df = _cells()
+    df[FEATS] = np.nan
+    emb = _shards(tmp_path / "emb", df)
+    before = _snapshot(earlier)
+    rc, text = run_cli("profile", f"profile.input=[{emb}]", f"profile.out={earlier}/wells.h5ad")
+    assert rc == 2 and str(emb) in text
+    assert "every feature holds NaN" in text and "profile.nonfinite" in text
+    assert "0 features" in text and _kept(before, earlier)
+
+
+def test_profile_zero_rows_says_the_input_is_empty(tmp_path, run_cli):
+    emb = _shards(tmp_path / "emb", _cells().iloc[:0], n=1)
+    rc, text = run_cli("profile", f"profile.input=[{emb}]", f"profile.out={tmp_path}/w.h5ad")
+    assert rc == 2 and str(emb / shard_name(0)) in text and "0 rows" in text
+    assert "controls" not in text  # not "controls match no profile"
+
+
+def test_profile_empty_controls_with_control_normalisation_says_which_setting(tmp_path, run_cli):
+    emb = _shards(tmp_path / "emb", _cells())
+    rc, text = run_cli(
+        "profile", f"profile.input=[{emb}]", f"profile.out={tmp_path}/w.h5ad", "profile.controls="
+    )
+    assert rc == 2 and "profile.normalize_reference=all" in text and "pp.annotate" not in text
+    assert not (tmp_path / "w.h5ad").exists()
+    rc, text = run_cli(
+        "profile",
+        f"profile.input=[{emb}]",
+        f"profile.out={tmp_path}/w.h5ad",
+        "profile.controls=",
+        "profile.normalize_reference=all",
+    )
+    assert rc == 0, text
+
+
+def test_profile_controls_matching_nothing_show_the_values(tmp_path, run_cli):
+    emb = _shards(tmp_path / "emb", _cells())
+    rc, text = run_cli(
+        "profile",
+        f"profile.input=[{emb}]",
+        f"profile.out={tmp_path}/w.h5ad",
+        "profile.controls=Metadata_pert_type == 'negcon'",
+    )
+    assert rc == 2 and "match none of the 12 profiles" in text
+    assert "'control'" in text and "Metadata_pert_type" in text
+
+
+def test_profile_reads_a_cellprofiler_csv_gz_and_keeps_every_column_name(
+    lincs_csv, tmp_path, run_cli
+):
+    """The real LINCS plate: read as gzipped CSV (was DuckDB 'No magic bytes'); it holds both
+    `Metadata_plate_map_name` and `Metadata_Plate_Map_Name`, which DuckDB (case-insensitive
+    names) renamed `Metadata_Plate_Map_Name_1`."""
+    out = tmp_path / "lincs.h5ad"
+    rc, text = run_cli(
+        "profile",
+        f"profile.input=[{lincs_csv}]",
+        f"profile.out={out}",
+        "profile.features=",
+        "profile.normalize=none",
+        "profile.formats=[h5ad,parquet]",
+    )
+    assert rc == 0, text
+    src = pd.read_csv(lincs_csv)
+    adata = read_h5ad(out)
+    meta = [c for c in src.columns if c.startswith("Metadata_")]
+    assert set(meta) <= set(adata.obs.columns)
+    assert not [c for c in adata.obs.columns if c.endswith("_1")]
+    assert adata.obs["Metadata_Batch_Date"].iloc[0] == "2016-05-17"  # DuckDB read it as a date
+    assert adata.shape == (384, src.shape[1] - len(meta))
+    # one well per profile: the profile is the well's row, in the same row as its metadata
+    src = src.set_index("Metadata_Well").loc[list(adata.obs["Metadata_Well"])]
+    np.testing.assert_allclose(adata.X, src[list(adata.var_names)].to_numpy(float), atol=1e-9)
+    assert list(adata.obs_names[:2]) == ["SQ00015054_A01", "SQ00015054_A02"]
+    table = pd.read_parquet(out.with_suffix(".parquet"))
+    assert {"Metadata_plate_map_name", "Metadata_Plate_Map_Name"} <= set(table.columns)
+
+
+def test_profile_into_a_read_only_folder_fails_before_computing(tmp_path, read_only, run_cli):
+    emb = _shards(tmp_path / "emb", _cells())
+    ro = read_only(tmp_path / "ro")
+    rc, text = run_cli("profile", f"profile.input=[{emb}]", f"profile.out={ro}/w.h5ad")
+    assert rc == 2 and str(ro) in text and "cannot write" in text
+    assert "Traceback" not in text and "aggregating" not in text
+
+
+# ---- profile: files the ecosystem reads back ---------------------------------------------
+
+
+def _wells() -> ad.AnnData:
+    df = _cells(n_wells=8)
+    df["Metadata_MoA"] = np.where(df["Metadata_Compound"] == "cpd0", "tubulin", None)
+    df["Metadata_Batch"] = np.where(df["Metadata_Plate"] == "P1", "b1", "b2")
+    return df
+
+
+def test_every_pp_step_leaves_an_anndata_that_anndata_can_write(tmp_path):
+    emb = _shards(tmp_path / "emb", _wells())
+    adata = pp.aggregate(emb, by=["Metadata_Plate", "Metadata_Well"], features="emb_")
+    assert adata.obs_names[0] == "P1_A00"  # plate_well, not '0'
+    chain = [
+        ("nonfinite", lambda a: pp.handle_nonfinite(a, policy="drop_feature")),
+        ("annotate", lambda a: pp.annotate(a, controls="Metadata_pert_type == 'control'")),
+        ("normalize", lambda a: pp.normalize(a, method="mad_robustize", by="Metadata_Plate")),
+        ("feature_select", lambda a: pp.feature_select(a, operations=["variance"])),
+        ("sphere", lambda a: pp.sphere(a, method="ZCA", epsilon=1e-2)),
+        ("harmony", lambda a: pp.harmony(a, key="Metadata_Batch", nclust=2)),
+        ("inverse_normal", lambda a: pp.inverse_normal(a)),
+        ("pca", lambda a: pp.pca(a, n_components=3)),
+        ("consensus", lambda a: pp.consensus(a, by=["Metadata_Compound"])),
+    ]
+    for name, step in chain:
+        adata = step(adata)
+        path = tmp_path / f"{name}.h5ad"
+        adata.write_h5ad(path)  # plain anndata, no celldino helper
+        back = ad.read_h5ad(path)
+        history = json.loads(back.uns["celldino"]["steps"])
+        assert [s["step"] for s in history] == pp.steps(adata) and history[-1]["step"] == name
+        assert list(back.obs_names) == list(adata.obs_names)
+        np.testing.assert_allclose(back.X, adata.X)
+    assert list(adata.obs_names) == ["DMSO", "cpd0", "cpd1"]
+
+
+def test_steps_are_the_documented_list_of_step_and_params(tmp_path):
+    emb = _shards(tmp_path / "emb", _cells())
+    adata = pp.aggregate(emb, by=["Metadata_Plate", "Metadata_Well"], features="emb_")
+    pp.annotate(adata, controls=("Metadata_pert_type", "control"))
+    history = pp.history(adata)
+    assert [set(s) for s in history] == [{"step", "params"}] * 2
+    assert history[1]["params"] == {"controls": ["Metadata_pert_type", "control"], "n_controls": 4}
+    doc = pytest.importorskip("pathlib").Path(__file__).parents[1] / "docs/profiling.md"
+    assert "pp.history(adata)" in doc.read_text()
+
+
+# ---- evaluate --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lincs(lincs_csv) -> pd.DataFrame:
+    return pd.read_csv(lincs_csv)
+
+
+SPEC = (
+    "columns: {compound: Metadata_pert_id, dose: Metadata_mmoles_per_liter, moa: Metadata_moa, "
+    "moa_sep: '|'}\n"
+)
+
+
+def _spec(tmp_path, analyses: str) -> str:
+    path = tmp_path / "spec.yaml"
+    path.write_text(SPEC + f"analyses: {analyses}\n")
+    return str(path)
+
+
+def test_evaluate_h5ad_takes_features_from_x_only(tmp_path, run_cli):
+    rng = np.random.default_rng(0)
+    obs = pd.DataFrame(
+        {
+            "Metadata_Compound": np.repeat(["a", "b", "c", "DMSO"], 4),
+            "Metadata_pert_type": ["trt"] * 12 + ["control"] * 4,
+            "cell_area": rng.normal(size=16),  # numeric, no Metadata_ prefix: still metadata
+        }
+    )
+    adata = ad.AnnData(X=rng.normal(size=(16, 5)), obs=obs.set_axis(obs.index.astype(str)))
+    adata.var_names = [f"f{i}" for i in range(5)]
+    adata.write_h5ad(tmp_path / "p.h5ad")
+    out = tmp_path / "ev"
+    (tmp_path / "spec.yaml").write_text("analyses: [map_replicate]\n")
+    rc, text = run_cli(
+        "evaluate", tmp_path / "p.h5ad", "--spec", tmp_path / "spec.yaml",
+        f"evaluate.out_dir={out}", "evaluate.null_size=50",
+    )  # fmt: skip
+    assert rc == 0, text
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["feature_sets"]["learned"]["n_features"] == 5
+
+
+def test_misspelled_analysis_parameter_lists_the_valid_ones(tmp_path, lincs, earlier, run_cli):
+    lincs.to_parquet(tmp_path / "p.parquet")
+    before = _snapshot(earlier)
+    rc, text = run_cli(
+        "evaluate", tmp_path / "p.parquet",
+        "--spec", _spec(tmp_path, "{map_replicate: {null_sze: 100}}"),
+        f"evaluate.out_dir={earlier}",
+    )  # fmt: skip
+    assert rc == 2 and "analyses.map_replicate" in text and "null_sze" in text
+    assert "null_size" in text and "threshold" in text
+    assert _kept(before, earlier)
+
+
+def test_moa_column_all_nan_skips_what_needs_it_and_says_so(tmp_path, lincs, run_cli):
+    lincs.assign(Metadata_moa=np.nan).to_parquet(tmp_path / "p.parquet")
+    out = tmp_path / "ev"
+    rc, text = run_cli(
+        "evaluate", tmp_path / "p.parquet", "--spec", _spec(tmp_path, "[nsc, activity]"),
+        f"evaluate.out_dir={out}", "evaluate.null_size=50",
+    )  # fmt: skip
+    assert rc == 0, text
+    assert "nsc on learned skipped" in text and "Metadata_moa" in text
+    summary = json.loads((out / "summary.json").read_text())
+    assert "Metadata_moa" in summary["skipped"]["nsc on learned"]
+    assert "nsc" not in summary["metrics"] and "activity" in summary["metrics"]
+    # nothing at all to run: an error, not an empty table
+    rc, text = run_cli(
+        "evaluate", tmp_path / "p.parquet", "--spec", _spec(tmp_path, "[nsc]"),
+        f"evaluate.out_dir={tmp_path / 'ev2'}",
+    )  # fmt: skip
+    assert rc == 2 and "no analysis could run" in text and "Metadata_moa" in text
+
+
+def test_single_compound_with_and_without_dmso(tmp_path, lincs, run_cli):
+    """One compound, one well per dose: no replicate pairs (was copairs' UnpairedException)."""
+    cpd = lincs[lincs.Metadata_pert_type != "control"].Metadata_pert_id.iloc[0]
+    one = lincs[lincs.Metadata_pert_id == cpd]
+    dmso = lincs[lincs.Metadata_pert_type == "control"]
+    pd.concat([one, dmso]).to_parquet(tmp_path / "with.parquet")
+    one.to_parquet(tmp_path / "without.parquet")
+    spec = _spec(tmp_path, "[map_replicate, activity]")
+    out = tmp_path / "ev"
+    rc, text = run_cli(
+        "evaluate", tmp_path / "with.parquet", "--spec", spec, f"evaluate.out_dir={out}",
+        "evaluate.null_size=50",
+    )  # fmt: skip
+    assert rc == 0 and "map_replicate on learned skipped" in text and "positive pairs" in text
+    assert "Traceback" not in text and "UnpairedException" not in text
+    assert "activity" in json.loads((out / "summary.json").read_text())["metrics"]
+    rc, text = run_cli(
+        "evaluate", tmp_path / "without.parquet", "--spec", spec,
+        f"evaluate.out_dir={tmp_path / 'ev2'}", "evaluate.null_size=50",
+    )  # fmt: skip
+    assert rc == 2 and "Traceback" not in text
+    assert "map_replicate" in text and "activity" in text
+
+
+def test_evaluate_missing_profiles_file_names_it(tmp_path, run_cli):
+    missing = tmp_path / "nope" / "profiles.parquet"
+    rc, text = run_cli("evaluate", missing, f"evaluate.out_dir={tmp_path / 'ev'}")
+    assert rc == 2 and str(missing) in text and "does not exist" in text
+    missing_spec = tmp_path / "nope.yaml"
+    rc, text = run_cli("evaluate", missing, "--spec", missing_spec)
+    assert rc == 2 and str(missing_spec) in text
+
+
+def test_broken_spec_yaml_names_file_and_line(tmp_path, lincs, run_cli):
+    lincs.to_parquet(tmp_path / "p.parquet")
+    spec = tmp_path / "broken.yaml"
+    spec.write_text("columns:\n  compound: Metadata_pert_id\nanalyses: [nsc, map_replicate\n")
+    rc, text = run_cli(
+        "evaluate", tmp_path / "p.parquet", "--spec", spec, f"evaluate.out_dir={tmp_path / 'e'}"
+    )
+    assert rc == 2 and str(spec) in text and "line " in text and "Traceback" not in text
+
+
+def test_evaluate_nan_features_name_column_and_row(tmp_path, lincs, run_cli):
+    bad = lincs.copy()
+    feature = [c for c in bad.columns if not c.startswith("Metadata_")][3]
+    bad.loc[7, feature] = np.nan
+    bad.to_parquet(tmp_path / "p.parquet")
+    rc, text = run_cli("evaluate", tmp_path / "p.parquet", f"evaluate.out_dir={tmp_path / 'e'}")
+    assert rc == 2 and feature in text and "row 7" in text
+
+
+def test_evaluate_into_a_read_only_folder_fails_first(tmp_path, lincs, read_only, run_cli):
+    lincs.to_parquet(tmp_path / "p.parquet")
+    ro = read_only(tmp_path / "ro")
+    rc, text = run_cli("evaluate", tmp_path / "p.parquet", f"evaluate.out_dir={ro}")
+    assert rc == 2 and str(ro) in text and "cannot write" in text
+    assert "profiles ×" not in text  # refused before any analysis ran
+
+
+def test_evaluate_holds_the_output_lock(tmp_path, lincs, earlier, run_cli):
+    lincs.to_parquet(tmp_path / "p.parquet")
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time\nfrom celldino.io.lock import output_lock\n"
+         f"with output_lock({str(earlier)!r}, 'evaluate'):\n"
+         "    print('held', flush=True); time.sleep(60)\n"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = _snapshot(earlier)
+        rc, text = run_cli("evaluate", tmp_path / "p.parquet", f"evaluate.out_dir={earlier}")
+        assert rc == 2 and str(earlier) in text and f"pid {holder.pid}" in text
+        assert _kept(before, earlier)
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+
+
+# ---- report ---------------------------------------------------------------------------------
+
+
+def test_report_into_a_read_only_folder_fails_before_drawing(tmp_path, read_only, run_cli):
+    from celldino.errors import OutputError
+    from celldino.pl.report import Section, build_report
+
+    run = tmp_path / "run"
+    run.mkdir()
+    ro = read_only(tmp_path / "ro")
+    drawn: list[float] = []
+
+    def section_slow(_run):
+        drawn.append(time.time())
+        return Section("slow", "slow")
+
+    with pytest.raises(OutputError, match=str(ro)):
+        build_report(run, out=ro / "report.html", sections=[section_slow])
+    assert drawn == []
+    rc, text = run_cli("report", run, "--out", ro / "report.html")
+    assert rc == 2 and str(ro) in text and "Traceback" not in text
