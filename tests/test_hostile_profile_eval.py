@@ -78,6 +78,10 @@ def test_profile_refuses_an_unfinished_extraction_unless_allowed(tmp_path, earli
     assert rc == 2 and str(emb) in text and "part-00002.parquet" in text
     assert "allow_partial" in text and "Traceback" not in text
     assert _kept(before, earlier)
+    rc, text = run_cli(  # a glob into the folder is checked against its manifest too
+        "profile", f"profile.input=[{emb}/*.parquet]", f"profile.out={earlier}/wells.h5ad"
+    )
+    assert rc == 2 and "part-00002.parquet" in text and _kept(before, earlier)
     # a manifest that says incomplete is refused as well
     write_manifest(emb, {"complete": False, "shards": [shard_name(0), shard_name(1)]})
     rc, text = run_cli("profile", f"profile.input=[{emb}]", f"profile.out={earlier}/wells.h5ad")
@@ -335,6 +339,8 @@ def test_evaluate_missing_profiles_file_names_it(tmp_path, run_cli):
     missing_spec = tmp_path / "nope.yaml"
     rc, text = run_cli("evaluate", missing, "--spec", missing_spec)
     assert rc == 2 and str(missing_spec) in text
+    rc, text = run_cli("evaluate", tmp_path, f"evaluate.out_dir={tmp_path / 'ev'}")
+    assert rc == 2 and f"{tmp_path} is a folder" in text
 
 
 def test_broken_spec_yaml_names_file_and_line(tmp_path, lincs, run_cli):

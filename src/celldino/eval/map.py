@@ -40,6 +40,8 @@ class Unpaired(DataError):
 
 
 def _unpaired(kind: str, sameby: list[str], diffby: list[str]) -> str:
+    sameby = [c for c in sameby if not str(c).startswith("_celldino")]  # internal helper columns
+    diffby = [c for c in diffby if not str(c).startswith("_celldino")]
     same = f"share {sameby}" if sameby else ""
     diff = f"differ in {diffby}" if diffby else ""
     return (

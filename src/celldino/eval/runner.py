@@ -164,6 +164,13 @@ def run_nsc(meta: pd.DataFrame, feats: np.ndarray, ctx: EvalContext, **params) -
         aggregate=params.get("aggregate", "median"),
         moa_sep=c.moa_sep,
     )
+    if not metrics["NSC_n"]:
+        comp = c.require(meta, "compound", "nsc")
+        raise NotEvaluable(
+            "no treatment has a nearest neighbour from another compound: NSC needs treatment "
+            f"profiles of at least 2 compounds with a MoA ({comp} has "
+            f"{meta[comp].nunique()} value(s))"
+        )
     return AnalysisResult(metrics, {"neighbours": table})
 
 
@@ -367,6 +374,11 @@ def analysis_parameters(name: str) -> set[str] | None:
 def read_profile_table(path: str | Path) -> pd.DataFrame:
     """A profile file (.parquet, .csv[.gz], .h5ad) as one table of metadata + features."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(
+            f"{path} is a folder; give one profile file (.parquet, .csv[.gz] or .h5ad), e.g. "
+            "the profiles.h5ad that `celldino profile` wrote"
+        )
     if not path.is_file():
         raise MissingInputError(
             f"profile file {path} does not exist; run `celldino profile` first or fix the path"

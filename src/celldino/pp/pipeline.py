@@ -61,9 +61,11 @@ def check_inputs(cfg: ProfileConfig) -> dict[str, list[str]]:
     (IncompleteInputError), unless `profile.allow_partial`; then the missing shards of each
     folder are returned (and warned about) so the output can record them."""
     partial: dict[str, list[str]] = {}
-    for item in cfg.input:
-        folder = Path(item)
-        if not folder.is_dir() or not manifest_path(folder).exists():
+    folders = [Path(i) for i in cfg.input if Path(i).is_dir()]
+    # files and globs inside an extraction folder are checked against its manifest too
+    folders += [Path(f).parent for f in shard_paths(list(cfg.input))]
+    for folder in dict.fromkeys(folders):
+        if not manifest_path(folder).exists():
             continue  # plain tables of the user's: no manifest to check against
         try:
             require_complete(folder)
