@@ -155,7 +155,7 @@ def test_truncated_file_raises_or_is_skipped(tiny_screen, tmp_path):
     cfg = PrepareConfig(load_data=str(tmp_path / "ld.csv"), out_dir=str(tmp_path / "o"), **FAST)
     with pytest.raises(ImageReadError) as e:
         prepare(cfg)
-    assert "bad.tif" in str(e.value) and "row 2" in str(e.value)
+    assert "bad.tif" in str(e.value) and "line 4 of" in str(e.value)  # data row 2, header = line 1
     out = prepare(PrepareConfig(**{**cfg.__dict__, "on_error": "skip"}))
     skipped = pd.read_parquet(out / "skipped.parquet")
     assert len(skipped) == 1 and skipped.file[0].endswith("bad.tif") and skipped.row[0] == 2

@@ -17,9 +17,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from celldino.data.illumination import apply_illumination, load_functions
+from celldino.data.illumination import apply_illumination, function_for, load_functions
 from celldino.data.imagesets import ImageSet
-from celldino.data.intensity import image_percentiles, lo_hi_for, normalise
+from celldino.data.intensity import finite_image, image_percentiles, lo_hi_for, normalise
 from celldino.io.cropstore import CELLS, open_crops
 from celldino.io.files import read_json
 
@@ -143,9 +143,9 @@ class FieldDataset(torch.utils.data.Dataset):
         return len(self.metadata)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        img = self._set.read(int(i))
+        img = finite_image(self._set.read(int(i)))
         plate = str(self.metadata.at[int(i), "Metadata_Plate"])
-        img = apply_illumination(img, self.illum.get(plate))
+        img = apply_illumination(img, function_for(self.illum, plate, img.shape))
         key = str(self.metadata.at[int(i), "Metadata_ImageKey"])
         if self.norm.get("method") == "percentile_image" and key not in self.norm.get("image", {}):
             lo, hi = image_percentiles(img, tuple(self.norm["percentiles"]))

@@ -4,6 +4,8 @@ CorrectIlluminationCalculate ("Regular", "Each", "All: across cycles"): average 
 images, smooth the average with a large median (or Gaussian) filter, rescale robustly so the
 2nd percentile is 1 (values clipped at 1), and divide each image by it. The functions are
 computed once, saved as `illum/<plate>.npy` (C, H, W) float32, and applied on read.
+Non-finite pixels (NaN, inf) are left out of the average, so one bad image never poisons the
+plate's function; a plate with sites of several sizes gets one function per size.
 """
 
 from __future__ import annotations
@@ -13,31 +15,59 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
+from celldino.errors import DataError
 from celldino.io.files import atomic_write_bytes
 
 
 class IlluminationAccumulator:
-    """Running per-plate mean of (C, H, W) stacks."""
+    """Running per-plate mean of (C, H, W) stacks, ignoring non-finite pixels (NaN, inf).
+
+    Sites of different sizes in one plate get one function per size (named `<plate>@<H>x<W>`
+    when a plate has more than one size; `sizes()` lists them so the caller can say so).
+    """
 
     def __init__(self) -> None:
-        self.sums: dict[str, np.ndarray] = {}
-        self.counts: dict[str, int] = {}
+        self.sums: dict[tuple, np.ndarray] = {}
+        self.counts: dict[tuple, np.ndarray] = {}
+        self.examples: dict[tuple, str] = {}  # (plate, shape) → first file name seen
 
-    def add(self, plate: str, image: np.ndarray) -> None:
+    def add(self, plate: str, image: np.ndarray, name: str = "") -> None:
         img = image.astype(np.float64)
-        if plate in self.sums:
-            if self.sums[plate].shape != img.shape:
-                return  # a site of another shape: leave it out of the average
-            self.sums[plate] += img
+        key = (plate, img.shape)
+        finite = np.isfinite(img)
+        n = finite.astype(np.int32)
+        if not finite.all():
+            img = np.where(finite, img, 0.0)
+        if key in self.sums:
+            self.sums[key] += img
+            self.counts[key] += n
         else:
-            self.sums[plate] = img.copy()
-        self.counts[plate] = self.counts.get(plate, 0) + 1
+            self.sums[key] = img.copy()
+            self.counts[key] = n
+            self.examples[key] = name
+
+    def sizes(self) -> dict[str, list[tuple[tuple[int, int], str]]]:
+        """Plates with sites of more than one size: {plate: [((H, W), example file), ...]}."""
+        out: dict[str, list] = {}
+        for (plate, shape), name in self.examples.items():
+            out.setdefault(plate, []).append((tuple(shape[1:]), name))
+        return {p: v for p, v in out.items() if len(v) > 1}
 
     def functions(self, *, method: str = "median", size: int = 0) -> dict[str, np.ndarray]:
-        return {
-            p: illumination_function(s / self.counts[p], method=method, size=size)
-            for p, s in self.sums.items()
-        }
+        multi = self.sizes()
+        out = {}
+        for (plate, shape), s in self.sums.items():
+            with np.errstate(invalid="ignore", divide="ignore"):
+                mean = s / self.counts[(plate, shape)]  # NaN where no image had a finite pixel
+            name = f"{plate}@{shape[1]}x{shape[2]}" if plate in multi else plate
+            out[name] = illumination_function(mean, method=method, size=size)
+        return out
+
+
+def function_for(functions: dict[str, np.ndarray], plate: str, shape: tuple) -> np.ndarray | None:
+    """The illumination function of a site of `plate` whose stack has `shape` (C, H, W)."""
+    fn = functions.get(f"{plate}@{shape[-2]}x{shape[-1]}")
+    return fn if fn is not None else functions.get(plate)
 
 
 def illumination_function(
@@ -51,6 +81,9 @@ def illumination_function(
     size = size or max(3, min(h, w) // 20)
     out = np.empty(mean_image.shape, np.float32)
     for c, plane in enumerate(mean_image):
+        finite = np.isfinite(plane)
+        if not finite.all():  # pixels no image had a finite value at: the plane's mean
+            plane = np.where(finite, plane, plane[finite].mean() if finite.any() else 1.0)
         if method == "median":
             # median on a 4x block-averaged plane (same window in original pixels), then back up
             f = 4 if min(h, w) >= 64 else 1
@@ -63,7 +96,7 @@ def illumination_function(
             smooth = ndi.gaussian_filter(plane, sigma=size / 2.0, mode="reflect")
         else:
             raise ValueError(f"illumination filter '{method}' is not one of: median, gaussian")
-        robust_min = np.percentile(smooth, 2)
+        robust_min = float(np.percentile(smooth, 2))
         if robust_min <= 0:
             robust_min = max(float(smooth[smooth > 0].min(initial=1.0)), 1e-6)
         out[c] = np.maximum(smooth / robust_min, 1.0)
@@ -75,7 +108,7 @@ def apply_illumination(image: np.ndarray, function: np.ndarray | None) -> np.nda
     if function is None:
         return image
     if function.shape != image.shape:
-        raise ValueError(
+        raise DataError(
             f"illumination function {function.shape} does not match image {image.shape}; "
             "sites of different sizes cannot share one plate function"
         )
@@ -94,6 +127,8 @@ def save_functions(functions: dict[str, np.ndarray], folder: Path) -> dict[str, 
     names = {}
     for i, (plate, fn) in enumerate(functions.items()):
         safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in plate) or f"plate{i}"
+        if safe in {n[:-4] for n in names.values()}:
+            safe = f"{safe}_{i}"
         buf = io.BytesIO()
         np.save(buf, fn.astype(np.float32))
         atomic_write_bytes(folder / f"{safe}.npy", buf.getvalue())

@@ -3,6 +3,10 @@
 `ImageSet.from_config(cfg)` takes a load-data table or a folder + pattern. `read(i)` returns the
 site's stack (C, H, W) in `channels` order and source dtype; a channel of another shape than the
 first raises `ImageSetError` naming the files.
+
+The table is checked when the set is made: an empty Metadata_Plate/Well/Site cell, two rows with
+the same plate/well/site, two rows (or two channels of one row) pointing at the same image file
+each raise `ImageSetError` naming the rows (line numbers of a CSV table, header = line 1).
 """
 
 from __future__ import annotations
@@ -13,14 +17,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from celldino.errors import DataError
 from celldino.io.images import ImageReadError, read_image
-from celldino.io.tables import LoadDataError, load_data_from_folder, read_load_data
+from celldino.io.tables import (
+    LoadDataError,
+    is_text_table,
+    load_data_from_folder,
+    read_load_data,
+    row_label,
+)
 
 KEY_COLUMNS = ("Metadata_Plate", "Metadata_Well", "Metadata_Site")
 
 
-class ImageSetError(ValueError):
-    """A site whose channels cannot be stacked (different shapes or dtypes)."""
+class ImageSetError(DataError):
+    """A site whose channels cannot be stacked, or a table whose rows do not name distinct sites."""
 
 
 def site_key(row: pd.Series) -> str:
@@ -33,11 +44,13 @@ def site_key(row: pd.Series) -> str:
 class ImageSet:
     table: pd.DataFrame  # one row per site: Metadata_*, FileName_<CH>, PathName_<CH>
     channels: list[str]  # explicit channel order
+    source: str = ""  # the load-data table (or image folder) the rows come from, for messages
 
     def __post_init__(self) -> None:
         self.table = self.table.reset_index(drop=True)
         if "Metadata_Plate" not in self.table:
             self.table["Metadata_Plate"] = "plate"
+        self._check_rows()
         first = self.channels[0]
         self.table["_first_file"] = self.table[f"FileName_{first}"].astype(str)
         keys = [site_key(r) for _, r in self.table.iterrows()]
@@ -46,13 +59,86 @@ class ImageSet:
         self.table["Metadata_ImageKey"] = keys
         self.table = self.table.drop(columns="_first_file")
 
+    def where(self, i: int) -> str:
+        """Where row i is: 'line 5 of ld.csv' (text table), 'data row 4 of ld.parquet', or
+        'load-data row i' (0-based) for a table built in memory."""
+        if self.source and Path(self.source).is_file():
+            return row_label(self.source, i)
+        return f"load-data row {i}"
+
+    def _rows(self, idx: list[int]) -> str:
+        """'lines 3, 9 of ld.csv' for several rows (at most four shown)."""
+        shown = idx[:4]
+        if self.source and Path(self.source).is_file():
+            text_table = is_text_table(self.source)
+            nums = ", ".join(str(i + 2 if text_table else i + 1) for i in shown)
+            text = f"{'lines' if text_table else 'data rows'} {nums} of {self.source}"
+        else:
+            text = f"load-data rows {', '.join(map(str, shown))}"
+        return text + (f" (and {len(idx) - 4} more)" if len(idx) > 4 else "")
+
+    def _check_rows(self) -> None:
+        """Refuse tables whose rows would silently duplicate or merge sites."""
+        t = self.table
+        present = [c for c in KEY_COLUMNS if c in t]
+        for c in present:
+            empty = t.index[t[c].isna() | (t[c].astype(str).str.strip() == "")].tolist()
+            if empty:
+                raise ImageSetError(
+                    f"{self.where(empty[0])}: column {c} is empty"
+                    + (f" ({len(empty)} rows)" if len(empty) > 1 else "")
+                    + "; every site needs its plate, well and site"
+                )
+        if len(present) == len(KEY_COLUMNS) and len(t):
+            key = t[list(KEY_COLUMNS)].astype(str).agg("/".join, axis=1)
+            dup = key[key.duplicated(keep=False)]
+            if len(dup):
+                first = dup.iloc[0]
+                rows = dup.index[dup == first].tolist()
+                raise ImageSetError(
+                    f"{self._rows(rows)} describe the same site {first} "
+                    f"({'/'.join(KEY_COLUMNS)}); {dup.nunique()} site(s) are listed more than "
+                    "once. Remove the duplicate rows (or give each field of view its own "
+                    "Metadata_Site)"
+                )
+        cols = []
+        for c in self.channels:
+            path = t[f"PathName_{c}"].astype(str) + "/" + t[f"FileName_{c}"].astype(str)
+            if f"Frame_{c}" in t:
+                path = path + "#" + t[f"Frame_{c}"].astype(str)
+            cols.append(path)
+        if not cols or not len(t):
+            return
+        files = pd.concat(cols, axis=1).agg("|".join, axis=1)
+        dup = files[files.duplicated(keep=False)]
+        if len(dup):
+            rows = dup.index[dup == dup.iloc[0]].tolist()
+            raise ImageSetError(
+                f"{self._rows(rows)} name the same image files "
+                f"({', '.join(str(t.at[r, f'FileName_{self.channels[0]}']) for r in rows[:2])}, "
+                "...): their cells would be counted twice. Remove the duplicate row or fix its "
+                "file names"
+            )
+        for a in range(len(self.channels)):
+            for b in range(a + 1, len(self.channels)):
+                same = t.index[cols[a] == cols[b]].tolist()
+                if same:
+                    ca, cb = self.channels[a], self.channels[b]
+                    raise ImageSetError(
+                        f"{self.where(same[0])}: channels {ca} and {cb} name the same image "
+                        f"{cols[a][same[0]]}"
+                        + (f" ({len(same)} rows)" if len(same) > 1 else "")
+                        + f"; fix FileName_{cb}/PathName_{cb} (or Frame_{cb} for a multi-plane file)"
+                    )
+
     @classmethod
     def from_config(cls, cfg) -> ImageSet:
         """From `cfg.load_data`, or from `cfg.image_dir` + `cfg.pattern` (+ channel_map)."""
         chans = list(cfg.channels) or None
         if cfg.load_data:
             df, chans = read_load_data(cfg.load_data, chans)
-        elif cfg.image_dir:
+            return cls(df, chans, source=str(cfg.load_data))
+        if cfg.image_dir:
             if not cfg.pattern:
                 raise LoadDataError(
                     "prepare.image_dir needs prepare.pattern (e.g. opera_phenix, nf1)"
@@ -60,11 +146,10 @@ class ImageSet:
             df, chans = load_data_from_folder(
                 cfg.image_dir, cfg.pattern, dict(cfg.channel_map), chans, plate=cfg.plate
             )
-        else:
-            raise LoadDataError(
-                "set prepare.load_data (a table) or prepare.image_dir + prepare.pattern"
-            )
-        return cls(df, chans)
+            return cls(df, chans, source=str(cfg.image_dir))
+        raise LoadDataError(
+            "set prepare.load_data (a table) or prepare.image_dir + prepare.pattern"
+        )
 
     def __len__(self) -> int:
         return len(self.table)
@@ -93,12 +178,12 @@ class ImageSet:
             try:
                 planes.append(read_image(path, frame=frame))
             except ImageReadError as e:
-                raise ImageReadError(e.path, f"{e.reason} [load-data row {i}, channel {c}]") from e
+                raise ImageReadError(e.path, f"{e.reason} [{self.where(i)}, channel {c}]") from e
         shapes = {p.shape for p in planes}
         if len(shapes) > 1:
             detail = ", ".join(f"{c}: {p.shape}" for c, p in zip(self.channels, planes))
             raise ImageSetError(
-                f"load-data row {i} ({self.key(i)}): channels have different shapes ({detail}); "
+                f"{self.where(i)} ({self.key(i)}): channels have different shapes ({detail}); "
                 "all channels of a site must be the same size"
             )
         dtypes = {p.dtype for p in planes}

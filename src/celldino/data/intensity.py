@@ -13,12 +13,23 @@ from __future__ import annotations
 
 import numpy as np
 
+from celldino.config import ConfigError
+
 METHODS = ("percentile_image", "percentile_plate", "divisor", "none")
 
 
 def check_method(method: str) -> None:
     if method not in METHODS:
-        raise ValueError(f"normalization '{method}' is not one of: {', '.join(METHODS)}")
+        raise ConfigError(f"prepare.normalization='{method}' is not one of: {', '.join(METHODS)}")
+
+
+def finite_image(image: np.ndarray) -> np.ndarray:
+    """The stack with non-finite pixels (NaN, inf: masked or failed pixels of float images) set
+    to 0; integer images and clean float images are returned as they are."""
+    if image.dtype.kind != "f":
+        return image
+    finite = np.isfinite(image)
+    return image if finite.all() else np.where(finite, image, 0).astype(image.dtype)
 
 
 def image_percentiles(image: np.ndarray, percentiles: tuple[float, float]) -> tuple[list, list]:

@@ -1,19 +1,30 @@
 """`celldino prepare`: images → QC, illumination, cells, crop store and engineered features.
 
 Pass 1 (every site): read, QC metrics, running plate means for illumination, pixel samples for
-plate percentiles. Results (qc.parquet, illum/, prepare.json) are cached by a settings fingerprint.
+plate percentiles, pixel types. Results (qc.parquet, illum/, prepare.json) are cached by a
+fingerprint of the settings and of the inputs: the load-data table's content and each image file's
+size and modification time (`input_fingerprint`). A rerun in the same `out_dir` after the inputs
+changed starts afresh, logging what changed; after the settings changed it is refused before
+anything is written.
 Pass 2 (QC-passing sites, resumable): illumination-correct, segment (or read masks / locations),
 crop, compute features, append to the crop store; a rerun skips sites already in the store.
 Unreadable images raise (naming file and load-data row) or, with `on_error=skip`, are recorded
 in skipped.parquet (file, reason) and left out.
 
 Outputs in `out_dir`: cells.parquet, crops.zarr, engineered.parquet, qc.parquet, images.parquet,
-skipped.parquet, illum/<plate>.npy, prepare.json.
+skipped.parquet, inputs.parquet, illum/<plate>.npy, prepare.json. The folder is locked while
+prepare writes it; every failure the user can fix is a `celldino.errors.UserError`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import hashlib
+import json
+import shutil
+import tempfile
+import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -22,17 +33,19 @@ import numpy as np
 import pandas as pd
 
 from celldino import log
+from celldino.config import ConfigError
 from celldino.data import qc as qcmod
 from celldino.data.crops import BORDERS, crop_cells
 from celldino.data.features import cell_features
 from celldino.data.illumination import (
     IlluminationAccumulator,
     apply_illumination,
+    function_for,
     load_functions,
     save_functions,
 )
 from celldino.data.imagesets import ImageSet, ImageSetError
-from celldino.data.intensity import check_method, image_percentiles
+from celldino.data.intensity import check_method, finite_image, image_percentiles
 from celldino.data.segmentation import (
     expand_nuclei,
     labels_from_mask,
@@ -40,9 +53,11 @@ from celldino.data.segmentation import (
     segment_cells,
     segment_nuclei,
 )
-from celldino.io.cropstore import CropStore, CropStoreError
-from celldino.io.files import fingerprint, read_json, write_json
+from celldino.errors import DataError, MissingInputError, OutputError, UserError
+from celldino.io.cropstore import CELLS, CROPS, LEDGER, PARTS, CropStore, CropStoreError
+from celldino.io.files import file_fingerprint, fingerprint, read_json, write_json
 from celldino.io.images import ImageReadError, read_image
+from celldino.io.lock import output_lock
 from celldino.io.tables import LoadDataError, read_table, write_parquet
 
 logger = log.get_logger(__name__)
@@ -52,12 +67,21 @@ SITE_ERRORS = (ImageReadError, ImageSetError, FileNotFoundError, ValueError)
 _N_SAMPLE = 4096
 
 
-class PrepareError(ValueError):
+class PrepareError(ConfigError):
     """Settings that cannot work together (named in the message)."""
 
 
-# errors the CLI reports as one line (bad input or settings), not as a traceback
-INPUT_ERRORS = (PrepareError, LoadDataError, ImageReadError, ImageSetError, CropStoreError)
+# errors the CLI reports as one line (bad input or settings), not as a traceback: every one is a
+# UserError (the names are kept for callers that catch them one by one)
+INPUT_ERRORS = (UserError, PrepareError, LoadDataError, ImageReadError, ImageSetError,
+                CropStoreError)  # fmt: skip
+
+INPUTS = "inputs.parquet"  # path, size, mtime_ns of every input file of the last prepare
+# everything prepare writes in out_dir (removed when the inputs changed; cells.parquet first)
+_OUTPUT_FILES = (CELLS, "engineered.parquet", LEDGER, "prepare.json", "qc.parquet",
+                 "images.parquet", "skipped.parquet", INPUTS)  # fmt: skip
+_OUTPUT_DIRS = (CROPS, PARTS, "features_parts", "illum")
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
 def _check(cfg, channels: list[str]) -> None:
@@ -94,28 +118,55 @@ def _settings(cfg) -> dict:
 # ---- pass 1 -------------------------------------------------------------------------------
 
 
-def _pass1(iset: ImageSet, cfg, dna_index: int) -> tuple[pd.DataFrame, dict, dict, list[dict]]:
-    """QC metrics per site, illumination functions and plate pixel samples."""
+def _pass1(iset: ImageSet, cfg, dna_index: int) -> tuple[pd.DataFrame, dict, dict, list, dict]:
+    """QC metrics per site, illumination functions, plate pixel samples and pixel types."""
     acc = IlluminationAccumulator()
     samples: dict[str, list] = {}
     metrics, skipped = [], []
+    dtypes: dict[str, dict[str, str]] = {}  # plate → {dtype: first site of that type}
+    nonfinite: dict[str, dict] = {}  # site key → {file: pixels} of NaN/inf pixels
     for i in log.progress(range(len(iset)), total=len(iset), desc="QC + illumination"):
         try:
-            img = iset.read(i)
+            raw = iset.read(i)
         except SITE_ERRORS as e:
             if cfg.on_error != "skip":
                 raise
             skipped.append(_skip_record(iset, i, e, "read"))
             continue
         plate = str(iset.table.at[i, "Metadata_Plate"])
+        dtypes.setdefault(plate, {}).setdefault(str(raw.dtype), f"{iset.paths(i)[0]}")
+        img = finite_image(raw)
+        if img is not raw:
+            bad = (~np.isfinite(raw)).reshape(len(raw), -1).sum(axis=1)
+            files = {str(p): int(n) for p, n in zip(iset.paths(i), bad) if n}
+            nonfinite[iset.key(i)] = files
+            if len(nonfinite) <= 5:
+                logger.warning(
+                    "%s: %s non-finite pixel(s) (NaN/inf) set to 0 in its crops and left out "
+                    "of the plate's illumination function",
+                    ", ".join(files),
+                    "+".join(str(n) for n in files.values()),
+                )
         metrics.append({"Metadata_ImageKey": iset.key(i), **qcmod.image_metrics(img, dna_index)})
         if cfg.illumination:
-            acc.add(plate, img)
+            acc.add(plate, raw, name=str(iset.paths(i)[0]))
         if cfg.normalization == "percentile_plate":
             idx = np.random.default_rng(cfg.seed).integers(0, img[0].size, _N_SAMPLE)
             samples.setdefault(plate, []).append(
                 (img.shape, idx, img.reshape(len(img), -1)[:, idx])
             )
+    if len(nonfinite) > 5:
+        logger.warning(
+            "%d sites hold non-finite pixels (set to 0); all listed in prepare.json 'nonfinite'",
+            len(nonfinite),
+        )
+    for plate, sizes in acc.sizes().items():
+        logger.warning(
+            "plate %s has sites of %d sizes (%s): one illumination function per size",
+            plate,
+            len(sizes),
+            ", ".join(f"{h}x{w} e.g. {name}" for (h, w), name in sizes),
+        )
     qc = pd.DataFrame(metrics, columns=["Metadata_ImageKey", "QC_Blur", "QC_Saturation",
                                         "QC_Foreground", "QC_LargestObject"])  # fmt: skip
     qc = qcmod.flag_images(
@@ -130,22 +181,58 @@ def _pass1(iset: ImageSet, cfg, dna_index: int) -> tuple[pd.DataFrame, dict, dic
     )
     plate_stats = {}
     for plate, items in samples.items():
-        fn = functions.get(plate)
         vals = []
         for shape, idx, v in items:
             v = v.astype(np.float32)
+            fn = function_for(functions, plate, shape)
             if fn is not None and fn.shape == shape:
                 v = v / fn.reshape(shape[0], -1)[:, idx]
             vals.append(v)
         pooled = np.concatenate(vals, axis=1)  # (C, n_images * n)
         lo, hi = np.percentile(pooled, cfg.norm_percentiles, axis=1)
         plate_stats[plate] = {"lo": [float(x) for x in lo], "hi": [float(x) for x in hi]}
-    return qc, functions, plate_stats, skipped
+    extra = {"dtypes": dtypes, "nonfinite": nonfinite}
+    return qc, functions, plate_stats, skipped, extra
+
+
+def _store_dtype(dtypes: dict[str, dict[str, str]], cfg) -> np.dtype:
+    """The crop store's dtype: the sites' own, or one that holds every site without loss.
+
+    Sites of different pixel types (uint16 and float [0, 1], 8- and 16-bit) keep their own values
+    (never cast into a type that zeroes them); a normalisation that would scale them alike
+    (one divisor, raw values, one set of plate percentiles over a mixed plate) is refused.
+    """
+    seen = {d: ex for per in dtypes.values() for d, ex in per.items()}
+    if not seen:
+        return np.dtype(np.uint16)
+    if len(seen) == 1:
+        return np.dtype(next(iter(seen)))
+    detail = ", ".join(f"{d} (e.g. {ex})" for d, ex in seen.items())
+    mixed_plates = [p for p, per in dtypes.items() if len(per) > 1]
+    norm = cfg.normalization
+    if norm in ("divisor", "none") or (norm == "percentile_plate" and mixed_plates):
+        where = f" within plate {mixed_plates[0]}" if norm == "percentile_plate" else ""
+        raise DataError(
+            f"the images are of different pixel types{where}: {detail}; "
+            f"prepare.normalization={norm} would scale them alike and make one of them garbage. "
+            "Use prepare.normalization=percentile_image (each image by its own percentiles) or "
+            "convert the images to one type"
+        )
+    dtype = np.result_type(*[np.dtype(d) for d in seen])
+    logger.warning(
+        "the images are of different pixel types (%s): crops stored as %s, each site with its "
+        "own values; normalization=%s scales each %s by its own percentiles",
+        detail,
+        dtype,
+        norm,
+        "image" if norm == "percentile_image" else "plate",
+    )
+    return dtype
 
 
 def _skip_record(iset: ImageSet, i: int, e: Exception, stage: str) -> dict:
     path = getattr(e, "path", None) or str(iset.paths(i)[0])
-    logger.warning("skipping site %s (row %d): %s", iset.key(i), i, e)
+    logger.warning("skipping site %s (%s): %s", iset.key(i), iset.where(i), e)
     return {"Metadata_ImageKey": iset.key(i), "row": i, "file": str(path),
             "reason": f"{type(e).__name__}: {e}", "stage": stage}  # fmt: skip
 
@@ -228,9 +315,9 @@ def _site_job(i: int) -> dict:
     cfg, iset = _CTX["cfg"], _CTX["iset"]
     key = iset.key(i)
     try:
-        img = iset.read(i)
+        img = finite_image(iset.read(i))
         plate = str(iset.table.at[i, "Metadata_Plate"])
-        img = apply_illumination(img, _CTX["illum"].get(plate))
+        img = apply_illumination(img, function_for(_CTX["illum"], plate, img.shape))
         nuclei, cells, centres = _segment(i, img)
     except SITE_ERRORS as e:
         if isinstance(e, PrepareError):
@@ -298,7 +385,7 @@ def _locations_table(cfg, iset: ImageSet) -> pd.DataFrame:
     table = read_table(cfg.locations)
     for col in (cfg.location_x, cfg.location_y):
         if col not in table:
-            raise PrepareError(
+            raise DataError(
                 f"{cfg.locations}: no column '{col}' (columns with 'Location': "
                 f"{[c for c in table.columns if 'Location' in c][:12]}); set prepare.location_x/y"
             )
@@ -313,9 +400,7 @@ def _locations_table(cfg, iset: ImageSet) -> pd.DataFrame:
                 used.append((name, cand))
                 break
     if not used:
-        raise PrepareError(
-            f"{cfg.locations}: no Metadata_Plate/Well/Site columns to match sites on"
-        )
+        raise DataError(f"{cfg.locations}: no Metadata_Plate/Well/Site columns to match sites on")
     img_keys = {}
     for i in range(len(iset)):
         k = tuple(str(iset.table.at[i, f"Metadata_{n}"]).lstrip("0") for n, _ in used)
@@ -325,29 +410,266 @@ def _locations_table(cfg, iset: ImageSet) -> pd.DataFrame:
     ]
     table = table.assign(_key=keys)
     if not (table["_key"] != "").any():
-        raise PrepareError(f"{cfg.locations}: no row matches a site on {[c for _, c in used]}")
+        raise DataError(f"{cfg.locations}: no row matches a site on {[c for _, c in used]}")
+    lost = int((table["_key"] == "").sum())
+    if lost:
+        logger.warning(
+            "%s: %d of %d locations match no site of the image set (on %s) and are left out",
+            cfg.locations,
+            lost,
+            len(table),
+            [c for _, c in used],
+        )
     return table
+
+
+# ---- inputs: what the results are computed from ------------------------------------------
+
+
+def _table_hash(table: pd.DataFrame) -> str:
+    """Hash of a table's content as read (columns, dtypes and every cell)."""
+    h = hashlib.sha256(json.dumps([[str(c), str(t)] for c, t in table.dtypes.items()]).encode())
+    h.update(pd.util.hash_pandas_object(table.astype(str), index=False).to_numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _input_files(iset: ImageSet, cfg) -> list[str]:
+    """Every image (and mask) file the image set reads, in order, each once."""
+    files = []
+    for c in iset.channels:
+        files += [str(Path(p) / f) for p, f in zip(iset.table[f"PathName_{c}"].astype(str),
+                                                     iset.table[f"FileName_{c}"].astype(str))]  # fmt: skip
+    if cfg.segmentation == "masks" and cfg.mask_dir:
+        for i in range(len(iset)):
+            fields = _template_fields(iset, i)
+            for template in (cfg.nuclei_masks, cfg.cell_masks):
+                try:
+                    files.append(str(Path(cfg.mask_dir) / template.format(**fields)))
+                except (KeyError, IndexError, ValueError):
+                    pass  # a bad template is reported when the site is segmented
+    return list(dict.fromkeys(files))
+
+
+def _row_of(iset: ImageSet, path: str) -> tuple[int, str]:
+    """(row, channel) of an image file of the set (or (-1, '') for a mask file)."""
+    for c in iset.channels:
+        full = (
+            iset.table[f"PathName_{c}"].astype(str) + "/" + iset.table[f"FileName_{c}"].astype(str)
+        )
+        hit = [i for i, p in enumerate(full) if str(Path(p)) == path]
+        if hit:
+            return hit[0], c
+    return -1, "mask"
+
+
+def _inputs(iset: ImageSet, cfg) -> tuple[dict, pd.DataFrame]:
+    """(summary, per-file stats): the table's content hash, and each input file's size and
+    modification time (never its bytes: screens are terabytes)."""
+    rows = []
+    for f in _input_files(iset, cfg):
+        try:
+            st = Path(f).stat()
+            rows.append((f, int(st.st_size), int(st.st_mtime_ns)))
+        except OSError:
+            rows.append((f, -1, -1))  # missing: reported (or skipped) when read
+    stats = pd.DataFrame(rows, columns=["path", "size", "mtime_ns"])
+    blob = "\n".join(f"{p}\t{n}\t{t}" for p, n, t in rows).encode()
+    summary = {
+        "table": _table_hash(iset.table),
+        "images": hashlib.sha256(blob).hexdigest()[:16],
+        "n_images": len(rows),
+    }
+    if cfg.segmentation == "locations" and cfg.locations and Path(cfg.locations).is_file():
+        summary["locations"] = file_fingerprint(Path(cfg.locations))
+    return summary, stats
+
+
+def input_fingerprint(cfg) -> dict:
+    """What a PrepareConfig's results are computed from, beyond its settings:
+    {"table": content hash of the load-data table as read (or of the table built from
+    image_dir + pattern), "images": hash of every image file's path, size and modification time
+    (mask files too with segmentation=masks), "n_images": number of files, and "locations":
+    content hash of the locations table with segmentation=locations}.
+
+    Cheap (one stat per file, never the pixels); raises the same UserErrors as prepare for a
+    table that cannot be read. Equal dicts mean prepare would compute the same thing.
+    """
+    summary, _ = _inputs(ImageSet.from_config(cfg), cfg)
+    return summary
+
+
+def _table_change(out: Path, iset: ImageSet) -> str:
+    """One phrase saying how the table differs from the one the prep in `out` was made from."""
+    try:
+        old = pd.read_parquet(out / "images.parquet")
+    except Exception:
+        return "content changed"
+    new = iset.table
+    cols = [
+        c for c in old.columns if c in new.columns or not (c.startswith("QC_") or c == "Skipped")
+    ]
+    added = [c for c in new.columns if c not in old.columns]
+    removed = [c for c in cols if c not in new.columns]
+    parts = []
+    if added:
+        parts.append(f"column(s) added {added[:5]}")
+    if removed:
+        parts.append(f"column(s) removed {removed[:5]}")
+    if len(old) != len(new):
+        parts.append(f"{len(old)} → {len(new)} rows")
+    else:
+        common = [c for c in new.columns if c in old.columns]
+        a = old[common].astype(str).reset_index(drop=True)
+        b = new[common].astype(str).reset_index(drop=True)
+        diff = a != b
+        n = int(diff.to_numpy().sum())
+        if n:
+            r, c = np.argwhere(diff.to_numpy())[0]
+            col = common[c]
+            parts.append(
+                f"{iset.where(int(r))}, {col}: {a.at[r, col]!r} → {b.at[r, col]!r}"
+                + (f" ({n} cells changed)" if n > 1 else "")
+            )
+    return "; ".join(parts) or "content changed"
+
+
+def _files_change(out: Path, stats: pd.DataFrame) -> str:
+    try:
+        old = pd.read_parquet(out / INPUTS)
+    except Exception:
+        return "image files changed"
+    m = stats.merge(old, on="path", how="outer", suffixes=("", "_old"), indicator=True)
+    changed = m[(m["_merge"] == "both") & ((m["size"] != m["size_old"])
+                                           | (m["mtime_ns"] != m["mtime_ns_old"]))]  # fmt: skip
+    new = m[m["_merge"] == "left_only"]
+    gone = m[m["_merge"] == "right_only"]
+    parts = []
+    for what, sel in (("changed", changed), ("new", new), ("no longer used", gone)):
+        if len(sel):
+            shown = ", ".join(sel["path"].head(2))
+            more = f" and {len(sel) - 2} more" if len(sel) > 2 else ""
+            parts.append(f"{len(sel)} image file(s) {what} ({shown}{more})")
+    return "; ".join(parts) or "image files changed"
+
+
+def _what_changed(out: Path, state: dict, inputs: dict, stats: pd.DataFrame, iset) -> str:
+    old = state.get("inputs")
+    if not old:
+        return "it holds no record of its inputs (made by an older celldino or interrupted)"
+    parts = []
+    if old.get("table") != inputs["table"]:
+        parts.append(f"load-data table {iset.source}: {_table_change(out, iset)}")
+    if old.get("images") != inputs["images"]:
+        parts.append(_files_change(out, stats))
+    if old.get("locations") != inputs.get("locations"):
+        parts.append(f"locations table {getattr(iset, 'source', '')} content changed")
+    if state.get("channels") not in (None, list(iset.channels)):
+        parts.append(f"channels {state.get('channels')} → {list(iset.channels)}")
+    return "; ".join(parts) or "inputs changed"
+
+
+def _start_afresh(out: Path) -> None:
+    """Remove what an earlier prepare wrote in `out` (cells.parquet first: never a stale 'done')."""
+    for name in _OUTPUT_FILES:
+        (out / name).unlink(missing_ok=True)
+    for name in _OUTPUT_DIRS:
+        if (out / name).is_dir():
+            shutil.rmtree(out / name)
+
+
+def _write_probe(out: Path) -> None:
+    """Create and remove a file in `out` (created if missing): OSError when it is not writable."""
+    out.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=".celldino-write-test.")
+    import os
+
+    os.close(fd)
+    os.unlink(tmp)
+
+
+def _json_like(obj):
+    return json.loads(json.dumps(obj, default=str))
+
+
+# ---- the pipeline --------------------------------------------------------------------------
 
 
 def prepare(cfg, *, after_site: Callable[[int, str], None] | None = None) -> Path:
     """Run the prepare pipeline described by a PrepareConfig; returns the prep folder.
 
     `after_site(n_done, key)` is called after each site is committed (progress hooks, tests).
+    The table and settings are checked, and the output folder proven writable and locked,
+    before anything is computed. A disk that fills up (or a folder that turns read-only) raises
+    `OutputError`; what was committed stays intact and the rerun resumes.
     """
     out = Path(cfg.out_dir)
     iset = ImageSet.from_config(cfg)
+    _check(cfg, iset.channels)
+    try:
+        _write_probe(out)
+    except OSError as e:
+        raise OutputError(
+            f"prepare: cannot write to {out} ({e.strerror or e}); choose a writable "
+            "prepare.out_dir or fix the folder's permissions"
+        ) from None
+    with output_lock(out, "prepare"):
+        try:
+            return _prepare(cfg, iset, out, after_site)
+        except OSError as e:
+            if isinstance(e, UserError) or e.errno not in _WRITE_ERRNOS:
+                raise
+            raise OutputError(
+                f"prepare: writing {e.filename or out} failed ({e.strerror or e}); free space "
+                f"or fix permissions in {out} and rerun: the sites already committed are kept "
+                "and the rerun resumes after them"
+            ) from e
+
+
+def _prepare(cfg, iset: ImageSet, out: Path, after_site) -> Path:
     chans = iset.channels
-    _check(cfg, chans)
-    out.mkdir(parents=True, exist_ok=True)
     dna_name = cfg.nuclei_channel if cfg.nuclei_channel in chans else chans[0]
     dna_index = chans.index(dna_name)
     settings = _settings(cfg)
+    t0 = time.perf_counter()
+    inputs, stats = _inputs(iset, cfg)
+    logger.debug("inputs fingerprinted in %.1f s: %s", time.perf_counter() - t0, inputs)
+    missing = stats["path"][stats["size"] < 0].tolist()
+    if missing and cfg.on_error != "skip":  # before anything is computed (or the old prep removed)
+        i, c = _row_of(iset, missing[0])
+        more = f" ({len(missing)} files missing in all)" if len(missing) > 1 else ""
+        where = f"{iset.where(i)}, channel {c}" if i >= 0 else "prepare.nuclei_masks/cell_masks"
+        raise MissingInputError(
+            f"image file {missing[0]} not found [{where}]{more}; check "
+            "PathName_/FileName_ (or the image folder), or set prepare.on_error=skip to leave "
+            "such sites out"
+        )
     fp = fingerprint({"settings": settings, "sites": list(iset.table["Metadata_ImageKey"]),
-                      "channels": chans})  # fmt: skip
+                      "channels": chans, "inputs": inputs})  # fmt: skip
     logger.info("prepare: %d sites, channels %s → %s", len(iset), chans, out)
 
     state_path = out / "prepare.json"
-    state = read_json(state_path) if state_path.exists() else {}
+    try:
+        state = read_json(state_path) if state_path.exists() else {}
+    except ValueError:
+        state = {}
+    has_store = (out / LEDGER).exists() or (out / CROPS).exists()
+    if state.get("fingerprint") != fp and (state or has_store):
+        old_settings = state.get("settings")
+        if has_store and old_settings is not None and old_settings != _json_like(settings):
+            diff = [f"{k}: {old_settings.get(k)!r} → {v!r}" for k, v in _json_like(settings).items()
+                    if old_settings.get(k) != v]  # fmt: skip
+            raise CropStoreError(
+                f"{out} holds a prep made with other settings ({'; '.join(diff)}); use a new "
+                "prepare.out_dir, or delete the old one to redo it with these settings"
+            )
+        logger.warning(
+            "prepare: the inputs changed since %s was prepared (%s): starting afresh",
+            out,
+            _what_changed(out, state, inputs, stats, iset) if state else "no prepare.json",
+        )
+        _start_afresh(out)
+        state = {}
+
     if state.get("fingerprint") == fp and (out / "qc.parquet").exists():
         logger.info("pass 1 (QC, illumination) already done: reusing %s", out / "qc.parquet")
         qc = pd.read_parquet(out / "qc.parquet")
@@ -356,8 +678,12 @@ def prepare(cfg, *, after_site: Callable[[int, str], None] | None = None) -> Pat
         )
         plate_stats = state["normalization"].get("plate", {})
         skipped1 = state.get("skipped_read", [])
+        dtypes = state.get("dtypes", {})
     else:
-        qc, functions, plate_stats, skipped1 = _pass1(iset, cfg, dna_index)
+        qc, functions, plate_stats, skipped1, extra = _pass1(iset, cfg, dna_index)
+        dtypes = extra["dtypes"]
+        _store_dtype(dtypes, cfg)  # refuses before anything is written
+        write_parquet(stats, out / INPUTS)
         write_parquet(qc, out / "qc.parquet")
         names = save_functions(functions, out / "illum") if functions else {}
         state = {
@@ -372,10 +698,12 @@ def prepare(cfg, *, after_site: Callable[[int, str], None] | None = None) -> Pat
             },  # fmt: skip
             "skipped_read": skipped1,
             "settings": settings,
+            "inputs": inputs,
+            "dtypes": dtypes,
+            "nonfinite": extra["nonfinite"],
         }
         write_json(state_path, state)
     logger.info(qcmod.summary(qc))
-
     # images.parquet: the image set with QC, for the field dataset and reports
     images = iset.table.merge(qc, on="Metadata_ImageKey", how="left")
     skipped_keys = {s["Metadata_ImageKey"] for s in skipped1}
@@ -389,7 +717,7 @@ def prepare(cfg, *, after_site: Callable[[int, str], None] | None = None) -> Pat
     if cfg.qc_exclude:
         todo_all = [i for i in todo_all if qc_lookup.get(iset.key(i), {}).get("QC_Pass", False)]
 
-    dtype = np.result_type(*[iset.read(todo_all[0]).dtype]) if todo_all else np.uint16
+    dtype = _store_dtype(dtypes, cfg)
     store = CropStore(
         out,
         channels=chans,

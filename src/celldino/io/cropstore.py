@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from celldino.errors import UserError
 from celldino.io.files import read_json, write_json
 from celldino.io.tables import write_parquet
 
@@ -25,7 +26,7 @@ LEDGER = "ledger.json"
 PARTS = "parts"
 
 
-class CropStoreError(RuntimeError):
+class CropStoreError(UserError, RuntimeError):
     """A crop store that does not match what is being written into it."""
 
 
@@ -104,6 +105,12 @@ class CropStore:
         if len(crops) and crops.shape[1:] != self.array.shape[1:]:
             raise CropStoreError(
                 f"site {key}: crops {crops.shape[1:]} != store {self.array.shape[1:]}"
+            )
+        if len(crops) and not np.can_cast(crops.dtype, self.dtype, "safe"):
+            # e.g. float [0, 1] pixels into a uint16 store would all become 0
+            raise CropStoreError(
+                f"site {key}: crops of dtype {crops.dtype} cannot be stored without loss in the "
+                f"{self.dtype} store {self.dir / CROPS}"
             )
         start, n = self.n_cells, len(crops)
         if n:

@@ -15,17 +15,28 @@ from pathlib import Path
 
 import numpy as np
 
+from celldino.errors import DataError
+
 TIFF_SUFFIXES = (".tif", ".tiff", ".ome.tif", ".ome.tiff")
 SUFFIXES = (*TIFF_SUFFIXES, ".png", ".npy", ".npz", ".zarr")
 
 
-class ImageReadError(OSError):
-    """An image file that is missing, truncated, of an unknown format or of the wrong shape."""
+class ImageReadError(DataError, OSError):
+    """An image file that is missing, truncated, of an unknown format or of the wrong shape.
+
+    A user error (`celldino.errors.DataError`) and still an `OSError` for callers that catch that.
+    """
 
     def __init__(self, path: str | Path, reason: str):
         self.path = str(path)
         self.reason = reason
         super().__init__(f"cannot read image {self.path}: {reason}")
+
+    def __reduce__(self):  # picklable across prepare's worker processes
+        return (type(self), (self.path, self.reason))
+
+    def __str__(self) -> str:
+        return f"cannot read image {self.path}: {self.reason}"
 
 
 def _suffix(path: Path) -> str:

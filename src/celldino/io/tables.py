@@ -6,16 +6,24 @@ per channel, optional `Frame_<CH>` (plane of a multi-page file), and `Metadata_*
 folder. `load_data_from_folder(folder, pattern, channel_map)` builds the same table from file
 names with a regular expression whose named groups are `plate`, `well` (or `row` + `col`),
 `site` and `channel`; `PATTERNS` holds documented examples.
+
+Tables that cannot be used (empty, header only, unparseable, a column missing) raise
+`LoadDataError` (a `celldino.errors.DataError`) naming the file and the line or column. A CSV that
+is not UTF-8 is read as Windows-1252 / latin-1 with a warning, never refused for its encoding.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
 import pandas as pd
 
+from celldino.errors import DataError, MissingInputError
 from celldino.io.files import atomic_write_bytes
+
+logger = logging.getLogger("celldino.io.tables")
 
 # Named example patterns (use the name in `prepare.pattern`, or write your own regex).
 PATTERNS: dict[str, str] = {
@@ -34,21 +42,74 @@ PATTERNS: dict[str, str] = {
 }
 
 
-class LoadDataError(ValueError):
+class LoadDataError(DataError):
     """A load-data table or image folder that does not describe a usable image set."""
 
 
+class TableMissingError(LoadDataError, MissingInputError):
+    """A table file that does not exist."""
+
+
+_ENCODINGS = ("utf-8-sig", "cp1252", "latin-1")  # latin-1 decodes any byte: the last resort
+
+
+def is_text_table(path: str | Path) -> bool:
+    """Whether `path` is read as delimited text (its line numbers mean something)."""
+    name = Path(path).name.lower()
+    return not (name.endswith(".parquet") or name.endswith(".pq"))
+
+
+def row_label(path: str | Path, i: int) -> str:
+    """Where data row `i` (0-based, as read) is in the file: a line number for text tables
+    (the header is line 1), a 1-based data row for Parquet."""
+    if is_text_table(path):
+        return f"line {i + 2} of {path}"
+    return f"data row {i + 1} of {path}"
+
+
 def read_table(path: str | Path) -> pd.DataFrame:
-    """CSV (optionally compressed) or Parquet, by suffix."""
+    """CSV/TSV (optionally compressed) or Parquet, by suffix; errors name the file."""
     path = Path(path)
     if not path.exists():
-        raise LoadDataError(f"table {path} does not exist")
+        raise TableMissingError(f"table {path} does not exist")
+    if path.is_dir():
+        raise LoadDataError(f"table {path} is a folder; give the table file")
     name = path.name.lower()
     if name.endswith(".parquet") or name.endswith(".pq"):
-        return pd.read_parquet(path)
+        try:
+            return pd.read_parquet(path)
+        except Exception as e:  # not Parquet, truncated, unreadable
+            raise LoadDataError(
+                f"table {path} cannot be read as Parquet ({type(e).__name__}: {e})"
+            ) from e
     if ".csv" in name or ".tsv" in name or name.endswith(".txt"):
+        if path.stat().st_size == 0:
+            raise LoadDataError(
+                f"table {path} is empty (0 bytes); it needs a header line and one row per site"
+            )
         sep = "\t" if ".tsv" in name else ","
-        return pd.read_csv(path, sep=sep)
+        for enc in _ENCODINGS:
+            try:
+                df = pd.read_csv(path, sep=sep, encoding=enc)
+            except UnicodeDecodeError:
+                continue
+            except pd.errors.EmptyDataError:
+                raise LoadDataError(
+                    f"table {path} has no columns (blank, or only whitespace); it needs a header "
+                    "line and one row per site"
+                ) from None
+            except pd.errors.ParserError as e:
+                raise LoadDataError(f"table {path} cannot be parsed: {e}") from None
+            except (OSError, EOFError, ValueError) as e:  # bad gzip, permission, ...
+                raise LoadDataError(f"table {path} cannot be read ({type(e).__name__}: {e})") from e
+            if enc != _ENCODINGS[0]:
+                logger.warning(
+                    "%s is not UTF-8: read it as %s (check accented names; save the table as "
+                    "UTF-8 to silence this)",
+                    path,
+                    "Windows-1252" if enc == "cp1252" else "latin-1",
+                )
+            return df
     raise LoadDataError(f"table {path}: unknown format (use .csv, .csv.gz, .tsv or .parquet)")
 
 
@@ -71,6 +132,8 @@ def validate_load_data(
 ) -> list[str]:
     """Check the columns; return the explicit channel order. Errors list what is available."""
     avail = available_channels(df)
+    if not avail and not len(df.columns):
+        raise LoadDataError(f"{source}: no columns; a load-data table needs a header line")
     if not avail:
         raise LoadDataError(
             f"{source}: no FileName_<CH> columns (columns present: {list(df.columns)[:20]}); "
@@ -85,12 +148,28 @@ def validate_load_data(
         )
     for c in chans:
         if f"PathName_{c}" not in df.columns:
-            raise LoadDataError(f"{source}: FileName_{c} has no PathName_{c} column beside it")
-    for c in chans:
-        bad = df.index[df[f"FileName_{c}"].isna()].tolist()
+            raise LoadDataError(
+                f"{source}: column FileName_{c} has no PathName_{c} column beside it; add "
+                f"PathName_{c} (the folder of each file, absolute or relative to the table)"
+            )
+    if not len(df):
+        raise LoadDataError(
+            f"{source}: no data rows (only a header); add one row per site (image set)"
+        )
+    for c in chans:  # (an empty PathName_ means: relative to the table's folder)
+        col = f"FileName_{c}"
+        bad = df.index[df[col].isna() | (df[col].astype(str).str.strip() == "")].tolist()
         if bad:
-            raise LoadDataError(f"{source}: row {bad[0]}: FileName_{c} is empty")
+            more = f" (and {len(bad) - 1} more rows)" if len(bad) > 1 else ""
+            raise LoadDataError(
+                f"{_where(source, bad[0])}: column {col} is empty{more}; fill it in"
+            )
     return chans
+
+
+def _where(source: str, i: int) -> str:
+    """Row i of a table read from the file `source` (line number), or of a built table."""
+    return row_label(source, i) if Path(source).is_file() else f"{source}, row {i + 1}"
 
 
 def read_load_data(
@@ -107,6 +186,22 @@ def read_load_data(
             for p in df[f"PathName_{c}"].fillna("").astype(str)
         ]
     return df, chans
+
+
+def _is_utf8(name: str) -> bool:
+    """False for names the OS gave as undecodable bytes (surrogate escapes)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _show_name(path: Path) -> str:
+    """A printable form of a file name that is not valid UTF-8 (its raw bytes escaped)."""
+    import os
+
+    return repr(os.fsencode(path.name))[2:-1]
 
 
 def _well_from_row_col(row: str, col: str) -> str:
@@ -140,7 +235,11 @@ def load_data_from_folder(
     cmap = {str(k): str(v) for k, v in (channel_map or {}).items()}
     records: dict[tuple, dict] = {}
     n_matched = 0
+    undecodable: list[Path] = []
     for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        if not _is_utf8(str(f)):
+            undecodable.append(f)
+            continue
         m = regex.search(f.name)
         if not m:
             continue
@@ -164,6 +263,17 @@ def load_data_from_folder(
             )
         rec[f"FileName_{ch}"] = f.name
         rec[f"PathName_{ch}"] = str(f.parent.resolve())
+    if undecodable:
+        named = [f for f in undecodable if regex.search(f.name)]
+        shown = ", ".join(_show_name(f) for f in (named or undecodable)[:3])
+        if named:
+            raise LoadDataError(
+                f"{folder}: {len(named)} image file name(s) matching the pattern are not valid "
+                f"UTF-8 ({shown}); rename them (e.g. `convmv -f latin1 -t utf8`) and rerun"
+            )
+        logger.warning(
+            "%s: %d file name(s) that are not UTF-8 ignored (%s)", folder, len(undecodable), shown
+        )
     if not records:
         raise LoadDataError(
             f"{folder}: no file names match {regex.pattern!r} ({n_matched} matched before the "
