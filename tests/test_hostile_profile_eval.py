@@ -133,6 +133,19 @@ def test_profile_empty_controls_with_control_normalisation_says_which_setting(tm
     assert rc == 0, text
 
 
+def test_one_control_well_per_plate_is_not_divided_by_epsilon(tmp_path, earlier, run_cli):
+    """mad_robustize against one control well: MAD 0 everywhere, profiles × 1e18 (was exit 0)."""
+    df = _cells()
+    df = df[~df["Metadata_Well"].isin(["A01"])]  # one control well (A00) per plate
+    emb = _shards(tmp_path / "emb", df)
+    before = _snapshot(earlier)
+    rc, text = run_cli("profile", f"profile.input=[{emb}]", f"profile.out={earlier}/wells.h5ad")
+    assert rc == 2 and "Metadata_Plate 'P1'" in text and "zero spread (MAD 0)" in text
+    assert "profile.normalize_reference=all" in text and _kept(before, earlier)
+    rc, text = run_cli("profile", f"profile.input=[{emb}]", f"profile.out={earlier}")
+    assert rc == 2 and "is a folder" in text and _kept(before, earlier)
+
+
 def test_profile_controls_matching_nothing_show_the_values(tmp_path, run_cli):
     emb = _shards(tmp_path / "emb", _cells())
     rc, text = run_cli(

@@ -13,8 +13,11 @@ import numpy as np
 import pandas as pd
 
 from celldino.errors import DataError
+from celldino.log import get_logger
 from celldino.pp.controls import Controls, control_mask, groups
 from celldino.pp.steps import record
+
+logger = get_logger(__name__)
 
 METHODS = ("standardize", "mad_robustize")
 MAD_SCALE = 1.4826  # scipy's median_abs_deviation(scale=1/1.4826), as pycytominer
@@ -62,6 +65,22 @@ def normalize(
                 "fix the controls selection, or use reference='all'"
             )
         center, scale = _fit(X[ref_rows], method, epsilon)
+        if method == "mad_robustize":
+            flat = scale <= epsilon  # MAD 0: the profiles would be multiplied by 1/epsilon
+            where = f"{by} {value!r}" if by else "all profiles"
+            if flat.all():
+                raise DataError(
+                    f"{where}: the {len(ref_rows)} reference profile(s) have zero spread (MAD 0) "
+                    f"in every feature, so mad_robustize would divide by epsilon={epsilon:g}; "
+                    "give more control wells, normalise globally (profile.normalize_by=''), "
+                    "use profile.normalize_reference=all or profile.normalize=standardize"
+                )
+            if flat.any():
+                logger.warning(
+                    "%s: %d of %d features have zero spread (MAD 0) in the %d reference "
+                    "profiles; they are divided by epsilon=%g (as pycytominer)",
+                    where, int(flat.sum()), len(flat), len(ref_rows), epsilon,
+                )  # fmt: skip
         out[rows] = (X[rows] - center) / scale
     adata.X = out
     record(

@@ -188,6 +188,11 @@ def _check_rows(adata: ad.AnnData, cfg: ProfileConfig) -> None:
 
 def run_profile(cfg: ProfileConfig) -> dict[str, Path]:
     """Aggregate, process and write profiles (and consensus profiles); returns written paths."""
+    if Path(cfg.out).is_dir():
+        raise DataError(
+            f"profile.out={cfg.out} is a folder; give a file name, e.g. "
+            f"profile.out={Path(cfg.out) / 'profiles.h5ad'}"
+        )
     _outputs(Path(cfg.out), tuple(cfg.formats))  # a bad format fails before any work
     require_writable(Path(cfg.out).parent, "profile")
     _needs_controls(cfg)
