@@ -32,9 +32,9 @@ def test_unknown_key_lists_valid_keys(tmp_path):
 
 
 def test_type_errors_name_the_key():
-    with pytest.raises(C.ConfigError, match="train.epochs: expected an integer"):
+    with pytest.raises(C.ConfigError, match="override train.epochs=three: expected an integer"):
         C.load_config(None, ["train.epochs=three"])
-    with pytest.raises(C.ConfigError, match="synth.protein_channel: expected true or false"):
+    with pytest.raises(C.ConfigError, match="protein_channel=3: expected true or false"):
         C.load_config(None, ["synth.protein_channel=3"])
 
 

@@ -14,6 +14,8 @@ import ast
 import dataclasses
 import inspect
 import io
+import math
+import re
 import textwrap
 import tokenize
 import types
@@ -28,7 +30,20 @@ from celldino.errors import UserError
 
 
 class ConfigError(UserError, ValueError):
-    """A configuration file or override that does not fit the schema."""
+    """A configuration file or override that does not fit the schema.
+
+    `key` is the dotted setting it is about (when there is one) and `problem` the message
+    without it, so that `load_config` can say where the value came from: the YAML file and
+    line, or the command-line argument.
+    """
+
+    def __init__(self, message: str, *, key: str = "", problem: str = ""):
+        super().__init__(message)
+        self.key, self.problem = key, problem or message
+
+
+def _key_error(key: str, problem: str) -> ConfigError:
+    return ConfigError(f"{key}: {problem}", key=key, problem=problem)
 
 
 # --------------------------------------------------------------------------------------------
@@ -302,12 +317,264 @@ class Config:
 
 
 # --------------------------------------------------------------------------------------------
+# Valid values: checked when a config is loaded, listed by --help. The one place they live;
+# the stages that consume a setting accept at least these (and check them again).
+# --------------------------------------------------------------------------------------------
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "synth.preset": ("tiny", "demo", "custom"),
+    "prepare.illum_filter": ("median", "gaussian"),
+    "prepare.normalization": ("percentile_image", "percentile_plate", "divisor", "none"),
+    "prepare.segmentation": ("watershed", "masks", "locations"),
+    "prepare.border": ("pad", "drop"),
+    "prepare.on_error": ("raise", "skip"),
+    "model.arch": ("vit_tiny", "vit_small", "vit_base", "vit_large"),
+    "model.channel_mode": ("multichannel", "channelwise", "channel_adaptive"),
+    "model.pretrained_which": ("teacher", "student"),
+    "augment.padding_mode": ("reflection", "border", "zeros"),
+    "extract.which": ("teacher", "student"),
+    "extract.channel_mode": ("", "channelwise"),
+    "extract.feature": ("cls", "last_blocks", "block", "patch_mean", "cls_patch_mean"),
+    "extract.level": ("cell", "field"),
+    "extract.field_mode": ("center4", "tile"),
+    "extract.field_pool": ("mean", "median"),
+    "extract.dtype": ("float32", "float16"),
+    "extract.format": ("parquet", "h5ad"),
+    "profile.formats": ("h5ad", "parquet", "csv"),
+    "profile.method": ("mean", "median"),
+    "profile.nonfinite": ("drop_feature", "drop_row", "error"),
+    "profile.normalize": ("standardize", "mad_robustize", "none"),
+    "profile.normalize_reference": ("controls", "all"),
+    "profile.sphere": ("none", "ZCA", "PCA", "ZCA-cor", "PCA-cor"),
+    "profile.select": ("variance", "frequency", "correlation", "drop_na", "blocklist"),
+    "profile.consensus_method": ("mean", "median"),
+    "evaluate.map_method": ("auto", "copairs", "blocked"),
+    "run.stages": PIPELINE_STAGES,
+    "run.force": PIPELINE_STAGES,
+    "run.baselines": BASELINES,
+}
+# For tuple settings the choices apply to each item.
+
+_DEVICE = (r"auto|cpu|(cuda|mps|xpu)(:\d+)?", "auto, cpu, cuda, cuda:N (or mps, xpu)")
+PATTERNS: dict[str, tuple[str, str]] = {"train.device": _DEVICE, "extract.device": _DEVICE}
+
+
+@dataclass(frozen=True)
+class Range:
+    """Numeric bounds of a setting (for tuples: of each item, and `pair` = [min, max])."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # low itself is not allowed
+    pair: bool = False
+
+    def problem(self, value: Any) -> str | None:
+        items = list(value) if isinstance(value, tuple) else [value]
+        if self.pair and (len(items) != 2 or items[0] > items[1]):
+            return f"expected [min, max] with min <= max{self._text(' and each ')}, got {items}"
+        for v in items:
+            if self.low is not None and (v <= self.low if self.low_open else v < self.low):
+                return f"{self._text()[1:]}, got {_show(value)}"
+            if self.high is not None and v > self.high:
+                return f"{self._text()[1:]}, got {_show(value)}"
+        return None
+
+    def _text(self, lead: str = " ") -> str:
+        lo = "" if self.low is None else f"{'>' if self.low_open else '>='} {self.low:g}"
+        hi = "" if self.high is None else f"<= {self.high:g}"
+        if lo and hi:
+            return f"{lead}must be {lo} and {hi}" if lead == " " else f"{lead}{lo}, {hi}"
+        return f"{lead}must be {lo or hi}" if lead == " " else f"{lead}{lo or hi}"
+
+
+def _show(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else repr(value)
+
+
+_POSITIVE, _COUNT = Range(1), Range(0)
+_PROB, _FRACTION = Range(0.0, 1.0), Range(0.0, 1.0)
+RANGES: dict[str, Range] = {
+    **{f"{s}.seed": _COUNT for s in ("synth", "prepare", "train", "evaluate")},
+    **{
+        f"synth.{k}": _COUNT
+        for k in (
+            "n_plates",
+            "n_batches",
+            "compounds_per_moa",
+            "n_doses",
+            "wells_per_compound",
+            "control_wells",
+            "sites_per_well",
+            "image_size",
+            "cells_per_site",
+        )
+    },  # fmt: skip
+    "synth.n_moas": Range(0, 6),
+    "synth.n_bad_images": Range(-1),
+    "prepare.illum_size": _COUNT,
+    "prepare.norm_percentiles": Range(0.0, 100.0, pair=True),
+    "prepare.norm_divisor": Range(0.0, low_open=True),
+    "prepare.smooth_sigma": Range(0.0),
+    "prepare.nuclei_min_area": _COUNT,
+    "prepare.nuclei_max_area": _POSITIVE,
+    "prepare.nuclei_min_distance": _POSITIVE,
+    "prepare.cell_expand": _COUNT,
+    "prepare.crop_size": _POSITIVE,
+    "prepare.qc_max_saturation": _FRACTION,
+    "prepare.qc_min_foreground": _FRACTION,
+    "prepare.qc_debris_area": _FRACTION,
+    "prepare.workers": _POSITIVE,
+    "model.patch_size": _POSITIVE,
+    "model.depth": _COUNT,
+    "model.in_chans": _POSITIVE,
+    "model.backbone_chans": _POSITIVE,
+    "model.img_size": _POSITIVE,
+    "model.num_registers": _COUNT,
+    "model.layerscale": Range(0.0),
+    "model.drop_path_rate": Range(0.0, 1.0),
+    "model.out_dim": _POSITIVE,
+    "model.head_hidden_dim": _POSITIVE,
+    "model.head_bottleneck_dim": _POSITIVE,
+    "model.head_nlayers": _POSITIVE,
+    # the same bounds as augment.check_config, so a config that loads also augments
+    "augment.global_crop_size": _POSITIVE,
+    "augment.local_crop_size": _POSITIVE,
+    "augment.global_crop_scale": Range(1e-6, 1.0, pair=True),
+    "augment.local_crop_scale": Range(1e-6, 1.0, pair=True),
+    "augment.n_local_crops": _COUNT,
+    "augment.crop_ratio": Range(1e-3, 1e3, pair=True),
+    "augment.affine_scale": Range(1e-3, 1e3, pair=True),
+    "augment.affine_degrees": Range(0.0),
+    "augment.affine_shear": Range(0.0),
+    "augment.affine_translate": Range(0.0),
+    "augment.elastic_alpha": Range(0.0),
+    "augment.elastic_grid": Range(2),
+    "augment.brightness": _FRACTION,
+    "augment.contrast": _FRACTION,
+    "augment.protein_channel": Range(-1),
+    "augment.protein_rescale": Range(0.0, 1e6, pair=True),
+    "augment.blur_sigma": Range(0.0, 1e3, pair=True),
+    **{
+        f"augment.{k}": _PROB
+        for k in (
+            "hflip_p",
+            "vflip_p",
+            "affine_p",
+            "elastic_p",
+            "brightness_p",
+            "contrast_p",
+            "channel_drop_p",
+            "protein_rescale_p",
+            "blur_p",
+            "solarize_p",
+            "greyscale_p",
+        )
+    },  # fmt: skip
+    "train.epochs": _POSITIVE,
+    "train.batch_size": _POSITIVE,
+    "train.num_workers": _COUNT,
+    "train.lr": Range(0.0),
+    "train.min_lr": Range(0.0),
+    "train.warmup_epochs": Range(0.0),
+    "train.weight_decay": Range(0.0),
+    "train.weight_decay_end": Range(0.0),
+    "train.momentum_teacher": _FRACTION,
+    "train.teacher_temp": Range(0.0, low_open=True),
+    "train.warmup_teacher_temp": Range(0.0, low_open=True),
+    "train.warmup_teacher_temp_epochs": Range(0.0),
+    "train.student_temp": Range(0.0, low_open=True),
+    "train.center_momentum": _FRACTION,
+    "train.clip_grad": Range(0.0),
+    "train.freeze_last_layer": _COUNT,
+    "train.ibot_weight": Range(0.0),
+    "train.ibot_mask_ratio": Range(0.0, 1.0, pair=True),
+    "train.ibot_mask_prob": _PROB,
+    "train.koleo_weight": Range(0.0),
+    "train.log_every": _POSITIVE,
+    "train.save_every": _COUNT,
+    "extract.n_blocks": _POSITIVE,
+    "extract.field_crop": _POSITIVE,
+    "extract.field_stride": _COUNT,
+    "extract.batch_size": _POSITIVE,
+    "extract.num_workers": _COUNT,
+    "extract.shard_size": _POSITIVE,
+    "extract.attention_sample": _COUNT,
+    "profile.threads": _COUNT,
+    "profile.mad_epsilon": Range(0.0),
+    "profile.sphere_epsilon": Range(0.0),
+    "profile.min_variance": Range(0.0),
+    "profile.corr_threshold": _FRACTION,
+    "evaluate.null_size": _POSITIVE,
+    "evaluate.threshold": Range(0.0, 1.0, low_open=True),
+    "evaluate.map_memory_mb": _POSITIVE,
+}
+# Settings that must not be empty (an empty list would silently do nothing).
+NON_EMPTY = ("profile.formats", "profile.by", "profile.input", "run.stages")
+
+
+def check(cfg: Config) -> list[tuple[str, str]]:
+    """Every (dotted key, problem) of a config's values against CHOICES, PATTERNS, RANGES."""
+    problems = []
+    for section in dataclasses.fields(cfg):
+        sub = getattr(cfg, section.name)
+        for f in dataclasses.fields(sub):
+            key, value = f"{section.name}.{f.name}", getattr(sub, f.name)
+            problem = _check_value(key, value)
+            if problem:
+                problems.append((key, problem))
+    return problems
+
+
+def _check_value(key: str, value: Any) -> str | None:
+    if key in NON_EMPTY and not value:
+        return "must not be empty"
+    if key in CHOICES:
+        valid = CHOICES[key]
+        items = value if isinstance(value, tuple) else (value,)
+        bad = [v for v in items if v not in valid]
+        if bad:
+            shown = ", ".join(v if v else "'' (empty)" for v in valid)
+            what = " and ".join(map(repr, bad))
+            return f"{what} {'is' if len(bad) == 1 else 'are'} not valid; choose from: {shown}"
+    if key in PATTERNS:
+        pattern, text = PATTERNS[key]
+        if not re.fullmatch(pattern, str(value)):
+            return f"{value!r} is not a valid value; choose from: {text}"
+    if key in RANGES:
+        return RANGES[key].problem(value)
+    return None
+
+
+# --------------------------------------------------------------------------------------------
 # Building from dicts, YAML and overrides
 # --------------------------------------------------------------------------------------------
 
 
 def _valid_keys(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
+
+
+def _number(value: Any, where: str, what: str) -> float | int:
+    """A YAML value as a number: numbers as they are, strings such as '1e-6' parsed."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise _key_error(where, f"expected {what}, got {value!r}")
+    if isinstance(value, str):
+        text = value.strip().replace("_", "")
+        try:
+            value = int(text)
+        except ValueError:
+            try:
+                value = float(text)
+            except ValueError:
+                raise _key_error(where, f"expected {what}, got {value!r}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _key_error(where, f"expected {what} (finite), got {value!r}")
+    return value
+
+
+def _split_list(text: str) -> list[str]:
+    """'a,b' → ['a', 'b'] ('' → []): a list written the way --help prints it."""
+    return [s.strip() for s in text.split(",") if s.strip()]
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -318,7 +585,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping of {_valid_keys(tp)}, got {value!r}")
+            raise _key_error(where, f"expected a mapping of {_valid_keys(tp)}, got {value!r}")
         return _build(tp, value, where)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -330,42 +597,51 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, a, where)
             except ConfigError:
                 pass
-        raise ConfigError(f"{where}: {value!r} fits none of {tp}")
+        raise _key_error(where, f"{value!r} fits none of {tp}")
     if origin is tuple:
-        if not isinstance(value, (list, tuple)):
+        if isinstance(value, str):
+            value = _split_list(value)
+        elif value is None:
+            value = []
+        elif not isinstance(value, (list, tuple)):
             value = [value]
         inner = args[0] if args else Any
         return tuple(_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value))
     if origin is list:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise _key_error(where, f"expected a list, got {value!r}")
         inner = args[0] if args else Any
         return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
+        if value is None:
+            return {}
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
+            raise _key_error(where, f"expected a mapping such as {{a: b}}, got {value!r}")
+        kt, vt = args if len(args) == 2 else (Any, Any)
+        return {
+            _coerce(k, kt, f"{where}[{k!r}]"): _coerce(v, vt, f"{where}[{k!r}]")
+            for k, v in value.items()
+        }
     if tp is Any:
         return value
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        raise _key_error(where, f"expected true or false, got {value!r}")
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
+        number = _number(value, where, "an integer")
+        if isinstance(number, float):
+            if not number.is_integer():
+                raise _key_error(where, f"expected an integer, got {value!r}")
+            return int(number)
+        return number
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
+        return float(_number(value, where, "a number"))
     if tp is str:
         if value is None:
             return ""
         if isinstance(value, (dict, list)):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+            raise _key_error(where, f"expected a string, got {value!r}")
         return str(value)
     return value
 
@@ -376,13 +652,16 @@ def _build(cls: type, data: dict, where: str = "") -> Any:
     kwargs = {}
     for key, value in data.items():
         if key not in valid:
-            at = where or "top level"
-            raise ConfigError(
-                f"unknown config key '{(where + '.' if where else '') + str(key)}' "
-                f"(valid keys at {at}: {', '.join(valid)})"
-            )
+            raise _unknown_key(f"{where}.{key}" if where else str(key), where, valid)
         kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key)
     return cls(**kwargs)
+
+
+def _unknown_key(key: str, where: str, valid: list[str]) -> ConfigError:
+    problem = (
+        f"unknown config key '{key}' (valid keys at {where or 'top level'}: {', '.join(valid)})"
+    )
+    return ConfigError(problem, key=key, problem=problem)
 
 
 def _merge(base: dict, update: dict) -> dict:
@@ -395,23 +674,88 @@ def _merge(base: dict, update: dict) -> dict:
     return out
 
 
+def _setting_type(key: str) -> Any:
+    """The annotated type of a dotted key ('train.lr' → float), or ConfigError if unknown."""
+    tp: Any = Config
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        where = ".".join(parts[:i])
+        if not dataclasses.is_dataclass(tp):
+            raise _key_error(where, f"is a setting, not a section: write {where}=VALUE")
+        hints = typing.get_type_hints(tp)
+        if part not in hints:
+            raise _unknown_key(key, where, _valid_keys(tp))
+        tp = hints[part]
+    return tp
+
+
+def _unquote(text: str) -> str:
+    t = text.strip()
+    if len(t) >= 2 and t[0] == t[-1] and t[0] in "'\"":
+        try:
+            out = yaml.safe_load(t)
+            return "" if out is None else str(out)
+        except yaml.YAMLError:
+            return t[1:-1]
+    return t
+
+
+def _yaml_value(raw: str, what: str) -> Any:
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        problem = f"not valid YAML ({getattr(e, 'problem', None) or str(e).splitlines()[0]})"
+        raise ConfigError(f"{what}: {problem}", problem=problem) from None
+
+
+def _override_value(raw: str, tp: Any, item: str) -> Any:
+    """A command-line value read for the type of its setting.
+
+    Strings are taken as written (`profile.controls=Metadata_x == 'a'`, `report.title=A: B`),
+    lists may be `a,b` as --help prints them or `[a, b]`, numbers may be `1e-6`.
+    """
+    origin = typing.get_origin(tp)
+    if tp is str:
+        return _unquote(raw)
+    if origin is tuple:
+        text = raw.strip()
+        if text.startswith("["):
+            return _yaml_value(text, f"command-line override {item}")
+        return [_unquote(s) for s in _split_list(text)]
+    if raw == "":
+        return ""
+    return _yaml_value(raw, f"command-line override {item}")
+
+
 def parse_dotlist(overrides: list[str]) -> dict:
-    """Turn ['train.epochs=3', 'model.arch=vit_small'] into a nested dict (values parsed as YAML)."""
+    """Turn ['train.epochs=3', 'model.arch=vit_small'] into a nested dict of typed values.
+
+    Errors name the command-line argument. Values are read for their setting's type (see
+    `_override_value`); the result still goes through `_build` for the final checks.
+    """
     out: dict = {}
     for item in overrides:
+        where = f"command-line override {item}"
         if "=" not in item:
-            raise ConfigError(f"override '{item}' is not of the form key.sub=value")
+            raise ConfigError(f"{where}: not of the form key.sub=value")
         key, raw = item.split("=", 1)
+        key = key.strip()
         if not key or any(not part for part in key.split(".")):
-            raise ConfigError(f"override '{item}' has an empty key")
-        value = yaml.safe_load(raw) if raw != "" else ""
+            raise ConfigError(f"{where}: the key is empty (expected key.sub=value)")
+        try:
+            tp = _setting_type(key)
+            value = _coerce(_override_value(raw, tp, item), tp, key)
+        except ConfigError as e:
+            if e.problem.startswith(where):
+                raise
+            raise ConfigError(f"{where}: {e.problem}", key=key, problem=e.problem) from None
         node = out
         parts = key.split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override '{item}' conflicts with an earlier override")
-        node[parts[-1]] = value
+                raise ConfigError(f"{where}: conflicts with an earlier override")
+        node[parts[-1]] = to_dict(value) if dataclasses.is_dataclass(value) else value
     return out
 
 
@@ -430,22 +774,115 @@ def to_dict(cfg: Any) -> dict:
     return conv(cfg)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Resolve the configuration: defaults ← YAML file ← dotlist overrides."""
-    data: dict = {}
-    if path:
-        p = Path(path)
-        if not p.exists():
-            raise ConfigError(f"config file {p} does not exist (see configs/ for examples)")
-        loaded = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {p}: top level must be a mapping of sections")
-        data = loaded
-    data = _merge(data, parse_dotlist(overrides or []))
+def _read_yaml(p: Path) -> tuple[dict, dict[str, int]]:
+    """(data, dotted key → line) of a YAML config; errors name the file (and line)."""
+    if not p.exists():
+        raise ConfigError(f"config file {p} does not exist (see configs/ for examples)")
+    if p.is_dir():
+        raise ConfigError(f"config file {p} is a folder, not a YAML file")
     try:
-        return _build(Config, data)
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {p} is not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"config file {p} cannot be read: {e.strerror or e}") from None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        loaded = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        at = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = e.problem or e.context or "cannot be parsed"
+        if e.context and e.problem:
+            started = f" on line {e.context_mark.line + 1}" if e.context_mark else ""
+            what += f" ({e.context}{started})"
+        raise ConfigError(f"config file {p}{at}: not valid YAML: {what}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p}: not valid YAML: {e}") from None
+    if loaded is None:
+        return {}, {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(
+            f"config file {p}: the top level must be a mapping of sections "
+            f"({', '.join(_valid_keys(Config))}), not a {type(loaded).__name__}"
+        )
+    lines: dict[str, int] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if not isinstance(node, yaml.MappingNode):
+            return
+        for k, v in node.value:
+            key = f"{prefix}{k.value}"
+            if key in lines:
+                raise ConfigError(
+                    f"config file {p}, line {k.start_mark.line + 1}: '{key}' is set twice "
+                    f"(also on line {lines[key]}); keep one"
+                )
+            lines[key] = k.start_mark.line + 1
+            walk(v, key + ".")
+
+    walk(root, "")
+    return loaded, lines
+
+
+def _in_file(p: Path, lines: dict[str, int], key: str) -> str:
+    """'config file F, line N' for the innermost key of the file that `key` falls under."""
+    key = re.sub(r"\[.*$", "", key)
+    parts = key.split(".")
+    for n in range(len(parts), 0, -1):
+        line = lines.get(".".join(parts[:n]))
+        if line:
+            return f"config file {p}, line {line}"
+    return f"config file {p}"
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Resolve the configuration: defaults ← YAML file ← dotlist overrides.
+
+    Every error is a ConfigError naming where the value came from: the YAML file and line,
+    or the command-line argument. Values are checked against CHOICES, PATTERNS and RANGES.
+    """
+    data: dict = {}
+    lines: dict[str, int] = {}
+    p = Path(path) if path else None
+    if p is not None:
+        data, lines = _read_yaml(p)
+    from_cli: dict[str, str] = {}  # dotted key → the argument that set it
+    for item in overrides or []:
+        update = parse_dotlist([item])
+        data = _merge(data, update)
+        from_cli[item.split("=", 1)[0].strip()] = item
+
+    def origin(key: str) -> str:
+        key = re.sub(r"\[.*$", "", key)
+        parts = key.split(".")
+        for n in range(len(parts), 0, -1):
+            item = from_cli.get(".".join(parts[:n]))
+            if item:
+                return f"command-line override {item}"
+        return _in_file(p, lines, key) if p is not None else "setting"
+
+    try:
+        cfg = _build(Config, data)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+        where = origin(e.key) if e.key else (f"config file {p}" if p else "")
+        if where.startswith("command-line"):
+            raise ConfigError(f"{where}: {e.problem}", key=e.key, problem=e.problem) from None
+        msg = f"{where}: {e}" if where else str(e)
+        raise ConfigError(msg, key=e.key, problem=e.problem) from None
+    problems = check(cfg)
+    if problems:
+        parts = []
+        for key, problem in problems:
+            where = origin(key)
+            parts.append(
+                f"{where}: {problem}"
+                if where.startswith("command-line")
+                else f"{where}: {key}: {problem}"
+            )
+        key, problem = problems[0]
+        raise ConfigError("; ".join(parts), key=key, problem=problem)
+    return cfg
 
 
 def replace(cfg: Any, **changes: Any) -> Any:
@@ -499,13 +936,32 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+def default_text(value: Any) -> str:
+    """A value the way --help prints it, and the way a command line gives it back."""
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) if value else "[]"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {v}" for k, v in value.items()) + "}"
+    if value == "":
+        return "''"
+    return str(value)
+
+
 def describe(cls: type, prefix: str) -> str:
     """Human-readable list of a section's keys, defaults and comments (for --help)."""
     docs = field_docs(cls)
-    lines = []
+    rows = []
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        if isinstance(default, tuple):
-            default = ",".join(map(str, default)) if default else "[]"
-        lines.append(f"  {prefix}.{f.name}={default!s:<14} {docs.get(f.name, '')}")
-    return "\n".join(lines)
+        key = f"{prefix}.{f.name}"
+        text = docs.get(f.name, "")
+        if key in CHOICES:
+            valid = ", ".join(v or "''" for v in CHOICES[key])
+            text += f" [{'each ' if isinstance(default, tuple) else ''}one of: {valid}]"
+        elif key in PATTERNS:
+            text += f" [one of: {PATTERNS[key][1]}]"
+        rows.append((f"{key}={default_text(default)}", text))
+    width = min(max(len(entry) for entry, _ in rows), 40)
+    return "\n".join(f"  {entry:<{width}}  {text}" for entry, text in rows)
