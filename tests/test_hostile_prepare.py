@@ -323,6 +323,41 @@ def test_missing_column_is_named(run_cli, tiny_screen, tmp_path):
     assert rc == 2 and str(path) in text and "FileName_RNA" in text and "available" in text
 
 
+def test_excel_style_tables(run_cli, tiny_screen, tmp_path):
+    """';'-separated (European Excel) is read; a column named twice is refused, naming it."""
+    ld = _table(tiny_screen, tmp_path, 4)
+    semi = tmp_path / "semi.csv"
+    ld.to_csv(semi, index=False, sep=";")
+    rc, text = _prep(run_cli, semi, tmp_path / "prep")
+    assert rc == 0, text
+    assert len(pd.read_parquet(tmp_path / "prep" / "cells.parquet")) > 0
+    twice = tmp_path / "twice.csv"
+    lines = ld.to_csv(index=False).splitlines()
+    lines[0] += ",Metadata_Compound"  # a second Compound column, e.g. pasted from the plate map
+    twice.write_text("\n".join([lines[0]] + [x + ",DMSO" for x in lines[1:]]) + "\n")
+    rc, text = _prep(run_cli, twice, tmp_path / "p2")
+    assert rc == 2 and str(twice) in text and "Metadata_Compound appears more than once" in text
+
+
+def test_locations_outside_the_image_or_empty(run_cli, tmp_path):
+    path = _hand_made(tmp_path, _four_sites())
+    loc = pd.DataFrame({"Metadata_Plate": ["P"] * 4, "Metadata_Well": ["A01", "A01", "A02", "A02"],
+                        "Metadata_Site": [1] * 4, "X": [20.0, 400.0, 30.0, 18.0],
+                        "Y": [20.0, 500.0, 14.0, 44.0]})  # fmt: skip
+    loc.to_csv(tmp_path / "loc.csv", index=False)
+    args = ("prepare.segmentation=locations", f"prepare.locations={tmp_path / 'loc.csv'}",
+            "prepare.location_x=X", "prepare.location_y=Y")  # fmt: skip
+    rc, text = _prep(run_cli, path, tmp_path / "prep", *args)
+    assert rc == 0 and "1 of 2 locations lie outside the 64x64 image" in text and "A01" in text
+    assert len(pd.read_parquet(tmp_path / "prep" / "cells.parquet")) == 3
+    loc.loc[2, "X"] = None
+    loc.to_csv(tmp_path / "loc.csv", index=False)
+    snap = _snapshot(tmp_path / "prep")
+    rc, text = _prep(run_cli, path, tmp_path / "prep", *args)
+    assert rc == 2 and f"line 4 of {tmp_path / 'loc.csv'}" in text and "column X" in text, text
+    assert _snapshot(tmp_path / "prep") == snap
+
+
 # ---- 6. output folder faults ---------------------------------------------------------------
 
 

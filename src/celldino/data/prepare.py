@@ -58,7 +58,7 @@ from celldino.io.cropstore import CELLS, CROPS, LEDGER, PARTS, CropStore, CropSt
 from celldino.io.files import file_fingerprint, fingerprint, read_json, write_json
 from celldino.io.images import ImageReadError, read_image
 from celldino.io.lock import output_lock
-from celldino.io.tables import LoadDataError, read_table, write_parquet
+from celldino.io.tables import LoadDataError, read_table, row_label, write_parquet
 
 logger = log.get_logger(__name__)
 
@@ -364,8 +364,11 @@ def _site_job(i: int) -> dict:
     if cfg.features and cells is not None and rows:  # no kept cell: no feature rows
         f = cell_features(img, nuclei, cells, iset.channels, cell_ids=ids[kept])
         feats = pd.concat([pd.DataFrame(rows)[list(meta) + ["Metadata_CellID"]], f], axis=1)
+    h, w = img.shape[1:]
+    outside = int(((centres[:, 0] < 0) | (centres[:, 0] >= h) | (centres[:, 1] < 0)
+                   | (centres[:, 1] >= w)).sum())  # fmt: skip
     return {"i": i, "key": key, "crops": crops, "rows": rows, "features": feats, "info": info,
-            "n_found": len(centres)}  # fmt: skip
+            "n_found": len(centres), "n_outside": outside, "shape": (h, w)}  # fmt: skip
 
 
 def _run_sites(todo: list[int], ctx: dict, workers: int):
@@ -411,6 +414,15 @@ def _locations_table(cfg, iset: ImageSet) -> pd.DataFrame:
     table = table.assign(_key=keys)
     if not (table["_key"] != "").any():
         raise DataError(f"{cfg.locations}: no row matches a site on {[c for _, c in used]}")
+    matched = table[table["_key"] != ""]
+    for col in (cfg.location_x, cfg.location_y):
+        bad = matched.index[~np.isfinite(pd.to_numeric(matched[col], errors="coerce"))].tolist()
+        if bad:
+            raise DataError(
+                f"{row_label(cfg.locations, int(bad[0]))}: column {col} is empty or not a number"
+                + (f" ({len(bad)} rows)" if len(bad) > 1 else "")
+                + "; every location needs its x and y in pixels"
+            )
     lost = int((table["_key"] == "").sum())
     if lost:
         logger.warning(
@@ -552,7 +564,7 @@ def _files_change(out: Path, stats: pd.DataFrame) -> str:
     return "; ".join(parts) or "image files changed"
 
 
-def _what_changed(out: Path, state: dict, inputs: dict, stats: pd.DataFrame, iset) -> str:
+def _what_changed(out: Path, state: dict, inputs: dict, stats: pd.DataFrame, iset, cfg) -> str:
     old = state.get("inputs")
     if not old:
         return "it holds no record of its inputs (made by an older celldino or interrupted)"
@@ -562,7 +574,7 @@ def _what_changed(out: Path, state: dict, inputs: dict, stats: pd.DataFrame, ise
     if old.get("images") != inputs["images"]:
         parts.append(_files_change(out, stats))
     if old.get("locations") != inputs.get("locations"):
-        parts.append(f"locations table {getattr(iset, 'source', '')} content changed")
+        parts.append(f"locations table {cfg.locations} content changed")
     if state.get("channels") not in (None, list(iset.channels)):
         parts.append(f"channels {state.get('channels')} → {list(iset.channels)}")
     return "; ".join(parts) or "inputs changed"
@@ -630,6 +642,7 @@ def _prepare(cfg, iset: ImageSet, out: Path, after_site) -> Path:
     dna_name = cfg.nuclei_channel if cfg.nuclei_channel in chans else chans[0]
     dna_index = chans.index(dna_name)
     settings = _settings(cfg)
+    locations = _locations_table(cfg, iset) if cfg.segmentation == "locations" else None
     t0 = time.perf_counter()
     inputs, stats = _inputs(iset, cfg)
     logger.debug("inputs fingerprinted in %.1f s: %s", time.perf_counter() - t0, inputs)
@@ -665,7 +678,7 @@ def _prepare(cfg, iset: ImageSet, out: Path, after_site) -> Path:
         logger.warning(
             "prepare: the inputs changed since %s was prepared (%s): starting afresh",
             out,
-            _what_changed(out, state, inputs, stats, iset) if state else "no prepare.json",
+            _what_changed(out, state, inputs, stats, iset, cfg) if state else "no prepare.json",
         )
         _start_afresh(out)
         state = {}
@@ -734,13 +747,14 @@ def _prepare(cfg, iset: ImageSet, out: Path, after_site) -> Path:
             len(todo_all),
         )
     ctx = {"cfg": cfg, "iset": iset, "illum": functions, "qc": qc_lookup}
-    if cfg.segmentation == "locations":
-        ctx["locations"] = _locations_table(cfg, iset)
+    if locations is not None:
+        ctx["locations"] = locations
     if cfg.features and cfg.segmentation == "locations":
         logger.warning("engineered features need masks: none computed with segmentation=locations")
     feat_dir = out / "features_parts"
     feat_dir.mkdir(exist_ok=True)
     skipped2 = []
+    n_outside = 0
     done = len(todo_all) - len(todo)
     for res in log.progress(
         _run_sites(todo, ctx, cfg.workers), total=len(todo), desc="cells → crops"
@@ -753,6 +767,16 @@ def _prepare(cfg, iset: ImageSet, out: Path, after_site) -> Path:
         key = res["key"]
         if res["n_found"] == 0:
             logger.warning("site %s: no cells found (empty field?)", key)
+        if res["n_outside"]:
+            n_outside += res["n_outside"]
+            logger.warning(
+                "site %s: %d of %d locations lie outside the %dx%d image and are left out "
+                "(coordinates not in pixels? x and y swapped? see prepare.location_x/y)",
+                key,
+                res["n_outside"],
+                res["n_found"],
+                *res["shape"],
+            )
         if res["features"] is not None:
             write_parquet(res["features"], feat_dir / f"{len(store.ledger['sites']):08d}.parquet")
         index = pd.DataFrame(res["rows"])

@@ -53,6 +53,20 @@ class TableMissingError(LoadDataError, MissingInputError):
 _ENCODINGS = ("utf-8-sig", "cp1252", "latin-1")  # latin-1 decodes any byte: the last resort
 
 
+def _check_header(df: pd.DataFrame, path: Path) -> None:
+    """Strip spaces around column names; refuse a column named twice (pandas renames the
+    second 'X' to 'X.1', which would silently ignore it)."""
+    df.columns = [str(c).strip() for c in df.columns]
+    cols = set(df.columns)
+    for c in df.columns:
+        m = re.fullmatch(r"(.+)\.(\d+)", c)
+        if m and m.group(1) in cols:
+            raise LoadDataError(
+                f"table {path}: column {m.group(1)} appears more than once in the header; "
+                "keep one of them"
+            )
+
+
 def is_text_table(path: str | Path) -> bool:
     """Whether `path` is read as delimited text (its line numbers mean something)."""
     name = Path(path).name.lower()
@@ -88,9 +102,19 @@ def read_table(path: str | Path) -> pd.DataFrame:
                 f"table {path} is empty (0 bytes); it needs a header line and one row per site"
             )
         sep = "\t" if ".tsv" in name else ","
-        for enc in _ENCODINGS:
+        encodings = _ENCODINGS
+        if not name.endswith((".gz", ".bz2", ".zip", ".xz", ".zst")):
+            with open(path, "rb") as f:
+                if f.read(2) in (b"\xff\xfe", b"\xfe\xff"):  # Excel's "Unicode text"
+                    encodings = ("utf-16",)
+        for enc in encodings:
             try:
                 df = pd.read_csv(path, sep=sep, encoding=enc)
+                if len(df.columns) == 1:  # one column: another separator (Excel's ';' or tabs)?
+                    head = str(df.columns[0])
+                    other = next((c for c in (";", "\t", ",") if c != sep and c in head), None)
+                    if other:
+                        df = pd.read_csv(path, sep=other, encoding=enc)
             except UnicodeDecodeError:
                 continue
             except pd.errors.EmptyDataError:
@@ -102,7 +126,8 @@ def read_table(path: str | Path) -> pd.DataFrame:
                 raise LoadDataError(f"table {path} cannot be parsed: {e}") from None
             except (OSError, EOFError, ValueError) as e:  # bad gzip, permission, ...
                 raise LoadDataError(f"table {path} cannot be read ({type(e).__name__}: {e})") from e
-            if enc != _ENCODINGS[0]:
+            _check_header(df, path)
+            if enc not in (_ENCODINGS[0], "utf-16"):
                 logger.warning(
                     "%s is not UTF-8: read it as %s (check accented names; save the table as "
                     "UTF-8 to silence this)",
