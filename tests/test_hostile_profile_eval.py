@@ -299,6 +299,12 @@ def test_misspelled_analysis_parameter_lists_the_valid_ones(tmp_path, lincs, ear
     assert rc == 2 and "analyses.map_replicate" in text and "null_sze" in text
     assert "null_size" in text and "threshold" in text
     assert _kept(before, earlier)
+    rc, text = run_cli(  # a known parameter with an impossible value
+        "evaluate", tmp_path / "p.parquet",
+        "--spec", _spec(tmp_path, "{map_replicate: {null_size: 0}}"),
+        f"evaluate.out_dir={earlier}",
+    )  # fmt: skip
+    assert rc == 2 and "null_size must be >= 1" in text and _kept(before, earlier)
 
 
 def test_moa_column_all_nan_skips_what_needs_it_and_says_so(tmp_path, lincs, run_cli):

@@ -106,9 +106,19 @@ class AnalysisResult:
 
 
 def _map_kwargs(ctx: EvalContext, params: dict) -> dict:
+    try:
+        null_size = int(params.get("null_size", ctx.null_size))
+        threshold = float(params.get("threshold", ctx.threshold))
+    except (TypeError, ValueError) as e:
+        raise SpecError(f"analysis parameters null_size / threshold must be numbers: {e}") from None
+    if null_size < 1 or not 0 < threshold <= 1:
+        raise SpecError(
+            f"analysis parameters: null_size must be >= 1 (got {null_size}) and threshold in "
+            f"(0, 1] (got {threshold}); fix them in the spec's analyses"
+        )
     return {
-        "null_size": int(params.get("null_size", ctx.null_size)),
-        "threshold": float(params.get("threshold", ctx.threshold)),
+        "null_size": null_size,
+        "threshold": threshold,
         "seed": ctx.seed,
         "method": params.get("method", ctx.map_method),
         "block_bytes": ctx.block_bytes,
@@ -336,6 +346,8 @@ def _analyses(spec: dict) -> dict[str, dict]:
                 f"analyses.{name}: unknown parameter(s) {bad}; valid parameters of {name}: "
                 f"{', '.join(sorted(valid)) or '(none)'}"
             )
+        if "null_size" in params or "threshold" in params:
+            _map_kwargs(EvalContext(), params)  # values checked before any analysis runs
         out[name] = params
     return out
 
@@ -472,7 +484,12 @@ def _derive(name: str, how: dict, sets: dict[str, FeatureSet], seed: int) -> Fea
     from sklearn.decomposition import PCA
 
     base = sets[src]
-    k = int(how.get("n_components", 50))
+    try:
+        k = int(how.get("n_components", 50))
+    except (TypeError, ValueError):
+        raise SpecError(
+            f"derived.{name}.n_components must be a whole number, got {how.get('n_components')!r}"
+        ) from None
     k = max(1, min(k, base.feats.shape[0], base.feats.shape[1]))
     Z = PCA(n_components=k, random_state=seed).fit_transform(base.feats)  # (n, k)
     return FeatureSet(

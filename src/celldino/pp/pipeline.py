@@ -92,6 +92,7 @@ def aggregate_cached(cfg: ProfileConfig) -> ad.AnnData:
     key = fingerprint({
         "files": [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files],
         "features": cfg.features, "by": cfg.by, "via": cfg.via, "method": cfg.method,
+        "version": 2,  # 2: file column names kept, plate_well obs_names, steps as JSON text
     })  # fmt: skip
     cache = _outputs(Path(cfg.out), ("h5ad",), ".aggregated")["h5ad"]
     if cache.exists() and not partial:
