@@ -190,3 +190,60 @@ def test_run_into_a_locked_run_dir_is_refused(tiny_screen, tmp_path, run_cli):
         proc.stdin.write("\n")
         proc.stdin.flush()
         proc.wait(timeout=60)
+
+
+# ---- celldino run: input content is part of the fingerprint ---------------------------------
+
+
+def _prepare_only(run_cli, table: Path, out: Path) -> tuple[int, str]:
+    return run_cli(
+        "run",
+        f"prepare.load_data={table}",
+        "prepare.features=false",
+        "prepare.crop_size=32",
+        "prepare.nuclei_min_area=30",
+        "run.stages=prepare",
+        "run.baselines=random_init",
+        f"run.out_dir={out}",
+    )
+
+
+def test_run_redoes_prepare_when_a_metadata_cell_or_an_image_changes(
+    tiny_screen, tmp_path, run_cli
+):
+    """Editing the plate map or replacing an image used to leave `run` 'up to date' (stale)."""
+    import shutil
+
+    screen = tmp_path / "screen"
+    shutil.copytree(tiny_screen, screen)
+    table = screen / "load_data.csv"
+    ld = pd.read_csv(table)
+    for col in [c for c in ld.columns if c.startswith("PathName_")]:  # point at the copy
+        ld[col] = ld[col].str.replace(str(tiny_screen), str(screen), regex=False)
+    ld.to_csv(table, index=False)
+    out = tmp_path / "run"
+    rc, text = _prepare_only(run_cli, table, out)
+    assert rc == 0, text
+    rc, text = _prepare_only(run_cli, table, out)
+    assert rc == 0 and "up to date" in text  # unchanged inputs: skipped
+
+    first = ld.index[ld["Metadata_QC_Truth"] == "ok"][0]
+    plate, well = ld.loc[first, "Metadata_Plate"], ld.loc[first, "Metadata_Well"]
+    rows = (ld["Metadata_Well"] == well) & (ld["Metadata_Plate"] == plate)
+    ld.loc[rows, "Metadata_Compound"] = "corrected_compound"
+    ld.to_csv(table, index=False)
+    rc, text = _prepare_only(run_cli, table, out)
+    assert rc == 0 and "inputs changed" in text and "table" in text
+    cells = pd.read_parquet(out / "prep" / "cells.parquet")
+    mine = cells[(cells["Metadata_Well"] == well) & (cells["Metadata_Plate"] == plate)]
+    assert len(mine) and (mine["Metadata_Compound"] == "corrected_compound").all()
+    assert (cells["Metadata_Compound"] == "corrected_compound").sum() == len(mine)
+
+    image = Path(ld.loc[first, "PathName_DNA"]) / ld.loc[first, "FileName_DNA"]
+    assert str(image).startswith(str(screen)) and image.exists()
+    st = image.stat()
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))  # a replaced file
+    rc, text = _prepare_only(run_cli, table, out)
+    assert rc == 0 and "inputs changed" in text and "images" in text
+    rc, text = _prepare_only(run_cli, table, out)
+    assert rc == 0 and "up to date" in text

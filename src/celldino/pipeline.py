@@ -224,8 +224,29 @@ NOT_FINGERPRINTED = {
 }
 
 
-def stage_fingerprints(cfg: Config, *, demo: bool = False) -> dict[str, str]:
-    """Each stage's fingerprint: what it computes from (its settings) and the stage before it."""
+def input_fingerprint(cfg: Config, record: dict) -> dict:
+    """What prepare reads beyond its settings: the load-data table's content and every image
+    file's size and modification time (`celldino.data.prepare.input_fingerprint`).
+
+    When the inputs cannot be read but prepare is not among the stages to run (its outputs are
+    used as they are), the inputs recorded by the run that made them stand in.
+    """
+    from celldino.data.prepare import input_fingerprint as prepare_inputs
+    from celldino.errors import UserError
+
+    try:
+        return prepare_inputs(cfg.prepare)
+    except UserError:
+        if "prepare" in cfg.run.stages or "inputs" not in record:
+            raise
+        return record["inputs"]
+
+
+def stage_fingerprints(
+    cfg: Config, *, demo: bool = False, inputs: dict | None = None
+) -> dict[str, str]:
+    """Each stage's fingerprint: what it computes from (its settings and, for prepare, the
+    content of its inputs) and the fingerprint of the stage before it."""
     out, upstream = {}, ""
     for stage in STAGES:
         sections = {}
@@ -236,6 +257,8 @@ def stage_fingerprints(cfg: Config, *, demo: bool = False) -> dict[str, str]:
             sections[name] = values
         if stage == "prepare" and demo:
             sections["synth"] = to_dict(cfg.synth)  # the demo draws its own images
+        if stage == "prepare" and inputs is not None:
+            sections["inputs"] = inputs  # table content, image sizes and times
         if stage in ("extract", "profile", "evaluate"):
             sections["baselines"] = list(cfg.run.baselines)
         if stage == "evaluate" and cfg.run.eval_spec and Path(cfg.run.eval_spec).exists():
@@ -358,10 +381,26 @@ def run_pipeline(cfg: Config, *, force: tuple[str, ...] = (), demo: bool = False
 def _run_stages(cfg: Config, lay: RunLayout, *, force: tuple[str, ...], demo: bool) -> Path:
     from celldino.config import save_config
 
-    save_config(cfg, lay.root / "config.yaml")
     record = read_json(lay.manifest) if lay.manifest.exists() else {"stages": {}}
     forced = set(cfg.run.force) | set(force)
-    fps = stage_fingerprints(cfg, demo=demo)
+    inputs, old_inputs = input_fingerprint(cfg, record), record.get("inputs")
+    if old_inputs is not None and old_inputs != inputs:
+        changed = ", ".join(
+            k for k in sorted({*inputs, *old_inputs}) if inputs.get(k) != old_inputs.get(k)
+        )
+        if "prepare" in cfg.run.stages:
+            logger.info("inputs changed since the last run (%s): prepare runs again", changed)
+        else:  # the prep on disk was made from the recorded inputs: keep describing it so
+            logger.warning(
+                "inputs changed since prepare ran (%s) but prepare is not in run.stages: later "
+                "stages use the prep in %s, made from the old inputs",
+                changed,
+                lay.prep,
+            )
+            inputs = old_inputs
+    record["inputs"] = inputs
+    fps = stage_fingerprints(cfg, demo=demo, inputs=inputs)
+    save_config(cfg, lay.root / "config.yaml")  # after the inputs were read: nothing before
     for i, stage in enumerate(STAGES):
         if stage not in cfg.run.stages:
             continue
