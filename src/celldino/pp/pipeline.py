@@ -8,6 +8,7 @@ stage (or with other normalisation settings) skips the expensive pass over the c
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import anndata as ad
@@ -62,8 +63,9 @@ def check_inputs(cfg: ProfileConfig) -> dict[str, list[str]]:
     folder are returned (and warned about) so the output can record them."""
     partial: dict[str, list[str]] = {}
     folders = [Path(i) for i in cfg.input if Path(i).is_dir()]
-    # files and globs inside an extraction folder are checked against its manifest too
-    folders += [Path(f).parent for f in shard_paths(list(cfg.input))]
+    # shards named by files or globs are checked against their folder's manifest too
+    files = shard_paths(list(cfg.input))
+    folders += [Path(f).parent for f in files if re.fullmatch(r"part-\d+\.parquet", Path(f).name)]
     for folder in dict.fromkeys(folders):
         if not manifest_path(folder).exists():
             continue  # plain tables of the user's: no manifest to check against
