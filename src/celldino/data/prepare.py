@@ -665,21 +665,22 @@ def _prepare(cfg, iset: ImageSet, out: Path, after_site) -> Path:
         state = read_json(state_path) if state_path.exists() else {}
     except ValueError:
         state = {}
-    has_store = (out / LEDGER).exists() or (out / CROPS).exists()
+    has_store = (out / LEDGER).exists()  # our own files only: never clear a stranger's folder
     if state.get("fingerprint") != fp and (state or has_store):
-        old_settings = state.get("settings")
-        if has_store and old_settings is not None and old_settings != _json_like(settings):
-            diff = [f"{k}: {old_settings.get(k)!r} → {v!r}" for k, v in _json_like(settings).items()
-                    if old_settings.get(k) != v]  # fmt: skip
-            raise CropStoreError(
-                f"{out} holds a prep made with other settings ({'; '.join(diff)}); use a new "
-                "prepare.out_dir, or delete the old one to redo it with these settings"
-            )
-        logger.warning(
-            "prepare: the inputs changed since %s was prepared (%s): starting afresh",
-            out,
-            _what_changed(out, state, inputs, stats, iset, cfg) if state else "no prepare.json",
-        )
+        old_settings, new_settings = state.get("settings"), _json_like(settings)
+        if old_settings is not None and old_settings != new_settings:
+            diff = "; ".join(f"{k}: {old_settings.get(k)!r} → {v!r}"
+                             for k, v in new_settings.items() if old_settings.get(k) != v)  # fmt: skip
+            if has_store:
+                raise CropStoreError(
+                    f"{out} holds a prep made with other settings ({diff}); use a new "
+                    "prepare.out_dir, or delete the old one to redo it with these settings"
+                )
+            why = f"the settings changed since {out} was prepared ({diff})"
+        else:
+            what = _what_changed(out, state, inputs, stats, iset, cfg) if state else None
+            why = f"the inputs changed since {out} was prepared ({what or 'no prepare.json'})"
+        logger.warning("prepare: %s: starting afresh", why)
         _start_afresh(out)
         state = {}
 
