@@ -136,7 +136,9 @@ def _check(adata: ad.AnnData, step: str, cfg: ProfileConfig) -> ad.AnnData:
     return adata
 
 
-def _needs_controls(cfg: ProfileConfig) -> None:
+def check_settings(cfg: ProfileConfig) -> None:
+    """Settings that cannot work together, found before any data is read (`celldino run` may
+    call this before its first stage): normalisation or sphering on controls without any."""
     uses = []
     if cfg.normalize != "none" and cfg.normalize_reference == "controls":
         uses.append("profile.normalize_reference=controls")
@@ -153,7 +155,7 @@ def _needs_controls(cfg: ProfileConfig) -> None:
 
 def process(adata: ad.AnnData, cfg: ProfileConfig) -> ad.AnnData:
     """Every configured stage after aggregation, in the field's usual order."""
-    _needs_controls(cfg)
+    check_settings(cfg)
     _check_rows(adata, cfg)
     adata = handle_nonfinite(adata, policy=cfg.nonfinite)
     _check(adata, "nonfinite", cfg)
@@ -198,7 +200,7 @@ def run_profile(cfg: ProfileConfig) -> dict[str, Path]:
         )
     _outputs(Path(cfg.out), tuple(cfg.formats))  # a bad format fails before any work
     require_writable(Path(cfg.out).parent, "profile")
-    _needs_controls(cfg)
+    check_settings(cfg)
     adata = aggregate_cached(cfg)
     try:
         adata = process(adata, cfg)
