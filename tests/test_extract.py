@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from celldino.config import ExtractConfig, ModelConfig, PrepareConfig
+from celldino.errors import IncompleteInputError
 from celldino.extract import ExtractError, extract, read_attention, read_embeddings
 from celldino.extract.writer import MANIFEST, read_manifest, shard_name
 from celldino.io.checkpoints import write_safetensors
@@ -283,7 +284,7 @@ def test_killed_and_rerun_has_every_cell_once(prep, run, tmp_path, overwrite):
     assert sorted(p.name for p in out.glob("part-*.parquet")) == [shard_name(0), shard_name(1)]
     assert read_manifest(out)["complete"] is False
     first = (out / shard_name(0)).stat().st_mtime_ns
-    with pytest.raises(FileNotFoundError, match="missing"):
+    with pytest.raises(IncompleteInputError, match="missing"):
         read_embeddings(out)
 
     rest: list[int] = []

@@ -21,7 +21,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from celldino.errors import DataError
+
 ATTENTION = "attention.zarr"
+
+
+class UnknownCellError(DataError, KeyError):
+    """Cell ids that are not in the cells table (a `KeyError` too, for Python callers)."""
+
+    __str__ = Exception.__str__  # the message, without KeyError's quotes
 
 
 def pick_cells(cell_ids: Sequence[str], requested: Sequence[str], sample: int) -> list[int]:
@@ -30,7 +38,7 @@ def pick_cells(cell_ids: Sequence[str], requested: Sequence[str], sample: int) -
     index = {str(c): i for i, c in enumerate(cell_ids)}
     unknown = [c for c in requested if str(c) not in index]
     if unknown:
-        raise KeyError(
+        raise UnknownCellError(
             f"extract.attention_cells: {len(unknown)} ids not in Metadata_CellID "
             f"(first: {unknown[0]!r}; ids look like {str(cell_ids[0])!r})"
         )

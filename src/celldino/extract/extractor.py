@@ -9,6 +9,14 @@ the number of processes; under `torchrun` rank r computes shards r, r + W, r + 2
 union of the ranks' output is the single-process output. Shards on disk are whole (atomic
 writes) and skipped on a rerun: killed and rerun, every cell is there exactly once. A rerun with
 another checkpoint, other options or other data is refused unless `extract.overwrite=true`.
+
+Channels are matched by name: a checkpoint records the ordered channel names it was trained on
+(safetensors metadata `channels`, or `train.channels` of an older run's config.yaml), and the
+prep's channels are read in that order whatever order the crop store holds them in; a missing
+channel is an error naming it. A channel-adaptive model given `extract.channels=[Mito, ER]` uses
+the channel ids of Mito and ER in the checkpoint's list. The output folder is locked while it is
+written (`celldino.io.lock`); a second writer stops naming the first. Progress is logged every few
+shards, so batch logs show it.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,6 +37,7 @@ from torch import nn
 
 from celldino import log
 from celldino.config import ExtractConfig
+from celldino.errors import DataError
 from celldino.extract import features as F
 from celldino.extract.attention import (
     ATTENTION,
@@ -50,7 +60,9 @@ from celldino.extract.writer import (
     write_manifest,
     write_shard,
 )
+from celldino.io.checkpoints import checkpoint_channels, require_writable, write_error
 from celldino.io.files import file_fingerprint, read_json
+from celldino.io.lock import output_lock
 from celldino.models import ChannelwiseModel, VisionTransformer, load_backbone, resolve_checkpoint
 
 logger = log.get_logger(__name__)
@@ -58,7 +70,7 @@ LEVELS = ("cell", "field")
 FORMATS = ("parquet", "h5ad")
 
 
-class ExtractError(ValueError):
+class ExtractError(DataError):
     """Extraction settings, data or checkpoint that do not fit (the message says what to do)."""
 
 
@@ -356,15 +368,8 @@ def extract(cfg: ExtractConfig, *, after_shard: Callable[[int], None] | None = N
         file = resolve_checkpoint(cfg.checkpoint)
     except ValueError as e:
         raise ExtractError(str(e)) from None
-    stored = _stored_channels(cfg)
-    run_chans = _run_channels(file)
-    channels = list(cfg.channels) or [c for c in run_chans if c in stored] or stored
-    if run_chans and not cfg.channels and len(channels) != len(run_chans):
-        missing = [c for c in run_chans if c not in stored]
-        raise ExtractError(
-            f"checkpoint {file} was trained on channels {run_chans} but {cfg.data} lacks "
-            f"{missing} (it has {stored}); choose channels with extract.channels=[...]"
-        )
+    known = checkpoint_channels(file) or _run_channels(file)
+    channels = _pick_channels(cfg, file, _stored_channels(cfg), known)
     ds, meta, data_id, side = _open_data(cfg, channels)
     channels = list(ds.channels)
     model, model_cfg = _load_model(cfg, file, len(channels))
@@ -373,14 +378,116 @@ def extract(cfg: ExtractConfig, *, after_shard: Callable[[int], None] | None = N
     F.check_feature(cfg.feature, cfg.n_blocks, cfg.block, len(vit.blocks))
     channel_ids = None
     if vit.channel_adaptive and not isinstance(model, ChannelwiseModel):
-        known = run_chans or channels
-        channel_ids = torch.tensor(
-            [known.index(c) if c in known else i for i, c in enumerate(channels)]
-        )
+        channel_ids = _channel_ids(file, channels, known, vit.in_chans)
+    elif cfg.channels:
+        _check_explicit_order(file, list(cfg.channels), known)
     n_features = F.feature_dim(cfg.feature, model.embed_dim, cfg.n_blocks)
+    if cfg.level == "cell" and (cfg.attention_cells or cfg.attention_sample):
+        ids = meta["Metadata_CellID"].astype(str).tolist()
+        pick_cells(ids, list(cfg.attention_cells), cfg.attention_sample)  # unknown ids: now
 
     device = _device(cfg.device)
     ranks = _ranks(device)
+    out_dir = Path(cfg.out_dir)
+    if ranks.rank != 0:
+        return _extract_into(
+            cfg, file, ds, meta, data_id, channels, model, model_cfg, channel_ids, n_features,
+            device, ranks, after_shard,
+        )  # fmt: skip
+    require_writable(out_dir, "extract.out_dir")
+    with output_lock(out_dir, "extract"):
+        return _extract_into(
+            cfg, file, ds, meta, data_id, channels, model, model_cfg, channel_ids, n_features,
+            device, ranks, after_shard,
+        )  # fmt: skip
+
+
+def _pick_channels(
+    cfg: ExtractConfig, file: Path, stored: list[str], known: list[str]
+) -> list[str]:
+    """The prep's channels to read, in model order: extract.channels, else the checkpoint's
+    recorded channels (by name, whatever the stored order), else all stored channels."""
+    if cfg.channels:
+        wanted = list(cfg.channels)
+        missing = [c for c in wanted if c not in stored]
+        if missing and stored:
+            raise ExtractError(
+                f"extract.channels={wanted}: {missing} not in the crop store of {cfg.data} "
+                f"(it holds {stored}); pick among those"
+            )
+        return wanted
+    if known:
+        missing = [c for c in known if c not in stored]
+        if missing and stored:
+            raise ExtractError(
+                f"checkpoint {file} was trained on channels {known} but {cfg.data} lacks "
+                f"{missing} (it has {stored}): prepare the data with these channels, or choose "
+                "channels with extract.channels=[...] (a channel-adaptive model takes any subset)"
+            )
+        if stored and known != stored:
+            logger.info(
+                "channels matched by name: %s stores %s, the checkpoint takes %s",
+                cfg.data,
+                stored,
+                known,
+            )
+        return list(known)
+    return stored
+
+
+def _check_explicit_order(file: Path, wanted: list[str], known: list[str]) -> None:
+    """extract.channels for a model that takes channels by position (not channel-adaptive)."""
+    if wanted == known or not known:
+        return
+    if sorted(wanted) == sorted(known):
+        raise ExtractError(
+            f"extract.channels={wanted} puts the channels of checkpoint {file} in another "
+            f"order than it was trained on ({known}): leave extract.channels empty (channels "
+            "are matched by name) or list them in the checkpoint's order"
+        )
+    logger.warning(
+        "checkpoint %s was trained on channels %s; extract.channels=%s feeds %s in their "
+        "place, by position",
+        file,
+        known,
+        wanted,
+        [c for c in wanted if c not in known],
+    )
+
+
+def _channel_ids(file: Path, channels: list[str], known: list[str], n_known: int) -> torch.Tensor:
+    """A channel-adaptive model's channel-table rows for `channels` (by name when known)."""
+    if not known:
+        return torch.arange(len(channels))
+    unknown = [c for c in channels if c not in known]
+    if unknown:
+        raise ExtractError(
+            f"checkpoint {file} is channel-adaptive and knows channels {known}; {unknown} are not "
+            "among them: choose extract.channels from that list"
+        )
+    ids = [known.index(c) for c in channels]
+    if max(ids) >= n_known:
+        raise ExtractError(
+            f"checkpoint {file} records channels {known} but its channel table has {n_known} rows"
+        )
+    return torch.tensor(ids)
+
+
+def _extract_into(
+    cfg: ExtractConfig,
+    file: Path,
+    ds,
+    meta: pd.DataFrame,
+    data_id: dict,
+    channels: list[str],
+    model: nn.Module,
+    model_cfg: dict,
+    channel_ids: torch.Tensor | None,
+    n_features: int,
+    device: torch.device,
+    ranks: Ranks,
+    after_shard: Callable[[int], None] | None,
+) -> Path:
     out_dir = Path(cfg.out_dir)
     plan = shard_plan(len(meta), cfg.shard_size)
     manifest = {
@@ -423,7 +530,7 @@ def extract(cfg: ExtractConfig, *, after_shard: Callable[[int], None] | None = N
             logger.info("overwrite: removing the earlier extraction in %s", out_dir)
             clear_outputs(out_dir)
         if replace or old is None:
-            write_manifest(out_dir, manifest)
+            _write_manifest(out_dir, manifest)
     ranks.barrier()
 
     done = done_shards(out_dir, plan)
@@ -450,12 +557,27 @@ def extract(cfg: ExtractConfig, *, after_shard: Callable[[int], None] | None = N
         shard_iter = iter(mine)
         k = next(shard_iter)
         start, stop = plan[k]
+        every = max(1, len(mine) // 20)  # about 20 progress lines in a batch log
+        n_written, t0 = 0, time.perf_counter()
         for x in log.progress(loader, total=len(batches), desc="embed", disable=ranks.rank != 0):
             pending.append(embed(x))
             if sum(len(p) for p in pending) == stop - start:
                 emb = torch.cat(pending).numpy()  # (rows, F)
-                write_shard(out_dir / shard_name(k), meta.iloc[start:stop], emb, cfg.dtype)
+                path = out_dir / shard_name(k)
+                try:
+                    write_shard(path, meta.iloc[start:stop], emb, cfg.dtype)
+                except OSError as e:
+                    raise write_error(path, e, what="shard") from None
                 pending = []
+                n_written += 1
+                if ranks.rank == 0 and (n_written % every == 0 or n_written == len(mine)):
+                    logger.info(
+                        "extract: %d of %d shards written (%s, %.1f s)",
+                        n_written,
+                        len(mine),
+                        path.name,
+                        time.perf_counter() - t0,
+                    )
                 if after_shard is not None:
                     after_shard(k)
                 k = next(shard_iter, -1)
@@ -474,12 +596,19 @@ def extract(cfg: ExtractConfig, *, after_shard: Callable[[int], None] | None = N
         if cfg.format == "h5ad":
             write_anndata(out_dir, manifest)
             logger.info("wrote %s", out_dir / H5AD)
-        write_manifest(out_dir, {**manifest, "complete": True, "world_size": ranks.world})
+        _write_manifest(out_dir, {**manifest, "complete": True, "world_size": ranks.world})
         logger.info("embeddings of %d %ss in %s", len(meta), cfg.level, out_dir)
     ranks.barrier()
     if ranks.owns_group:
         torch.distributed.destroy_process_group()
     return out_dir
+
+
+def _write_manifest(out_dir: Path, manifest: dict) -> None:
+    try:
+        write_manifest(out_dir, manifest)
+    except OSError as e:
+        raise write_error(out_dir / MANIFEST, e, what="manifest") from None
 
 
 def _save_attention(

@@ -22,7 +22,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from celldino.io.embeddings import LEGACY_MANIFEST, MANIFEST, read_manifest, shard_name, write_manifest
+from celldino.io.embeddings import (
+    LEGACY_MANIFEST,
+    MANIFEST,
+    read_manifest,  # noqa: F401  (re-exported)
+    require_complete,
+    shard_name,
+    write_manifest,  # noqa: F401  (re-exported for the extractor)
+)
 from celldino.io.files import atomic_write_bytes
 
 H5AD = "embeddings.h5ad"
@@ -104,18 +111,14 @@ def clear_outputs(out_dir: Path) -> None:
 
 
 def read_embeddings(out_dir: str | Path) -> pd.DataFrame:
-    """All shards of an embeddings folder as one table, in the order of the cells table."""
-    out_dir = Path(out_dir)
-    manifest = read_manifest(out_dir)
-    if manifest is None:
-        raise FileNotFoundError(f"{out_dir / MANIFEST} not found: run `celldino extract` first")
-    n = len(manifest["shards"])
-    missing = [shard_name(k) for k in range(n) if not (out_dir / shard_name(k)).exists()]
-    if missing:
-        raise FileNotFoundError(
-            f"{out_dir}: {len(missing)} of {n} shards missing (first: {missing[0]}); "
-            "rerun `celldino extract` with the same settings to finish"
-        )
+    """All shards of a finished embeddings folder as one table, in the order of the cells table
+    (an unfinished or partly missing folder raises `IncompleteInputError` / `MissingInputError`,
+    see `celldino.io.embeddings.require_complete`)."""
+    manifest = require_complete(out_dir)
+    return _read_shards(Path(out_dir), len(manifest["shards"]))
+
+
+def _read_shards(out_dir: Path, n: int) -> pd.DataFrame:
     frames = [pd.read_parquet(out_dir / shard_name(k)) for k in range(n)]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
@@ -128,7 +131,7 @@ def write_anndata(out_dir: Path, manifest: dict[str, Any]) -> Path:
 
     from celldino.io.profiles import write_h5ad
 
-    df = read_embeddings(out_dir)
+    df = _read_shards(Path(out_dir), len(manifest["shards"]))  # before `complete` is set
     feats = [c for c in df.columns if c.startswith(EMB_PREFIX)]
     X = df[feats].to_numpy(dtype=np.float32)  # (N, F)
     obs = df.drop(columns=feats).reset_index(drop=True)

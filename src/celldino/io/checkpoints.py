@@ -4,13 +4,22 @@
 opened with `torch.load(weights_only=True)`, which refuses any pickled object that is not a
 tensor, a container or a plain value (argparse.Namespace, as saved in the `args` entry of
 official DINO / DINO4Cells checkpoints, is also allowed: it holds plain values).
+
+celldino checkpoints carry string metadata: `model_config` (JSON), `channels` (JSON list of the
+channel names in the order the model takes them; `checkpoint_channels` reads it) and, for training
+checkpoints, `step`, `epoch` and `data` (the training data's identity). `check_finite` refuses
+NaN or infinite weights naming the tensor. Writing failures (disk full, read-only folder) become
+`OutputError`s naming the file; the file that was there before is left as it was.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import pickle
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +28,24 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open
 from safetensors.torch import save as safetensors_bytes
 
+from celldino.errors import DataError, OutputError
 from celldino.io.files import atomic_write_bytes
 
 
-class CheckpointError(ValueError):
+class CheckpointError(DataError):
     """A checkpoint file that cannot be read safely or does not hold what was expected."""
+
+
+def unsafe_global(error: BaseException) -> str:
+    """The refused global of a `weights_only` unpickling error ('GLOBAL os.system'), without
+    torch's advice around it (which suggests `weights_only=False`: never pass that on)."""
+    import re
+
+    m = re.search(r"GLOBAL\s+([\w.]+)", str(error))
+    if m:
+        return f"GLOBAL {m.group(1)}"
+    m = re.search(r"Unsupported operand (\d+)", str(error))
+    return f"unsupported pickle opcode {m.group(1)}" if m else "an object that is not a tensor"
 
 
 def is_safetensors(path: Path) -> bool:
@@ -59,16 +81,15 @@ def read_state_dict(path: str | Path) -> dict[str, Any]:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()
-        why = next((line for line in first if "GLOBAL" in line or "Unsupported" in line), "")
         raise CheckpointError(
             f"refusing to load {path}: it contains pickled Python objects other than tensors "
-            f"({why.strip() or 'unsupported global'}). celldino never unpickles arbitrary "
+            f"({unsafe_global(e)}). celldino never unpickles arbitrary "
             "objects because that can run code. If you trust the file, convert it once to "
             "safetensors (safetensors.torch.save_file(state_dict, 'weights.safetensors'))."
         ) from None
     except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"checkpoint {path} is not a readable torch file: {e}") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint {path} is not a readable torch file: {first}") from None
     if isinstance(obj, torch.nn.Module):  # cannot happen with weights_only, kept for clarity
         raise CheckpointError(f"checkpoint {path} holds a whole module, not a state dict")
     if not isinstance(obj, dict):
@@ -88,10 +109,95 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         raise CheckpointError(f"checkpoint {path} is not a readable safetensors file: {e}") from e
 
 
+def checkpoint_channels(path: str | Path) -> list[str]:
+    """The channel names, in model order, recorded in a checkpoint ([] when not recorded)."""
+    raw = read_metadata(path).get("channels")
+    if not raw:
+        return []
+    try:
+        names = json.loads(raw)
+    except ValueError:
+        names = None
+    if not isinstance(names, list) or not all(isinstance(c, str) for c in names):
+        raise CheckpointError(f"checkpoint {path}: metadata 'channels' is not a list of names")
+    return names
+
+
+def check_finite(tensors: dict[str, Any], path: str | Path) -> None:
+    """Refuse weights holding NaN or infinite values, naming the file and the tensors."""
+    bad = [
+        k
+        for k, v in tensors.items()
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()
+    ]
+    if bad:
+        raise CheckpointError(
+            f"checkpoint {path} holds NaN or infinite weights in {len(bad)} tensor(s) "
+            f"({', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''}): its embeddings would be "
+            "NaN; use an earlier checkpoint (checkpoints/epoch_NNNN.safetensors) or retrain"
+        )
+
+
+def write_error(path: str | Path, e: OSError, *, what: str = "file") -> OutputError:
+    """The one-line OutputError of a failed write of `path` (disk full, read-only, ...)."""
+    why = e.strerror or str(e)
+    hint = {
+        errno.ENOSPC: "free disk space or choose another folder",
+        errno.EDQUOT: "free space in your quota or choose another folder",
+        errno.EROFS: "choose a writable folder",
+        errno.EACCES: "choose a folder you can write to",
+        errno.EPERM: "choose a folder you can write to",
+    }.get(e.errno or 0, "check the folder")
+    return OutputError(
+        f"cannot write {what} {path}: {why}; {hint}. What was there before is kept unchanged"
+    )
+
+
+def require_writable(folder: str | Path, setting: str) -> Path:
+    """Create `folder` if needed and check that a file can be created in it (before a stage
+    computes anything); the error names the folder and the setting that chose it."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder, prefix=".celldino-probe-"):
+            pass
+    except OSError as e:
+        why = e.strerror or str(e)
+        raise OutputError(
+            f"cannot write to {folder} ({why}): choose a writable folder with {setting}=..."
+        ) from None
+    if not os.access(folder, os.W_OK):  # pragma: no cover - root bypasses modes
+        raise OutputError(f"cannot write to {folder}: choose a writable folder with {setting}=...")
+    return folder
+
+
 def write_safetensors(
-    path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None
+    path: str | Path,
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, Any] | None = None,
+    *,
+    channels: list[str] | tuple[str, ...] | None = None,
 ) -> Path:
-    """Write tensors (+ string metadata; non-strings are JSON-encoded) atomically to `path`."""
+    """Write tensors (+ string metadata; non-strings are JSON-encoded) atomically to `path`.
+
+    `channels`: the channel names in the order the model takes them (stored as metadata
+    `channels`, so extraction can match a prep's channels by name). A failed write (disk full)
+    raises OutputError naming `path` and leaves the previous file in place.
+    """
+    data = safetensors_payload(tensors, metadata, channels=channels)
+    try:
+        return atomic_write_bytes(Path(path), data)
+    except OSError as e:
+        raise write_error(path, e, what="checkpoint") from None
+
+
+def safetensors_payload(
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, Any] | None = None,
+    *,
+    channels: list[str] | tuple[str, ...] | None = None,
+) -> bytes:
+    """The bytes of a safetensors file (see `write_safetensors`)."""
     seen: set[int] = set()
     flat: dict[str, torch.Tensor] = {}
     for k, v in tensors.items():
@@ -101,5 +207,8 @@ def write_safetensors(
             t = t.clone()
         seen.add(ptr)
         flat[k] = t
-    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
-    return atomic_write_bytes(Path(path), safetensors_bytes(flat, metadata=meta or None))
+    metadata = dict(metadata or {})
+    if channels is not None:
+        metadata["channels"] = [str(c) for c in channels]
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    return safetensors_bytes(flat, metadata=meta or None)

@@ -9,7 +9,12 @@ from pathlib import Path
 from torch import nn
 
 from celldino.config import ModelConfig
-from celldino.io.checkpoints import CheckpointError, read_metadata, read_state_dict
+from celldino.io.checkpoints import (
+    CheckpointError,
+    check_finite,
+    read_metadata,
+    read_state_dict,
+)
 from celldino.layers import DINOHead
 from celldino.log import get_logger
 from celldino.models.channel_modes import ChannelwiseModel
@@ -66,6 +71,7 @@ def build_model(cfg: ModelConfig, *, load_pretrained: bool = True) -> nn.Module:
             load_into(model, sd)
         except (KeyError, ValueError) as e:
             raise CheckpointError(f"{path}: {e.args[0] if e.args else e}") from None
+        check_finite(sd, path)
         logger.info("loaded pretrained %s weights from %s", cfg.pretrained_which, path)
     return model
 
@@ -132,6 +138,7 @@ def load_backbone(
         sd = {k[len(prefix) :]: v for k, v in obj.items() if k.startswith(prefix)}
         if not sd:
             raise CheckpointError(f"{file} has no '{prefix}*' weights (keys: {list(obj)[:4]})")
+        check_finite(sd, file)
         try:
             model.load_state_dict(sd, strict=True)
         except RuntimeError as e:
@@ -142,10 +149,33 @@ def load_backbone(
         sd = canonical_backbone_state(obj, which)
         spec = infer_spec(sd)
     except (KeyError, ValueError) as e:
-        raise CheckpointError(f"{file}: {e.args[0] if e.args else e}") from None
+        msg = e.args[0] if e.args else str(e)
+        if "model_config" in msg:
+            how = (
+                "celldino reads the architecture of its own checkpoints from that metadata, "
+                "which `celldino train` writes; for other weights, save them again with it: "
+                "celldino.io.checkpoints.write_safetensors(path, tensors, {'model_config': "
+                "{'arch': ..., 'depth': ..., 'patch_size': ..., 'in_chans': ...}}), or train "
+                "from them with model.arch=... model.depth=... model.pretrained="
+                f"{file}"
+            )
+            msg = f"{msg}: {how}"
+        raise CheckpointError(f"{file}: {msg}") from None
+    check_finite(sd, file)
+    if spec["depth"] != ARCHS[spec["arch"]][1]:
+        logger.info(
+            "%s has no celldino model_config metadata: read as %s cut to depth %d (from its "
+            "shapes; %d heads as in %s)",
+            file,
+            spec["arch"],
+            spec["depth"],
+            ARCHS[spec["arch"]][2],
+            spec["arch"],
+        )
     mode = channel_mode or ("channel_adaptive" if spec["channel_adaptive"] else "multichannel")
     cfg = ModelConfig(
         arch=spec["arch"],
+        depth=spec["depth"] if spec["depth"] != ARCHS[spec["arch"]][1] else 0,
         patch_size=spec["patch_size"],
         channel_mode=mode,
         in_chans=in_chans or spec["in_chans"],

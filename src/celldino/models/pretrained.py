@@ -86,14 +86,20 @@ def infer_spec(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Architecture of a canonical state dict: arch, patch size, channels, registers, ..."""
     dim = sd["cls_token"].shape[-1]
     depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
-    arch = next((a for a, (d, n, _) in ARCHS.items() if d == dim and n == depth), None)
+    # the width names the architecture (and its heads); the depth may be cut (model.depth)
+    arch = next((a for a, (d, _, _) in ARCHS.items() if d == dim), None)
     if arch is None:
-        raise KeyError(f"no known architecture has width {dim} and depth {depth} ({list(ARCHS)})")
+        widths = ", ".join(f"{a} {d}" for a, (d, _, _) in ARCHS.items())
+        raise KeyError(
+            f"its width {dim} (depth {depth}) matches no known architecture ({widths}), and it "
+            "has no celldino 'model_config' metadata to say which it is"
+        )
     w = sd["patch_embed.proj.weight"]  # (D, C, p, p)
     n_pos = sd["pos_embed"].shape[1] - 1
     grid = math.isqrt(n_pos)
     return {
         "arch": arch,
+        "depth": depth,
         "patch_size": int(w.shape[-1]),
         # channel-adaptive kernels see one channel at a time; the channel table knows them all
         "in_chans": int(

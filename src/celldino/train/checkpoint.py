@@ -1,18 +1,25 @@
 """Training checkpoints: weights in safetensors, training state in `last.state.pt`.
 
 `<run_dir>/checkpoints/last.safetensors` holds `student.backbone.*`, `student.head.*`,
-`teacher.backbone.*`, `teacher.head.*` with metadata `model_config` (JSON) and `step`;
+`teacher.backbone.*`, `teacher.head.*` with metadata `model_config` (JSON), `channels` (the
+ordered channel names the model takes), `data` (the training data's identity, checked on
+`--resume`) and `step`;
 `epoch_NNNN.safetensors` copies are kept every `train.save_every` epochs. `last.state.pt` holds
 what an exact resume needs: optimizer state, step and epoch (the sampler position), the loss
 centres and the RNG states; it is read with `torch.load(weights_only=True)`. Both files are
-written atomically (temporary file + rename); weights first, state second, and the step is in
-both so a torn pair is detected.
+written in full under temporary names first and only then renamed into place (weights, then
+state), so a failed write (disk full) leaves the previous pair untouched; the step is in both so
+a pair torn by a kill between the two renames is detected.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import io
+import json
+import os
+import pickle
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +27,17 @@ import torch
 
 from celldino.io.checkpoints import (
     CheckpointError,
+    check_finite,
     read_metadata,
     read_state_dict,
+    safetensors_payload,
+    unsafe_global,
+    write_error,
     write_safetensors,
 )
 from celldino.io.files import atomic_write_bytes
+
+STATE_KEYS = ("step", "epoch", "optimizer", "dino_center", "ibot_center", "torch_rng")
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -40,20 +53,29 @@ def save(
     epoch: int,
     model_config: Any,
     epoch_copy: bool = False,
+    channels: Sequence[str] | None = None,
+    data_identity: dict[str, Any] | None = None,
 ) -> Path:
-    """Write last.safetensors (+ an epoch copy) and last.state.pt; return the weights path."""
+    """Write last.safetensors (+ an epoch copy) and last.state.pt; return the weights path.
+
+    `channels`: channel names in model order; `data_identity`: what `--resume` compares.
+    """
     ckpt = checkpoint_dir(run_dir)
     tensors = {f"student.{k}": v for k, v in meta_arch.student.state_dict().items()}
     tensors |= {f"teacher.{k}": v for k, v in meta_arch.teacher.state_dict().items()}
-    metadata = {
+    metadata: dict[str, Any] = {
         "model_config": dataclasses.asdict(model_config),
         "step": str(step),
         "epoch": str(epoch),
         "format": "celldino-train",
     }
-    last = write_safetensors(ckpt / "last.safetensors", tensors, metadata)
+    if data_identity is not None:
+        metadata["data"] = data_identity
+    chans = list(channels) if channels else None
     if epoch_copy:
-        write_safetensors(ckpt / f"epoch_{epoch:04d}.safetensors", tensors, metadata)
+        write_safetensors(
+            ckpt / f"epoch_{epoch:04d}.safetensors", tensors, metadata, channels=chans
+        )
     state = {
         "step": step,
         "epoch": epoch,
@@ -65,7 +87,24 @@ def save(
     }
     buf = io.BytesIO()
     torch.save(state, buf)
-    atomic_write_bytes(ckpt / "last.state.pt", buf.getvalue())
+    last, state_path = ckpt / "last.safetensors", ckpt / "last.state.pt"
+    # both files complete on disk under temporary names before either replaces the old pair
+    staged = [last.with_name(".pending." + last.name), state_path.with_name(".pending.state.pt")]
+    try:
+        for target, tmp, data, what in (
+            (last, staged[0], safetensors_payload(tensors, metadata, channels=chans), "checkpoint"),
+            (state_path, staged[1], buf.getvalue(), "training state"),
+        ):
+            try:
+                atomic_write_bytes(tmp, data)
+            except OSError as e:
+                raise write_error(target, e, what=what) from None
+        os.replace(staged[0], last)
+        os.replace(staged[1], state_path)
+    except BaseException:
+        for p in staged:
+            p.unlink(missing_ok=True)
+        raise
     return last
 
 
@@ -74,14 +113,9 @@ def has_checkpoint(run_dir: str | Path) -> bool:
     return (ckpt / "last.safetensors").is_file() and (ckpt / "last.state.pt").is_file()
 
 
-def load(
-    run_dir: str | Path,
-    *,
-    meta_arch: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    device: torch.device,
-) -> dict[str, Any]:
-    """Restore weights, optimizer, centres and RNG states; return the state (step, epoch)."""
+def read(run_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(weights, state) of the run's last checkpoint, checked: both files there, the state a
+    celldino training state (never unpickling objects), finite weights, the same step in both."""
     ckpt = checkpoint_dir(run_dir)
     weights_path, state_path = ckpt / "last.safetensors", ckpt / "last.state.pt"
     if not has_checkpoint(run_dir):
@@ -89,14 +123,30 @@ def load(
             f"cannot resume: {weights_path} and {state_path} are not both there "
             "(start without --resume, or point train.run_dir at the run to continue)"
         )
+    state = read_state(state_path)
     tensors = read_state_dict(weights_path)
+    check_finite(tensors, weights_path)
     step_w = int(read_metadata(weights_path).get("step", "-1"))
-    state = torch.load(state_path, map_location="cpu", weights_only=True)
     if state["step"] != step_w:
         raise CheckpointError(
             f"{weights_path} (step {step_w}) and {state_path} (step {state['step']}) disagree: "
             "the run was killed while saving; resume from an epoch_NNNN checkpoint instead"
         )
+    return tensors, state
+
+
+def load(
+    run_dir: str | Path,
+    *,
+    meta_arch: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    loaded: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Restore weights, optimizer, centres and RNG states; return the state (step, epoch).
+    `loaded`: what `read(run_dir)` returned (read once, before anything was written)."""
+    weights_path = checkpoint_dir(run_dir) / "last.safetensors"
+    tensors, state = loaded if loaded is not None else read(run_dir)
     for name in ("student", "teacher"):
         net = getattr(meta_arch, name)
         sub = {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")}
@@ -113,3 +163,44 @@ def load(
     if state["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     return state
+
+
+def read_state(path: str | Path) -> dict[str, Any]:
+    """A `last.state.pt` written by celldino, read without unpickling objects; anything else
+    (a pickle holding code, another program's file, a truncated file) is refused naming it."""
+    path = Path(path)
+    what = (
+        "it is not a celldino training state, so the run cannot resume from it: restore the "
+        "file from the run's own checkpoints/ (a copy or backup), start a new run in another "
+        "train.run_dir, or fine-tune from its weights with "
+        f"model.pretrained={path.with_name('last.safetensors')}"
+    )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"refusing to read {path}: it holds pickled Python objects other than tensors "
+            f"({unsafe_global(e)}), which celldino never unpickles because that can run code; "
+            f"{what}"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise CheckpointError(f"cannot read {path} ({first}): {what}") from None
+    missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{path} lacks {missing}: {what}")
+    return state
+
+
+def read_run_metadata(run_dir: str | Path) -> dict[str, Any]:
+    """The decoded metadata of a run's last.safetensors: channels, data identity, step."""
+    path = checkpoint_dir(run_dir) / "last.safetensors"
+    meta = read_metadata(path)
+    out: dict[str, Any] = {}
+    for key in ("channels", "data", "model_config"):
+        if key in meta:
+            try:
+                out[key] = json.loads(meta[key])
+            except ValueError:
+                raise CheckpointError(f"{path}: metadata {key!r} is not valid JSON") from None
+    return out

@@ -4,7 +4,11 @@
 one CPU, one GPU or every rank of a `torchrun` job, writing into `train.run_dir`:
 `config.yaml` (the resolved config), `metrics.jsonl` (diagnostics every `train.log_every`
 steps) and `checkpoints/` (see celldino.train.checkpoint). `resume=True` continues exactly
-where `last` stopped: same weights at the end as an uninterrupted run on CPU.
+where `last` stopped: same weights at the end as an uninterrupted run on CPU; it is refused,
+before anything is written, when the settings (other than `RESUMABLE` ones) or the training data
+differ from the run's, naming each difference. The run dir is locked while training
+(`celldino.io.lock`), so a second `train` into it stops at once naming the first. Every epoch
+logs one line (loss, learning rate, teacher entropy, time), for batch logs.
 
 Randomness is split so that resuming is exact: the data order is a function of (seed, epoch),
 the augmentation and iBOT masks of a step use a generator seeded from (seed, step, rank), and
@@ -28,8 +32,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from celldino import log
 from celldino.augment import N_GLOBAL_CROPS, MultiCrop
-from celldino.config import Config, save_config
+from celldino.config import Config, ConfigError, load_config, save_config, to_dict
 from celldino.diagnostics import collapse_message
+from celldino.errors import DataError, MissingInputError, UserError
+from celldino.io.checkpoints import require_writable, write_error
+from celldino.io.files import file_fingerprint
+from celldino.io.lock import output_lock
 from celldino.log import get_logger
 from celldino.models.build import build_head, build_model
 from celldino.train import checkpoint, distributed
@@ -40,7 +48,24 @@ from celldino.train.sampler import StepBatchSampler, WeakLabelPairSampler
 logger = get_logger(__name__)
 
 
-class TrainingDiverged(RuntimeError):
+# settings `--resume` may change: more epochs, and what changes speed or logging, not results
+RESUMABLE = frozenset(
+    {
+        "train.epochs",
+        "train.num_workers",
+        "train.device",
+        "train.amp",
+        "train.log_every",
+        "train.save_every",
+        "train.diagnostics",
+        "train.run_dir",  # a moved run
+        "train.data",  # a moved prep folder: its content is compared instead
+    }
+)
+RESUME_SECTIONS = ("model", "augment", "train")
+
+
+class TrainingDiverged(UserError, RuntimeError):
     """The loss became NaN or infinite."""
 
 
@@ -61,10 +86,10 @@ class _Items(Dataset):
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
 
+    # items: (image, ..., indices) where indices (k,) are the dataset rows of the k images
     def __getitem__(self, item: Any) -> tuple[torch.Tensor, ...]:
-        if isinstance(item, (tuple, list)):
-            return tuple(self._image(int(i)) for i in item)
-        return (self._image(int(item)),)
+        idx = [int(i) for i in item] if isinstance(item, (tuple, list)) else [int(item)]
+        return (*(self._image(i) for i in idx), torch.tensor(idx))
 
     def __getitems__(self, items: list[Any]) -> list[tuple[torch.Tensor, ...]]:
         """A whole batch at once when the dataset reads batches faster (CropDataset)."""
@@ -74,8 +99,11 @@ class _Items(Dataset):
         if items and isinstance(items[0], (tuple, list)):  # WS-DINO pairs
             width = len(items[0])
             flat = read([int(i) for item in items for i in item])
-            return [tuple(flat[k * width : (k + 1) * width]) for k in range(len(items))]
-        return [(t,) for t in read([int(i) for i in items])]
+            return [
+                (*flat[k * width : (k + 1) * width], torch.tensor([int(i) for i in items[k]]))
+                for k in range(len(items))
+            ]
+        return [(t, torch.tensor([int(i)])) for t, i in zip(read([int(i) for i in items]), items)]
 
 
 def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
@@ -117,13 +145,135 @@ def _param_groups(model: nn.Module) -> list[dict]:
 
 def _open_dataset(cfg: Config) -> Dataset:
     if not cfg.train.data:
-        raise ValueError(
+        raise ConfigError(
             "train.data is empty: set it to a folder written by `celldino prepare` "
             "(cells.parquet + crops.zarr), e.g. celldino train configs/tiny.yaml train.data=prep"
         )
     from celldino.data import CropDataset
+    from celldino.io.cropstore import CELLS, CROPS
 
-    return CropDataset(cfg.train.data, channels=list(cfg.train.channels) or None)
+    prep = Path(cfg.train.data)
+    for name in (CELLS, CROPS):
+        if not (prep / name).exists():
+            raise MissingInputError(
+                f"train.data={prep}: {prep / name} not found; make the folder with "
+                f"`celldino prepare ... prepare.out_dir={prep}`"
+            )
+    try:
+        return CropDataset(prep, channels=list(cfg.train.channels) or None)
+    except KeyError as e:
+        raise DataError(f"{prep / CROPS}: {e.args[0]}; fix train.channels") from None
+
+
+def _check_settings(cfg: Config) -> None:
+    """Settings that cannot give a training run (the config loader may check them too)."""
+    tc = cfg.train
+    for key, value in (("epochs", tc.epochs), ("batch_size", tc.batch_size)):
+        if value < 1:
+            raise ConfigError(f"train.{key}={value}: must be at least 1")
+    if tc.num_workers < 0:
+        raise ConfigError(f"train.num_workers={tc.num_workers}: must be 0 or more")
+
+
+def _check_size(cfg: Config, dataset: Dataset) -> None:
+    n = len(dataset)  # type: ignore[arg-type]
+    where = f"train.data={cfg.train.data}" if cfg.train.data else "the dataset"
+    if n == 0:
+        raise DataError(
+            f"{where} holds 0 cells (crops): nothing to train on. Check that `celldino prepare` "
+            "found cells (its log and qc.parquet: segmentation, QC filters, load-data table) and "
+            "rerun it"
+        )
+    if n < cfg.train.batch_size:
+        raise DataError(
+            f"{where} holds {n} cells, fewer than one batch (train.batch_size="
+            f"{cfg.train.batch_size}): set train.batch_size={_pow2_at_most(n)} (at most {n}), "
+            "or prepare more cells"
+        )
+
+
+def _pow2_at_most(n: int) -> int:
+    return 1 << (max(n, 1).bit_length() - 1)
+
+
+def data_identity(dataset: Dataset) -> dict[str, Any]:
+    """What a resumed run's data must share with the run's: cell count, channels and, for a
+    prep folder, the cells table's hash and the crop store's shape and settings fingerprint."""
+    ident: dict[str, Any] = {"n": len(dataset)}  # type: ignore[arg-type]
+    chans = getattr(dataset, "channels", None)
+    if chans:
+        ident["channels"] = [str(c) for c in chans]
+    prep = getattr(dataset, "prep_dir", None)
+    if prep is not None:
+        from celldino.io.cropstore import CELLS
+
+        ident["cells_sha256_16"] = file_fingerprint(Path(prep) / CELLS)
+        arr = getattr(dataset, "array", None)
+        if arr is not None:
+            ident["crops_shape"] = [int(x) for x in arr.shape]
+            fp = arr.attrs.get("settings_fingerprint")
+            if fp:
+                ident["crops_fingerprint"] = str(fp)
+    return ident
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= _flat(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def resume_differences(cfg: Config, run_dir: Path, identity: dict[str, Any] | None) -> list[str]:
+    """'key: old → new' for each setting or data property that a resume may not change."""
+    from celldino.train.checkpoint import read_run_metadata
+
+    diffs = []
+    old_path = run_dir / "config.yaml"
+    if old_path.is_file():
+        try:
+            old_cfg = load_config(old_path)
+        except UserError as e:
+            raise DataError(
+                f"cannot resume: the run's {old_path} no longer loads ({e}); start a new run in "
+                "another train.run_dir"
+            ) from None
+        old = _flat({k: to_dict(getattr(old_cfg, k)) for k in RESUME_SECTIONS})
+        new = _flat({k: to_dict(getattr(cfg, k)) for k in RESUME_SECTIONS})
+        for key in sorted(set(old) | set(new)):
+            if key not in RESUMABLE and old.get(key) != new.get(key):
+                diffs.append(f"{key}: {old.get(key)!r} → {new.get(key)!r}")
+    recorded = read_run_metadata(run_dir).get("data")
+    if isinstance(recorded, dict) and identity is not None:
+        for key in sorted(set(recorded) & set(identity)):
+            if recorded[key] != identity[key]:
+                a, b = recorded[key], identity[key]
+                if key == "channels":
+                    diffs.append(f"data channels: {a} → {b}")
+                elif key == "n":
+                    diffs.append(f"data cells: {a} → {b}")
+                else:
+                    diffs.append(f"data {key}: {a} → {b}")
+    return diffs
+
+
+def _nonfinite_message(cfg: Config, dataset: Dataset, rows: list[int]) -> str:
+    meta = getattr(dataset, "metadata", None)
+    rows = sorted(set(rows))
+    ids = ""
+    if meta is not None and "Metadata_CellID" in getattr(meta, "columns", []):
+        names = [str(meta["Metadata_CellID"].iloc[r]) for r in rows[:5]]
+        ids = f"cells {', '.join(names)}{', ...' if len(rows) > 5 else ''}, "
+    where = f"train.data={cfg.train.data}" if cfg.train.data else "the dataset"
+    return (
+        f"{where}: crops with NaN or infinite values ({ids}rows {rows[:5]}"
+        f"{'...' if len(rows) > 5 else ''} of cells.parquet): training on them gives NaN losses. "
+        "Check the images of these cells for NaN/inf pixels and rerun `celldino prepare`, or "
+        "remove these cells from the prep folder"
+    )
 
 
 def _weak_labels(dataset: Dataset, column: str) -> list:
@@ -173,20 +323,68 @@ def _train(
     resume: bool,
     stop_at_step: int | None,
 ) -> Path:
+    # every check before anything is written into the run dir
+    _check_settings(cfg)
+    dataset = dataset if dataset is not None else _open_dataset(cfg)
+    _check_size(cfg, dataset)
+    run_dir = Path(cfg.train.run_dir)
+    if not info.is_main:
+        return _train_locked(cfg, info, dataset=dataset, resume=resume, stop_at_step=stop_at_step)
+    if not resume and checkpoint.has_checkpoint(run_dir):
+        raise DataError(
+            f"{run_dir} already holds a training run; pass --resume to continue it or "
+            "choose another train.run_dir"
+        )
+    require_writable(run_dir, "train.run_dir")
+    if checkpoint.checkpoint_dir(run_dir).is_dir():
+        require_writable(checkpoint.checkpoint_dir(run_dir), "train.run_dir")
+    with output_lock(run_dir, "train"):
+        return _train_locked(cfg, info, dataset=dataset, resume=resume, stop_at_step=stop_at_step)
+
+
+def _train_locked(
+    cfg: Config,
+    info: distributed.DistInfo,
+    *,
+    dataset: Dataset,
+    resume: bool,
+    stop_at_step: int | None,
+) -> Path:
     tc = cfg.train
     device = info.device
     run_dir = Path(tc.run_dir)
+    identity = data_identity(dataset)
+    channels = [str(c) for c in (getattr(dataset, "channels", None) or tc.channels)]
+    loaded = None  # the checkpoint to resume from, read and checked before anything is written
+    if resume and checkpoint.has_checkpoint(run_dir):
+        loaded = checkpoint.read(run_dir)
     if info.is_main:
-        if not resume and checkpoint.has_checkpoint(run_dir):
-            raise ValueError(
-                f"{run_dir} already holds a training run; pass --resume to continue it or "
-                "choose another train.run_dir"
-            )
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        if loaded is not None:
+            diffs = resume_differences(cfg, run_dir, identity)
+            if diffs:
+                data_changed = any(d.startswith("data ") for d in diffs)
+                hint = (
+                    "the training data is not the data this run was trained on: point "
+                    "train.data at that prep folder, or start a new run in another "
+                    "train.run_dir (model.pretrained= fine-tunes from this one)"
+                    if data_changed
+                    else "--resume may change only train.epochs and speed or logging settings "
+                    "(num_workers, device, amp, log_every, save_every, diagnostics): use the "
+                    "run's own settings (its config.yaml), or start a new run in another "
+                    "train.run_dir (model.pretrained= fine-tunes from this one)"
+                )
+                raise DataError(
+                    f"cannot resume {run_dir}: "
+                    + "; ".join(diffs[:8])
+                    + ("; ..." if len(diffs) > 8 else "")
+                    + f". {hint[0].upper()}{hint[1:]}"
+                )
+        try:
+            save_config(cfg, run_dir / "config.yaml")
+        except OSError as e:
+            raise write_error(run_dir / "config.yaml", e, what="config") from None
 
     # ---- data ---------------------------------------------------------------------------
-    dataset = dataset if dataset is not None else _open_dataset(cfg)
     if tc.weak_label:
         sampler: StepBatchSampler = WeakLabelPairSampler(
             _weak_labels(dataset, tc.weak_label),
@@ -212,6 +410,7 @@ def _train(
         persistent_workers=False,
     )
     multicrop = MultiCrop(cfg.augment)
+    saved = {"channels": channels or None, "identity": identity}
     spe = sampler.steps_per_epoch
     total_steps = tc.epochs * spe
 
@@ -247,8 +446,11 @@ def _train(
     last_layer = list(meta.student.head.last_layer.parameters())
 
     step = 0
-    if resume and checkpoint.has_checkpoint(run_dir):
-        state = checkpoint.load(run_dir, meta_arch=meta, optimizer=optimizer, device=device)
+    if loaded is not None:
+        state = checkpoint.load(
+            run_dir, meta_arch=meta, optimizer=optimizer, device=device, loaded=loaded
+        )
+        del loaded
         step = int(state["step"])
         logger.info("resuming %s at step %d (epoch %d)", run_dir, step, step // max(spe, 1))
         if info.is_main:
@@ -264,6 +466,7 @@ def _train(
     metrics_path = run_dir / "metrics.jsonl"
     warned = False
     t0, seen = time.perf_counter(), 0
+    t_epoch, entropy = t0, None
     try:
         while step < total_steps:
             epoch = step // spe
@@ -293,8 +496,13 @@ def _train(
                         group["weight_decay"] = wd
 
                 gen = step_generator(tc.seed, step, info.rank)
+                rows = batch[-1]  # (B, k) dataset rows of the k images of each item
+                finite = [torch.isfinite(t).flatten(1).all(1) for t in batch[:-1]]  # k × (B,)
+                bad = [int(r) for s, ok in enumerate(finite) for r in rows[~ok, s]]
+                if bad:
+                    raise DataError(_nonfinite_message(cfg, dataset, bad))
                 images = batch[0].to(device, non_blocking=True)  # (B, C, H, W)
-                local_images = batch[1].to(device, non_blocking=True) if len(batch) > 1 else None
+                local_images = batch[1].to(device, non_blocking=True) if len(batch) > 2 else None
                 crops = multicrop(images, generator=gen, local_images=local_images)
                 global_crops, local_crops = crops[:N_GLOBAL_CROPS], crops[N_GLOBAL_CROPS:]
                 masks = None
@@ -310,9 +518,10 @@ def _train(
                     loss, parts = meta.forward_losses(
                         global_crops, local_crops, teacher_temp=t_temp, masks=masks
                     )
-                if not math.isfinite(loss.item()):
+                loss_value = loss.item()
+                if not math.isfinite(loss_value):
                     raise TrainingDiverged(
-                        f"loss is {loss.item()} at step {step}: lower train.lr, raise "
+                        f"loss is {loss_value} at step {step}: lower train.lr, raise "
                         "train.warmup_epochs or set train.clip_grad (the last checkpoint is kept)"
                     )
                 optimizer.zero_grad(set_to_none=True)
@@ -341,12 +550,16 @@ def _train(
                     }
                     if tc.diagnostics:
                         record.update(meta.diagnostics(parts, t_temp))
+                        entropy = record["teacher_entropy"]
                     record = distributed.mean_over_ranks(record, device)
                     record["step"] = step
                     record["images_per_s"] = seen / max(time.perf_counter() - t0, 1e-9)
                     if info.is_main:
-                        with open(metrics_path, "a") as f:
-                            f.write(json.dumps(record) + "\n")
+                        try:
+                            with open(metrics_path, "a") as f:
+                                f.write(json.dumps(record) + "\n")
+                        except OSError as e:
+                            raise write_error(metrics_path, e, what="metrics") from None
                     text = f"loss {record['loss']:.4f} lr {lr:.2e}"
                     if tc.diagnostics:
                         text += (
@@ -364,15 +577,29 @@ def _train(
                 bar.update(text)
 
                 end_of_epoch = step % spe == 0
+                if end_of_epoch and info.is_main:
+                    if tc.diagnostics and entropy is None:
+                        entropy = meta.diagnostics(parts, t_temp)["teacher_entropy"]
+                    now = time.perf_counter()
+                    logger.info(
+                        "epoch %d/%d: loss %.4f, lr %.2e%s, %.1f s",
+                        step // spe,
+                        tc.epochs,
+                        loss_value,
+                        lr,
+                        f", teacher entropy {entropy:.2f}" if entropy is not None else "",
+                        now - t_epoch,
+                    )
+                    t_epoch, entropy = now, None
                 if end_of_epoch or step == stop_at_step:
                     ep = (step - 1) // spe + 1  # epochs begun so far
                     keep = end_of_epoch and tc.save_every > 0 and ep % tc.save_every == 0
-                    _save(cfg, info, run_dir, meta, optimizer, step, ep, epoch_copy=keep)
+                    _save(cfg, info, run_dir, meta, optimizer, step, ep, epoch_copy=keep, **saved)
                 if step == stop_at_step:
                     return run_dir
     except KeyboardInterrupt:
         if step > 0:
-            _save(cfg, info, run_dir, meta, optimizer, step, step // spe, epoch_copy=False)
+            _save(cfg, info, run_dir, meta, optimizer, step, step // spe, epoch_copy=False, **saved)
             logger.warning("interrupted at step %d; `--resume` continues from here", step)
         raise
     finally:
@@ -397,6 +624,8 @@ def _save(
     epoch: int,
     *,
     epoch_copy: bool,
+    channels: list[str] | None = None,
+    identity: dict[str, Any] | None = None,
 ) -> None:
     if info.is_main:
         checkpoint.save(
@@ -407,6 +636,8 @@ def _save(
             epoch=epoch,
             model_config=cfg.model,
             epoch_copy=epoch_copy,
+            channels=channels,
+            data_identity=identity,
         )
     distributed.barrier()
 

@@ -11,6 +11,8 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from celldino.errors import DataError
+
 
 def _rng(seed: int, epoch: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, 0x5EED])
@@ -27,13 +29,13 @@ class StepBatchSampler:
         self, n: int, global_batch: int, *, seed: int = 0, rank: int = 0, world_size: int = 1
     ) -> None:
         if global_batch % world_size:
-            raise ValueError(
+            raise DataError(
                 f"train.batch_size={global_batch} is not divisible by the {world_size} ranks"
             )
         if n < global_batch:
-            raise ValueError(
-                f"the dataset has {n} images, fewer than one batch of {global_batch}; "
-                "lower train.batch_size"
+            raise DataError(
+                f"the dataset has {n} images, fewer than one batch of train.batch_size="
+                f"{global_batch}: lower train.batch_size to at most {n}, or prepare more cells"
             )
         self.n, self.global_batch, self.seed = n, global_batch, seed
         self.rank, self.world_size = rank, world_size
@@ -106,7 +108,7 @@ def _factorize(labels: Sequence) -> tuple[np.ndarray, list]:
     uniques, codes = np.unique(arr, return_inverse=True)
     if any(u in ("", "nan", "None") for u in uniques):
         bad = [i for i, x in enumerate(arr) if x in ("", "nan", "None")][:5]
-        raise ValueError(
+        raise DataError(
             f"the weak-label column has missing values (rows {bad}...); fill them or drop those "
             "cells before WS-DINO training"
         )
