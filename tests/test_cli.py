@@ -197,6 +197,14 @@ def test_out_of_range_values_are_refused_naming_the_argument(run_cli, command, s
     _one_error_line(rc, text, f"command-line override {setting}", bound)
 
 
+def test_settings_that_contradict_each_other_name_both(tmp_path, run_cli):
+    rc, text = run_cli("train", "model.img_size=50", "model.patch_size=16")
+    _one_error_line(rc, text, "model.img_size=50", "not a multiple of model.patch_size=16")
+    path = _yaml(tmp_path, "prepare:\n  nuclei_min_area: 500\n  nuclei_max_area: 400\n")
+    rc, text = run_cli("prepare", path)
+    _one_error_line(rc, text, str(path), "line 2", "prepare.nuclei_min_area", "nuclei_max_area=400")
+
+
 @pytest.mark.parametrize(
     ("setting", "words"),
     [

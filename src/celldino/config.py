@@ -522,6 +522,18 @@ def check(cfg: Config) -> list[tuple[str, str]]:
             problem = _check_value(key, value)
             if problem:
                 problems.append((key, problem))
+    m, p = cfg.model, cfg.prepare
+    if m.patch_size >= 1 and m.img_size % m.patch_size:
+        problems.append(
+            ("model.img_size", f"{m.img_size} is not a multiple of model.patch_size={m.patch_size}")
+        )
+    if p.nuclei_min_area > p.nuclei_max_area:
+        problems.append(
+            (
+                "prepare.nuclei_min_area",
+                f"{p.nuclei_min_area} is above prepare.nuclei_max_area={p.nuclei_max_area}",
+            )
+        )
     return problems
 
 
@@ -833,7 +845,7 @@ def _in_file(p: Path, lines: dict[str, int], key: str) -> str:
         line = lines.get(".".join(parts[:n]))
         if line:
             return f"config file {p}, line {line}"
-    return f"config file {p}"
+    return ""  # not set in the file: a default
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -860,12 +872,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             item = from_cli.get(".".join(parts[:n]))
             if item:
                 return f"command-line override {item}"
-        return _in_file(p, lines, key) if p is not None else "setting"
+        return _in_file(p, lines, key) if p is not None else ""
 
     try:
         cfg = _build(Config, data)
     except ConfigError as e:
-        where = origin(e.key) if e.key else (f"config file {p}" if p else "")
+        where = (origin(e.key) if e.key else "") or (f"config file {p}" if p else "")
         if where.startswith("command-line"):
             raise ConfigError(f"{where}: {e.problem}", key=e.key, problem=e.problem) from None
         msg = f"{where}: {e}" if where else str(e)
@@ -875,11 +887,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         parts = []
         for key, problem in problems:
             where = origin(key)
-            parts.append(
-                f"{where}: {problem}"
-                if where.startswith("command-line")
-                else f"{where}: {key}: {problem}"
-            )
+            if where.startswith("command-line"):
+                parts.append(f"{where}: {problem}")
+            else:
+                parts.append(f"{where}: {key}: {problem}" if where else f"{key}: {problem}")
         key, problem = problems[0]
         raise ConfigError("; ".join(parts), key=key, problem=problem)
     return cfg
