@@ -240,6 +240,10 @@ def test_nan_patch_poisons_nothing(run_cli, tmp_path):
     for well in ("A01", "A03", "A04"):
         assert arr[np.flatnonzero(cells.Metadata_Well == well), 1].max() > 500  # disk: 1600
     assert pd.read_parquet(out / "qc.parquet").QC_Blur.notna().all()
+    from celldino.data import FieldDataset  # whole fields (WS-DINO) are cleaned the same way
+
+    fields = FieldDataset(out)
+    assert all(bool(fields[i].isfinite().all()) for i in range(len(fields)))
 
 
 def test_sites_of_different_sizes_in_one_plate(run_cli, tmp_path):
@@ -255,6 +259,10 @@ def test_sites_of_different_sizes_in_one_plate(run_cli, tmp_path):
     assert sorted(p.name for p in (out / "illum").iterdir()) == ["P_64x64.npy", "P_80x90.npy"]
     cells = pd.read_parquet(out / "cells.parquet")
     assert (cells.Metadata_Well == "A03").sum() == 3 and (cells.Metadata_Well == "A04").sum() == 3
+    from celldino.data import FieldDataset  # whole fields find their size's function
+
+    fields = FieldDataset(out)
+    assert [tuple(fields[i].shape) for i in range(4)] == [(2, 64, 64)] * 2 + [(2, 80, 90)] * 2
 
 
 # ---- 5. tables and files that cannot be used ----------------------------------------------

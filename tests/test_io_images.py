@@ -119,3 +119,17 @@ def test_custom_regex_with_plate_group(tmp_path):
     (tmp_path / "P1_A01_s2_w1.tif").write_bytes((tmp_path / "P1_A01_s1_w1.tif").read_bytes())
     with pytest.raises(LoadDataError, match="lacks a file"):
         load_data_from_folder(tmp_path, pat, {"w1": "DNA", "w2": "ER"})
+
+
+def test_tables_in_the_encodings_and_separators_excel_writes(tmp_path):
+    df = pd.DataFrame({"FileName_DNA": ["a.tif"], "PathName_DNA": ["."],
+                       "Metadata_Compound": ["Café ß"]})  # fmt: skip
+    for name, sep, enc in (("u16.csv", "\t", "utf-16"), ("semi.csv", ";", "cp1252"),
+                           ("bom.csv", ",", "utf-8-sig")):  # fmt: skip
+        (tmp_path / name).write_bytes(df.to_csv(index=False, sep=sep).encode(enc))
+        table, chans = read_load_data(tmp_path / name)
+        assert chans == ["DNA"] and table.at[0, "Metadata_Compound"] == "Café ß", name
+    (tmp_path / "sp.csv").write_text(" FileName_DNA , PathName_DNA\na.tif,.\n")
+    assert read_load_data(tmp_path / "sp.csv")[1] == ["DNA"]  # spaces around names stripped
+    with pytest.raises(LoadDataError, match="more than once"):
+        read_load_data(tmp_path / "bom.csv", ["DNA", "DNA"])

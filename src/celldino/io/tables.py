@@ -165,6 +165,9 @@ def validate_load_data(
             "a load-data table needs FileName_<CH> and PathName_<CH> per channel"
         )
     chans = list(channels) if channels else avail
+    twice = sorted({c for c in chans if chans.count(c) > 1})
+    if twice:
+        raise LoadDataError(f"prepare.channels names {twice} more than once: {chans}")
     missing = [c for c in chans if c not in avail]
     if missing:
         raise LoadDataError(
