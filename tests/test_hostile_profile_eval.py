@@ -334,13 +334,14 @@ def test_single_compound_with_and_without_dmso(tmp_path, lincs, run_cli):
     dmso = lincs[lincs.Metadata_pert_type == "control"]
     pd.concat([one, dmso]).to_parquet(tmp_path / "with.parquet")
     one.to_parquet(tmp_path / "without.parquet")
-    spec = _spec(tmp_path, "[map_replicate, activity]")
+    spec = _spec(tmp_path, "[nsc, map_replicate, activity]")
     out = tmp_path / "ev"
     rc, text = run_cli(
         "evaluate", tmp_path / "with.parquet", "--spec", spec, f"evaluate.out_dir={out}",
         "evaluate.null_size=50",
     )  # fmt: skip
     assert rc == 0 and "map_replicate on learned skipped" in text and "positive pairs" in text
+    assert "nsc on learned skipped" in text and "at least 2 compounds" in text  # was NaN
     assert "Traceback" not in text and "UnpairedException" not in text
     assert "activity" in json.loads((out / "summary.json").read_text())["metrics"]
     rc, text = run_cli(
