@@ -254,6 +254,19 @@ def test_channel_adaptive_subset_uses_the_named_ids(run_cli, prep, tmp_path):
     assert rc == 2 and "GFP" in text
 
 
+def test_fine_tuning_reads_the_pretrained_channel_order(run_cli, trained, tmp_path):
+    """model.pretrained recorded [DNA, ER, Mito]: a prep stored as [Mito, DNA, ER] is read in
+    the pretrained order; an explicit train.channels in another order is refused."""
+    permuted = make_prep(tmp_path / "permuted", order=["Mito", "DNA", "ER"])
+    pre = f"model.pretrained={trained / 'checkpoints' / 'last.safetensors'}"
+    rc, text = run_cli(*train_args(tmp_path / "ft", permuted, pre))
+    assert rc == 0, text
+    assert checkpoint_channels(tmp_path / "ft/checkpoints/last.safetensors") == CHANNELS
+    rc, text = run_cli(*train_args(tmp_path / "ft2", permuted, pre, "train.channels=[ER,DNA,Mito]"))
+    assert rc == 2, text
+    assert "train.channels" in text and "['DNA', 'ER', 'Mito']" in text
+
+
 # ---- 2. resume ---------------------------------------------------------------------------------
 
 
@@ -328,6 +341,14 @@ def test_empty_prep_and_too_large_batch(run_cli, tmp_path):
     assert rc == 2, text
     assert "3 cells" in text and "train.batch_size=2" in text
     assert not (tmp_path / "r0" / "checkpoints").exists()
+
+
+def test_nan_crops_at_extraction_are_named(run_cli, tmp_path):
+    bad = make_prep(tmp_path / "nanprep", nan_rows=(5,))
+    ckpt, _ = save_checkpoint(tmp_path / "m.safetensors", model_cfg())
+    rc, text = run_cli(*extract_args(ckpt, bad, tmp_path / "e"))
+    assert rc == 0, text  # the other cells are fine; profile drops non-finite rows or features
+    assert "1 cells" in text and "c5" in text and "NaN/inf embeddings" in text
 
 
 def test_nan_weights_refused_at_extract_and_load(run_cli, prep, tmp_path):

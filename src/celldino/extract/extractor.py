@@ -563,6 +563,7 @@ def _extract_into(
             pending.append(embed(x))
             if sum(len(p) for p in pending) == stop - start:
                 emb = torch.cat(pending).numpy()  # (rows, F)
+                _warn_nonfinite(emb, meta.iloc[start:stop], cfg)
                 path = out_dir / shard_name(k)
                 try:
                     write_shard(path, meta.iloc[start:stop], emb, cfg.dtype)
@@ -602,6 +603,24 @@ def _extract_into(
     if ranks.owns_group:
         torch.distributed.destroy_process_group()
     return out_dir
+
+
+def _warn_nonfinite(emb: np.ndarray, meta: pd.DataFrame, cfg: ExtractConfig) -> None:
+    """Name the cells whose embeddings are NaN/inf (their crops hold NaN or inf pixels)."""
+    bad = ~np.isfinite(emb).all(axis=1)
+    if bad.any():
+        col = "Metadata_CellID" if "Metadata_CellID" in meta.columns else None
+        names = meta[col][bad].astype(str).tolist() if col else meta.index[bad].tolist()
+        logger.warning(
+            "extract: %d %ss of %s have NaN/inf embeddings (%s%s): their images hold NaN or "
+            "infinite values; check them and rerun `celldino prepare`, or drop them when "
+            "profiling",
+            int(bad.sum()),
+            cfg.level,
+            cfg.data,
+            ", ".join(map(str, names[:5])),
+            ", ..." if len(names) > 5 else "",
+        )
 
 
 def _write_manifest(out_dir: Path, manifest: dict) -> None:

@@ -159,10 +159,31 @@ def _open_dataset(cfg: Config) -> Dataset:
                 f"train.data={prep}: {prep / name} not found; make the folder with "
                 f"`celldino prepare ... prepare.out_dir={prep}`"
             )
+    channels = list(cfg.train.channels)
+    known = _pretrained_channels(cfg)
+    if known and cfg.model.channel_mode != "channel_adaptive":
+        if channels and channels != known:
+            raise ConfigError(
+                f"train.channels={channels} but model.pretrained={cfg.model.pretrained} was "
+                f"trained on {known} in that order: leave train.channels empty (channels are "
+                "matched by name) or list the checkpoint's channels in its order"
+            )
+        channels = known  # the pretrained model's order, whatever the crop store's
     try:
-        return CropDataset(prep, channels=list(cfg.train.channels) or None)
+        return CropDataset(prep, channels=channels or None)
     except KeyError as e:
-        raise DataError(f"{prep / CROPS}: {e.args[0]}; fix train.channels") from None
+        where = "fix train.channels" if cfg.train.channels else "channels of model.pretrained"
+        raise DataError(f"{prep / CROPS}: {e.args[0]}; {where}") from None
+
+
+def _pretrained_channels(cfg: Config) -> list[str]:
+    """The channel names recorded in the `model.pretrained` checkpoint ([] when none)."""
+    if not cfg.model.pretrained:
+        return []
+    from celldino.io.checkpoints import checkpoint_channels
+    from celldino.models.build import resolve_checkpoint
+
+    return checkpoint_channels(resolve_checkpoint(cfg.model.pretrained))
 
 
 def _check_settings(cfg: Config) -> None:
