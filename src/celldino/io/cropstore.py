@@ -98,17 +98,18 @@ class CropStore:
 
         `info` (JSON) is kept in the ledger with the site (e.g. its normalisation statistics).
         """
+        # the caller's invariants (a bug if broken): plain RuntimeError, not a user error
         if key in self._done:
-            raise CropStoreError(f"site {key} is already in the store {self.dir}")
+            raise RuntimeError(f"site {key} is already in the store {self.dir}")
         if len(crops) != len(index):
-            raise CropStoreError(f"site {key}: {len(crops)} crops but {len(index)} index rows")
+            raise RuntimeError(f"site {key}: {len(crops)} crops but {len(index)} index rows")
         if len(crops) and crops.shape[1:] != self.array.shape[1:]:
-            raise CropStoreError(
+            raise RuntimeError(
                 f"site {key}: crops {crops.shape[1:]} != store {self.array.shape[1:]}"
             )
         if len(crops) and not np.can_cast(crops.dtype, self.dtype, "safe"):
             # e.g. float [0, 1] pixels into a uint16 store would all become 0
-            raise CropStoreError(
+            raise RuntimeError(
                 f"site {key}: crops of dtype {crops.dtype} cannot be stored without loss in the "
                 f"{self.dtype} store {self.dir / CROPS}"
             )
@@ -133,7 +134,8 @@ class CropStore:
         if len(cells) != self.n_cells or self.array.shape[0] != self.n_cells:
             raise CropStoreError(
                 f"{self.dir}: index has {len(cells)} rows, ledger {self.n_cells}, "
-                f"array {self.array.shape[0]}"
+                f"array {self.array.shape[0]}: the folder was changed by hand; delete it and "
+                "prepare again"
             )
         if extra_attrs:
             self.array.attrs.update(extra_attrs)
