@@ -247,3 +247,17 @@ def test_run_redoes_prepare_when_a_metadata_cell_or_an_image_changes(
     assert rc == 0 and "inputs changed" in text and "images" in text
     rc, text = _prepare_only(run_cli, table, out)
     assert rc == 0 and "up to date" in text
+
+
+def test_run_refuses_control_normalisation_without_controls_before_starting(
+    tiny_screen, tmp_path, run_cli
+):
+    out = tmp_path / "run"
+    rc, text = run_cli(
+        "run",
+        f"prepare.load_data={tiny_screen / 'load_data.csv'}",
+        "profile.controls=",
+        f"run.out_dir={out}",
+    )
+    assert rc == 2 and "profile.controls" in text and "normalize_reference=all" in text
+    assert not out.exists()

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from celldino import log
 from celldino.config import Config, ConfigError, replace, to_dict
+from celldino.errors import UserError
 from celldino.io.embeddings import read_manifest
 from celldino.io.files import file_fingerprint, fingerprint, read_json, write_json
 from celldino.io.lock import output_lock
@@ -232,7 +233,6 @@ def input_fingerprint(cfg: Config, record: dict) -> dict:
     used as they are), the inputs recorded by the run that made them stand in.
     """
     from celldino.data.prepare import input_fingerprint as prepare_inputs
-    from celldino.errors import UserError
 
     try:
         return prepare_inputs(cfg.prepare)
@@ -308,6 +308,13 @@ def check_preconditions(cfg: Config) -> None:
             "prepare.features=false: set prepare.features=true, or leave them out "
             "(run.baselines=random_init)"
         )
+    if stages & {"profile", "evaluate"}:
+        from celldino.pp.pipeline import check_settings
+
+        try:
+            check_settings(cfg.profile)
+        except UserError as e:
+            problems.append(str(e))
     spec: dict = {}
     if cfg.run.eval_spec:
         spec_path = Path(cfg.run.eval_spec)
