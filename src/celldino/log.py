@@ -1,12 +1,14 @@
 """Logging and progress bars, through one library (rich).
 
 `setup(verbosity)` is called once by the CLI: -q → warnings only and no progress bars,
-default → info, -v → debug. Library code calls `get_logger(__name__)` and `progress(...)`.
+default → info, -v → debug. On a terminal, log records and progress go through rich; elsewhere
+(batch jobs, SLURM logs, pipes) each record is one plain, unwrapped line with a timestamp. Library code calls `get_logger(__name__)` and `progress(...)`.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
@@ -33,8 +35,16 @@ def setup(verbosity: int = 0) -> None:
     _state["quiet"] = verbosity < 0
     logger = logging.getLogger("celldino")
     logger.handlers.clear()
-    handler = RichHandler(console=console, show_path=verbosity > 0, rich_tracebacks=False)
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    if console.is_terminal:
+        handler: logging.Handler = RichHandler(
+            console=console, show_path=verbosity > 0, rich_tracebacks=False
+        )
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:  # batch logs, pipes: one plain line per record, never wrapped at 80 columns
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
+        )
     logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False
