@@ -77,10 +77,11 @@ def _stage_configs(cfg: Config, lay: RunLayout) -> Config:
 
 
 def _random_init_checkpoint(cfg: Config, lay: RunLayout) -> Path:
-    """A celldino-layout checkpoint of the untrained backbone (the random-init baseline)."""
+    """A celldino-layout checkpoint of the untrained backbone (the random-init baseline), with
+    the learned model's channel order, so both are extracted from the same channels."""
     import torch
 
-    from celldino.io.checkpoints import write_safetensors
+    from celldino.io.checkpoints import checkpoint_channels, write_safetensors
     from celldino.models import build_model
 
     path = lay.root / "baselines" / "random_init.safetensors"
@@ -91,7 +92,9 @@ def _random_init_checkpoint(cfg: Config, lay: RunLayout) -> Path:
         f"teacher.backbone.{k}": v.detach().contiguous() for k, v in backbone.state_dict().items()
     }
     metadata = {"model_config": dataclasses.asdict(model_cfg), "format": "celldino-random-init"}
-    return write_safetensors(path, tensors, metadata)
+    learned = lay.train / "checkpoints" / "last.safetensors"
+    channels = checkpoint_channels(learned) if learned.exists() else list(cfg.train.channels)
+    return write_safetensors(path, tensors, metadata, channels=channels or None)
 
 
 def _feature_sets(cfg: Config) -> list[str]:
