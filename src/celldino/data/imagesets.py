@@ -53,7 +53,14 @@ class ImageSet:
         self._check_rows()
         first = self.channels[0]
         self.table["_first_file"] = self.table[f"FileName_{first}"].astype(str)
-        keys = [site_key(r) for _, r in self.table.iterrows()]
+        present = [c for c in KEY_COLUMNS if c in self.table]
+        if present and not self.table[present].isna().any().any():  # site_key, vectorised
+            col = self.table[present[0]].astype(str)
+            for c in present[1:]:
+                col = col + "/" + self.table[c].astype(str)
+            keys = col.tolist()
+        else:
+            keys = [site_key(r) for _, r in self.table.iterrows()]
         if len(set(keys)) != len(keys):
             keys = [f"{k}#{i}" for i, k in enumerate(keys)]
         self.table["Metadata_ImageKey"] = keys
@@ -90,7 +97,9 @@ class ImageSet:
                     + "; every site needs its plate, well and site"
                 )
         if len(present) == len(KEY_COLUMNS) and len(t):
-            key = t[list(KEY_COLUMNS)].astype(str).agg("/".join, axis=1)
+            key = t[KEY_COLUMNS[0]].astype(str)
+            for c in KEY_COLUMNS[1:]:
+                key = key + "/" + t[c].astype(str)
             dup = key[key.duplicated(keep=False)]
             if len(dup):
                 first = dup.iloc[0]
@@ -109,7 +118,9 @@ class ImageSet:
             cols.append(path)
         if not cols or not len(t):
             return
-        files = pd.concat(cols, axis=1).agg("|".join, axis=1)
+        files = cols[0]
+        for col in cols[1:]:
+            files = files + "|" + col
         dup = files[files.duplicated(keep=False)]
         if len(dup):
             rows = dup.index[dup == dup.iloc[0]].tolist()
