@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from celldino import log
-from celldino.config import ConfigError
+from celldino.config import ConfigError, PrepareConfig
 from celldino.data import qc as qcmod
 from celldino.data.crops import BORDERS, crop_cells
 from celldino.data.features import cell_features
@@ -496,7 +496,7 @@ def _inputs(iset: ImageSet, cfg) -> tuple[dict, pd.DataFrame]:
     return summary, stats
 
 
-def input_fingerprint(cfg) -> dict:
+def input_fingerprint(cfg: PrepareConfig) -> dict:
     """What a PrepareConfig's results are computed from, beyond its settings:
     {"table": content hash of the load-data table as read (or of the table built from
     image_dir + pattern), "images": hash of every image file's path, size and modification time
