@@ -107,9 +107,10 @@ def read_only():
         folder.mkdir(parents=True, exist_ok=True)
         if os.geteuid() != 0:
             folder.chmod(0o555)
-        elif not shutil.which("chattr") or subprocess.run(
-            ["chattr", "+i", str(folder)], capture_output=True
-        ).returncode:
+        elif (
+            not shutil.which("chattr")
+            or subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode
+        ):
             pytest.skip("cannot make a folder read-only for root here (no chattr +i)")
         done.append(folder)
         return folder

@@ -3,8 +3,8 @@ that the one-line message names the file / key / cells, and that nothing already
 or changed. Tiny ViTs (depth 1-2, 16 px crops of 8 px patches) on a handful of crops.
 
 Disk-full cases simulate ENOSPC by monkeypatching the module-level write function (no real disk
-is filled). Read-only folders: chmod 0555 where the tests are not run as root; as root (which
-ignores modes) a folder of the read-only sysfs (/sys/kernel) stands in.
+is filled). Read-only folders come from the `read_only` fixture (chmod 555, or chattr +i as root,
+which ignores mode bits).
 """
 
 from __future__ import annotations
@@ -172,22 +172,6 @@ def resume_args(run_dir: Path, prep: Path, *extra: str) -> list[str]:
         *extra,
         "--resume",
     ]
-
-
-def read_only_folder(tmp_path: Path) -> Path:
-    """A folder no file can be created in (see the module docstring)."""
-    if os.geteuid() != 0:
-        ro = tmp_path / "ro"
-        ro.mkdir()
-        (ro / "kept.txt").write_text("kept")
-        ro.chmod(0o555)
-        return ro
-    ro = Path("/sys/kernel")
-    try:
-        (ro / ".probe").open("w").close()
-    except OSError:
-        return ro
-    pytest.skip("no read-only folder available")
 
 
 # ---- 1. channel identity -----------------------------------------------------------------------
@@ -501,9 +485,12 @@ def test_disk_full_while_writing_a_shard(run_cli, prep, tmp_path, monkeypatch):
     np.testing.assert_array_equal(emb(read_emb(out)), emb(read_emb(tmp_path / "whole")))
 
 
-def test_read_only_output_folders_fail_before_work(run_cli, prep, tmp_path):
-    ro = read_only_folder(tmp_path)
-    before = snapshot(ro) if ro.is_relative_to(tmp_path) else None
+def test_read_only_output_folders_fail_before_work(run_cli, prep, tmp_path, read_only):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    (ro / "kept.txt").write_text("kept")
+    read_only(ro)
+    before = snapshot(ro)
     rc, text = run_cli(*train_args(tmp_path / "unused", prep, f"train.run_dir={ro}"))
     assert rc == 2, text
     assert f"cannot write to {ro}" in text and "train.run_dir" in text
@@ -511,8 +498,7 @@ def test_read_only_output_folders_fail_before_work(run_cli, prep, tmp_path):
     rc, text = run_cli(*extract_args(ckpt, prep, ro))
     assert rc == 2, text
     assert f"cannot write to {ro}" in text and "extract.out_dir" in text
-    if before is not None:
-        assert snapshot(ro) == before
+    assert snapshot(ro) == before
 
 
 # ---- 6. concurrent writers ---------------------------------------------------------------------

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from celldino import cli
-from celldino.config import load_config
+from celldino.config import ConfigError, load_config
 from celldino.pipeline import StageError, run_pipeline
 
 pytestmark = pytest.mark.slow
@@ -130,16 +130,16 @@ def test_failure_names_the_stage_and_keeps_earlier_outputs(pipeline_run, tmp_pat
 
     work = tmp_path / "copy"
     shutil.copytree(run, work)
-    bad = replace(
-        cfg,
-        **{
-            "run.out_dir": str(work),
-            "profile.normalize": "bogus",
-            "profile.by": ("Metadata_Nope",),
-        },
-    )
     ckpt = work / "train" / "checkpoints" / "last.safetensors"
     digest = ckpt.read_bytes()
+    record = (work / "pipeline.json").read_bytes()
+    # a column the table lacks is found before any stage starts: nothing is touched
+    missing = replace(cfg, **{"run.out_dir": str(work), "profile.by": ("Metadata_Nope",)})
+    with pytest.raises(ConfigError, match="Metadata_Nope"):
+        run_pipeline(missing)
+    assert (work / "pipeline.json").read_bytes() == record
+    # a failure inside a stage names the stage
+    bad = replace(cfg, **{"run.out_dir": str(work), "profile.normalize": "bogus"})
     with pytest.raises(StageError, match="stage 'profile' failed"):
         run_pipeline(bad)
     assert ckpt.read_bytes() == digest

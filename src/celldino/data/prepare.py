@@ -19,11 +19,9 @@ prepare writes it; every failure the user can fix is a `celldino.errors.UserErro
 from __future__ import annotations
 
 import dataclasses
-import errno
 import hashlib
 import json
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -55,7 +53,14 @@ from celldino.data.segmentation import (
 )
 from celldino.errors import DataError, MissingInputError, OutputError, UserError
 from celldino.io.cropstore import CELLS, CROPS, LEDGER, PARTS, CropStore, CropStoreError
-from celldino.io.files import file_fingerprint, fingerprint, read_json, write_json
+from celldino.io.files import (
+    WRITE_ERRNOS,
+    file_fingerprint,
+    fingerprint,
+    read_json,
+    require_writable,
+    write_json,
+)
 from celldino.io.images import ImageReadError, read_image
 from celldino.io.lock import output_lock
 from celldino.io.tables import LoadDataError, read_table, row_label, write_parquet
@@ -81,7 +86,6 @@ INPUTS = "inputs.parquet"  # path, size, mtime_ns of every input file of the las
 _OUTPUT_FILES = (CELLS, "engineered.parquet", LEDGER, "prepare.json", "qc.parquet",
                  "images.parquet", "skipped.parquet", INPUTS)  # fmt: skip
 _OUTPUT_DIRS = (CROPS, PARTS, "features_parts", "illum")
-_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
 def _check(cfg, channels: list[str]) -> None:
@@ -589,16 +593,6 @@ def _start_afresh(out: Path) -> None:
             shutil.rmtree(out / name)
 
 
-def _write_probe(out: Path) -> None:
-    """Create and remove a file in `out` (created if missing): OSError when it is not writable."""
-    out.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".celldino-write-test.")
-    import os
-
-    os.close(fd)
-    os.unlink(tmp)
-
-
 def _json_like(obj):
     return json.loads(json.dumps(obj, default=str))
 
@@ -617,18 +611,12 @@ def prepare(cfg, *, after_site: Callable[[int, str], None] | None = None) -> Pat
     out = Path(cfg.out_dir)
     iset = ImageSet.from_config(cfg)
     _check(cfg, iset.channels)
-    try:
-        _write_probe(out)
-    except OSError as e:
-        raise OutputError(
-            f"prepare: cannot write to {out} ({e.strerror or e}); choose a writable "
-            "prepare.out_dir or fix the folder's permissions"
-        ) from None
+    require_writable(out, "prepare.out_dir")
     with output_lock(out, "prepare"):
         try:
             return _prepare(cfg, iset, out, after_site)
         except OSError as e:
-            if isinstance(e, UserError) or e.errno not in _WRITE_ERRNOS:
+            if isinstance(e, UserError) or e.errno not in WRITE_ERRNOS:
                 raise
             raise OutputError(
                 f"prepare: writing {e.filename or out} failed ({e.strerror or e}); free space "

@@ -33,9 +33,14 @@ from celldino.eval.bio_runs import RUNS as BIO_RUNS
 from celldino.eval.enrichment import enrichment
 from celldino.eval.map import Unpaired, moa_map, retrieval_map, summarize
 from celldino.eval.retrieval import nsc_nscb
-from celldino.io.files import atomic_write_text, file_fingerprint, fingerprint, write_json
+from celldino.io.files import (
+    atomic_write_text,
+    file_fingerprint,
+    fingerprint,
+    require_writable,
+    write_json,
+)
 from celldino.io.lock import output_lock
-from celldino.io.profiles import require_writable
 from celldino.log import get_logger, progress
 
 logger = get_logger(__name__)
@@ -657,7 +662,7 @@ def evaluate(
         map_method=cfg.map_method,
         block_bytes=cfg.map_memory_mb * 2**20,
     )
-    out = require_writable(cfg.out_dir, "evaluate")  # before reading or computing anything
+    out = require_writable(cfg.out_dir, "evaluate.out_dir")  # before reading or computing anything
     with output_lock(out, "evaluate"):
         sets = load_feature_sets(profiles, spec_dict, base, cfg.seed)
         _run_all(sets, analyses, ctx, cfg, out)

@@ -60,8 +60,8 @@ from celldino.extract.writer import (
     write_manifest,
     write_shard,
 )
-from celldino.io.checkpoints import checkpoint_channels, require_writable, write_error
-from celldino.io.files import file_fingerprint, read_json
+from celldino.io.checkpoints import checkpoint_channels
+from celldino.io.files import file_fingerprint, read_json, require_writable, write_error
 from celldino.io.lock import output_lock
 from celldino.models import ChannelwiseModel, VisionTransformer, load_backbone, resolve_checkpoint
 

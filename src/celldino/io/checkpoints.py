@@ -15,11 +15,8 @@ NaN or infinite weights naming the tensor. Writing failures (disk full, read-onl
 from __future__ import annotations
 
 import argparse
-import errno
 import json
-import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +25,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from celldino.errors import DataError, OutputError
-from celldino.io.files import atomic_write_bytes
+from celldino.errors import DataError
+from celldino.io.files import atomic_write_bytes, write_error
 
 
 class CheckpointError(DataError):
@@ -136,39 +133,6 @@ def check_finite(tensors: dict[str, Any], path: str | Path) -> None:
             f"({', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''}): its embeddings would be "
             "NaN; use an earlier checkpoint (checkpoints/epoch_NNNN.safetensors) or retrain"
         )
-
-
-def write_error(path: str | Path, e: OSError, *, what: str = "file") -> OutputError:
-    """The one-line OutputError of a failed write of `path` (disk full, read-only, ...)."""
-    why = e.strerror or str(e)
-    hint = {
-        errno.ENOSPC: "free disk space or choose another folder",
-        errno.EDQUOT: "free space in your quota or choose another folder",
-        errno.EROFS: "choose a writable folder",
-        errno.EACCES: "choose a folder you can write to",
-        errno.EPERM: "choose a folder you can write to",
-    }.get(e.errno or 0, "check the folder")
-    return OutputError(
-        f"cannot write {what} {path}: {why}; {hint}. What was there before is kept unchanged"
-    )
-
-
-def require_writable(folder: str | Path, setting: str) -> Path:
-    """Create `folder` if needed and check that a file can be created in it (before a stage
-    computes anything); the error names the folder and the setting that chose it."""
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder, prefix=".celldino-probe-"):
-            pass
-    except OSError as e:
-        why = e.strerror or str(e)
-        raise OutputError(
-            f"cannot write to {folder} ({why}): choose a writable folder with {setting}=..."
-        ) from None
-    if not os.access(folder, os.W_OK):  # pragma: no cover - root bypasses modes
-        raise OutputError(f"cannot write to {folder}: choose a writable folder with {setting}=...")
-    return folder
 
 
 def write_safetensors(

@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from celldino.errors import OutputError
+
+# errno values of a write that failed because of the folder or the disk, not a bug
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+_HINTS = {
+    errno.ENOSPC: "free disk space or choose another folder",
+    errno.EDQUOT: "free space in your quota or choose another folder",
+    errno.EFBIG: "choose a filesystem that takes larger files",
+    errno.EROFS: "choose a writable folder",
+    errno.EACCES: "choose a folder you can write to",
+    errno.EPERM: "choose a folder you can write to",
+}
 
 
 def current_umask() -> int:
@@ -72,3 +86,32 @@ def file_fingerprint(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()[:16]
+
+
+def require_writable(folder: str | Path, setting: str) -> Path:
+    """Create `folder` if needed and prove a file can be created in it, before a stage computes
+    anything; else an OutputError naming the folder and the setting that chose it.
+
+    A probe file, not `os.access`: root ignores mode bits but not read-only mounts or immutable
+    folders, and the probe sees both.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder, prefix=".celldino-probe-"):
+            pass
+    except OSError as e:
+        raise OutputError(
+            f"cannot write to {folder} ({e.strerror or e}): choose a writable folder with "
+            f"{setting}=... or fix its permissions"
+        ) from None
+    return folder
+
+
+def write_error(path: str | Path, e: OSError, *, what: str = "file") -> OutputError:
+    """The one-line OutputError of a failed write of `path` (disk full, read-only, ...)."""
+    hint = _HINTS.get(e.errno or 0, "check the folder")
+    return OutputError(
+        f"cannot write {what} {path}: {e.strerror or e}; {hint}. What was there before is kept "
+        "unchanged"
+    )

@@ -52,7 +52,7 @@ def output_lock(folder: str | Path, stage: str) -> Iterator[Path]:
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / LOCK_NAME
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    except PermissionError as e:
+    except OSError as e:
         raise OutputError(
             f"{stage}: cannot write to {folder} ({e.strerror}); choose a writable output folder"
         ) from None

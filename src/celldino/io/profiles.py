@@ -239,24 +239,3 @@ def read_profiles(path: str | Path, features: list[str] | None = None) -> ad.Ann
     if name.endswith((".csv", ".csv.gz")):
         return frame_to_anndata(pd.read_csv(path), features, source=str(path))
     raise DataError(f"{path}: unknown profile format (use .h5ad, .parquet, .csv or .csv.gz)")
-
-
-def require_writable(folder: str | Path, what: str) -> Path:
-    """Create `folder` if needed and prove a file can be written in it, before any computing;
-    else an OutputError naming the folder. (A probe file, not `os.access`: root ignores modes
-    but not read-only mounts or immutable folders.)"""
-    import tempfile
-
-    from celldino.errors import OutputError
-
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".celldino-probe-"):
-            pass
-    except OSError as e:
-        raise OutputError(
-            f"{what}: cannot write to the output folder {folder} ({e.strerror or e}); "
-            "make it writable or choose another output"
-        ) from None
-    return folder

@@ -22,8 +22,7 @@ from matplotlib.figure import Figure
 
 from celldino import log
 from celldino.errors import MissingInputError
-from celldino.io.files import atomic_write_text, read_json
-from celldino.io.profiles import require_writable
+from celldino.io.files import atomic_write_text, read_json, require_writable
 from celldino.pl.figure import close
 
 logger = log.get_logger(__name__)
@@ -151,7 +150,7 @@ def build_report(
             f"run directory {run} does not exist: run `celldino run` or `celldino demo` first"
         )
     path = Path(out) if out else run / "report.html"
-    require_writable(path.parent, "report")  # before drawing any figure
+    require_writable(path.parent, "report --out")  # before drawing any figure
     built = []
     for make in sections or DEFAULT_SECTIONS:
         try:

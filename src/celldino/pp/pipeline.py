@@ -17,10 +17,9 @@ import numpy as np
 from celldino.config import ProfileConfig
 from celldino.errors import DataError, IncompleteInputError
 from celldino.io.embeddings import manifest_path, read_manifest, require_complete, shard_name
-from celldino.io.files import fingerprint
+from celldino.io.files import fingerprint, require_writable
 from celldino.io.profiles import (
     read_h5ad,
-    require_writable,
     shard_paths,
     write_h5ad,
     write_table,
@@ -199,7 +198,7 @@ def run_profile(cfg: ProfileConfig) -> dict[str, Path]:
             f"profile.out={Path(cfg.out) / 'profiles.h5ad'}"
         )
     _outputs(Path(cfg.out), tuple(cfg.formats))  # a bad format fails before any work
-    require_writable(Path(cfg.out).parent, "profile")
+    require_writable(Path(cfg.out).parent, "profile.out")
     check_settings(cfg)
     adata = aggregate_cached(cfg)
     try:

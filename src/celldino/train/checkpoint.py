@@ -32,10 +32,9 @@ from celldino.io.checkpoints import (
     read_state_dict,
     safetensors_payload,
     unsafe_global,
-    write_error,
     write_safetensors,
 )
-from celldino.io.files import atomic_write_bytes
+from celldino.io.files import atomic_write_bytes, write_error
 
 STATE_KEYS = ("step", "epoch", "optimizer", "dino_center", "ibot_center", "torch_rng")
 
