@@ -837,15 +837,20 @@ def _read_yaml(p: Path) -> tuple[dict, dict[str, int]]:
     return loaded, lines
 
 
+def _innermost(table: dict[str, Any], key: str) -> Any:
+    """The entry of `table` for the longest dotted prefix of `key` ('a.b[2]' → 'a.b', 'a')."""
+    parts = re.sub(r"\[.*$", "", key).split(".")
+    for n in range(len(parts), 0, -1):
+        found = table.get(".".join(parts[:n]))
+        if found:
+            return found
+    return None
+
+
 def _in_file(p: Path, lines: dict[str, int], key: str) -> str:
     """'config file F, line N' for the innermost key of the file that `key` falls under."""
-    key = re.sub(r"\[.*$", "", key)
-    parts = key.split(".")
-    for n in range(len(parts), 0, -1):
-        line = lines.get(".".join(parts[:n]))
-        if line:
-            return f"config file {p}, line {line}"
-    return ""  # not set in the file: a default
+    line = _innermost(lines, key)
+    return f"config file {p}, line {line}" if line else ""  # not in the file: a default
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -866,12 +871,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         from_cli[item.split("=", 1)[0].strip()] = item
 
     def origin(key: str) -> str:
-        key = re.sub(r"\[.*$", "", key)
-        parts = key.split(".")
-        for n in range(len(parts), 0, -1):
-            item = from_cli.get(".".join(parts[:n]))
-            if item:
-                return f"command-line override {item}"
+        if item := _innermost(from_cli, key):
+            return f"command-line override {item}"
         return _in_file(p, lines, key) if p is not None else ""
 
     try:
