@@ -9,6 +9,7 @@ import yaml
 
 from celldino import cli
 from celldino import config as C
+from celldino.io.configfile import save_config
 
 
 def test_defaults_file_and_overrides_layer(tmp_path):
@@ -48,7 +49,7 @@ def test_frozen_and_replace():
 
 def test_resolved_config_round_trips(tmp_path):
     cfg = C.load_config(None, ["train.epochs=4", "synth.preset=demo"])
-    path = C.save_config(cfg, tmp_path / "run" / "config.yaml")
+    path = save_config(cfg, tmp_path / "run" / "config.yaml")
     assert yaml.safe_load(path.read_text())["train"]["epochs"] == 4
     assert C.load_config(path) == cfg
 

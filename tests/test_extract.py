@@ -340,7 +340,8 @@ def test_channel_count_mismatch_names_both(prep, tmp_path):
 
 def test_run_training_channels_are_used_in_order(prep, tmp_path):
     """A run trained on [Mito, DNA, ER] (its config.yaml) gets those channels in that order."""
-    from celldino.config import Config, TrainConfig, save_config
+    from celldino.config import Config, TrainConfig
+    from celldino.io.configfile import save_config
 
     run_dir, nets = _save_run(tmp_path / "run3", _model_config(in_chans=3))
     save_config(Config(train=TrainConfig(channels=("Mito", "DNA", "ER"))), run_dir / "config.yaml")

@@ -13,8 +13,9 @@ import pandas as pd
 import pytest
 
 from celldino import log
-from celldino.config import load_config, save_config
+from celldino.config import load_config
 from celldino.errors import OutputError
+from celldino.io.configfile import save_config
 from celldino.io.files import atomic_write_text
 from celldino.io.lock import LOCK_NAME, output_lock
 

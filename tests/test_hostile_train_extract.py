@@ -21,8 +21,9 @@ import pandas as pd
 import pytest
 import torch
 
-from celldino.config import ModelConfig, save_config
+from celldino.config import ModelConfig
 from celldino.io.checkpoints import checkpoint_channels, write_safetensors
+from celldino.io.configfile import save_config
 from celldino.models import build_model
 from train_helpers import one_thread, tiny_config  # noqa: F401
 

@@ -100,7 +100,7 @@ def test_cli_train_writes_run_and_freezes_last_layer(tmp_path):
     cfg = tiny_config(run, data=prep)
     # last layer frozen for the first of 2 epochs: after epoch 1 it equals its initial value
     cfg_path = tmp_path / "c.yaml"
-    from celldino.config import save_config
+    from celldino.io.configfile import save_config
 
     save_config(cfg, cfg_path)
     assert cli.main(["train", str(cfg_path), "train.epochs=1", "train.ibot_weight=0.5"]) == 0

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from celldino.config import save_config
+from celldino.io.configfile import save_config
 from celldino.train import train
 from train_helpers import DETERMINISTIC_AUG, one_thread, random_prep, tiny_config, weights  # noqa: F401
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from celldino import cli
-from celldino.config import save_config
+from celldino.io.configfile import save_config
 from celldino.train import train
 from train_helpers import one_thread, random_prep, tiny_config, weights  # noqa: F401
 

@@ -918,13 +918,6 @@ def replace(cfg: Any, **changes: Any) -> Any:
         raise ConfigError(f"{e} (valid keys: {', '.join(_valid_keys(type(cfg)))})") from None
 
 
-def save_config(cfg: Any, path: str | Path) -> Path:
-    """Write the resolved config as YAML (atomically) and return the path."""
-    from celldino.io.files import atomic_write_text
-
-    return atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
-
-
 def field_docs(cls: type) -> dict[str, str]:
     """The one-line comment of each field, read from the class source.
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from celldino import log
 from celldino.config import Config, ConfigError, replace, to_dict
 from celldino.errors import UserError
+from celldino.io.configfile import save_config
 from celldino.io.embeddings import read_manifest
 from celldino.io.files import file_fingerprint, fingerprint, read_json, write_json
 from celldino.io.lock import output_lock
@@ -137,7 +138,7 @@ def stage_extract(cfg: Config, lay: RunLayout, *, resume: bool) -> None:
 
 
 def stage_profile(cfg: Config, lay: RunLayout, *, resume: bool) -> None:
-    from celldino.pp.pipeline import run_profile
+    from celldino.pp.recipe import run_profile
 
     inputs = {
         "learned": (str(lay.embeddings("learned")), "emb_"),
@@ -312,7 +313,7 @@ def check_preconditions(cfg: Config) -> None:
             "(run.baselines=random_init)"
         )
     if stages & {"profile", "evaluate"}:
-        from celldino.pp.pipeline import check_settings
+        from celldino.pp.recipe import check_settings
 
         try:
             check_settings(cfg.profile)
@@ -389,8 +390,6 @@ def run_pipeline(cfg: Config, *, force: tuple[str, ...] = (), demo: bool = False
 
 
 def _run_stages(cfg: Config, lay: RunLayout, *, force: tuple[str, ...], demo: bool) -> Path:
-    from celldino.config import save_config
-
     record = read_json(lay.manifest) if lay.manifest.exists() else {"stages": {}}
     forced = set(cfg.run.force) | set(force)
     inputs, old_inputs = input_fingerprint(cfg, record), record.get("inputs")

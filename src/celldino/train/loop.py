@@ -32,9 +32,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from celldino import log
 from celldino.augment import N_GLOBAL_CROPS, MultiCrop
-from celldino.config import Config, ConfigError, load_config, save_config, to_dict
+from celldino.config import Config, ConfigError, load_config, to_dict
 from celldino.diagnostics import collapse_message
 from celldino.errors import DataError, MissingInputError, UserError
+from celldino.io.configfile import save_config
 from celldino.io.files import file_fingerprint, require_writable, write_error
 from celldino.io.lock import output_lock
 from celldino.log import get_logger
