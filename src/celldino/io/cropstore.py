@@ -6,6 +6,10 @@ site's key and its rows [start, start + count). The ledger is the truth: on reop
 is cut back to the ledger's length and sites already in it are skipped, so a run killed at any
 point and rerun ends with every cell exactly once. `finalize()` joins the parts into
 `cells.parquet` (row i = crop i).
+
+Readers of a finished store: `open_crops`, `crop_channels` and `read_crops` (crops by row), and
+queries over `cells.parquet` run by DuckDB (`cells_columns`, `count_cells`, `cells_per`,
+`sample_rows_per_group`, `rows_of_cells`): counts and samples without loading the whole table.
 """
 
 from __future__ import annotations
@@ -153,3 +157,97 @@ def open_crops(prep_dir: str | Path):
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run `celldino prepare` first")
     return zarr.open_array(str(path), mode="r")
+
+
+def crop_channels(prep_dir: str | Path) -> list[str]:
+    """The channel names of a crop store, in the order of the array's second axis."""
+    arr = open_crops(prep_dir)
+    return [str(c) for c in arr.attrs.get("channels", [f"ch{i}" for i in range(arr.shape[1])])]
+
+
+def read_crops(prep_dir: str | Path, rows: Any) -> np.ndarray:
+    """The crops (n, C, H, W) of the given rows of cells.parquet, in the store's dtype."""
+    return np.asarray(open_crops(prep_dir).oindex[np.asarray(rows, dtype=np.int64)])
+
+
+def _cells(prep_dir: str | Path) -> Path:
+    path = Path(prep_dir) / CELLS
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run `celldino prepare` first")
+    return path
+
+
+def _quote(column: str) -> str:
+    return '"' + column.replace('"', '""') + '"'
+
+
+def _query(prep_dir: str | Path, sql: str, **params: Any) -> pd.DataFrame:
+    """Run `sql` with DuckDB; `cells` in it is cells.parquet with its row numbers (`file_row_number`)."""
+    import duckdb
+
+    src = "read_parquet($cells_path, file_row_number = true)"
+    con = duckdb.connect()
+    try:
+        return con.execute(
+            sql.replace("{cells}", src), {"cells_path": str(_cells(prep_dir)), **params}
+        ).df()
+    finally:
+        con.close()
+
+
+def cells_columns(prep_dir: str | Path) -> list[str]:
+    """The column names of cells.parquet (read from its schema)."""
+    import pyarrow.parquet as pq
+
+    return list(pq.read_schema(_cells(prep_dir)).names)
+
+
+def count_cells(prep_dir: str | Path, *, distinct: list[str] | None = None) -> int:
+    """Number of cells, or of distinct combinations of the `distinct` columns."""
+    if distinct:
+        cols = ", ".join(_quote(c) for c in distinct)
+        sql = f"SELECT count(*) AS n FROM (SELECT DISTINCT {cols} FROM {{cells}})"
+    else:
+        sql = "SELECT count(*) AS n FROM {cells}"
+    return int(_query(prep_dir, sql).n[0])
+
+
+def cells_per(prep_dir: str | Path, column: str) -> pd.DataFrame:
+    """Cells per value of `column` (as text, sorted): index `column`, one column `cells`."""
+    q = _quote(column)
+    return _query(
+        prep_dir,
+        f"SELECT CAST({q} AS VARCHAR) AS {q}, count(*) AS cells FROM {{cells}} GROUP BY 1 ORDER BY 1",
+    ).set_index(column)
+
+
+def sample_rows_per_group(prep_dir: str | Path, column: str, k: int) -> pd.DataFrame:
+    """`k` random cells per value of `column`, chosen inside DuckDB: columns `row` (row of
+    cells.parquet = crop index) and `label` (the value as text), sorted by row."""
+    q = _quote(column)
+    return _query(
+        prep_dir,
+        f"SELECT file_row_number AS row, CAST({q} AS VARCHAR) AS label FROM ("
+        f"SELECT *, row_number() OVER (PARTITION BY {q} ORDER BY hash(file_row_number)) AS k "
+        "FROM {cells}) WHERE k <= $k ORDER BY row",
+        k=int(k),
+    )
+
+
+def rows_of_cells(
+    prep_dir: str | Path,
+    ids: list[str],
+    *,
+    label: str | None = None,
+    id_column: str = "Metadata_CellID",
+) -> pd.DataFrame:
+    """The rows of the cells with the given ids: index `id` (text), column `row` (+ `label`, the
+    value of the `label` column as text)."""
+    q = _quote(id_column)
+    extra = f", CAST({_quote(label)} AS VARCHAR) AS label" if label else ""
+    return _query(
+        prep_dir,
+        f"SELECT file_row_number AS row, CAST({q} AS VARCHAR) AS id{extra} FROM {{cells}} "
+        f"WHERE CAST({q} AS VARCHAR) IN (SELECT unnest($ids))",
+        ids=[str(i) for i in ids],
+    ).set_index("id")

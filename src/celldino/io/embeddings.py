@@ -4,12 +4,17 @@
 keeps it out of Parquet readers, so `pd.read_parquet(folder)` reads the shards as one dataset).
 Folders written before the rename hold `manifest.json`; both are read. `profile` and `run` call
 `require_complete` before using a folder, so a partial extraction is never aggregated silently.
+`sample_embeddings` reads a random sample of the cells of the shards the manifest lists (the
+report's UMAPs), without loading the whole folder.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import pandas as pd
 
 from celldino.errors import IncompleteInputError, MissingInputError
 from celldino.io.files import read_json, write_json
@@ -63,3 +68,61 @@ def require_complete(folder: str | Path) -> dict[str, Any]:
             "(it resumes), or pass profile.allow_partial=true to profile what is there"
         )
     return manifest
+
+
+def manifest_shards(folder: str | Path) -> list[Path]:
+    """The shard files the manifest of `folder` lists that are on disk, in order."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise MissingInputError(
+            f"{folder}: no {MANIFEST}, so this is not a `celldino extract` output; "
+            "run `celldino extract` into it first"
+        )
+    paths = [folder / shard_name(k) for k in range(len(manifest.get("shards", [])))]
+    return [p for p in paths if p.exists()]
+
+
+def _quote(column: str) -> str:
+    return '"' + column.replace('"', '""') + '"'
+
+
+def sample_embeddings(
+    folder: str | Path,
+    n: int | None,
+    *,
+    seed: int = 0,
+    columns: list[str] | None = None,
+) -> tuple[np.ndarray, pd.DataFrame]:
+    """Feature matrix (float32) and `Metadata_*` table of a random sample of `n` cells.
+
+    A reservoir sample drawn by DuckDB while scanning the shards of the manifest: memory stays at
+    the sample's size however many cells the screen has. `n=None` reads every cell. `columns`
+    keeps only those metadata columns (default: every `Metadata_*` column).
+    """
+    import duckdb
+    import pyarrow.parquet as pq
+
+    files = manifest_shards(folder)
+    if not files:
+        raise FileNotFoundError(f"no Parquet shards in {folder}")
+    names = list(pq.read_schema(files[0]).names)
+    meta = [c for c in names if c.startswith("Metadata_")]
+    if columns is not None:
+        missing = [c for c in columns if c not in meta]
+        if missing:
+            raise ValueError(f"{folder}: no metadata columns {missing} (have {meta})")
+        meta = list(columns)
+    feats = [c for c in names if not c.startswith("Metadata_")]
+    select = ", ".join(_quote(c) for c in meta + feats) if columns is not None else "*"
+    sample = f" USING SAMPLE reservoir({int(n)} ROWS) REPEATABLE ({int(seed)})" if n else ""
+    con = duckdb.connect()
+    try:
+        df = con.execute(
+            f"SELECT {select} FROM read_parquet($files){sample}", {"files": [str(f) for f in files]}
+        ).df()
+    finally:
+        con.close()
+    meta = [c for c in df.columns if c.startswith("Metadata_")]
+    feats = [c for c in df.columns if not c.startswith("Metadata_")]
+    return df[feats].to_numpy(np.float32), df[meta]

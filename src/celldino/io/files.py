@@ -73,6 +73,21 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def read_yaml(path: Path) -> Any:
+    """A YAML file's content (safe loader: plain data only)."""
+    import yaml
+
+    return yaml.safe_load(Path(path).read_text())
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> Path:
+    """Append `record` as one JSON line (a log that grows while a stage runs)."""
+    path = Path(path)
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    return path
+
+
 def fingerprint(obj: Any) -> str:
     """Stable short hash of a JSON-serialisable object (config sections, options)."""
     blob = json.dumps(obj, sort_keys=True, default=str).encode()

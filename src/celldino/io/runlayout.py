@@ -9,6 +9,10 @@
   eval/                 results tables and summary.json
   report.html
   pipeline.json         fingerprints of the finished stages
+
+Every output file a stage or the report looks for is a property or method here (`cells`,
+`checkpoint`, `embeddings_manifest(name)`, `profiles(name)`, `eval_metrics`, ...), built from the
+file names the io module that writes the file defines, so each name is written in one place.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from celldino.config import PIPELINE_STAGES as STAGES
+from celldino.io import attention, cropstore, prepared, results, trainrun
+from celldino.io.embeddings import manifest_path
 
 __all__ = ["STAGES", "RunLayout"]
 
@@ -34,11 +40,53 @@ class RunLayout:
         return self.root / "prep"
 
     @property
+    def cells(self) -> Path:
+        return self.prep / cropstore.CELLS
+
+    @property
+    def crops(self) -> Path:
+        return self.prep / cropstore.CROPS
+
+    @property
+    def qc(self) -> Path:
+        return self.prep / prepared.QC
+
+    @property
+    def skipped(self) -> Path:
+        return self.prep / prepared.SKIPPED
+
+    @property
+    def engineered(self) -> Path:
+        return self.prep / prepared.ENGINEERED
+
+    @property
     def train(self) -> Path:
         return self.root / "train"
 
+    @property
+    def train_config(self) -> Path:
+        return self.train / trainrun.CONFIG
+
+    @property
+    def train_metrics(self) -> Path:
+        return self.train / trainrun.METRICS
+
+    @property
+    def checkpoint(self) -> Path:
+        return trainrun.last_weights(self.train)
+
+    @property
+    def random_init_checkpoint(self) -> Path:
+        return self.root / "baselines" / "random_init.safetensors"
+
     def embeddings(self, name: str) -> Path:
         return self.root / "embeddings" / name
+
+    def embeddings_manifest(self, name: str) -> Path:
+        return manifest_path(self.embeddings(name))
+
+    def attention(self, name: str) -> Path:
+        return self.embeddings(name) / attention.ATTENTION
 
     def profiles(self, name: str) -> Path:
         return self.root / "profiles" / f"{name}.h5ad"
@@ -46,6 +94,14 @@ class RunLayout:
     @property
     def eval(self) -> Path:
         return self.root / "eval"
+
+    @property
+    def eval_metrics(self) -> Path:
+        return self.eval / results.METRICS
+
+    @property
+    def eval_summary(self) -> Path:
+        return self.eval / results.SUMMARY
 
     @property
     def report(self) -> Path:

@@ -1,0 +1,37 @@
+"""The evaluation's outputs: the tidy metrics table and `summary.json`.
+
+`evaluate` writes `metrics.parquet` and `metrics.csv` (feature_set, analysis, metric, value),
+detail tables under `tables/` and `summary.json` (notes, skipped analyses); the report reads them
+back here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from celldino.io.files import read_json
+
+METRICS = "metrics.parquet"
+METRICS_CSV = "metrics.csv"
+SUMMARY = "summary.json"
+
+__all__ = ["METRICS", "METRICS_CSV", "SUMMARY", "read_results", "read_summary"]
+
+
+def read_results(eval_dir: str | Path) -> pd.DataFrame:
+    """The evaluation's tidy results table (feature_set × metric → value)."""
+    eval_dir = Path(eval_dir)
+    for name in (METRICS, METRICS_CSV):
+        p = eval_dir / name
+        if p.exists():
+            return pd.read_parquet(p) if p.suffix == ".parquet" else pd.read_csv(p)
+    raise FileNotFoundError(f"no results table in {eval_dir}")
+
+
+def read_summary(eval_dir: str | Path) -> dict[str, Any] | None:
+    """`summary.json` of an evaluation folder, or None when there is none."""
+    path = Path(eval_dir) / SUMMARY
+    return read_json(path) if path.exists() else None

@@ -1,0 +1,73 @@
+"""The files of a training run folder (`train.run_dir`), named here once:
+
+  config.yaml                      the resolved config of the run
+  metrics.jsonl                    one JSON object per logged step
+  checkpoints/last.safetensors     the latest weights (+ last.state.pt: optimizer, RNG, position)
+
+`train` appends a line to metrics.jsonl every `train.log_every` steps (`append_metrics`) and cuts
+the lines logged after the checkpoint it resumes from (`truncate_metrics`); the report reads it
+back (`read_metrics`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from celldino.io.files import append_jsonl, atomic_write_text
+
+CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+CHECKPOINTS = "checkpoints"
+LAST_WEIGHTS = "last.safetensors"
+LAST_STATE = "last.state.pt"
+
+__all__ = [
+    "CHECKPOINTS",
+    "CONFIG",
+    "LAST_STATE",
+    "LAST_WEIGHTS",
+    "METRICS",
+    "append_metrics",
+    "last_weights",
+    "read_metrics",
+    "truncate_metrics",
+]
+
+
+def last_weights(run_dir: str | Path) -> Path:
+    """`checkpoints/last.safetensors` of a training run folder."""
+    return Path(run_dir) / CHECKPOINTS / LAST_WEIGHTS
+
+
+def append_metrics(path: str | Path, record: dict[str, Any]) -> Path:
+    """Append one step's record to metrics.jsonl."""
+    return append_jsonl(Path(path), record)
+
+
+def read_metrics(path: str | Path) -> pd.DataFrame:
+    """metrics.jsonl → DataFrame (one row per logged step); a line that is not JSON is an error
+    naming the line."""
+    rows = []
+    for i, line in enumerate(Path(path).read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {i + 1} is not JSON ({e})") from None
+    if not rows:
+        raise ValueError(f"{path} holds no metrics yet: train for at least train.log_every steps")
+    return pd.DataFrame(rows)
+
+
+def truncate_metrics(path: str | Path, step: int) -> None:
+    """Drop metric lines logged after the checkpoint we resume from (they will be redone)."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+    atomic_write_text(path, "".join(ln + "\n" for ln in keep))
