@@ -319,7 +319,7 @@ def test_groups_keep_a_missing_key_as_its_own_group():
 
 
 def test_profile_outputs_named_after_any_format(tmp_path):
-    from celldino.pp.pipeline import _outputs
+    from celldino.pp.recipe import _outputs
 
     out = _outputs(tmp_path / "p.parquet", ("h5ad", "parquet", "csv"))
     assert [p.name for p in out.values()] == ["p.h5ad", "p.parquet", "p.csv"]
