@@ -34,7 +34,6 @@ FORBIDDEN = {
 
 # Import cycles being taken apart (issue 14); an entry goes when its cycle does.
 KNOWN_CYCLES = [
-    {"celldino.eval.bio_runs", "celldino.eval.runner"},  # eval/ split into spec, analyses, runner
     {"celldino.pl.report", "celldino.pl.report_sections"},  # the report moves to celldino/report/
 ]
 THIRD_PARTY_ONLY_TORCH = {"layers", "losses"}

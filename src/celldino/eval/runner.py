@@ -7,8 +7,9 @@ docs/evaluation.md. Every analysis runs on every feature set; the result is one 
 `tables/`, and `summary.json`. Finished (feature set, analysis) parts are kept under `parts/`
 with a fingerprint of their inputs, so a rerun skips them.
 
-An analysis is a function `fn(meta, feats, ctx, **params) -> AnalysisResult` (or a plain dict
-of metric → number) registered in `ANALYSES` by name.
+This file reads the spec and the feature sets and runs the loop; the analyses and their
+registry `ANALYSES` are in `celldino.eval.analyses`, the types they share (`Columns`,
+`EvalContext`, `AnalysisResult`, `SpecError`) in `celldino.eval.spec`.
 """
 
 from __future__ import annotations
@@ -17,8 +18,7 @@ import dataclasses
 import inspect
 import json
 import re
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +26,11 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from celldino.config import ConfigError, EvaluateConfig
+from celldino.config import EvaluateConfig
 from celldino.errors import DataError, MissingInputError
-from celldino.eval.activity import phenotypic_activity
-from celldino.eval.bio_runs import RUNS as BIO_RUNS
-from celldino.eval.enrichment import enrichment
-from celldino.eval.map import Unpaired, moa_map, retrieval_map, summarize
-from celldino.eval.retrieval import nsc_nscb
+from celldino.eval.analyses import ANALYSES, DEFAULT_ANALYSES, map_kwargs
+from celldino.eval.map import Unpaired
+from celldino.eval.spec import AnalysisResult, Columns, EvalContext, NotEvaluable, SpecError
 from celldino.io.files import (
     atomic_write_text,
     file_fingerprint,
@@ -44,245 +42,6 @@ from celldino.io.lock import output_lock
 from celldino.log import get_logger, progress
 
 logger = get_logger(__name__)
-
-
-class SpecError(ConfigError):
-    """An evaluation spec that cannot be run (names the key and what to do)."""
-
-
-class NotEvaluable(DataError):
-    """This analysis cannot run on these profiles (no MoA values, no replicate pairs, ...):
-    the runner skips it, says why, and runs the others."""
-
-
-# ---- what analyses receive ------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Columns:
-    """Metadata column names the analyses use (spec key `columns`)."""
-
-    compound: str = "Metadata_Compound"
-    dose: str = "Metadata_Dose"
-    moa: str = "Metadata_MoA"
-    batch: str = "Metadata_Batch"
-    plate: str = "Metadata_Plate"
-    well: str = "Metadata_Well"
-    control: str = "Metadata_pert_type"
-    control_value: str = "control"
-    moa_sep: str | None = None  # split MoA strings into label sets (e.g. '|')
-
-    def present(self, meta: pd.DataFrame, name: str) -> str | None:
-        """The column for `name` if the table has it, else None."""
-        col = getattr(self, name)
-        return col if col and col in meta.columns else None
-
-    def require(self, meta: pd.DataFrame, name: str, analysis: str) -> str:
-        col = getattr(self, name)
-        if not col or col not in meta.columns:
-            raise SpecError(
-                f"analysis '{analysis}' needs the {name} column '{col}', which the profiles lack; "
-                f"set columns.{name} in the spec (metadata columns: {list(meta.columns)})"
-            )
-        return col
-
-
-@dataclass(frozen=True)
-class EvalContext:
-    """Settings shared by every analysis of one run."""
-
-    cols: Columns = field(default_factory=Columns)
-    seed: int = 0
-    null_size: int = 10000
-    threshold: float = 0.05
-    map_method: str = "auto"
-    block_bytes: int = 256 * 2**20
-
-
-@dataclass
-class AnalysisResult:
-    """Numbers for the tidy table plus optional detail tables."""
-
-    metrics: dict[str, float]
-    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
-
-
-# ---- the analyses of this file ---------------------------------------------------------------
-
-
-def _map_kwargs(ctx: EvalContext, params: dict) -> dict:
-    try:
-        null_size = int(params.get("null_size", ctx.null_size))
-        threshold = float(params.get("threshold", ctx.threshold))
-    except (TypeError, ValueError) as e:
-        raise SpecError(f"analysis parameters null_size / threshold must be numbers: {e}") from None
-    if null_size < 1 or not 0 < threshold <= 1:
-        raise SpecError(
-            f"analysis parameters: null_size must be >= 1 (got {null_size}) and threshold in "
-            f"(0, 1] (got {threshold}); fix them in the spec's analyses"
-        )
-    return {
-        "null_size": null_size,
-        "threshold": threshold,
-        "seed": ctx.seed,
-        "method": params.get("method", ctx.map_method),
-        "block_bytes": ctx.block_bytes,
-        "control_col": ctx.cols.control,
-        "control_value": ctx.cols.control_value,
-    }
-
-
-def _with_moa(
-    meta: pd.DataFrame, feats: np.ndarray, ctx: EvalContext, analysis: str
-) -> tuple[pd.DataFrame, np.ndarray]:
-    """Drop treatment rows without a MoA annotation (controls are dropped by the analyses)."""
-    moa = ctx.cols.require(meta, "moa", analysis)
-    missing = meta[moa].isna().to_numpy()
-    if ctx.cols.control in meta.columns:  # controls may lack a MoA: give them one
-        ctrl = (meta[ctx.cols.control].astype(str) == str(ctx.cols.control_value)).to_numpy()
-        meta = meta.assign(**{moa: meta[moa].astype(object).where(~(missing & ctrl), "control")})
-        missing = missing & ~ctrl  # not in place: under pandas copy-on-write the array is read-only
-    if ctx.cols.control in meta.columns:
-        treated = ~ctrl
-    else:
-        treated = np.ones(len(meta), dtype=bool)
-    if treated.any() and missing[treated].all():
-        raise NotEvaluable(
-            f"the MoA column '{moa}' is empty (NaN) for all {int(treated.sum())} treatment "
-            "profiles; fill it, or set columns.moa in the spec to the column holding the MoA"
-        )
-    if missing.any():
-        logger.info("%s: %d rows without %s are left out", analysis, int(missing.sum()), moa)
-        meta, feats = meta[~missing].reset_index(drop=True), np.asarray(feats)[~missing]
-    return meta, feats
-
-
-def run_nsc(meta: pd.DataFrame, feats: np.ndarray, ctx: EvalContext, **params) -> AnalysisResult:
-    """NSC and NSCB (when the batch column exists) on treatment profiles."""
-    c = ctx.cols
-    meta, feats = _with_moa(meta, feats, ctx, "nsc")
-    treatment = params.get("treatment")
-    if treatment is None:
-        treatment = [c.require(meta, "compound", "nsc")] + (
-            [c.dose] if c.present(meta, "dose") else []
-        )
-    use_batch = params.get("batch", True)
-    metrics, table = nsc_nscb(
-        meta,
-        feats,
-        moa=c.require(meta, "moa", "nsc"),
-        compound=c.require(meta, "compound", "nsc"),
-        treatment=treatment or None,
-        batch=c.present(meta, "batch") if use_batch else None,
-        control_col=c.control,
-        control_value=c.control_value,
-        aggregate=params.get("aggregate", "median"),
-        moa_sep=c.moa_sep,
-    )
-    if not metrics["NSC_n"]:
-        comp = c.require(meta, "compound", "nsc")
-        raise NotEvaluable(
-            "no treatment has a nearest neighbour from another compound: NSC needs treatment "
-            f"profiles of at least 2 compounds with a MoA ({comp} has "
-            f"{meta[comp].nunique()} value(s))"
-        )
-    return AnalysisResult(metrics, {"neighbours": table})
-
-
-def run_map_replicate(
-    meta: pd.DataFrame, feats: np.ndarray, ctx: EvalContext, **params
-) -> AnalysisResult:
-    """Replicate retrieval: same compound (and dose) vs other compounds and controls."""
-    c = ctx.cols
-    by = params.get("by") or [c.require(meta, "compound", "map_replicate")] + (
-        [c.dose] if c.present(meta, "dose") else []
-    )
-    kw = _map_kwargs(ctx, params)
-    ap, maps = retrieval_map(
-        meta,
-        feats,
-        by=by,
-        negatives=params.get("negatives", "others"),
-        pos_diffby=params.get("pos_diffby", ()),
-        **kw,
-    )  # the spec's threshold, as the mAP table used it
-    return AnalysisResult(summarize(maps, kw["threshold"]), {"map": maps.drop(columns="indices")})
-
-
-def run_map_moa(
-    meta: pd.DataFrame, feats: np.ndarray, ctx: EvalContext, **params
-) -> AnalysisResult:
-    """MoA retrieval: same MoA, other compound, against other MoAs."""
-    c = ctx.cols
-    meta, feats = _with_moa(meta, feats, ctx, "map_moa")
-    kw = _map_kwargs(ctx, params)
-    ap, maps = moa_map(
-        meta,
-        feats,
-        moa=c.require(meta, "moa", "map_moa"),
-        compound=c.require(meta, "compound", "map_moa"),
-        **kw,
-    )
-    return AnalysisResult(summarize(maps, kw["threshold"]), {"map": maps.drop(columns="indices")})
-
-
-def run_activity(
-    meta: pd.DataFrame, feats: np.ndarray, ctx: EvalContext, **params
-) -> AnalysisResult:
-    """Phenotypic activity: each compound (all doses, or `by`) against the controls."""
-    by = params.get("by") or [ctx.cols.require(meta, "compound", "activity")]
-    _, maps, summary = phenotypic_activity(meta, feats, by=by, **_map_kwargs(ctx, params))
-    return AnalysisResult(summary, {"map": maps.drop(columns="indices")})
-
-
-def run_enrichment(
-    meta: pd.DataFrame, feats: np.ndarray, ctx: EvalContext, **params
-) -> AnalysisResult:
-    """Folds of enrichment of same-MoA pairs among the most similar treatment pairs."""
-    c = ctx.cols
-    meta, feats = _with_moa(meta, feats, ctx, "enrichment")
-    compound = c.require(meta, "compound", "enrichment")
-    treatment = params.get("treatment")
-    if treatment is None:
-        treatment = [compound] + ([c.dose] if c.present(meta, "dose") else [])
-    m, X = meta, feats
-    if treatment:
-        from celldino.eval.retrieval import aggregate_treatments
-
-        keep = np.ones(len(meta), dtype=bool)
-        if c.control in meta.columns:
-            keep = (meta[c.control].astype(str) != str(c.control_value)).to_numpy()
-        keys = list(dict.fromkeys([*treatment, c.require(meta, "moa", "enrichment")]))
-        m, X = aggregate_treatments(meta[keep], np.asarray(feats)[keep], by=keys)
-    table = enrichment(
-        m,
-        X,
-        moa=c.require(meta, "moa", "enrichment"),
-        compound=compound,
-        percentiles=tuple(params.get("percentiles", (1.0, 5.0))),
-        control_col=c.control,
-        control_value=c.control_value,
-        moa_sep=c.moa_sep,
-    )
-    metrics = {}
-    for _, row in table.iterrows():
-        pct = f"{row.percentile:g}"
-        metrics[f"odds_ratio_top{pct}pct"] = float(row.odds_ratio)
-        metrics[f"p_value_top{pct}pct"] = float(row.p_value)
-    return AnalysisResult(metrics, {"enrichment": table})
-
-
-# name → function(meta, feats, ctx, **params); other modules add their analyses here.
-ANALYSES: dict[str, Callable[..., AnalysisResult | dict]] = {
-    "nsc": run_nsc,
-    "map_replicate": run_map_replicate,
-    "map_moa": run_map_moa,
-    "activity": run_activity,
-    "enrichment": run_enrichment,
-    **BIO_RUNS,  # classify, lowshot, moa_prediction, multitask, factors, similarity, ...
-}
-
-DEFAULT_ANALYSES = ("nsc", "map_replicate", "activity")
 
 
 # ---- the spec -----------------------------------------------------------------------------
@@ -352,7 +111,7 @@ def _analyses(spec: dict) -> dict[str, dict]:
                 f"{', '.join(sorted(valid)) or '(none)'}"
             )
         if "null_size" in params or "threshold" in params:
-            _map_kwargs(EvalContext(), params)  # values checked before any analysis runs
+            map_kwargs(EvalContext(), params)  # values checked before any analysis runs
         out[name] = params
     return out
 

@@ -1,34 +1,205 @@
-"""Runner entries (`celldino evaluate`) for the classification and biology analyses.
+"""Every analysis `celldino evaluate` can run, and the registry `ANALYSES` that names them.
 
-Each `run_*` has the runner's signature `fn(meta, feats, ctx, **params)`: it reads column roles
-from `ctx.cols` (compound, moa, plate, well, control…), takes the spec's parameters, calls the
-public function and returns the numbers for the metrics table plus the detail tables. The
-analyses that need more than one profile matrix (block search, CCA, Mantel, attention) are
-Python API only.
+Each `run_*` adapter has the runner's signature `fn(meta, feats, ctx, **params)`: it reads column
+roles from `ctx.cols` (compound, moa, plate, well, control…), takes the spec's parameters, calls
+the public function and returns the numbers for the metrics table plus the detail tables
+(`AnalysisResult`). The analyses that need more than one profile matrix (block search, CCA,
+Mantel, attention) are Python API only. Adding one: write `run_<name>` here and register it in
+`ANALYSES` with one line.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from celldino.eval.activity import phenotypic_activity
 from celldino.eval.classify import MLPOptions, classify
+from celldino.eval.enrichment import enrichment
 from celldino.eval.factors import factor_mutual_information
 from celldino.eval.heterogeneity import heterogeneity
 from celldino.eval.lowshot import lowshot_curve
+from celldino.eval.map import moa_map, retrieval_map, summarize
 from celldino.eval.moa import moa_prediction
 from celldino.eval.multitask import multitask_activity
+from celldino.eval.retrieval import aggregate_treatments, nsc_nscb
 from celldino.eval.similarity import group_similarity
+from celldino.eval.spec import AnalysisResult, EvalContext, NotEvaluable, SpecError
+from celldino.log import get_logger
 
-if TYPE_CHECKING:
-    from celldino.eval.runner import AnalysisResult, EvalContext
+logger = get_logger(__name__)
+
+
+# ---- retrieval and matching ------------------------------------------------------------------
+
+
+def map_kwargs(ctx: EvalContext, params: dict) -> dict:
+    try:
+        null_size = int(params.get("null_size", ctx.null_size))
+        threshold = float(params.get("threshold", ctx.threshold))
+    except (TypeError, ValueError) as e:
+        raise SpecError(f"analysis parameters null_size / threshold must be numbers: {e}") from None
+    if null_size < 1 or not 0 < threshold <= 1:
+        raise SpecError(
+            f"analysis parameters: null_size must be >= 1 (got {null_size}) and threshold in "
+            f"(0, 1] (got {threshold}); fix them in the spec's analyses"
+        )
+    return {
+        "null_size": null_size,
+        "threshold": threshold,
+        "seed": ctx.seed,
+        "method": params.get("method", ctx.map_method),
+        "block_bytes": ctx.block_bytes,
+        "control_col": ctx.cols.control,
+        "control_value": ctx.cols.control_value,
+    }
+
+
+def _with_moa(
+    meta: pd.DataFrame, feats: np.ndarray, ctx: EvalContext, analysis: str
+) -> tuple[pd.DataFrame, np.ndarray]:
+    """Drop treatment rows without a MoA annotation (controls are dropped by the analyses)."""
+    moa = ctx.cols.require(meta, "moa", analysis)
+    missing = meta[moa].isna().to_numpy()
+    if ctx.cols.control in meta.columns:  # controls may lack a MoA: give them one
+        ctrl = (meta[ctx.cols.control].astype(str) == str(ctx.cols.control_value)).to_numpy()
+        meta = meta.assign(**{moa: meta[moa].astype(object).where(~(missing & ctrl), "control")})
+        missing = missing & ~ctrl  # not in place: under pandas copy-on-write the array is read-only
+    if ctx.cols.control in meta.columns:
+        treated = ~ctrl
+    else:
+        treated = np.ones(len(meta), dtype=bool)
+    if treated.any() and missing[treated].all():
+        raise NotEvaluable(
+            f"the MoA column '{moa}' is empty (NaN) for all {int(treated.sum())} treatment "
+            "profiles; fill it, or set columns.moa in the spec to the column holding the MoA"
+        )
+    if missing.any():
+        logger.info("%s: %d rows without %s are left out", analysis, int(missing.sum()), moa)
+        meta, feats = meta[~missing].reset_index(drop=True), np.asarray(feats)[~missing]
+    return meta, feats
+
+
+def run_nsc(meta: pd.DataFrame, feats: np.ndarray, ctx: EvalContext, **params) -> AnalysisResult:
+    """NSC and NSCB (when the batch column exists) on treatment profiles."""
+    c = ctx.cols
+    meta, feats = _with_moa(meta, feats, ctx, "nsc")
+    treatment = params.get("treatment")
+    if treatment is None:
+        treatment = [c.require(meta, "compound", "nsc")] + (
+            [c.dose] if c.present(meta, "dose") else []
+        )
+    use_batch = params.get("batch", True)
+    metrics, table = nsc_nscb(
+        meta,
+        feats,
+        moa=c.require(meta, "moa", "nsc"),
+        compound=c.require(meta, "compound", "nsc"),
+        treatment=treatment or None,
+        batch=c.present(meta, "batch") if use_batch else None,
+        control_col=c.control,
+        control_value=c.control_value,
+        aggregate=params.get("aggregate", "median"),
+        moa_sep=c.moa_sep,
+    )
+    if not metrics["NSC_n"]:
+        comp = c.require(meta, "compound", "nsc")
+        raise NotEvaluable(
+            "no treatment has a nearest neighbour from another compound: NSC needs treatment "
+            f"profiles of at least 2 compounds with a MoA ({comp} has "
+            f"{meta[comp].nunique()} value(s))"
+        )
+    return AnalysisResult(metrics, {"neighbours": table})
+
+
+def run_map_replicate(
+    meta: pd.DataFrame, feats: np.ndarray, ctx: EvalContext, **params
+) -> AnalysisResult:
+    """Replicate retrieval: same compound (and dose) vs other compounds and controls."""
+    c = ctx.cols
+    by = params.get("by") or [c.require(meta, "compound", "map_replicate")] + (
+        [c.dose] if c.present(meta, "dose") else []
+    )
+    kw = map_kwargs(ctx, params)
+    ap, maps = retrieval_map(
+        meta,
+        feats,
+        by=by,
+        negatives=params.get("negatives", "others"),
+        pos_diffby=params.get("pos_diffby", ()),
+        **kw,
+    )  # the spec's threshold, as the mAP table used it
+    return AnalysisResult(summarize(maps, kw["threshold"]), {"map": maps.drop(columns="indices")})
+
+
+def run_map_moa(
+    meta: pd.DataFrame, feats: np.ndarray, ctx: EvalContext, **params
+) -> AnalysisResult:
+    """MoA retrieval: same MoA, other compound, against other MoAs."""
+    c = ctx.cols
+    meta, feats = _with_moa(meta, feats, ctx, "map_moa")
+    kw = map_kwargs(ctx, params)
+    ap, maps = moa_map(
+        meta,
+        feats,
+        moa=c.require(meta, "moa", "map_moa"),
+        compound=c.require(meta, "compound", "map_moa"),
+        **kw,
+    )
+    return AnalysisResult(summarize(maps, kw["threshold"]), {"map": maps.drop(columns="indices")})
+
+
+def run_activity(
+    meta: pd.DataFrame, feats: np.ndarray, ctx: EvalContext, **params
+) -> AnalysisResult:
+    """Phenotypic activity: each compound (all doses, or `by`) against the controls."""
+    by = params.get("by") or [ctx.cols.require(meta, "compound", "activity")]
+    _, maps, summary = phenotypic_activity(meta, feats, by=by, **map_kwargs(ctx, params))
+    return AnalysisResult(summary, {"map": maps.drop(columns="indices")})
+
+
+def run_enrichment(
+    meta: pd.DataFrame, feats: np.ndarray, ctx: EvalContext, **params
+) -> AnalysisResult:
+    """Folds of enrichment of same-MoA pairs among the most similar treatment pairs."""
+    c = ctx.cols
+    meta, feats = _with_moa(meta, feats, ctx, "enrichment")
+    compound = c.require(meta, "compound", "enrichment")
+    treatment = params.get("treatment")
+    if treatment is None:
+        treatment = [compound] + ([c.dose] if c.present(meta, "dose") else [])
+    m, X = meta, feats
+    if treatment:
+        keep = np.ones(len(meta), dtype=bool)
+        if c.control in meta.columns:
+            keep = (meta[c.control].astype(str) != str(c.control_value)).to_numpy()
+        keys = list(dict.fromkeys([*treatment, c.require(meta, "moa", "enrichment")]))
+        m, X = aggregate_treatments(meta[keep], np.asarray(feats)[keep], by=keys)
+    table = enrichment(
+        m,
+        X,
+        moa=c.require(meta, "moa", "enrichment"),
+        compound=compound,
+        percentiles=tuple(params.get("percentiles", (1.0, 5.0))),
+        control_col=c.control,
+        control_value=c.control_value,
+        moa_sep=c.moa_sep,
+    )
+    metrics = {}
+    for _, row in table.iterrows():
+        pct = f"{row.percentile:g}"
+        metrics[f"odds_ratio_top{pct}pct"] = float(row.odds_ratio)
+        metrics[f"p_value_top{pct}pct"] = float(row.p_value)
+    return AnalysisResult(metrics, {"enrichment": table})
+
+
+# ---- classification and biology -------------------------------------------------------------
 
 
 def _result(metrics: dict, tables: dict[str, pd.DataFrame]) -> AnalysisResult:
-    from celldino.eval.runner import AnalysisResult  # the runner imports this module
-
     numeric = {
         k: float(v)
         for k, v in metrics.items()
@@ -50,8 +221,6 @@ def _label_and_split(meta: pd.DataFrame, ctx: EvalContext, params: dict, name: s
     label = params.get("label") or c.require(meta, "moa", name)
     split_by = params.get("split_by") or c.require(meta, "compound", name)
     if label not in meta.columns:
-        from celldino.eval.runner import SpecError
-
         raise SpecError(f"analysis '{name}': label column '{label}' not in the profiles")
     return label, split_by
 
@@ -119,8 +288,6 @@ def run_moa_prediction(meta, feats, ctx: EvalContext, **params: Any) -> Analysis
 
 def run_multitask(meta, feats, ctx: EvalContext, **params: Any) -> AnalysisResult:
     """Multi-task activity prediction (masked BCE) from `task_cols` or `task_prefix` columns."""
-    from celldino.eval.runner import SpecError
-
     tasks = list(params.get("task_cols") or [])
     prefix = params.get("task_prefix")
     if prefix:
@@ -199,7 +366,13 @@ def run_pseudotime(meta, feats, ctx: EvalContext, **params: Any) -> AnalysisResu
     return _result(summary, {"pseudotime": out})
 
 
-RUNS = {
+# name → function(meta, feats, ctx, **params)
+ANALYSES: dict[str, Callable[..., AnalysisResult | dict]] = {
+    "nsc": run_nsc,
+    "map_replicate": run_map_replicate,
+    "map_moa": run_map_moa,
+    "activity": run_activity,
+    "enrichment": run_enrichment,
     "classify": run_classify,
     "lowshot": run_lowshot,
     "moa_prediction": run_moa_prediction,
@@ -209,3 +382,5 @@ RUNS = {
     "heterogeneity": run_heterogeneity,
     "pseudotime": run_pseudotime,
 }
+
+DEFAULT_ANALYSES = ("nsc", "map_replicate", "activity")
