@@ -378,7 +378,9 @@ def test_dtype_and_device_are_kept():
     assert all(c.dtype == torch.float32 and c.device == x.device for c in crops)
     with pytest.raises(ValueError, match="float tensor"):
         A.CellAugment(cfg)(torch.zeros(2, 2, 8, 8, dtype=torch.uint8), size=4)
-    src = "".join(inspect.getsource(m) for m in (A.geometric, A.intensity, A.pipeline, A.multicrop))
+    src = "".join(
+        inspect.getsource(m) for m in (A.geometric, A.photometric, A.cell_augment, A.multicrop)
+    )
     assert ".cuda(" not in src
 
 

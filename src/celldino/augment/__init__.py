@@ -4,6 +4,7 @@ from celldino.augment import MultiCrop
 crops = MultiCrop(cfg.augment)(images, generator=torch.Generator().manual_seed(0))
 """
 
+from celldino.augment.cell_augment import CellAugment, check_config
 from celldino.augment.geometric import (
     affine_matrices,
     boxes_to_theta,
@@ -13,7 +14,8 @@ from celldino.augment.geometric import (
     sample_crop_boxes,
     warp,
 )
-from celldino.augment.intensity import (
+from celldino.augment.multicrop import N_GLOBAL_CROPS, MultiCrop
+from celldino.augment.photometric import (
     adjust_brightness,
     adjust_contrast,
     drop_channels,
@@ -23,8 +25,6 @@ from celldino.augment.intensity import (
     sample_channel_keep,
     solarize,
 )
-from celldino.augment.multicrop import N_GLOBAL_CROPS, MultiCrop
-from celldino.augment.pipeline import CellAugment, check_config
 
 __all__ = [
     "N_GLOBAL_CROPS",

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from celldino.augment import geometric as G
-from celldino.augment import intensity as I
+from celldino.augment import photometric as P
 from celldino.config import AugmentConfig
 
 
@@ -144,14 +144,14 @@ class CellAugment:
             factor = torch.where(apply[:, None], f, 1.0).expand(b, c)
         keep = None
         if cfg.channel_drop_p > 0:
-            keep = I.sample_channel_keep(b, c, cfg.channel_drop_p, g)
+            keep = P.sample_channel_keep(b, c, cfg.channel_drop_p, g)
             if fold_drop:
                 gain = gain * keep.to(gain.device)
                 keep = None
         if factor is None:
             if bool((gain == 1.0).all()):
                 return out, keep
-            return I.adjust_brightness(out, gain), keep  # gain 1 leaves a channel unchanged
+            return P.adjust_brightness(out, gain), keep  # gain 1 leaves a channel unchanged
         m = out.mean(dim=(-2, -1), keepdim=True)  # (B, C, 1, 1)
         dt, dev = out.dtype, out.device
         scale = (factor * gain).to(device=dev, dtype=dt)[:, :, None, None]
@@ -186,13 +186,13 @@ class CellAugment:
             idx = torch.nonzero(apply).flatten()
             if idx.numel():
                 out = out.clone()
-                out[idx] = I.gaussian_blur(out[idx], sigma[idx])
+                out[idx] = P.gaussian_blur(out[idx], sigma[idx])
         if cfg.solarize_p > 0:
             m = G.bernoulli((b,), cfg.solarize_p, g).to(out.device)[:, None, None, None]
-            out = torch.where(m, I.solarize(out, cfg.solarize_threshold), out)
+            out = torch.where(m, P.solarize(out, cfg.solarize_threshold), out)
         if cfg.greyscale_p > 0:
             m = G.bernoulli((b,), cfg.greyscale_p, g).to(out.device)[:, None, None, None]
-            out = torch.where(m, I.greyscale(out), out)
+            out = torch.where(m, P.greyscale(out), out)
         if keep is not None:
-            out = I.drop_channels(out, keep)
+            out = P.drop_channels(out, keep)
         return out

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from celldino.augment.pipeline import CellAugment
+from celldino.augment.cell_augment import CellAugment
 from celldino.config import AugmentConfig
 
 N_GLOBAL_CROPS = 2

@@ -1,8 +1,9 @@
-"""Batched per-channel intensity augmentations on (B, C, H, W) float tensors.
+"""Batched per-channel photometric (intensity) augmentations on (B, C, H, W) float tensors.
 
 Each function takes its already-drawn parameters (one value per sample or per sample and
 channel) so it is a plain formula that can be tested against hand-worked numbers; the random
-draws live in `pipeline.py`. Samples where an operation is not applied keep their exact values.
+draws live in `cell_augment.py`. Samples where an operation is not applied keep their exact
+values.
 """
 
 from __future__ import annotations
