@@ -223,7 +223,8 @@ def test_every_pp_step_leaves_an_anndata_that_anndata_can_write(tmp_path):
         ("consensus", lambda a: pp.consensus(a, by=["Metadata_Compound"])),
     ]
     for name, step in chain:
-        adata = step(adata)
+        out = step(adata)  # pp steps modify adata in place and return None; consensus is new
+        adata = adata if out is None else out
         path = tmp_path / f"{name}.h5ad"
         adata.write_h5ad(path)  # plain anndata, no celldino helper
         back = ad.read_h5ad(path)
@@ -415,7 +416,7 @@ def test_evaluate_holds_the_output_lock(tmp_path, lincs, earlier, run_cli):
 
 def test_report_into_a_read_only_folder_fails_before_drawing(tmp_path, read_only, run_cli):
     from celldino.errors import OutputError
-    from celldino.pl.report import Section, build_report
+    from celldino.report import Section, build_report
 
     run = tmp_path / "run"
     run.mkdir()

@@ -324,3 +324,29 @@ def test_profile_outputs_named_after_any_format(tmp_path):
     out = _outputs(tmp_path / "p.parquet", ("h5ad", "parquet", "csv"))
     assert [p.name for p in out.values()] == ["p.h5ad", "p.parquet", "p.csv"]
     assert _outputs(tmp_path / "p.h5ad", ("csv",), ".consensus")["csv"].name == "p.consensus.csv"
+
+
+# ---- the scanpy convention: in place by default, copy=True leaves the input untouched ---------
+
+IN_PLACE = {
+    "annotate": lambda a, **kw: pp.annotate(a, controls="Metadata_pert_type == 'control'", **kw),
+    "normalize": lambda a, **kw: pp.normalize(a, method="standardize", reference="all", **kw),
+    "harmony": lambda a, **kw: pp.harmony(a, key="Metadata_Batch", nclust=2, **kw),
+    "inverse_normal": lambda a, **kw: pp.inverse_normal(a, **kw),
+}
+
+
+@pytest.mark.parametrize("name", list(IN_PLACE))
+def test_steps_modify_in_place_or_return_a_copy(name):
+    step = IN_PLACE[name]
+    adata = _profiles()
+    before = adata.copy()
+    out = step(adata, copy=True)
+    assert out is not None and out is not adata and pp.steps(out) == [name]
+    # the input is untouched
+    np.testing.assert_array_equal(adata.X, before.X)
+    assert list(adata.obs.columns) == list(before.obs.columns) and pp.steps(adata) == []
+    assert step(adata) is None  # in place by default, as scanpy
+    assert pp.steps(adata) == [name] and adata.shape == out.shape
+    np.testing.assert_array_equal(adata.X, out.X)
+    assert list(adata.var_names) == list(out.var_names)

@@ -46,8 +46,11 @@ def _values_hint(obs: pd.DataFrame, controls: Controls) -> str:
     return f" ({'; '.join(hints)})" if hints else ""
 
 
-def annotate(adata: ad.AnnData, *, controls: Controls) -> ad.AnnData:
-    """Mark negative controls in obs[`Metadata_celldino_control`] (in place; returns adata)."""
+def annotate(adata: ad.AnnData, *, controls: Controls, copy: bool = False) -> ad.AnnData | None:
+    """Mark negative controls in obs[`Metadata_celldino_control`].
+
+    Modifies `adata` and returns None; copy=True returns an annotated copy instead.
+    """
     if adata.n_obs == 0:
         raise DataError("there are 0 profiles to mark controls in (the input is empty)")
     mask = select(adata.obs, controls)
@@ -57,6 +60,7 @@ def annotate(adata: ad.AnnData, *, controls: Controls) -> ad.AnnData:
             f"{_values_hint(adata.obs, controls)}; fix the controls selection "
             "(profile.controls), or set profile.normalize_reference=all and profile.controls=''"
         )
+    adata = adata.copy() if copy else adata
     adata.obs[CONTROL_COLUMN] = mask
     record(
         adata,
@@ -66,7 +70,7 @@ def annotate(adata: ad.AnnData, *, controls: Controls) -> ad.AnnData:
             "n_controls": int(mask.sum()),
         },
     )
-    return adata
+    return adata if copy else None
 
 
 def control_mask(adata: ad.AnnData, controls: Controls = None) -> np.ndarray:

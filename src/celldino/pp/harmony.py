@@ -22,8 +22,11 @@ def harmony(
     max_iter: int = 10,
     random_state: int = 0,
     ncores: int = 1,
-) -> ad.AnnData:
-    """Correct obs[`key`] batch effects in X (in place). Run on PCA or sphered profiles.
+    copy: bool = False,
+) -> ad.AnnData | None:
+    """Correct obs[`key`] batch effects in X. Run on PCA or sphered profiles.
+
+    Modifies `adata` and returns None; copy=True returns a corrected copy instead.
 
     harmonypy >= 2 returns `Z_corr` as (cells, features); older versions as (features, cells):
     both are handled.
@@ -44,8 +47,9 @@ def harmony(
     Z = np.asarray(ho.Z_corr, dtype=np.float64)
     if Z.shape != X.shape:
         Z = Z.T  # harmonypy < 2: (features, cells)
+    adata = adata.copy() if copy else adata
     adata.X = Z
     record(adata, "harmony", {"key": key, "theta": theta, "sigma": sigma, "nclust": nclust,
                               "max_iter": max_iter, "random_state": random_state,
                               "n_batches": int(n_batches)})  # fmt: skip
-    return adata
+    return adata if copy else None

@@ -8,11 +8,14 @@ import numpy as np
 from celldino.pp.steps import record
 
 
-def inverse_normal(adata: ad.AnnData, *, n_quantiles: int = 1000) -> ad.AnnData:
-    """Map each feature through its empirical CDF onto a standard normal (in place).
+def inverse_normal(
+    adata: ad.AnnData, *, n_quantiles: int = 1000, copy: bool = False
+) -> ad.AnnData | None:
+    """Map each feature through its empirical CDF onto a standard normal.
 
     sklearn's QuantileTransformer(output_distribution='normal'), the estimator pycytominer
-    wraps; n_quantiles is capped at the number of profiles.
+    wraps; n_quantiles is capped at the number of profiles. Modifies `adata` and returns None;
+    copy=True returns a transformed copy instead.
     """
     from sklearn.preprocessing import QuantileTransformer
 
@@ -20,6 +23,7 @@ def inverse_normal(adata: ad.AnnData, *, n_quantiles: int = 1000) -> ad.AnnData:
     qt = QuantileTransformer(
         n_quantiles=min(n_quantiles, X.shape[0]), output_distribution="normal", random_state=0
     )
+    adata = adata.copy() if copy else adata
     adata.X = qt.fit_transform(X)
     record(adata, "inverse_normal", {"n_quantiles": int(qt.n_quantiles_)})
-    return adata
+    return adata if copy else None

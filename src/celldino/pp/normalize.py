@@ -43,17 +43,20 @@ def normalize(
     reference: str = "controls",
     controls: Controls = None,
     epsilon: float = 1e-18,
-) -> ad.AnnData:
-    """Normalise features in place, one fit per value of obs[`by`] ('' or None: one global fit).
+    copy: bool = False,
+) -> ad.AnnData | None:
+    """Normalise features, one fit per value of obs[`by`] ('' or None: one global fit).
 
     reference='controls' fits on negative controls (given here or marked by pp.annotate);
     a group without controls is an error naming it. reference='all' fits on every profile.
+    Modifies `adata` and returns None; copy=True returns a normalised copy instead.
     """
     if method not in METHODS:
         raise DataError(f"normalisation method must be one of {METHODS}, got {method!r}")
     if reference not in ("controls", "all"):
         raise DataError(f"reference must be 'controls' or 'all', got {reference!r}")
     mask = control_mask(adata, controls) if reference == "controls" else np.ones(adata.n_obs, bool)
+    adata = adata.copy() if copy else adata
     X = np.asarray(adata.X, dtype=np.float64).copy()  # (n_obs, n_vars)
     out = np.empty_like(X)
     for value, rows in groups(adata, by):
@@ -89,7 +92,7 @@ def normalize(
         {"method": method, "by": by or "", "reference": reference, "epsilon": epsilon,
          "n_reference": int(mask.sum())},
     )  # fmt: skip
-    return adata
+    return adata if copy else None
 
 
 def pca(
