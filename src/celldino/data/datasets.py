@@ -19,7 +19,12 @@ import torch
 
 from celldino.data.illumination import apply_illumination, function_for, load_functions
 from celldino.data.imagesets import ImageSet
-from celldino.data.intensity import finite_image, image_percentiles, lo_hi_for, normalise
+from celldino.data.intensity_normalization import (
+    finite_image,
+    image_percentiles,
+    lo_hi_for,
+    normalise,
+)
 from celldino.io.cropstore import CELLS, open_crops
 from celldino.io.files import read_json
 

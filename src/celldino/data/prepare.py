@@ -34,7 +34,7 @@ from celldino import log
 from celldino.config import ConfigError, PrepareConfig
 from celldino.data import qc as qcmod
 from celldino.data.crops import BORDERS, crop_cells
-from celldino.data.features import cell_features
+from celldino.data.engineered import cell_features
 from celldino.data.illumination import (
     IlluminationAccumulator,
     apply_illumination,
@@ -43,7 +43,7 @@ from celldino.data.illumination import (
     save_functions,
 )
 from celldino.data.imagesets import ImageSet, ImageSetError
-from celldino.data.intensity import check_method, finite_image, image_percentiles
+from celldino.data.intensity_normalization import check_method, finite_image, image_percentiles
 from celldino.data.segmentation import (
     expand_nuclei,
     labels_from_mask,

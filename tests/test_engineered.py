@@ -8,7 +8,7 @@ from skimage.draw import ellipse
 from skimage.feature import graycomatrix, graycoprops
 from skimage.measure import regionprops
 
-from celldino.data.features import cell_features, haralick, radial_distribution, shape_features
+from celldino.data.engineered import cell_features, haralick, radial_distribution, shape_features
 
 
 def _scene():
