@@ -38,8 +38,8 @@ from torch import nn
 from celldino import log
 from celldino.config import ExtractConfig
 from celldino.errors import DataError
-from celldino.extract import features as F
-from celldino.extract.attention import (
+from celldino.extract import feature_modes as F
+from celldino.extract.attention_store import (
     ATTENTION,
     attention_outputs,
     pick_cells,

@@ -1,8 +1,8 @@
 """Reading the attention store `attention.zarr` of an embeddings folder.
 
-`celldino.extract.attention` writes it (arrays `cls`, `patch`, `attn`, `attn_maps`, one row per
-cell; attrs `cell_ids`, `channels`, `grid`, `num_registers`); `read_attention_store` reads whole
-arrays of it back for the report.
+`celldino.extract.attention_store` writes it (arrays `cls`, `patch`, `attn`, `attn_maps`, one row
+per cell; attrs `cell_ids`, `channels`, `grid`, `num_registers`); `read_attention_store` reads
+whole arrays of it back for the report.
 """
 
 from __future__ import annotations
