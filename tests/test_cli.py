@@ -56,7 +56,7 @@ def captured(monkeypatch):
     monkeypatch.setattr("celldino.pipeline.run_pipeline", fake_run)
     monkeypatch.setattr("celldino.pp.run_profile", fake_profile)
     monkeypatch.setattr("celldino.extract.extract", fake_extract)
-    monkeypatch.setattr("celldino.pl.report.build_report", fake_report)
+    monkeypatch.setattr("celldino.report.build_report", fake_report)
     return seen
 
 

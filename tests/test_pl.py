@@ -11,10 +11,10 @@ from scipy.cluster.hierarchy import fcluster, linkage
 from sklearn.decomposition import PCA
 
 from celldino import pl
+from celldino.io.trainrun import read_metrics
 from celldino.pl.attention import patch_pca_rgb
 from celldino.pl.heatmap import hierarchical_order
-from celldino.pl.report import best_per_row, html_table
-from celldino.pl.training import read_metrics
+from celldino.report import best_per_row, html_table
 
 
 def test_composite_uses_documented_colours():

@@ -104,7 +104,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from celldino.pl.report import build_report
+    from celldino.report import build_report
 
     cfg = _config(args)
     out = args.out or Path(args.run_dir) / "report.html"

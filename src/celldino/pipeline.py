@@ -186,7 +186,7 @@ def stage_evaluate(cfg: Config, lay: RunLayout, *, resume: bool) -> None:
 
 
 def stage_report(cfg: Config, lay: RunLayout, *, resume: bool) -> None:
-    from celldino.pl.report import build_report
+    from celldino.report import build_report
 
     build_report(lay.root, out=cfg.report.out, title=cfg.report.title)
 

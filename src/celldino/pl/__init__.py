@@ -1,4 +1,4 @@
-"""Plots (matplotlib) and the self-contained HTML report.
+"""Plots (matplotlib); the HTML report is `celldino.report`.
 
 Every plotting function returns a `matplotlib.figure.Figure` and saves it when given `save=`
 (PNG or SVG by the file suffix).

@@ -1,14 +1,15 @@
-"""Training curves and collapse diagnostics from a run's metrics.jsonl."""
+"""Training curves and collapse diagnostics from a run's metrics (a frame, or metrics.jsonl read
+by `celldino.io.trainrun.read_metrics`)."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import pandas as pd
 from matplotlib.figure import Figure
 
+from celldino.io.trainrun import read_metrics
 from celldino.pl.figure import finish, new_figure
 
 PANELS = (
@@ -19,22 +20,6 @@ PANELS = (
     ("kl_student_teacher", "KL(student ‖ teacher)"),
     ("embedding_std", "embedding std (collapse → 0)"),
 )
-
-
-def read_metrics(path: str | Path) -> pd.DataFrame:
-    """metrics.jsonl → DataFrame (one row per logged step); a line that is not JSON is an error
-    naming the line."""
-    rows = []
-    for i, line in enumerate(Path(path).read_text().splitlines()):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: line {i + 1} is not JSON ({e})") from None
-    if not rows:
-        raise ValueError(f"{path} holds no metrics yet: train for at least train.log_every steps")
-    return pd.DataFrame(rows)
 
 
 def training_curves(

@@ -1,9 +1,7 @@
-"""One self-contained HTML report of a run directory (images embedded, no network).
+"""The HTML of the report: a `Section` collects escaped fragments (text, figures as data URIs,
+tables with the best value of each row marked) and `render_html` joins them into one page.
 
-Sections: data and QC summary, training curves and collapse diagnostics, UMAPs, evaluation tables
-with the baselines side by side (best value marked), attention maps and patch maps. A section
-whose inputs are missing says which stage makes them. Every piece of metadata text is
-HTML-escaped, so a plate named `<script>` is shown, never run.
+Every piece of metadata text is HTML-escaped, so a plate named `<script>` is shown, never run.
 """
 
 from __future__ import annotations
@@ -12,20 +10,13 @@ import base64
 import html
 import io
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from celldino import log
-from celldino.errors import MissingInputError
-from celldino.io.files import atomic_write_text, read_json, require_writable
 from celldino.pl.figure import close
-
-logger = log.get_logger(__name__)
 
 # Metrics where lower is better (everything else: higher is better).
 LOWER_IS_BETTER = {"p_value", "q_value", "loss"}
@@ -132,42 +123,3 @@ def render_html(title: str, subtitle: str, sections: list[Section]) -> str:
         f"<style>{CSS}</style></head><body><header><h1>{html.escape(title)}</h1>"
         f"<p>{html.escape(subtitle)}</p><nav>{nav}</nav></header>\n{body}\n</body></html>\n"
     )
-
-
-def build_report(
-    run_dir: str | Path,
-    *,
-    out: str | Path | None = None,
-    title: str = "celldino report",
-    sections: list[Callable[[Path], Section]] | None = None,
-) -> Path:
-    """Write `report.html` for a run directory laid out by `celldino run` and return its path."""
-    from celldino.pl.report_sections import DEFAULT_SECTIONS
-
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise MissingInputError(
-            f"run directory {run} does not exist: run `celldino run` or `celldino demo` first"
-        )
-    path = Path(out) if out else run / "report.html"
-    require_writable(path.parent, "report --out")  # before drawing any figure
-    built = []
-    for make in sections or DEFAULT_SECTIONS:
-        try:
-            built.append(make(run))
-        except Exception as e:  # one broken section must not lose the others
-            logger.warning("report section %s failed: %s", make.__name__, e)
-            sec = Section(
-                make.__name__.removeprefix("section_"), make.__name__.removeprefix("section_")
-            )
-            sec.parts.append(
-                f'<p class="warn">This section could not be drawn: {html.escape(str(e))}</p>'
-            )
-            built.append(sec)
-    subtitle = f"run directory: {run.resolve()}"
-    manifest = run / "pipeline.json"
-    if manifest.exists():
-        subtitle += f" · pipeline fingerprint {read_json(manifest).get('fingerprint', '?')}"
-    atomic_write_text(path, render_html(title, subtitle, built))
-    logger.info("report written: %s", path)
-    return path
