@@ -85,7 +85,7 @@ def _random_init_checkpoint(cfg: Config, lay: RunLayout) -> Path:
     from celldino.io.checkpoints import checkpoint_channels, write_safetensors
     from celldino.models import build_model
 
-    path = lay.root / "baselines" / "random_init.safetensors"
+    path = lay.random_init_checkpoint
     torch.manual_seed(cfg.train.seed)
     model_cfg = dataclasses.replace(cfg.model, pretrained="")
     backbone = build_model(model_cfg)
@@ -93,7 +93,7 @@ def _random_init_checkpoint(cfg: Config, lay: RunLayout) -> Path:
         f"teacher.backbone.{k}": v.detach().contiguous() for k, v in backbone.state_dict().items()
     }
     metadata = {"model_config": dataclasses.asdict(model_cfg), "format": "celldino-random-init"}
-    learned = lay.train / "checkpoints" / "last.safetensors"
+    learned = lay.checkpoint
     channels = checkpoint_channels(learned) if learned.exists() else list(cfg.train.channels)
     return write_safetensors(path, tensors, metadata, channels=channels or None)
 
@@ -143,7 +143,7 @@ def stage_profile(cfg: Config, lay: RunLayout, *, resume: bool) -> None:
     inputs = {
         "learned": (str(lay.embeddings("learned")), "emb_"),
         "random_init": (str(lay.embeddings("random_init")), "emb_"),
-        "engineered": (str(lay.prep / "engineered.parquet"), "CP_"),
+        "engineered": (str(lay.engineered), "CP_"),
     }
     for name in _feature_sets(cfg):
         path, prefix = inputs[name]
@@ -203,15 +203,15 @@ STAGE_FUNCTIONS: dict[str, Callable[..., None]] = {
 
 def stage_outputs_exist(stage: str, cfg: Config, lay: RunLayout) -> bool:
     checks = {
-        "prepare": lambda: (lay.prep / "cells.parquet").exists(),
-        "train": lambda: (lay.train / "checkpoints" / "last.safetensors").exists(),
+        "prepare": lambda: lay.cells.exists(),
+        "train": lambda: lay.checkpoint.exists(),
         "extract": lambda: all(
             read_manifest(lay.embeddings(n)) is not None
             for n in _feature_sets(cfg)
             if n != "engineered"
         ),
         "profile": lambda: all(lay.profiles(n).exists() for n in _feature_sets(cfg)),
-        "evaluate": lambda: (lay.eval / "metrics.parquet").exists(),
+        "evaluate": lambda: lay.eval_metrics.exists(),
         "report": lambda: Path(cfg.report.out).exists(),
     }
     return checks[stage]()
