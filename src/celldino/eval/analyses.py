@@ -27,7 +27,13 @@ from celldino.eval.moa import moa_prediction
 from celldino.eval.multitask import multitask_activity
 from celldino.eval.retrieval import aggregate_treatments, nsc_nscb
 from celldino.eval.similarity import group_similarity
-from celldino.eval.spec import AnalysisResult, EvalContext, NotEvaluable, SpecError
+from celldino.eval.spec import (
+    AnalysisResult,
+    EvalContext,
+    NotEvaluable,
+    SpecError,
+    is_control_row,
+)
 from celldino.log import get_logger
 
 logger = get_logger(__name__)
@@ -65,7 +71,7 @@ def _with_moa(
     moa = ctx.cols.require(meta, "moa", analysis)
     missing = meta[moa].isna().to_numpy()
     if ctx.cols.control in meta.columns:  # controls may lack a MoA: give them one
-        ctrl = (meta[ctx.cols.control].astype(str) == str(ctx.cols.control_value)).to_numpy()
+        ctrl = is_control_row(meta, ctx.cols.control, ctx.cols.control_value)
         meta = meta.assign(**{moa: meta[moa].astype(object).where(~(missing & ctrl), "control")})
         missing = missing & ~ctrl  # not in place: under pandas copy-on-write the array is read-only
     if ctx.cols.control in meta.columns:
@@ -173,11 +179,8 @@ def run_enrichment(
         treatment = [compound] + ([c.dose] if c.present(meta, "dose") else [])
     m, X = meta, feats
     if treatment:
-        keep = np.ones(len(meta), dtype=bool)
-        if c.control in meta.columns:
-            keep = (meta[c.control].astype(str) != str(c.control_value)).to_numpy()
         keys = list(dict.fromkeys([*treatment, c.require(meta, "moa", "enrichment")]))
-        m, X = aggregate_treatments(meta[keep], np.asarray(feats)[keep], by=keys)
+        m, X = aggregate_treatments(*c.drop_controls(meta, feats), by=keys)
     table = enrichment(
         m,
         X,
@@ -208,14 +211,6 @@ def _result(metrics: dict, tables: dict[str, pd.DataFrame]) -> AnalysisResult:
     return AnalysisResult(numeric, tables)
 
 
-def _drop_controls(meta: pd.DataFrame, feats: np.ndarray, ctx: EvalContext, params: dict):
-    c = ctx.cols
-    if not params.get("exclude_controls", True) or c.control not in meta.columns:
-        return meta, feats
-    keep = (meta[c.control].astype(str) != str(c.control_value)).to_numpy()
-    return meta[keep].reset_index(drop=True), np.asarray(feats)[keep]
-
-
 def _label_and_split(meta: pd.DataFrame, ctx: EvalContext, params: dict, name: str):
     c = ctx.cols
     label = params.get("label") or c.require(meta, "moa", name)
@@ -235,7 +230,8 @@ def _mlp_options(params: dict) -> MLPOptions:
 
 def run_classify(meta, feats, ctx: EvalContext, **params: Any) -> AnalysisResult:
     """kNN (k = 1…50), linear probe and MLP macro-F1 on a group split (default by compound)."""
-    meta, feats = _drop_controls(meta, feats, ctx, params)
+    if params.get("exclude_controls", True):
+        meta, feats = ctx.cols.drop_controls(meta, feats)
     label, split_by = _label_and_split(meta, ctx, params, "classify")
     table = classify(
         meta, feats, label_col=label, split_by=split_by,
@@ -253,7 +249,8 @@ def run_classify(meta, feats, ctx: EvalContext, **params: Any) -> AnalysisResult
 
 def run_lowshot(meta, feats, ctx: EvalContext, **params: Any) -> AnalysisResult:
     """Low-shot curve: classifiers retrained on 1 %…100 % of the training rows."""
-    meta, feats = _drop_controls(meta, feats, ctx, params)
+    if params.get("exclude_controls", True):
+        meta, feats = ctx.cols.drop_controls(meta, feats)
     label, split_by = _label_and_split(meta, ctx, params, "lowshot")
     table = lowshot_curve(
         meta, feats, label_col=label, split_by=split_by,
@@ -322,7 +319,8 @@ def run_factors(meta, feats, ctx: EvalContext, **params: Any) -> AnalysisResult:
 
 def run_similarity(meta, feats, ctx: EvalContext, **params: Any) -> AnalysisResult:
     """Group-mean similarity matrix in hierarchical order (long table: group_a, group_b, sim)."""
-    meta, feats = _drop_controls(meta, feats, ctx, params)
+    if params.get("exclude_controls", True):
+        meta, feats = ctx.cols.drop_controls(meta, feats)
     group = params.get("group_col") or ctx.cols.require(meta, "moa", "similarity")
     sim = group_similarity(meta, feats, group_col=group, metric=params.get("metric", "cosine"))
     long = sim.stack().rename("similarity").reset_index()
@@ -343,7 +341,7 @@ def run_heterogeneity(meta, feats, ctx: EvalContext, **params: Any) -> AnalysisR
     treatment = params.get("treatment_col") or c.require(meta, "compound", "heterogeneity")
     exclude = params.get("exclude")
     if exclude is None and c.control in meta.columns:
-        is_ctl = meta[c.control].astype(str) == str(c.control_value)
+        is_ctl = is_control_row(meta, c.control, c.control_value)
         exclude = meta.loc[is_ctl, treatment].astype(str).unique().tolist()
     ranked, summary = heterogeneity(
         meta, feats, field_cols=fields, treatment_col=treatment,

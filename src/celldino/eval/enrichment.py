@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 import scipy.stats
 
-from celldino.eval.map import check_inputs, control_mask
+from celldino.eval.map import check_inputs
+from celldino.eval.spec import drop_controls
 
 MAX_PROFILES = 20000  # all pairs are held in memory: aggregate wells into treatments first
 
@@ -54,9 +55,7 @@ def enrichment(
     meta = meta.reset_index(drop=True)
     cols = [moa] + ([compound] if compound else [])
     X = check_inputs(meta, feats, cols)
-    if control_col and control_col in meta.columns:
-        keep = ~control_mask(meta, control_col, control_value)
-        meta, X = meta[keep].reset_index(drop=True), X[keep]
+    meta, X = drop_controls(meta, X, control=control_col, control_value=control_value)
     n = len(X)
     if n > MAX_PROFILES:
         raise ValueError(

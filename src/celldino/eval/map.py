@@ -30,6 +30,7 @@ import scipy.stats
 import torch
 
 from celldino.errors import DataError
+from celldino.eval.spec import drop_controls, is_control_row
 from celldino.log import get_logger, progress
 
 logger = get_logger(__name__)
@@ -414,16 +415,6 @@ _REF = "_celldino_ref"  # -1 for treatments, the row number for each control
 _CTRL = "_celldino_is_control"
 
 
-def control_mask(meta: pd.DataFrame, control_col: str, control_value: str) -> np.ndarray:
-    """Boolean (n,) of negative-control rows, with a clear error when the column is missing."""
-    if control_col not in meta.columns:
-        raise KeyError(
-            f"control column '{control_col}' not in the metadata (available: {list(meta.columns)});"
-            " set the control column (e.g. Metadata_pert_type) or add it"
-        )
-    return (meta[control_col].astype(str) == str(control_value)).to_numpy()
-
-
 def _with_refs(meta: pd.DataFrame, by: list[str], is_ctrl: np.ndarray) -> pd.DataFrame:
     m = meta.reset_index(drop=True).copy()
     m[_REF] = np.where(is_ctrl, np.arange(len(m)), -1)
@@ -461,7 +452,7 @@ def retrieval_map(
     by = _as_list(by)
     if not by:
         raise ValueError("retrieval needs at least one column in `by` (e.g. the compound)")
-    is_ctrl = control_mask(meta, control_col, control_value)
+    is_ctrl = is_control_row(meta, control_col, control_value)
     if negatives == "controls" and not is_ctrl.any():
         raise ValueError(
             f"no controls found ({control_col} == {control_value!r}): phenotypic activity needs "
@@ -512,13 +503,10 @@ def moa_map(
     Controls are dropped (rows where `control_col == control_value`, when the column exists).
     Returns the per-profile AP table and the per-MoA mAP table.
     """
-    keep = np.ones(len(meta), dtype=bool)
-    if control_col in meta.columns:
-        keep = ~control_mask(meta, control_col, control_value)
-    m = meta.reset_index(drop=True)[keep].reset_index(drop=True)
+    m, X = drop_controls(meta, feats, control=control_col, control_value=control_value)
     ap = average_precision(
         m,
-        np.asarray(feats)[keep],
+        X,
         pos_sameby=[moa],
         pos_diffby=[compound],
         neg_sameby=[],

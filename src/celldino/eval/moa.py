@@ -23,6 +23,7 @@ from celldino.eval.classify import (
     predict_mlp,
     zscore_fit,
 )
+from celldino.eval.spec import is_control_row
 from celldino.eval.splits import group_folds
 from celldino.log import get_logger, progress
 
@@ -43,14 +44,6 @@ def average_precision(y_true: np.ndarray, scores: np.ndarray) -> float:
     precision = tp / (last + 1)
     recall = tp / n_pos
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
-
-
-def _controls_mask(meta: pd.DataFrame, control_col: str | None, control_values) -> np.ndarray:
-    if control_col is None:
-        return np.zeros(len(meta), dtype=bool)
-    if control_col not in meta.columns:
-        raise KeyError(f"control column '{control_col}' not in the metadata: {list(meta.columns)}")
-    return meta[control_col].astype(str).isin([str(v) for v in control_values]).to_numpy()
 
 
 def moa_prediction(
@@ -84,7 +77,11 @@ def moa_prediction(
         if c not in meta.columns:
             raise KeyError(f"column '{c}' not in the metadata: {list(meta.columns)}")
     X = as_matrix(X, len(meta))
-    controls = _controls_mask(meta, control_col, control_values)
+    controls = (
+        is_control_row(meta, control_col, control_values)
+        if control_col is not None
+        else np.zeros(len(meta), dtype=bool)
+    )
     has_moa = meta[moa_col].notna().to_numpy() & (meta[moa_col].astype(str).str.strip() != "")
     keep = np.flatnonzero(~controls & has_moa)
     sub = meta.iloc[keep].reset_index(drop=True)

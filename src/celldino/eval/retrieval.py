@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from celldino.eval.map import check_inputs, control_mask
+from celldino.eval.map import check_inputs
+from celldino.eval.spec import drop_controls
 from celldino.log import get_logger
 
 logger = get_logger(__name__)
@@ -145,11 +146,8 @@ def nsc_nscb(
     batches gives two profiles); None means the rows already are treatments.
     Controls (`control_col == control_value`) are dropped first.
     """
-    meta = meta.reset_index(drop=True)
     X = np.asarray(feats, dtype=np.float64)
-    if control_col and control_col in meta.columns:
-        keep = ~control_mask(meta, control_col, control_value)
-        meta, X = meta[keep].reset_index(drop=True), X[keep]
+    meta, X = drop_controls(meta, X, control=control_col, control_value=control_value)
     m_nsc, X_nsc = meta, X
     if treatment:  # NSC: one profile per treatment, over all batches
         keys = list(dict.fromkeys([*treatment, compound, moa]))
