@@ -132,9 +132,9 @@ def test_feature_select_matches_pycytominer(lincs):
     ref = pyc_select(df, features=feats, operation=ops, corr_threshold=0.5, blocklist=block,
                      min_variance=0.5, unique_cut=0.5)  # fmt: skip
     expected = [c for c in ref.columns if c in feats]
-    out = pp.feature_select(
-        frame_to_anndata(df, feats),
-        operations=["variance", "frequency", "correlation", "blocklist"],
+    out = frame_to_anndata(df, feats)
+    pp.feature_select(
+        out, operations=["variance", "frequency", "correlation", "blocklist"],
         corr_threshold=0.5, blocklist=block, min_variance=0.5, unique_cut=0.5,
     )  # fmt: skip
     assert 0 < len(expected) < len(feats) - 3
@@ -229,9 +229,9 @@ def test_nonfinite_policies():
     adata.X[5, 1] = np.inf
     with pytest.raises(ValueError, match=r"2 non-finite values .*f1 \(1\), f2 \(1\)"):
         pp.handle_nonfinite(adata, policy="error")
-    out = pp.handle_nonfinite(adata, policy="drop_feature")
+    out = pp.handle_nonfinite(adata, policy="drop_feature", copy=True)
     assert list(out.var_names) == ["f0", "f3", "f4"] and out.n_obs == adata.n_obs
-    out = pp.handle_nonfinite(adata, policy="drop_row")
+    out = pp.handle_nonfinite(adata, policy="drop_row", copy=True)
     assert out.n_obs == adata.n_obs - 2 and out.n_vars == adata.n_vars
     assert pp.history(out)[-1]["params"]["n_nonfinite"] == 2
 
@@ -289,7 +289,8 @@ def test_drop_na_matches_pycytominer(lincs):
     df.loc[:30, feats[2]] = np.nan  # 31 of 384 rows missing: above the 5 % cutoff
     df.loc[:5, feats[4]] = np.nan  # 6 of 384: kept
     ref = pyc_select(df[feats], features=feats, operation="drop_na_columns", na_cutoff=0.05)
-    out = pp.feature_select(frame_to_anndata(df, feats), operations=["drop_na"], na_cutoff=0.05)
+    out = frame_to_anndata(df, feats)
+    pp.feature_select(out, operations=["drop_na"], na_cutoff=0.05)
     assert list(out.var_names) == list(ref.columns) and feats[2] not in out.var_names
 
 
@@ -333,6 +334,10 @@ IN_PLACE = {
     "normalize": lambda a, **kw: pp.normalize(a, method="standardize", reference="all", **kw),
     "harmony": lambda a, **kw: pp.harmony(a, key="Metadata_Batch", nclust=2, **kw),
     "inverse_normal": lambda a, **kw: pp.inverse_normal(a, **kw),
+    "nonfinite": lambda a, **kw: pp.handle_nonfinite(a, policy="drop_row", **kw),
+    "feature_select": lambda a, **kw: pp.feature_select(
+        a, operations=["blocklist"], blocklist=["f1"], **kw
+    ),
 }
 
 
@@ -340,10 +345,13 @@ IN_PLACE = {
 def test_steps_modify_in_place_or_return_a_copy(name):
     step = IN_PLACE[name]
     adata = _profiles()
+    if name == "nonfinite":
+        adata.X[3, 2] = np.nan  # one row to drop
     before = adata.copy()
     out = step(adata, copy=True)
     assert out is not None and out is not adata and pp.steps(out) == [name]
     # the input is untouched
+    assert adata.shape == before.shape
     np.testing.assert_array_equal(adata.X, before.X)
     assert list(adata.obs.columns) == list(before.obs.columns) and pp.steps(adata) == []
     assert step(adata) is None  # in place by default, as scanpy

@@ -64,11 +64,13 @@ def feature_select(
     na_cutoff: float = 0.05,
     blocklist: Sequence[str] = (),
     samples: Controls = None,
-) -> ad.AnnData:
-    """Drop features by the given operations in order; returns a new AnnData.
+    copy: bool = False,
+) -> ad.AnnData | None:
+    """Drop features by the given operations in order.
 
     samples: compute the statistics on a subset (a pandas query, (column, value) or mask);
-    None uses every profile (pycytominer's samples='all').
+    None uses every profile (pycytominer's samples='all'). Drops the features from `adata`
+    itself (as scanpy's filters) and returns None; copy=True returns the selected copy instead.
     """
     unknown = [op for op in operations if op not in OPERATIONS]
     if unknown:
@@ -101,11 +103,12 @@ def feature_select(
             f"feature selection {list(operations)} would drop all {adata.n_vars} features "
             f"({counts}); loosen profile.min_variance / profile.corr_threshold or select less"
         )
-    out = adata[:, keep].copy()
-    record(out, "feature_select", {
+    adata = adata.copy() if copy else adata
+    adata._inplace_subset_var(keep)
+    record(adata, "feature_select", {
         "operations": list(operations), "min_variance": min_variance, "freq_cut": freq_cut,
         "unique_cut": unique_cut, "corr_threshold": corr_threshold, "corr_method": corr_method,
         "na_cutoff": na_cutoff, "blocklist": list(blocklist),
         "n_dropped": {k: len(v) for k, v in dropped.items()}, "n_kept": int(keep.sum()),
     })  # fmt: skip
-    return out
+    return adata if copy else None

@@ -13,10 +13,13 @@ logger = get_logger(__name__)
 POLICIES = ("drop_feature", "drop_row", "error")
 
 
-def handle_nonfinite(adata: ad.AnnData, *, policy: str = "drop_feature") -> ad.AnnData:
+def handle_nonfinite(
+    adata: ad.AnnData, *, policy: str = "drop_feature", copy: bool = False
+) -> ad.AnnData | None:
     """Count non-finite values; drop the features or rows holding them, or raise (policy).
 
-    Returns a new AnnData (or the same one when everything is finite).
+    Drops them from `adata` itself (as scanpy's filters) and returns None; copy=True returns
+    the filtered copy instead and leaves `adata` untouched.
     """
     if policy not in POLICIES:
         raise DataError(f"nonfinite policy must be one of {POLICIES}, got {policy!r}")
@@ -35,8 +38,9 @@ def handle_nonfinite(adata: ad.AnnData, *, policy: str = "drop_feature") -> ad.A
         "n_rows_affected": int(len(bad_rows)),
     }
     if n_bad == 0:
+        adata = adata.copy() if copy else adata
         record(adata, "nonfinite", params)
-        return adata
+        return adata if copy else None
     where = ", ".join(f"{adata.var_names[j]} ({int(bad[:, j].sum())})" for j in bad_vars[:5]) + (
         " ..." if len(bad_vars) > 5 else ""
     )
@@ -61,11 +65,12 @@ def handle_nonfinite(adata: ad.AnnData, *, policy: str = "drop_feature") -> ad.A
             f"{msg}: every profile holds NaN/inf, so dropping them (profile.nonfinite=drop_row) "
             "would leave 0 profiles; use profile.nonfinite=drop_feature or fix the input"
         )
+    adata = adata.copy() if copy else adata
     if policy == "drop_feature":
-        out = adata[:, np.setdiff1d(np.arange(adata.n_vars), bad_vars)].copy()
+        adata._inplace_subset_var(np.setdiff1d(np.arange(adata.n_vars), bad_vars))
         logger.warning("%s; dropped those features", msg)
     else:
-        out = adata[np.setdiff1d(np.arange(adata.n_obs), bad_rows)].copy()
+        adata._inplace_subset_obs(np.setdiff1d(np.arange(adata.n_obs), bad_rows))
         logger.warning("%s; dropped those rows", msg)
-    record(out, "nonfinite", params)
-    return out
+    record(adata, "nonfinite", params)
+    return adata if copy else None

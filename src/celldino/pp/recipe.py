@@ -156,7 +156,7 @@ def process(adata: ad.AnnData, cfg: ProfileConfig) -> ad.AnnData:
     """Every configured stage after aggregation, in the field's usual order."""
     check_settings(cfg)
     _check_rows(adata, cfg)
-    adata = handle_nonfinite(adata, policy=cfg.nonfinite)
+    handle_nonfinite(adata, policy=cfg.nonfinite)
     _check(adata, "nonfinite", cfg)
     if cfg.controls.strip():
         annotate(adata, controls=cfg.controls)
@@ -167,7 +167,7 @@ def process(adata: ad.AnnData, cfg: ProfileConfig) -> ad.AnnData:
         )  # fmt: skip
         _check(adata, "normalize", cfg)
     if cfg.select:
-        adata = feature_select(
+        feature_select(
             adata, operations=list(cfg.select), min_variance=cfg.min_variance,
             corr_threshold=cfg.corr_threshold, blocklist=list(cfg.blocklist),
         )  # fmt: skip
