@@ -17,7 +17,6 @@ the global torch RNG (stochastic depth) is saved in the checkpoint.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -38,6 +37,7 @@ from celldino.errors import DataError, MissingInputError, UserError
 from celldino.io.configfile import save_config
 from celldino.io.files import file_fingerprint, require_writable, write_error
 from celldino.io.lock import output_lock
+from celldino.io.trainrun import METRICS, append_metrics, truncate_metrics
 from celldino.log import get_logger
 from celldino.models.build import build_head, build_model
 from celldino.train import checkpoint, distributed
@@ -475,7 +475,7 @@ def _train_locked(
         step = int(state["step"])
         logger.info("resuming %s at step %d (epoch %d)", run_dir, step, step // max(spe, 1))
         if info.is_main:
-            _truncate_metrics(run_dir / "metrics.jsonl", step)
+            truncate_metrics(run_dir / METRICS, step)
     elif resume:
         logger.warning("--resume: no checkpoint in %s yet, starting from scratch", run_dir)
 
@@ -484,7 +484,7 @@ def _train_locked(
     use_amp = tc.amp and device.type == "cuda"
     enabled = info.is_main and logger.isEnabledFor(logging.INFO)
     bar = log.ProgressBar("train", total=total_steps, done=step, enabled=enabled)
-    metrics_path = run_dir / "metrics.jsonl"
+    metrics_path = run_dir / METRICS
     warned = False
     t0, seen = time.perf_counter(), 0
     t_epoch, entropy = t0, None
@@ -577,8 +577,7 @@ def _train_locked(
                     record["images_per_s"] = seen / max(time.perf_counter() - t0, 1e-9)
                     if info.is_main:
                         try:
-                            with open(metrics_path, "a") as f:
-                                f.write(json.dumps(record) + "\n")
+                            append_metrics(metrics_path, record)
                         except OSError as e:
                             raise write_error(metrics_path, e, what="metrics") from None
                     text = f"loss {record['loss']:.4f} lr {lr:.2e}"
@@ -661,14 +660,6 @@ def _save(
             data_identity=identity,
         )
     distributed.barrier()
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines logged after the checkpoint we resume from (they will be redone)."""
-    if not path.is_file():
-        return
-    keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-    path.write_text("".join(ln + "\n" for ln in keep))
 
 
 __all__ = ["TrainingDiverged", "sample_masks", "step_generator", "train"]
