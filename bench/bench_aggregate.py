@@ -49,8 +49,13 @@ def generate(folder: Path, n: int, seed: int = 0) -> list[Path]:
         for j in range(D):
             cols[f"emb_{j:04d}"] = pa.array(X[:, j])
         path = folder / f"part-{start // SHARD:05d}.parquet"
-        pq.write_table(pa.table(cols), path, row_group_size=100_000, compression="snappy",
-                       use_dictionary=["Metadata_Plate", "Metadata_Well"])  # fmt: skip
+        pq.write_table(
+            pa.table(cols),
+            path,
+            row_group_size=100_000,
+            compression="snappy",
+            use_dictionary=["Metadata_Plate", "Metadata_Well"],
+        )
         paths.append(path)
     return paths
 
@@ -66,8 +71,9 @@ def worker(tool: str, files: list[str], method: str, out: str, memory_limit: str
         from celldino.pp import aggregate
 
         t0 = time.perf_counter()
-        adata = aggregate(files, by=keys, features=feats, method=method,
-                          memory_limit=memory_limit, threads=0)  # fmt: skip
+        adata = aggregate(
+            files, by=keys, features=feats, method=method, memory_limit=memory_limit, threads=0
+        )
         df = anndata_to_frame(adata)
     else:
         from pycytominer import aggregate
@@ -94,8 +100,19 @@ def _peak_rss() -> int:
 
 
 def measure(tool: str, files: list[Path], method: str, out: Path, memory_limit: str) -> dict:
-    cmd = [sys.executable, __file__, "--worker", tool, "--method", method, "--out", str(out),
-           "--memory-limit", memory_limit, *map(str, files)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        tool,
+        "--method",
+        method,
+        "--out",
+        str(out),
+        "--memory-limit",
+        memory_limit,
+        *map(str, files),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed"}
@@ -130,9 +147,12 @@ def main() -> None:
     try:
         t0 = time.perf_counter()
         shards = generate(root / "shards", total)
-        print(f"generated {total:,} cells × {D} float32 in {len(shards)} shards "
-              f"({sum(p.stat().st_size for p in shards) / 2**30:.1f} GiB) in "
-              f"{time.perf_counter() - t0:.0f} s", flush=True)  # fmt: skip
+        print(
+            f"generated {total:,} cells × {D} float32 in {len(shards)} shards "
+            f"({sum(p.stat().st_size for p in shards) / 2**30:.1f} GiB) in "
+            f"{time.perf_counter() - t0:.0f} s",
+            flush=True,
+        )
         plan = [(n, "mean", True) for n in a.sizes]
         if a.median_size:
             plan.append((a.median_size, "median", True))

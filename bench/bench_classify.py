@@ -31,8 +31,12 @@ def data(n: int, d: int, n_classes: int, seed: int = 0):
     y = rng.integers(0, n_classes, n)
     centres = rng.normal(size=(n_classes, d)) * 0.15
     X = (rng.normal(size=(n, d)) + centres[y]).astype(np.float32)
-    meta = pd.DataFrame({"Metadata_Class": [f"c{v:02d}" for v in y],
-                         "Metadata_Plate": rng.integers(0, 4, n).astype(str)})  # fmt: skip
+    meta = pd.DataFrame(
+        {
+            "Metadata_Class": [f"c{v:02d}" for v in y],
+            "Metadata_Plate": rng.integers(0, 4, n).astype(str),
+        }
+    )
     return meta, X
 
 

@@ -108,8 +108,11 @@ def main() -> int:
         for w in ("teacher", "student")
         for k, v in model.state_dict().items()
     }
-    write_safetensors(tmp / "run" / "checkpoints" / "last.safetensors", sd,
-                      {"model_config": dataclasses.asdict(mcfg)})  # fmt: skip
+    write_safetensors(
+        tmp / "run" / "checkpoints" / "last.safetensors",
+        sd,
+        {"model_config": dataclasses.asdict(mcfg)},
+    )
     ds = CropDataset(tmp / "prep")
     n = len(ds)
 
@@ -136,10 +139,15 @@ def main() -> int:
         shutil.rmtree(tmp / "emb", ignore_errors=True)
         extract(
             ExtractConfig(
-                checkpoint=str(tmp / "run"), data=str(tmp / "prep"), out_dir=str(tmp / "emb"),
-                batch_size=args.batch, num_workers=args.workers, overwrite=True, device="cpu",
+                checkpoint=str(tmp / "run"),
+                data=str(tmp / "prep"),
+                out_dir=str(tmp / "emb"),
+                batch_size=args.batch,
+                num_workers=args.workers,
+                overwrite=True,
+                device="cpu",
             )
-        )  # fmt: skip
+        )
 
     from celldino.extract.reader import CropBatches
 

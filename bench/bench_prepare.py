@@ -30,8 +30,14 @@ def _celldino(kind: str, src: str, out: str, q) -> None:
     from celldino.data.prepare import prepare
 
     if kind == "ped":
-        cfg = PrepareConfig(image_dir=src, pattern="opera_phenix", channel_map=PED_MAP,
-                            plate="BR00143976", out_dir=out, features=False)  # fmt: skip
+        cfg = PrepareConfig(
+            image_dir=src,
+            pattern="opera_phenix",
+            channel_map=PED_MAP,
+            plate="BR00143976",
+            out_dir=out,
+            features=False,
+        )
     else:
         cfg = PrepareConfig(load_data=src, out_dir=out, features=False, qc_exclude=False)
     tracemalloc.start()
@@ -94,11 +100,25 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench_prepare_"))
     cases = []
     if SHARED.exists():
-        cases.append(("pediatric site (6 ch, 1080²)", "ped",
-                      str(SHARED / "pediatric_cancer_atlas_profiling" / "images" / "orig")))  # fmt: skip
+        cases.append(
+            (
+                "pediatric site (6 ch, 1080²)",
+                "ped",
+                str(SHARED / "pediatric_cancer_atlas_profiling" / "images" / "orig"),
+            )
+        )
     t = time.perf_counter()
-    screen = make_screen(tmp / "synth", SynthConfig(preset="custom", n_plates=1, n_batches=1, image_size=1080,
-                                                    cells_per_site=150, sites_per_well=1))  # fmt: skip
+    screen = make_screen(
+        tmp / "synth",
+        SynthConfig(
+            preset="custom",
+            n_plates=1,
+            n_batches=1,
+            image_size=1080,
+            cells_per_site=150,
+            sites_per_well=1,
+        ),
+    )
     print(f"synthetic screen made in {time.perf_counter() - t:.1f} s")
     cases.append(("synthetic screen (5 ch, 1080²)", "synth", str(screen / "load_data.csv")))
     rows = []
@@ -106,8 +126,10 @@ def main() -> None:
         n, dt, mem = _measure(_celldino, kind, src, str(tmp / f"cd_{kind}"))
         pn, pdt, pmem = _measure(_peer, kind, src, str(tmp / f"peer_{kind}"))
         rows.append((name, n, n / dt, mem, pn, pn / pdt, pmem))
-    print("\n| data | celldino cells | celldino cells/s | celldino peak MB (traced) | peer cells | "
-          "peer cells/s | peer peak MB (traced) | speed ratio (celldino/peer) |")  # fmt: skip
+    print(
+        "\n| data | celldino cells | celldino cells/s | celldino peak MB (traced) | peer cells | "
+        "peer cells/s | peer peak MB (traced) | speed ratio (celldino/peer) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name, n, r, m, pn, pr, pm in rows:
         print(f"| {name} | {n} | {r:.1f} | {m:.0f} | {pn} | {pr:.1f} | {pm:.0f} | {r / pr:.2f} |")

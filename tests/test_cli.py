@@ -292,9 +292,13 @@ def test_stage_error_is_one_line_when_caused_by_a_user_error(monkeypatch, run_cl
 
 def test_scientific_notation_on_the_command_line_and_in_yaml(tmp_path, captured, run_cli):
     rc, _ = run_cli(
-        "train", "train.min_lr=1e-6", "train.lr=5E-4", "profile.sphere_epsilon=1.0e+3",
-        "train.epochs=1e1", "augment.global_crop_scale=[5e-1, 1]",
-    )  # fmt: skip
+        "train",
+        "train.min_lr=1e-6",
+        "train.lr=5E-4",
+        "profile.sphere_epsilon=1.0e+3",
+        "train.epochs=1e1",
+        "augment.global_crop_scale=[5e-1, 1]",
+    )
     assert rc == 0
     cfg = captured["cfg"]
     assert (cfg.train.min_lr, cfg.train.lr, cfg.profile.sphere_epsilon) == (1e-6, 5e-4, 1e3)
@@ -310,11 +314,13 @@ def test_scientific_notation_on_the_command_line_and_in_yaml(tmp_path, captured,
 
 def test_lists_as_help_prints_them(captured, run_cli):
     rc, _ = run_cli(
-        "profile", "profile.by=Metadata_Plate,Metadata_Well", "profile.select=[variance, drop_na]",
+        "profile",
+        "profile.by=Metadata_Plate,Metadata_Well",
+        "profile.select=[variance, drop_na]",
         "profile.features=emb_0001,emb_0002",
         "profile.controls=Metadata_Compound in ['DMSO', 'none']",
         "profile.consensus=",
-    )  # fmt: skip
+    )
     assert rc == 0
     p = captured["profile"]
     assert p.by == ("Metadata_Plate", "Metadata_Well")

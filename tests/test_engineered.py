@@ -62,13 +62,19 @@ def test_haralick_equals_graycoprops_on_a_full_rectangle():
     angles = [0, np.pi / 4, np.pi / 2, 3 * np.pi / 4]
     # our masked GLCM drops pairs that leave the object, like graycomatrix's image edge
     P = graycomatrix(q, [3], angles, levels=16, symmetric=True, normed=True)
-    for ours_name, theirs in [("Contrast", "contrast"), ("Homogeneity", "homogeneity"),
-                              ("AngularSecondMoment", "ASM"), ("Correlation", "correlation")]:  # fmt: skip
+    for ours_name, theirs in [
+        ("Contrast", "contrast"),
+        ("Homogeneity", "homogeneity"),
+        ("AngularSecondMoment", "ASM"),
+        ("Correlation", "correlation"),
+    ]:
         assert ours[ours_name] == pytest.approx(graycoprops(P, theirs).mean(), rel=1e-6), ours_name
     p0 = P[:, :, 0, 0]
     ent = -(p0[p0 > 0] * np.log2(p0[p0 > 0])).sum()
-    ent_all = [(-(P[:, :, 0, a][P[:, :, 0, a] > 0] * np.log2(P[:, :, 0, a][P[:, :, 0, a] > 0])).sum())
-               for a in range(4)]  # fmt: skip
+    ent_all = [
+        (-(P[:, :, 0, a][P[:, :, 0, a] > 0] * np.log2(P[:, :, 0, a][P[:, :, 0, a] > 0])).sum())
+        for a in range(4)
+    ]
     assert ours["Entropy"] == pytest.approx(np.mean(ent_all)) and ent > 0
 
 

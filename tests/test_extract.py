@@ -222,8 +222,16 @@ def test_whole_fields_center4_median_and_tiles(prep, run, tmp_path):
     # tiles of 48 px every 40 px on 128 px: starts 0, 40, 80 (the last ends at the border)
     tiles = [x[..., y : y + 48, z : z + 48] for y in (0, 40, 80) for z in (0, 40, 80)]
     ref = np.mean(np.stack([cls(t) for t in tiles]), axis=0)
-    cfg = _cfg(prep, run[0], tmp_path / "t", level="field", field_mode="tile", field_crop=48,
-               field_stride=40, field_pool="mean")  # fmt: skip
+    cfg = _cfg(
+        prep,
+        run[0],
+        tmp_path / "t",
+        level="field",
+        field_mode="tile",
+        field_crop=48,
+        field_stride=40,
+        field_pool="mean",
+    )
     np.testing.assert_allclose(_emb(read_embeddings(extract(cfg))), ref, atol=1e-5, rtol=1e-5)
 
 
@@ -402,10 +410,22 @@ def test_torchrun_two_processes_union_equals_single(prep, run, tmp_path):
 
     single = read_embeddings(extract(_cfg(prep, run[0], tmp_path / "one", shard_size=32)))
     out = tmp_path / "two"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "celldino", "extract", f"extract.checkpoint={run[0]}", f"extract.data={prep}",
-           f"extract.out_dir={out}", "extract.shard_size=32", "extract.batch_size=24",
-           "extract.device=cpu"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "celldino",
+        "extract",
+        f"extract.checkpoint={run[0]}",
+        f"extract.data={prep}",
+        f"extract.out_dir={out}",
+        "extract.shard_size=32",
+        "extract.batch_size=24",
+        "extract.device=cpu",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert res.returncode == 0, res.stderr[-3000:]

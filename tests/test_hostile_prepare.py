@@ -66,8 +66,12 @@ def _hand_made(tmp_path: Path, sites: list[dict], name: str = "ld.csv") -> Path:
     folder = tmp_path / "img"
     folder.mkdir(exist_ok=True)
     for k, site in enumerate(sites):
-        row = {"Metadata_Plate": site.get("plate", "P"), "Metadata_Well": site["well"],
-               "Metadata_Site": site.get("site", 1), "Metadata_Compound": f"c{k}"}  # fmt: skip
+        row = {
+            "Metadata_Plate": site.get("plate", "P"),
+            "Metadata_Well": site["well"],
+            "Metadata_Site": site.get("site", 1),
+            "Metadata_Compound": f"c{k}",
+        }
         for ch, arr in site["planes"].items():
             f = f"{site['well']}_{k}_{ch}.tif"
             tifffile.imwrite(folder / f, arr)
@@ -81,11 +85,15 @@ def _four_sites(dtype=np.uint16, value=3000.0) -> list[dict]:
     layouts = [[(20, 20), (40, 44), (22, 46)], [(14, 30), (44, 18), (46, 48)],
                [(30, 14), (18, 44), (48, 36)], [(16, 16), (32, 32), (48, 48)]]  # fmt: skip
     return [
-        {"well": f"A0{k + 1}",
-         "planes": {"DNA": _disk(yx, value=value, dtype=dtype, seed=k),
-                    "ER": _disk(yx, value=value / 2, dtype=dtype, seed=10 + k)}}
+        {
+            "well": f"A0{k + 1}",
+            "planes": {
+                "DNA": _disk(yx, value=value, dtype=dtype, seed=k),
+                "ER": _disk(yx, value=value / 2, dtype=dtype, seed=10 + k),
+            },
+        }
         for k, yx in enumerate(layouts)
-    ]  # fmt: skip
+    ]
 
 
 # ---- 1. input content in the fingerprint ----------------------------------------------------
@@ -249,8 +257,10 @@ def test_nan_patch_poisons_nothing(run_cli, tmp_path):
 def test_sites_of_different_sizes_in_one_plate(run_cli, tmp_path):
     sites = _four_sites()
     for k, big in ((2, [(20, 20), (50, 60), (60, 24)]), (3, [(16, 70), (40, 40), (64, 60)])):
-        sites[k]["planes"] = {"DNA": _disk(big, (80, 90), seed=k),
-                              "ER": _disk(big, (80, 90), value=1500, seed=k)}  # fmt: skip
+        sites[k]["planes"] = {
+            "DNA": _disk(big, (80, 90), seed=k),
+            "ER": _disk(big, (80, 90), value=1500, seed=k),
+        }
     path = _hand_made(tmp_path, sites)
     out = tmp_path / "prep"
     rc, text = _prep(run_cli, path, out)  # was a raw traceback from the illumination step
@@ -299,10 +309,14 @@ def test_non_utf8_file_names_under_image_dir(run_cli, tmp_path):
         tifffile.imwrite(folder / f"A01_s1_{ch}.tif", _disk([(30, 30)]))
     junk = os.fsencode(folder) + b"/notes_caf\xe9.txt"  # not an image: ignored with a warning
     Path(os.fsdecode(junk)).write_bytes(b"x")
-    args = ("prepare", f"prepare.image_dir={folder}",
-            r"prepare.pattern=(?P<well>[A-P]\d\d)_s(?P<site>\d)_(?P<channel>w\d)",
-            "prepare.channel_map={w1: DNA, w2: ER}", f"prepare.out_dir={tmp_path / 'prep'}",
-            *FAST)  # fmt: skip
+    args = (
+        "prepare",
+        f"prepare.image_dir={folder}",
+        r"prepare.pattern=(?P<well>[A-P]\d\d)_s(?P<site>\d)_(?P<channel>w\d)",
+        "prepare.channel_map={w1: DNA, w2: ER}",
+        f"prepare.out_dir={tmp_path / 'prep'}",
+        *FAST,
+    )
     rc, text = run_cli(*args)
     assert rc == 0 and "not UTF-8 ignored" in text and r"notes_caf\xe9.txt" in text, text
     bad = os.fsencode(folder) + b"/A01_s2_w1_\xe9.tif"  # an image the pattern would take
@@ -349,12 +363,22 @@ def test_excel_style_tables(run_cli, tiny_screen, tmp_path):
 
 def test_locations_outside_the_image_or_empty(run_cli, tmp_path):
     path = _hand_made(tmp_path, _four_sites())
-    loc = pd.DataFrame({"Metadata_Plate": ["P"] * 4, "Metadata_Well": ["A01", "A01", "A02", "A02"],
-                        "Metadata_Site": [1] * 4, "X": [20.0, 400.0, 30.0, 18.0],
-                        "Y": [20.0, 500.0, 14.0, 44.0]})  # fmt: skip
+    loc = pd.DataFrame(
+        {
+            "Metadata_Plate": ["P"] * 4,
+            "Metadata_Well": ["A01", "A01", "A02", "A02"],
+            "Metadata_Site": [1] * 4,
+            "X": [20.0, 400.0, 30.0, 18.0],
+            "Y": [20.0, 500.0, 14.0, 44.0],
+        }
+    )
     loc.to_csv(tmp_path / "loc.csv", index=False)
-    args = ("prepare.segmentation=locations", f"prepare.locations={tmp_path / 'loc.csv'}",
-            "prepare.location_x=X", "prepare.location_y=Y")  # fmt: skip
+    args = (
+        "prepare.segmentation=locations",
+        f"prepare.locations={tmp_path / 'loc.csv'}",
+        "prepare.location_x=X",
+        "prepare.location_y=Y",
+    )
     rc, text = _prep(run_cli, path, tmp_path / "prep", *args)
     assert rc == 0 and "1 of 2 locations lie outside the 64x64 image" in text and "A01" in text
     assert len(pd.read_parquet(tmp_path / "prep" / "cells.parquet")) == 3

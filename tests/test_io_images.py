@@ -75,8 +75,14 @@ def test_truncated_and_missing_files_are_named(tmp_path):
 
 
 def test_missing_channel_lists_available(tmp_path):
-    df = pd.DataFrame({"FileName_DNA": ["a.tif"], "PathName_DNA": ["."],
-                       "FileName_ER": ["b.tif"], "PathName_ER": ["."]})  # fmt: skip
+    df = pd.DataFrame(
+        {
+            "FileName_DNA": ["a.tif"],
+            "PathName_DNA": ["."],
+            "FileName_ER": ["b.tif"],
+            "PathName_ER": ["."],
+        }
+    )
     df.to_csv(tmp_path / "ld.csv", index=False)
     with pytest.raises(LoadDataError) as e:
         read_load_data(tmp_path / "ld.csv", ["DNA", "Mito"])
@@ -122,10 +128,14 @@ def test_custom_regex_with_plate_group(tmp_path):
 
 
 def test_tables_in_the_encodings_and_separators_excel_writes(tmp_path):
-    df = pd.DataFrame({"FileName_DNA": ["a.tif"], "PathName_DNA": ["."],
-                       "Metadata_Compound": ["Café ß"]})  # fmt: skip
-    for name, sep, enc in (("u16.csv", "\t", "utf-16"), ("semi.csv", ";", "cp1252"),
-                           ("bom.csv", ",", "utf-8-sig")):  # fmt: skip
+    df = pd.DataFrame(
+        {"FileName_DNA": ["a.tif"], "PathName_DNA": ["."], "Metadata_Compound": ["Café ß"]}
+    )
+    for name, sep, enc in (
+        ("u16.csv", "\t", "utf-16"),
+        ("semi.csv", ";", "cp1252"),
+        ("bom.csv", ",", "utf-8-sig"),
+    ):
         (tmp_path / name).write_bytes(df.to_csv(index=False, sep=sep).encode(enc))
         table, chans = read_load_data(tmp_path / name)
         assert chans == ["DNA"] and table.at[0, "Metadata_Compound"] == "Café ß", name

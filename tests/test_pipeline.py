@@ -196,9 +196,17 @@ def test_report_renders_in_chromium(pipeline_run, tmp_path):
     probe = tmp_path / "probe.html"
     probe.write_text(html.replace("</body>", CHECK_JS + "</body>"))
     browser = _chromium()
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", "--no-first-run",
-             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000"]  # fmt: skip
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--virtual-time-budget=10000",
+    ]
     dom = subprocess.run(
         [browser, *flags, "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=180
     )
@@ -210,8 +218,11 @@ def test_report_renders_in_chromium(pipeline_run, tmp_path):
     assert check["best"] >= 1
     assert check["title"] == "celldino report" and check["evil_nodes"] == 0 and check["text"]
     shot = tmp_path / "report.png"
-    subprocess.run([browser, *flags, "--window-size=1200,2400", f"--screenshot={shot}", report.as_uri()],
-                   capture_output=True, timeout=180)  # fmt: skip
+    subprocess.run(
+        [browser, *flags, "--window-size=1200,2400", f"--screenshot={shot}", report.as_uri()],
+        capture_output=True,
+        timeout=180,
+    )
     assert shot.exists() and shot.read_bytes()[:4] == b"\x89PNG"
 
 

@@ -23,8 +23,14 @@ FAST = dict(features=False, crop_size=32)
 @pytest.fixture(scope="module")
 def tiny_prep(tiny_screen, tmp_path_factory):
     out = tmp_path_factory.mktemp("prep")
-    return prepare(PrepareConfig(load_data=str(tiny_screen / "load_data.csv"), out_dir=str(out),
-                                 crop_size=48, cell_channel="AGP"))  # fmt: skip
+    return prepare(
+        PrepareConfig(
+            load_data=str(tiny_screen / "load_data.csv"),
+            out_dir=str(out),
+            crop_size=48,
+            cell_channel="AGP",
+        )
+    )
 
 
 def test_tiny_screen_outputs(tiny_prep, tiny_screen):
@@ -43,18 +49,28 @@ def test_tiny_screen_outputs(tiny_prep, tiny_screen):
     i = len(cells) // 2
     r = cells.iloc[i]
     ld = pd.read_csv(tiny_screen / "load_data.csv")
-    site = ld[(ld.Metadata_Plate == r.Metadata_Plate) & (ld.Metadata_Well == r.Metadata_Well)
-              & (ld.Metadata_Site == r.Metadata_Site)].iloc[0]  # fmt: skip
-    img = np.stack([read_image(tiny_screen / site[f"PathName_{c}"] / site[f"FileName_{c}"])
-                    for c in arr.attrs["channels"]])  # fmt: skip
+    site = ld[
+        (ld.Metadata_Plate == r.Metadata_Plate)
+        & (ld.Metadata_Well == r.Metadata_Well)
+        & (ld.Metadata_Site == r.Metadata_Site)
+    ].iloc[0]
+    img = np.stack(
+        [
+            read_image(tiny_screen / site[f"PathName_{c}"] / site[f"FileName_{c}"])
+            for c in arr.attrs["channels"]
+        ]
+    )
     illum = np.load(tiny_prep / "illum" / f"{r.Metadata_Plate}.npy")
     img = np.pad(apply_illumination(img, illum), ((0, 0), (24, 24), (24, 24)))
     y0, x0 = int(np.floor(r.Metadata_Cell_Center_Y)), int(np.floor(r.Metadata_Cell_Center_X))
     assert np.array_equal(arr[i], img[:, y0 : y0 + 48, x0 : x0 + 48])
     # nuclei found near the planted cells
     truth = pd.read_parquet(tiny_screen / "truth_cells.parquet")
-    t = truth[(truth.Metadata_Plate == r.Metadata_Plate) & (truth.Metadata_Well == r.Metadata_Well)
-              & (truth.Metadata_Site == r.Metadata_Site)]  # fmt: skip
+    t = truth[
+        (truth.Metadata_Plate == r.Metadata_Plate)
+        & (truth.Metadata_Well == r.Metadata_Well)
+        & (truth.Metadata_Site == r.Metadata_Site)
+    ]
     d = np.hypot(t.center_x - r.Metadata_Cell_Center_X, t.center_y - r.Metadata_Cell_Center_Y)
     assert d.min() < 6
 
@@ -92,8 +108,12 @@ def test_crop_dataset_normalises_as_recorded(tiny_prep):
 
 
 def test_resume_after_kill_gives_every_cell_once(tiny_screen, tmp_path):
-    cfg = PrepareConfig(load_data=str(tiny_screen / "load_data.csv"), out_dir=str(tmp_path / "a"),
-                        qc_exclude=False, **FAST)  # fmt: skip
+    cfg = PrepareConfig(
+        load_data=str(tiny_screen / "load_data.csv"),
+        out_dir=str(tmp_path / "a"),
+        qc_exclude=False,
+        **FAST,
+    )
 
     class Killed(Exception):
         pass
@@ -172,8 +192,9 @@ def test_different_shapes_within_a_site(tmp_path):
 
 def test_empty_field_warns_and_gives_zero_cells(tmp_path, caplog):
     ld = _one_site(tmp_path, blank=True)
-    cfg = PrepareConfig(load_data=str(ld), out_dir=str(tmp_path / "o"), qc_exclude=False,
-                        illumination=False, **FAST)  # fmt: skip
+    cfg = PrepareConfig(
+        load_data=str(ld), out_dir=str(tmp_path / "o"), qc_exclude=False, illumination=False, **FAST
+    )
     logging.getLogger("celldino").propagate = True
     with caplog.at_level(logging.WARNING, logger="celldino"):
         out = prepare(cfg)
@@ -185,24 +206,42 @@ def test_empty_field_warns_and_gives_zero_cells(tmp_path, caplog):
 
 def test_nf1_with_cellprofiler_masks(cellpainting_fovs, tmp_path):
     root = cellpainting_fovs / "NF1_cellpainting_data_shrunken"
-    cfg = PrepareConfig(image_dir=str(root / "Plate_2_images"), pattern="nf1",
-                        channel_map={"DAPI": "DNA", "GFP": "GFP", "RFP": "RFP"},
-                        segmentation="masks", mask_dir=str(root / "Plate_2_masks"),
-                        nuclei_masks="{stem_DNA}_MaskNuclei.tiff", cell_masks="{stem_RFP}_MaskCells.tiff",
-                        out_dir=str(tmp_path / "o"), illumination=False, features=False)  # fmt: skip
+    cfg = PrepareConfig(
+        image_dir=str(root / "Plate_2_images"),
+        pattern="nf1",
+        channel_map={"DAPI": "DNA", "GFP": "GFP", "RFP": "RFP"},
+        segmentation="masks",
+        mask_dir=str(root / "Plate_2_masks"),
+        nuclei_masks="{stem_DNA}_MaskNuclei.tiff",
+        cell_masks="{stem_RFP}_MaskCells.tiff",
+        out_dir=str(tmp_path / "o"),
+        illumination=False,
+        features=False,
+    )
     cells = pd.read_parquet(prepare(cfg) / "cells.parquet")
     # CellProfiler's 23-29 nuclei per site, minus any too close to the border for a 96 px crop
-    assert cells.groupby("Metadata_Well").size().to_dict() == {"B7": 28, "D6": 27, "D7": 29,
-                                                               "F7": 25, "H12": 23}  # fmt: skip
+    assert cells.groupby("Metadata_Well").size().to_dict() == {
+        "B7": 28,
+        "D6": 27,
+        "D7": 29,
+        "F7": 25,
+        "H12": 23,
+    }
 
 
 def test_pediatric_site_from_cellprofiler_locations(cellpainting_fovs, tmp_path):
     root = cellpainting_fovs / "pediatric_cancer_atlas_profiling"
     cmap = {"5": "DNA", "2": "ER", "6": "RNA", "3": "AGP", "4": "Mito", "1": "Brightfield"}
-    cfg = PrepareConfig(image_dir=str(root / "images" / "orig"), pattern="opera_phenix",
-                        channel_map=cmap, plate="BR00143976", segmentation="locations",
-                        locations=str(root / "BR00143976_shrunken.parquet"),
-                        out_dir=str(tmp_path / "o"), illumination=False)  # fmt: skip
+    cfg = PrepareConfig(
+        image_dir=str(root / "images" / "orig"),
+        pattern="opera_phenix",
+        channel_map=cmap,
+        plate="BR00143976",
+        segmentation="locations",
+        locations=str(root / "BR00143976_shrunken.parquet"),
+        out_dir=str(tmp_path / "o"),
+        illumination=False,
+    )
     out = prepare(cfg)
     cells = pd.read_parquet(out / "cells.parquet")
     loc = pd.read_parquet(root / "BR00143976_shrunken.parquet")
@@ -216,10 +255,17 @@ def test_pediatric_site_from_cellprofiler_locations(cellpainting_fovs, tmp_path)
 def test_jump_site_end_to_end_with_watershed_and_features(cellpainting_fovs, tmp_path):
     """The CPJUMP1 site (3 channels, ~180 nuclei per the data README): segmented by celldino."""
     root = cellpainting_fovs / "JUMP_plate_BR00117006" / "images" / "orig"
-    cfg = PrepareConfig(image_dir=str(root), pattern="opera_phenix",
-                        channel_map={"5": "DNA", "2": "AGP", "3": "RNA"}, channels=("DNA", "RNA", "AGP"),
-                        plate="BR00117006", cell_channel="AGP", illumination=False,
-                        qc_exclude=False, out_dir=str(tmp_path / "o"))  # fmt: skip
+    cfg = PrepareConfig(
+        image_dir=str(root),
+        pattern="opera_phenix",
+        channel_map={"5": "DNA", "2": "AGP", "3": "RNA"},
+        channels=("DNA", "RNA", "AGP"),
+        plate="BR00117006",
+        cell_channel="AGP",
+        illumination=False,
+        qc_exclude=False,
+        out_dir=str(tmp_path / "o"),
+    )
     out = prepare(cfg)
     cells = pd.read_parquet(out / "cells.parquet")
     feats = pd.read_parquet(out / "engineered.parquet")

@@ -327,8 +327,14 @@ def test_bad_checkpoints_get_clear_errors(tmp_path):
 def test_foreign_channel_adaptive_checkpoint_keeps_its_channel_table(tmp_path):
     """Without celldino metadata the architecture comes from the shapes; a channel-adaptive
     kernel sees one channel, so the channel count must come from the channel table."""
-    cfg = ModelConfig(arch="vit_tiny", patch_size=8, img_size=32, in_chans=5,
-                      channel_mode="channel_adaptive", drop_path_rate=0.0)  # fmt: skip
+    cfg = ModelConfig(
+        arch="vit_tiny",
+        patch_size=8,
+        img_size=32,
+        in_chans=5,
+        channel_mode="channel_adaptive",
+        drop_path_rate=0.0,
+    )
     torch.manual_seed(0)
     src = build_model(cfg).eval()
     path = tmp_path / "adaptive.pth"

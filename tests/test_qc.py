@@ -14,8 +14,10 @@ from celldino.io.tables import read_load_data
 def test_planted_bad_images_are_caught(tiny_screen):
     df, chans = read_load_data(tiny_screen / "load_data.csv")
     iset = ImageSet(df, chans)
-    rows = [{"Metadata_ImageKey": iset.key(i), **qc.image_metrics(iset.read(i), chans.index("DNA"))}
-            for i in range(len(iset))]  # fmt: skip
+    rows = [
+        {"Metadata_ImageKey": iset.key(i), **qc.image_metrics(iset.read(i), chans.index("DNA"))}
+        for i in range(len(iset))
+    ]
     flagged = qc.flag_images(pd.DataFrame(rows))
     truth = iset.table["Metadata_QC_Truth"].to_numpy()
     assert (truth != "ok").sum() >= 2

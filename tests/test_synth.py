@@ -129,8 +129,17 @@ def test_mitotic_cells_have_condensed_bright_chromatin(tiny_screen):
 
 
 def test_plate_scale_shows_in_image_means(tmp_path):
-    cfg = SynthConfig(preset="custom", n_plates=4, n_batches=2, n_moas=1, control_wells=12, image_size=96,
-                      cells_per_site=6, n_bad_images=0, seed=3)  # fmt: skip
+    cfg = SynthConfig(
+        preset="custom",
+        n_plates=4,
+        n_batches=2,
+        n_moas=1,
+        control_wells=12,
+        image_size=96,
+        cells_per_site=6,
+        n_bad_images=0,
+        seed=3,
+    )
     out = make_screen(tmp_path / "s", cfg)
     ld = pd.read_csv(out / "load_data.csv")
     images = pd.read_parquet(out / "truth_images.parquet")
@@ -191,8 +200,14 @@ def test_deterministic_for_a_seed(tmp_path):
 
 
 def test_channels_and_protein_mode(tmp_path):
-    cfg = SynthConfig(preset="tiny", channels=("Hoechst", "Tubulin", "Actin"), protein_channel=True, n_plates=1,
-                      n_batches=1, n_bad_images=0)  # fmt: skip
+    cfg = SynthConfig(
+        preset="tiny",
+        channels=("Hoechst", "Tubulin", "Actin"),
+        protein_channel=True,
+        n_plates=1,
+        n_batches=1,
+        n_bad_images=0,
+    )
     out = make_screen(tmp_path / "p", cfg)
     ld = pd.read_csv(out / "load_data.csv")
     assert [c[9:] for c in ld.columns if c.startswith("FileName_")] == [

@@ -26,9 +26,16 @@ def test_two_gloo_ranks_match_single_process(tmp_path):
     cfg_path = save_config(ddp, tmp_path / "ddp.yaml")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        "-m", "celldino", "train", str(cfg_path),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "celldino",
+        "train",
+        str(cfg_path),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=None)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "distributed: gloo, rank 0 of 2" in proc.stderr

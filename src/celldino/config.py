@@ -408,7 +408,7 @@ RANGES: dict[str, Range] = {
             "image_size",
             "cells_per_site",
         )
-    },  # fmt: skip
+    },
     "synth.n_moas": Range(0, 6),
     "synth.n_bad_images": Range(-1),
     "prepare.illum_size": _COUNT,
@@ -469,7 +469,7 @@ RANGES: dict[str, Range] = {
             "solarize_p",
             "greyscale_p",
         )
-    },  # fmt: skip
+    },
     "train.epochs": _POSITIVE,
     "train.batch_size": _POSITIVE,
     "train.num_workers": _COUNT,

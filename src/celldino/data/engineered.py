@@ -22,11 +22,28 @@ from scipy import ndimage as ndi
 from skimage import measure
 from skimage.feature import graycomatrix
 
-SHAPE = ("Area", "Perimeter", "Eccentricity", "Solidity", "Extent", "FormFactor",
-         "MajorAxisLength", "MinorAxisLength", "Compactness", "EulerNumber")  # fmt: skip
-INTENSITY = ("IntegratedIntensity", "MeanIntensity", "StdIntensity", "MinIntensity",
-             "MaxIntensity", "MedianIntensity", "LowerQuartileIntensity",
-             "UpperQuartileIntensity")  # fmt: skip
+SHAPE = (
+    "Area",
+    "Perimeter",
+    "Eccentricity",
+    "Solidity",
+    "Extent",
+    "FormFactor",
+    "MajorAxisLength",
+    "MinorAxisLength",
+    "Compactness",
+    "EulerNumber",
+)
+INTENSITY = (
+    "IntegratedIntensity",
+    "MeanIntensity",
+    "StdIntensity",
+    "MinIntensity",
+    "MaxIntensity",
+    "MedianIntensity",
+    "LowerQuartileIntensity",
+    "UpperQuartileIntensity",
+)
 TEXTURE = ("Contrast", "Correlation", "AngularSecondMoment", "Homogeneity", "Entropy")
 
 

@@ -78,13 +78,27 @@ class PrepareError(ConfigError):
 
 # errors the CLI reports as one line (bad input or settings), not as a traceback: every one is a
 # UserError (the names are kept for callers that catch them one by one)
-INPUT_ERRORS = (UserError, PrepareError, LoadDataError, ImageReadError, ImageSetError,
-                CropStoreError)  # fmt: skip
+INPUT_ERRORS = (
+    UserError,
+    PrepareError,
+    LoadDataError,
+    ImageReadError,
+    ImageSetError,
+    CropStoreError,
+)
 
 INPUTS = "inputs.parquet"  # path, size, mtime_ns of every input file of the last prepare
 # everything prepare writes in out_dir (removed when the inputs changed; cells.parquet first)
-_OUTPUT_FILES = (CELLS, "engineered.parquet", LEDGER, "prepare.json", "qc.parquet",
-                 "images.parquet", "skipped.parquet", INPUTS)  # fmt: skip
+_OUTPUT_FILES = (
+    CELLS,
+    "engineered.parquet",
+    LEDGER,
+    "prepare.json",
+    "qc.parquet",
+    "images.parquet",
+    "skipped.parquet",
+    INPUTS,
+)
 _OUTPUT_DIRS = (CROPS, PARTS, "features_parts", "illum")
 
 
@@ -171,8 +185,16 @@ def _pass1(iset: ImageSet, cfg, dna_index: int) -> tuple[pd.DataFrame, dict, dic
             len(sizes),
             ", ".join(f"{h}x{w} e.g. {name}" for (h, w), name in sizes),
         )
-    qc = pd.DataFrame(metrics, columns=["Metadata_ImageKey", "QC_Blur", "QC_Saturation",
-                                        "QC_Foreground", "QC_LargestObject"])  # fmt: skip
+    qc = pd.DataFrame(
+        metrics,
+        columns=[
+            "Metadata_ImageKey",
+            "QC_Blur",
+            "QC_Saturation",
+            "QC_Foreground",
+            "QC_LargestObject",
+        ],
+    )
     qc = qcmod.flag_images(
         qc,
         blur_z=cfg.qc_blur_z,
@@ -237,8 +259,13 @@ def _store_dtype(dtypes: dict[str, dict[str, str]], cfg) -> np.dtype:
 def _skip_record(iset: ImageSet, i: int, e: Exception, stage: str) -> dict:
     path = getattr(e, "path", None) or str(iset.paths(i)[0])
     logger.warning("skipping site %s (%s): %s", iset.key(i), iset.where(i), e)
-    return {"Metadata_ImageKey": iset.key(i), "row": i, "file": str(path),
-            "reason": f"{type(e).__name__}: {e}", "stage": stage}  # fmt: skip
+    return {
+        "Metadata_ImageKey": iset.key(i),
+        "row": i,
+        "file": str(path),
+        "reason": f"{type(e).__name__}: {e}",
+        "stage": stage,
+    }
 
 
 # ---- pass 2: one site ----------------------------------------------------------------------
@@ -353,15 +380,25 @@ def _site_job(i: int) -> dict:
     for k in kept:
         cy, cx = centres[k]
         cid = int(ids[k])
-        row = {**meta, "Metadata_CellID": f"{key}/{cid}", "Metadata_ObjectNumber": cid,
-               "Metadata_Cell_Center_X": float(cx), "Metadata_Cell_Center_Y": float(cy)}  # fmt: skip
+        row = {
+            **meta,
+            "Metadata_CellID": f"{key}/{cid}",
+            "Metadata_ObjectNumber": cid,
+            "Metadata_Cell_Center_X": float(cx),
+            "Metadata_Cell_Center_Y": float(cy),
+        }
         if cells is not None:
             b = boxes[cid - 1] if cid - 1 < len(boxes) and boxes[cid - 1] is not None else None
-            row.update({
-                "Metadata_BBox_Y0": b[0].start if b else -1, "Metadata_BBox_X0": b[1].start if b else -1,
-                "Metadata_BBox_Y1": b[0].stop if b else -1, "Metadata_BBox_X1": b[1].stop if b else -1,
-                "Metadata_Nuclei_Area": int(n_area[cid]), "Metadata_Cells_Area": int(c_area[cid]),
-            })  # fmt: skip
+            row.update(
+                {
+                    "Metadata_BBox_Y0": b[0].start if b else -1,
+                    "Metadata_BBox_X0": b[1].start if b else -1,
+                    "Metadata_BBox_Y1": b[0].stop if b else -1,
+                    "Metadata_BBox_X1": b[1].stop if b else -1,
+                    "Metadata_Nuclei_Area": int(n_area[cid]),
+                    "Metadata_Cells_Area": int(c_area[cid]),
+                }
+            )
         row.update({f"Metadata_{k2}": v for k2, v in qc_row.items()})
         rows.append(row)
     feats = None
@@ -369,10 +406,22 @@ def _site_job(i: int) -> dict:
         f = cell_features(img, nuclei, cells, iset.channels, cell_ids=ids[kept])
         feats = pd.concat([pd.DataFrame(rows)[list(meta) + ["Metadata_CellID"]], f], axis=1)
     h, w = img.shape[1:]
-    outside = int(((centres[:, 0] < 0) | (centres[:, 0] >= h) | (centres[:, 1] < 0)
-                   | (centres[:, 1] >= w)).sum())  # fmt: skip
-    return {"i": i, "key": key, "crops": crops, "rows": rows, "features": feats, "info": info,
-            "n_found": len(centres), "n_outside": outside, "shape": (h, w)}  # fmt: skip
+    outside = int(
+        (
+            (centres[:, 0] < 0) | (centres[:, 0] >= h) | (centres[:, 1] < 0) | (centres[:, 1] >= w)
+        ).sum()
+    )
+    return {
+        "i": i,
+        "key": key,
+        "crops": crops,
+        "rows": rows,
+        "features": feats,
+        "info": info,
+        "n_found": len(centres),
+        "n_outside": outside,
+        "shape": (h, w),
+    }
 
 
 def _run_sites(todo: list[int], ctx: dict, workers: int):
@@ -453,8 +502,12 @@ def _input_files(iset: ImageSet, cfg) -> list[str]:
     """Every image (and mask) file the image set reads, in order, each once."""
     files = []
     for c in iset.channels:
-        files += [str(Path(p) / f) for p, f in zip(iset.table[f"PathName_{c}"].astype(str),
-                                                     iset.table[f"FileName_{c}"].astype(str))]  # fmt: skip
+        files += [
+            str(Path(p) / f)
+            for p, f in zip(
+                iset.table[f"PathName_{c}"].astype(str), iset.table[f"FileName_{c}"].astype(str)
+            )
+        ]
     if cfg.segmentation == "masks" and cfg.mask_dir:
         for i in range(len(iset)):
             fields = _template_fields(iset, i)
@@ -555,8 +608,10 @@ def _files_change(out: Path, stats: pd.DataFrame) -> str:
     except Exception:
         return "image files changed"
     m = stats.merge(old, on="path", how="outer", suffixes=("", "_old"), indicator=True)
-    changed = m[(m["_merge"] == "both") & ((m["size"] != m["size_old"])
-                                           | (m["mtime_ns"] != m["mtime_ns_old"]))]  # fmt: skip
+    changed = m[
+        (m["_merge"] == "both")
+        & ((m["size"] != m["size_old"]) | (m["mtime_ns"] != m["mtime_ns_old"]))
+    ]
     new = m[m["_merge"] == "left_only"]
     gone = m[m["_merge"] == "right_only"]
     parts = []
@@ -644,8 +699,14 @@ def _prepare(cfg, iset: ImageSet, out: Path, after_site) -> Path:
             "PathName_/FileName_ (or the image folder), or set prepare.on_error=skip to leave "
             "such sites out"
         )
-    fp = fingerprint({"settings": settings, "sites": list(iset.table["Metadata_ImageKey"]),
-                      "channels": chans, "inputs": inputs})  # fmt: skip
+    fp = fingerprint(
+        {
+            "settings": settings,
+            "sites": list(iset.table["Metadata_ImageKey"]),
+            "channels": chans,
+            "inputs": inputs,
+        }
+    )
     logger.info("prepare: %d sites, channels %s → %s", len(iset), chans, out)
 
     state_path = out / "prepare.json"
@@ -657,8 +718,11 @@ def _prepare(cfg, iset: ImageSet, out: Path, after_site) -> Path:
     if state.get("fingerprint") != fp and (state or has_store):
         old_settings, new_settings = state.get("settings"), _json_like(settings)
         if old_settings is not None and old_settings != new_settings:
-            diff = "; ".join(f"{k}: {old_settings.get(k)!r} → {v!r}"
-                             for k, v in new_settings.items() if old_settings.get(k) != v)  # fmt: skip
+            diff = "; ".join(
+                f"{k}: {old_settings.get(k)!r} → {v!r}"
+                for k, v in new_settings.items()
+                if old_settings.get(k) != v
+            )
             if has_store:
                 raise CropStoreError(
                     f"{out} holds a prep made with other settings ({diff}); use a new "
@@ -697,7 +761,7 @@ def _prepare(cfg, iset: ImageSet, out: Path, after_site) -> Path:
                 "percentiles": list(cfg.norm_percentiles),
                 "divisor": cfg.norm_divisor,
                 "plate": plate_stats,
-            },  # fmt: skip
+            },
             "skipped_read": skipped1,
             "settings": settings,
             "inputs": inputs,

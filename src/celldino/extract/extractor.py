@@ -391,15 +391,37 @@ def extract(cfg: ExtractConfig, *, after_shard: Callable[[int], None] | None = N
     out_dir = Path(cfg.out_dir)
     if ranks.rank != 0:
         return _extract_into(
-            cfg, file, ds, meta, data_id, channels, model, model_cfg, channel_ids, n_features,
-            device, ranks, after_shard,
-        )  # fmt: skip
+            cfg,
+            file,
+            ds,
+            meta,
+            data_id,
+            channels,
+            model,
+            model_cfg,
+            channel_ids,
+            n_features,
+            device,
+            ranks,
+            after_shard,
+        )
     require_writable(out_dir, "extract.out_dir")
     with output_lock(out_dir, "extract"):
         return _extract_into(
-            cfg, file, ds, meta, data_id, channels, model, model_cfg, channel_ids, n_features,
-            device, ranks, after_shard,
-        )  # fmt: skip
+            cfg,
+            file,
+            ds,
+            meta,
+            data_id,
+            channels,
+            model,
+            model_cfg,
+            channel_ids,
+            n_features,
+            device,
+            ranks,
+            after_shard,
+        )
 
 
 def _pick_channels(
