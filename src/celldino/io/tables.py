@@ -147,6 +147,11 @@ def write_parquet(df: pd.DataFrame, path: str | Path) -> Path:
     return atomic_write_bytes(Path(path), buf.getvalue())
 
 
+def write_csv(df: pd.DataFrame, path: str | Path) -> Path:
+    """Atomic CSV write without the index (readers never see half a file)."""
+    return atomic_write_bytes(Path(path), df.to_csv(index=False).encode())
+
+
 def available_channels(df: pd.DataFrame) -> list[str]:
     """Channel names with a FileName_<CH> column, in table order."""
     return [c[len("FileName_") :] for c in df.columns if c.startswith("FileName_")]

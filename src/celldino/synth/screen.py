@@ -29,6 +29,7 @@ from celldino import log
 from celldino.config import SynthConfig
 from celldino.io.files import write_json
 from celldino.io.images import write_tiff
+from celldino.io.tables import write_csv, write_parquet
 from celldino.synth.biology import (
     CONTROL_COMPOUND,
     FACTORS,
@@ -265,10 +266,10 @@ def make_screen(out_dir: str | Path, cfg: SynthConfig | None = None) -> Path:
             )
 
     load_df = pd.DataFrame(load_rows)
-    load_df.to_csv(out / "load_data.csv", index=False)
-    pm.drop(columns="_treatment").to_csv(out / "platemap.csv", index=False)
-    pd.DataFrame(cell_rows).to_parquet(out / "truth_cells.parquet", index=False)
-    pd.DataFrame(image_rows).to_parquet(out / "truth_images.parquet", index=False)
+    write_csv(load_df, out / "load_data.csv")
+    write_csv(pm.drop(columns="_treatment"), out / "platemap.csv")
+    write_parquet(pd.DataFrame(cell_rows), out / "truth_cells.parquet")
+    write_parquet(pd.DataFrame(image_rows), out / "truth_images.parquet")
     write_json(
         out / "screen.json",
         {
