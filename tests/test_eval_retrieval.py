@@ -11,7 +11,7 @@ import scipy.stats
 from sklearn.neighbors import NearestNeighbors
 
 from celldino.eval.enrichment import enrichment
-from celldino.eval.retrieval import aggregate_treatments, nsc_nscb
+from celldino.eval.retrieval import nsc_nscb, treatment_profiles
 
 # Hand-worked example: six treatments as unit vectors at these angles (degrees).
 HAND = pd.DataFrame(
@@ -80,11 +80,11 @@ def test_nsc_aggregates_wells_and_drops_controls():
     assert metrics["NSCB"] == pytest.approx(4 / 5)
 
 
-def test_aggregate_treatments_median():
+def test_treatment_profiles_median():  # pp.consensus, the one aggregation of replicates
     meta = pd.DataFrame({"t": ["x", "y", "x", "x", "y"]})
     X = np.array([[1.0, 0], [5, 5], [3, 1], [2, 7], [1, 1]])
-    m, A = aggregate_treatments(meta, X, by=["t"], how="median")
-    assert list(m["t"]) == ["x", "y"] and list(m["n_rows"]) == [3, 2]
+    m, A = treatment_profiles(meta, X, by=["t"], how="median")
+    assert list(m["t"]) == ["x", "y"] and list(m["Metadata_Count_Replicates"]) == [3, 2]
     np.testing.assert_allclose(A, [[2, 1], [3, 3]])
 
 

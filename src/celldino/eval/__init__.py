@@ -30,7 +30,7 @@ from celldino.eval.map import (
 from celldino.eval.moa import moa_prediction
 from celldino.eval.multitask import masked_bce, multitask_activity
 from celldino.eval.pseudotime import diffusion_pseudotime
-from celldino.eval.retrieval import aggregate_treatments, nearest_moa, nsc_nscb
+from celldino.eval.retrieval import nearest_moa, nsc_nscb
 from celldino.eval.similarity import cca_matching, group_similarity, mantel_test
 from celldino.eval.splits import group_folds, group_split, split_table
 from celldino.eval.subcellular import (
@@ -67,7 +67,6 @@ __all__ = [
     "patch_fraction",
     "split_table",
     "treatment_heterogeneity",
-    "aggregate_treatments",
     "average_precision",
     "enrichment",
     "fraction_retrieved",

@@ -25,7 +25,7 @@ from celldino.eval.lowshot import lowshot_curve
 from celldino.eval.map import moa_map, retrieval_map, summarize
 from celldino.eval.moa import moa_prediction
 from celldino.eval.multitask import multitask_activity
-from celldino.eval.retrieval import aggregate_treatments, nsc_nscb
+from celldino.eval.retrieval import nsc_nscb, treatment_profiles
 from celldino.eval.similarity import group_similarity
 from celldino.eval.spec import (
     AnalysisResult,
@@ -180,7 +180,7 @@ def run_enrichment(
     m, X = meta, feats
     if treatment:
         keys = list(dict.fromkeys([*treatment, c.require(meta, "moa", "enrichment")]))
-        m, X = aggregate_treatments(*c.drop_controls(meta, feats), by=keys)
+        m, X = treatment_profiles(*c.drop_controls(meta, feats), by=keys)
     table = enrichment(
         m,
         X,

@@ -17,35 +17,24 @@ import numpy as np
 import pandas as pd
 
 from celldino.eval.map import check_inputs
-from celldino.eval.spec import drop_controls
+from celldino.eval.spec import as_anndata, drop_controls, profiles_of
 from celldino.log import get_logger
 
 logger = get_logger(__name__)
 
 
-def aggregate_treatments(
-    meta: pd.DataFrame,
-    feats: np.ndarray,
-    *,
-    by: Sequence[str],
-    how: str = "median",
+def treatment_profiles(
+    meta: pd.DataFrame, X: np.ndarray, *, by: Sequence[str], how: str = "median"
 ) -> tuple[pd.DataFrame, np.ndarray]:
-    """Aggregate rows (wells, cells) into one profile per group of `by` (median or mean).
+    """One profile per group of `by` (median or mean of its rows), by `celldino.pp.consensus`:
+    (metadata: the `by` columns and `Metadata_Count_Replicates`, features (groups, d) float64),
+    groups in sorted order of `by`. Missing keys, NaN/inf and all-zero rows are refused first."""
+    from celldino.pp.consensus import consensus
 
-    Returns (metadata with the `by` columns and `n_rows`, features (groups, d)); groups in
-    sorted order of `by`.
-    """
     by = list(by)
-    X = check_inputs(meta, feats, by)
-    if how not in ("median", "mean"):
-        raise ValueError(f"aggregation must be 'median' or 'mean', got {how!r}")
-    frame = pd.DataFrame(X)
-    keys = meta[by].reset_index(drop=True)
-    grouped = pd.concat([keys, frame], axis=1).groupby(by, sort=True, observed=True)
-    agg = grouped.median() if how == "median" else grouped.mean()
-    out_meta = agg.index.to_frame(index=False)
-    out_meta["n_rows"] = grouped.size().to_numpy()
-    return out_meta, agg.to_numpy(dtype=np.float64)
+    X = check_inputs(meta, X, by)
+    meta, X = profiles_of(consensus(as_anndata(meta[by], X), by=by, method=how))
+    return meta, np.asarray(X, dtype=np.float64)
 
 
 def _label_sets(values: pd.Series, sep: str | None) -> list[frozenset]:
@@ -151,7 +140,7 @@ def nsc_nscb(
     m_nsc, X_nsc = meta, X
     if treatment:  # NSC: one profile per treatment, over all batches
         keys = list(dict.fromkeys([*treatment, compound, moa]))
-        m_nsc, X_nsc = aggregate_treatments(meta, X, by=keys, how=aggregate)
+        m_nsc, X_nsc = treatment_profiles(meta, X, by=keys, how=aggregate)
     res = nearest_moa(m_nsc, X_nsc, moa=moa, compound=compound, moa_sep=moa_sep)
     metrics = {"NSC": res.accuracy, "NSC_n": float(res.n_queries)}
     tables = [res.table.assign(metric="NSC")]
@@ -159,7 +148,7 @@ def nsc_nscb(
         m_b, X_b = meta, X
         if treatment:  # NSCB: one profile per treatment and batch
             keys = list(dict.fromkeys([*treatment, compound, moa, batch]))
-            m_b, X_b = aggregate_treatments(meta, X, by=keys, how=aggregate)
+            m_b, X_b = treatment_profiles(meta, X, by=keys, how=aggregate)
         res_b = nearest_moa(m_b, X_b, moa=moa, compound=compound, batch=batch, moa_sep=moa_sep)
         metrics |= {"NSCB": res_b.accuracy, "NSCB_n": float(res_b.n_queries)}
         tables.append(res_b.table.assign(metric="NSCB"))

@@ -64,6 +64,18 @@ def profiles_of(data, X=None) -> tuple[pd.DataFrame, object]:
     return data, X
 
 
+def as_anndata(meta: pd.DataFrame, X) -> ad.AnnData:
+    """An AnnData of a metadata table and its feature matrix (features named `_x0`, `_x1`, ...),
+    to hand eval's arrays to `celldino.pp` functions; `profiles_of` turns the result back."""
+    import anndata as ad
+
+    X = np.asarray(X)
+    obs = meta.reset_index(drop=True)
+    obs.index = obs.index.astype(str)
+    var = pd.DataFrame(index=pd.Index([f"_x{j}" for j in range(X.shape[1])], dtype=str))
+    return ad.AnnData(X=X, obs=obs, var=var)
+
+
 def is_control_row(
     meta: pd.DataFrame, control: str, control_value: str | Sequence[str] = "control"
 ) -> np.ndarray:
