@@ -116,7 +116,8 @@ def test_sphere_matches_pycytominer(lincs, method):
     query = "Metadata_pert_type != 'control'"  # 360 wells as the reference
     ref = Spherize(method=method, epsilon=1e-6, return_numpy=True).fit(df.query(query)[feats])
     expected = ref.transform(df[feats])
-    adata = pp.sphere(frame_to_anndata(df, feats), method=method, epsilon=1e-6, controls=query)
+    adata = frame_to_anndata(df, feats)
+    pp.sphere(adata, method=method, epsilon=1e-6, controls=query)
     np.testing.assert_allclose(adata.X, expected, rtol=0, atol=1e-6)
     if method == "PCA":
         assert adata.var_names[0] == "PC1"
@@ -166,7 +167,7 @@ def _profiles(seed=0, n_per_plate=40, d=5, plates=("P1", "P2")):
 def test_whitening_makes_control_covariance_identity():
     adata = _profiles()
     pp.annotate(adata, controls=("Metadata_pert_type", "control"))
-    out = pp.sphere(adata, method="ZCA", epsilon=0.0, by="Metadata_Batch")
+    out = pp.sphere(adata, method="ZCA", epsilon=0.0, by="Metadata_Batch", copy=True)
     ctrl = out.obs["Metadata_pert_type"].to_numpy() == "control"
     for b in ("B0", "B1"):
         Z = out.X[ctrl & (out.obs["Metadata_Batch"].to_numpy() == b)]
@@ -178,7 +179,7 @@ def test_singular_covariance_is_regularised_with_warning(caplog):
     adata = _profiles()
     adata.X[:, 4] = adata.X[:, 0] + adata.X[:, 1]  # linearly dependent feature
     with caplog.at_level(logging.WARNING, logger="celldino"):
-        out = pp.sphere(adata, method="PCA", controls="Metadata_pert_type == 'control'")
+        out = pp.sphere(adata, method="PCA", controls="Metadata_pert_type == 'control'", copy=True)
     assert "singular" in caplog.text and "regularised" in caplog.text
     assert np.isfinite(out.X).all()
 
@@ -335,6 +336,7 @@ IN_PLACE = {
     "harmony": lambda a, **kw: pp.harmony(a, key="Metadata_Batch", nclust=2, **kw),
     "inverse_normal": lambda a, **kw: pp.inverse_normal(a, **kw),
     "nonfinite": lambda a, **kw: pp.handle_nonfinite(a, policy="drop_row", **kw),
+    "sphere": lambda a, **kw: pp.sphere(a, method="PCA", controls=("Metadata_Batch", "B0"), **kw),
     "feature_select": lambda a, **kw: pp.feature_select(
         a, operations=["blocklist"], blocklist=["f1"], **kw
     ),

@@ -173,8 +173,7 @@ def process(adata: ad.AnnData, cfg: ProfileConfig) -> ad.AnnData:
         )  # fmt: skip
         _check(adata, "feature_select", cfg)
     if cfg.sphere != "none":
-        adata = sphere(adata, method=cfg.sphere, epsilon=cfg.sphere_epsilon,
-                       by=cfg.sphere_by or None)  # fmt: skip
+        sphere(adata, method=cfg.sphere, epsilon=cfg.sphere_epsilon, by=cfg.sphere_by or None)
         _check(adata, "sphere", cfg)
     if cfg.harmony_key:
         harmony(adata, key=cfg.harmony_key)

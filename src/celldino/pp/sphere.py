@@ -80,10 +80,13 @@ def sphere(
     by: str | None = None,
     reference: str = "controls",
     controls: Controls = None,
-) -> ad.AnnData:
+    copy: bool = False,
+) -> ad.AnnData | None:
     """Whiten profiles with a transform fitted on the controls, per value of obs[`by`] or global.
 
-    Returns a new AnnData; for PCA/PCA-cor the features become PC1..PCd (as pycytominer).
+    For PCA/PCA-cor the features become PC1..PCd (as pycytominer): `var` is replaced and
+    `varm` (keyed by the old features) emptied. Modifies `adata` and returns None; copy=True
+    returns a sphered copy instead.
     """
     mask = control_mask(adata, controls) if reference == "controls" else np.ones(adata.n_obs, bool)
     X = np.asarray(adata.X, dtype=np.float64)  # (n_obs, d)
@@ -97,17 +100,13 @@ def sphere(
             X[ref_rows], method=method, epsilon=epsilon, center=center, where=where
         )
         out[rows] = ((X[rows] - mean) / scale) @ W
-    names = (
-        [f"PC{i + 1}" for i in range(X.shape[1])]
-        if method.startswith("PCA")
-        else list(map(str, adata.var_names))
-    )
-    res = ad.AnnData(
-        X=out, obs=adata.obs.copy(), var=pd.DataFrame(index=pd.Index(names, dtype=str)),
-        uns=dict(adata.uns),
-    )  # fmt: skip
-    res.uns["celldino"] = dict(adata.uns.get("celldino", {}))
-    record(res, "sphere", {"method": method, "epsilon": epsilon, "center": center,
-                           "by": by or "", "reference": reference,
-                           "n_reference": int(mask.sum())})  # fmt: skip
-    return res
+    adata = adata.copy() if copy else adata
+    adata.X = out
+    if method.startswith("PCA"):
+        names = [f"PC{i + 1}" for i in range(X.shape[1])]
+        adata.var = pd.DataFrame(index=pd.Index(names, dtype=str))
+        for k in list(adata.varm.keys()):
+            del adata.varm[k]
+    params = {"method": method, "epsilon": epsilon, "center": center, "by": by or ""}
+    record(adata, "sphere", {**params, "reference": reference, "n_reference": int(mask.sum())})
+    return adata if copy else None
