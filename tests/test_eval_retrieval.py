@@ -11,7 +11,7 @@ import scipy.stats
 from sklearn.neighbors import NearestNeighbors
 
 from celldino.eval.enrichment import enrichment
-from celldino.eval.retrieval import nsc_nscb, treatment_profiles
+from celldino.eval.nsc import nsc_nscb, treatment_profiles
 
 # Hand-worked example: six treatments as unit vectors at these angles (degrees).
 HAND = pd.DataFrame(

@@ -29,8 +29,8 @@ from celldino.eval.map import (
 )
 from celldino.eval.moa import moa_prediction
 from celldino.eval.multitask import masked_bce, multitask_activity
+from celldino.eval.nsc import nearest_moa, nsc_nscb
 from celldino.eval.pseudotime import diffusion_pseudotime
-from celldino.eval.retrieval import nearest_moa, nsc_nscb
 from celldino.eval.similarity import cca_matching, group_similarity, mantel_test
 from celldino.eval.splits import group_folds, group_split, split_table
 from celldino.eval.subcellular import (

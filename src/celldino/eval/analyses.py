@@ -25,7 +25,7 @@ from celldino.eval.lowshot import lowshot_curve
 from celldino.eval.map import moa_map, retrieval_map, summarize
 from celldino.eval.moa import moa_prediction
 from celldino.eval.multitask import multitask_activity
-from celldino.eval.retrieval import nsc_nscb, treatment_profiles
+from celldino.eval.nsc import nsc_nscb, treatment_profiles
 from celldino.eval.similarity import group_similarity
 from celldino.eval.spec import (
     AnalysisResult,
