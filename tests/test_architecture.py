@@ -32,7 +32,7 @@ FORBIDDEN = {
     "extract":     {"train", "pp", "eval", "pl", "report", "pipeline", "cli", "diagnostics"},
     "pp":          {"train", "extract", "eval", "pl", "report", "pipeline", "cli", "layers", "models", "losses", "augment", "diagnostics"},
     "eval":        {"train", "pl", "report", "pipeline", "cli"},
-    "pl":          {"io", "train", "report", "pipeline", "cli"},  # plotting only: report/ reads the files
+    "pl":          {"train", "report", "pipeline", "cli"},
     "report":      {"train", "pipeline", "cli"},
 }  # fmt: skip
 
