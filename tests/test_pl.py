@@ -151,3 +151,29 @@ def test_report_table_marks_best_and_escapes():
     out = html_table(wide, best=best)
     assert '<td class="best">0.800 ★</td>' in out
     assert "&lt;b&gt;x&lt;/b&gt;" in out and "<b>x</b>" not in out
+
+
+def test_umap_takes_an_anndata_as_well_as_x_and_obs():
+    import anndata as ad
+
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(40, 6)).astype(np.float32)
+    obs = pd.DataFrame(
+        {
+            "Metadata_Site": np.repeat(np.arange(8), 5),
+            "Metadata_MoA": [f"m{i % 2}" for i in range(40)],
+        }
+    )
+    adata = ad.AnnData(X=X, obs=obs.set_axis(obs.index.astype(str)))
+    fit_on = ["Metadata_Site"]
+    np.testing.assert_array_equal(
+        pl.embedding.umap_coords(adata, fit_on=fit_on, seed=0),
+        pl.embedding.umap_coords(X, obs, fit_on=fit_on, seed=0),
+    )
+    a = pl.umap(adata, color="Metadata_MoA", seed=0)
+    b = pl.umap(X, obs, color="Metadata_MoA", seed=0)
+    for ca, cb in zip(a.axes[0].collections, b.axes[0].collections, strict=True):
+        np.testing.assert_array_equal(ca.get_offsets(), cb.get_offsets())
+    assert [t.get_text() for t in a.axes[0].get_legend().get_texts()] == ["m0", "m1"]
+    with pytest.raises(TypeError, match="AnnData"):
+        pl.umap(X, color="Metadata_MoA")

@@ -1,20 +1,28 @@
-"""UMAP of embeddings or profiles, coloured by any metadata column."""
+"""UMAP of embeddings or profiles, coloured by any metadata column.
+
+Both functions take `(X, obs)` (a feature matrix and its metadata) or an AnnData.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
 from celldino.pl.figure import finish, new_figure
+from celldino.pl.inputs import matrix_and_obs
+
+if TYPE_CHECKING:
+    import anndata as ad
 
 
 def umap_coords(
-    X: np.ndarray,
-    obs: pd.DataFrame,
+    X: np.ndarray | ad.AnnData,
+    obs: pd.DataFrame | None = None,
     *,
     fit_on: Sequence[str] | None = None,
     n_neighbors: int = 15,
@@ -29,6 +37,7 @@ def umap_coords(
     """
     import umap as umap_lib
 
+    X, obs = matrix_and_obs(X, obs)
     X = np.asarray(X, dtype=np.float32)
     if len(X) != len(obs):
         raise ValueError(f"X has {len(X)} rows but obs has {len(obs)}")
@@ -51,8 +60,8 @@ def umap_coords(
 
 
 def umap(
-    X: np.ndarray,
-    obs: pd.DataFrame,
+    X: np.ndarray | ad.AnnData,
+    obs: pd.DataFrame | None = None,
     *,
     color: str,
     fit_on: Sequence[str] | None = None,
@@ -63,6 +72,7 @@ def umap(
     save: str | Path | None = None,
 ) -> Figure:
     """Scatter of the UMAP coordinates coloured by `obs[color]` (categorical or numeric)."""
+    X, obs = matrix_and_obs(X, obs)
     if color not in obs.columns:
         raise ValueError(
             f"colour column '{color}' is not in the metadata (have {list(obs.columns)})"
