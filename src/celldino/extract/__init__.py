@@ -5,10 +5,10 @@ optionally AnnData and attention maps; `read_embeddings(out_dir)` reads them bac
 `read_attention(out_dir, cell_id)` gives one cell's patch tokens and attention.
 """
 
-from celldino.extract.attention_store import read_attention
 from celldino.extract.extractor import Embedder, ExtractError, extract
 from celldino.extract.feature_modes import FEATURES, select_features
 from celldino.extract.writer import read_embeddings, read_manifest
+from celldino.io.attention_store import read_attention
 
 __all__ = [
     "FEATURES",

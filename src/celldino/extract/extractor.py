@@ -39,12 +39,7 @@ from celldino import log
 from celldino.config import ExtractConfig
 from celldino.errors import DataError
 from celldino.extract import feature_modes as F
-from celldino.extract.attention_store import (
-    ATTENTION,
-    attention_outputs,
-    pick_cells,
-    write_attention,
-)
+from celldino.extract.attention_maps import attention_outputs, pick_cells
 from celldino.extract.reader import CropBatches
 from celldino.extract.writer import (
     DTYPES,
@@ -60,6 +55,7 @@ from celldino.extract.writer import (
     write_manifest,
     write_shard,
 )
+from celldino.io.attention_store import ATTENTION, write_attention
 from celldino.io.checkpoints import checkpoint_channels
 from celldino.io.files import file_fingerprint, read_json, require_writable, write_error
 from celldino.io.lock import output_lock

@@ -8,7 +8,7 @@ Layout of `extract.out_dir`:
 - `_manifest.json` (`celldino.io.embeddings`; underscore: Parquet readers skip it): checkpoint fingerprint, feature options, channel order, data fingerprint,
   the shard plan and `complete`. A rerun whose manifest identity differs is refused.
 - `embeddings.h5ad` (format h5ad): the same table as AnnData (X float32, obs = `Metadata_*`).
-- `attention.zarr` (attention_cells): see `celldino.extract.attention_store`.
+- `attention.zarr` (attention_cells): see `celldino.io.attention_store`.
 """
 
 from __future__ import annotations

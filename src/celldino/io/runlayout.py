@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from celldino.config import PIPELINE_STAGES as STAGES
-from celldino.io import attention, cropstore, prepared, results, trainrun
+from celldino.io import attention_store, cropstore, prepared, results, trainrun
 from celldino.io.embeddings import manifest_path
 
 __all__ = ["STAGES", "RunLayout"]
@@ -86,7 +86,7 @@ class RunLayout:
         return manifest_path(self.embeddings(name))
 
     def attention(self, name: str) -> Path:
-        return self.embeddings(name) / attention.ATTENTION
+        return self.embeddings(name) / attention_store.ATTENTION
 
     def profiles(self, name: str) -> Path:
         return self.root / "profiles" / f"{name}.h5ad"

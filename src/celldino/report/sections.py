@@ -3,7 +3,7 @@
 Every file is found through `RunLayout` and read with the `celldino.io` reader of its format:
 the crop store and cells table (`io.cropstore`), the QC tables (`io.prepared`), the training
 log (`io.trainrun`), a sample of the embeddings (`io.embeddings.sample_embeddings`), the
-evaluation results (`io.results`) and the attention store (`io.attention`).
+evaluation results (`io.results`) and the attention store (`io.attention_store`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from celldino.io import cropstore, prepared, results, trainrun
-from celldino.io.attention import read_attention_store
+from celldino.io.attention_store import read_attention_store
 from celldino.io.embeddings import sample_embeddings
 from celldino.io.files import read_yaml
 from celldino.io.runlayout import RunLayout
