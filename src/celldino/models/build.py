@@ -15,6 +15,7 @@ from celldino.io.checkpoints import (
     read_metadata,
     read_state_dict,
 )
+from celldino.io.trainrun import LAST_WEIGHTS, last_weights
 from celldino.layers import DINOHead
 from celldino.log import get_logger
 from celldino.models.channel_modes import ChannelwiseModel
@@ -92,7 +93,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint file from a file or a celldino run dir (→ checkpoints/last.safetensors)."""
     p = Path(path)
     if p.is_dir():
-        for cand in (p / "checkpoints" / "last.safetensors", p / "last.safetensors"):
+        for cand in (last_weights(p), p / LAST_WEIGHTS):
             if cand.is_file():
                 return cand
         raise CheckpointError(

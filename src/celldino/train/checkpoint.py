@@ -35,12 +35,13 @@ from celldino.io.checkpoints import (
     write_safetensors,
 )
 from celldino.io.files import atomic_write_bytes, write_error
+from celldino.io.trainrun import CHECKPOINTS, LAST_STATE, LAST_WEIGHTS
 
 STATE_KEYS = ("step", "epoch", "optimizer", "dino_center", "ibot_center", "torch_rng")
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+    return Path(run_dir) / CHECKPOINTS
 
 
 def save(
@@ -86,7 +87,7 @@ def save(
     }
     buf = io.BytesIO()
     torch.save(state, buf)
-    last, state_path = ckpt / "last.safetensors", ckpt / "last.state.pt"
+    last, state_path = ckpt / LAST_WEIGHTS, ckpt / LAST_STATE
     # both files complete on disk under temporary names before either replaces the old pair
     staged = [last.with_name(".pending." + last.name), state_path.with_name(".pending.state.pt")]
     try:
@@ -109,14 +110,14 @@ def save(
 
 def has_checkpoint(run_dir: str | Path) -> bool:
     ckpt = checkpoint_dir(run_dir)
-    return (ckpt / "last.safetensors").is_file() and (ckpt / "last.state.pt").is_file()
+    return (ckpt / LAST_WEIGHTS).is_file() and (ckpt / LAST_STATE).is_file()
 
 
 def read(run_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(weights, state) of the run's last checkpoint, checked: both files there, the state a
     celldino training state (never unpickling objects), finite weights, the same step in both."""
     ckpt = checkpoint_dir(run_dir)
-    weights_path, state_path = ckpt / "last.safetensors", ckpt / "last.state.pt"
+    weights_path, state_path = ckpt / LAST_WEIGHTS, ckpt / LAST_STATE
     if not has_checkpoint(run_dir):
         raise CheckpointError(
             f"cannot resume: {weights_path} and {state_path} are not both there "
@@ -144,7 +145,7 @@ def load(
 ) -> dict[str, Any]:
     """Restore weights, optimizer, centres and RNG states; return the state (step, epoch).
     `loaded`: what `read(run_dir)` returned (read once, before anything was written)."""
-    weights_path = checkpoint_dir(run_dir) / "last.safetensors"
+    weights_path = checkpoint_dir(run_dir) / LAST_WEIGHTS
     tensors, state = loaded if loaded is not None else read(run_dir)
     for name in ("student", "teacher"):
         net = getattr(meta_arch, name)
@@ -172,7 +173,7 @@ def read_state(path: str | Path) -> dict[str, Any]:
         "it is not a celldino training state, so the run cannot resume from it: restore the "
         "file from the run's own checkpoints/ (a copy or backup), start a new run in another "
         "train.run_dir, or fine-tune from its weights with "
-        f"model.pretrained={path.with_name('last.safetensors')}"
+        f"model.pretrained={path.with_name(LAST_WEIGHTS)}"
     )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -193,7 +194,7 @@ def read_state(path: str | Path) -> dict[str, Any]:
 
 def read_run_metadata(run_dir: str | Path) -> dict[str, Any]:
     """The decoded metadata of a run's last.safetensors: channels, data identity, step."""
-    path = checkpoint_dir(run_dir) / "last.safetensors"
+    path = checkpoint_dir(run_dir) / LAST_WEIGHTS
     meta = read_metadata(path)
     out: dict[str, Any] = {}
     for key in ("channels", "data", "model_config"):
