@@ -224,6 +224,24 @@ def test_harmony_matches_harmonypy():
     assert gap1 < 0.7 * gap0
 
 
+def test_harmony_on_pca_corrects_obsm_and_leaves_x():
+    import harmonypy
+
+    adata = _profiles(n_per_plate=60)
+    X0 = np.asarray(adata.X).copy()
+    with pytest.raises(ValueError, match="run pp.pca first"):
+        pp.harmony(adata, key="Metadata_Batch", use_rep="X_pca")
+    pp.pca(adata, n_components=4)
+    pp.harmony(adata, key="Metadata_Batch", use_rep="X_pca", random_state=0)
+    batch = adata.obs[["Metadata_Batch"]].astype(str)
+    ho = harmonypy.run_harmony(
+        adata.obsm["X_pca"], batch, "Metadata_Batch", random_state=0, verbose=False, ncores=1
+    )
+    np.testing.assert_allclose(adata.obsm["X_pca_harmony"], np.asarray(ho.Z_corr), atol=1e-8)
+    np.testing.assert_array_equal(adata.X, X0)
+    assert pp.history(adata)[-1]["params"]["use_rep"] == "X_pca"
+
+
 def test_nonfinite_policies():
     adata = _profiles()
     adata.X[3, 2] = np.nan
@@ -275,10 +293,16 @@ def test_pca_on_controls_matches_sklearn():
 
     adata = _profiles()
     ctrl = (adata.obs["Metadata_pert_type"] == "control").to_numpy()
-    out = pp.pca(adata, n_components=3, reference="controls", controls=ctrl)
-    ref = PCA(n_components=3, svd_solver="full").fit(np.asarray(adata.X)[ctrl])
-    np.testing.assert_allclose(out.X, ref.transform(np.asarray(adata.X)), atol=1e-10)
-    assert list(out.var_names) == ["PC1", "PC2", "PC3"] and pp.steps(out) == ["pca"]
+    X0 = np.asarray(adata.X).copy()
+    pp.pca(adata, n_components=3, reference="controls", controls=ctrl)
+    ref = PCA(n_components=3, svd_solver="full").fit(X0[ctrl])
+    # scanpy's keys: the projection in obsm, the loadings in varm, the variances in uns
+    np.testing.assert_allclose(adata.obsm["X_pca"], ref.transform(X0), atol=1e-10)
+    np.testing.assert_allclose(adata.varm["PCs"], ref.components_.T, atol=1e-12)
+    np.testing.assert_allclose(adata.uns["pca"]["variance_ratio"], ref.explained_variance_ratio_)
+    np.testing.assert_allclose(adata.uns["pca"]["variance"], ref.explained_variance_)
+    np.testing.assert_array_equal(adata.X, X0)  # X is left as it is
+    assert adata.obsm["X_pca"].shape == (adata.n_obs, 3) and pp.steps(adata) == ["pca"]
 
 
 def test_drop_na_matches_pycytominer(lincs):
@@ -336,6 +360,7 @@ IN_PLACE = {
     "harmony": lambda a, **kw: pp.harmony(a, key="Metadata_Batch", nclust=2, **kw),
     "inverse_normal": lambda a, **kw: pp.inverse_normal(a, **kw),
     "nonfinite": lambda a, **kw: pp.handle_nonfinite(a, policy="drop_row", **kw),
+    "pca": lambda a, **kw: pp.pca(a, n_components=2, **kw),
     "sphere": lambda a, **kw: pp.sphere(a, method="PCA", controls=("Metadata_Batch", "B0"), **kw),
     "feature_select": lambda a, **kw: pp.feature_select(
         a, operations=["blocklist"], blocklist=["f1"], **kw

@@ -19,7 +19,8 @@ from celldino.pp.feature_select import feature_select
 from celldino.pp.harmony import harmony
 from celldino.pp.inverse_normal import inverse_normal
 from celldino.pp.nonfinite import handle_nonfinite
-from celldino.pp.normalize import normalize, pca
+from celldino.pp.normalize import normalize
+from celldino.pp.pca import pca
 from celldino.pp.recipe import run_profile
 from celldino.pp.sphere import sphere
 from celldino.pp.steps import history, steps

@@ -22,11 +22,14 @@ def harmony(
     max_iter: int = 10,
     random_state: int = 0,
     ncores: int = 1,
+    use_rep: str | None = None,
     copy: bool = False,
 ) -> ad.AnnData | None:
     """Correct obs[`key`] batch effects in X. Run on PCA or sphered profiles.
 
-    Modifies `adata` and returns None; copy=True returns a corrected copy instead.
+    use_rep='X_pca' corrects obsm['X_pca'] (written by pp.pca) into obsm['X_pca_harmony'] and
+    leaves X as it is (scanpy.external's harmony_integrate). Modifies `adata` and returns None;
+    copy=True returns a corrected copy instead.
 
     harmonypy >= 2 returns `Z_corr` as (cells, features); older versions as (features, cells):
     both are handled.
@@ -38,7 +41,12 @@ def harmony(
     n_batches = adata.obs[key].nunique()
     if n_batches < 2:
         raise DataError(f"harmony needs at least 2 values of {key!r}, found {n_batches}")
-    X = np.asarray(adata.X, dtype=np.float64)  # (n_obs, d)
+    if use_rep is not None and use_rep not in adata.obsm:
+        raise DataError(
+            f"harmony use_rep={use_rep!r} not in obsm {list(adata.obsm.keys())}: "
+            "run pp.pca first (it writes obsm['X_pca']) or leave use_rep unset to correct X"
+        )
+    X = np.asarray(adata.X if use_rep is None else adata.obsm[use_rep], dtype=np.float64)
     meta = adata.obs[[key]].astype(str)
     ho = harmonypy.run_harmony(
         X, meta, key, theta=theta, sigma=sigma, nclust=nclust, max_iter_harmony=max_iter,
@@ -48,8 +56,11 @@ def harmony(
     if Z.shape != X.shape:
         Z = Z.T  # harmonypy < 2: (features, cells)
     adata = adata.copy() if copy else adata
-    adata.X = Z
+    if use_rep is None:
+        adata.X = Z  # (n_obs, d)
+    else:
+        adata.obsm[f"{use_rep}_harmony"] = Z
     record(adata, "harmony", {"key": key, "theta": theta, "sigma": sigma, "nclust": nclust,
                               "max_iter": max_iter, "random_state": random_state,
-                              "n_batches": int(n_batches)})  # fmt: skip
+                              "n_batches": int(n_batches), "use_rep": use_rep or "X"})  # fmt: skip
     return adata if copy else None

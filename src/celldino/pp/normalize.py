@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import anndata as ad
 import numpy as np
-import pandas as pd
 
 from celldino.errors import DataError
 from celldino.log import get_logger
@@ -93,46 +92,3 @@ def normalize(
          "n_reference": int(mask.sum())},
     )  # fmt: skip
     return adata if copy else None
-
-
-def pca(
-    adata: ad.AnnData,
-    *,
-    n_components: int | float | None = None,
-    reference: str = "all",
-    controls: Controls = None,
-) -> ad.AnnData:
-    """Project onto principal components fitted on controls or all profiles (sklearn PCA).
-
-    Returns a new AnnData whose features are PC1..PCk; the loadings go to
-    `uns['celldino']['pca']` (components, mean, explained variance ratio).
-    """
-    from sklearn.decomposition import PCA
-
-    mask = control_mask(adata, controls) if reference == "controls" else np.ones(adata.n_obs, bool)
-    X = np.asarray(adata.X, dtype=np.float64)
-    model = PCA(n_components=n_components, svd_solver="full").fit(X[mask])
-    Z = model.transform(X)  # (n_obs, k)
-    out = ad.AnnData(
-        X=Z,
-        obs=adata.obs.copy(),
-        var=pd.DataFrame(index=pd.Index([f"PC{i + 1}" for i in range(Z.shape[1])], dtype=str)),
-        uns=dict(adata.uns),
-    )
-    out.uns["celldino"] = dict(adata.uns.get("celldino", {}))
-    out.uns["celldino"]["pca"] = {
-        "components": model.components_,
-        "mean": model.mean_,
-        "explained_variance_ratio": model.explained_variance_ratio_,
-        "features": list(map(str, adata.var_names)),
-    }
-    record(
-        out,
-        "pca",
-        {
-            "n_components": int(Z.shape[1]),
-            "reference": reference,
-            "explained_variance": float(model.explained_variance_ratio_.sum()),
-        },
-    )
-    return out
