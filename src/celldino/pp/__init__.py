@@ -1,15 +1,21 @@
 """Profiles from per-cell features: aggregate → normalise → batch-correct → select → consensus.
 
-Scanpy-style stages: each takes the AnnData first, everything else keyword-only, and records
-its parameters in `adata.uns['celldino']['steps']` (JSON text; `pp.history(adata)` parses it).
+Scanpy-style stages: each takes the AnnData first, everything else keyword-only, modifies it in
+place and returns None (`copy=True` returns a new AnnData and leaves the input untouched), and
+records its parameters in `adata.uns['celldino']['steps']` (JSON text; `pp.history(adata)`).
+`aggregate` and `consensus` build a new AnnData (from the shards, one row per treatment) and
+return it.
 
     adata = pp.aggregate("runs/embeddings", by=["Metadata_Plate", "Metadata_Well"], features="emb_")
-    adata = pp.handle_nonfinite(adata, policy="drop_feature")
+    pp.handle_nonfinite(adata, policy="drop_feature")
     pp.annotate(adata, controls="Metadata_pert_type == 'control'")
     pp.normalize(adata, method="mad_robustize", by="Metadata_Plate")
-    adata = pp.sphere(adata, method="ZCA", epsilon=1e-6)
-    adata = pp.feature_select(adata, operations=["variance", "correlation"])
+    pp.feature_select(adata, operations=["variance", "correlation"])
+    pp.sphere(adata, method="ZCA", epsilon=1e-6)
+    pp.pca(adata, n_components=50)   # obsm['X_pca'], varm['PCs'], uns['pca']; X unchanged
     treatments = pp.consensus(adata, by=["Metadata_Compound", "Metadata_Dose"])
+
+`pp.run_profile(cfg)` (pp/recipe.py) runs the configured chain of `celldino profile`.
 """
 
 from celldino.pp.aggregate import aggregate

@@ -227,8 +227,9 @@ def aggregate(
     non-`Metadata_` columns). method: 'mean' or 'median' (interpolated, as pandas). levels: finer
     key lists aggregated first, e.g. [["Metadata_Plate", "Metadata_Well", "Metadata_Site"]].
     carry: metadata columns to keep (None: every `Metadata_*` column constant within groups).
-    Returns AnnData with X (n_groups, n_features) and obs holding `by`, carried metadata and
-    `Metadata_Count_Cells`. NaN in a cell propagates to its group (see pp.handle_nonfinite).
+    Returns a new AnnData (the one `pp` stage that has no AnnData to modify: it reads files) with
+    X (n_groups, n_features) and obs holding `by`, carried metadata and `Metadata_Count_Cells`.
+    NaN in a cell propagates to its group (see pp.handle_nonfinite).
     """
     if method not in ("mean", "median"):
         raise DataError(f"aggregation method must be 'mean' or 'median', got {method!r}")
