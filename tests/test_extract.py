@@ -15,8 +15,8 @@ import torch
 from celldino.config import ExtractConfig, ModelConfig, PrepareConfig
 from celldino.errors import IncompleteInputError
 from celldino.extract import ExtractError, extract, read_attention, read_embeddings
-from celldino.extract.writer import MANIFEST, read_manifest, shard_name
 from celldino.io.checkpoints import write_safetensors
+from celldino.io.embeddings import MANIFEST, read_manifest, shard_name
 from celldino.models import build_model
 
 CROP = 32  # crop side: 2 x 2 patches of 16 px

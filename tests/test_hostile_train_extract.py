@@ -454,7 +454,7 @@ def test_disk_full_while_saving_a_checkpoint_keeps_the_old_one(
 def test_disk_full_while_writing_a_shard(run_cli, prep, tmp_path, monkeypatch):
     """ENOSPC (simulated) on the third shard: shards already written stay whole, the manifest
     says incomplete, and a rerun finishes with the embeddings of an uninterrupted run."""
-    import celldino.extract.writer as w
+    import celldino.io.embeddings as w
 
     ckpt, _ = save_checkpoint(tmp_path / "m.safetensors", model_cfg())
     out = tmp_path / "e"

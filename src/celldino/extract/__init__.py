@@ -7,8 +7,8 @@ optionally AnnData and attention maps; `read_embeddings(out_dir)` reads them bac
 
 from celldino.extract.extractor import Embedder, ExtractError, extract
 from celldino.extract.feature_modes import FEATURES, select_features
-from celldino.extract.writer import read_embeddings, read_manifest
 from celldino.io.attention_store import read_attention
+from celldino.io.embeddings import read_embeddings, read_manifest
 
 __all__ = [
     "FEATURES",

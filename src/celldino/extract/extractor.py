@@ -3,7 +3,7 @@
 `extract(ExtractConfig)` loads the backbone (`celldino.models.load_backbone`: celldino run dirs
 and checkpoints, or foreign DINO / DINOv2 / DINO4Cells weights), checks that it fits the data
 (channels, patch size), and writes Parquet shards joined with every `Metadata_*` column (see
-`celldino.extract.writer`). Inference is batched under `torch.inference_mode`, reads crops with
+`celldino.io.embeddings`). Inference is batched under `torch.inference_mode`, reads crops with
 DataLoader workers and uses bf16 autocast on CUDA. Shard k covers rows [k·S, (k+1)·S) whatever
 the number of processes; under `torchrun` rank r computes shards r, r + W, r + 2W, ... so the
 union of the ranks' output is the single-process output. Shards on disk are whole (atomic
@@ -41,22 +41,19 @@ from celldino.errors import DataError
 from celldino.extract import feature_modes as F
 from celldino.extract.attention_maps import attention_outputs, pick_cells
 from celldino.extract.reader import CropBatches
-from celldino.extract.writer import (
-    DTYPES,
+from celldino.extract.shard_plan import DTYPES, done_shards, identity_differences, shard_plan
+from celldino.io.attention_store import ATTENTION, write_attention
+from celldino.io.checkpoints import checkpoint_channels
+from celldino.io.embeddings import (
     H5AD,
     MANIFEST,
     clear_outputs,
-    done_shards,
-    identity_differences,
     read_manifest,
     shard_name,
-    shard_plan,
     write_anndata,
     write_manifest,
     write_shard,
 )
-from celldino.io.attention_store import ATTENTION, write_attention
-from celldino.io.checkpoints import checkpoint_channels
 from celldino.io.files import file_fingerprint, read_json, require_writable, write_error
 from celldino.io.lock import output_lock
 from celldino.models import ChannelwiseModel, VisionTransformer, load_backbone, resolve_checkpoint

@@ -1,0 +1,48 @@
+"""The shard plan of an extraction and what a rerun may continue: which rows go into which shard,
+which shards are already on disk, and on which identity entries two manifests differ. The
+embeddings folder itself (shards, manifest, h5ad) is read and written by `celldino.io.embeddings`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from celldino.io.embeddings import shard_name, shard_rows
+
+DTYPES = ("float32", "float16")
+# manifest entries that must agree for a rerun to continue an existing folder
+IDENTITY = ("checkpoint", "features", "channels", "data", "n_features", "dtype", "shard_size")
+
+
+def shard_plan(n_rows: int, shard_size: int) -> list[tuple[int, int]]:
+    """[(start, stop)] row ranges of the shards of an `n_rows` table."""
+    if shard_size < 1:
+        raise ValueError(f"extract.shard_size must be at least 1, not {shard_size}")
+    return [(s, min(s + shard_size, n_rows)) for s in range(0, n_rows, shard_size)]
+
+
+def done_shards(out_dir: Path, plan: list[tuple[int, int]]) -> set[int]:
+    """Indices of planned shards already on disk with the expected number of rows."""
+    out = set()
+    for k, (start, stop) in enumerate(plan):
+        p = Path(out_dir) / shard_name(k)
+        if p.exists() and shard_rows(p) == stop - start:
+            out.add(k)
+    return out
+
+
+def identity_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Human-readable list of identity entries on which two manifests differ."""
+    diffs = []
+    for key in IDENTITY:
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            for sub in sorted(set(a) | set(b)):
+                if a.get(sub) != b.get(sub):
+                    diffs.append(f"{key}.{sub}: {a.get(sub)!r} → {b.get(sub)!r}")
+        else:
+            diffs.append(f"{key}: {a!r} → {b!r}")
+    return diffs
