@@ -44,7 +44,7 @@ def bench_knn(n_train: int, n_test: int, d: int) -> list[dict]:
     meta, X = data(n_train + n_test, d, 12)
     train, test = np.arange(n_train), np.arange(n_train, n_train + n_test)
     t = time.perf_counter()
-    ours = knn_f1(meta, X, label_col="Metadata_Class", ks=KS, train_idx=train, test_idx=test)
+    ours = knn_f1(meta, X, label="Metadata_Class", ks=KS, train_idx=train, test_idx=test)
     t_ours = time.perf_counter() - t
     y = meta.Metadata_Class.to_numpy()
     t = time.perf_counter()
@@ -66,7 +66,7 @@ def bench_mi(n: int, d: int) -> list[dict]:
     meta, X = data(n, d, 8, seed=1)
     factors = ["Metadata_Class", "Metadata_Plate"]
     t = time.perf_counter()
-    table, _ = factor_mutual_information(meta, X, factor_cols=factors)
+    table, _ = factor_mutual_information(meta, X, factors=factors)
     t_ours = time.perf_counter() - t
     t = time.perf_counter()
     ref = [mutual_info_score(discretize(X[:, j]), meta[f]) for j in range(d) for f in factors]

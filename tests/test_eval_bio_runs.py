@@ -66,7 +66,7 @@ def test_evaluate_runs_classification_and_biology_side_by_side(tmp_path):
     # same split (by compound, controls dropped, seed 0) as a direct call
     trt = df[df.Metadata_pert_type == "trt"].reset_index(drop=True)
     X = trt.filter(like="emb_").to_numpy()
-    direct = knn_f1(trt, X, label_col="Metadata_MoA", split_by="Metadata_Compound", ks=(1,))
+    direct = knn_f1(trt, X, label="Metadata_MoA", split_by="Metadata_Compound", ks=(1,))
     assert m["learned", "classify", "knn_k1_macro_f1"] == pytest.approx(direct.macro_f1.iloc[0])
     sim = pd.read_parquet(out / "tables" / "similarity__learned__similarity.parquet")
     assert set(sim.group_a) == {"moa0", "moa1", "moa2", "moa3"}

@@ -122,7 +122,7 @@ def test_multitask_finds_predictable_tasks_in_sparse_labels():
         lab[np.repeat(rng.random(n_cpd) < 0.3, reps)] = np.nan  # 30 % not measured
         tasks[f"assay_{t}"] = lab
         meta[f"assay_{t}"] = lab
-    table, summary = multitask_activity(meta, X.astype(np.float32), task_cols=list(tasks),
+    table, summary = multitask_activity(meta, X.astype(np.float32), tasks=list(tasks),
                                         epochs=40, batch_size=32, threshold=0.8, hidden=(64, 32),
                                         test_size=0.4)  # fmt: skip
     auc = dict(zip(table.task, table.auc))
@@ -132,7 +132,7 @@ def test_multitask_finds_predictable_tasks_in_sparse_labels():
     with pytest.raises(ValueError, match="assay_0"):
         bad = meta.copy()
         bad.loc[0, "assay_0"] = 2.0
-        multitask_activity(bad, X, task_cols=["assay_0"], epochs=1)
+        multitask_activity(bad, X, tasks=["assay_0"], epochs=1)
 
 
 # ---- factors ---------------------------------------------------------------------------------
@@ -158,7 +158,7 @@ def test_factors_find_planted_blocks():
     X[:, :10] += 2.0 * meta.Metadata_MoA.astype(int).to_numpy()[:, None]
     X[:, 10:15] += 3.0 * meta.Metadata_Plate.astype(int).to_numpy()[:, None]
     factors = ["Metadata_MoA", "Metadata_Plate", "Metadata_Cycle"]
-    table, summary = factor_mutual_information(meta, X.astype(np.float32), factor_cols=factors)
+    table, summary = factor_mutual_information(meta, X.astype(np.float32), factors=factors)
     top = table[table.is_top].set_index("feature").factor
     assert (top.iloc[:10] == "Metadata_MoA").all()
     assert (top.iloc[10:15] == "Metadata_Plate").all()
@@ -181,7 +181,7 @@ def test_group_similarity_orders_planted_clusters_together():
     rows = [(g, centers[g[0]] + 0.2 * rng.normal(size=8)) for g in groups for _ in range(5)]
     meta = pd.DataFrame({"Metadata_Compound": [g for g, _ in rows]})
     X = np.stack([x for _, x in rows]).astype(np.float32)
-    sim = group_similarity(meta, X, group_col="Metadata_Compound")
+    sim = group_similarity(meta, X, group="Metadata_Compound")
     order = [g[0] for g in sim.index]
     assert order in (["a"] * 3 + ["b"] * 3, ["b"] * 3 + ["a"] * 3)
     # cosine of group means, checked for one pair
@@ -353,7 +353,7 @@ def test_factor_mi_on_the_synthetic_screens_truth_table(tiny_screen):
     assert {"DNA damage", "ER stress"} <= present  # the MoAs moving `moved`
     assert not present & {"Mitochondrial uncoupler", "Actin disruptor"}  # nothing moves these
     table, _ = factor_mutual_information(
-        cells, feats, factor_cols=["Metadata_MoA", "Metadata_Plate"], n_bins=5
+        cells, feats, factors=["Metadata_MoA", "Metadata_Plate"], n_bins=5
     )
     mi = table.pivot(index="feature", columns="factor", values="mi")
     assert (mi.loc[moved, "Metadata_MoA"] > mi.loc[moved, "Metadata_Plate"]).all()

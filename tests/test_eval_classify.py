@@ -73,9 +73,9 @@ def test_group_folds_cover_every_row_once():
 def test_split_needs_a_group_column():
     meta, X = planted()
     with pytest.raises(ValueError, match="split_by"):
-        knn_f1(meta, X, label_col="Metadata_Class")
+        knn_f1(meta, X, label="Metadata_Class")
     with pytest.raises(KeyError, match="Metadata_Nope"):
-        knn_f1(meta, X, label_col="Metadata_Class", split_by="Metadata_Nope")
+        knn_f1(meta, X, label="Metadata_Class", split_by="Metadata_Nope")
 
 
 # ---- kNN -------------------------------------------------------------------------------------
@@ -84,7 +84,7 @@ def test_split_needs_a_group_column():
 def test_knn_matches_sklearn_cosine_knn():
     meta, X = planted(signal=0.8, seed=1)  # weak signal: errors and ties in votes happen
     train, test = group_split(meta, by="Metadata_Plate", seed=0)
-    table = knn_f1(meta, X, label_col="Metadata_Class", train_idx=train, test_idx=test)
+    table = knn_f1(meta, X, label="Metadata_Class", train_idx=train, test_idx=test)
     y = meta.Metadata_Class.to_numpy()
     assert list(table.k) == [1, 5, 10, 20, 50]
     for k, ours in zip(table.k, table.macro_f1):
@@ -96,10 +96,10 @@ def test_knn_matches_sklearn_cosine_knn():
 
 def test_knn_recovers_planted_classes_and_not_noise():
     meta, X = planted(signal=3.0)
-    table = knn_f1(meta, X, label_col="Metadata_Class", split_by="Metadata_Plate", ks=(5,))
+    table = knn_f1(meta, X, label="Metadata_Class", split_by="Metadata_Plate", ks=(5,))
     assert table.macro_f1.iloc[0] > 0.9
     noise = np.random.default_rng(0).normal(size=X.shape).astype(np.float32)
-    table = knn_f1(meta, noise, label_col="Metadata_Class", split_by="Metadata_Plate", ks=(5,))
+    table = knn_f1(meta, noise, label="Metadata_Class", split_by="Metadata_Plate", ks=(5,))
     assert table.macro_f1.iloc[0] < 0.6
 
 
@@ -110,7 +110,7 @@ def test_linear_probe_matches_sklearn_with_training_zscore():
     meta, X = planted(signal=1.0, seed=2)
     X = X * np.linspace(0.1, 50, X.shape[1]).astype(np.float32)  # very different scales
     train, test = group_split(meta, by="Metadata_Plate", seed=1)
-    ours = linear_probe(meta, X, label_col="Metadata_Class", train_idx=train, test_idx=test)
+    ours = linear_probe(meta, X, label="Metadata_Class", train_idx=train, test_idx=test)
     y = meta.Metadata_Class.to_numpy()
     scaler = StandardScaler().fit(X[train])
     clf = LogisticRegression(max_iter=2000, class_weight="balanced")
@@ -144,8 +144,8 @@ def test_sample_weights_inverse_to_frequency():
 def test_mlp_learns_planted_classes_and_is_reproducible():
     meta, X = planted(signal=3.0, cells=6)
     opts = MLPOptions(epochs=8, batch_size=32, hidden=(64, 32), lr=1e-2)
-    a = mlp_f1(meta, X, label_col="Metadata_Class", split_by="Metadata_Plate", options=opts)
-    b = mlp_f1(meta, X, label_col="Metadata_Class", split_by="Metadata_Plate", options=opts)
+    a = mlp_f1(meta, X, label="Metadata_Class", split_by="Metadata_Plate", options=opts)
+    b = mlp_f1(meta, X, label="Metadata_Class", split_by="Metadata_Plate", options=opts)
     assert a.macro_f1.iloc[0] > 0.85
     assert a.macro_f1.iloc[0] == b.macro_f1.iloc[0]
 
@@ -160,14 +160,14 @@ def test_mlp_multilabel_with_bce():
     meta = pd.DataFrame({"Metadata_Loc": labels, "Metadata_Plate": [f"P{i % 4}" for i in range(n)]})
     Yenc, classes = encode_multilabel(meta, "Metadata_Loc")
     assert classes.tolist() == ["L0", "L1", "L2"] and np.array_equal(Yenc, Y)
-    t = mlp_f1(meta, X, label_col="Metadata_Loc", multilabel=True, split_by="Metadata_Plate",
+    t = mlp_f1(meta, X, label="Metadata_Loc", multilabel=True, split_by="Metadata_Plate",
                options=MLPOptions(epochs=20, batch_size=32, hidden=(64, 32), lr=1e-2))  # fmt: skip
     assert t.classifier.iloc[0] == "mlp_multilabel" and t.macro_f1.iloc[0] > 0.8
 
 
 def test_classify_runs_all_on_one_split():
     meta, X = planted(signal=3.0, cells=5)
-    t = classify(meta, X, label_col="Metadata_Class", split_by="Metadata_Plate", ks=(1, 5),
+    t = classify(meta, X, label="Metadata_Class", split_by="Metadata_Plate", ks=(1, 5),
                  mlp_options=MLPOptions(epochs=5, batch_size=32))  # fmt: skip
     assert list(t.classifier) == ["knn", "knn", "linear", "mlp"]
     assert t.n_test.nunique() == 1 and (t.seed == 0).all()
@@ -185,7 +185,7 @@ def test_block_search_finds_the_informative_block_per_task():
     other[:, 0] += 4.0 * (meta.Metadata_Other == "a").to_numpy()
     noise = rng.normal(size=X.shape).astype(np.float32)
     blocks = {"block_0": noise, "block_1": X, "block_2": other}
-    table, best = block_search(meta, blocks, label_cols=["Metadata_Class", "Metadata_Other"],
+    table, best = block_search(meta, blocks, labels=["Metadata_Class", "Metadata_Other"],
                                split_by="Metadata_Plate", k=5)  # fmt: skip
     assert best["Metadata_Class"]["best_block"] == "block_1"
     assert best["Metadata_Other"]["best_block"] == "block_2"
@@ -207,12 +207,12 @@ def test_subsample_per_class_keeps_every_class_and_fraction():
 
 def test_lowshot_curve_full_fraction_equals_direct_call():
     meta, X = planted(signal=1.5, cells=8)
-    curve = lowshot_curve(meta, X, label_col="Metadata_Class", split_by="Metadata_Plate",
+    curve = lowshot_curve(meta, X, label="Metadata_Class", split_by="Metadata_Plate",
                           classifiers=("knn", "linear"), ks=(5,), seed=0)  # fmt: skip
     assert sorted(curve.fraction.unique()) == [0.01, 0.02, 0.05, 0.1, 0.25, 1.0]
     train, test = group_split(meta, by="Metadata_Plate", seed=0)
     full = curve[(curve.fraction == 1.0) & (curve.classifier == "knn")]
-    direct = knn_f1(meta, X, label_col="Metadata_Class", ks=(5,), train_idx=train, test_idx=test)
+    direct = knn_f1(meta, X, label="Metadata_Class", ks=(5,), train_idx=train, test_idx=test)
     assert full.macro_f1.iloc[0] == pytest.approx(direct.macro_f1.iloc[0])
     # n_train grows with the fraction and the test set never changes
     knn = curve[curve.classifier == "knn"].sort_values("fraction")

@@ -29,12 +29,12 @@ def test_knn_and_linear_on_bbbc021_split_by_plate(bbbc021_dir):
     meta, X = meta[keep].reset_index(drop=True), intensity_features(images[keep])
     train, test = group_split(meta, by="plate", test_size=0.34, seed=0)
     assert set(meta.plate[train]).isdisjoint(meta.plate[test])
-    knn = knn_f1(meta, X, label_col="moa", train_idx=train, test_idx=test, ks=(5, 20))
+    knn = knn_f1(meta, X, label="moa", train_idx=train, test_idx=test, ks=(5, 20))
     y = meta.moa.to_numpy()
     for k, ours in zip(knn.k, knn.macro_f1):
         ref = KNeighborsClassifier(n_neighbors=int(k), metric="cosine", algorithm="brute")
         pred = ref.fit(X[train], y[train]).predict(X[test])
         assert ours == pytest.approx(f1_score(y[test], pred, average="macro"))
-    lin = linear_probe(meta, X, label_col="moa", train_idx=train, test_idx=test)
+    lin = linear_probe(meta, X, label="moa", train_idx=train, test_idx=test)
     # the two-class task is easy (README: ~0.95 with intensity statistics)
     assert lin.macro_f1.iloc[0] > 0.8

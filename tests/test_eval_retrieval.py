@@ -130,7 +130,7 @@ def test_nsc_nscb_match_brute_force():
         moa="Metadata_MoA",
         compound="Metadata_Compound",
         batch="Metadata_Batch",
-        control_col=None,
+        control=None,
     )
     assert metrics["NSC"] == pytest.approx(_brute_force(meta, X, batch=False))
     assert metrics["NSCB"] == pytest.approx(_brute_force(meta, X, batch=True))
@@ -173,7 +173,7 @@ def test_enrichment_matches_fisher_exact_and_brute_force():
         moa="Metadata_MoA",
         compound="Metadata_Compound",
         percentiles=(1, 5, 20),
-        control_col=None,
+        control=None,
     )
     Xn = X / np.linalg.norm(X, axis=1, keepdims=True)
     pairs = [
@@ -202,7 +202,7 @@ def test_enrichment_matches_fisher_exact_and_brute_force():
 def test_enrichment_multilabel_and_bad_percentile():
     meta = pd.DataFrame({"Metadata_MoA": ["A|B", "B", "C", "C|A"]})
     X = np.array([[1.0, 0.1], [1.0, 0.2], [0.0, 1.0], [0.1, 1.0]])
-    out = enrichment(meta, X, moa="Metadata_MoA", percentiles=(50,), moa_sep="|", control_col=None)
+    out = enrichment(meta, X, moa="Metadata_MoA", percentiles=(50,), moa_sep="|", control=None)
     # pairs sharing a label: (0,1) B, (0,3) A, (2,3) C; top 3 of 6 = (0,1), (2,3), (0,3)?
     Xn = X / np.linalg.norm(X, axis=1, keepdims=True)
     sims = {(i, j): Xn[i] @ Xn[j] for i, j in itertools.combinations(range(4), 2)}
@@ -210,7 +210,7 @@ def test_enrichment_multilabel_and_bad_percentile():
     shared = {(0, 1), (0, 3), (2, 3)}
     assert out.same_top[0] == len(shared & set(top))
     with pytest.raises(ValueError, match="percentile"):
-        enrichment(meta, X, moa="Metadata_MoA", percentiles=(0,), control_col=None)
+        enrichment(meta, X, moa="Metadata_MoA", percentiles=(0,), control=None)
 
 
 def test_nscb_is_nan_when_every_moa_lives_in_one_batch():

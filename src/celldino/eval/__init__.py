@@ -1,9 +1,10 @@
 """Evaluation of profiles and embeddings: retrieval, matching, classification, biology.
 
-Functions take a metadata table and a feature matrix (profiles × features) with explicit column
-names, and return numbers and tidy tables. `celldino evaluate PROFILES --spec eval.yaml`
-(`celldino.eval.runner.evaluate`) runs any set of them, registered in `runner.ANALYSES`, on
-several feature sets side by side.
+Functions take a metadata table and a feature matrix (profiles × features) — `fn(meta, X, ...)` —
+or an AnnData alone — `fn(adata, ...)` — with explicit column names as keywords (`moa=`,
+`compound=`, `label=`, ...; docs/evaluation.md), and return numbers and tidy tables.
+`celldino evaluate PROFILES --spec eval.yaml` (`celldino.eval.runner.evaluate`) runs any set of
+them, registered in `celldino.eval.analyses.ANALYSES`, on several feature sets side by side.
 """
 
 from celldino.eval.activity import phenotypic_activity

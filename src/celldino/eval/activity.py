@@ -8,19 +8,23 @@ permutation p-value after Benjamini-Hochberg correction (copairs' phenotypic-act
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import numpy as np
 import pandas as pd
 
 from celldino.eval.map import BLOCK_BYTES, retrieval_map, summarize
+from celldino.eval.spec import profiles_of
+
+if TYPE_CHECKING:
+    from anndata import AnnData
 
 
 def phenotypic_activity(
-    meta: pd.DataFrame,
-    feats: np.ndarray,
+    meta: pd.DataFrame | AnnData,
+    X=None,
     *,
     by: Sequence[str] = ("Metadata_Compound",),
-    control_col: str = "Metadata_pert_type",
+    control: str = "Metadata_pert_type",
     control_value: str = "control",
     null_size: int = 10000,
     threshold: float = 0.05,
@@ -34,12 +38,13 @@ def phenotypic_activity(
     The summary holds `mAP`, `mAP_normalized`, `fraction_retrieved` (here: the fraction of
     groups called active at BH-corrected p < `threshold`) and `n_groups`.
     """
+    meta, X = profiles_of(meta, X)
     ap, maps = retrieval_map(
         meta,
-        feats,
+        X,
         by=by,
         negatives="controls",
-        control_col=control_col,
+        control=control,
         control_value=control_value,
         null_size=null_size,
         threshold=threshold,

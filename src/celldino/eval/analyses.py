@@ -1,6 +1,6 @@
 """Every analysis `celldino evaluate` can run, and the registry `ANALYSES` that names them.
 
-Each `run_*` adapter has the runner's signature `fn(meta, feats, ctx, **params)`: it reads column
+Each `run_*` adapter has the runner's signature `fn(meta, X, ctx, **params)`: it reads column
 roles from `ctx.cols` (compound, moa, plate, well, control…), takes the spec's parameters, calls
 the public function and returns the numbers for the metrics table plus the detail tables
 (`AnalysisResult`). The analyses that need more than one profile matrix (block search, CCA,
@@ -59,13 +59,13 @@ def map_kwargs(ctx: EvalContext, params: dict) -> dict:
         "seed": ctx.seed,
         "method": params.get("method", ctx.map_method),
         "block_bytes": ctx.block_bytes,
-        "control_col": ctx.cols.control,
+        "control": ctx.cols.control,
         "control_value": ctx.cols.control_value,
     }
 
 
 def _with_moa(
-    meta: pd.DataFrame, feats: np.ndarray, ctx: EvalContext, analysis: str
+    meta: pd.DataFrame, X: np.ndarray, ctx: EvalContext, analysis: str
 ) -> tuple[pd.DataFrame, np.ndarray]:
     """Drop treatment rows without a MoA annotation (controls are dropped by the analyses)."""
     moa = ctx.cols.require(meta, "moa", analysis)
@@ -85,14 +85,14 @@ def _with_moa(
         )
     if missing.any():
         logger.info("%s: %d rows without %s are left out", analysis, int(missing.sum()), moa)
-        meta, feats = meta[~missing].reset_index(drop=True), np.asarray(feats)[~missing]
-    return meta, feats
+        meta, X = meta[~missing].reset_index(drop=True), np.asarray(X)[~missing]
+    return meta, X
 
 
-def run_nsc(meta: pd.DataFrame, feats: np.ndarray, ctx: EvalContext, **params) -> AnalysisResult:
+def run_nsc(meta: pd.DataFrame, X: np.ndarray, ctx: EvalContext, **params) -> AnalysisResult:
     """NSC and NSCB (when the batch column exists) on treatment profiles."""
     c = ctx.cols
-    meta, feats = _with_moa(meta, feats, ctx, "nsc")
+    meta, X = _with_moa(meta, X, ctx, "nsc")
     treatment = params.get("treatment")
     if treatment is None:
         treatment = [c.require(meta, "compound", "nsc")] + (
@@ -101,12 +101,12 @@ def run_nsc(meta: pd.DataFrame, feats: np.ndarray, ctx: EvalContext, **params) -
     use_batch = params.get("batch", True)
     metrics, table = nsc_nscb(
         meta,
-        feats,
+        X,
         moa=c.require(meta, "moa", "nsc"),
         compound=c.require(meta, "compound", "nsc"),
         treatment=treatment or None,
         batch=c.present(meta, "batch") if use_batch else None,
-        control_col=c.control,
+        control=c.control,
         control_value=c.control_value,
         aggregate=params.get("aggregate", "median"),
         moa_sep=c.moa_sep,
@@ -122,7 +122,7 @@ def run_nsc(meta: pd.DataFrame, feats: np.ndarray, ctx: EvalContext, **params) -
 
 
 def run_map_replicate(
-    meta: pd.DataFrame, feats: np.ndarray, ctx: EvalContext, **params
+    meta: pd.DataFrame, X: np.ndarray, ctx: EvalContext, **params
 ) -> AnalysisResult:
     """Replicate retrieval: same compound (and dose) vs other compounds and controls."""
     c = ctx.cols
@@ -132,7 +132,7 @@ def run_map_replicate(
     kw = map_kwargs(ctx, params)
     ap, maps = retrieval_map(
         meta,
-        feats,
+        X,
         by=by,
         negatives=params.get("negatives", "others"),
         pos_diffby=params.get("pos_diffby", ()),
@@ -141,16 +141,14 @@ def run_map_replicate(
     return AnalysisResult(summarize(maps, kw["threshold"]), {"map": maps.drop(columns="indices")})
 
 
-def run_map_moa(
-    meta: pd.DataFrame, feats: np.ndarray, ctx: EvalContext, **params
-) -> AnalysisResult:
+def run_map_moa(meta: pd.DataFrame, X: np.ndarray, ctx: EvalContext, **params) -> AnalysisResult:
     """MoA retrieval: same MoA, other compound, against other MoAs."""
     c = ctx.cols
-    meta, feats = _with_moa(meta, feats, ctx, "map_moa")
+    meta, X = _with_moa(meta, X, ctx, "map_moa")
     kw = map_kwargs(ctx, params)
     ap, maps = moa_map(
         meta,
-        feats,
+        X,
         moa=c.require(meta, "moa", "map_moa"),
         compound=c.require(meta, "compound", "map_moa"),
         **kw,
@@ -158,36 +156,32 @@ def run_map_moa(
     return AnalysisResult(summarize(maps, kw["threshold"]), {"map": maps.drop(columns="indices")})
 
 
-def run_activity(
-    meta: pd.DataFrame, feats: np.ndarray, ctx: EvalContext, **params
-) -> AnalysisResult:
+def run_activity(meta: pd.DataFrame, X: np.ndarray, ctx: EvalContext, **params) -> AnalysisResult:
     """Phenotypic activity: each compound (all doses, or `by`) against the controls."""
     by = params.get("by") or [ctx.cols.require(meta, "compound", "activity")]
-    _, maps, summary = phenotypic_activity(meta, feats, by=by, **map_kwargs(ctx, params))
+    _, maps, summary = phenotypic_activity(meta, X, by=by, **map_kwargs(ctx, params))
     return AnalysisResult(summary, {"map": maps.drop(columns="indices")})
 
 
-def run_enrichment(
-    meta: pd.DataFrame, feats: np.ndarray, ctx: EvalContext, **params
-) -> AnalysisResult:
+def run_enrichment(meta: pd.DataFrame, X: np.ndarray, ctx: EvalContext, **params) -> AnalysisResult:
     """Folds of enrichment of same-MoA pairs among the most similar treatment pairs."""
     c = ctx.cols
-    meta, feats = _with_moa(meta, feats, ctx, "enrichment")
+    meta, X = _with_moa(meta, X, ctx, "enrichment")
     compound = c.require(meta, "compound", "enrichment")
     treatment = params.get("treatment")
     if treatment is None:
         treatment = [compound] + ([c.dose] if c.present(meta, "dose") else [])
-    m, X = meta, feats
+    m = meta
     if treatment:
         keys = list(dict.fromkeys([*treatment, c.require(meta, "moa", "enrichment")]))
-        m, X = treatment_profiles(*c.drop_controls(meta, feats), by=keys)
+        m, X = treatment_profiles(*c.drop_controls(meta, X), by=keys)
     table = enrichment(
         m,
         X,
         moa=c.require(meta, "moa", "enrichment"),
         compound=compound,
         percentiles=tuple(params.get("percentiles", (1.0, 5.0))),
-        control_col=c.control,
+        control=c.control,
         control_value=c.control_value,
         moa_sep=c.moa_sep,
     )
@@ -228,13 +222,13 @@ def _mlp_options(params: dict) -> MLPOptions:
     return MLPOptions(**opts)
 
 
-def run_classify(meta, feats, ctx: EvalContext, **params: Any) -> AnalysisResult:
+def run_classify(meta, X, ctx: EvalContext, **params: Any) -> AnalysisResult:
     """kNN (k = 1…50), linear probe and MLP macro-F1 on a group split (default by compound)."""
     if params.get("exclude_controls", True):
-        meta, feats = ctx.cols.drop_controls(meta, feats)
+        meta, X = ctx.cols.drop_controls(meta, X)
     label, split_by = _label_and_split(meta, ctx, params, "classify")
     table = classify(
-        meta, feats, label_col=label, split_by=split_by,
+        meta, X, label=label, split_by=split_by,
         classifiers=tuple(params.get("classifiers", ("knn", "linear", "mlp"))),
         ks=tuple(params.get("ks", (1, 5, 10, 20, 50))),
         test_size=float(params.get("test_size", 0.25)),
@@ -247,13 +241,13 @@ def run_classify(meta, feats, ctx: EvalContext, **params: Any) -> AnalysisResult
     return _result(metrics, {"classify": table})
 
 
-def run_lowshot(meta, feats, ctx: EvalContext, **params: Any) -> AnalysisResult:
+def run_lowshot(meta, X, ctx: EvalContext, **params: Any) -> AnalysisResult:
     """Low-shot curve: classifiers retrained on 1 %…100 % of the training rows."""
     if params.get("exclude_controls", True):
-        meta, feats = ctx.cols.drop_controls(meta, feats)
+        meta, X = ctx.cols.drop_controls(meta, X)
     label, split_by = _label_and_split(meta, ctx, params, "lowshot")
     table = lowshot_curve(
-        meta, feats, label_col=label, split_by=split_by,
+        meta, X, label=label, split_by=split_by,
         fractions=tuple(params.get("fractions", (0.01, 0.02, 0.05, 0.1, 0.25, 1.0))),
         classifiers=tuple(params.get("classifiers", ("knn", "linear"))),
         ks=tuple(params.get("ks", (5,))), n_repeats=int(params.get("n_repeats", 1)),
@@ -267,15 +261,15 @@ def run_lowshot(meta, feats, ctx: EvalContext, **params: Any) -> AnalysisResult:
     return _result(metrics, {"lowshot": table})
 
 
-def run_moa_prediction(meta, feats, ctx: EvalContext, **params: Any) -> AnalysisResult:
+def run_moa_prediction(meta, X, ctx: EvalContext, **params: Any) -> AnalysisResult:
     """Multi-label MoA prediction, leave-compound-out, micro PR-AUC; controls excluded."""
     c = ctx.cols
     per_moa, predictions, summary = moa_prediction(
-        meta, feats,
-        moa_col=c.require(meta, "moa", "moa_prediction"),
-        compound_col=c.require(meta, "compound", "moa_prediction"),
-        control_col=c.control if c.control in meta.columns else None,
-        control_values=(c.control_value,), sep=c.moa_sep or "|",
+        meta, X,
+        moa=c.require(meta, "moa", "moa_prediction"),
+        compound=c.require(meta, "compound", "moa_prediction"),
+        control=c.control if c.control in meta.columns else None,
+        control_value=c.control_value, moa_sep=c.moa_sep or "|",
         classifier=params.get("classifier", "linear"), n_folds=params.get("n_folds", 5),
         min_compounds=int(params.get("min_compounds", 2)),
         mlp_options=_mlp_options(params), seed=ctx.seed,
@@ -283,18 +277,16 @@ def run_moa_prediction(meta, feats, ctx: EvalContext, **params: Any) -> Analysis
     return _result(summary, {"per_moa": per_moa, "predictions": predictions})
 
 
-def run_multitask(meta, feats, ctx: EvalContext, **params: Any) -> AnalysisResult:
-    """Multi-task activity prediction (masked BCE) from `task_cols` or `task_prefix` columns."""
-    tasks = list(params.get("task_cols") or [])
+def run_multitask(meta, X, ctx: EvalContext, **params: Any) -> AnalysisResult:
+    """Multi-task activity prediction (masked BCE) from `tasks` or `task_prefix` columns."""
+    tasks = list(params.get("tasks") or [])
     prefix = params.get("task_prefix")
     if prefix:
         tasks += [col for col in meta.columns if str(col).startswith(prefix)]
     if not tasks:
-        raise SpecError(
-            "analysis 'multitask' needs task_cols: [...] or task_prefix: 'Metadata_assay_'"
-        )
+        raise SpecError("analysis 'multitask' needs tasks: [...] or task_prefix: 'Metadata_assay_'")
     table, summary = multitask_activity(
-        meta, feats, task_cols=tasks,
+        meta, X, tasks=tasks,
         split_by=params.get("split_by") or ctx.cols.require(meta, "compound", "multitask"),
         test_size=float(params.get("test_size", 0.25)), epochs=int(params.get("epochs", 50)),
         threshold=float(params.get("threshold", 0.9)), seed=ctx.seed,
@@ -302,14 +294,14 @@ def run_multitask(meta, feats, ctx: EvalContext, **params: Any) -> AnalysisResul
     return _result(summary, {"tasks": table})
 
 
-def run_factors(meta, feats, ctx: EvalContext, **params: Any) -> AnalysisResult:
+def run_factors(meta, X, ctx: EvalContext, **params: Any) -> AnalysisResult:
     """Mutual information of each feature with each factor; fraction of features per factor."""
     c = ctx.cols
-    factors = params.get("factor_cols") or [
+    factors = params.get("factors") or [
         col for role in ("moa", "plate", "batch") if (col := c.present(meta, role))
     ]  # not compound or well by default: nested in MoA / unique per profile, they win trivially
     table, summary = factor_mutual_information(
-        meta, feats, factor_cols=factors, n_bins=int(params.get("n_bins", 10)),
+        meta, X, factors=factors, n_bins=int(params.get("n_bins", 10)),
         normalize=params.get("normalize", "none"),
     )  # fmt: skip
     metrics = {f"fraction_top_{r.factor}": r.fraction_top for r in summary.itertuples()}
@@ -317,12 +309,12 @@ def run_factors(meta, feats, ctx: EvalContext, **params: Any) -> AnalysisResult:
     return _result(metrics, {"mutual_information": table, "factors": summary})
 
 
-def run_similarity(meta, feats, ctx: EvalContext, **params: Any) -> AnalysisResult:
+def run_similarity(meta, X, ctx: EvalContext, **params: Any) -> AnalysisResult:
     """Group-mean similarity matrix in hierarchical order (long table: group_a, group_b, sim)."""
     if params.get("exclude_controls", True):
-        meta, feats = ctx.cols.drop_controls(meta, feats)
-    group = params.get("group_col") or ctx.cols.require(meta, "moa", "similarity")
-    sim = group_similarity(meta, feats, group_col=group, metric=params.get("metric", "cosine"))
+        meta, X = ctx.cols.drop_controls(meta, X)
+    group = params.get("group") or ctx.cols.require(meta, "moa", "similarity")
+    sim = group_similarity(meta, X, group=group, metric=params.get("metric", "cosine"))
     long = sim.stack().rename("similarity").reset_index()
     long.columns = ["group_a", "group_b", "similarity"]
     long["order_a"] = long.group_a.map({g: i for i, g in enumerate(sim.index)})
@@ -332,39 +324,39 @@ def run_similarity(meta, feats, ctx: EvalContext, **params: Any) -> AnalysisResu
     return _result(metrics, {"similarity": long})
 
 
-def run_heterogeneity(meta, feats, ctx: EvalContext, **params: Any) -> AnalysisResult:
+def run_heterogeneity(meta, X, ctx: EvalContext, **params: Any) -> AnalysisResult:
     """Per-field std of single-cell features, max per treatment, precision@k vs annotation."""
     c = ctx.cols
-    fields = params.get("field_cols") or [
+    fields = params.get("fields") or [
         col for col in (c.plate, c.well, "Metadata_Site") if col in meta.columns
     ]
-    treatment = params.get("treatment_col") or c.require(meta, "compound", "heterogeneity")
+    treatment = params.get("treatment") or c.require(meta, "compound", "heterogeneity")
     exclude = params.get("exclude")
     if exclude is None and c.control in meta.columns:
         is_ctl = is_control_row(meta, c.control, c.control_value)
         exclude = meta.loc[is_ctl, treatment].astype(str).unique().tolist()
     ranked, summary = heterogeneity(
-        meta, feats, field_cols=fields, treatment_col=treatment,
-        annotated=params.get("annotated"), annotation_col=params.get("annotation_col"),
+        meta, X, fields=fields, treatment=treatment,
+        annotated=params.get("annotated"), annotation=params.get("annotation"),
         exclude=exclude or (), ks=tuple(params.get("ks", (5, 10))),
         min_cells=int(params.get("min_cells", 3)),
     )  # fmt: skip
     return _result(summary, {"treatments": ranked})
 
 
-def run_pseudotime(meta, feats, ctx: EvalContext, **params: Any) -> AnalysisResult:
-    """Diffusion pseudotime (scanpy) from a root group (`root_col`, `root_value`)."""
+def run_pseudotime(meta, X, ctx: EvalContext, **params: Any) -> AnalysisResult:
+    """Diffusion pseudotime (scanpy) from a root group (`root_by`, `root_value`)."""
     from celldino.eval.pseudotime import diffusion_pseudotime
 
     out, summary = diffusion_pseudotime(
-        meta, feats, root=params.get("root"), root_col=params.get("root_col"),
+        meta, X, root=params.get("root"), root_by=params.get("root_by"),
         root_value=params.get("root_value"), n_neighbors=int(params.get("n_neighbors", 15)),
         n_pcs=int(params.get("n_pcs", 0)), n_dcs=int(params.get("n_dcs", 10)), seed=ctx.seed,
     )  # fmt: skip
     return _result(summary, {"pseudotime": out})
 
 
-# name → function(meta, feats, ctx, **params)
+# name → function(meta, X, ctx, **params)
 ANALYSES: dict[str, Callable[..., AnalysisResult | dict]] = {
     "nsc": run_nsc,
     "map_replicate": run_map_replicate,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -23,8 +24,12 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score
 from torch import nn
 
+from celldino.eval.spec import profiles_of
 from celldino.eval.splits import group_split
 from celldino.log import get_logger
+
+if TYPE_CHECKING:
+    from anndata import AnnData
 
 logger = get_logger(__name__)
 
@@ -52,27 +57,27 @@ def as_matrix(X, n_rows: int | None = None) -> np.ndarray:
     return arr
 
 
-def encode_labels(meta: pd.DataFrame, label_col: str) -> tuple[np.ndarray, np.ndarray]:
+def encode_labels(meta: pd.DataFrame, label: str) -> tuple[np.ndarray, np.ndarray]:
     """Integer codes (n,) and the sorted class names of a single-label column."""
-    if label_col not in meta.columns:
-        raise KeyError(f"label column '{label_col}' not in the metadata: {list(meta.columns)}")
-    values = meta[label_col]
+    if label not in meta.columns:
+        raise KeyError(f"label column '{label}' not in the metadata: {list(meta.columns)}")
+    values = meta[label]
     if values.isna().any():
         rows = list(np.flatnonzero(values.isna().to_numpy())[:5])
-        raise ValueError(f"label column '{label_col}' has missing labels at rows {rows}")
+        raise ValueError(f"label column '{label}' has missing labels at rows {rows}")
     classes, codes = np.unique(values.astype(str).to_numpy(), return_inverse=True)
     return codes.astype(np.int64), classes
 
 
 def encode_multilabel(
-    meta: pd.DataFrame, label_col: str, *, sep: str = "|"
+    meta: pd.DataFrame, label: str, *, sep: str = "|"
 ) -> tuple[np.ndarray, np.ndarray]:
     """Binary indicator matrix (n, classes) and class names of a `sep`-joined label column."""
-    if label_col not in meta.columns:
-        raise KeyError(f"label column '{label_col}' not in the metadata: {list(meta.columns)}")
+    if label not in meta.columns:
+        raise KeyError(f"label column '{label}' not in the metadata: {list(meta.columns)}")
     sets = [
         sorted({p.strip() for p in str(v).split(sep) if p.strip()}) if pd.notna(v) else []
-        for v in meta[label_col]
+        for v in meta[label]
     ]
     classes = np.array(sorted({c for s in sets for c in s}))
     index = {c: i for i, c in enumerate(classes)}
@@ -157,10 +162,10 @@ def vote(neighbor_labels: np.ndarray, n_classes: int) -> np.ndarray:
 
 
 def knn_f1(
-    meta: pd.DataFrame,
-    X,
+    meta: pd.DataFrame | AnnData,
+    X=None,
     *,
-    label_col: str,
+    label: str,
     ks: Sequence[int] = KS,
     split_by: str | Sequence[str] | None = None,
     train_idx: np.ndarray | None = None,
@@ -169,8 +174,9 @@ def knn_f1(
     seed: int = 0,
 ) -> pd.DataFrame:
     """Macro-F1 of cosine kNN (uniform vote) for each k in `ks` on a group split."""
+    meta, X = profiles_of(meta, X)
     X = as_matrix(X, len(meta))
-    y, classes = encode_labels(meta, label_col)
+    y, classes = encode_labels(meta, label)
     train, test = resolve_split(
         meta, split_by=split_by, train_idx=train_idx, test_idx=test_idx, test_size=test_size,
         seed=seed,
@@ -183,7 +189,7 @@ def knn_f1(
             logger.warning("kNN: k=%d > %d training rows; using k=%d", k, len(train), k_eff)
         pred = vote(y[train][nbrs[:, :k_eff]], len(classes))
         score = f1_score(y[test], pred, average="macro")
-        rows.append(_row("knn", label_col, score, len(train), len(test), len(classes), split_by,
+        rows.append(_row("knn", label, score, len(train), len(test), len(classes), split_by,
                          seed, k=k))  # fmt: skip
     return pd.DataFrame(rows)
 
@@ -200,10 +206,10 @@ def zscore_fit(X_train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def linear_probe(
-    meta: pd.DataFrame,
-    X,
+    meta: pd.DataFrame | AnnData,
+    X=None,
     *,
-    label_col: str,
+    label: str,
     split_by: str | Sequence[str] | None = None,
     train_idx: np.ndarray | None = None,
     test_idx: np.ndarray | None = None,
@@ -214,8 +220,9 @@ def linear_probe(
     seed: int = 0,
 ) -> pd.DataFrame:
     """Macro-F1 of a logistic-regression probe on features z-scored with training statistics."""
+    meta, X = profiles_of(meta, X)
     X = as_matrix(X, len(meta))
-    y, classes = encode_labels(meta, label_col)
+    y, classes = encode_labels(meta, label)
     train, test = resolve_split(
         meta, split_by=split_by, train_idx=train_idx, test_idx=test_idx, test_size=test_size,
         seed=seed,
@@ -230,7 +237,7 @@ def linear_probe(
         pred = clf.predict((X[test] - mean) / std)
     score = f1_score(y[test], pred, average="macro")
     return pd.DataFrame(
-        [_row("linear", label_col, score, len(train), len(test), len(classes), split_by, seed)]
+        [_row("linear", label, score, len(train), len(test), len(classes), split_by, seed)]
     )
 
 
@@ -327,10 +334,10 @@ def predict_mlp(model: MLPClassifier, X: np.ndarray, mean: np.ndarray, std: np.n
 
 
 def mlp_f1(
-    meta: pd.DataFrame,
-    X,
+    meta: pd.DataFrame | AnnData,
+    X=None,
     *,
-    label_col: str,
+    label: str,
     multilabel: bool = False,
     sep: str = "|",
     split_by: str | Sequence[str] | None = None,
@@ -342,12 +349,13 @@ def mlp_f1(
     seed: int = 0,
 ) -> pd.DataFrame:
     """Macro-F1 of the paper's MLP (multi-label: sigmoid > `threshold`, macro over labels)."""
+    meta, X = profiles_of(meta, X)
     options = options or MLPOptions()
     X = as_matrix(X, len(meta))
     if multilabel:
-        Y, classes = encode_multilabel(meta, label_col, sep=sep)
+        Y, classes = encode_multilabel(meta, label, sep=sep)
     else:
-        Y, classes = encode_labels(meta, label_col)
+        Y, classes = encode_labels(meta, label)
     train, test = resolve_split(
         meta, split_by=split_by, train_idx=train_idx, test_idx=test_idx, test_size=test_size,
         seed=seed,
@@ -362,7 +370,7 @@ def mlp_f1(
         score = f1_score(Y[test], logits.argmax(axis=1), average="macro")
     name = "mlp_multilabel" if multilabel else "mlp"
     return pd.DataFrame(
-        [_row(name, label_col, score, len(train), len(test), len(classes), split_by, seed)]
+        [_row(name, label, score, len(train), len(test), len(classes), split_by, seed)]
     )
 
 
@@ -370,10 +378,10 @@ def mlp_f1(
 
 
 def classify(
-    meta: pd.DataFrame,
-    X,
+    meta: pd.DataFrame | AnnData,
+    X=None,
     *,
-    label_col: str,
+    label: str,
     classifiers: Sequence[str] = ("knn", "linear", "mlp"),
     ks: Sequence[int] = KS,
     split_by: str | Sequence[str] | None = None,
@@ -384,6 +392,7 @@ def classify(
     seed: int = 0,
 ) -> pd.DataFrame:
     """kNN, linear probe and MLP on one shared group split; one tidy table."""
+    meta, X = profiles_of(meta, X)
     unknown = set(classifiers) - {"knn", "linear", "mlp"}
     if unknown:
         raise ValueError(f"unknown classifier(s) {sorted(unknown)}; choose from knn, linear, mlp")
@@ -391,7 +400,7 @@ def classify(
         meta, split_by=split_by, train_idx=train_idx, test_idx=test_idx, test_size=test_size,
         seed=seed,
     )  # fmt: skip
-    common = dict(label_col=label_col, train_idx=train, test_idx=test, seed=seed)
+    common = dict(label=label, train_idx=train, test_idx=test, seed=seed)
     tables = []
     if "knn" in classifiers:
         tables.append(knn_f1(meta, X, ks=ks, **common))
@@ -410,7 +419,7 @@ def block_search(
     meta: pd.DataFrame,
     blocks: Mapping[str | int, np.ndarray] | Sequence[np.ndarray],
     *,
-    label_cols: Sequence[str],
+    labels: Sequence[str],
     classifier: str = "knn",
     k: int = 20,
     split_by: str | Sequence[str] | None = None,
@@ -438,13 +447,13 @@ def block_search(
         seed=seed,
     )  # fmt: skip
     rows = []
-    for name, feats in items:
-        for task in label_cols:
+    for name, block_X in items:
+        for task in labels:
             if classifier == "knn":
-                t = knn_f1(meta, feats, label_col=task, ks=(k,), train_idx=train, test_idx=test,
+                t = knn_f1(meta, block_X, label=task, ks=(k,), train_idx=train, test_idx=test,
                            seed=seed)  # fmt: skip
             else:
-                t = linear_probe(meta, feats, label_col=task, train_idx=train, test_idx=test,
+                t = linear_probe(meta, block_X, label=task, train_idx=train, test_idx=test,
                                  seed=seed)  # fmt: skip
             t.insert(0, "block", name)
             rows.append(t)

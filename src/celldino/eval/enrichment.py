@@ -10,13 +10,17 @@ default (other doses of one compound are trivially similar) and controls are exc
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import scipy.stats
 
 from celldino.eval.map import check_inputs
-from celldino.eval.spec import drop_controls
+from celldino.eval.spec import drop_controls, profiles_of
+
+if TYPE_CHECKING:
+    from anndata import AnnData
 
 MAX_PROFILES = 20000  # all pairs are held in memory: aggregate wells into treatments first
 
@@ -36,13 +40,13 @@ def _same_label(values: pd.Series, sep: str | None) -> np.ndarray:
 
 
 def enrichment(
-    meta: pd.DataFrame,
-    feats: np.ndarray,
+    meta: pd.DataFrame | AnnData,
+    X=None,
     *,
     moa: str,
     compound: str | None = None,
     percentiles: Sequence[float] = (1.0,),
-    control_col: str | None = "Metadata_pert_type",
+    control: str | None = "Metadata_pert_type",
     control_value: str = "control",
     moa_sep: str | None = None,
 ) -> pd.DataFrame:
@@ -52,10 +56,11 @@ def enrichment(
     similarity in the top set), `same_top`, `diff_top`, `same_rest`, `diff_rest`,
     `odds_ratio` (inf when no different-MoA pair is in the top set) and `p_value`.
     """
+    meta, X = profiles_of(meta, X)
     meta = meta.reset_index(drop=True)
     cols = [moa] + ([compound] if compound else [])
-    X = check_inputs(meta, feats, cols)
-    meta, X = drop_controls(meta, X, control=control_col, control_value=control_value)
+    X = check_inputs(meta, X, cols)
+    meta, X = drop_controls(meta, X, control=control, control_value=control_value)
     n = len(X)
     if n > MAX_PROFILES:
         raise ValueError(

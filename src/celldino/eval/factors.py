@@ -11,11 +11,16 @@ factor — a model whose features mostly follow the plate learned the batch, not
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from celldino.eval.classify import as_matrix
+from celldino.eval.spec import profiles_of
+
+if TYPE_CHECKING:
+    from anndata import AnnData
 
 
 def discretize(x: np.ndarray, *, n_bins: int = 10) -> np.ndarray:
@@ -43,10 +48,10 @@ def _entropy(labels: np.ndarray) -> float:
 
 
 def factor_mutual_information(
-    meta: pd.DataFrame,
-    X,
+    meta: pd.DataFrame | AnnData,
+    X=None,
     *,
-    factor_cols: Sequence[str],
+    factors: Sequence[str],
     feature_names: Sequence[str] | None = None,
     n_bins: int = 10,
     normalize: str = "none",
@@ -57,6 +62,7 @@ def factor_mutual_information(
     (factor, n_features_top, fraction_top, mean_mi). Rows with a missing factor value are
     left out of that factor's MI.
     """
+    meta, X = profiles_of(meta, X)
     if normalize not in ("none", "factor_entropy"):
         raise ValueError(f"normalize must be 'none' or 'factor_entropy', got {normalize!r}")
     if isinstance(X, pd.DataFrame) and feature_names is None:
@@ -67,12 +73,12 @@ def factor_mutual_information(
     ]  # fmt: skip
     if len(names) != X.shape[1]:
         raise ValueError(f"{len(names)} feature names for {X.shape[1]} features")
-    missing = [c for c in factor_cols if c not in meta.columns]
-    if missing or not factor_cols:
+    missing = [c for c in factors if c not in meta.columns]
+    if missing or not factors:
         raise KeyError(f"factor column(s) {missing or '[]'} not usable; give Metadata_* columns")
     binned = np.stack([discretize(X[:, j], n_bins=n_bins) for j in range(X.shape[1])], axis=1)
-    mi = np.zeros((X.shape[1], len(factor_cols)))
-    for f, col in enumerate(factor_cols):
+    mi = np.zeros((X.shape[1], len(factors)))
+    for f, col in enumerate(factors):
         ok = meta[col].notna().to_numpy()
         labels = meta[col].astype(str).to_numpy()[ok]
         scale = _entropy(labels) if normalize == "factor_entropy" else 1.0
@@ -81,16 +87,16 @@ def factor_mutual_information(
     top = mi.argmax(axis=1)
     table = pd.DataFrame(
         {
-            "feature": np.repeat(names, len(factor_cols)),
-            "factor": np.tile(list(factor_cols), len(names)),
+            "feature": np.repeat(names, len(factors)),
+            "factor": np.tile(list(factors), len(names)),
             "mi": mi.ravel(),
-            "is_top": (top[:, None] == np.arange(len(factor_cols))[None, :]).ravel(),
+            "is_top": (top[:, None] == np.arange(len(factors))[None, :]).ravel(),
         }
     )
-    counts = np.bincount(top, minlength=len(factor_cols))
+    counts = np.bincount(top, minlength=len(factors))
     summary = pd.DataFrame(
         {
-            "factor": list(factor_cols),
+            "factor": list(factors),
             "n_features_top": counts,
             "fraction_top": counts / X.shape[1],
             "mean_mi": mi.mean(axis=0),

@@ -11,20 +11,25 @@ tells whether the features see cell-to-cell variation.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from celldino.eval.classify import as_matrix
+from celldino.eval.spec import profiles_of
 from celldino.eval.splits import group_labels
+
+if TYPE_CHECKING:
+    from anndata import AnnData
 
 
 def field_std(
-    meta: pd.DataFrame,
-    X,
+    meta: pd.DataFrame | AnnData,
+    X=None,
     *,
-    field_cols: Sequence[str] = ("Metadata_Plate", "Metadata_Well", "Metadata_Site"),
-    treatment_col: str = "Metadata_Compound",
+    fields: Sequence[str] = ("Metadata_Plate", "Metadata_Well", "Metadata_Site"),
+    treatment: str = "Metadata_Compound",
     standardize: bool = True,
     reduce: str = "mean",
     min_cells: int = 3,
@@ -33,17 +38,18 @@ def field_std(
 
     Fields with fewer than `min_cells` cells are dropped (their std is noise).
     """
+    meta, X = profiles_of(meta, X)
     if reduce not in ("mean", "median", "max"):
         raise ValueError(f"reduce must be mean, median or max, got {reduce!r}")
-    if treatment_col not in meta.columns:
-        raise KeyError(f"treatment column '{treatment_col}' not in the metadata")
+    if treatment not in meta.columns:
+        raise KeyError(f"treatment column '{treatment}' not in the metadata")
     X = as_matrix(X, len(meta)).astype(np.float64)
     if standardize:
         sd = X.std(axis=0)
         sd[sd == 0] = 1.0
         X = (X - X.mean(axis=0)) / sd
-    fields = group_labels(meta, list(field_cols))
-    names, inv = np.unique(fields, return_inverse=True)
+    per_field = group_labels(meta, list(fields))
+    names, inv = np.unique(per_field, return_inverse=True)
     n = np.bincount(inv)
     s1 = np.zeros((len(names), X.shape[1]))
     s2 = np.zeros_like(s1)
@@ -54,7 +60,7 @@ def field_std(
     std = np.sqrt(np.clip(var, 0, None))
     score = {"mean": np.mean, "median": np.median, "max": np.max}[reduce](std, axis=1)
     treat = (
-        pd.Series(meta[treatment_col].astype(str).to_numpy())
+        pd.Series(meta[treatment].astype(str).to_numpy())
         .groupby(inv)
         .agg(lambda s: s.iloc[0] if s.nunique() == 1 else "|".join(sorted(s.unique())))
     )
@@ -64,10 +70,10 @@ def field_std(
     return out[out.n_cells >= min_cells].reset_index(drop=True)
 
 
-def treatment_heterogeneity(fields: pd.DataFrame) -> pd.DataFrame:
+def treatment_heterogeneity(per_field: pd.DataFrame) -> pd.DataFrame:
     """Per treatment: max field score, number of fields, rank (1 = most heterogeneous)."""
     t = (
-        fields.groupby("treatment")
+        per_field.groupby("treatment")
         .agg(score=("score", "max"), n_fields=("field", "size"), n_cells=("n_cells", "sum"))
         .reset_index()
         .sort_values(["score", "treatment"], ascending=[False, True])
@@ -87,13 +93,13 @@ def precision_at_k(ranked: Sequence[str], annotated: Iterable[str], k: int) -> f
 
 
 def heterogeneity(
-    meta: pd.DataFrame,
-    X,
+    meta: pd.DataFrame | AnnData,
+    X=None,
     *,
-    field_cols: Sequence[str] = ("Metadata_Plate", "Metadata_Well", "Metadata_Site"),
-    treatment_col: str = "Metadata_Compound",
+    fields: Sequence[str] = ("Metadata_Plate", "Metadata_Well", "Metadata_Site"),
+    treatment: str = "Metadata_Compound",
     annotated: Iterable[str] | None = None,
-    annotation_col: str | None = None,
+    annotation: str | None = None,
     exclude: Iterable[str] = (),
     ks: Sequence[int] = (5, 10),
     standardize: bool = True,
@@ -103,20 +109,21 @@ def heterogeneity(
     """Ranked treatments and precision@k against the annotated heterogeneous treatments.
 
     The annotation is either a list (`annotated`) or a boolean-like metadata column
-    (`annotation_col`, true for cells of heterogeneous treatments). Treatments in `exclude`
+    (`annotation`, true for cells of heterogeneous treatments). Treatments in `exclude`
     (e.g. the negative control) are left out of the ranking.
     """
-    fields = field_std(meta, X, field_cols=field_cols, treatment_col=treatment_col,
+    meta, X = profiles_of(meta, X)
+    per_field = field_std(meta, X, fields=fields, treatment=treatment,
                        standardize=standardize, reduce=reduce, min_cells=min_cells)  # fmt: skip
-    ranked = treatment_heterogeneity(fields)
+    ranked = treatment_heterogeneity(per_field)
     ranked = ranked[~ranked.treatment.isin([str(e) for e in exclude])].reset_index(drop=True)
     ranked["rank"] = np.arange(1, len(ranked) + 1)
-    if annotation_col is not None:
-        if annotation_col not in meta.columns:
-            raise KeyError(f"annotation column '{annotation_col}' not in the metadata")
-        flag = meta[annotation_col].astype(str).str.lower().isin(["1", "true", "yes"])
-        annotated = meta.loc[flag.to_numpy(), treatment_col].astype(str).unique()
-    summary: dict = {"n_treatments": int(len(ranked)), "n_fields": int(len(fields))}
+    if annotation is not None:
+        if annotation not in meta.columns:
+            raise KeyError(f"annotation column '{annotation}' not in the metadata")
+        flag = meta[annotation].astype(str).str.lower().isin(["1", "true", "yes"])
+        annotated = meta.loc[flag.to_numpy(), treatment].astype(str).unique()
+    summary: dict = {"n_treatments": int(len(ranked)), "n_fields": int(len(per_field))}
     if annotated is not None:
         pos = set(map(str, annotated))
         ranked["annotated"] = ranked.treatment.isin(pos)

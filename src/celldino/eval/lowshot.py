@@ -8,6 +8,7 @@ and kNN, the linear probe and the MLP are retrained. This is Cell-DINO's low-sho
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -21,7 +22,11 @@ from celldino.eval.classify import (
     mlp_f1,
     resolve_split,
 )
+from celldino.eval.spec import profiles_of
 from celldino.log import get_logger, progress
+
+if TYPE_CHECKING:
+    from anndata import AnnData
 
 logger = get_logger(__name__)
 
@@ -46,10 +51,10 @@ def subsample_per_class(
 
 
 def lowshot_curve(
-    meta: pd.DataFrame,
-    X,
+    meta: pd.DataFrame | AnnData,
+    X=None,
     *,
-    label_col: str,
+    label: str,
     fractions: Sequence[float] = FRACTIONS,
     classifiers: Sequence[str] = ("knn", "linear", "mlp"),
     ks: Sequence[int] = KS,
@@ -62,10 +67,11 @@ def lowshot_curve(
     seed: int = 0,
 ) -> pd.DataFrame:
     """Tidy table: fraction, repeat, subsample_seed + the classifier columns (macro_f1, …)."""
+    meta, X = profiles_of(meta, X)
     unknown = set(classifiers) - {"knn", "linear", "mlp"}
     if unknown:
         raise ValueError(f"unknown classifier(s) {sorted(unknown)}; choose from knn, linear, mlp")
-    y, _ = encode_labels(meta, label_col)
+    y, _ = encode_labels(meta, label)
     train, test = resolve_split(
         meta, split_by=split_by, train_idx=train_idx, test_idx=test_idx, test_size=test_size,
         seed=seed,
@@ -75,7 +81,7 @@ def lowshot_curve(
     for fraction, repeat in progress(jobs, desc="low-shot"):
         sub_seed = seed * 1000 + repeat
         sub = subsample_per_class(train, y[train], fraction=fraction, seed=sub_seed)
-        common = dict(label_col=label_col, train_idx=sub, test_idx=test, seed=seed)
+        common = dict(label=label, train_idx=sub, test_idx=test, seed=seed)
         parts = []
         if "knn" in classifiers:
             parts.append(knn_f1(meta, X, ks=ks, **common))

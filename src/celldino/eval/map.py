@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import tempfile
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -30,8 +31,11 @@ import scipy.stats
 import torch
 
 from celldino.errors import DataError
-from celldino.eval.spec import drop_controls, is_control_row
+from celldino.eval.spec import drop_controls, is_control_row, profiles_of
 from celldino.log import get_logger, progress
+
+if TYPE_CHECKING:
+    from anndata import AnnData
 
 logger = get_logger(__name__)
 
@@ -65,9 +69,9 @@ def _as_list(cols: str | Sequence[str] | None) -> list[str]:
     return [cols] if isinstance(cols, str) else list(cols)
 
 
-def check_inputs(meta: pd.DataFrame, feats: np.ndarray, columns: Sequence[str]) -> np.ndarray:
+def check_inputs(meta: pd.DataFrame, X: np.ndarray, columns: Sequence[str]) -> np.ndarray:
     """Validate metadata columns and features; return the features as float64 (n, d)."""
-    X = np.asarray(feats, dtype=np.float64)
+    X = np.asarray(X, dtype=np.float64)
     if X.ndim != 2:
         raise ValueError(f"features must be a 2-D array (profiles, features), got shape {X.shape}")
     if len(meta) != len(X):
@@ -253,8 +257,8 @@ def _average_precision_blocked(
 
 
 def average_precision(
-    meta: pd.DataFrame,
-    feats: np.ndarray,
+    meta: pd.DataFrame | AnnData,
+    X=None,
     *,
     pos_sameby: Sequence[str],
     pos_diffby: Sequence[str] = (),
@@ -271,11 +275,12 @@ def average_precision(
     (NaN without positives) and `normalized_average_precision`. `method` is `copairs`,
     `blocked` or `auto` (copairs up to `copairs_max_rows` profiles, blocked above).
     """
+    meta, X = profiles_of(meta, X)
     pos_sameby, pos_diffby = _as_list(pos_sameby), _as_list(pos_diffby)
     neg_sameby, neg_diffby = _as_list(neg_sameby), _as_list(neg_diffby)
     if not (pos_sameby or pos_diffby) or not (neg_sameby or neg_diffby):
         raise ValueError("the positive and the negative rule each need at least one column")
-    X = check_inputs(meta, feats, pos_sameby + pos_diffby + neg_sameby + neg_diffby)
+    X = check_inputs(meta, X, pos_sameby + pos_diffby + neg_sameby + neg_diffby)
     if method == "auto":
         method = "copairs" if len(X) <= copairs_max_rows else "blocked"
     if method == "blocked":
@@ -426,13 +431,13 @@ def _with_refs(meta: pd.DataFrame, by: list[str], is_ctrl: np.ndarray) -> pd.Dat
 
 
 def retrieval_map(
-    meta: pd.DataFrame,
-    feats: np.ndarray,
+    meta: pd.DataFrame | AnnData,
+    X=None,
     *,
     by: Sequence[str],
     negatives: str = "controls",
     pos_diffby: Sequence[str] = (),
-    control_col: str = "Metadata_pert_type",
+    control: str = "Metadata_pert_type",
     control_value: str = "control",
     null_size: int = 10000,
     threshold: float = 0.05,
@@ -449,13 +454,14 @@ def retrieval_map(
     column, with by=[compound]) makes positives differ in those columns. Returns the per-profile
     AP table and the per-group mAP table with p-values and FDR.
     """
+    meta, X = profiles_of(meta, X)
     by = _as_list(by)
     if not by:
         raise ValueError("retrieval needs at least one column in `by` (e.g. the compound)")
-    is_ctrl = is_control_row(meta, control_col, control_value)
+    is_ctrl = is_control_row(meta, control, control_value)
     if negatives == "controls" and not is_ctrl.any():
         raise ValueError(
-            f"no controls found ({control_col} == {control_value!r}): phenotypic activity needs "
+            f"no controls found ({control} == {control_value!r}): phenotypic activity needs "
             "negative-control profiles"
         )
     m = _with_refs(meta, by, is_ctrl)
@@ -467,7 +473,7 @@ def retrieval_map(
         raise ValueError(f"negatives must be 'controls' or 'others', got {negatives!r}")
     ap = average_precision(
         m,
-        feats,
+        X,
         pos_sameby=[*by, _REF],
         pos_diffby=_as_list(pos_diffby),
         neg_sameby=[],
@@ -484,12 +490,12 @@ def retrieval_map(
 
 
 def moa_map(
-    meta: pd.DataFrame,
-    feats: np.ndarray,
+    meta: pd.DataFrame | AnnData,
+    X=None,
     *,
     moa: str,
     compound: str,
-    control_col: str = "Metadata_pert_type",
+    control: str = "Metadata_pert_type",
     control_value: str = "control",
     null_size: int = 10000,
     threshold: float = 0.05,
@@ -500,10 +506,11 @@ def moa_map(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """MoA retrieval: positives share the MoA but not the compound; negatives differ in MoA.
 
-    Controls are dropped (rows where `control_col == control_value`, when the column exists).
+    Controls are dropped (rows where `control == control_value`, when the column exists).
     Returns the per-profile AP table and the per-MoA mAP table.
     """
-    m, X = drop_controls(meta, feats, control=control_col, control_value=control_value)
+    meta, X = profiles_of(meta, X)
+    m, X = drop_controls(meta, X, control=control, control_value=control_value)
     ap = average_precision(
         m,
         X,

@@ -10,6 +10,7 @@ precision–recall curve (average precision) over all out-of-fold predictions.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -23,9 +24,12 @@ from celldino.eval.classify import (
     predict_mlp,
     zscore_fit,
 )
-from celldino.eval.spec import is_control_row
+from celldino.eval.spec import is_control_row, profiles_of
 from celldino.eval.splits import group_folds
 from celldino.log import get_logger, progress
+
+if TYPE_CHECKING:
+    from anndata import AnnData
 
 logger = get_logger(__name__)
 
@@ -47,14 +51,14 @@ def average_precision(y_true: np.ndarray, scores: np.ndarray) -> float:
 
 
 def moa_prediction(
-    meta: pd.DataFrame,
-    X,
+    meta: pd.DataFrame | AnnData,
+    X=None,
     *,
-    moa_col: str = "Metadata_MoA",
-    compound_col: str = "Metadata_Compound",
-    control_col: str | None = "Metadata_pert_type",
-    control_values: Sequence[str] = ("control",),
-    sep: str = "|",
+    moa: str = "Metadata_MoA",
+    compound: str = "Metadata_Compound",
+    control: str | None = "Metadata_pert_type",
+    control_value: str | Sequence[str] = "control",
+    moa_sep: str = "|",
     classifier: str = "linear",
     n_folds: int | None = 5,
     min_compounds: int = 2,
@@ -64,35 +68,36 @@ def moa_prediction(
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Leave-compound-out multi-label MoA prediction.
 
-    Rows whose `control_col` is in `control_values` and rows without a MoA are dropped; MoAs
+    Rows whose `control` column holds `control_value` (one value or several) and rows without a MoA are dropped; MoAs
     with fewer than `min_compounds` compounds are dropped (they cannot be predicted for a
     held-out compound). `n_folds=None` is leave-one-compound-out. Returns the per-MoA table
     (moa, n_compounds, n_profiles, average_precision), the out-of-fold predictions (row,
     compound, fold, moa, label, score; `row` indexes `meta`) and a summary with `micro_pr_auc`,
     sizes and the seed.
     """
+    meta, X = profiles_of(meta, X)
     if classifier not in ("linear", "mlp"):
         raise ValueError(f"MoA classifier must be 'linear' or 'mlp', got {classifier!r}")
-    for c in (moa_col, compound_col):
+    for c in (moa, compound):
         if c not in meta.columns:
             raise KeyError(f"column '{c}' not in the metadata: {list(meta.columns)}")
     X = as_matrix(X, len(meta))
     controls = (
-        is_control_row(meta, control_col, control_values)
-        if control_col is not None
+        is_control_row(meta, control, control_value)
+        if control is not None
         else np.zeros(len(meta), dtype=bool)
     )
-    has_moa = meta[moa_col].notna().to_numpy() & (meta[moa_col].astype(str).str.strip() != "")
+    has_moa = meta[moa].notna().to_numpy() & (meta[moa].astype(str).str.strip() != "")
     keep = np.flatnonzero(~controls & has_moa)
     sub = meta.iloc[keep].reset_index(drop=True)
-    Y, classes = encode_multilabel(sub, moa_col, sep=sep)
+    Y, classes = encode_multilabel(sub, moa, sep=moa_sep)
     # MoAs seen in at least `min_compounds` compounds
-    comp = sub[compound_col].astype(str).to_numpy()
+    comp = sub[compound].astype(str).to_numpy()
     n_comp = np.array([len(np.unique(comp[Y[:, j] > 0])) for j in range(len(classes))])
     usable = n_comp >= min_compounds
     if not usable.any():
         raise ValueError(
-            f"no MoA in '{moa_col}' has {min_compounds}+ compounds after excluding controls; "
+            f"no MoA in '{moa}' has {min_compounds}+ compounds after excluding controls; "
             "leave-compound-out prediction needs several compounds per MoA (lower min_compounds?)"
         )
     Y, classes, n_comp = Y[:, usable], classes[usable], n_comp[usable]
@@ -105,7 +110,7 @@ def moa_prediction(
     )
     sub = sub.reset_index(drop=True)
     Xs = X[keep]
-    folds = group_folds(sub, by=compound_col, n_splits=n_folds, seed=seed)
+    folds = group_folds(sub, by=compound, n_splits=n_folds, seed=seed)
     scores = np.zeros_like(Y, dtype=np.float64)
     fold_of = np.full(len(sub), -1)
     for f, (train, test) in enumerate(progress(folds, desc="MoA folds")):

@@ -10,6 +10,7 @@ AUC reaches a threshold (0.9 in Moshkov et al.'s assay-prediction study).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -18,8 +19,12 @@ from scipy.stats import rankdata
 from torch import nn
 
 from celldino.eval.classify import MLPClassifier, as_matrix, zscore_fit
+from celldino.eval.spec import profiles_of
 from celldino.eval.splits import group_split
 from celldino.log import get_logger
+
+if TYPE_CHECKING:
+    from anndata import AnnData
 
 logger = get_logger(__name__)
 
@@ -43,30 +48,30 @@ def masked_bce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) 
     return (loss * m).sum() / m.sum().clamp_min(1.0)
 
 
-def label_matrix(meta: pd.DataFrame, task_cols: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+def label_matrix(meta: pd.DataFrame, tasks: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """Targets (n, T) with missing set to 0, and the measured mask (n, T); checks values are 0/1."""
-    missing = [c for c in task_cols if c not in meta.columns]
+    missing = [c for c in tasks if c not in meta.columns]
     if missing:
         raise KeyError(f"task column(s) {missing} not in the metadata")
-    if not task_cols:
+    if not tasks:
         raise ValueError("multi-task prediction needs at least one task column")
-    L = meta[list(task_cols)].apply(pd.to_numeric, errors="coerce").to_numpy(np.float64)
+    L = meta[list(tasks)].apply(pd.to_numeric, errors="coerce").to_numpy(np.float64)
     mask = ~np.isnan(L)
     bad = mask & ~np.isin(L, (0.0, 1.0))
     if bad.any():
         r, c = np.argwhere(bad)[0]
         raise ValueError(
-            f"task '{task_cols[c]}' row {r} has label {L[r, c]}; use 1 (active), 0 (inactive) "
+            f"task '{tasks[c]}' row {r} has label {L[r, c]}; use 1 (active), 0 (inactive) "
             "or leave empty (not measured)"
         )
     return np.nan_to_num(L).astype(np.float32), mask
 
 
 def multitask_activity(
-    meta: pd.DataFrame,
-    X,
+    meta: pd.DataFrame | AnnData,
+    X=None,
     *,
-    task_cols: Sequence[str],
+    tasks: Sequence[str],
     split_by: str | Sequence[str] = "Metadata_Compound",
     test_size: float = 0.25,
     hidden: Sequence[int] = (512, 256),
@@ -83,8 +88,9 @@ def multitask_activity(
     Returns the per-task table (task, auc, n_train_measured, n_test_pos, n_test_neg) and a
     summary with the count and fraction of scorable tasks whose AUC ≥ `threshold`.
     """
+    meta, X = profiles_of(meta, X)
     X = as_matrix(X, len(meta))
-    L, M = label_matrix(meta, task_cols)
+    L, M = label_matrix(meta, tasks)
     train, test = group_split(meta, by=split_by, test_size=test_size, seed=seed)
     mean, std = zscore_fit(X[train])
     xtr = torch.from_numpy(((X[train] - mean) / std).astype(np.float32))
@@ -92,7 +98,7 @@ def multitask_activity(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
-        model = MLPClassifier(X.shape[1], len(task_cols), hidden, dropout).train()
+        model = MLPClassifier(X.shape[1], len(tasks), hidden, dropout).train()
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
         steps = epochs * max(1, int(np.ceil(len(train) / batch_size)))
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
@@ -110,7 +116,7 @@ def multitask_activity(
             xte = torch.from_numpy(((X[test] - mean) / std).astype(np.float32))
             scores = model(xte).numpy()  # (n_test, T) logits; AUC is rank-based
     rows = []
-    for j, task in enumerate(task_cols):
+    for j, task in enumerate(tasks):
         m = M[test, j]
         y = L[test, j][m]
         rows.append(
@@ -127,7 +133,7 @@ def multitask_activity(
     scorable = table.auc.notna()
     n_above = int((table.auc[scorable] >= threshold).sum())
     summary = {
-        "n_tasks": len(task_cols),
+        "n_tasks": len(tasks),
         "n_scorable": int(scorable.sum()),
         "threshold": threshold,
         "n_tasks_above": n_above,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -19,6 +20,9 @@ import pandas as pd
 from celldino.eval.map import check_inputs
 from celldino.eval.spec import as_anndata, drop_controls, profiles_of
 from celldino.log import get_logger
+
+if TYPE_CHECKING:
+    from anndata import AnnData
 
 logger = get_logger(__name__)
 
@@ -53,8 +57,8 @@ class MatchResult:
 
 
 def nearest_moa(
-    meta: pd.DataFrame,
-    feats: np.ndarray,
+    meta: pd.DataFrame | AnnData,
+    X=None,
     *,
     moa: str,
     compound: str,
@@ -67,8 +71,9 @@ def nearest_moa(
     batch are excluded too and queries whose MoA lives in one batch only are dropped (NSCB).
     With `moa_sep` (e.g. '|'), MoA strings are label sets and a match is any shared label.
     """
+    meta, X = profiles_of(meta, X)
     cols = [moa, compound] + ([batch] if batch else [])
-    X = check_inputs(meta, feats, cols)
+    X = check_inputs(meta, X, cols)
     meta = meta.reset_index(drop=True)
     keep = np.ones(len(meta), dtype=bool)
     if batch:
@@ -116,14 +121,14 @@ def nearest_moa(
 
 
 def nsc_nscb(
-    meta: pd.DataFrame,
-    feats: np.ndarray,
+    meta: pd.DataFrame | AnnData,
+    X=None,
     *,
     moa: str,
     compound: str,
     treatment: Sequence[str] | None = None,
     batch: str | None = None,
-    control_col: str | None = "Metadata_pert_type",
+    control: str | None = "Metadata_pert_type",
     control_value: str = "control",
     aggregate: str = "median",
     moa_sep: str | None = None,
@@ -133,10 +138,11 @@ def nsc_nscb(
     `treatment` lists the columns that define a treatment (e.g. compound and dose): rows are
     aggregated by treatment first (for NSCB by treatment and batch, so a treatment seen in two
     batches gives two profiles); None means the rows already are treatments.
-    Controls (`control_col == control_value`) are dropped first.
+    Controls (`control == control_value`) are dropped first.
     """
-    X = np.asarray(feats, dtype=np.float64)
-    meta, X = drop_controls(meta, X, control=control_col, control_value=control_value)
+    meta, X = profiles_of(meta, X)
+    X = np.asarray(X, dtype=np.float64)
+    meta, X = drop_controls(meta, X, control=control, control_value=control_value)
     m_nsc, X_nsc = meta, X
     if treatment:  # NSC: one profile per treatment, over all batches
         keys = list(dict.fromkeys([*treatment, compound, moa]))

@@ -7,18 +7,24 @@ untreated or earliest-timepoint cell — as in Haghverdi et al. 2016.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
 
 from celldino.eval.classify import as_matrix
+from celldino.eval.spec import profiles_of
+
+if TYPE_CHECKING:
+    from anndata import AnnData
 
 
 def diffusion_pseudotime(
-    meta: pd.DataFrame,
-    X,
+    meta: pd.DataFrame | AnnData,
+    X=None,
     *,
     root: int | None = None,
-    root_col: str | None = None,
+    root_by: str | None = None,
     root_value: str | None = None,
     n_neighbors: int = 15,
     n_pcs: int = 0,
@@ -27,10 +33,11 @@ def diffusion_pseudotime(
 ) -> tuple[pd.DataFrame, dict]:
     """Pseudotime per cell: the metadata plus `dpt_pseudotime`, and a summary with the root.
 
-    The root is the row index `root`, or, with `root_col`/`root_value`, the cell of that group
+    The root is the row index `root`, or, with `root_by`/`root_value`, the cell of that group
     that is most extreme on the first diffusion component (scanpy's convention). `n_pcs=0`
     builds the graph on the features themselves.
     """
+    meta, X = profiles_of(meta, X)
     try:
         import anndata as ad
         import scanpy as sc
@@ -50,13 +57,13 @@ def diffusion_pseudotime(
         sc.pp.neighbors(adata, n_neighbors=n_neighbors, use_rep="X", random_state=seed)
     sc.tl.diffmap(adata, n_comps=max(n_dcs, 2), random_state=seed)
     if root is None:
-        if root_col is None or root_value is None:
-            raise ValueError("give the root cell: root=<row index> or root_col= and root_value=")
-        if root_col not in meta.columns:
-            raise KeyError(f"root column '{root_col}' not in the metadata")
-        members = np.flatnonzero(meta[root_col].astype(str).to_numpy() == str(root_value))
+        if root_by is None or root_value is None:
+            raise ValueError("give the root cell: root=<row index> or root_by= and root_value=")
+        if root_by not in meta.columns:
+            raise KeyError(f"root column '{root_by}' not in the metadata")
+        members = np.flatnonzero(meta[root_by].astype(str).to_numpy() == str(root_value))
         if not len(members):
-            raise ValueError(f"no cell has {root_col} == {root_value!r}")
+            raise ValueError(f"no cell has {root_by} == {root_value!r}")
         dc1 = adata.obsm["X_diffmap"][:, 1]
         # the extreme of the group on the first non-trivial diffusion component
         side = np.sign(np.median(dc1[members]) - np.median(dc1)) or 1.0

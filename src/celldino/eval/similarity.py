@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -21,13 +22,17 @@ from scipy.stats import rankdata
 from sklearn.cross_decomposition import CCA
 
 from celldino.eval.classify import as_matrix, resolve_split
+from celldino.eval.spec import profiles_of
+
+if TYPE_CHECKING:
+    from anndata import AnnData
 
 
 def group_similarity(
-    meta: pd.DataFrame,
-    X,
+    meta: pd.DataFrame | AnnData,
+    X=None,
     *,
-    group_col: str,
+    group: str,
     metric: str = "cosine",
     method: str = "average",
     order: bool = True,
@@ -37,12 +42,13 @@ def group_similarity(
     The linkage (scipy, `method`, optimal leaf ordering) runs on 1 − similarity; the order is
     also stored in `result.attrs["order"]` and the linkage matrix in `result.attrs["linkage"]`.
     """
+    meta, X = profiles_of(meta, X)
     if metric not in ("cosine", "pearson"):
         raise ValueError(f"metric must be 'cosine' or 'pearson', got {metric!r}")
-    if group_col not in meta.columns:
-        raise KeyError(f"group column '{group_col}' not in the metadata: {list(meta.columns)}")
+    if group not in meta.columns:
+        raise KeyError(f"group column '{group}' not in the metadata: {list(meta.columns)}")
     X = as_matrix(X, len(meta))
-    groups = meta[group_col].astype(str).to_numpy()
+    groups = meta[group].astype(str).to_numpy()
     names, inv = np.unique(groups, return_inverse=True)
     means = np.zeros((len(names), X.shape[1]))
     np.add.at(means, inv, X)
@@ -61,7 +67,7 @@ def group_similarity(
         Z = linkage(np.clip(dist, 0, None), method=method, optimal_ordering=True)
         idx = leaves_list(Z)
     out = pd.DataFrame(sim[np.ix_(idx, idx)], index=names[idx], columns=names[idx])
-    out.index.name = group_col
+    out.index.name = group
     out.attrs["order"] = names[idx].tolist()
     out.attrs["linkage"] = None if Z is None else Z.tolist()
     out.attrs["metric"] = metric
