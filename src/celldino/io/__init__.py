@@ -1,1 +1,2 @@
-"""All file access: images, tables, zarr stores, checkpoints. The only package that touches files."""
+"""Readers and writers of every file format the stages exchange, one module per format, and the
+names of those files (`runlayout`); docs/architecture.md ("Files") lists what stays outside."""
