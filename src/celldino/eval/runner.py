@@ -30,7 +30,14 @@ from celldino.config import EvaluateConfig
 from celldino.errors import DataError, MissingInputError
 from celldino.eval.analyses import ANALYSES, DEFAULT_ANALYSES, map_kwargs
 from celldino.eval.map import Unpaired
-from celldino.eval.spec import AnalysisResult, Columns, EvalContext, NotEvaluable, SpecError
+from celldino.eval.spec import (
+    AnalysisResult,
+    Columns,
+    EvalContext,
+    NotEvaluable,
+    SpecError,
+    obs_table,
+)
 from celldino.io.files import (
     atomic_write_text,
     file_fingerprint,
@@ -178,7 +185,7 @@ def read_profile_table(path: str | Path) -> pd.DataFrame:
 class FeatureSet:
     name: str
     meta: pd.DataFrame
-    feats: np.ndarray  # (profiles, features) float64
+    X: np.ndarray  # (profiles, features) float64
     features: list[str]
     source: str
     key: str  # fingerprint of the data, for resuming
@@ -190,18 +197,18 @@ def split_features(
     """Metadata = columns with `metadata_prefix`; features = `feature_prefix` (or all others)."""
     meta_cols = [c for c in df.columns if str(c).startswith(metadata_prefix)]
     if feature_prefix:
-        feats = [c for c in df.columns if str(c).startswith(feature_prefix)]
+        features = [c for c in df.columns if str(c).startswith(feature_prefix)]
     else:
-        feats = [c for c in df.columns if c not in set(meta_cols)]
-    if not feats:
+        features = [c for c in df.columns if c not in set(meta_cols)]
+    if not features:
         raise SpecError(f"{source}: no feature columns (prefix '{feature_prefix or '<any>'}')")
-    non_numeric = [c for c in feats if not pd.api.types.is_numeric_dtype(df[c])]
+    non_numeric = [c for c in features if not pd.api.types.is_numeric_dtype(df[c])]
     if non_numeric:
         raise SpecError(
             f"{source}: feature columns {non_numeric[:5]} are not numeric; prefix metadata "
             f"columns with '{metadata_prefix}' or set feature_prefix in the spec"
         )
-    return df[meta_cols].reset_index(drop=True), df[feats].to_numpy(np.float64), feats
+    return df[meta_cols].reset_index(drop=True), df[features].to_numpy(np.float64), features
 
 
 def _from_anndata(path: Path, feature_prefix: str) -> tuple[pd.DataFrame, np.ndarray, list[str]]:
@@ -210,19 +217,15 @@ def _from_anndata(path: Path, feature_prefix: str) -> tuple[pd.DataFrame, np.nda
     from celldino.io.profiles import read_h5ad
 
     adata = read_h5ad(path)
-    feats = list(map(str, adata.var_names))
+    features = list(map(str, adata.var_names))
     X = np.asarray(adata.X.toarray() if hasattr(adata.X, "toarray") else adata.X, np.float64)
     if feature_prefix:
-        keep = [i for i, f in enumerate(feats) if f.startswith(feature_prefix)]
-        X, feats = X[:, keep], [feats[i] for i in keep]
-    meta = adata.obs.reset_index(drop=True)
-    for c in meta.columns:  # categoricals (how .h5ad stores strings) back to plain values
-        if isinstance(meta[c].dtype, pd.CategoricalDtype):
-            meta[c] = meta[c].astype(object).where(meta[c].notna(), None)
-    return meta, X, feats
+        keep = [i for i, f in enumerate(features) if f.startswith(feature_prefix)]
+        X, features = X[:, keep], [features[i] for i in keep]
+    return obs_table(adata), X, features
 
 
-def _check_matrix(X: np.ndarray, feats: list[str], source: str) -> None:
+def _check_matrix(X: np.ndarray, features: list[str], source: str) -> None:
     if X.shape[0] == 0:
         raise DataError(f"{source}: 0 profile rows; nothing to evaluate")
     if X.shape[1] == 0:
@@ -233,7 +236,7 @@ def _check_matrix(X: np.ndarray, feats: list[str], source: str) -> None:
         rows = np.flatnonzero(bad.any(axis=1))
         raise DataError(
             f"{source}: {int(bad.sum())} NaN/inf values in {len(cols)} feature column(s) "
-            f"({', '.join(feats[j] for j in cols[:5])}) and {len(rows)} row(s) (first: row "
+            f"({', '.join(features[j] for j in cols[:5])}) and {len(rows)} row(s) (first: row "
             f"{rows[0]}); drop or fix them (`celldino profile` handles them with "
             "profile.nonfinite)"
         )
@@ -254,8 +257,8 @@ def _derive(name: str, how: dict, sets: dict[str, FeatureSet], seed: int) -> Fea
         raise SpecError(
             f"derived.{name}.n_components must be a whole number, got {how.get('n_components')!r}"
         ) from None
-    k = max(1, min(k, base.feats.shape[0], base.feats.shape[1]))
-    Z = PCA(n_components=k, random_state=seed).fit_transform(base.feats)  # (n, k)
+    k = max(1, min(k, base.X.shape[0], base.X.shape[1]))
+    Z = PCA(n_components=k, random_state=seed).fit_transform(base.X)  # (n, k)
     return FeatureSet(
         name,
         base.meta,
@@ -283,15 +286,15 @@ def load_feature_sets(profiles: str | Path | None, spec: dict, base: Path, seed:
     sets: dict[str, FeatureSet] = {}
     for name, path in paths.items():
         if path.name.lower().endswith(".h5ad") and path.is_file():
-            meta, X, feats = _from_anndata(path, fp)
+            meta, X, features = _from_anndata(path, fp)
         else:
             df = read_profile_table(path)
-            meta, X, feats = split_features(
+            meta, X, features = split_features(
                 df, metadata_prefix=mp, feature_prefix=fp, source=str(path)
             )
-        _check_matrix(X, feats, str(path))
+        _check_matrix(X, features, str(path))
         key = fingerprint([file_fingerprint(path), mp, fp])
-        sets[name] = FeatureSet(name, meta, X, feats, str(path), key)
+        sets[name] = FeatureSet(name, meta, X, features, str(path), key)
     for name, how in (spec.get("derived") or {}).items():
         sets[name] = _derive(name, how, sets, seed)
     return sets
@@ -340,9 +343,9 @@ def _run_all(
             logger.info("%s on %s: done before, kept", name, fs.name)
             metrics = dict(done["metrics"])  # stored as [name, value] pairs, in order
         else:
-            logger.info("%s on %s (%d profiles × %d features)", name, fs.name, *fs.feats.shape)
+            logger.info("%s on %s (%d profiles × %d features)", name, fs.name, *fs.X.shape)
             try:
-                res = _as_result(ANALYSES[name](fs.meta, fs.feats, ctx, **params))
+                res = _as_result(ANALYSES[name](fs.meta, fs.X, ctx, **params))
             except (Unpaired, NotEvaluable) as e:  # cannot run on these data: skip, say why
                 reason = str(e.args[0] if e.args else e)
                 skipped[f"{name} on {fs.name}"] = reason
@@ -379,7 +382,7 @@ def _run_all(
         "feature_sets": {
             n: {
                 "source": s.source,
-                "n_profiles": int(s.feats.shape[0]),
+                "n_profiles": int(s.X.shape[0]),
                 "n_features": len(s.features),
             }
             for n, s in sets.items()
