@@ -14,10 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
-from celldino.data.illumination import apply_illumination, function_for, load_functions
+from celldino.data.illumination import apply_illumination, function_for
 from celldino.data.imagesets import ImageSet
 from celldino.data.intensity_normalization import (
     finite_image,
@@ -25,8 +24,9 @@ from celldino.data.intensity_normalization import (
     lo_hi_for,
     normalise,
 )
-from celldino.io.cropstore import CELLS, open_crops
+from celldino.io.cropstore import CELLS, open_crops, read_cells
 from celldino.io.files import read_json
+from celldino.io.prepared import ILLUM, STATE, read_illumination, read_images
 
 
 def _channel_index(available: list[str], wanted: list[str] | tuple[str, ...] | None) -> list[int]:
@@ -51,7 +51,7 @@ class CropDataset(torch.utils.data.Dataset):
         cells = self.prep_dir / CELLS
         if not cells.exists():
             raise FileNotFoundError(f"{cells} not found: run `celldino prepare` first")
-        self.metadata = pd.read_parquet(cells)
+        self.metadata = read_cells(self.prep_dir)
         arr = open_crops(self.prep_dir)
         attrs = dict(arr.attrs)
         self.all_channels = list(attrs["channels"])
@@ -125,8 +125,8 @@ class FieldDataset(torch.utils.data.Dataset):
         include_flagged: bool = False,
     ):
         self.prep_dir = Path(prep_dir)
-        state = read_json(self.prep_dir / "prepare.json")
-        table = pd.read_parquet(self.prep_dir / "images.parquet")
+        state = read_json(self.prep_dir / STATE)
+        table = read_images(self.prep_dir)
         if not include_flagged and "QC_Pass" in table:
             table = table[table["QC_Pass"].astype(bool)]
         if "Skipped" in table:
@@ -137,7 +137,7 @@ class FieldDataset(torch.utils.data.Dataset):
         self.channels = [self.all_channels[i] for i in self.channel_index]
         self.norm = dict(state["normalization"])
         self.illum = (
-            load_functions(self.prep_dir / "illum", state["illumination"])
+            read_illumination(self.prep_dir / ILLUM, state["illumination"])
             if state.get("illumination")
             else {}
         )

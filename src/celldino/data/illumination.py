@@ -3,20 +3,18 @@
 CorrectIlluminationCalculate ("Regular", "Each", "All: across cycles"): average the plate's
 images, smooth the average with a large median (or Gaussian) filter, rescale robustly so the
 2nd percentile is 1 (values clipped at 1), and divide each image by it. The functions are
-computed once, saved as `illum/<plate>.npy` (C, H, W) float32, and applied on read.
+computed once, saved as `illum/<plate>.npy` (C, H, W) float32 (`celldino.io.prepared`), and
+applied on read.
 Non-finite pixels (NaN, inf) are left out of the average, so one bad image never poisons the
 plate's function; a plate with sites of several sizes gets one function per size.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 from scipy import ndimage as ndi
 
 from celldino.errors import DataError
-from celldino.io.files import atomic_write_bytes
 
 
 class IlluminationAccumulator:
@@ -117,24 +115,3 @@ def apply_illumination(image: np.ndarray, function: np.ndarray | None) -> np.nda
         info = np.iinfo(image.dtype)
         return np.clip(np.rint(corrected), info.min, info.max).astype(image.dtype)
     return corrected.astype(image.dtype)
-
-
-def save_functions(functions: dict[str, np.ndarray], folder: Path) -> dict[str, str]:
-    """Write illum/<plate>.npy per plate; returns {plate: file name}."""
-    import io
-
-    folder.mkdir(parents=True, exist_ok=True)
-    names = {}
-    for i, (plate, fn) in enumerate(functions.items()):
-        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in plate) or f"plate{i}"
-        if safe in {n[:-4] for n in names.values()}:
-            safe = f"{safe}_{i}"
-        buf = io.BytesIO()
-        np.save(buf, fn.astype(np.float32))
-        atomic_write_bytes(folder / f"{safe}.npy", buf.getvalue())
-        names[plate] = f"{safe}.npy"
-    return names
-
-
-def load_functions(folder: Path, names: dict[str, str]) -> dict[str, np.ndarray]:
-    return {plate: np.load(folder / name) for plate, name in names.items()}

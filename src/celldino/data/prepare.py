@@ -39,8 +39,6 @@ from celldino.data.illumination import (
     IlluminationAccumulator,
     apply_illumination,
     function_for,
-    load_functions,
-    save_functions,
 )
 from celldino.data.imagesets import ImageSet, ImageSetError
 from celldino.data.intensity_normalization import check_method, finite_image, image_percentiles
@@ -63,6 +61,20 @@ from celldino.io.files import (
 )
 from celldino.io.images import ImageReadError, read_image
 from celldino.io.lock import output_lock
+from celldino.io.prepared import (
+    ENGINEERED,
+    ILLUM,
+    IMAGES,
+    INPUTS,
+    QC,
+    SKIPPED,
+    STATE,
+    read_illumination,
+    read_images,
+    read_inputs,
+    read_qc,
+    write_illumination,
+)
 from celldino.io.tables import LoadDataError, read_table, row_label, write_parquet
 
 logger = log.get_logger(__name__)
@@ -87,19 +99,18 @@ INPUT_ERRORS = (
     CropStoreError,
 )
 
-INPUTS = "inputs.parquet"  # path, size, mtime_ns of every input file of the last prepare
 # everything prepare writes in out_dir (removed when the inputs changed; cells.parquet first)
 _OUTPUT_FILES = (
     CELLS,
-    "engineered.parquet",
+    ENGINEERED,
     LEDGER,
-    "prepare.json",
-    "qc.parquet",
-    "images.parquet",
-    "skipped.parquet",
+    STATE,
+    QC,
+    IMAGES,
+    SKIPPED,
     INPUTS,
 )
-_OUTPUT_DIRS = (CROPS, PARTS, "features_parts", "illum")
+_OUTPUT_DIRS = (CROPS, PARTS, "features_parts", ILLUM)
 
 
 def _check(cfg, channels: list[str]) -> None:
@@ -570,7 +581,7 @@ def input_fingerprint(cfg: PrepareConfig) -> dict:
 def _table_change(out: Path, iset: ImageSet) -> str:
     """One phrase saying how the table differs from the one the prep in `out` was made from."""
     try:
-        old = pd.read_parquet(out / "images.parquet")
+        old = read_images(out)
     except Exception:
         return "content changed"
     new = iset.table
@@ -604,7 +615,7 @@ def _table_change(out: Path, iset: ImageSet) -> str:
 
 def _files_change(out: Path, stats: pd.DataFrame) -> str:
     try:
-        old = pd.read_parquet(out / INPUTS)
+        old = read_inputs(out)
     except Exception:
         return "image files changed"
     m = stats.merge(old, on="path", how="outer", suffixes=("", "_old"), indicator=True)
@@ -709,7 +720,7 @@ def _prepare(cfg, iset: ImageSet, out: Path, after_site) -> Path:
     )
     logger.info("prepare: %d sites, channels %s → %s", len(iset), chans, out)
 
-    state_path = out / "prepare.json"
+    state_path = out / STATE
     try:
         state = read_json(state_path) if state_path.exists() else {}
     except ValueError:
@@ -736,11 +747,11 @@ def _prepare(cfg, iset: ImageSet, out: Path, after_site) -> Path:
         _start_afresh(out)
         state = {}
 
-    if state.get("fingerprint") == fp and (out / "qc.parquet").exists():
-        logger.info("pass 1 (QC, illumination) already done: reusing %s", out / "qc.parquet")
-        qc = pd.read_parquet(out / "qc.parquet")
+    if state.get("fingerprint") == fp and (out / QC).exists():
+        logger.info("pass 1 (QC, illumination) already done: reusing %s", out / QC)
+        qc = read_qc(out)
         functions = (
-            load_functions(out / "illum", state["illumination"]) if state["illumination"] else {}
+            read_illumination(out / ILLUM, state["illumination"]) if state["illumination"] else {}
         )
         plate_stats = state["normalization"].get("plate", {})
         skipped1 = state.get("skipped_read", [])
@@ -750,8 +761,8 @@ def _prepare(cfg, iset: ImageSet, out: Path, after_site) -> Path:
         dtypes = extra["dtypes"]
         _store_dtype(dtypes, cfg)  # refuses before anything is written
         write_parquet(stats, out / INPUTS)
-        write_parquet(qc, out / "qc.parquet")
-        names = save_functions(functions, out / "illum") if functions else {}
+        write_parquet(qc, out / QC)
+        names = write_illumination(functions, out / ILLUM) if functions else {}
         state = {
             "fingerprint": fp,
             "channels": chans,
@@ -775,7 +786,7 @@ def _prepare(cfg, iset: ImageSet, out: Path, after_site) -> Path:
     skipped_keys = {s["Metadata_ImageKey"] for s in skipped1}
     images["Skipped"] = images["Metadata_ImageKey"].isin(skipped_keys)
     images["QC_Pass"] = images["QC_Pass"].astype("boolean").fillna(False).astype(bool)
-    write_parquet(images, out / "images.parquet")
+    write_parquet(images, out / IMAGES)
 
     qc_cols = ["QC_Flags", "QC_Pass"]
     qc_lookup = {r["Metadata_ImageKey"]: {c: r[c] for c in qc_cols} for _, r in qc.iterrows()}
@@ -845,9 +856,9 @@ def _prepare(cfg, iset: ImageSet, out: Path, after_site) -> Path:
     skipped = pd.DataFrame(
         skipped1 + skipped2, columns=["Metadata_ImageKey", "row", "file", "reason", "stage"]
     )
-    write_parquet(skipped, out / "skipped.parquet")
+    write_parquet(skipped, out / SKIPPED)
     if len(skipped):
-        logger.warning("%d sites skipped (see %s)", len(skipped), out / "skipped.parquet")
+        logger.warning("%d sites skipped (see %s)", len(skipped), out / SKIPPED)
     if cfg.features and cfg.segmentation != "locations":
         parts = [
             pd.read_parquet(feat_dir / s["part"])
@@ -857,6 +868,6 @@ def _prepare(cfg, iset: ImageSet, out: Path, after_site) -> Path:
         eng = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
         if len(eng) != len(cells):
             raise RuntimeError(f"engineered features: {len(eng)} rows for {len(cells)} cells")
-        write_parquet(eng, out / "engineered.parquet")
+        write_parquet(eng, out / ENGINEERED)
     logger.info("prepared %d cells from %d sites → %s", len(cells), len(store.ledger["sites"]), out)
     return out

@@ -56,6 +56,7 @@ from celldino.io.embeddings import (
 )
 from celldino.io.files import file_fingerprint, read_json, require_writable, write_error
 from celldino.io.lock import output_lock
+from celldino.io.prepared import IMAGES, STATE
 from celldino.models import ChannelwiseModel, VisionTransformer, load_backbone, resolve_checkpoint
 
 logger = log.get_logger(__name__)
@@ -158,15 +159,15 @@ def _open_data(cfg: ExtractConfig, channels: list[str] | None):
         side = tuple(int(s) for s in ds.array.shape[-2:])
         fp = str(ds.array.attrs.get("settings_fingerprint", ""))
     else:
-        for name in ("images.parquet", "prepare.json"):
+        for name in (IMAGES, STATE):
             if not (prep / name).exists():
                 raise ExtractError(f"whole-field index {prep / name} not found: {make}")
         try:
             ds = FieldDataset(prep, channels=channels or None)
         except KeyError as e:
-            raise ExtractError(f"{prep / 'prepare.json'}: {e.args[0]}") from None
+            raise ExtractError(f"{prep / STATE}: {e.args[0]}") from None
         side = (cfg.field_crop, cfg.field_crop)
-        fp = str(read_json(prep / "prepare.json").get("fingerprint", ""))
+        fp = str(read_json(prep / STATE).get("fingerprint", ""))
     meta = ds.metadata[[c for c in ds.metadata.columns if str(c).startswith("Metadata_")]]
     identity = {"fingerprint": fp, "n_rows": len(meta), "level": cfg.level}
     return ds, meta.reset_index(drop=True), identity, side
@@ -189,7 +190,7 @@ def _run_channels(file: Path) -> list[str]:
 def _stored_channels(cfg: ExtractConfig) -> list[str]:
     prep = Path(cfg.data)
     if cfg.level == "field":
-        p = prep / "prepare.json"
+        p = prep / STATE
         return list(read_json(p)["channels"]) if p.exists() else []
     from celldino.io.cropstore import CROPS, open_crops
 

@@ -170,6 +170,11 @@ def read_crops(prep_dir: str | Path, rows: Any) -> np.ndarray:
     return np.asarray(open_crops(prep_dir).oindex[np.asarray(rows, dtype=np.int64)])
 
 
+def read_cells(prep_dir: str | Path) -> pd.DataFrame:
+    """cells.parquet whole: row i describes crop i."""
+    return pd.read_parquet(_cells(prep_dir))
+
+
 def _cells(prep_dir: str | Path) -> Path:
     path = Path(prep_dir) / CELLS
     if not path.exists():
