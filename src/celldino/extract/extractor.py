@@ -32,7 +32,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 from torch import nn
 
 from celldino import log
@@ -57,6 +56,7 @@ from celldino.io.embeddings import (
 from celldino.io.files import file_fingerprint, read_json, require_writable, write_error
 from celldino.io.lock import output_lock
 from celldino.io.prepared import IMAGES, STATE
+from celldino.io.trainrun import run_channels
 from celldino.models import ChannelwiseModel, VisionTransformer, load_backbone, resolve_checkpoint
 
 logger = log.get_logger(__name__)
@@ -171,20 +171,6 @@ def _open_data(cfg: ExtractConfig, channels: list[str] | None):
     meta = ds.metadata[[c for c in ds.metadata.columns if str(c).startswith("Metadata_")]]
     identity = {"fingerprint": fp, "n_rows": len(meta), "level": cfg.level}
     return ds, meta.reset_index(drop=True), identity, side
-
-
-def _run_channels(file: Path) -> list[str]:
-    """Channels a celldino run was trained on (train.channels of its config.yaml), or []."""
-    for cand in (file.parent.parent / "config.yaml", file.parent / "config.yaml"):
-        if cand.is_file():
-            try:
-                data = yaml.safe_load(cand.read_text()) or {}
-            except yaml.YAMLError:
-                return []
-            train = data.get("train") if isinstance(data, dict) else None
-            chans = train.get("channels") if isinstance(train, dict) else None
-            return [str(c) for c in chans] if isinstance(chans, list) else []
-    return []
 
 
 def _stored_channels(cfg: ExtractConfig) -> list[str]:
@@ -362,7 +348,7 @@ def extract(cfg: ExtractConfig, *, after_shard: Callable[[int], None] | None = N
         file = resolve_checkpoint(cfg.checkpoint)
     except ValueError as e:
         raise ExtractError(str(e)) from None
-    known = checkpoint_channels(file) or _run_channels(file)
+    known = checkpoint_channels(file) or run_channels(file)
     channels = _pick_channels(cfg, file, _stored_channels(cfg), known)
     ds, meta, data_id, side = _open_data(cfg, channels)
     channels = list(ds.channels)

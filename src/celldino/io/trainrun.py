@@ -6,7 +6,8 @@
 
 `train` appends a line to metrics.jsonl every `train.log_every` steps (`append_metrics`) and cuts
 the lines logged after the checkpoint it resumes from (`truncate_metrics`); the report reads it
-back (`read_metrics`).
+back (`read_metrics`); extraction reads the channels a run was trained on from its config.yaml
+(`run_channels`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import yaml
 
 from celldino.io.files import append_jsonl, atomic_write_text
 
@@ -34,6 +36,7 @@ __all__ = [
     "append_metrics",
     "last_weights",
     "read_metrics",
+    "run_channels",
     "truncate_metrics",
 ]
 
@@ -71,3 +74,18 @@ def truncate_metrics(path: str | Path, step: int) -> None:
         return
     keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
     atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+
+
+def run_channels(file: str | Path) -> list[str]:
+    """Channels a celldino run was trained on (train.channels of its config.yaml), or []."""
+    file = Path(file)
+    for cand in (file.parent.parent / CONFIG, file.parent / CONFIG):
+        if cand.is_file():
+            try:
+                data = yaml.safe_load(cand.read_text()) or {}
+            except yaml.YAMLError:
+                return []
+            train = data.get("train") if isinstance(data, dict) else None
+            chans = train.get("channels") if isinstance(train, dict) else None
+            return [str(c) for c in chans] if isinstance(chans, list) else []
+    return []
