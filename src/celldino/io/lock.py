@@ -5,6 +5,13 @@ and records who holds it (stage, pid, host, command, start time). A second write
 `OutputError` naming the holder instead of mixing its files with the first one's. The kernel drops
 the lock when the holder exits, so a crashed run never leaves a folder locked (the file stays,
 with the last holder's details, and is reused). The dot-name keeps it out of Parquet datasets.
+
+`with input_lock(prep, "train"):` takes a shared `flock` on the same file while a stage reads a
+folder another stage writes (train and extract read what prepare wrote): any number of readers
+at once, but no writer while one reads (the writer is told the folder is being read) and no
+reader while a writer writes. Readers leave the file's holder details alone (they belong to the
+last writer). An input folder may be read-only: the lock file is then opened read-only, or, when
+it does not exist and cannot be made, the folder is read without a lock (nobody can write it).
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import socket
 import sys
@@ -19,10 +27,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from celldino.errors import OutputError
+from celldino.errors import IncompleteInputError, OutputError
+
+logger = logging.getLogger(__name__)
 
 LOCK_NAME = ".celldino.lock"
 _held: dict[str, int] = {}  # folder → depth, so a stage may re-enter its own lock
+_shared: dict[str, int] = {}  # folder → depth of this process's read locks
 
 
 def _holder_text(path: Path) -> str:
@@ -60,6 +71,11 @@ def output_lock(folder: str | Path, stage: str) -> Iterator[Path]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            if _only_readers(fd):
+                raise OutputError(
+                    f"{stage}: {folder} is being read by another process (a train or extract "
+                    "reading it); wait for it to finish or stop it, or write to another folder"
+                ) from None
             raise OutputError(
                 f"{stage}: {folder} is being written by {_holder_text(path)}; wait for it to "
                 "finish or stop it, or write to another folder"
@@ -78,6 +94,63 @@ def output_lock(folder: str | Path, stage: str) -> Iterator[Path]:
             yield folder
         finally:
             _held.pop(key, None)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _only_readers(fd: int) -> bool:
+    """True when the holders of the lock on `fd` are readers only (a shared lock can be had)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return True
+
+
+@contextlib.contextmanager
+def input_lock(folder: str | Path, stage: str) -> Iterator[Path]:
+    """Hold a read lock of `folder` for the body of the `with`: no writer may change it meanwhile.
+
+    Refused (`IncompleteInputError`) while a writer holds the folder. Re-entrant, and a no-op in a
+    process that holds the folder's write lock itself.
+    """
+    folder = Path(folder)
+    key = str(folder.resolve())
+    if _held.get(key) or _shared.get(key):
+        _shared[key] = _shared.get(key, 0) + 1
+        try:
+            yield folder
+        finally:
+            _shared[key] -= 1
+            if not _shared[key]:
+                _shared.pop(key)
+        return
+    path = folder / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:
+        try:
+            fd = os.open(path, os.O_RDONLY)  # flock works on a read-only descriptor too
+        except OSError as e:
+            # a read-only folder without a lock file (or no folder: the reader names it)
+            logger.debug("%s: reading %s without a lock (%s)", stage, folder, e.strerror)
+            yield folder
+            return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise IncompleteInputError(
+                f"{stage}: {folder} is being written by {_holder_text(path)}; wait for it to "
+                "finish (its result is incomplete until then) or stop it"
+            ) from None
+        _shared[key] = 1
+        try:
+            yield folder
+        finally:
+            _shared.pop(key, None)
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
