@@ -54,7 +54,7 @@ from celldino.io.embeddings import (
     write_shard,
 )
 from celldino.io.files import file_fingerprint, read_json, require_writable, write_error
-from celldino.io.lock import output_lock
+from celldino.io.lock import input_lock, output_lock
 from celldino.io.prepared import IMAGES, STATE
 from celldino.io.trainrun import run_channels
 from celldino.models import ChannelwiseModel, VisionTransformer, load_backbone, resolve_checkpoint
@@ -341,9 +341,15 @@ def extract(cfg: ExtractConfig, *, after_shard: Callable[[int], None] | None = N
 
     `after_shard(k)` is called after shard k is on disk (progress hooks; tests use it to
     simulate a kill). Resumes a folder made with the same settings; refuses one made with other
-    settings unless `cfg.overwrite`.
+    settings unless `cfg.overwrite`. The prep folder is read under its read lock: `prepare` cannot
+    rewrite it meanwhile.
     """
     _check_options(cfg)
+    with input_lock(cfg.data, "extract"):
+        return _extract(cfg, after_shard=after_shard)
+
+
+def _extract(cfg: ExtractConfig, *, after_shard: Callable[[int], None] | None = None) -> Path:
     try:
         file = resolve_checkpoint(cfg.checkpoint)
     except ValueError as e:
