@@ -570,3 +570,62 @@ def test_embeddings_folder_reads_as_one_parquet_dataset(run_cli, prep, tmp_path)
     pd.testing.assert_frame_equal(
         whole.sort_values(key).reset_index(drop=True), ref.sort_values(key).reset_index(drop=True)
     )
+
+
+# ---- 9. the second hostile sweep (#149/#151, #29, #30, #113, #25, #91, #92, #34) ---------------
+
+
+def test_train_never_overwrites_a_trained_checkpoint(run_cli, trained, prep, tmp_path):
+    """#149/#151: a run dir with last.safetensors but no last.state.pt. Without --resume the
+    run is refused naming the run dir; with --resume it is refused naming the missing state.
+    Either way the trained weights stay byte-identical."""
+    run_dir = copy_run(trained, tmp_path / "run")
+    (run_dir / "checkpoints" / "last.state.pt").unlink()
+    before = snapshot(run_dir)
+    rc, text = run_cli(*train_args(run_dir, prep))
+    assert rc == 2, text
+    assert str(run_dir) in text and "--resume" in text and "another train.run_dir" in text
+    assert "remove" in text and "Traceback" not in text
+    assert snapshot(run_dir) == before
+    rc, text = run_cli(*resume_args(run_dir, prep))
+    assert rc == 2, text
+    assert str(run_dir / "checkpoints" / "last.state.pt") in text and "cannot resume" in text
+    assert "starting from scratch" not in text
+    assert snapshot(run_dir) == before
+    # a complete run is refused as well without --resume (the weights are kept)
+    full = copy_run(trained, tmp_path / "full")
+    before = snapshot(full)
+    rc, text = run_cli(*train_args(full, prep))
+    assert rc == 2 and str(full) in text and "--resume" in text, text
+    assert snapshot(full) == before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_device_without_a_gpu_is_refused(run_cli, prep, tmp_path):
+    """#29: train.device=cuda with no GPU: one line naming train.device, nothing written."""
+    run_dir = tmp_path / "run"
+    rc, text = run_cli(*train_args(run_dir, prep, "train.device=cuda"))
+    assert rc == 2, text
+    assert "train.device" in text and "no CUDA GPU" in text and "Traceback" not in text
+    assert not run_dir.exists()
+
+
+def test_unknown_weak_label_is_refused_before_writing(run_cli, prep, tmp_path):
+    """#30: train.weak_label=Metadata_Nope: named with the columns there are; no config.yaml."""
+    run_dir = tmp_path / "run"
+    rc, text = run_cli(*train_args(run_dir, prep, "train.weak_label=Metadata_Nope"))
+    assert rc == 2, text
+    assert "train.weak_label='Metadata_Nope'" in text and "Metadata_Well" in text
+    assert str(prep) in text and "Traceback" not in text
+    assert not run_dir.exists()
+
+
+def test_model_channel_count_against_the_prep(run_cli, prep, tmp_path):
+    """#113: a 5-channel model on a 3-channel prep is refused naming model.in_chans and the
+    prep's channels, before config.yaml is written."""
+    run_dir = tmp_path / "run"
+    rc, text = run_cli(*train_args(run_dir, prep, "model.in_chans=5"))
+    assert rc == 2, text
+    assert "model.in_chans=5" in text and "3 channels" in text and str(prep) in text
+    assert "['DNA', 'ER', 'Mito']" in text and "Traceback" not in text
+    assert not run_dir.exists()

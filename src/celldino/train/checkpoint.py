@@ -113,6 +113,38 @@ def has_checkpoint(run_dir: str | Path) -> bool:
     return (ckpt / LAST_WEIGHTS).is_file() and (ckpt / LAST_STATE).is_file()
 
 
+def saved_files(run_dir: str | Path) -> list[Path]:
+    """The checkpoint files a run folder holds (weights of any name and the training state)."""
+    ckpt = checkpoint_dir(run_dir)
+    if not ckpt.is_dir():
+        return []
+    return sorted(
+        p
+        for p in ckpt.iterdir()
+        if p.is_file()
+        and not p.name.startswith(".")
+        and (p.suffix == ".safetensors" or p.name == LAST_STATE)
+    )
+
+
+def resume_problem(run_dir: str | Path) -> str | None:
+    """Why `--resume` cannot continue the run exactly (None when it can, or when the run folder
+    holds no checkpoint at all and training starts from scratch)."""
+    ckpt = checkpoint_dir(run_dir)
+    weights, state = ckpt / LAST_WEIGHTS, ckpt / LAST_STATE
+    held = saved_files(run_dir)
+    if not held or (weights.is_file() and state.is_file()):
+        return None
+    missing = [p for p in (weights, state) if not p.is_file()]
+    return (
+        f"cannot resume {run_dir} exactly: {' and '.join(map(str, missing))} "
+        f"{'is' if len(missing) == 1 else 'are'} missing (the folder holds "
+        f"{', '.join(p.name for p in held)}); restore the missing file from a copy, fine-tune "
+        f"from its weights in another train.run_dir with model.pretrained={held[0]}, or remove "
+        f"{ckpt} to train from scratch"
+    )
+
+
 def read(run_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(weights, state) of the run's last checkpoint, checked: both files there, the state a
     celldino training state (never unpickling objects), finite weights, the same step in both."""

@@ -33,7 +33,12 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         name = f"cuda:{local_rank}"
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device={name} but no CUDA GPU is visible; use train.device=cpu")
+        from celldino.config import ConfigError
+
+        raise ConfigError(
+            f"train.device={name} but no CUDA GPU is visible; use train.device=cpu (or auto)",
+            key="train.device",
+        )
     return dev
 
 

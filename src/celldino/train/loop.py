@@ -194,6 +194,12 @@ def _check_settings(cfg: Config) -> None:
             raise ConfigError(f"train.{key}={value}: must be at least 1")
     if tc.num_workers < 0:
         raise ConfigError(f"train.num_workers={tc.num_workers}: must be 0 or more")
+    if tc.ibot_weight > 0 and cfg.model.channel_mode == "channelwise":
+        raise ConfigError(
+            f"train.ibot_weight={tc.ibot_weight} needs model.channel_mode multichannel or "
+            "channel_adaptive (not channelwise): set train.ibot_weight=0 or another channel mode",
+            key="train.ibot_weight",
+        )
 
 
 def _check_size(cfg: Config, dataset: Dataset) -> None:
@@ -297,17 +303,48 @@ def _nonfinite_message(cfg: Config, dataset: Dataset, rows: list[int]) -> str:
     )
 
 
-def _weak_labels(dataset: Dataset, column: str) -> list:
+def _weak_labels(cfg: Config, dataset: Dataset, column: str) -> list:
     meta = getattr(dataset, "metadata", None)
+    where = f"train.data={cfg.train.data}" if cfg.train.data else "the dataset"
     if meta is None:
-        raise ValueError(
-            f"train.weak_label={column!r} needs per-image metadata, but the dataset has no "
-            "`.metadata` table"
+        raise ConfigError(
+            f"train.weak_label={column!r} needs per-image metadata, but {where} has no "
+            "`.metadata` table",
+            key="train.weak_label",
         )
     if column not in meta.columns:
         cols = [c for c in meta.columns if c.startswith("Metadata_")]
-        raise ValueError(f"train.weak_label={column!r} is not a metadata column (have: {cols})")
+        shown = ", ".join(cols[:15]) + (", ..." if len(cols) > 15 else "")
+        raise ConfigError(
+            f"train.weak_label={column!r} is not a metadata column of {where} "
+            f"(have: {shown}); set train.weak_label to one of them, or empty for plain DINO",
+            key="train.weak_label",
+        )
     return meta[column].tolist()
+
+
+def _check_channels(cfg: Config, dataset: Dataset) -> None:
+    """The data's channel count against the model's, before anything is written."""
+    m = cfg.model
+    chans = getattr(dataset, "channels", None)
+    n = len(chans) if chans else int(_Items(dataset)._image(0).shape[0])
+    where = f"train.data={cfg.train.data}" if cfg.train.data else "the dataset"
+    named = f" {[str(c) for c in chans]}" if chans else ""
+    if m.channel_mode == "channel_adaptive":
+        if n > m.in_chans:
+            raise ConfigError(
+                f"{where} has {n} channels{named} but model.in_chans={m.in_chans} "
+                f"(channel_adaptive: the number of known channels): set model.in_chans={n}, "
+                "or choose channels with train.channels",
+                key="model.in_chans",
+            )
+    elif n != m.in_chans:
+        raise ConfigError(
+            f"{where} has {n} channels{named} but model.in_chans={m.in_chans} "
+            f"(model.channel_mode={m.channel_mode}): set model.in_chans={n}, or choose "
+            f"{m.in_chans} channels with train.channels",
+            key="model.in_chans",
+        )
 
 
 def train(
@@ -348,14 +385,20 @@ def _train(
     _check_settings(cfg)
     dataset = dataset if dataset is not None else _open_dataset(cfg)
     _check_size(cfg, dataset)
+    _check_channels(cfg, dataset)
+    if cfg.train.weak_label:
+        _weak_labels(cfg, dataset, cfg.train.weak_label)
     run_dir = Path(cfg.train.run_dir)
     if not info.is_main:
         return _train_locked(cfg, info, dataset=dataset, resume=resume, stop_at_step=stop_at_step)
-    if not resume and checkpoint.has_checkpoint(run_dir):
+    held = checkpoint.saved_files(run_dir)
+    if not resume and held:  # never overwrite trained weights
         raise DataError(
-            f"{run_dir} already holds a training run; pass --resume to continue it or "
-            "choose another train.run_dir"
+            f"train.run_dir={run_dir} already holds a training run ({held[0]}): use --resume "
+            "to continue it, another train.run_dir, or remove the folder to train from scratch"
         )
+    if resume and (problem := checkpoint.resume_problem(run_dir)):
+        raise DataError(problem)
     require_writable(run_dir, "train.run_dir")
     if checkpoint.checkpoint_dir(run_dir).is_dir():
         require_writable(checkpoint.checkpoint_dir(run_dir), "train.run_dir")
@@ -408,7 +451,7 @@ def _train_locked(
     # ---- data ---------------------------------------------------------------------------
     if tc.weak_label:
         sampler: StepBatchSampler = WeakLabelPairSampler(
-            _weak_labels(dataset, tc.weak_label),
+            _weak_labels(cfg, dataset, tc.weak_label),
             tc.batch_size,
             seed=tc.seed,
             rank=info.rank,
@@ -439,10 +482,6 @@ def _train_locked(
     torch.manual_seed(tc.seed)
     backbone = build_model(cfg.model)
     head = build_head(cfg.model, backbone.embed_dim)
-    if tc.ibot_weight > 0 and cfg.model.channel_mode == "channelwise":
-        raise ValueError(
-            "train.ibot_weight > 0 needs model.channel_mode multichannel or channel_adaptive"
-        )
     meta = DINOMetaArch(
         backbone,
         head,
