@@ -449,3 +449,27 @@ def test_readme_tour_runs_as_written(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "tour" / "report.html").stat().st_size > 10_000
     assert (tmp_path / "tour" / "eval" / "summary.json").exists()
+
+
+# ---- channel lists: each name once (#28/#140) ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "command, setting",
+    [
+        ("prepare", "prepare.channels=[DNA,ER,DNA]"),
+        ("train", "train.channels=[DNA,ER,DNA]"),
+        ("extract", "extract.channels=DNA,DNA,ER,RNA,AGP"),
+    ],
+)
+def test_a_channel_named_twice_is_refused(captured, run_cli, command, setting):
+    rc, text = run_cli(command, setting)
+    _one_error_line(rc, text, f"command-line override {setting}", "'DNA'", "more than once")
+    assert not captured  # nothing ran
+
+
+def test_a_channel_named_twice_in_yaml_names_the_line(tmp_path, captured, run_cli):
+    path = _yaml(tmp_path, "extract:\n  batch_size: 4\n  channels: [DNA, ER, Mito, ER]\n")
+    rc, text = run_cli("extract", path)
+    _one_error_line(rc, text, str(path), "line 3", "extract.channels", "'ER'", "more than once")
+    assert not captured

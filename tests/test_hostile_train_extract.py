@@ -629,3 +629,13 @@ def test_model_channel_count_against_the_prep(run_cli, prep, tmp_path):
     assert "model.in_chans=5" in text and "3 channels" in text and str(prep) in text
     assert "['DNA', 'ER', 'Mito']" in text and "Traceback" not in text
     assert not run_dir.exists()
+
+
+def test_channels_fed_in_place_of_others_are_named(run_cli, tmp_path):
+    """#28: extract.channels that replace a checkpoint channel by position: the warning says which
+    channel stands in for which (it said `feeds []` when the replacement was a known name)."""
+    ckpt, _ = save_checkpoint(tmp_path / "m.safetensors", model_cfg())
+    four = make_prep(tmp_path / "four", channels=["DNA", "ER", "Mito", "AGP"])
+    rc, text = run_cli(*extract_args(ckpt, four, tmp_path / "e", "extract.channels=[DNA,AGP,ER]"))
+    assert rc == 0, text
+    assert "AGP as ER, ER as Mito" in text and str(ckpt) in text and "feeds []" not in text

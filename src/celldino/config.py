@@ -510,6 +510,8 @@ RANGES: dict[str, Range] = {
 }
 # Settings that must not be empty (an empty list would silently do nothing).
 NON_EMPTY = ("profile.formats", "profile.by", "profile.input", "run.stages")
+# List settings whose items must be distinct (a channel named twice is fed twice, another dropped).
+UNIQUE = ("prepare.channels", "train.channels", "extract.channels")
 
 
 def check(cfg: Config) -> list[tuple[str, str]]:
@@ -540,6 +542,11 @@ def check(cfg: Config) -> list[tuple[str, str]]:
 def _check_value(key: str, value: Any) -> str | None:
     if key in NON_EMPTY and not value:
         return "must not be empty"
+    if key in UNIQUE and isinstance(value, (tuple, list)):
+        repeated = [v for i, v in enumerate(value) if v in value[:i]]
+        if repeated:
+            what = ", ".join(map(repr, dict.fromkeys(repeated)))
+            return f"{what} named more than once in {list(value)}: list each channel once"
     if key in CHOICES:
         valid = CHOICES[key]
         items = value if isinstance(value, tuple) else (value,)

@@ -417,6 +417,12 @@ def _pick_channels(
     recorded channels (by name, whatever the stored order), else all stored channels."""
     if cfg.channels:
         wanted = list(cfg.channels)
+        repeated = [c for i, c in enumerate(wanted) if c in wanted[:i]]
+        if repeated:  # also checked when the config is loaded
+            raise ExtractError(
+                f"extract.channels={wanted}: {sorted(set(repeated))} named more than once; "
+                "list each channel once"
+            )
         missing = [c for c in wanted if c not in stored]
         if missing and stored:
             raise ExtractError(
@@ -453,13 +459,13 @@ def _check_explicit_order(file: Path, wanted: list[str], known: list[str]) -> No
             f"order than it was trained on ({known}): leave extract.channels empty (channels "
             "are matched by name) or list them in the checkpoint's order"
         )
+    swaps = [f"{w} as {k}" for w, k in zip(wanted, known) if w != k]
     logger.warning(
-        "checkpoint %s was trained on channels %s; extract.channels=%s feeds %s in their "
-        "place, by position",
+        "checkpoint %s was trained on channels %s; extract.channels=%s feeds, by position, %s",
         file,
         known,
         wanted,
-        [c for c in wanted if c not in known],
+        ", ".join(swaps) or "them in that order",
     )
 
 
