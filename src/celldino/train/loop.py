@@ -17,6 +17,7 @@ the global torch RNG (stochastic depth) is saved in the checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -36,7 +37,7 @@ from celldino.diagnostics import collapse_message
 from celldino.errors import DataError, MissingInputError, UserError
 from celldino.io.configfile import save_config
 from celldino.io.files import file_fingerprint, require_writable, write_error
-from celldino.io.lock import output_lock
+from celldino.io.lock import input_lock, output_lock
 from celldino.io.trainrun import METRICS, append_metrics, truncate_metrics
 from celldino.log import get_logger
 from celldino.models.build import build_head, build_model
@@ -366,8 +367,15 @@ def train(
     # worker threads inherit it, and switched off again afterwards (library callers).
     torch.set_flush_denormal(True)
     info = distributed.setup(cfg.train.device)
+    # the prep folder is read under its read lock: `prepare` cannot rewrite it meanwhile
+    reading = (
+        input_lock(cfg.train.data, "train")
+        if dataset is None and cfg.train.data
+        else contextlib.nullcontext()
+    )
     try:
-        return _train(cfg, info, dataset=dataset, resume=resume, stop_at_step=stop_at_step)
+        with reading:
+            return _train(cfg, info, dataset=dataset, resume=resume, stop_at_step=stop_at_step)
     finally:
         distributed.teardown()
         torch.set_flush_denormal(False)
