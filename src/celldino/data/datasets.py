@@ -24,7 +24,7 @@ from celldino.data.intensity_normalization import (
     lo_hi_for,
     normalise,
 )
-from celldino.io.cropstore import CELLS, open_crops, read_cells
+from celldino.io.cropstore import CELLS, check_cells, open_crops, read_cells, read_rows
 from celldino.io.files import read_json
 from celldino.io.prepared import ILLUM, STATE, read_illumination, read_images
 
@@ -52,7 +52,8 @@ class CropDataset(torch.utils.data.Dataset):
         if not cells.exists():
             raise FileNotFoundError(f"{cells} not found: run `celldino prepare` first")
         self.metadata = read_cells(self.prep_dir)
-        arr = open_crops(self.prep_dir)
+        arr = open_crops(self.prep_dir)  # refuses chunks missing on disk
+        check_cells(self.prep_dir, self.metadata, arr)  # the cells table the crops were made with
         attrs = dict(arr.attrs)
         self.all_channels = list(attrs["channels"])
         self.channel_index = _channel_index(self.all_channels, channels)
@@ -61,8 +62,6 @@ class CropDataset(torch.utils.data.Dataset):
         self.transform = transform
         self._array = None
         n = len(self.metadata)
-        if arr.shape[0] != n:
-            raise ValueError(f"{self.prep_dir}: {arr.shape[0]} crops but {n} rows in cells.parquet")
         # per-crop (C,) lo/hi for the percentile options
         self._lo = self._hi = None
         if self.norm.get("method") in ("percentile_image", "percentile_plate") and n:
@@ -82,7 +81,7 @@ class CropDataset(torch.utils.data.Dataset):
     @property
     def array(self):
         if self._array is None:
-            self._array = open_crops(self.prep_dir)
+            self._array = open_crops(self.prep_dir, check=False)  # checked in __init__
         return self._array
 
     def __getstate__(self):  # DataLoader workers reopen the store
@@ -92,7 +91,7 @@ class CropDataset(torch.utils.data.Dataset):
 
     def raw(self, i: int) -> np.ndarray:
         """Crop i (C, H, W) in the source dtype, selected channels."""
-        return np.asarray(self.array[i])[self.channel_index]
+        return read_rows(self.array, [int(i)], self.prep_dir)[0][self.channel_index]
 
     def __getitem__(self, i: int) -> torch.Tensor:
         return self.__getitems__([int(i)])[0]
@@ -105,7 +104,7 @@ class CropDataset(torch.utils.data.Dataset):
         """
         idx = np.asarray(indices, dtype=np.int64)
         uniq, inverse = np.unique(idx, return_inverse=True)
-        raw = np.asarray(self.array.oindex[uniq])[:, self.channel_index][inverse]  # (B, C, H, W)
+        raw = read_rows(self.array, uniq, self.prep_dir)[:, self.channel_index][inverse]
         lo = None if self._lo is None else self._lo[idx]  # (B, C)
         hi = None if self._hi is None else self._hi[idx]
         x = torch.from_numpy(np.ascontiguousarray(normalise(raw, self.norm, lo, hi)))

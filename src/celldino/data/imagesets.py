@@ -179,8 +179,11 @@ class ImageSet:
     def plates(self) -> list[str]:
         return list(dict.fromkeys(self.table["Metadata_Plate"].astype(str)))
 
-    def read(self, i: int) -> np.ndarray:
-        """The site's stack (C, H, W) in source dtype; errors name the row and file."""
+    def read(self, i: int, *, plane_dtypes: list | None = None) -> np.ndarray:
+        """The site's stack (C, H, W) in source dtype; errors name the row and file.
+
+        `plane_dtypes` (a list, optional) receives each channel's own dtype (the stack has their
+        common type)."""
         row = self.table.iloc[i]
         planes = []
         for c, path in zip(self.channels, self.paths(i)):
@@ -197,6 +200,8 @@ class ImageSet:
                 f"{self.where(i)} ({self.key(i)}): channels have different shapes ({detail}); "
                 "all channels of a site must be the same size"
             )
+        if plane_dtypes is not None:
+            plane_dtypes[:] = [p.dtype for p in planes]
         dtypes = {p.dtype for p in planes}
         dtype = np.result_type(*dtypes) if len(dtypes) > 1 else planes[0].dtype
         return np.stack([p.astype(dtype, copy=False) for p in planes])  # (C, H, W)

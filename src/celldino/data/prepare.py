@@ -59,7 +59,7 @@ from celldino.io.files import (
     require_writable,
     write_json,
 )
-from celldino.io.images import ImageReadError, read_image
+from celldino.io.images import ImageReadError, image_shape, read_image
 from celldino.io.lock import output_lock
 from celldino.io.prepared import (
     ENGINEERED,
@@ -137,6 +137,28 @@ def _check(cfg, channels: list[str]) -> None:
         raise PrepareError(f"prepare.crop_size={cfg.crop_size} is too small")
 
 
+def _crop_too_large(cfg, shape: tuple[int, ...], file: str) -> PrepareError:
+    return PrepareError(
+        f"prepare.crop_size={cfg.crop_size} is larger than the {shape[0]}x{shape[1]} images "
+        f"(e.g. {file}); choose a crop_size of at most {min(shape)} (about twice a cell's "
+        "diameter)"
+    )
+
+
+def _check_crop_fits(cfg, iset: ImageSet) -> None:
+    """Refuse a crop larger than the first site's image (read from its header) before anything
+    is computed; pass 1 checks every site."""
+    if not len(iset):
+        return
+    file = str(iset.paths(0)[0])
+    try:
+        shape = tuple(image_shape(file))
+    except (ImageReadError, OSError):
+        return  # named later (missing or unreadable file)
+    if len(shape) == 2 and cfg.crop_size > min(shape):
+        raise _crop_too_large(cfg, shape, file)
+
+
 def _settings(cfg) -> dict:
     d = dataclasses.asdict(cfg)
     for k in ("workers", "on_error", "out_dir"):
@@ -155,15 +177,23 @@ def _pass1(iset: ImageSet, cfg, dna_index: int) -> tuple[pd.DataFrame, dict, dic
     dtypes: dict[str, dict[str, str]] = {}  # plate → {dtype: first site of that type}
     nonfinite: dict[str, dict] = {}  # site key → {file: pixels} of NaN/inf pixels
     for i in log.progress(range(len(iset)), total=len(iset), desc="QC + illumination"):
+        plane_dtypes: list = []
         try:
-            raw = iset.read(i)
+            raw = iset.read(i, plane_dtypes=plane_dtypes)
         except SITE_ERRORS as e:
             if cfg.on_error != "skip":
                 raise
             skipped.append(_skip_record(iset, i, e, "read"))
             continue
+        if cfg.crop_size > min(raw.shape[-2:]):
+            raise _crop_too_large(cfg, raw.shape[-2:], str(iset.paths(i)[0]))
         plate = str(iset.table.at[i, "Metadata_Plate"])
-        dtypes.setdefault(plate, {}).setdefault(str(raw.dtype), f"{iset.paths(i)[0]}")
+        # the example file of the site's type: the channel whose plane has it (not always the first)
+        example = next(
+            (str(p) for p, d in zip(iset.paths(i), plane_dtypes) if d == raw.dtype),
+            str(iset.paths(i)[0]),
+        )
+        dtypes.setdefault(plate, {}).setdefault(str(raw.dtype), example)
         img = finite_image(raw)
         if img is not raw:
             bad = (~np.isfinite(raw)).reshape(len(raw), -1).sum(axis=1)
@@ -677,6 +707,7 @@ def prepare(cfg, *, after_site: Callable[[int, str], None] | None = None) -> Pat
     out = Path(cfg.out_dir)
     iset = ImageSet.from_config(cfg)
     _check(cfg, iset.channels)
+    _check_crop_fits(cfg, iset)
     require_writable(out, "prepare.out_dir")
     with output_lock(out, "prepare"):
         try:

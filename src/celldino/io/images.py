@@ -116,6 +116,10 @@ def read_image(path: str | Path, *, frame: int | None = None, key: str | None = 
     if not path.exists():
         raise ImageReadError(path, "file not found (check PathName_/FileName_ or the image folder)")
     suffix = _suffix(path)
+    if path.is_dir() and suffix != ".zarr":
+        raise ImageReadError(
+            path, "is a folder, not an image file (check PathName_/FileName_ or the image folder)"
+        )
     try:
         if suffix in TIFF_SUFFIXES:
             arr = _read_tiff(path, frame)
@@ -146,6 +150,12 @@ def read_image(path: str | Path, *, frame: int | None = None, key: str | None = 
         raise ImageReadError(path, f"{type(e).__name__}: {e} (truncated or corrupt?)") from e
     if arr.ndim != 2:
         raise ImageReadError(path, f"expected a 2-D plane, got shape {arr.shape}")
+    if arr.dtype.kind == "c":  # casting would silently drop the imaginary part
+        raise ImageReadError(
+            path,
+            f"complex-valued pixels ({arr.dtype}); save a real image (e.g. the magnitude) "
+            "per channel",
+        )
     if arr.dtype.kind not in "uif" or arr.dtype == np.float16:
         arr = arr.astype(np.float32)
     return arr
