@@ -639,3 +639,34 @@ def test_channels_fed_in_place_of_others_are_named(run_cli, tmp_path):
     rc, text = run_cli(*extract_args(ckpt, four, tmp_path / "e", "extract.channels=[DNA,AGP,ER]"))
     assert rc == 0, text
     assert "AGP as ER, ER as Mito" in text and str(ckpt) in text and "feeds []" not in text
+
+
+@pytest.mark.parametrize("content", [b"not a model\n", b"\x00" * 64])
+def test_a_file_that_is_not_a_checkpoint_is_named(run_cli, prep, tmp_path, content):
+    """#25: extract.checkpoint= a text file gave `KeyError: 105` from torch's unpickler."""
+    path = tmp_path / "notes.txt"
+    path.write_bytes(content)
+    out = tmp_path / "e"
+    rc, text = run_cli(*extract_args(path, prep, out))
+    assert rc == 2, text
+    assert str(path) in text and "neither safetensors nor a torch file" in text
+    assert "Traceback" not in text and "KeyError" not in text
+    assert not list(out.glob("part-*")) if out.exists() else True
+
+
+@pytest.mark.parametrize(
+    "extra, named",
+    [
+        (("extract.feature=block", "extract.block=99"), "extract.block=99"),
+        (("extract.feature=last_blocks", "extract.n_blocks=99"), "extract.n_blocks=99"),
+    ],
+)
+def test_blocks_beyond_the_model_depth_are_refused(run_cli, prep, tmp_path, extra, named):
+    """#91/#92: a block index or block count beyond the model's depth: one line, nothing written."""
+    ckpt, _ = save_checkpoint(tmp_path / "m.safetensors", model_cfg(depth=2))
+    out = tmp_path / "e"
+    rc, text = run_cli(*extract_args(ckpt, prep, out, *extra))
+    assert rc == 2, text
+    assert named in text and ("2 blocks" in text or "depth 2" in text), text
+    assert "Traceback" not in text
+    assert not list(out.glob("part-*")) if out.exists() else True

@@ -17,21 +17,31 @@ from __future__ import annotations
 
 import torch
 
+from celldino.config import ConfigError
+
 FEATURES = ("cls", "last_blocks", "block", "patch_mean", "cls_patch_mean")
 FIELD_MODES = ("center4", "tile")
 POOLS = ("mean", "median")
 
 
 def check_feature(mode: str, n_blocks: int, block: int, depth: int) -> None:
-    """Raise ValueError (naming the option) when a feature choice does not fit a `depth`-block model."""
+    """Raise ConfigError (a ValueError naming the option) when a feature choice does not fit a
+    `depth`-block model."""
     if mode not in FEATURES:
-        raise ValueError(f"extract.feature={mode!r} is not one of {', '.join(FEATURES)}")
+        raise ConfigError(
+            f"extract.feature={mode!r} is not one of {', '.join(FEATURES)}", key="extract.feature"
+        )
     if mode == "last_blocks" and not 1 <= n_blocks <= depth:
-        raise ValueError(f"extract.n_blocks={n_blocks} must be between 1 and the depth {depth}")
+        raise ConfigError(
+            f"extract.n_blocks={n_blocks} must be between 1 and the model's depth {depth} "
+            f"(extract.feature=last_blocks): set extract.n_blocks={min(4, depth)}",
+            key="extract.n_blocks",
+        )
     if mode == "block" and not -depth <= block < depth:
-        raise ValueError(
+        raise ConfigError(
             f"extract.block={block} is outside the model's {depth} blocks "
-            f"(0..{depth - 1}, or -1..-{depth} from the end)"
+            f"(0..{depth - 1}, or -1..-{depth} from the end; extract.feature=block)",
+            key="extract.block",
         )
 
 

@@ -74,6 +74,14 @@ def read_state_dict(path: str | Path) -> dict[str, Any]:
             raise CheckpointError(
                 f"checkpoint {path} is not a readable safetensors file: {e}"
             ) from e
+    not_a_checkpoint = (
+        f"checkpoint {path} is not a checkpoint: neither safetensors nor a torch file "
+        "(a .safetensors file, or a .pth/.pt written by torch.save)"
+    )
+    with path.open("rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):  # zip or pickle
+        raise CheckpointError(not_a_checkpoint)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -87,6 +95,9 @@ def read_state_dict(path: str | Path) -> dict[str, Any]:
     except (RuntimeError, EOFError, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint {path} is not a readable torch file: {first}") from None
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, UnicodeDecodeError) as e:
+        # the weights-only unpickler on bytes that are not a pickle (e.g. KeyError: 105)
+        raise CheckpointError(f"{not_a_checkpoint} ({type(e).__name__}: {e})") from None
     if isinstance(obj, torch.nn.Module):  # cannot happen with weights_only, kept for clarity
         raise CheckpointError(f"checkpoint {path} holds a whole module, not a state dict")
     if not isinstance(obj, dict):

@@ -215,7 +215,8 @@ def read_state(path: str | Path) -> dict[str, Any]:
             f"({unsafe_global(e)}), which celldino never unpickles because that can run code; "
             f"{what}"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError) as e:
+        # not a pickle at all (the weights-only unpickler says e.g. KeyError: 105), torn, ...
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise CheckpointError(f"cannot read {path} ({first}): {what}") from None
     missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
