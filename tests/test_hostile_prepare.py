@@ -495,3 +495,48 @@ def test_progress_lines_when_not_on_a_terminal(run_cli, tiny_screen, tmp_path):
     path = _write(_table(tiny_screen, tmp_path, 4), tmp_path / "ld.csv")
     rc, text = _prep(run_cli, path, tmp_path / "prep")
     assert rc == 0 and "QC + illumination" in text and "cells → crops" in text, text
+
+
+# ---- 8. image sizes and pixel types the crops cannot hold ---------------------------------------
+
+
+def test_crop_larger_than_the_images_is_refused_before_allocating(run_cli, tmp_path):
+    path = _hand_made(tmp_path, _four_sites())  # 64 px sites
+    for size in ("100000", "200"):
+        out = tmp_path / f"prep{size}"
+        rc, text = run_cli(
+            "prepare",
+            f"prepare.load_data={path}",
+            f"prepare.out_dir={out}",
+            "prepare.features=false",
+            f"prepare.crop_size={size}",
+        )
+        assert rc == 2 and f"crop_size={size}" in text and "64x64" in text, text
+        assert "A01_0_DNA.tif" in text and "MemoryError" not in text
+        assert not out.exists()
+
+
+def test_complex_image_is_refused_naming_its_file(run_cli, tmp_path):
+    sites = _four_sites()
+    sites[2]["planes"]["ER"] = sites[2]["planes"]["ER"].astype(np.complex64) * (1 + 1j)
+    out = tmp_path / "prep"
+    rc, text = _prep(run_cli, _hand_made(tmp_path, sites), out)
+    assert rc == 2 and "A03_2_ER.tif" in text and "complex" in text, text
+    assert not (out / "crops.zarr").exists()
+
+
+def test_mixed_type_warning_names_the_file_of_that_type(run_cli, tmp_path):
+    sites = _four_sites()
+    sites[3]["planes"]["ER"] = (sites[3]["planes"]["ER"] / 4000.0).astype(np.float32)
+    rc, text = _prep(run_cli, _hand_made(tmp_path, sites), tmp_path / "prep")
+    assert rc == 0, text
+    assert "float32 (e.g." in text and "A04_3_ER.tif" in text and "A04_3_DNA.tif" not in text
+
+
+def test_image_path_that_is_a_folder_is_named_as_one(run_cli, tmp_path):
+    path = _hand_made(tmp_path, _four_sites())
+    ld = pd.read_csv(path)
+    (tmp_path / "img" / "dir.tif").mkdir()
+    ld.loc[1, "FileName_ER"] = "dir.tif"
+    rc, text = _prep(run_cli, _write(ld, tmp_path / "ld2.csv"), tmp_path / "prep")
+    assert rc == 2 and "dir.tif" in text and "is a folder" in text and "corrupt" not in text, text
