@@ -670,3 +670,30 @@ def test_blocks_beyond_the_model_depth_are_refused(run_cli, prep, tmp_path, extr
     assert named in text and ("2 blocks" in text or "depth 2" in text), text
     assert "Traceback" not in text
     assert not list(out.glob("part-*")) if out.exists() else True
+
+
+def test_extract_from_an_interrupted_training_warns_and_records_the_step(
+    run_cli, trained, prep, tmp_path
+):
+    """#34: a checkpoint saved at step 1 of 2 (an interrupted run): extract warns naming it, its
+    step/epoch and the planned total, and the manifest records them; a finished run does not."""
+    from celldino.extract import read_manifest
+    from celldino.train import train
+
+    run_dir = tmp_path / "run"
+    train(
+        tiny_config(run_dir, "train.epochs=1", "model.in_chans=3", DEPTH2, data=prep),
+        stop_at_step=1,
+    )
+    ckpt = run_dir / "checkpoints" / "last.safetensors"
+    rc, text = run_cli(*extract_args(ckpt, prep, tmp_path / "e"))
+    assert rc == 0, text
+    assert str(ckpt) in text and "step 1 of 2" in text and "epoch 1 of 1" in text
+    assert "--resume" in text
+    training = read_manifest(tmp_path / "e")["training"]
+    assert training["step"] == 1 and training["total_steps"] == 2 and training["epochs"] == 1
+    done = trained / "checkpoints" / "last.safetensors"
+    rc, text = run_cli(*extract_args(done, prep, tmp_path / "e2"))
+    assert rc == 0, text
+    assert "planned end" not in text
+    assert read_manifest(tmp_path / "e2")["training"]["step"] == 2

@@ -42,7 +42,7 @@ from celldino.extract.attention_maps import attention_outputs, pick_cells
 from celldino.extract.reader import CropBatches
 from celldino.extract.shard_plan import DTYPES, done_shards, identity_differences, shard_plan
 from celldino.io.attention_store import ATTENTION, write_attention
-from celldino.io.checkpoints import checkpoint_channels
+from celldino.io.checkpoints import checkpoint_channels, read_metadata
 from celldino.io.embeddings import (
     H5AD,
     MANIFEST,
@@ -56,7 +56,7 @@ from celldino.io.embeddings import (
 from celldino.io.files import file_fingerprint, read_json, require_writable, write_error
 from celldino.io.lock import input_lock, output_lock
 from celldino.io.prepared import IMAGES, STATE
-from celldino.io.trainrun import run_channels
+from celldino.io.trainrun import run_channels, run_epochs
 from celldino.models import ChannelwiseModel, VisionTransformer, load_backbone, resolve_checkpoint
 
 logger = log.get_logger(__name__)
@@ -368,12 +368,15 @@ def _extract(cfg: ExtractConfig, *, after_shard: Callable[[int], None] | None = 
     elif cfg.channels:
         _check_explicit_order(file, list(cfg.channels), known)
     n_features = F.feature_dim(cfg.feature, model.embed_dim, cfg.n_blocks)
+    progress = _training_progress(file)
     if cfg.level == "cell" and (cfg.attention_cells or cfg.attention_sample):
         ids = meta["Metadata_CellID"].astype(str).tolist()
         pick_cells(ids, list(cfg.attention_cells), cfg.attention_sample)  # unknown ids: now
 
     device = _device(cfg.device)
     ranks = _ranks(device)
+    if ranks.rank == 0:
+        _warn_if_unfinished(file, progress)
     out_dir = Path(cfg.out_dir)
     if ranks.rank != 0:
         return _extract_into(
@@ -390,6 +393,7 @@ def _extract(cfg: ExtractConfig, *, after_shard: Callable[[int], None] | None = 
             device,
             ranks,
             after_shard,
+            progress=progress,
         )
     require_writable(out_dir, "extract.out_dir")
     with output_lock(out_dir, "extract"):
@@ -407,6 +411,46 @@ def _extract(cfg: ExtractConfig, *, after_shard: Callable[[int], None] | None = 
             device,
             ranks,
             after_shard,
+            progress=progress,
+        )
+
+
+def _training_progress(file: Path) -> dict[str, int] | None:
+    """How far the training behind a celldino checkpoint got: step, epoch and, when known, the
+    planned total_steps / epochs (None for checkpoints that are not from `celldino train`)."""
+    meta = read_metadata(file)
+    if meta.get("format") != "celldino-train" or "step" not in meta:
+        return None
+    try:
+        out = {"step": int(meta["step"]), "epoch": int(meta.get("epoch", -1))}
+        if "total_steps" in meta:
+            out["total_steps"] = int(meta["total_steps"])
+        epochs = int(meta["epochs_planned"]) if "epochs_planned" in meta else run_epochs(file)
+    except ValueError:
+        return None
+    if epochs is not None:
+        out["epochs"] = epochs
+    return out
+
+
+def _warn_if_unfinished(file: Path, progress: dict[str, int] | None) -> None:
+    """A warning naming the checkpoint when its training stopped before the planned end."""
+    if not progress:
+        return
+    step, epoch = progress["step"], progress["epoch"]
+    total, epochs = progress.get("total_steps"), progress.get("epochs")
+    if total is not None:
+        short = step < total
+    else:  # older checkpoints: only the epoch count is known
+        short = epochs is not None and 0 <= epoch < epochs
+    if short:
+        where = f"step {step}" + (f" of {total}" if total is not None else "")
+        where += f", epoch {epoch}" + (f" of {epochs}" if epochs is not None else "")
+        logger.warning(
+            "checkpoint %s was saved before the planned end of its training (%s): these are the "
+            "embeddings of a partly trained model; `celldino train ... --resume` finishes the run",
+            file,
+            where,
         )
 
 
@@ -501,6 +545,8 @@ def _extract_into(
     device: torch.device,
     ranks: Ranks,
     after_shard: Callable[[int], None] | None,
+    *,
+    progress: dict[str, int] | None = None,
 ) -> Path:
     out_dir = Path(cfg.out_dir)
     plan = shard_plan(len(meta), cfg.shard_size)
@@ -519,6 +565,8 @@ def _extract_into(
         "n_rows": len(meta),
         "complete": False,
     }
+    if progress:
+        manifest["training"] = progress  # step / epoch of the checkpoint and the planned ones
     old = read_manifest(out_dir)
     stray = out_dir.exists() and any(out_dir.glob("part-*.parquet"))
     diffs = identity_differences(old, manifest) if old is not None else []

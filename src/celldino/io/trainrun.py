@@ -37,6 +37,7 @@ __all__ = [
     "last_weights",
     "read_metrics",
     "run_channels",
+    "run_epochs",
     "truncate_metrics",
 ]
 
@@ -74,6 +75,21 @@ def truncate_metrics(path: str | Path, step: int) -> None:
         return
     keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
     atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+
+
+def run_epochs(file: str | Path) -> int | None:
+    """train.epochs of the config.yaml of the run a checkpoint file belongs to (None if unknown)."""
+    file = Path(file)
+    for cand in (file.parent.parent / CONFIG, file.parent / CONFIG):
+        if cand.is_file():
+            try:
+                data = yaml.safe_load(cand.read_text()) or {}
+            except yaml.YAMLError:
+                return None
+            train = data.get("train") if isinstance(data, dict) else None
+            epochs = train.get("epochs") if isinstance(train, dict) else None
+            return epochs if isinstance(epochs, int) else None
+    return None
 
 
 def run_channels(file: str | Path) -> list[str]:

@@ -55,10 +55,12 @@ def save(
     epoch_copy: bool = False,
     channels: Sequence[str] | None = None,
     data_identity: dict[str, Any] | None = None,
+    planned: tuple[int, int] | None = None,
 ) -> Path:
     """Write last.safetensors (+ an epoch copy) and last.state.pt; return the weights path.
 
-    `channels`: channel names in model order; `data_identity`: what `--resume` compares.
+    `channels`: channel names in model order; `data_identity`: what `--resume` compares;
+    `planned`: (total steps, epochs) the run was set to train for (extract warns when short).
     """
     ckpt = checkpoint_dir(run_dir)
     tensors = {f"student.{k}": v for k, v in meta_arch.student.state_dict().items()}
@@ -71,6 +73,8 @@ def save(
     }
     if data_identity is not None:
         metadata["data"] = data_identity
+    if planned is not None:
+        metadata["total_steps"], metadata["epochs_planned"] = str(planned[0]), str(planned[1])
     chans = list(channels) if channels else None
     if epoch_copy:
         write_safetensors(

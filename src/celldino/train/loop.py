@@ -482,9 +482,13 @@ def _train_locked(
         persistent_workers=False,
     )
     multicrop = MultiCrop(cfg.augment)
-    saved = {"channels": channels or None, "identity": identity}
     spe = sampler.steps_per_epoch
     total_steps = tc.epochs * spe
+    saved = {
+        "channels": channels or None,
+        "identity": identity,
+        "planned": (total_steps, tc.epochs),
+    }
 
     # ---- model --------------------------------------------------------------------------
     torch.manual_seed(tc.seed)
@@ -693,6 +697,7 @@ def _save(
     epoch_copy: bool,
     channels: list[str] | None = None,
     identity: dict[str, Any] | None = None,
+    planned: tuple[int, int] | None = None,
 ) -> None:
     if info.is_main:
         checkpoint.save(
@@ -705,6 +710,7 @@ def _save(
             epoch_copy=epoch_copy,
             channels=channels,
             data_identity=identity,
+            planned=planned,
         )
     distributed.barrier()
 
