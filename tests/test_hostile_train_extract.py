@@ -697,3 +697,36 @@ def test_extract_from_an_interrupted_training_warns_and_records_the_step(
     assert rc == 0, text
     assert "planned end" not in text
     assert read_manifest(tmp_path / "e2")["training"]["step"] == 2
+
+
+def test_interrupt_message_says_what_to_run(run_cli, prep, tmp_path, monkeypatch):
+    """#35: after Ctrl-C, `train` says to rerun with --resume (a plain rerun is refused), and
+    that rerun continues; other commands say a plain rerun resumes."""
+    import celldino.train.loop as loop
+
+    real = loop.append_metrics
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    run_dir = tmp_path / "run"
+    args = train_args(run_dir, prep)
+    monkeypatch.setattr(loop, "append_metrics", interrupt)  # Ctrl-C after step 1
+    rc, text = run_cli(*args)
+    assert rc == 130, text
+    assert "rerun the same command with --resume" in text and "Traceback" not in text
+    monkeypatch.setattr(loop, "append_metrics", real)
+    before = snapshot(run_dir)
+    rc, text = run_cli(*args)
+    assert rc == 2 and "--resume" in text, text  # a plain rerun is refused, as the message said
+    assert snapshot(run_dir) == before
+    rc, text = run_cli(*args, "--resume")
+    assert rc == 0 and "resuming" in text, text
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("celldino.extract.extract", interrupted)
+    rc, text = run_cli(*extract_args(tmp_path / "m.safetensors", prep, tmp_path / "e"))
+    assert rc == 130 and "rerun the same `celldino extract` command to resume" in text, text
+    assert "--resume" not in text

@@ -404,6 +404,19 @@ def _user_error(command: str, err: BaseException, verbosity: int) -> int:
     return 2
 
 
+def _after_interrupt(command: str) -> str:
+    """What to run after Ctrl-C: only `train` needs a flag to continue (a plain rerun into a run
+    folder that holds checkpoints is refused, so that trained weights are never overwritten)."""
+    if command == "train":
+        return (
+            "the last checkpoint is kept: rerun the same command with --resume to continue "
+            "(a plain rerun is refused)"
+        )
+    if command in ("prepare", "extract", "evaluate", "run", "demo"):
+        return f"finished work is kept: rerun the same `celldino {command}` command to resume"
+    return f"rerun the same `celldino {command}` command to start it again"
+
+
 def main(argv: list[str] | None = None) -> int:
     verbosity, argv = _take_global_flags(list(sys.argv[1:] if argv is None else argv))
     argv = _gather_force(argv)
@@ -424,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         return _user_error(command, e, verbosity)
     except KeyboardInterrupt:
-        logger.error("interrupted; finished work is kept and a rerun resumes where it stopped")
+        logger.error("interrupted; %s", _after_interrupt(command))
         return 130
     except Exception as e:
         # `celldino run` wraps a stage's failure in StageError; the cause decides what it is
