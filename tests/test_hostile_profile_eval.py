@@ -432,3 +432,158 @@ def test_report_into_a_read_only_folder_fails_before_drawing(tmp_path, read_only
     assert drawn == []
     rc, text = run_cli("report", run, "--out", ro / "report.html")
     assert rc == 2 and str(ro) in text and "Traceback" not in text
+
+
+# ---- profile: inputs given twice, mixed, stray or bracketed (#103/#105/#106, #79/#81/#82) ----
+
+
+def _extraction(folder, df, checkpoint="c458f7e92fb66f51", n=1):
+    _shards(folder, df, n=n)
+    write_manifest(
+        folder,
+        {
+            "complete": True,
+            "shards": [shard_name(k) for k in range(n)],
+            "checkpoint": {"sha256_16": checkpoint, "which": "teacher"},
+            "features": {"feature": "cls", "level": "cell"},
+            "channels": ["DNA", "ER"],
+            "n_features": len(FEATS),
+        },
+    )
+    return folder
+
+
+def _with_ids(df: pd.DataFrame, prefix: str = "") -> pd.DataFrame:
+    df = df.copy()
+    df["Metadata_CellID"] = [f"{prefix}{p}/{w}/{i}" for i, (p, w) in enumerate(
+        zip(df["Metadata_Plate"], df["Metadata_Well"]))]  # fmt: skip
+    return df
+
+
+def test_profile_refuses_duplicated_or_mixed_extractions(tmp_path, earlier, run_cli):
+    cells = _with_ids(_cells())
+    emb = _extraction(tmp_path / "emb", cells)
+    other = _extraction(tmp_path / "e34", cells, checkpoint="2ca17b879bf6ba28")
+    again = _extraction(tmp_path / "again", cells)  # the same cells extracted a second time
+    before = _snapshot(earlier)
+    out = f"profile.out={earlier}/wells.h5ad"
+    rc, text = run_cli("profile", f"profile.input=[{emb},{other}]", out)
+    assert rc == 2 and str(emb) in text and str(other) in text and "'checkpoint'" in text
+    rc, text = run_cli("profile", f"profile.input=[{emb},{emb}]", out)
+    assert rc == 2 and "twice" in text and str(emb / shard_name(0)) in text
+    rc, text = run_cli("profile", f"profile.input=[{emb},{emb}/*.parquet]", out)
+    assert rc == 2 and "twice" in text
+    rc, text = run_cli("profile", f"profile.input=[{emb},{again}]", out)
+    assert rc == 2 and "Metadata_CellID" in text and "'P1/A00/0'" in text
+    assert _kept(before, earlier) and "Traceback" not in text
+    # plates extracted separately with one checkpoint are profiled together
+    p1 = _extraction(tmp_path / "p1", cells[cells["Metadata_Plate"] == "P1"])
+    p2 = _extraction(tmp_path / "p2", cells[cells["Metadata_Plate"] == "P2"])
+    rc, text = run_cli("profile", f"profile.input=[{p1},{p2}]", f"profile.out={tmp_path}/w.h5ad")
+    assert rc == 0, text
+    assert int(read_h5ad(tmp_path / "w.h5ad").obs["Metadata_Count_Cells"].sum()) == len(cells)
+
+
+def test_profile_reads_only_the_shards_the_manifest_lists(tmp_path, run_cli):
+    cells = _cells()
+    emb = _extraction(tmp_path / "emb", cells)
+    _cells(seed=1).to_parquet(emb / shard_name(1), index=False)  # stray, not in the manifest
+    for i, inp in enumerate([str(emb), f"{emb}/part-*.parquet"]):
+        out = tmp_path / f"w{i}.h5ad"
+        rc, text = run_cli("profile", f"profile.input=['{inp}']", f"profile.out={out}")
+        assert rc == 0, text
+        assert int(read_h5ad(out).obs["Metadata_Count_Cells"].sum()) == len(cells)
+
+
+def test_profile_input_with_brackets_is_a_path_when_it_exists(tmp_path, run_cli, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cells = _cells()
+    _extraction(tmp_path / "emb[1]", cells)
+    _extraction(tmp_path / "emb1", _cells(seed=5).iloc[:8], checkpoint="2ca17b879bf6ba28")
+    for i, inp in enumerate(["emb[1]", "emb[1]/part-*.parquet", "emb[1]/part-00000.parquet"]):
+        rc, text = run_cli("profile", f"profile.input=['{inp}']", f"profile.out=w{i}.h5ad")
+        assert rc == 0, (inp, text)
+        adata = read_h5ad(tmp_path / f"w{i}.h5ad")
+        assert int(adata.obs["Metadata_Count_Cells"].sum()) == len(cells), inp
+    # a path that does not exist is still a glob
+    rc, text = run_cli("profile", "profile.input=['emb[9]/*.parquet']", "profile.out=w9.h5ad")
+    assert rc == 2 and "emb[9]" in text and "glob" in text
+
+
+def test_profile_null_values_count_as_nan(tmp_path, run_cli):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cells = _cells()
+    folder = tmp_path / "emb"
+    folder.mkdir()
+    table = pa.Table.from_pandas(cells, preserve_index=False)
+    col = table.column(FEATS[0]).to_pylist()
+    col[0] = None  # P1/A00, first cell
+    table = table.set_column(table.schema.get_field_index(FEATS[0]), FEATS[0], pa.array(col))
+    pq.write_table(table, folder / "cells.parquet")
+    out = tmp_path / "w.h5ad"
+    rc, text = run_cli(
+        "profile", f"profile.input=[{folder}]", f"profile.out={out}", "profile.nonfinite=error"
+    )
+    assert rc == 2 and FEATS[0] in text, text
+    from celldino.pp.aggregate import aggregate
+
+    for method in ("mean", "median"):
+        adata = aggregate(folder, method=method)
+        assert np.isnan(adata[0, FEATS[0]].X).all(), method  # not the mean of the other 3 cells
+
+
+# ---- profile: settings naming absent columns, profiles as input, bad memory_limit ------------
+
+
+def test_profile_setting_naming_an_absent_column_writes_nothing(tmp_path, run_cli):
+    emb = _extraction(tmp_path / "emb", _cells())
+    out = tmp_path / "o" / "wells.h5ad"
+    rc, text = run_cli("profile", f"profile.input=[{emb}]", f"profile.out={out}")
+    assert rc == 0, text
+    before = _snapshot(out.parent)
+    other = _extraction(tmp_path / "emb2", _cells(seed=3), checkpoint="2ca17b879bf6ba28")
+    for setting in [
+        "profile.normalize_by=Metadata_Nope",
+        "profile.sphere_by=Metadata_Nope",
+        "profile.consensus=[Metadata_Nope]",
+        "profile.harmony_key=Metadata_Nope",
+        "profile.by=[Metadata_Plate,Metadata_Nope]",
+        "profile.via=[Metadata_Nope]",
+    ]:
+        extra = ["profile.sphere=ZCA"] if "sphere_by" in setting else []
+        rc, text = run_cli(
+            "profile", f"profile.input=[{other}]", f"profile.out={out}", setting, *extra
+        )
+        assert rc == 2 and setting.split("=")[0] in text and "Metadata_Nope" in text, text
+        assert _snapshot(out.parent) == before, setting  # no cache, no profiles rewritten
+    # a later step failing (one control well per plate) keeps the old cache too
+    df = _cells()
+    df = df[df["Metadata_Well"] != "A01"]
+    bad = _extraction(tmp_path / "bad", df)
+    rc, text = run_cli("profile", f"profile.input=[{bad}]", f"profile.out={out}")
+    assert rc == 2 and _kept(before, out.parent)
+    # and a successful run replaces it
+    rc, text = run_cli("profile", f"profile.input=[{other}]", f"profile.out={out}")
+    assert rc == 0, text
+    cache = read_h5ad(out.with_name("wells.aggregated.h5ad"))
+    np.testing.assert_allclose(cache.X, pp.aggregate(other).X)  # the new input's aggregation
+    assert not out.with_name("wells.aggregated.pending.h5ad").exists()
+
+
+def test_profile_refuses_profiles_and_bad_memory_limit(tmp_path, earlier, run_cli):
+    emb = _extraction(tmp_path / "emb", _cells())
+    rc, text = run_cli("profile", f"profile.input=[{emb}]", f"profile.out={tmp_path}/w.h5ad")
+    assert rc == 0, text
+    before = _snapshot(earlier)
+    rc, text = run_cli(
+        "profile", f"profile.input={tmp_path}/w.parquet", f"profile.out={earlier}/wells.h5ad"
+    )
+    assert rc == 2 and "w.parquet" in text and "aggregated already" in text
+    rc, text = run_cli(
+        "profile", f"profile.input=[{emb}]", f"profile.out={earlier}/w.h5ad",
+        "profile.memory_limit=lots",
+    )  # fmt: skip
+    assert rc == 2 and "profile.memory_limit" in text and "2GB" in text
+    assert _kept(before, earlier) and "Traceback" not in text

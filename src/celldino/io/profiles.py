@@ -19,6 +19,10 @@ import numpy as np
 import pandas as pd
 
 from celldino.errors import DataError, MissingInputError
+from celldino.io.embeddings import manifest_path, manifest_shards
+from celldino.log import get_logger
+
+logger = get_logger(__name__)
 
 _STEPS_JSON = "steps_json"  # the key of files written before the steps became JSON in memory
 TABLE_SUFFIXES = (".parquet", ".csv", ".csv.gz")
@@ -37,40 +41,94 @@ def table_kind(path: str | Path) -> str:
     )
 
 
+def _literal_prefix(pattern: str) -> str:
+    """`pattern` with its leading folders that exist escaped: in `emb[1]/part-*.parquet` the
+    folder `emb[1]` is a name, not the class `[1]` (which would match `emb1`)."""
+    parts = Path(pattern).parts
+    k = 0
+    while k < len(parts) - 1 and Path(*parts[: k + 1]).is_dir():
+        k += 1
+    if k == 0:
+        return pattern
+    rest = parts[k:]
+    return str(Path(glob.escape(str(Path(*parts[:k]))), *rest))
+
+
+def _listed_only(files: list[str]) -> list[str]:
+    """Of glob hits inside extraction folders, the shards their manifests list (a stray
+    `part-00001.parquet` left beside a finished extraction is not part of it)."""
+    listed: dict[str, set[str]] = {}
+    kept = []
+    for f in files:
+        folder = str(Path(f).parent)
+        if folder not in listed:
+            listed[folder] = (
+                {p.name for p in manifest_shards(folder)}
+                if manifest_path(folder).exists()
+                else set()
+            )
+        if listed[folder] and Path(f).name not in listed[folder]:
+            logger.warning("%s: not listed in %s/_manifest.json, so not read", f, folder)
+            continue
+        kept.append(f)
+    return kept
+
+
 def shard_paths(inputs: str | Path | list | tuple) -> list[str]:
-    """Expand folders (their *.parquet, else *.csv / *.csv.gz), files and globs into a sorted
-    list of table files."""
+    """Expand folders, files and globs into a list of table files.
+
+    A path that exists is taken literally (brackets in `emb[1]` are part of its name); only a
+    path that does not exist and holds `*`, `?` or `[` is a glob. A folder holding a
+    `_manifest.json` (a `celldino extract` output) gives the shards its manifest lists, in order
+    (a stray `part-00001.parquet` it does not list is ignored); another folder gives its
+    *.parquet (else *.csv / *.csv.gz) tables. A file reached twice (the same folder given twice,
+    or a folder and a glob into it) is refused: its cells would be counted twice."""
     items = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     out: list[str] = []
+    origin: dict[str, str] = {}  # real path → the input item that gave it
     for item in items:
         s = str(item)
-        if any(ch in s for ch in "*?["):
-            hits = sorted(glob.glob(s, recursive=True))
-            if not hits:
-                raise MissingInputError(f"no files match {s!r}; check profile.input")
-            out += hits
-        elif Path(s).is_dir():
-            hits: list[str] = []
-            for pattern in ("*.parquet", "*.csv", "*.csv.gz"):
-                hits = sorted(
-                    str(p)
-                    for p in Path(s).rglob(pattern)
-                    if not p.name.startswith((".", "_"))  # temporary / hidden files of writers
-                )
-                if hits:
-                    break
+        hits: list[str] = []
+        if Path(s).is_dir():
+            if manifest_path(s).exists():
+                hits = [str(p) for p in manifest_shards(s)]
+            else:
+                for pattern in ("*.parquet", "*.csv", "*.csv.gz"):
+                    hits = sorted(
+                        str(p)
+                        for p in Path(s).rglob(pattern)
+                        if not p.name.startswith((".", "_"))  # temporary / hidden files of writers
+                    )
+                    if hits:
+                        break
             if not hits:
                 raise MissingInputError(
                     f"folder {s} holds no *.parquet (or *.csv[.gz]) tables; run "
                     "`celldino extract` into it first or point profile.input at the shards"
                 )
-            out += hits
         elif Path(s).is_file():
-            out.append(s)
+            hits = [s]
+        elif any(ch in s for ch in "*?["):
+            hits = sorted(glob.glob(_literal_prefix(s), recursive=True))
+            if not hits:
+                raise MissingInputError(
+                    f"no files match {s!r} (read as a glob: no such file or folder); "
+                    "check profile.input"
+                )
+            hits = _listed_only(hits)
         else:
             raise MissingInputError(
                 f"profile input {s} does not exist (give a folder, file or glob)"
             )
+        for f in hits:
+            real = os.path.realpath(f)
+            if real in origin:
+                raise DataError(
+                    f"profile.input gives {f} twice (through {origin[real]!r} and {s!r}); "
+                    "its cells would be counted twice: give each extraction once"
+                )
+            origin[real] = s
+        out += hits
     for f in out:
         table_kind(f)
     return out

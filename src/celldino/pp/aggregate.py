@@ -9,6 +9,7 @@ group (compound, dose, batch, ...) are carried along; those that vary (cell ids,
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import shutil
@@ -53,6 +54,12 @@ def _connect(memory_limit: str, threads: int, temp_dir: str | None) -> duckdb.Du
     return con
 
 
+def duck_paths(files: list[str]) -> list[str]:
+    """The files as DuckDB reads them: its readers glob every path, so `emb[1]/part-0.parquet`
+    would read `emb1/part-0.parquet`; escaped, each path is only itself."""
+    return [glob.escape(str(f)) for f in files]
+
+
 def _reader(files: list[str]) -> str:
     """The DuckDB table function reading every file (Parquet, or CSV / gzipped CSV)."""
     kinds = {table_kind(f) for f in files}
@@ -73,7 +80,7 @@ def schema(files: list[str], con: duckdb.DuckDBPyConnection | None = None) -> di
     """Column name → DuckDB type of the union of the shards (DuckDB's names, see `_names`)."""
     con = con or duckdb.connect(":memory:")
     try:
-        rows = con.execute(f"DESCRIBE SELECT * FROM {_reader(files)}", [files])
+        rows = con.execute(f"DESCRIBE SELECT * FROM {_reader(files)}", [duck_paths(files)])
     except duckdb.Error as e:
         raise DataError(f"cannot read {_where(files)}: {e}".splitlines()[0]) from e
     return {r[0]: r[1] for r in rows.fetchall()}
@@ -126,10 +133,15 @@ def resolve_features(columns: dict[str, str], features: str | Sequence[str] | No
     return feats
 
 
-def _level_sql(source: str, keys: list[str], cols: list[str], fn: str, carry: list[str]) -> str:
+def _level_sql(
+    source: str, keys: list[str], cols: list[str], fn: str, carry: list[str], null_is_nan=False
+) -> str:
     key_sql = ", ".join(_q(k) for k in keys)
     parts = [key_sql]
-    parts += [f"{fn}({_q(c)}) AS {_q(c)}" for c in cols]
+    # SQL's avg skips NULL: a cell with a NULL feature would silently drop out of its group's
+    # mean while Count_Cells still counts it. NULL is NaN here, so profile.nonfinite sees it.
+    val = "coalesce(CAST({} AS DOUBLE), 'NaN'::DOUBLE)" if null_is_nan else "{}"
+    parts += [f"{fn}({val.format(_q(c))}) AS {_q(c)}" for c in cols]
     for m in carry:
         parts += [f"min({_q(m)}) AS {_q('__min_' + m)}", f"max({_q(m)}) AS {_q('__max_' + m)}"]
     parts.append(f"count(*) AS {_q(COUNT_COLUMN)}")
@@ -138,7 +150,7 @@ def _level_sql(source: str, keys: list[str], cols: list[str], fn: str, carry: li
 
 def _mean_sql(chain: list[list[str]], feats: list[str], carry: list[str]) -> str:
     """Level 0 reads the shards; each further level reads the previous one (a subquery)."""
-    sql = _level_sql("__READER__", chain[0], feats, "avg", carry)
+    sql = _level_sql("__READER__", chain[0], feats, "avg", carry, null_is_nan=True)
     for keys in chain[1:]:
         key_sql = ", ".join(_q(k) for k in keys)
         parts = [key_sql] + [f"avg({_q(c)}) AS {_q(c)}" for c in feats]
@@ -155,6 +167,9 @@ def _median_levels(df: pd.DataFrame, chain: list[list[str]], feats: list[str], c
     for i, keys in enumerate(chain):
         g = df.groupby(keys, sort=False, dropna=False, observed=True)
         out = g[feats].median().astype(np.float64)
+        # pandas' median skips NaN (and NULL, read as NaN): propagate it as the mean does
+        has_nan = df[feats].isna().groupby([df[k] for k in keys], sort=False, dropna=False).any()
+        out = out.mask(has_nan.reindex(index=out.index, columns=feats).fillna(False).astype(bool))
         out[COUNT_COLUMN] = g.size() if i == 0 else g[COUNT_COLUMN].sum()
         for m in carry:
             lo, hi = (m, m) if i == 0 else ("__min_" + m, "__max_" + m)
@@ -176,7 +191,7 @@ def _median_by_partition(
     into partitions by a hash of the final keys (one streaming pass, Parquet under `temp_dir`);
     each partition (whole groups, ~256 MB of features) is then reduced in memory with pandas.
     Peak memory ~ the largest partition."""
-    n_rows = con.execute(f"SELECT count(*) FROM {_reader(files)}", [files])
+    n_rows = con.execute(f"SELECT count(*) FROM {_reader(files)}", [duck_paths(files)])
     n_rows = int(n_rows.fetchone()[0])
     n_parts = int(np.clip(np.ceil(n_rows * len(feats) * 8 / PARTITION_BYTES), 1, 512))
     key_hash = f"hash({', '.join(_q(k) for k in chain[-1])}) % {n_parts}"
@@ -193,7 +208,7 @@ def _median_by_partition(
             f"COPY (SELECT {sel}, {key_hash} AS __part "
             f"FROM {_reader(files)}) "
             f"TO '{tmp}' (FORMAT parquet, PARTITION_BY (__part), ROW_GROUP_SIZE 20000)",
-            [files],
+            [duck_paths(files)],
         )
         parts = sorted(p for p in tmp.iterdir() if p.is_dir())
         frames = []
@@ -229,7 +244,7 @@ def aggregate(
     carry: metadata columns to keep (None: every `Metadata_*` column constant within groups).
     Returns a new AnnData (the one `pp` stage that has no AnnData to modify: it reads files) with
     X (n_groups, n_features) and obs holding `by`, carried metadata and `Metadata_Count_Cells`.
-    NaN in a cell propagates to its group (see pp.handle_nonfinite).
+    NaN (or NULL) in a cell propagates to its group (see pp.handle_nonfinite).
     """
     if method not in ("mean", "median"):
         raise DataError(f"aggregation method must be 'mean' or 'median', got {method!r}")
@@ -271,7 +286,7 @@ def aggregate(
     try:
         if method == "mean":
             sql = _mean_sql(chain, feats, carry).replace("__READER__", _reader(files))
-            df = con.execute(sql, [files]).fetchdf()
+            df = con.execute(sql, [duck_paths(files)]).fetchdf()
         else:
             df = _median_by_partition(con, files, chain, feats, carry, temp_dir)
     except duckdb.Error as e:

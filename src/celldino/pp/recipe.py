@@ -16,7 +16,13 @@ import numpy as np
 
 from celldino.config import ProfileConfig
 from celldino.errors import DataError, IncompleteInputError
-from celldino.io.embeddings import manifest_path, read_manifest, require_complete, shard_name
+from celldino.io.embeddings import (
+    MANIFEST,
+    manifest_path,
+    read_manifest,
+    require_complete,
+    shard_name,
+)
 from celldino.io.files import fingerprint, require_writable
 from celldino.io.profiles import (
     read_h5ad,
@@ -65,9 +71,11 @@ def check_inputs(cfg: ProfileConfig) -> dict[str, list[str]]:
     # shards named by files or globs are checked against their folder's manifest too
     files = shard_paths(list(cfg.input))
     folders += [Path(f).parent for f in files if re.fullmatch(r"part-\d+\.parquet", Path(f).name)]
+    identities: dict[Path, dict] = {}
     for folder in dict.fromkeys(folders):
         if not manifest_path(folder).exists():
             continue  # plain tables of the user's: no manifest to check against
+        identities[folder] = read_manifest(folder) or {}
         try:
             require_complete(folder)
         except IncompleteInputError:
@@ -83,24 +91,122 @@ def check_inputs(cfg: ProfileConfig) -> dict[str, list[str]]:
                 folder, manifest.get("complete", False), len(missing), n,
                 f": {', '.join(missing[:10])}" if missing else "",
             )  # fmt: skip
+    _check_same_extraction(identities)
     return partial
 
 
+# what makes two extractions' features the same features (the data they cover may differ)
+IDENTITY_KEYS = ("checkpoint", "features", "channels", "n_features")
+
+
+def _check_same_extraction(manifests: dict[Path, dict]) -> None:
+    """Extraction folders profiled together must hold the same features: the same checkpoint
+    (hash and network), feature options, channels and width. Plates extracted separately with
+    one checkpoint are fine; two checkpoints' embeddings averaged together are not."""
+    if len(manifests) < 2:
+        return
+    (first, ref), *rest = manifests.items()
+    for folder, man in rest:
+        for key in IDENTITY_KEYS:
+            if man.get(key) != ref.get(key):
+                raise DataError(
+                    f"profile.input mixes extractions: {first} and {folder} differ in their "
+                    f"{MANIFEST} key {key!r} ({ref.get(key)!r} vs {man.get(key)!r}); profile "
+                    "extractions of one checkpoint with the same feature settings together, "
+                    "others separately"
+                )
+
+
+def _check_distinct_cells(cfg: ProfileConfig, files: list[str]) -> None:
+    """The same cells reached through two inputs (one screen extracted twice into two folders)
+    would be counted twice: refuse when Metadata_CellID repeats across the inputs."""
+    if len(cfg.input) < 2 and len({str(Path(f).parent) for f in files}) < 2:
+        return
+    import duckdb
+
+    from celldino.pp.aggregate import _reader, duck_paths, schema
+
+    con = duckdb.connect(":memory:")
+    try:
+        if "Metadata_CellID" not in schema(files, con):
+            return
+        reader = _reader(files).replace("union_by_name=true", "union_by_name=true, filename=true")
+        n, distinct = con.execute(
+            f'SELECT count(*), count(DISTINCT "Metadata_CellID") FROM {reader}', [duck_paths(files)]
+        ).fetchone()
+        if n == distinct:
+            return
+        cid, where = con.execute(
+            f'SELECT "Metadata_CellID", list(DISTINCT filename ORDER BY filename) FROM {reader} '
+            'GROUP BY "Metadata_CellID" HAVING count(*) > 1 ORDER BY 1 LIMIT 1',
+            [duck_paths(files)],
+        ).fetchone()
+    except duckdb.Error:
+        return  # unreadable inputs are named by the aggregation itself
+    finally:
+        con.close()
+    raise DataError(
+        f"profile.input {list(cfg.input)}: {n - distinct} cell(s) appear more than once, e.g. "
+        f"Metadata_CellID {cid!r} in {', '.join(map(str, where))}; the same cells were given "
+        "twice (one screen extracted twice?): give each extraction once"
+    )
+
+
+_OURS: set[str] = set()  # aggregation files this process wrote or reused (see run_profile)
+
+
+def _cache_paths(cfg: ProfileConfig) -> tuple[Path, Path]:
+    """The aggregation cache of `profile.out`, and where an aggregation waits that differs from
+    the one a finished run left there (moved over it only when its run succeeds)."""
+    cache = _outputs(Path(cfg.out), ("h5ad",), ".aggregated")["h5ad"]
+    return cache, cache.with_name(cache.name[: -len(".h5ad")] + ".pending.h5ad")
+
+
+def check_columns(cfg: ProfileConfig, columns) -> None:
+    """Every column a setting names must be in the aggregated metadata: refused naming the
+    setting before anything is written."""
+    columns = [str(c) for c in columns]
+    settings = {
+        "profile.normalize_by": [cfg.normalize_by] if cfg.normalize != "none" else [],
+        "profile.sphere_by": [cfg.sphere_by] if cfg.sphere != "none" else [],
+        "profile.harmony_key": [cfg.harmony_key],
+        "profile.consensus": list(cfg.consensus),
+    }
+    for setting, names in settings.items():
+        missing = [n for n in names if n and n not in columns]
+        if missing:
+            meta = [c for c in columns if c.startswith("Metadata_")] or columns
+            raise DataError(
+                f"{setting}: {', '.join(map(repr, missing))} is not a column of the aggregated "
+                f"profiles (metadata columns: {', '.join(meta[:20])}); set {setting} to one of "
+                "them (columns that vary within a profile's wells are not carried)"
+            )
+
+
 def aggregate_cached(cfg: ProfileConfig) -> ad.AnnData:
-    """Aggregate per cfg, reusing `<out>.aggregated.h5ad` when inputs and settings match."""
+    """Aggregate per cfg, reusing `<out>.aggregated.h5ad` when inputs and settings match.
+
+    A new aggregation never replaces the cache a finished run left before this run succeeds:
+    it waits as `<out>.aggregated.pending.h5ad` (reused by a rerun) and `run_profile` moves it
+    over the cache at the end."""
     partial = check_inputs(cfg)
     files = shard_paths(list(cfg.input))
+    _check_distinct_cells(cfg, files)
     key = fingerprint({
         "files": [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files],
         "features": cfg.features, "by": cfg.by, "via": cfg.via, "method": cfg.method,
         "version": 2,  # 2: file column names kept, plate_well obs_names, steps as JSON text
     })  # fmt: skip
-    cache = _outputs(Path(cfg.out), ("h5ad",), ".aggregated")["h5ad"]
-    if cache.exists() and not partial:
-        cached = read_h5ad(cache)
-        if cached.uns.get("celldino", {}).get("aggregate_key") == key:
-            logger.info("reusing aggregated profiles %s (inputs unchanged)", cache)
-            return cached
+    cache, pending = _cache_paths(cfg)
+    for path in (cache, pending):
+        if path.exists() and not partial:
+            cached = read_h5ad(path)
+            if cached.uns.get("celldino", {}).get("aggregate_key") == key:
+                logger.info("reusing aggregated profiles %s (inputs unchanged)", path)
+                check_columns(cfg, cached.obs.columns)
+                _OURS.add(str(path))
+                return cached
+    _check_keys(cfg, files)
     levels = [list(cfg.by) + list(cfg.via)] if cfg.via else []
     adata = aggregate(
         files, by=list(cfg.by), features=_features(cfg.features), method=cfg.method,
@@ -112,8 +218,33 @@ def aggregate_cached(cfg: ProfileConfig) -> ad.AnnData:
             "folders": list(partial),
             "missing_shards": [f"{k}/{m}" for k, ms in partial.items() for m in ms],
         }
-    write_h5ad(adata, cache)
+    check_columns(cfg, adata.obs.columns)
+    target = pending if cache.exists() else cache
+    write_h5ad(adata, target)
+    _OURS.add(str(target))
     return adata
+
+
+def _check_keys(cfg: ProfileConfig, files: list[str]) -> None:
+    """profile.by and profile.via name columns of the input (the setting named), and the input
+    holds cells, not profiles that were aggregated already."""
+    from celldino.pp.aggregate import COUNT_COLUMN, schema
+
+    cols = {c.lower() for c in schema(files)}
+    where = files[0] if len(files) == 1 else f"{len(files)} files of profile.input"
+    if COUNT_COLUMN.lower() in cols:
+        raise DataError(
+            f"{where}: has a {COUNT_COLUMN} column, so it looks like profiles that were "
+            "aggregated already, not per-cell rows; give profile.input the per-cell shards (the "
+            "`celldino extract` folder), or evaluate these profiles directly"
+        )
+    for setting, keys in (("profile.by", cfg.by), ("profile.via", cfg.via)):
+        missing = [k for k in keys if k.lower() not in cols]
+        if missing:
+            raise DataError(
+                f"{setting}: {', '.join(map(repr, missing))} is not a column of {where} "
+                f"(metadata columns: {', '.join(c for c in schema(files) if c.startswith('Metadata_'))})"
+            )
 
 
 def _check(adata: ad.AnnData, step: str, cfg: ProfileConfig) -> ad.AnnData:
@@ -217,6 +348,9 @@ def run_profile(cfg: ProfileConfig) -> dict[str, Path]:
         for fmt, path in _outputs(Path(cfg.out), tuple(cfg.formats), suffix).items():
             write_h5ad(data, path) if fmt == "h5ad" else write_table(data, path)
             written[f"{name}.{fmt}"] = path
+    cache, pending = _cache_paths(cfg)
+    if str(pending) in _OURS and pending.exists():  # this run's, kept aside until it succeeded
+        os.replace(pending, cache)
     logger.info("wrote %d profiles × %d features: %s", adata.n_obs, adata.n_vars,
                 ", ".join(map(str, written.values())))  # fmt: skip
     return written
