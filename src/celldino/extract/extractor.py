@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import time
 from collections.abc import Callable
@@ -44,12 +45,13 @@ from celldino.extract.shard_plan import DTYPES, done_shards, identity_difference
 from celldino.io.attention_store import ATTENTION, write_attention
 from celldino.io.checkpoints import checkpoint_channels, read_metadata
 from celldino.io.embeddings import (
+    EMB_PREFIX,
     H5AD,
     MANIFEST,
     clear_outputs,
     read_manifest,
+    read_shards,
     shard_name,
-    write_anndata,
     write_manifest,
     write_shard,
 )
@@ -657,7 +659,7 @@ def _extract_into(
         if cfg.attention_cells or cfg.attention_sample:
             _save_attention(embed, ds, meta, channels, out_dir, cfg)
         if cfg.format == "h5ad":
-            write_anndata(out_dir, manifest)
+            _write_anndata(out_dir, manifest)
             logger.info("wrote %s", out_dir / H5AD)
         _write_manifest(out_dir, {**manifest, "complete": True, "world_size": ranks.world})
         logger.info("embeddings of %d %ss in %s", len(meta), cfg.level, out_dir)
@@ -723,3 +725,21 @@ def _save_attention(
     )
     logger.info("patch tokens and attention of %d cells → %s", len(rows), path)
     return path
+
+
+def _write_anndata(out_dir: Path, manifest: dict[str, Any]) -> Path:
+    """embeddings.h5ad from the shards: X (cells, F) float32, obs = Metadata_*, uns = manifest."""
+    import anndata as ad
+
+    from celldino.io.profiles import write_h5ad
+
+    df = read_shards(Path(out_dir), len(manifest["shards"]))  # before `complete` is set
+    feats = [c for c in df.columns if c.startswith(EMB_PREFIX)]
+    X = df[feats].to_numpy(dtype=np.float32)  # (N, F)
+    obs = df.drop(columns=feats).reset_index(drop=True)
+    obs.index = obs.index.astype(str)
+    adata = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=pd.Index(feats, dtype=str)))
+    params = {k: manifest[k] for k in ("checkpoint", "features", "channels", "data")}
+    adata.uns["celldino"] = {"steps": [{"step": "extract", "params": params}]}
+    adata.uns["manifest_json"] = json.dumps(manifest, default=str)
+    return write_h5ad(adata, Path(out_dir) / H5AD)

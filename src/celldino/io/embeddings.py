@@ -185,29 +185,10 @@ def read_embeddings(out_dir: str | Path) -> pd.DataFrame:
     (an unfinished or partly missing folder raises `IncompleteInputError` / `MissingInputError`,
     see `celldino.io.embeddings.require_complete`)."""
     manifest = require_complete(out_dir)
-    return _read_shards(Path(out_dir), len(manifest["shards"]))
+    return read_shards(Path(out_dir), len(manifest["shards"]))
 
 
-def _read_shards(out_dir: Path, n: int) -> pd.DataFrame:
+def read_shards(out_dir: Path, n: int) -> pd.DataFrame:
+    """The first `n` shards of a folder as one table, whether or not the manifest says complete."""
     frames = [pd.read_parquet(out_dir / shard_name(k)) for k in range(n)]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-
-
-def write_anndata(out_dir: Path, manifest: dict[str, Any]) -> Path:
-    """embeddings.h5ad from the shards: X (cells, F) float32, obs = Metadata_*, uns = manifest."""
-    import json
-
-    import anndata as ad
-
-    from celldino.io.profiles import write_h5ad
-
-    df = _read_shards(Path(out_dir), len(manifest["shards"]))  # before `complete` is set
-    feats = [c for c in df.columns if c.startswith(EMB_PREFIX)]
-    X = df[feats].to_numpy(dtype=np.float32)  # (N, F)
-    obs = df.drop(columns=feats).reset_index(drop=True)
-    obs.index = obs.index.astype(str)
-    adata = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=pd.Index(feats, dtype=str)))
-    params = {k: manifest[k] for k in ("checkpoint", "features", "channels", "data")}
-    adata.uns["celldino"] = {"steps": [{"step": "extract", "params": params}]}
-    adata.uns["manifest_json"] = json.dumps(manifest, default=str)
-    return write_h5ad(adata, Path(out_dir) / H5AD)
