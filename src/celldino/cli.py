@@ -7,13 +7,14 @@ are listed, with their comments and defaults, by `celldino <stage> --help`.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from celldino import __version__, log
 from celldino import config as C
-from celldino.errors import UserError
+from celldino.errors import OutputError, UserError
 
 logger = log.get_logger(__name__)
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -150,7 +151,13 @@ def cmd_config(args: argparse.Namespace) -> int:
         raise C.ConfigError(
             f"no starting config named '{args.name}' (choose from: {', '.join(STARTERS)})"
         )
-    sys.stdout.write(STARTERS[args.name][0].read_text())
+    text = STARTERS[args.name][0].read_text()
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except OSError as e:
+        e._celldino_stdout = True  # the CLI's one line, see main
+        raise
     return 0
 
 
@@ -400,8 +407,26 @@ def _one_line(text: str) -> str:
 
 
 def _user_error(command: str, err: BaseException, verbosity: int) -> int:
-    logger.error("error: %s: %s", command, _one_line(err), exc_info=err if verbosity > 0 else None)
+    text = _one_line(err)
+    if text.startswith(f"{command}: "):  # the message names the stage already: say it once
+        text = text[len(command) + 2 :]
+    logger.error("error: %s: %s", command, text, exc_info=err if verbosity > 0 else None)
     return 2
+
+
+def _stdout_failed(command: str, err: OSError, verbosity: int) -> int:
+    """Writing the result to standard output failed (a full disk, /dev/full, a closed pipe):
+    one line, not a traceback; stdout goes to /dev/null so the exit does not fail again."""
+    try:
+        sys.stdout = open(os.devnull, "w")  # lives until the process exits
+    except OSError:
+        pass
+    what = err.strerror or type(err).__name__
+    return _user_error(
+        command,
+        OutputError(f"cannot write to standard output ({what}); redirect it to a writable file"),
+        verbosity,
+    )
 
 
 def _after_interrupt(command: str) -> str:
@@ -433,9 +458,18 @@ def main(argv: list[str] | None = None) -> int:
     log.setup(verbosity)
     command = args.command
     try:
-        return int(args.handler(args) or 0)
+        rc = int(args.handler(args) or 0)
+        try:
+            sys.stdout.flush()  # a failing write of the result is found here, not at exit
+        except OSError as e:
+            return _stdout_failed(command, e, verbosity)
+        return rc
     except UserError as e:
         return _user_error(command, e, verbosity)
+    except OSError as e:
+        if isinstance(e, BrokenPipeError) or getattr(e, "_celldino_stdout", False):
+            return _stdout_failed(command, e, verbosity)
+        raise
     except KeyboardInterrupt:
         logger.error("interrupted; %s", _after_interrupt(command))
         return 130
