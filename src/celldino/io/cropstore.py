@@ -51,6 +51,18 @@ class CropStoreError(UserError, RuntimeError):
     """A crop store that does not match what is being written into it."""
 
 
+class CropReadError(DataError):
+    """A crop chunk that cannot be decoded. Raised in DataLoader workers too, which torch re-raises
+    as `CropReadError("Caught CropReadError in DataLoader worker ... Original Traceback ...")`:
+    only the original one-line message is kept."""
+
+    def __init__(self, message: str):
+        marker = f"{type(self).__module__}.{type(self).__qualname__}: "
+        if message.startswith("Caught ") and marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message)
+
+
 class CropStore:
     """Append-only, resumable crop store in `prep_dir` (crops.zarr + cells.parquet)."""
 
@@ -267,7 +279,7 @@ def read_rows(arr, rows: Any, prep_dir: str | Path) -> np.ndarray:
                 path = Path(prep_dir) / CROPS
                 key = arr.metadata.encode_chunk_key((c, *rest))
                 stop = min((c + 1) * k, arr.shape[0])
-                raise DataError(
+                raise CropReadError(
                     f"{path}: chunk {key} (cell rows {c * k}-{stop - 1}) cannot be read "
                     f"({type(e2).__name__}: {e2}): the file is damaged; delete {path / key} "
                     f"and {_redo(prep_dir)}: it redoes the sites of a missing chunk"
