@@ -730,3 +730,15 @@ def test_interrupt_message_says_what_to_run(run_cli, prep, tmp_path, monkeypatch
     rc, text = run_cli(*extract_args(tmp_path / "m.safetensors", prep, tmp_path / "e"))
     assert rc == 130 and "rerun the same `celldino extract` command to resume" in text, text
     assert "--resume" not in text
+
+
+def test_bad_pretrained_weights_leave_no_config_behind(run_cli, prep, tmp_path):
+    """config.yaml is the first file `train` writes, after the model is built (#30's rule):
+    model.pretrained= a file that is not a checkpoint leaves the run dir without files."""
+    bad = tmp_path / "bad.pth"
+    bad.write_text("not weights\n")
+    run_dir = tmp_path / "run"
+    rc, text = run_cli(*train_args(run_dir, prep, f"model.pretrained={bad}"))
+    assert rc == 2, text
+    assert str(bad) in text and "Traceback" not in text
+    assert not snapshot(run_dir) if run_dir.exists() else True

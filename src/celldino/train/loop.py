@@ -451,10 +451,6 @@ def _train_locked(
                     + ("; ..." if len(diffs) > 8 else "")
                     + f". {hint[0].upper()}{hint[1:]}"
                 )
-        try:
-            save_config(cfg, run_dir / "config.yaml")
-        except OSError as e:
-            raise write_error(run_dir / "config.yaml", e, what="config") from None
 
     # ---- data ---------------------------------------------------------------------------
     if tc.weak_label:
@@ -529,6 +525,11 @@ def _train_locked(
             truncate_metrics(run_dir / METRICS, step)
     elif resume:
         logger.warning("--resume: no checkpoint in %s yet, starting from scratch", run_dir)
+    if info.is_main:  # the first file written: every check above has passed
+        try:
+            save_config(cfg, run_dir / "config.yaml")
+        except OSError as e:
+            raise write_error(run_dir / "config.yaml", e, what="config") from None
 
     warmup_steps = int(round(tc.warmup_epochs * spe))
     temp_warmup_steps = int(round(tc.warmup_teacher_temp_epochs * spe))
