@@ -59,6 +59,8 @@ def output_lock(folder: str | Path, stage: str) -> Iterator[Path]:
         finally:
             _held[key] -= 1
         return
+    if _shared.get(key):  # flock cannot upgrade this process's own read lock
+        raise OutputError(f"{stage}: {folder} is an input this run reads; write to another folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / LOCK_NAME
