@@ -22,7 +22,7 @@ from pathlib import Path
 
 from celldino import log
 from celldino.config import Config, ConfigError, replace, to_dict
-from celldino.errors import UserError
+from celldino.errors import OutputError, UserError
 from celldino.io.configfile import save_config
 from celldino.io.embeddings import read_manifest
 from celldino.io.files import file_fingerprint, fingerprint, read_json, write_json
@@ -241,9 +241,10 @@ def input_fingerprint(cfg: Config, record: dict) -> dict:
     try:
         return prepare_inputs(cfg.prepare)
     except UserError:
-        if "prepare" in cfg.run.stages or "inputs" not in record:
+        if "prepare" in cfg.run.stages:
             raise
-        return record["inputs"]
+        # prepare does not run: its table is not needed (a report-only run into a new folder)
+        return record.get("inputs", {})
 
 
 def stage_fingerprints(
@@ -370,6 +371,17 @@ def check_preconditions(cfg: Config) -> None:
         )
 
 
+def _run_folder(cfg: Config) -> Path:
+    """run.out_dir, refused when it is a file (before anything is drawn or read)."""
+    out = Path(cfg.run.out_dir)
+    if out.exists() and not out.is_dir():
+        raise OutputError(
+            f"run.out_dir={out} is a file, not a folder: give a folder for the run "
+            "(it is created if missing)"
+        )
+    return out
+
+
 def run_pipeline(cfg: Config, *, force: tuple[str, ...] = (), demo: bool = False) -> Path:
     """Run the configured stages into `run.out_dir`; returns the report path (or the run dir).
 
@@ -378,7 +390,7 @@ def run_pipeline(cfg: Config, *, force: tuple[str, ...] = (), demo: bool = False
     when it was started with the same fingerprint and interrupted; otherwise run afresh, and every
     later stage's record is dropped so that they run again too.
     """
-    lay = RunLayout(Path(cfg.run.out_dir))
+    lay = RunLayout(_run_folder(cfg))
     unknown = [s for s in (*cfg.run.stages, *cfg.run.force, *force) if s not in STAGES]
     if unknown:
         raise ConfigError(
@@ -446,7 +458,7 @@ def run_demo(cfg: Config) -> Path:
     """The whole pipeline on the synthetic `demo` screen (drawn first if missing)."""
     from celldino.synth import make_screen
 
-    lay = RunLayout(Path(cfg.run.out_dir))
+    lay = RunLayout(_run_folder(cfg))
     load_data = lay.screen / "load_data.csv"
     drawn = lay.screen / "screen.json"
     if not drawn.exists() or read_json(drawn).get("config") != to_dict(cfg.synth):
