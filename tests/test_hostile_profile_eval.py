@@ -587,3 +587,85 @@ def test_profile_refuses_profiles_and_bad_memory_limit(tmp_path, earlier, run_cl
     )  # fmt: skip
     assert rc == 2 and "profile.memory_limit" in text and "2GB" in text
     assert _kept(before, earlier) and "Traceback" not in text
+
+
+# ---- evaluate: control column / value that match nothing, parts of a failing run ------------
+
+
+def _moa_profiles(path, seed: int = 0):
+    """Wells of 4 compounds (2 MoAs) × 3 replicates and DMSO controls, as a Parquet table."""
+    rng = np.random.default_rng(seed)
+    cpds = {"a": "m1", "b": "m1", "c": "m2", "d": "m2", "DMSO": None}
+    rows = [(c, m, "control" if c == "DMSO" else "trt") for c, m in cpds.items() for _ in range(3)]
+    df = pd.DataFrame(rows, columns=["Metadata_Compound", "Metadata_MoA", "Metadata_pert_type"])
+    df["Metadata_Plate"] = "P1"
+    centre = {"m1": 2.0, "m2": -2.0, None: 0.0}
+    for j in range(5):
+        df[f"f{j}"] = [centre[m] * (j % 2) + rng.normal(scale=0.3) for m in df["Metadata_MoA"]]
+    df.to_parquet(path, index=False)
+    return path
+
+
+def test_evaluate_control_column_or_value_matching_nothing_is_refused(tmp_path, earlier, run_cli):
+    prof = _moa_profiles(tmp_path / "p.parquet")
+    spec = tmp_path / "spec.yaml"
+    before = _snapshot(earlier)
+    for columns, words in [
+        ("{control: Metadata_Nope}", ["columns.control", "Metadata_Nope", "Metadata_pert_type"]),
+        ("{control_value: ctrl}", ["columns.control_value", "'ctrl'", "'control'", "'trt'"]),
+    ]:
+        spec.write_text(f"columns: {columns}\nanalyses: [nsc]\n")
+        rc, text = run_cli("evaluate", prof, "--spec", spec, f"evaluate.out_dir={earlier}")
+        assert rc == 2 and str(spec) in text and all(w in text for w in words), text
+        assert "nsc on" not in text  # refused before any analysis ran
+        assert _kept(before, earlier) and not (earlier / "parts").exists()
+    # the default control column may be absent: a screen without controls
+    df = pd.read_parquet(prof).drop(columns="Metadata_pert_type")
+    df[df["Metadata_Compound"] != "DMSO"].to_parquet(tmp_path / "noctl.parquet")
+    spec.write_text("analyses: [nsc]\n")
+    rc, text = run_cli(
+        "evaluate", tmp_path / "noctl.parquet", "--spec", spec, f"evaluate.out_dir={tmp_path}/ev"
+    )
+    assert rc == 0, text
+
+
+def test_evaluate_missing_spec_input_names_the_key(tmp_path, earlier, run_cli):
+    prof = _moa_profiles(tmp_path / "p.parquet")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("inputs: {baseline: nothere/profiles.parquet}\nanalyses: [nsc]\n")
+    before = _snapshot(earlier)
+    rc, text = run_cli("evaluate", prof, "--spec", spec, f"evaluate.out_dir={earlier}")
+    assert rc == 2 and "inputs.baseline" in text and str(spec) in text
+    assert "nothere/profiles.parquet" in text and _kept(before, earlier)
+
+
+def test_failing_evaluate_leaves_the_finished_run_alone(tmp_path, run_cli, monkeypatch):
+    from celldino.eval import analyses as registry
+
+    out = tmp_path / "ev"
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("analyses: [nsc, activity]\n")
+    rc, text = run_cli("evaluate", _moa_profiles(tmp_path / "p.parquet"), "--spec", spec,
+                       f"evaluate.out_dir={out}", "evaluate.null_size=50")  # fmt: skip
+    assert rc == 0, text
+    before = {k: v for k, v in _snapshot(out).items() if not k.endswith(".celldino.lock")}
+    assert any("parts/nsc__learned.json" in k for k in before)
+
+    def broken(*_a, **_k):
+        raise ValueError("column 'Metadata_X' has bad values")
+
+    monkeypatch.setitem(registry.ANALYSES, "activity", broken)
+    new = _moa_profiles(tmp_path / "p2.parquet", seed=7)  # other data: nsc runs again
+    rc, text = run_cli("evaluate", new, "--spec", spec, f"evaluate.out_dir={out}",
+                       "evaluate.null_size=50")  # fmt: skip
+    assert rc == 2 and "activity" in text
+    assert _kept(before, out)  # parts/, tables/, summary.json as the finished run left them
+    monkeypatch.undo()
+    rc, text = run_cli("evaluate", new, "--spec", spec, f"evaluate.out_dir={out}",
+                       "evaluate.null_size=50")  # fmt: skip
+    assert rc == 0, text
+    assert "nsc on learned: done before, kept" in text  # resumed from the failed run's part
+    assert not (out / "pending").exists()
+    part = json.loads((out / "parts" / "nsc__learned.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    assert dict(part["metrics"])["NSC"] == summary["metrics"]["nsc"]["NSC"]["learned"]

@@ -17,7 +17,9 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,7 @@ from celldino.eval.spec import (
     EvalContext,
     NotEvaluable,
     SpecError,
+    is_control_row,
     obs_table,
 )
 from celldino.io.files import (
@@ -269,8 +272,11 @@ def _derive(name: str, how: dict, sets: dict[str, FeatureSet], seed: int) -> Fea
     )
 
 
-def load_feature_sets(profiles: str | Path | None, spec: dict, base: Path, seed: int) -> dict:
-    """The feature sets named by PROFILES and the spec, in order."""
+def load_feature_sets(
+    profiles: str | Path | None, spec: dict, base: Path, seed: int, where: str = "the spec"
+) -> dict:
+    """The feature sets named by PROFILES and the spec, in order (`where`: the spec file, for
+    messages)."""
     mp = spec.get("metadata_prefix", "Metadata_")
     fp = spec.get("feature_prefix", "")
     paths: dict[str, Path] = {}
@@ -281,6 +287,11 @@ def load_feature_sets(profiles: str | Path | None, spec: dict, base: Path, seed:
             raise SpecError(f"feature set '{name}' is named twice (PROFILES and inputs)")
         p = Path(p)
         paths[name] = p if p.is_absolute() else base / p
+        if not paths[name].exists():
+            raise MissingInputError(
+                f"{where}: inputs.{name}: {paths[name]} does not exist (relative paths start at "
+                f"the spec's folder {base}); fix inputs.{name} or create the file"
+            )
     if not paths:
         raise SpecError("no profiles: pass PROFILES or list feature sets under 'inputs'")
     sets: dict[str, FeatureSet] = {}
@@ -298,6 +309,31 @@ def load_feature_sets(profiles: str | Path | None, spec: dict, base: Path, seed:
     for name, how in (spec.get("derived") or {}).items():
         sets[name] = _derive(name, how, sets, seed)
     return sets
+
+
+def check_controls(sets: dict, given: dict, cols: Columns, where: str = "the spec") -> None:
+    """Before any analysis: a control column the spec names must exist, and a control column
+    that exists must hold `control_value` in some row. Otherwise the controls would silently
+    count as one more compound (nsc, map). The default column may be absent (no controls)."""
+    for fs in sets.values():
+        if cols.control not in fs.meta.columns:
+            if "control" in given:
+                raise SpecError(
+                    f"{where}: columns.control is {cols.control!r}, which feature set "
+                    f"'{fs.name}' ({fs.source}) lacks; its metadata columns: "
+                    f"{', '.join(map(str, fs.meta.columns))}"
+                )
+            continue
+        if not is_control_row(fs.meta, cols.control, cols.control_value).any():
+            values = pd.unique(fs.meta[cols.control].astype(str))
+            shown = ", ".join(map(repr, values[:10])) + (" ..." if len(values) > 10 else "")
+            msg = (
+                f"{where}: columns.control_value {cols.control_value!r} matches no row of "
+                f"{cols.control!r} in feature set '{fs.name}' ({fs.source}); its values: {shown}"
+            )
+            if "control" in given or "control_value" in given:
+                raise SpecError(msg + "; set columns.control_value to the controls' value")
+            logger.warning("%s: no negative controls, every profile is a treatment", msg)
 
 
 # ---- running --------------------------------------------------------------------------------
@@ -329,19 +365,36 @@ def _run_all(
     out: Path,
 ) -> dict:
     """Every analysis on every feature set, written under `out`; returns the summary."""
-    (out / "parts").mkdir(parents=True, exist_ok=True)
-    (out / "tables").mkdir(parents=True, exist_ok=True)
+    # This run's parts and tables are written under pending/ and moved to parts/ and tables/
+    # only when every analysis has finished, so a failing run never leaves parts/ or tables/
+    # disagreeing with summary.json; a rerun resumes from either place.
+    pending = out / "pending"
+    (pending / "parts").mkdir(parents=True, exist_ok=True)
+    (pending / "tables").mkdir(parents=True, exist_ok=True)
     ctx_key = dataclasses.asdict(ctx)
     rows: list[dict] = []
     skipped: dict[str, str] = {}
+    moves: list[tuple[Path, Path]] = []
     jobs = [(fs, name, params) for fs in sets.values() for name, params in analyses.items()]
     for fs, name, params in progress(jobs, desc="evaluate"):
-        part = out / "parts" / f"{name}__{fs.name}.json"
+        part_name = f"{name}__{fs.name}.json"
         key = fingerprint([fs.key, name, params, ctx_key])
-        done = json.loads(part.read_text()) if part.exists() else None
-        if cfg.resume and done and done.get("key") == key:
+        done, where = None, None
+        for folder in (out, pending):
+            p = folder / "parts" / part_name
+            d = json.loads(p.read_text()) if p.exists() else None
+            if d and d.get("key") == key:
+                done, where = d, folder
+                break
+        if cfg.resume and done:
             logger.info("%s on %s: done before, kept", name, fs.name)
             metrics = dict(done["metrics"])  # stored as [name, value] pairs, in order
+            if where == pending:
+                moves.append((pending / "parts" / part_name, out / "parts" / part_name))
+                moves += [
+                    (t, out / "tables" / t.name)
+                    for t in (pending / "tables").glob(f"{name}__{fs.name}__*.parquet")
+                ]
         else:
             logger.info("%s on %s (%d profiles × %d features)", name, fs.name, *fs.X.shape)
             try:
@@ -358,8 +411,12 @@ def _run_all(
                 raise SpecError(f"analysis '{name}' on feature set '{fs.name}': {msg}") from e
             metrics = {k: float(v) for k, v in res.metrics.items()}
             for tname, table in res.tables.items():
-                _write_table(table, out / "tables" / f"{name}__{fs.name}__{tname}.parquet")
+                tfile = f"{name}__{fs.name}__{tname}.parquet"
+                _write_table(table, pending / "tables" / tfile)
+                moves.append((pending / "tables" / tfile, out / "tables" / tfile))
+            part = pending / "parts" / part_name
             write_json(part, {"key": key, "metrics": [[k, v] for k, v in metrics.items()]})
+            moves.append((part, out / "parts" / part_name))
         rows += [
             {"feature_set": fs.name, "analysis": name, "metric": k, "value": v}
             for k, v in metrics.items()
@@ -369,6 +426,11 @@ def _run_all(
             "no analysis could run on these profiles: "
             + "; ".join(f"{k}: {v}" for k, v in skipped.items())
         )
+    (out / "parts").mkdir(exist_ok=True)
+    (out / "tables").mkdir(exist_ok=True)
+    for src, dst in moves:  # every analysis finished: this run's parts become the run's
+        os.replace(src, dst)
+    shutil.rmtree(pending, ignore_errors=True)
     tidy = pd.DataFrame(rows, columns=["feature_set", "analysis", "metric", "value"])
     _write_table(tidy, out / "metrics.parquet")
     atomic_write_text(out / "metrics.csv", tidy.to_csv(index=False))
@@ -424,9 +486,12 @@ def evaluate(
         map_method=cfg.map_method,
         block_bytes=cfg.map_memory_mb * 2**20,
     )
+    spec_src = spec if spec is not None else (cfg.spec or None)
+    where = f"spec {spec_src}" if isinstance(spec_src, (str, Path)) else "the spec"
     out = require_writable(cfg.out_dir, "evaluate.out_dir")  # before reading or computing anything
     with output_lock(out, "evaluate"):
-        sets = load_feature_sets(profiles, spec_dict, base, cfg.seed)
+        sets = load_feature_sets(profiles, spec_dict, base, cfg.seed, where)
+        check_controls(sets, spec_dict.get("columns") or {}, cols, where)
         _run_all(sets, analyses, ctx, cfg, out)
     logger.info("evaluation written to %s", out)
     return out
