@@ -669,3 +669,30 @@ def test_failing_evaluate_leaves_the_finished_run_alone(tmp_path, run_cli, monke
     part = json.loads((out / "parts" / "nsc__learned.json").read_text())
     summary = json.loads((out / "summary.json").read_text())
     assert dict(part["metrics"])["NSC"] == summary["metrics"]["nsc"]["NSC"]["learned"]
+
+
+def test_report_out_an_existing_folder_or_a_file_as_run_dir(tmp_path, run_cli):
+    from celldino.report import Section, build_report
+
+    run = tmp_path / "r89"
+    run.mkdir()
+    (run / "keep.txt").write_text("earlier")
+    drawn: list[int] = []
+
+    def section_counted(_run):
+        drawn.append(1)
+        return Section("s", "s")
+
+    from celldino.errors import OutputError
+
+    with pytest.raises(OutputError, match="is a folder"):
+        build_report(run, out=run, sections=[section_counted])
+    assert drawn == []  # refused before drawing
+    rc, text = run_cli("report", run, "--out", run)
+    assert rc == 2 and str(run) in text and "is a folder" in text and "report.html" in text
+    assert (run / "keep.txt").read_text() == "earlier" and not (run / "report.html").exists()
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    rc, text = run_cli("report", afile)
+    assert rc == 2 and str(afile) in text and "not a folder" in text
+    assert "does not exist" not in text

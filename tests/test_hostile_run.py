@@ -262,3 +262,48 @@ def test_run_refuses_control_normalisation_without_controls_before_starting(
     )
     assert rc == 2 and "profile.controls" in text and "normalize_reference=all" in text
     assert not out.exists()
+
+
+def test_run_into_a_read_only_folder_says_the_command_once(tmp_path, read_only, run_cli):
+    ro = read_only(tmp_path / "ro")
+    rc, text = run_cli("run", "run.stages=report", f"run.out_dir={ro / 'run'}")
+    assert rc == 2 and str(ro) in text and "cannot write" in text
+    assert "run: run:" not in text  # was "error: run: run: cannot write ..."
+
+
+def test_report_only_run_into_a_new_folder_needs_no_load_data_table(tmp_path, run_cli):
+    out = tmp_path / "emptyd"
+    out.mkdir()
+    rc, text = run_cli(
+        "run", f"prepare.load_data={tmp_path / 'nope.csv'}", f"run.out_dir={out}",
+        "run.stages=report",
+    )  # fmt: skip
+    assert rc == 0, text
+    assert (out / "report.html").exists() and "nope.csv" not in text
+    # with prepare among the stages the table is still required, by its setting
+    rc, text = run_cli("run", f"prepare.load_data={tmp_path / 'nope.csv'}", f"run.out_dir={out}")
+    assert rc == 2 and "prepare.load_data" in text and "nope.csv" in text
+
+
+def test_demo_and_synth_into_a_file_are_refused(tmp_path, run_cli):
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    rc, text = run_cli("demo", afile)
+    assert rc == 2 and str(afile) in text and "is a file, not a folder" in text
+    assert "run.out_dir" in text and "Traceback" not in text
+    rc, text = run_cli("synth", afile)
+    assert rc == 2 and str(afile) in text and "is a file, not a folder" in text
+    assert afile.read_text() == "keep me"
+
+
+def test_stdout_that_cannot_be_written_is_one_line(tmp_path):
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full here")
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [sys.executable, "-m", "celldino", "config", "show", "tiny"],
+            stdout=full, stderr=subprocess.PIPE, text=True, timeout=120,
+        )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "cannot write to standard output" in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from celldino import log
-from celldino.errors import MissingInputError
+from celldino.errors import MissingInputError, OutputError
 from celldino.io.files import atomic_write_text, read_json, require_writable
 from celldino.io.runlayout import RunLayout
 from celldino.report.html import Section, render_html
@@ -25,12 +25,21 @@ def build_report(
 ) -> Path:
     """Write `report.html` for a run directory laid out by `celldino run` and return its path."""
     run = Path(run_dir)
+    if run.exists() and not run.is_dir():
+        raise MissingInputError(
+            f"run directory {run} is a file, not a folder: give the folder `celldino run` or "
+            "`celldino demo` wrote (it holds pipeline.json)"
+        )
     if not run.is_dir():
         raise MissingInputError(
             f"run directory {run} does not exist: run `celldino run` or `celldino demo` first"
         )
     lay = RunLayout(run)
     path = Path(out) if out else lay.report
+    if path.is_dir():
+        raise OutputError(
+            f"report --out {path} is a folder; give a file name, e.g. --out {path / 'report.html'}"
+        )
     require_writable(path.parent, "report --out")  # before drawing any figure
     built = []
     for make in sections or DEFAULT_SECTIONS:

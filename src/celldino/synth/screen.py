@@ -26,8 +26,9 @@ import numpy as np
 import pandas as pd
 
 from celldino import log
-from celldino.config import SynthConfig
-from celldino.io.files import write_json
+from celldino.config import ConfigError, SynthConfig
+from celldino.errors import OutputError
+from celldino.io.files import require_writable, write_json
 from celldino.io.images import write_tiff
 from celldino.io.tables import write_csv, write_parquet
 from celldino.synth.biology import (
@@ -156,10 +157,15 @@ def make_screen(out_dir: str | Path, cfg: SynthConfig | None = None) -> Path:
     cfg = cfg or SynthConfig()
     layout = resolve_layout(cfg)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise OutputError(
+            f"{out} is a file, not a folder: give `celldino synth` a folder to write the screen "
+            "into (it is created if missing)"
+        )
     channels = list(cfg.channels) + (["Protein"] if cfg.protein_channel else [])
     if len(set(channels)) != len(channels):
-        raise ValueError(f"synth.channels has duplicates: {channels}")
+        raise ConfigError(f"synth.channels has duplicates: {channels}")
+    require_writable(out, "OUT_DIR")
     kinds = [channel_kind(c, i) for i, c in enumerate(channels)]
     pm = plate_map(cfg, layout)
     plates = list(dict.fromkeys(pm["Metadata_Plate"]))
