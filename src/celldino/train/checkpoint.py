@@ -122,13 +122,14 @@ def saved_files(run_dir: str | Path) -> list[Path]:
     ckpt = checkpoint_dir(run_dir)
     if not ckpt.is_dir():
         return []
-    return sorted(
+    held = [
         p
         for p in ckpt.iterdir()
         if p.is_file()
         and not p.name.startswith(".")
         and (p.suffix == ".safetensors" or p.name == LAST_STATE)
-    )
+    ]
+    return sorted(held, key=lambda p: (p.name != LAST_WEIGHTS, p.name))  # last.safetensors first
 
 
 def resume_problem(run_dir: str | Path) -> str | None:
@@ -140,12 +141,17 @@ def resume_problem(run_dir: str | Path) -> str | None:
     if not held or (weights.is_file() and state.is_file()):
         return None
     missing = [p for p in (weights, state) if not p.is_file()]
+    kept = [p for p in held if p.suffix == ".safetensors"]
+    tune = (
+        f", fine-tune from its weights in another train.run_dir with model.pretrained={kept[0]}"
+        if kept
+        else ""
+    )
     return (
         f"cannot resume {run_dir} exactly: {' and '.join(map(str, missing))} "
         f"{'is' if len(missing) == 1 else 'are'} missing (the folder holds "
-        f"{', '.join(p.name for p in held)}); restore the missing file from a copy, fine-tune "
-        f"from its weights in another train.run_dir with model.pretrained={held[0]}, or remove "
-        f"{ckpt} to train from scratch"
+        f"{', '.join(p.name for p in held)}); restore the missing file from a copy{tune}, or "
+        f"remove {ckpt} to train from scratch"
     )
 
 
