@@ -742,3 +742,29 @@ def test_bad_pretrained_weights_leave_no_config_behind(run_cli, prep, tmp_path):
     assert rc == 2, text
     assert str(bad) in text and "Traceback" not in text
     assert not snapshot(run_dir) if run_dir.exists() else True
+
+
+def test_a_channel_named_twice_is_refused_by_the_library_calls_too(prep, tmp_path):
+    """#140: train.channels / extract.channels with a repeated name, set past the config loader
+    (dataclasses.replace): refused naming the setting, nothing written."""
+    from celldino.config import ConfigError, ExtractConfig
+    from celldino.extract import extract
+    from celldino.extract.extractor import ExtractError
+    from celldino.train import train
+
+    cfg = tiny_config(tmp_path / "run", "model.in_chans=3", data=prep)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, channels=("DNA", "DNA")))
+    with pytest.raises(ConfigError, match=r"train.channels=.*'DNA'.*more than once"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
+    ckpt, _ = save_checkpoint(tmp_path / "m.safetensors", model_cfg())
+    ecfg = ExtractConfig(
+        checkpoint=str(ckpt),
+        data=str(prep),
+        out_dir=str(tmp_path / "e"),
+        device="cpu",
+        channels=("DNA", "DNA", "ER"),
+    )
+    with pytest.raises(ExtractError, match=r"extract.channels=.*'DNA'.*more than once"):
+        extract(ecfg)
+    assert not (tmp_path / "e").exists()

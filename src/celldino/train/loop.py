@@ -161,6 +161,12 @@ def _open_dataset(cfg: Config) -> Dataset:
                 f"`celldino prepare ... prepare.out_dir={prep}`"
             )
     channels = list(cfg.train.channels)
+    if len(set(channels)) < len(channels):  # also checked when the config is loaded
+        twice = sorted({c for i, c in enumerate(channels) if c in channels[:i]})
+        raise ConfigError(
+            f"train.channels={channels}: {twice} named more than once; list each channel once",
+            key="train.channels",
+        )
     known = _pretrained_channels(cfg)
     if known and cfg.model.channel_mode != "channel_adaptive":
         if channels and channels != known:
