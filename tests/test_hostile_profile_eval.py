@@ -581,6 +581,8 @@ def test_profile_refuses_profiles_and_bad_memory_limit(tmp_path, earlier, run_cl
         "profile", f"profile.input={tmp_path}/w.parquet", f"profile.out={earlier}/wells.h5ad"
     )
     assert rc == 2 and "w.parquet" in text and "aggregated already" in text
+    with pytest.raises(ValueError, match="aggregated already"):  # the library call too
+        pp.aggregate(tmp_path / "w.parquet")
     rc, text = run_cli(
         "profile", f"profile.input=[{emb}]", f"profile.out={earlier}/w.h5ad",
         "profile.memory_limit=lots",

@@ -258,6 +258,11 @@ def aggregate(
     con = _connect(memory_limit, threads, temp_dir)
     cols = schema(files, con)
     names = _names(files, list(cols))  # DuckDB name → the file's name
+    if any(c.lower() == COUNT_COLUMN.lower() for c in cols):
+        raise DataError(
+            f"{where}: has a {COUNT_COLUMN} column, so it looks like profiles that were "
+            "aggregated already, not per-cell rows; aggregate the per-cell shards instead"
+        )
     to_duck = {v: k for k, v in names.items()}
     chain = [[to_duck.get(k, k) for k in keys] for keys in chain]
     by_d = chain[-1]
