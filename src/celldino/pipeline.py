@@ -117,9 +117,12 @@ def stage_train(cfg: Config, lay: RunLayout, *, resume: bool) -> None:
     from celldino.train.checkpoint import has_checkpoint
     from celldino.train.loop import train
 
-    if not resume:  # changed, forced or upstream redone: train from scratch
+    # changed, forced or upstream redone, or interrupted before a resumable checkpoint (weights
+    # and training state) was saved: this run's own train folder starts again from scratch
+    resume = resume and has_checkpoint(lay.train)
+    if not resume:
         shutil.rmtree(lay.train, ignore_errors=True)
-    train(cfg, resume=resume and has_checkpoint(lay.train))
+    train(cfg, resume=resume)
 
 
 def stage_extract(cfg: Config, lay: RunLayout, *, resume: bool) -> None:
