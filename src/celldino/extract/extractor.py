@@ -380,25 +380,9 @@ def _extract(cfg: ExtractConfig, *, after_shard: Callable[[int], None] | None = 
     if ranks.rank == 0:
         _warn_if_unfinished(file, progress)
     out_dir = Path(cfg.out_dir)
-    if ranks.rank != 0:
-        return _extract_into(
-            cfg,
-            file,
-            ds,
-            meta,
-            data_id,
-            channels,
-            model,
-            model_cfg,
-            channel_ids,
-            n_features,
-            device,
-            ranks,
-            after_shard,
-            progress=progress,
-        )
-    require_writable(out_dir, "extract.out_dir")
-    with output_lock(out_dir, "extract"):
+    if ranks.rank == 0:  # one writer: rank 0 checks the folder and holds its lock for all ranks
+        require_writable(out_dir, "extract.out_dir")
+    with output_lock(out_dir, "extract") if ranks.rank == 0 else contextlib.nullcontext():
         return _extract_into(
             cfg,
             file,

@@ -77,8 +77,8 @@ def truncate_metrics(path: str | Path, step: int) -> None:
     atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
 
-def run_epochs(file: str | Path) -> int | None:
-    """train.epochs of the config.yaml of the run a checkpoint file belongs to (None if unknown)."""
+def _run_train_setting(file: str | Path, key: str) -> object:
+    """`train.<key>` of the config.yaml of the run a checkpoint file belongs to (None if unknown)."""
     file = Path(file)
     for cand in (file.parent.parent / CONFIG, file.parent / CONFIG):
         if cand.is_file():
@@ -87,21 +87,17 @@ def run_epochs(file: str | Path) -> int | None:
             except yaml.YAMLError:
                 return None
             train = data.get("train") if isinstance(data, dict) else None
-            epochs = train.get("epochs") if isinstance(train, dict) else None
-            return epochs if isinstance(epochs, int) else None
+            return train.get(key) if isinstance(train, dict) else None
     return None
+
+
+def run_epochs(file: str | Path) -> int | None:
+    """train.epochs of the config.yaml of the run a checkpoint file belongs to (None if unknown)."""
+    epochs = _run_train_setting(file, "epochs")
+    return epochs if isinstance(epochs, int) else None
 
 
 def run_channels(file: str | Path) -> list[str]:
     """Channels a celldino run was trained on (train.channels of its config.yaml), or []."""
-    file = Path(file)
-    for cand in (file.parent.parent / CONFIG, file.parent / CONFIG):
-        if cand.is_file():
-            try:
-                data = yaml.safe_load(cand.read_text()) or {}
-            except yaml.YAMLError:
-                return []
-            train = data.get("train") if isinstance(data, dict) else None
-            chans = train.get("channels") if isinstance(train, dict) else None
-            return [str(c) for c in chans] if isinstance(chans, list) else []
-    return []
+    chans = _run_train_setting(file, "channels")
+    return [str(c) for c in chans] if isinstance(chans, list) else []
