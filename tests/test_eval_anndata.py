@@ -26,14 +26,30 @@ def _profiles() -> tuple[pd.DataFrame, np.ndarray]:
                     x = rng.normal(size=12)
                     x[3 * m : 3 * m + 3] += 4.0
                     X.append(x)
-                    rows.append({CPD: f"cpd{m}{c}", MOA: f"moa{m}", "Metadata_Dose": dose,
-                                 "Metadata_Plate": f"P{p}", "Metadata_Well": f"W{m}{c}{dose}",
-                                 "Metadata_pert_type": "trt", "Metadata_assay": int(m < 2)})  # fmt: skip
+                    rows.append(
+                        {
+                            CPD: f"cpd{m}{c}",
+                            MOA: f"moa{m}",
+                            "Metadata_Dose": dose,
+                            "Metadata_Plate": f"P{p}",
+                            "Metadata_Well": f"W{m}{c}{dose}",
+                            "Metadata_pert_type": "trt",
+                            "Metadata_assay": int(m < 2),
+                        }
+                    )
     for i in range(6):
         X.append(rng.normal(size=12))
-        rows.append({CPD: "DMSO", MOA: "control", "Metadata_Dose": 0,
-                     "Metadata_Plate": f"P{i % 2}", "Metadata_Well": f"C{i}",
-                     "Metadata_pert_type": "control", "Metadata_assay": 0})  # fmt: skip
+        rows.append(
+            {
+                CPD: "DMSO",
+                MOA: "control",
+                "Metadata_Dose": 0,
+                "Metadata_Plate": f"P{i % 2}",
+                "Metadata_Well": f"C{i}",
+                "Metadata_pert_type": "control",
+                "Metadata_assay": 0,
+            }
+        )
     return pd.DataFrame(rows), np.array(X)
 
 
@@ -59,12 +75,15 @@ def _same(a, b) -> None:
 MAP = {"null_size": 50, "show_progress": False}
 SPLIT = {"split_by": CPD, "seed": 0}
 CALLS = {  # one per kind of function: retrieval, matching, classifiers, biology
-    "nsc_nscb": lambda d, X: E.nsc_nscb(d, X, moa=MOA, compound=CPD,
-                                        treatment=[CPD, "Metadata_Dose"], batch="Metadata_Plate"),
-    "nearest_moa": lambda d, X: E.nearest_moa(*drop_controls(*profiles_of(d, X)),
-                                              moa=MOA, compound=CPD),
-    "average_precision": lambda d, X: E.average_precision(d, X, pos_sameby=[CPD],
-                                                          neg_diffby=[CPD], show_progress=False),
+    "nsc_nscb": lambda d, X: E.nsc_nscb(
+        d, X, moa=MOA, compound=CPD, treatment=[CPD, "Metadata_Dose"], batch="Metadata_Plate"
+    ),
+    "nearest_moa": lambda d, X: E.nearest_moa(
+        *drop_controls(*profiles_of(d, X)), moa=MOA, compound=CPD
+    ),
+    "average_precision": lambda d, X: E.average_precision(
+        d, X, pos_sameby=[CPD], neg_diffby=[CPD], show_progress=False
+    ),
     "retrieval_map": lambda d, X: E.retrieval_map(d, X, by=[CPD], negatives="others", **MAP),
     "moa_map": lambda d, X: E.moa_map(d, X, moa=MOA, compound=CPD, **MAP),
     "phenotypic_activity": lambda d, X: E.phenotypic_activity(d, X, by=[CPD], **MAP),
@@ -72,18 +91,22 @@ CALLS = {  # one per kind of function: retrieval, matching, classifiers, biology
     "knn_f1": lambda d, X: E.knn_f1(d, X, label=MOA, ks=(1, 5), **SPLIT),
     "linear_probe": lambda d, X: E.linear_probe(d, X, label=MOA, **SPLIT),
     "classify": lambda d, X: E.classify(d, X, label=MOA, classifiers=("knn",), ks=(3,), **SPLIT),
-    "lowshot_curve": lambda d, X: E.lowshot_curve(d, X, label=MOA, fractions=(0.5, 1.0),
-                                                  classifiers=("knn",), ks=(3,), **SPLIT),
+    "lowshot_curve": lambda d, X: E.lowshot_curve(
+        d, X, label=MOA, fractions=(0.5, 1.0), classifiers=("knn",), ks=(3,), **SPLIT
+    ),
     "moa_prediction": lambda d, X: E.moa_prediction(d, X, moa=MOA, compound=CPD, n_folds=3),
-    "multitask_activity": lambda d, X: E.multitask_activity(d, X, tasks=["Metadata_assay"],
-                                                            split_by=CPD, epochs=2),
+    "multitask_activity": lambda d, X: E.multitask_activity(
+        d, X, tasks=["Metadata_assay"], split_by=CPD, epochs=2
+    ),
     "factor_mutual_information": lambda d, X: E.factor_mutual_information(
-        d, X, factors=[MOA, "Metadata_Plate"]),
+        d, X, factors=[MOA, "Metadata_Plate"]
+    ),
     "group_similarity": lambda d, X: E.group_similarity(d, X, group=MOA),
     "field_std": lambda d, X: E.field_std(d, X, fields=["Metadata_Plate"], treatment=CPD),
-    "heterogeneity": lambda d, X: E.heterogeneity(d, X, fields=["Metadata_Plate", MOA],
-                                                  treatment=CPD, annotated=["cpd00"]),
-}  # fmt: skip
+    "heterogeneity": lambda d, X: E.heterogeneity(
+        d, X, fields=["Metadata_Plate", MOA], treatment=CPD, annotated=["cpd00"]
+    ),
+}
 
 
 @pytest.mark.parametrize("name", sorted(CALLS))

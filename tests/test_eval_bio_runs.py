@@ -21,15 +21,25 @@ def planted_profiles(tmp_path):
                 for p in range(2):
                     x = rng.normal(size=12)
                     x[3 * m : 3 * m + 3] += 4.0
-                    meta = {"Metadata_Compound": f"cpd{m}{c}", "Metadata_MoA": f"moa{m}",
-                            "Metadata_Dose": dose, "Metadata_Plate": f"P{p}",
-                            "Metadata_Well": f"W{m}{c}{dose}", "Metadata_pert_type": "trt"}  # fmt: skip
+                    meta = {
+                        "Metadata_Compound": f"cpd{m}{c}",
+                        "Metadata_MoA": f"moa{m}",
+                        "Metadata_Dose": dose,
+                        "Metadata_Plate": f"P{p}",
+                        "Metadata_Well": f"W{m}{c}{dose}",
+                        "Metadata_pert_type": "trt",
+                    }
                     rows.append({**meta, **{f"emb_{j:04d}": v for j, v in enumerate(x)}})
     for i in range(6):
         x = rng.normal(size=12)
-        meta = {"Metadata_Compound": "DMSO", "Metadata_MoA": "control", "Metadata_Dose": 0,
-                "Metadata_Plate": f"P{i % 2}", "Metadata_Well": f"C{i}",
-                "Metadata_pert_type": "control"}  # fmt: skip
+        meta = {
+            "Metadata_Compound": "DMSO",
+            "Metadata_MoA": "control",
+            "Metadata_Dose": 0,
+            "Metadata_Plate": f"P{i % 2}",
+            "Metadata_Well": f"C{i}",
+            "Metadata_pert_type": "control",
+        }
         rows.append({**meta, **{f"emb_{j:04d}": v for j, v in enumerate(x)}})
     df = pd.DataFrame(rows)
     path = tmp_path / "profiles.parquet"
@@ -38,8 +48,16 @@ def planted_profiles(tmp_path):
 
 
 def test_bio_analyses_are_registered():
-    for name in ("classify", "lowshot", "moa_prediction", "multitask", "factors", "similarity",
-                 "heterogeneity", "pseudotime"):  # fmt: skip
+    for name in (
+        "classify",
+        "lowshot",
+        "moa_prediction",
+        "multitask",
+        "factors",
+        "similarity",
+        "heterogeneity",
+        "pseudotime",
+    ):
         assert name in ANALYSES
 
 

@@ -59,12 +59,24 @@ def moa_screen(signal=6.0, seed=0):
                     if m == 0 and c == 0:
                         x[3] += signal * (dose + 1) / 4
                     feats.append(x)
-                    rows.append({"Metadata_Compound": f"cpd{m}_{c}", "Metadata_MoA": moa,
-                                 "Metadata_pert_type": "trt", "Metadata_Plate": f"P{r}"})  # fmt: skip
+                    rows.append(
+                        {
+                            "Metadata_Compound": f"cpd{m}_{c}",
+                            "Metadata_MoA": moa,
+                            "Metadata_pert_type": "trt",
+                            "Metadata_Plate": f"P{r}",
+                        }
+                    )
     for r in range(12):
         feats.append(rng.normal(size=d))
-        rows.append({"Metadata_Compound": "DMSO", "Metadata_MoA": "control",
-                     "Metadata_pert_type": "control", "Metadata_Plate": f"P{r % 3}"})  # fmt: skip
+        rows.append(
+            {
+                "Metadata_Compound": "DMSO",
+                "Metadata_MoA": "control",
+                "Metadata_pert_type": "control",
+                "Metadata_Plate": f"P{r % 3}",
+            }
+        )
     return pd.DataFrame(rows), np.asarray(feats, dtype=np.float32)
 
 
@@ -122,9 +134,16 @@ def test_multitask_finds_predictable_tasks_in_sparse_labels():
         lab[np.repeat(rng.random(n_cpd) < 0.3, reps)] = np.nan  # 30 % not measured
         tasks[f"assay_{t}"] = lab
         meta[f"assay_{t}"] = lab
-    table, summary = multitask_activity(meta, X.astype(np.float32), tasks=list(tasks),
-                                        epochs=40, batch_size=32, threshold=0.8, hidden=(64, 32),
-                                        test_size=0.4)  # fmt: skip
+    table, summary = multitask_activity(
+        meta,
+        X.astype(np.float32),
+        tasks=list(tasks),
+        epochs=40,
+        batch_size=32,
+        threshold=0.8,
+        hidden=(64, 32),
+        test_size=0.4,
+    )
     auc = dict(zip(table.task, table.auc))
     assert auc["assay_0"] > 0.85 and auc["assay_1"] > 0.85
     assert auc["assay_2"] < 0.8 and auc["assay_3"] < 0.8
@@ -151,9 +170,13 @@ def test_mutual_information_matches_sklearn():
 def test_factors_find_planted_blocks():
     rng = np.random.default_rng(0)
     n = 600
-    meta = pd.DataFrame({"Metadata_MoA": rng.integers(0, 4, n).astype(str),
-                         "Metadata_Plate": rng.integers(0, 2, n).astype(str),
-                         "Metadata_Cycle": rng.integers(0, 2, n).astype(str)})  # fmt: skip
+    meta = pd.DataFrame(
+        {
+            "Metadata_MoA": rng.integers(0, 4, n).astype(str),
+            "Metadata_Plate": rng.integers(0, 2, n).astype(str),
+            "Metadata_Cycle": rng.integers(0, 2, n).astype(str),
+        }
+    )
     X = rng.normal(size=(n, 30))
     X[:, :10] += 2.0 * meta.Metadata_MoA.astype(int).to_numpy()[:, None]
     X[:, 10:15] += 3.0 * meta.Metadata_Plate.astype(int).to_numpy()[:, None]
@@ -230,8 +253,9 @@ def test_cca_matching_on_shared_latent_and_against_sklearn_nn():
     ua, ub = (ua - ta.mean(0)) / ta.std(0), (ub - tb.mean(0)) / tb.std(0)
     nn = NearestNeighbors(n_neighbors=1).fit(ub).kneighbors(ua, return_distance=False)[:, 0]
     assert res["accuracy_a_to_b"] == pytest.approx(np.mean(nn == np.arange(50)))
-    shuffled = cca_matching(meta, A, rng.permutation(B), n_components=3, train_idx=train,
-                            test_idx=test)  # fmt: skip
+    shuffled = cca_matching(
+        meta, A, rng.permutation(B), n_components=3, train_idx=train, test_idx=test
+    )
     assert shuffled["accuracy_a_to_b"] < 0.2
 
 
@@ -251,8 +275,14 @@ def hetero_screen(seed=0):
                     if t == "mixed" and rng.random() < 0.5:
                         x = x + 4.0
                     feats.append(x)
-                    rows.append({"Metadata_Plate": "P1", "Metadata_Well": f"{t}_{w}",
-                                 "Metadata_Site": s, "Metadata_Compound": t})  # fmt: skip
+                    rows.append(
+                        {
+                            "Metadata_Plate": "P1",
+                            "Metadata_Well": f"{t}_{w}",
+                            "Metadata_Site": s,
+                            "Metadata_Compound": t,
+                        }
+                    )
     return pd.DataFrame(rows), np.asarray(feats, dtype=np.float32)
 
 
@@ -328,13 +358,15 @@ def test_discriminative_patches_are_nuclear_when_nuclei_differ():
     P = rng.normal(size=(M, N, D)).astype(np.float32)
     nuc = nucleus >= 0.5
     P[:8][nuc[:8]] += 5.0 * np.eye(D)[0]  # treated nuclei look different
-    table, summary = discriminative_patches(P, groups, group_a="treated", group_b="control",
-                                            nucleus=nucleus, k=5, purity=0.8)  # fmt: skip
+    table, summary = discriminative_patches(
+        P, groups, group_a="treated", group_b="control", nucleus=nucleus, k=5, purity=0.8
+    )
     assert summary["discriminative_nucleus"] == 32  # every treated nuclear patch
     assert summary["nucleus_cytoplasm_ratio"] > 5
     # purity of one token checked with sklearn (no same-image exclusion)
-    t2, _ = discriminative_patches(P, groups, group_a="treated", group_b="control", k=5,
-                                   exclude_same_image=False)  # fmt: skip
+    t2, _ = discriminative_patches(
+        P, groups, group_a="treated", group_b="control", k=5, exclude_same_image=False
+    )
     flat = P.reshape(-1, D)
     is_a = np.repeat(groups == "treated", N)
     nn = NearestNeighbors(n_neighbors=6, metric="cosine").fit(flat)

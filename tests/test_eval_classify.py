@@ -37,8 +37,13 @@ def planted(n_plates=4, wells=6, cells=10, n_classes=3, d=16, signal=2.0, seed=0
                 x = rng.normal(0, 1, d) + plate_shift
                 x[c] += signal
                 feats.append(x)
-                rows.append({"Metadata_Plate": f"P{p}", "Metadata_Well": f"W{w:02d}",
-                             "Metadata_Class": f"class_{c}"})  # fmt: skip
+                rows.append(
+                    {
+                        "Metadata_Plate": f"P{p}",
+                        "Metadata_Well": f"W{w:02d}",
+                        "Metadata_Class": f"class_{c}",
+                    }
+                )
     return pd.DataFrame(rows), np.asarray(feats, dtype=np.float32)
 
 
@@ -160,15 +165,27 @@ def test_mlp_multilabel_with_bce():
     meta = pd.DataFrame({"Metadata_Loc": labels, "Metadata_Plate": [f"P{i % 4}" for i in range(n)]})
     Yenc, classes = encode_multilabel(meta, "Metadata_Loc")
     assert classes.tolist() == ["L0", "L1", "L2"] and np.array_equal(Yenc, Y)
-    t = mlp_f1(meta, X, label="Metadata_Loc", multilabel=True, split_by="Metadata_Plate",
-               options=MLPOptions(epochs=20, batch_size=32, hidden=(64, 32), lr=1e-2))  # fmt: skip
+    t = mlp_f1(
+        meta,
+        X,
+        label="Metadata_Loc",
+        multilabel=True,
+        split_by="Metadata_Plate",
+        options=MLPOptions(epochs=20, batch_size=32, hidden=(64, 32), lr=1e-2),
+    )
     assert t.classifier.iloc[0] == "mlp_multilabel" and t.macro_f1.iloc[0] > 0.8
 
 
 def test_classify_runs_all_on_one_split():
     meta, X = planted(signal=3.0, cells=5)
-    t = classify(meta, X, label="Metadata_Class", split_by="Metadata_Plate", ks=(1, 5),
-                 mlp_options=MLPOptions(epochs=5, batch_size=32))  # fmt: skip
+    t = classify(
+        meta,
+        X,
+        label="Metadata_Class",
+        split_by="Metadata_Plate",
+        ks=(1, 5),
+        mlp_options=MLPOptions(epochs=5, batch_size=32),
+    )
     assert list(t.classifier) == ["knn", "knn", "linear", "mlp"]
     assert t.n_test.nunique() == 1 and (t.seed == 0).all()
     assert t.macro_f1.min() > 0.8
@@ -185,8 +202,9 @@ def test_block_search_finds_the_informative_block_per_task():
     other[:, 0] += 4.0 * (meta.Metadata_Other == "a").to_numpy()
     noise = rng.normal(size=X.shape).astype(np.float32)
     blocks = {"block_0": noise, "block_1": X, "block_2": other}
-    table, best = block_search(meta, blocks, labels=["Metadata_Class", "Metadata_Other"],
-                               split_by="Metadata_Plate", k=5)  # fmt: skip
+    table, best = block_search(
+        meta, blocks, labels=["Metadata_Class", "Metadata_Other"], split_by="Metadata_Plate", k=5
+    )
     assert best["Metadata_Class"]["best_block"] == "block_1"
     assert best["Metadata_Other"]["best_block"] == "block_2"
     assert len(table) == 6 and table.is_best.sum() == 2
@@ -207,8 +225,15 @@ def test_subsample_per_class_keeps_every_class_and_fraction():
 
 def test_lowshot_curve_full_fraction_equals_direct_call():
     meta, X = planted(signal=1.5, cells=8)
-    curve = lowshot_curve(meta, X, label="Metadata_Class", split_by="Metadata_Plate",
-                          classifiers=("knn", "linear"), ks=(5,), seed=0)  # fmt: skip
+    curve = lowshot_curve(
+        meta,
+        X,
+        label="Metadata_Class",
+        split_by="Metadata_Plate",
+        classifiers=("knn", "linear"),
+        ks=(5,),
+        seed=0,
+    )
     assert sorted(curve.fraction.unique()) == [0.01, 0.02, 0.05, 0.1, 0.25, 1.0]
     train, test = group_split(meta, by="Metadata_Plate", seed=0)
     full = curve[(curve.fraction == 1.0) & (curve.classifier == "knn")]

@@ -21,8 +21,9 @@ def test_dpt_orders_cells_along_a_planted_curve():
     X[:, :4] += 0.05 * rng.normal(size=(n, 4))
     stage = np.where(t < 0.1, "early", "late")
     meta = pd.DataFrame({"Metadata_Stage": stage})
-    out, summary = diffusion_pseudotime(meta, X, root_by="Metadata_Stage", root_value="early",
-                                        n_neighbors=10, n_dcs=5)  # fmt: skip
+    out, summary = diffusion_pseudotime(
+        meta, X, root_by="Metadata_Stage", root_value="early", n_neighbors=10, n_dcs=5
+    )
     assert stage[summary["root"]] == "early"
     rho = spearmanr(out.dpt_pseudotime, t)[0]
     assert rho > 0.95

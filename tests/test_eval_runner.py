@@ -228,7 +228,10 @@ def test_runner_works_under_pandas_copy_on_write(inputs):
 
     tmp, _ = inputs
     with pd.option_context("mode.copy_on_write", True):
-        out = evaluate(tmp / "learned.parquet", spec=tmp / "eval.yaml",
-                       cfg=runner.EvaluateConfig(out_dir=str(tmp / "cow"), null_size=100))  # fmt: skip
+        out = evaluate(
+            tmp / "learned.parquet",
+            spec=tmp / "eval.yaml",
+            cfg=runner.EvaluateConfig(out_dir=str(tmp / "cow"), null_size=100),
+        )
     metrics = pd.read_parquet(out / "metrics.parquet")
     assert {"nsc", "map_replicate", "enrichment"} <= set(metrics.analysis)

@@ -15,14 +15,31 @@ from celldino.config import SynthConfig
 from celldino.eval import moa_map, nsc_nscb
 from celldino.synth import make_screen
 
-KEYS = ["Metadata_Plate", "Metadata_Well", "Metadata_Batch", "Metadata_Compound", "Metadata_Dose", "Metadata_MoA",
-        "Metadata_pert_type"]  # fmt: skip
+KEYS = [
+    "Metadata_Plate",
+    "Metadata_Well",
+    "Metadata_Batch",
+    "Metadata_Compound",
+    "Metadata_Dose",
+    "Metadata_MoA",
+    "Metadata_pert_type",
+]
 
 
 @pytest.fixture(scope="module")
 def truth_profiles(tmp_path_factory):
-    cfg = SynthConfig(preset="custom", n_plates=4, n_batches=2, n_moas=4, compounds_per_moa=2, n_doses=2,
-                      image_size=96, cells_per_site=6, n_bad_images=0, seed=1)  # fmt: skip
+    cfg = SynthConfig(
+        preset="custom",
+        n_plates=4,
+        n_batches=2,
+        n_moas=4,
+        compounds_per_moa=2,
+        n_doses=2,
+        image_size=96,
+        cells_per_site=6,
+        n_bad_images=0,
+        seed=1,
+    )
     out = make_screen(tmp_path_factory.mktemp("screen"), cfg)
     cells = pd.read_parquet(out / "truth_cells.parquet")
     cells["factor_mitotic"] = (cells.cell_cycle == "mitotic").astype(float)
@@ -40,8 +57,14 @@ def test_nsc_on_planted_factors_is_near_perfect(truth_profiles):
         meta.Metadata_Dose == meta.loc[meta.Metadata_pert_type == "trt", "Metadata_Dose"].max()
     )
     keep = (top_dose | (meta.Metadata_pert_type == "control")).to_numpy()
-    scores, table = nsc_nscb(meta[keep], X[keep], moa="Metadata_MoA", compound="Metadata_Compound",
-                             treatment=["Metadata_Compound", "Metadata_Dose"], batch="Metadata_Batch")  # fmt: skip
+    scores, table = nsc_nscb(
+        meta[keep],
+        X[keep],
+        moa="Metadata_MoA",
+        compound="Metadata_Compound",
+        treatment=["Metadata_Compound", "Metadata_Dose"],
+        batch="Metadata_Batch",
+    )
     assert scores["NSC"] == 1.0  # each MoA's other compound is its nearest treatment
     assert scores["NSCB"] >= 0.9
 
@@ -71,8 +94,14 @@ def test_moa_map_sees_planted_moas_and_not_shuffled_labels(truth_profiles):
         )
     )
     shuffled.loc[trt, "Metadata_MoA"] = shuffled.loc[trt, "Metadata_Compound"].map(fake)
-    _, maps_shuffled = moa_map(shuffled, X, moa="Metadata_MoA", compound="Metadata_Compound", null_size=500,
-                               show_progress=False)  # fmt: skip
+    _, maps_shuffled = moa_map(
+        shuffled,
+        X,
+        moa="Metadata_MoA",
+        compound="Metadata_Compound",
+        null_size=500,
+        show_progress=False,
+    )
     chance = 4 / 28  # per query: the other compound's 4 wells among 7 other compounds' 28 wells
     print(
         f"MoA mAP on planted factors {true_map:.3f}, shuffled MoAs {maps_shuffled['mean_average_precision'].mean():.3f}"

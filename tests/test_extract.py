@@ -212,8 +212,12 @@ def test_whole_fields_center4_median_and_tiles(prep, run, tmp_path):
             return model(torch.from_numpy(np.ascontiguousarray(a)))["cls"].numpy()
 
     c, s = x.shape[-1] // 2, CROP
-    quads = [x[..., c - s : c, c - s : c], x[..., c - s : c, c : c + s],
-             x[..., c : c + s, c - s : c], x[..., c : c + s, c : c + s]]  # fmt: skip
+    quads = [
+        x[..., c - s : c, c - s : c],
+        x[..., c - s : c, c : c + s],
+        x[..., c : c + s, c - s : c],
+        x[..., c : c + s, c : c + s],
+    ]
     ref = np.median(np.stack([cls(q) for q in quads]), axis=0)
     df = read_embeddings(extract(_cfg(prep, run[0], tmp_path / "c4", level="field", field_crop=s)))
     assert list(df["Metadata_ImageKey"]) == list(fields.metadata["Metadata_ImageKey"])

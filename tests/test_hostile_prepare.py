@@ -82,8 +82,12 @@ def _hand_made(tmp_path: Path, sites: list[dict], name: str = "ld.csv") -> Path:
 
 def _four_sites(dtype=np.uint16, value=3000.0) -> list[dict]:
     """Four sites of 3 nuclei each, at other places in each site (so illumination keeps them)."""
-    layouts = [[(20, 20), (40, 44), (22, 46)], [(14, 30), (44, 18), (46, 48)],
-               [(30, 14), (18, 44), (48, 36)], [(16, 16), (32, 32), (48, 48)]]  # fmt: skip
+    layouts = [
+        [(20, 20), (40, 44), (22, 46)],
+        [(14, 30), (44, 18), (46, 48)],
+        [(30, 14), (18, 44), (48, 36)],
+        [(16, 16), (32, 32), (48, 48)],
+    ]
     return [
         {
             "well": f"A0{k + 1}",

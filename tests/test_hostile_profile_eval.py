@@ -281,9 +281,13 @@ def test_evaluate_h5ad_takes_features_from_x_only(tmp_path, run_cli):
     out = tmp_path / "ev"
     (tmp_path / "spec.yaml").write_text("analyses: [map_replicate]\n")
     rc, text = run_cli(
-        "evaluate", tmp_path / "p.h5ad", "--spec", tmp_path / "spec.yaml",
-        f"evaluate.out_dir={out}", "evaluate.null_size=50",
-    )  # fmt: skip
+        "evaluate",
+        tmp_path / "p.h5ad",
+        "--spec",
+        tmp_path / "spec.yaml",
+        f"evaluate.out_dir={out}",
+        "evaluate.null_size=50",
+    )
     assert rc == 0, text
     summary = json.loads((out / "summary.json").read_text())
     assert summary["feature_sets"]["learned"]["n_features"] == 5
@@ -293,18 +297,22 @@ def test_misspelled_analysis_parameter_lists_the_valid_ones(tmp_path, lincs, ear
     lincs.to_parquet(tmp_path / "p.parquet")
     before = _snapshot(earlier)
     rc, text = run_cli(
-        "evaluate", tmp_path / "p.parquet",
-        "--spec", _spec(tmp_path, "{map_replicate: {null_sze: 100}}"),
+        "evaluate",
+        tmp_path / "p.parquet",
+        "--spec",
+        _spec(tmp_path, "{map_replicate: {null_sze: 100}}"),
         f"evaluate.out_dir={earlier}",
-    )  # fmt: skip
+    )
     assert rc == 2 and "analyses.map_replicate" in text and "null_sze" in text
     assert "null_size" in text and "threshold" in text
     assert _kept(before, earlier)
     rc, text = run_cli(  # a known parameter with an impossible value
-        "evaluate", tmp_path / "p.parquet",
-        "--spec", _spec(tmp_path, "{map_replicate: {null_size: 0}}"),
+        "evaluate",
+        tmp_path / "p.parquet",
+        "--spec",
+        _spec(tmp_path, "{map_replicate: {null_size: 0}}"),
         f"evaluate.out_dir={earlier}",
-    )  # fmt: skip
+    )
     assert rc == 2 and "null_size must be >= 1" in text and _kept(before, earlier)
 
 
@@ -312,9 +320,13 @@ def test_moa_column_all_nan_skips_what_needs_it_and_says_so(tmp_path, lincs, run
     lincs.assign(Metadata_moa=np.nan).to_parquet(tmp_path / "p.parquet")
     out = tmp_path / "ev"
     rc, text = run_cli(
-        "evaluate", tmp_path / "p.parquet", "--spec", _spec(tmp_path, "[nsc, activity]"),
-        f"evaluate.out_dir={out}", "evaluate.null_size=50",
-    )  # fmt: skip
+        "evaluate",
+        tmp_path / "p.parquet",
+        "--spec",
+        _spec(tmp_path, "[nsc, activity]"),
+        f"evaluate.out_dir={out}",
+        "evaluate.null_size=50",
+    )
     assert rc == 0, text
     assert "nsc on learned skipped" in text and "Metadata_moa" in text
     summary = json.loads((out / "summary.json").read_text())
@@ -322,9 +334,12 @@ def test_moa_column_all_nan_skips_what_needs_it_and_says_so(tmp_path, lincs, run
     assert "nsc" not in summary["metrics"] and "activity" in summary["metrics"]
     # nothing at all to run: an error, not an empty table
     rc, text = run_cli(
-        "evaluate", tmp_path / "p.parquet", "--spec", _spec(tmp_path, "[nsc]"),
+        "evaluate",
+        tmp_path / "p.parquet",
+        "--spec",
+        _spec(tmp_path, "[nsc]"),
         f"evaluate.out_dir={tmp_path / 'ev2'}",
-    )  # fmt: skip
+    )
     assert rc == 2 and "no analysis could run" in text and "Metadata_moa" in text
 
 
@@ -338,17 +353,25 @@ def test_single_compound_with_and_without_dmso(tmp_path, lincs, run_cli):
     spec = _spec(tmp_path, "[nsc, map_replicate, activity]")
     out = tmp_path / "ev"
     rc, text = run_cli(
-        "evaluate", tmp_path / "with.parquet", "--spec", spec, f"evaluate.out_dir={out}",
+        "evaluate",
+        tmp_path / "with.parquet",
+        "--spec",
+        spec,
+        f"evaluate.out_dir={out}",
         "evaluate.null_size=50",
-    )  # fmt: skip
+    )
     assert rc == 0 and "map_replicate on learned skipped" in text and "positive pairs" in text
     assert "nsc on learned skipped" in text and "at least 2 compounds" in text  # was NaN
     assert "Traceback" not in text and "UnpairedException" not in text
     assert "activity" in json.loads((out / "summary.json").read_text())["metrics"]
     rc, text = run_cli(
-        "evaluate", tmp_path / "without.parquet", "--spec", spec,
-        f"evaluate.out_dir={tmp_path / 'ev2'}", "evaluate.null_size=50",
-    )  # fmt: skip
+        "evaluate",
+        tmp_path / "without.parquet",
+        "--spec",
+        spec,
+        f"evaluate.out_dir={tmp_path / 'ev2'}",
+        "evaluate.null_size=50",
+    )
     assert rc == 2 and "Traceback" not in text
     assert "map_replicate" in text and "activity" in text
 
@@ -394,12 +417,16 @@ def test_evaluate_into_a_read_only_folder_fails_first(tmp_path, lincs, read_only
 def test_evaluate_holds_the_output_lock(tmp_path, lincs, earlier, run_cli):
     lincs.to_parquet(tmp_path / "p.parquet")
     holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sys, time\nfrom celldino.io.lock import output_lock\n"
-         f"with output_lock({str(earlier)!r}, 'evaluate'):\n"
-         "    print('held', flush=True); time.sleep(60)\n"],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom celldino.io.lock import output_lock\n"
+            f"with output_lock({str(earlier)!r}, 'evaluate'):\n"
+            "    print('held', flush=True); time.sleep(60)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         before = _snapshot(earlier)
@@ -455,8 +482,10 @@ def _extraction(folder, df, checkpoint="c458f7e92fb66f51", n=1):
 
 def _with_ids(df: pd.DataFrame, prefix: str = "") -> pd.DataFrame:
     df = df.copy()
-    df["Metadata_CellID"] = [f"{prefix}{p}/{w}/{i}" for i, (p, w) in enumerate(
-        zip(df["Metadata_Plate"], df["Metadata_Well"]))]  # fmt: skip
+    df["Metadata_CellID"] = [
+        f"{prefix}{p}/{w}/{i}"
+        for i, (p, w) in enumerate(zip(df["Metadata_Plate"], df["Metadata_Well"]))
+    ]
     return df
 
 
@@ -584,9 +613,11 @@ def test_profile_refuses_profiles_and_bad_memory_limit(tmp_path, earlier, run_cl
     with pytest.raises(ValueError, match="aggregated already"):  # the library call too
         pp.aggregate(tmp_path / "w.parquet")
     rc, text = run_cli(
-        "profile", f"profile.input=[{emb}]", f"profile.out={earlier}/w.h5ad",
+        "profile",
+        f"profile.input=[{emb}]",
+        f"profile.out={earlier}/w.h5ad",
         "profile.memory_limit=lots",
-    )  # fmt: skip
+    )
     assert rc == 2 and "profile.memory_limit" in text and "2GB" in text
     assert _kept(before, earlier) and "Traceback" not in text
 
@@ -647,8 +678,14 @@ def test_failing_evaluate_leaves_the_finished_run_alone(tmp_path, run_cli, monke
     out = tmp_path / "ev"
     spec = tmp_path / "spec.yaml"
     spec.write_text("analyses: [nsc, activity]\n")
-    rc, text = run_cli("evaluate", _moa_profiles(tmp_path / "p.parquet"), "--spec", spec,
-                       f"evaluate.out_dir={out}", "evaluate.null_size=50")  # fmt: skip
+    rc, text = run_cli(
+        "evaluate",
+        _moa_profiles(tmp_path / "p.parquet"),
+        "--spec",
+        spec,
+        f"evaluate.out_dir={out}",
+        "evaluate.null_size=50",
+    )
     assert rc == 0, text
     before = {k: v for k, v in _snapshot(out).items() if not k.endswith(".celldino.lock")}
     assert any("parts/nsc__learned.json" in k for k in before)
@@ -658,13 +695,15 @@ def test_failing_evaluate_leaves_the_finished_run_alone(tmp_path, run_cli, monke
 
     monkeypatch.setitem(registry.ANALYSES, "activity", broken)
     new = _moa_profiles(tmp_path / "p2.parquet", seed=7)  # other data: nsc runs again
-    rc, text = run_cli("evaluate", new, "--spec", spec, f"evaluate.out_dir={out}",
-                       "evaluate.null_size=50")  # fmt: skip
+    rc, text = run_cli(
+        "evaluate", new, "--spec", spec, f"evaluate.out_dir={out}", "evaluate.null_size=50"
+    )
     assert rc == 2 and "activity" in text
     assert _kept(before, out)  # parts/, tables/, summary.json as the finished run left them
     monkeypatch.undo()
-    rc, text = run_cli("evaluate", new, "--spec", spec, f"evaluate.out_dir={out}",
-                       "evaluate.null_size=50")  # fmt: skip
+    rc, text = run_cli(
+        "evaluate", new, "--spec", spec, f"evaluate.out_dir={out}", "evaluate.null_size=50"
+    )
     assert rc == 0, text
     assert "nsc on learned: done before, kept" in text  # resumed from the failed run's part
     assert not (out / "pending").exists()

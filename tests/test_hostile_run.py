@@ -275,9 +275,11 @@ def test_report_only_run_into_a_new_folder_needs_no_load_data_table(tmp_path, ru
     out = tmp_path / "emptyd"
     out.mkdir()
     rc, text = run_cli(
-        "run", f"prepare.load_data={tmp_path / 'nope.csv'}", f"run.out_dir={out}",
+        "run",
+        f"prepare.load_data={tmp_path / 'nope.csv'}",
+        f"run.out_dir={out}",
         "run.stages=report",
-    )  # fmt: skip
+    )
     assert rc == 0, text
     assert (out / "report.html").exists() and "nope.csv" not in text
     # with prepare among the stages the table is still required, by its setting
@@ -302,8 +304,11 @@ def test_stdout_that_cannot_be_written_is_one_line(tmp_path):
     with open("/dev/full", "w") as full:
         done = subprocess.run(
             [sys.executable, "-m", "celldino", "config", "show", "tiny"],
-            stdout=full, stderr=subprocess.PIPE, text=True, timeout=120,
-        )  # fmt: skip
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
     assert done.returncode == 2, done.stderr
     assert "cannot write to standard output" in done.stderr and "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1

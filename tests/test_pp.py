@@ -92,8 +92,13 @@ def test_mad_robustize_matches_pycytominer(lincs):
 
     df, feats = lincs
     query = "Metadata_pert_type == 'control'"
-    ref = pyc_normalize(df, features=feats, meta_features=[c for c in df if c not in feats],
-                        samples=query, method="mad_robustize")  # fmt: skip
+    ref = pyc_normalize(
+        df,
+        features=feats,
+        meta_features=[c for c in df if c not in feats],
+        samples=query,
+        method="mad_robustize",
+    )
     adata = frame_to_anndata(df, feats)
     pp.normalize(adata, method="mad_robustize", by=None, controls=query)
     np.testing.assert_allclose(adata.X, ref[feats].to_numpy(), rtol=0, atol=1e-6)
@@ -130,14 +135,25 @@ def test_feature_select_matches_pycytominer(lincs):
     block = feats[:3]
     ops = ["variance_threshold", "frequency_threshold", "correlation_threshold", "blocklist"]
     # a lower correlation threshold so that correlation actually removes features here
-    ref = pyc_select(df, features=feats, operation=ops, corr_threshold=0.5, blocklist=block,
-                     min_variance=0.5, unique_cut=0.5)  # fmt: skip
+    ref = pyc_select(
+        df,
+        features=feats,
+        operation=ops,
+        corr_threshold=0.5,
+        blocklist=block,
+        min_variance=0.5,
+        unique_cut=0.5,
+    )
     expected = [c for c in ref.columns if c in feats]
     out = frame_to_anndata(df, feats)
     pp.feature_select(
-        out, operations=["variance", "frequency", "correlation", "blocklist"],
-        corr_threshold=0.5, blocklist=block, min_variance=0.5, unique_cut=0.5,
-    )  # fmt: skip
+        out,
+        operations=["variance", "frequency", "correlation", "blocklist"],
+        corr_threshold=0.5,
+        blocklist=block,
+        min_variance=0.5,
+        unique_cut=0.5,
+    )
     assert 0 < len(expected) < len(feats) - 3
     assert list(out.var_names) == expected
     np.testing.assert_array_equal(out.X, df[expected].to_numpy())
@@ -152,9 +168,14 @@ def _profiles(seed=0, n_per_plate=40, d=5, plates=("P1", "P2")):
     for p_i, plate in enumerate(plates):
         for k in range(n_per_plate):
             ctrl = k < n_per_plate // 2
-            rows.append({"Metadata_Plate": plate, "Metadata_Batch": f"B{p_i}",
-                         "Metadata_pert_type": "control" if ctrl else "trt",
-                         "Metadata_Compound": "DMSO" if ctrl else f"cpd{k % 4}"})  # fmt: skip
+            rows.append(
+                {
+                    "Metadata_Plate": plate,
+                    "Metadata_Batch": f"B{p_i}",
+                    "Metadata_pert_type": "control" if ctrl else "trt",
+                    "Metadata_Compound": "DMSO" if ctrl else f"cpd{k % 4}",
+                }
+            )
     obs = pd.DataFrame(rows)
     A = rng.normal(size=(d, d))
     X = rng.normal(size=(len(obs), d)) @ A + 3 * (obs["Metadata_Batch"] == "B1").to_numpy()[:, None]
@@ -214,8 +235,14 @@ def test_harmony_matches_harmonypy():
     adata = _profiles(n_per_plate=60)
     X0 = np.asarray(adata.X).copy()
     pp.harmony(adata, key="Metadata_Batch", random_state=0)
-    ho = harmonypy.run_harmony(X0, adata.obs[["Metadata_Batch"]].astype(str), "Metadata_Batch",
-                               random_state=0, verbose=False, ncores=1)  # fmt: skip
+    ho = harmonypy.run_harmony(
+        X0,
+        adata.obs[["Metadata_Batch"]].astype(str),
+        "Metadata_Batch",
+        random_state=0,
+        verbose=False,
+        ncores=1,
+    )
     np.testing.assert_allclose(adata.X, np.asarray(ho.Z_corr), atol=1e-8)
     # the batch shift (3 units) shrinks
     b1 = (adata.obs["Metadata_Batch"] == "B1").to_numpy()

@@ -19,10 +19,25 @@ def _write_shards(folder, seed=0):
         for w in range(8):
             for site in (1, 2):
                 for _c in range(5):
-                    rows.append((plate, f"A{w:02d}", site, "control" if w < 3 else "trt",
-                                 "DMSO" if w < 3 else f"cpd{w % 3}"))  # fmt: skip
-    df = pd.DataFrame(rows, columns=["Metadata_Plate", "Metadata_Well", "Metadata_Site",
-                                     "Metadata_pert_type", "Metadata_Compound"])  # fmt: skip
+                    rows.append(
+                        (
+                            plate,
+                            f"A{w:02d}",
+                            site,
+                            "control" if w < 3 else "trt",
+                            "DMSO" if w < 3 else f"cpd{w % 3}",
+                        )
+                    )
+    df = pd.DataFrame(
+        rows,
+        columns=[
+            "Metadata_Plate",
+            "Metadata_Well",
+            "Metadata_Site",
+            "Metadata_pert_type",
+            "Metadata_Compound",
+        ],
+    )
     for j in range(8):
         df[f"emb_{j:04d}"] = rng.normal(size=len(df)).astype(np.float32)
     folder.mkdir()
@@ -75,8 +90,9 @@ def test_profile_command_reports_plate_without_controls(tmp_path):
     for p in (tmp_path / "emb").glob("*.parquet"):
         p.unlink()
     df.to_parquet(tmp_path / "emb" / "all.parquet", index=False)
-    rc = cli.main(["profile", f"profile.input=[{tmp_path / 'emb'}]",
-                   f"profile.out={tmp_path / 'p.h5ad'}"])  # fmt: skip
+    rc = cli.main(
+        ["profile", f"profile.input=[{tmp_path / 'emb'}]", f"profile.out={tmp_path / 'p.h5ad'}"]
+    )
     assert rc == 2
     cfg = ProfileConfig(input=(str(tmp_path / "emb"),), out=str(tmp_path / "q.h5ad"))
     with pytest.raises(ValueError, match="Metadata_Plate 'P2' has no control profiles"):

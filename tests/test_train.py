@@ -29,8 +29,10 @@ def test_ema_update_is_exact():
         student.weight.copy_(torch.tensor([[1.5, 3.0, -2.0], [0.75, 0.0, 1.25]]))
         student.bias.copy_(torch.tensor([-1.0, 6.0]))
     ema_update(teacher, student, 0.75)
-    want_w = [[0.75 * 0.5 + 0.25 * 1.5, 0.75 * -1 + 0.25 * 3, 0.75 * 2 + 0.25 * -2],
-              [0.75 * 0.25 + 0.25 * 0.75, 0.75 * 4, 0.75 * -0.75 + 0.25 * 1.25]]  # fmt: skip
+    want_w = [
+        [0.75 * 0.5 + 0.25 * 1.5, 0.75 * -1 + 0.25 * 3, 0.75 * 2 + 0.25 * -2],
+        [0.75 * 0.25 + 0.25 * 0.75, 0.75 * 4, 0.75 * -0.75 + 0.25 * 1.25],
+    ]
     assert teacher.weight.tolist() == want_w
     assert teacher.bias.tolist() == [0.75 * 1 + 0.25 * -1, 0.75 * -2 + 0.25 * 6]
     assert student.bias.tolist() == [-1.0, 6.0]  # the student is untouched

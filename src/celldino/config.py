@@ -356,7 +356,14 @@ CHOICES: dict[str, tuple[str, ...]] = {
 # For tuple settings the choices apply to each item.
 
 _DEVICE = (r"auto|cpu|(cuda|mps|xpu)(:\d+)?", "auto, cpu, cuda, cuda:N (or mps, xpu)")
-PATTERNS: dict[str, tuple[str, str]] = {"train.device": _DEVICE, "extract.device": _DEVICE, "profile.memory_limit": (r"(?i)\d+(\.\d+)?\s*([KMGT]i?B|B)", "a size such as 2GB, 500MB or 1.5GiB")}  # fmt: skip
+PATTERNS: dict[str, tuple[str, str]] = {
+    "train.device": _DEVICE,
+    "extract.device": _DEVICE,
+    "profile.memory_limit": (
+        r"(?i)\d+(\.\d+)?\s*([KMGT]i?B|B)",
+        "a size such as 2GB, 500MB or 1.5GiB",
+    ),
+}
 
 
 @dataclass(frozen=True)

@@ -228,12 +228,16 @@ def run_classify(meta, X, ctx: EvalContext, **params: Any) -> AnalysisResult:
         meta, X = ctx.cols.drop_controls(meta, X)
     label, split_by = _label_and_split(meta, ctx, params, "classify")
     table = classify(
-        meta, X, label=label, split_by=split_by,
+        meta,
+        X,
+        label=label,
+        split_by=split_by,
         classifiers=tuple(params.get("classifiers", ("knn", "linear", "mlp"))),
         ks=tuple(params.get("ks", (1, 5, 10, 20, 50))),
         test_size=float(params.get("test_size", 0.25)),
-        mlp_options=_mlp_options(params), seed=ctx.seed,
-    )  # fmt: skip
+        mlp_options=_mlp_options(params),
+        seed=ctx.seed,
+    )
     metrics = {}
     for _, r in table.iterrows():
         key = f"knn_k{int(r.k)}" if r.classifier == "knn" else r.classifier
@@ -247,12 +251,17 @@ def run_lowshot(meta, X, ctx: EvalContext, **params: Any) -> AnalysisResult:
         meta, X = ctx.cols.drop_controls(meta, X)
     label, split_by = _label_and_split(meta, ctx, params, "lowshot")
     table = lowshot_curve(
-        meta, X, label=label, split_by=split_by,
+        meta,
+        X,
+        label=label,
+        split_by=split_by,
         fractions=tuple(params.get("fractions", (0.01, 0.02, 0.05, 0.1, 0.25, 1.0))),
         classifiers=tuple(params.get("classifiers", ("knn", "linear"))),
-        ks=tuple(params.get("ks", (5,))), n_repeats=int(params.get("n_repeats", 1)),
-        mlp_options=_mlp_options(params), seed=ctx.seed,
-    )  # fmt: skip
+        ks=tuple(params.get("ks", (5,))),
+        n_repeats=int(params.get("n_repeats", 1)),
+        mlp_options=_mlp_options(params),
+        seed=ctx.seed,
+    )
     mean = table.groupby(["fraction", "classifier", "k"], dropna=False).macro_f1.mean()
     metrics = {}
     for (frac, clf, k), v in mean.items():
@@ -265,15 +274,19 @@ def run_moa_prediction(meta, X, ctx: EvalContext, **params: Any) -> AnalysisResu
     """Multi-label MoA prediction, leave-compound-out, micro PR-AUC; controls excluded."""
     c = ctx.cols
     per_moa, predictions, summary = moa_prediction(
-        meta, X,
+        meta,
+        X,
         moa=c.require(meta, "moa", "moa_prediction"),
         compound=c.require(meta, "compound", "moa_prediction"),
         control=c.control if c.control in meta.columns else None,
-        control_value=c.control_value, moa_sep=c.moa_sep or "|",
-        classifier=params.get("classifier", "linear"), n_folds=params.get("n_folds", 5),
+        control_value=c.control_value,
+        moa_sep=c.moa_sep or "|",
+        classifier=params.get("classifier", "linear"),
+        n_folds=params.get("n_folds", 5),
         min_compounds=int(params.get("min_compounds", 2)),
-        mlp_options=_mlp_options(params), seed=ctx.seed,
-    )  # fmt: skip
+        mlp_options=_mlp_options(params),
+        seed=ctx.seed,
+    )
     return _result(summary, {"per_moa": per_moa, "predictions": predictions})
 
 
@@ -286,11 +299,15 @@ def run_multitask(meta, X, ctx: EvalContext, **params: Any) -> AnalysisResult:
     if not tasks:
         raise SpecError("analysis 'multitask' needs tasks: [...] or task_prefix: 'Metadata_assay_'")
     table, summary = multitask_activity(
-        meta, X, tasks=tasks,
+        meta,
+        X,
+        tasks=tasks,
         split_by=params.get("split_by") or ctx.cols.require(meta, "compound", "multitask"),
-        test_size=float(params.get("test_size", 0.25)), epochs=int(params.get("epochs", 50)),
-        threshold=float(params.get("threshold", 0.9)), seed=ctx.seed,
-    )  # fmt: skip
+        test_size=float(params.get("test_size", 0.25)),
+        epochs=int(params.get("epochs", 50)),
+        threshold=float(params.get("threshold", 0.9)),
+        seed=ctx.seed,
+    )
     return _result(summary, {"tasks": table})
 
 
@@ -301,9 +318,12 @@ def run_factors(meta, X, ctx: EvalContext, **params: Any) -> AnalysisResult:
         col for role in ("moa", "plate", "batch") if (col := c.present(meta, role))
     ]  # not compound or well by default: nested in MoA / unique per profile, they win trivially
     table, summary = factor_mutual_information(
-        meta, X, factors=factors, n_bins=int(params.get("n_bins", 10)),
+        meta,
+        X,
+        factors=factors,
+        n_bins=int(params.get("n_bins", 10)),
         normalize=params.get("normalize", "none"),
-    )  # fmt: skip
+    )
     metrics = {f"fraction_top_{r.factor}": r.fraction_top for r in summary.itertuples()}
     metrics.update({f"mean_mi_{r.factor}": r.mean_mi for r in summary.itertuples()})
     return _result(metrics, {"mutual_information": table, "factors": summary})
@@ -336,11 +356,16 @@ def run_heterogeneity(meta, X, ctx: EvalContext, **params: Any) -> AnalysisResul
         is_ctl = is_control_row(meta, c.control, c.control_value)
         exclude = meta.loc[is_ctl, treatment].astype(str).unique().tolist()
     ranked, summary = heterogeneity(
-        meta, X, fields=fields, treatment=treatment,
-        annotated=params.get("annotated"), annotation=params.get("annotation"),
-        exclude=exclude or (), ks=tuple(params.get("ks", (5, 10))),
+        meta,
+        X,
+        fields=fields,
+        treatment=treatment,
+        annotated=params.get("annotated"),
+        annotation=params.get("annotation"),
+        exclude=exclude or (),
+        ks=tuple(params.get("ks", (5, 10))),
         min_cells=int(params.get("min_cells", 3)),
-    )  # fmt: skip
+    )
     return _result(summary, {"treatments": ranked})
 
 
@@ -349,10 +374,16 @@ def run_pseudotime(meta, X, ctx: EvalContext, **params: Any) -> AnalysisResult:
     from celldino.eval.pseudotime import diffusion_pseudotime
 
     out, summary = diffusion_pseudotime(
-        meta, X, root=params.get("root"), root_by=params.get("root_by"),
-        root_value=params.get("root_value"), n_neighbors=int(params.get("n_neighbors", 15)),
-        n_pcs=int(params.get("n_pcs", 0)), n_dcs=int(params.get("n_dcs", 10)), seed=ctx.seed,
-    )  # fmt: skip
+        meta,
+        X,
+        root=params.get("root"),
+        root_by=params.get("root_by"),
+        root_value=params.get("root_value"),
+        n_neighbors=int(params.get("n_neighbors", 15)),
+        n_pcs=int(params.get("n_pcs", 0)),
+        n_dcs=int(params.get("n_dcs", 10)),
+        seed=ctx.seed,
+    )
     return _result(summary, {"pseudotime": out})
 
 

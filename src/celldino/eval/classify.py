@@ -110,8 +110,17 @@ def resolve_split(
     return group_split(meta, by=split_by, test_size=test_size, seed=seed)
 
 
-def _row(classifier: str, task: str, score: float, n_train: int, n_test: int, n_classes: int,
-         split_by, seed: int, k: float = np.nan) -> dict:  # fmt: skip
+def _row(
+    classifier: str,
+    task: str,
+    score: float,
+    n_train: int,
+    n_test: int,
+    n_classes: int,
+    split_by,
+    seed: int,
+    k: float = np.nan,
+) -> dict:
     by = split_by if split_by is None or isinstance(split_by, str) else "+".join(split_by)
     return {
         "classifier": classifier,
@@ -178,9 +187,13 @@ def knn_f1(
     X = as_matrix(X, len(meta))
     y, classes = encode_labels(meta, label)
     train, test = resolve_split(
-        meta, split_by=split_by, train_idx=train_idx, test_idx=test_idx, test_size=test_size,
+        meta,
+        split_by=split_by,
+        train_idx=train_idx,
+        test_idx=test_idx,
+        test_size=test_size,
         seed=seed,
-    )  # fmt: skip
+    )
     nbrs = cosine_neighbors(X[train], X[test], k=max(ks))
     rows = []
     for k in ks:
@@ -189,8 +202,9 @@ def knn_f1(
             logger.warning("kNN: k=%d > %d training rows; using k=%d", k, len(train), k_eff)
         pred = vote(y[train][nbrs[:, :k_eff]], len(classes))
         score = f1_score(y[test], pred, average="macro")
-        rows.append(_row("knn", label, score, len(train), len(test), len(classes), split_by,
-                         seed, k=k))  # fmt: skip
+        rows.append(
+            _row("knn", label, score, len(train), len(test), len(classes), split_by, seed, k=k)
+        )
     return pd.DataFrame(rows)
 
 
@@ -224,15 +238,20 @@ def linear_probe(
     X = as_matrix(X, len(meta))
     y, classes = encode_labels(meta, label)
     train, test = resolve_split(
-        meta, split_by=split_by, train_idx=train_idx, test_idx=test_idx, test_size=test_size,
+        meta,
+        split_by=split_by,
+        train_idx=train_idx,
+        test_idx=test_idx,
+        test_size=test_size,
         seed=seed,
-    )  # fmt: skip
+    )
     mean, std = zscore_fit(X[train])
     if len(np.unique(y[train])) < 2:
         pred = np.full(len(test), y[train][0])
     else:
-        clf = LogisticRegression(C=C, max_iter=max_iter, class_weight=class_weight,
-                                 random_state=seed)  # fmt: skip
+        clf = LogisticRegression(
+            C=C, max_iter=max_iter, class_weight=class_weight, random_state=seed
+        )
         clf.fit((X[train] - mean) / std, y[train])
         pred = clf.predict((X[test] - mean) / std)
     score = f1_score(y[test], pred, average="macro")
@@ -247,8 +266,9 @@ def linear_probe(
 class MLPClassifier(nn.Module):
     """Cell-DINO's probe: in → 512 → 256 → classes, ReLU and dropout 0.5 between layers."""
 
-    def __init__(self, in_dim: int, n_classes: int, hidden: Sequence[int] = (512, 256),
-                 dropout: float = 0.5):  # fmt: skip
+    def __init__(
+        self, in_dim: int, n_classes: int, hidden: Sequence[int] = (512, 256), dropout: float = 0.5
+    ):
         super().__init__()
         layers: list[nn.Module] = []
         d = in_dim
@@ -301,8 +321,9 @@ def fit_mlp(
         gen = torch.Generator().manual_seed(seed)
         model = MLPClassifier(Xt.shape[1], n_classes, options.hidden, options.dropout)
         model.to(options.device).train()
-        opt = torch.optim.AdamW(model.parameters(), lr=options.lr,
-                                weight_decay=options.weight_decay)  # fmt: skip
+        opt = torch.optim.AdamW(
+            model.parameters(), lr=options.lr, weight_decay=options.weight_decay
+        )
         steps_per_epoch = max(1, int(np.ceil(len(Xt) / options.batch_size)))
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(
             opt, T_max=options.epochs * steps_per_epoch
@@ -326,8 +347,9 @@ def fit_mlp(
 
 
 @torch.no_grad()
-def predict_mlp(model: MLPClassifier, X: np.ndarray, mean: np.ndarray, std: np.ndarray,
-                *, device: str = "cpu") -> np.ndarray:  # fmt: skip
+def predict_mlp(
+    model: MLPClassifier, X: np.ndarray, mean: np.ndarray, std: np.ndarray, *, device: str = "cpu"
+) -> np.ndarray:
     """Logits (n, classes) of z-scored inputs."""
     x = torch.from_numpy(((X - mean) / std).astype(np.float32)).to(device)
     return model(x).cpu().numpy()
@@ -357,11 +379,16 @@ def mlp_f1(
     else:
         Y, classes = encode_labels(meta, label)
     train, test = resolve_split(
-        meta, split_by=split_by, train_idx=train_idx, test_idx=test_idx, test_size=test_size,
+        meta,
+        split_by=split_by,
+        train_idx=train_idx,
+        test_idx=test_idx,
+        test_size=test_size,
         seed=seed,
-    )  # fmt: skip
-    model, mean, std = fit_mlp(X[train], Y[train], n_classes=len(classes), options=options,
-                               seed=seed)  # fmt: skip
+    )
+    model, mean, std = fit_mlp(
+        X[train], Y[train], n_classes=len(classes), options=options, seed=seed
+    )
     logits = predict_mlp(model, X[test], mean, std, device=options.device)
     if multilabel:
         pred = (1.0 / (1.0 + np.exp(-logits)) > threshold).astype(int)
@@ -397,9 +424,13 @@ def classify(
     if unknown:
         raise ValueError(f"unknown classifier(s) {sorted(unknown)}; choose from knn, linear, mlp")
     train, test = resolve_split(
-        meta, split_by=split_by, train_idx=train_idx, test_idx=test_idx, test_size=test_size,
+        meta,
+        split_by=split_by,
+        train_idx=train_idx,
+        test_idx=test_idx,
+        test_size=test_size,
         seed=seed,
-    )  # fmt: skip
+    )
     common = dict(label=label, train_idx=train, test_idx=test, seed=seed)
     tables = []
     if "knn" in classifiers:
@@ -443,18 +474,24 @@ def block_search(
     if classifier not in ("knn", "linear"):
         raise ValueError(f"block_search classifier must be 'knn' or 'linear', got {classifier!r}")
     train, test = resolve_split(
-        meta, split_by=split_by, train_idx=train_idx, test_idx=test_idx, test_size=test_size,
+        meta,
+        split_by=split_by,
+        train_idx=train_idx,
+        test_idx=test_idx,
+        test_size=test_size,
         seed=seed,
-    )  # fmt: skip
+    )
     rows = []
     for name, block_X in items:
         for task in labels:
             if classifier == "knn":
-                t = knn_f1(meta, block_X, label=task, ks=(k,), train_idx=train, test_idx=test,
-                           seed=seed)  # fmt: skip
+                t = knn_f1(
+                    meta, block_X, label=task, ks=(k,), train_idx=train, test_idx=test, seed=seed
+                )
             else:
-                t = linear_probe(meta, block_X, label=task, train_idx=train, test_idx=test,
-                                 seed=seed)  # fmt: skip
+                t = linear_probe(
+                    meta, block_X, label=task, train_idx=train, test_idx=test, seed=seed
+                )
             t.insert(0, "block", name)
             rows.append(t)
     table = pd.concat(rows, ignore_index=True)

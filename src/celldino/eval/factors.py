@@ -68,9 +68,11 @@ def factor_mutual_information(
     if isinstance(X, pd.DataFrame) and feature_names is None:
         feature_names = list(X.columns)
     X = as_matrix(X, len(meta))
-    names = list(feature_names) if feature_names is not None else [
-        f"f{j:04d}" for j in range(X.shape[1])
-    ]  # fmt: skip
+    names = (
+        list(feature_names)
+        if feature_names is not None
+        else [f"f{j:04d}" for j in range(X.shape[1])]
+    )
     if len(names) != X.shape[1]:
         raise ValueError(f"{len(names)} feature names for {X.shape[1]} features")
     missing = [c for c in factors if c not in meta.columns]

@@ -113,8 +113,15 @@ def heterogeneity(
     (e.g. the negative control) are left out of the ranking.
     """
     meta, X = profiles_of(meta, X)
-    per_field = field_std(meta, X, fields=fields, treatment=treatment,
-                       standardize=standardize, reduce=reduce, min_cells=min_cells)  # fmt: skip
+    per_field = field_std(
+        meta,
+        X,
+        fields=fields,
+        treatment=treatment,
+        standardize=standardize,
+        reduce=reduce,
+        min_cells=min_cells,
+    )
     ranked = treatment_heterogeneity(per_field)
     ranked = ranked[~ranked.treatment.isin([str(e) for e in exclude])].reset_index(drop=True)
     ranked["rank"] = np.arange(1, len(ranked) + 1)

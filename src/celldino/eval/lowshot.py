@@ -73,9 +73,13 @@ def lowshot_curve(
         raise ValueError(f"unknown classifier(s) {sorted(unknown)}; choose from knn, linear, mlp")
     y, _ = encode_labels(meta, label)
     train, test = resolve_split(
-        meta, split_by=split_by, train_idx=train_idx, test_idx=test_idx, test_size=test_size,
+        meta,
+        split_by=split_by,
+        train_idx=train_idx,
+        test_idx=test_idx,
+        test_size=test_size,
         seed=seed,
-    )  # fmt: skip
+    )
     jobs = [(f, r) for f in fractions for r in range(n_repeats if f < 1 else 1)]
     tables = []
     for fraction, repeat in progress(jobs, desc="low-shot"):

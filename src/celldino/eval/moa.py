@@ -117,8 +117,13 @@ def moa_prediction(
         fold_of[test] = f
         assert not set(comp[train]) & set(comp[test])  # leave-compound-out by construction
         if classifier == "mlp":
-            model, mean, std = fit_mlp(Xs[train], Y[train], n_classes=Y.shape[1],
-                                       options=mlp_options or MLPOptions(), seed=seed)  # fmt: skip
+            model, mean, std = fit_mlp(
+                Xs[train],
+                Y[train],
+                n_classes=Y.shape[1],
+                options=mlp_options or MLPOptions(),
+                seed=seed,
+            )
             logits = predict_mlp(model, Xs[test], mean, std)
             scores[test] = 1.0 / (1.0 + np.exp(-logits))
             continue
@@ -129,8 +134,7 @@ def moa_prediction(
             if yj.min() == yj.max():  # no positive (or no negative) left in training
                 scores[test, j] = yj[0]
                 continue
-            clf = LogisticRegression(C=C, max_iter=2000, class_weight="balanced",
-                                     random_state=seed)  # fmt: skip
+            clf = LogisticRegression(C=C, max_iter=2000, class_weight="balanced", random_state=seed)
             scores[test, j] = clf.fit(xtr, yj).predict_proba(xte)[:, 1]
     per_moa = pd.DataFrame(
         {
@@ -139,7 +143,7 @@ def moa_prediction(
             "n_profiles": Y.sum(axis=0).astype(int),
             "average_precision": [
                 average_precision(Y[:, j], scores[:, j]) for j in range(Y.shape[1])
-            ],  # fmt: skip
+            ],
             "classifier": classifier,
             "seed": seed,
         }

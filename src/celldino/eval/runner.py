@@ -458,8 +458,11 @@ def _run_all(
     if skipped:
         logger.warning(
             "evaluate skipped %d of %d analyses (listed under 'skipped' in %s): %s",
-            len(skipped), len(jobs), out / "summary.json", "; ".join(skipped),
-        )  # fmt: skip
+            len(skipped),
+            len(jobs),
+            out / "summary.json",
+            "; ".join(skipped),
+        )
     return summary
 
 

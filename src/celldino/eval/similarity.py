@@ -102,8 +102,9 @@ def mantel_test(
     A = np.asarray(A.to_numpy() if isinstance(A, pd.DataFrame) else A, dtype=np.float64)
     B = np.asarray(B.to_numpy() if isinstance(B, pd.DataFrame) else B, dtype=np.float64)
     if A.shape != B.shape or A.ndim != 2 or A.shape[0] != A.shape[1]:
-        raise ValueError(f"Mantel test needs two square matrices of one shape, got {A.shape}, "
-                         f"{B.shape}")  # fmt: skip
+        raise ValueError(
+            f"Mantel test needs two square matrices of one shape, got {A.shape}, {B.shape}"
+        )
     if len(A) < 3:
         raise ValueError("Mantel test needs at least 3 objects")
     if method not in ("pearson", "spearman"):
@@ -170,8 +171,14 @@ def cca_matching(
     """
     A = as_matrix(X_a, len(meta)).astype(np.float64)
     B = as_matrix(X_b, len(meta)).astype(np.float64)
-    train, test = resolve_split(meta, split_by=split_by, train_idx=train_idx, test_idx=test_idx,
-                               test_size=test_size, seed=seed)  # fmt: skip
+    train, test = resolve_split(
+        meta,
+        split_by=split_by,
+        train_idx=train_idx,
+        test_idx=test_idx,
+        test_size=test_size,
+        seed=seed,
+    )
     k = min(n_components, A.shape[1], B.shape[1], len(train) - 1)
     cca = CCA(n_components=k, max_iter=max_iter, scale=True).fit(A[train], B[train])
     Ua, Ub = cca.transform(A[test], B[test])

@@ -163,8 +163,9 @@ def discriminative_patches(
         nn = np.argpartition(-sim, k - 1, axis=1)[:, :k]
         score[s : s + 1024] = is_a[nn].mean(axis=1)
     disc = score >= purity
-    table = pd.DataFrame({"image": img[qa], "patch": pat[qa], "score": score,
-                          "discriminative": disc})  # fmt: skip
+    table = pd.DataFrame(
+        {"image": img[qa], "patch": pat[qa], "score": score, "discriminative": disc}
+    )
     summary: dict = {
         "group_a": str(group_a),
         "group_b": str(group_b),

@@ -99,8 +99,15 @@ def confusion_matrix(
     im = ax.imshow(cm, cmap="Blues", vmin=0, vmax=1 if normalize else None)
     for i in range(n):
         for j in range(n):
-            ax.text(j, i, f"{cm[i, j]:.2f}" if normalize else f"{int(cm[i, j])}", ha="center", va="center",
-                    fontsize=7, color="white" if cm[i, j] > 0.6 * cm.max() else "black")  # fmt: skip
+            ax.text(
+                j,
+                i,
+                f"{cm[i, j]:.2f}" if normalize else f"{int(cm[i, j])}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if cm[i, j] > 0.6 * cm.max() else "black",
+            )
     ax.set_xticks(range(n), labels, rotation=45, ha="right", fontsize=7)
     ax.set_yticks(range(n), labels, fontsize=7)
     ax.set_xlabel("predicted")

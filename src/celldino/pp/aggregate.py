@@ -286,8 +286,12 @@ def aggregate(
     carry = [c for c in carry if c not in all_keys]
     logger.info(
         "aggregating %d file(s) by %s (%s of %d features, DuckDB memory_limit=%s)",
-        len(files), by, method, len(feats), memory_limit,
-    )  # fmt: skip
+        len(files),
+        by,
+        method,
+        len(feats),
+        memory_limit,
+    )
     try:
         if method == "mean":
             sql = _mean_sql(chain, feats, carry).replace("__READER__", _reader(files))

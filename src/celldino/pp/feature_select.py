@@ -105,10 +105,20 @@ def feature_select(
         )
     adata = adata.copy() if copy else adata
     adata._inplace_subset_var(keep)
-    record(adata, "feature_select", {
-        "operations": list(operations), "min_variance": min_variance, "freq_cut": freq_cut,
-        "unique_cut": unique_cut, "corr_threshold": corr_threshold, "corr_method": corr_method,
-        "na_cutoff": na_cutoff, "blocklist": list(blocklist),
-        "n_dropped": {k: len(v) for k, v in dropped.items()}, "n_kept": int(keep.sum()),
-    })  # fmt: skip
+    record(
+        adata,
+        "feature_select",
+        {
+            "operations": list(operations),
+            "min_variance": min_variance,
+            "freq_cut": freq_cut,
+            "unique_cut": unique_cut,
+            "corr_threshold": corr_threshold,
+            "corr_method": corr_method,
+            "na_cutoff": na_cutoff,
+            "blocklist": list(blocklist),
+            "n_dropped": {k: len(v) for k, v in dropped.items()},
+            "n_kept": int(keep.sum()),
+        },
+    )
     return adata if copy else None

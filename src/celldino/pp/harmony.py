@@ -49,9 +49,17 @@ def harmony(
     X = np.asarray(adata.X if use_rep is None else adata.obsm[use_rep], dtype=np.float64)
     meta = adata.obs[[key]].astype(str)
     ho = harmonypy.run_harmony(
-        X, meta, key, theta=theta, sigma=sigma, nclust=nclust, max_iter_harmony=max_iter,
-        random_state=random_state, verbose=False, ncores=ncores,
-    )  # fmt: skip
+        X,
+        meta,
+        key,
+        theta=theta,
+        sigma=sigma,
+        nclust=nclust,
+        max_iter_harmony=max_iter,
+        random_state=random_state,
+        verbose=False,
+        ncores=ncores,
+    )
     Z = np.asarray(ho.Z_corr, dtype=np.float64)
     if Z.shape != X.shape:
         Z = Z.T  # harmonypy < 2: (features, cells)
@@ -60,7 +68,18 @@ def harmony(
         adata.X = Z  # (n_obs, d)
     else:
         adata.obsm[f"{use_rep}_harmony"] = Z
-    record(adata, "harmony", {"key": key, "theta": theta, "sigma": sigma, "nclust": nclust,
-                              "max_iter": max_iter, "random_state": random_state,
-                              "n_batches": int(n_batches), "use_rep": use_rep or "X"})  # fmt: skip
+    record(
+        adata,
+        "harmony",
+        {
+            "key": key,
+            "theta": theta,
+            "sigma": sigma,
+            "nclust": nclust,
+            "max_iter": max_iter,
+            "random_state": random_state,
+            "n_batches": int(n_batches),
+            "use_rep": use_rep or "X",
+        },
+    )
     return adata if copy else None

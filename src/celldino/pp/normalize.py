@@ -81,14 +81,23 @@ def normalize(
                 logger.warning(
                     "%s: %d of %d features have zero spread (MAD 0) in the %d reference "
                     "profiles; they are divided by epsilon=%g (as pycytominer)",
-                    where, int(flat.sum()), len(flat), len(ref_rows), epsilon,
-                )  # fmt: skip
+                    where,
+                    int(flat.sum()),
+                    len(flat),
+                    len(ref_rows),
+                    epsilon,
+                )
         out[rows] = (X[rows] - center) / scale
     adata.X = out
     record(
         adata,
         "normalize",
-        {"method": method, "by": by or "", "reference": reference, "epsilon": epsilon,
-         "n_reference": int(mask.sum())},
-    )  # fmt: skip
+        {
+            "method": method,
+            "by": by or "",
+            "reference": reference,
+            "epsilon": epsilon,
+            "n_reference": int(mask.sum()),
+        },
+    )
     return adata if copy else None

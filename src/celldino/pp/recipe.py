@@ -88,9 +88,12 @@ def check_inputs(cfg: ProfileConfig) -> dict[str, list[str]]:
             logger.warning(
                 "profile.allow_partial=true: profiling the unfinished extraction %s "
                 "(manifest complete=%s; %d of %d shard(s) missing%s); the profiles record it",
-                folder, manifest.get("complete", False), len(missing), n,
+                folder,
+                manifest.get("complete", False),
+                len(missing),
+                n,
                 f": {', '.join(missing[:10])}" if missing else "",
-            )  # fmt: skip
+            )
     _check_same_extraction(identities)
     return partial
 
@@ -192,11 +195,16 @@ def aggregate_cached(cfg: ProfileConfig) -> ad.AnnData:
     partial = check_inputs(cfg)
     files = shard_paths(list(cfg.input))
     _check_distinct_cells(cfg, files)
-    key = fingerprint({
-        "files": [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files],
-        "features": cfg.features, "by": cfg.by, "via": cfg.via, "method": cfg.method,
-        "version": 2,  # 2: file column names kept, plate_well obs_names, steps as JSON text
-    })  # fmt: skip
+    key = fingerprint(
+        {
+            "files": [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files],
+            "features": cfg.features,
+            "by": cfg.by,
+            "via": cfg.via,
+            "method": cfg.method,
+            "version": 2,  # 2: file column names kept, plate_well obs_names, steps as JSON text
+        }
+    )
     cache, pending = _cache_paths(cfg)
     for path in (cache, pending):
         if path.exists() and not partial:
@@ -209,9 +217,14 @@ def aggregate_cached(cfg: ProfileConfig) -> ad.AnnData:
     _check_keys(cfg, files)
     levels = [list(cfg.by) + list(cfg.via)] if cfg.via else []
     adata = aggregate(
-        files, by=list(cfg.by), features=_features(cfg.features), method=cfg.method,
-        levels=levels, memory_limit=cfg.memory_limit, threads=cfg.threads,
-    )  # fmt: skip
+        files,
+        by=list(cfg.by),
+        features=_features(cfg.features),
+        method=cfg.method,
+        levels=levels,
+        memory_limit=cfg.memory_limit,
+        threads=cfg.threads,
+    )
     adata.uns["celldino"]["aggregate_key"] = key
     if partial:
         adata.uns["celldino"]["partial_input"] = {
@@ -293,15 +306,21 @@ def process(adata: ad.AnnData, cfg: ProfileConfig) -> ad.AnnData:
         annotate(adata, controls=cfg.controls)
     if cfg.normalize != "none":
         normalize(
-            adata, method=cfg.normalize, by=cfg.normalize_by or None,
-            reference=cfg.normalize_reference, epsilon=cfg.mad_epsilon,
-        )  # fmt: skip
+            adata,
+            method=cfg.normalize,
+            by=cfg.normalize_by or None,
+            reference=cfg.normalize_reference,
+            epsilon=cfg.mad_epsilon,
+        )
         _check(adata, "normalize", cfg)
     if cfg.select:
         feature_select(
-            adata, operations=list(cfg.select), min_variance=cfg.min_variance,
-            corr_threshold=cfg.corr_threshold, blocklist=list(cfg.blocklist),
-        )  # fmt: skip
+            adata,
+            operations=list(cfg.select),
+            min_variance=cfg.min_variance,
+            corr_threshold=cfg.corr_threshold,
+            blocklist=list(cfg.blocklist),
+        )
         _check(adata, "feature_select", cfg)
     if cfg.sphere != "none":
         sphere(adata, method=cfg.sphere, epsilon=cfg.sphere_epsilon, by=cfg.sphere_by or None)
@@ -341,8 +360,7 @@ def run_profile(cfg: ProfileConfig) -> dict[str, Path]:
     written: dict[str, Path] = {}
     targets = {"well": adata}
     if cfg.consensus:
-        targets["consensus"] = consensus(adata, by=list(cfg.consensus),
-                                         method=cfg.consensus_method)  # fmt: skip
+        targets["consensus"] = consensus(adata, by=list(cfg.consensus), method=cfg.consensus_method)
     for name, data in targets.items():
         suffix = "" if name == "well" else ".consensus"
         for fmt, path in _outputs(Path(cfg.out), tuple(cfg.formats), suffix).items():
@@ -351,6 +369,10 @@ def run_profile(cfg: ProfileConfig) -> dict[str, Path]:
     cache, pending = _cache_paths(cfg)
     if str(pending) in _OURS and pending.exists():  # this run's, kept aside until it succeeded
         os.replace(pending, cache)
-    logger.info("wrote %d profiles × %d features: %s", adata.n_obs, adata.n_vars,
-                ", ".join(map(str, written.values())))  # fmt: skip
+    logger.info(
+        "wrote %d profiles × %d features: %s",
+        adata.n_obs,
+        adata.n_vars,
+        ", ".join(map(str, written.values())),
+    )
     return written

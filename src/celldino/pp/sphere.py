@@ -62,8 +62,13 @@ def fit_whitening(
         logger.warning(
             "sphering%s: the reference covariance is singular (rank %d of %d features, %d "
             "profiles); regularised: missing singular values set to the smallest kept one, "
-            "plus epsilon=%g", where, r, d, n, epsilon,
-        )  # fmt: skip
+            "plus epsilon=%g",
+            where,
+            r,
+            d,
+            n,
+            epsilon,
+        )
     S = S + epsilon
     W = (Vt / S[:, None]).T * np.sqrt(n - 1)  # (d, d): PCA whitening
     if method.startswith("ZCA"):
