@@ -148,24 +148,14 @@ def test_failure_names_the_stage_and_keeps_earlier_outputs(pipeline_run, tmp_pat
 
 
 def _chromium() -> str:
+    """The headless browser of the report test. `.ci/run` installs Debian's `chromium` before
+    the tests (the test itself installs nothing); without one it fails under CI, else skips."""
     for name in ("chromium", "chromium-browser", "google-chrome"):
         if path := shutil.which(name):
             return path
-    # The test set-up installs Debian's chromium when it is missing (CI runs as root).
-    if os.geteuid() == 0 and shutil.which("apt-get"):
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update", "-qq"], check=False, env=env, capture_output=True)
-        subprocess.run(
-            ["apt-get", "install", "-y", "-qq", "chromium"],
-            check=False,
-            env=env,
-            capture_output=True,
-        )
-        if path := shutil.which("chromium"):
-            return path
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail("chromium is missing and could not be installed with apt-get")
-    pytest.skip("chromium not installed")
+        pytest.fail("chromium is missing: .ci/run installs it (apt-get install chromium)")
+    pytest.skip("chromium not installed (apt-get install chromium to run the report test)")
 
 
 CHECK_JS = """
