@@ -312,3 +312,20 @@ def test_stdout_that_cannot_be_written_is_one_line(tmp_path):
     assert done.returncode == 2, done.stderr
     assert "cannot write to standard output" in done.stderr and "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_run_eval_spec_inputs_start_at_the_spec_folder(tmp_path, monkeypatch):
+    """`run.eval_spec` inputs are read as `celldino evaluate --spec` reads them: relative to the
+    spec's folder, not to wherever `celldino run` was started."""
+    from celldino.io.runlayout import RunLayout
+    from celldino.pipeline import eval_spec
+
+    (tmp_path / "spec").mkdir()
+    spec = tmp_path / "spec" / "eval.yaml"
+    spec.write_text("inputs:\n  extra: extra.parquet\n  abs: /data/x.parquet\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, [f"run.eval_spec={spec}", "run.baselines=random_init"])
+    got = eval_spec(cfg, RunLayout(tmp_path / "run"))
+    assert got["inputs"]["extra"] == str(tmp_path / "spec" / "extra.parquet")
+    assert got["inputs"]["abs"] == "/data/x.parquet"
+    assert got["inputs"]["learned"].endswith("profiles/learned.parquet")

@@ -52,7 +52,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
 
 # Evaluation used when run.eval_spec is empty: the analyses of the Cell-DINO/WS-DINO papers that
 # read well profiles (NSC, NSCB, replicate and MoA mAP, kNN macro-F1 split by plate).
-DEFAULT_ANALYSES = {
+RUN_ANALYSES = {
     "nsc": {},
     "map_replicate": {},
     "map_moa": {},
@@ -162,23 +162,26 @@ def stage_profile(cfg: Config, lay: RunLayout, *, resume: bool) -> None:
 
 
 def eval_spec(cfg: Config, lay: RunLayout) -> dict:
-    """The evaluation spec: the user's (run.eval_spec) or the default, with the run's inputs."""
-    import yaml
+    """The evaluation spec: the user's (run.eval_spec) or the default, with the run's inputs.
 
-    spec: dict = {}
-    if cfg.run.eval_spec:
-        path = Path(cfg.run.eval_spec)
-        if not path.exists():
-            raise ConfigError(f"run.eval_spec: {path} does not exist")
-        spec = yaml.safe_load(path.read_text()) or {}
-    spec.setdefault("inputs", {})
+    The user's spec is read by the evaluation's own reader, and its relative `inputs` are made
+    absolute from the spec's folder (as `celldino evaluate --spec` reads them), since the spec
+    travels on as a dict.
+    """
+    from celldino.eval.runner import load_spec
+
+    spec, base = load_spec(cfg.run.eval_spec or None)
+    spec["inputs"] = {
+        name: str(p if Path(p).is_absolute() else base / p)
+        for name, p in (spec.get("inputs") or {}).items()
+    }
     for name in _feature_sets(cfg):
         spec["inputs"].setdefault(name, str(lay.profiles(name).with_suffix(".parquet")))
     if "engineered" in spec["inputs"] and "pca_engineered" in cfg.run.baselines:
         spec.setdefault("derived", {}).setdefault(
             "pca_engineered", {"pca": "engineered", "n_components": 50}
         )
-    spec.setdefault("analyses", dict(DEFAULT_ANALYSES))
+    spec.setdefault("analyses", dict(RUN_ANALYSES))
     return spec
 
 
@@ -275,7 +278,7 @@ def stage_fingerprints(
     return out
 
 
-# Column roles the default analyses read (DEFAULT_ANALYSES): nsc, map_moa and classify need the
+# Column roles the default analyses read (RUN_ANALYSES): nsc, map_moa and classify need the
 # MoA, nsc and map_replicate the compound. Checked against the load-data table before any stage
 # runs, so a missing column fails in a second instead of after training.
 DEFAULT_ROLE_COLUMNS = {"compound": "Metadata_Compound", "moa": "Metadata_MoA"}
@@ -296,7 +299,6 @@ def check_preconditions(cfg: Config) -> None:
     `profile.controls`) and evaluation (the spec's column roles) will look for. Raises one
     ConfigError listing every problem, each with the setting to change.
     """
-    import yaml
 
     stages, problems = set(cfg.run.stages), []
     p = cfg.prepare
@@ -325,16 +327,12 @@ def check_preconditions(cfg: Config) -> None:
             problems.append(str(e))
     spec: dict = {}
     if cfg.run.eval_spec:
-        spec_path = Path(cfg.run.eval_spec)
-        if not spec_path.exists():
-            problems.append(f"run.eval_spec: {spec_path} does not exist")
-        else:
-            try:
-                spec = yaml.safe_load(spec_path.read_text()) or {}
-            except yaml.YAMLError as e:
-                problems.append(f"run.eval_spec: {spec_path} is not valid YAML ({e})")
-            if not isinstance(spec, dict):
-                spec = {}
+        from celldino.eval.runner import load_spec
+
+        try:
+            spec, _ = load_spec(cfg.run.eval_spec)
+        except UserError as e:
+            problems.append(f"run.eval_spec: {e}")
     table = Path(p.load_data) if p.load_data else None
     if table is not None and table.exists() and "prepare" in stages:
         from celldino.io.tables import read_table
