@@ -314,6 +314,15 @@ def test_misspelled_analysis_parameter_lists_the_valid_ones(tmp_path, lincs, ear
         f"evaluate.out_dir={earlier}",
     )
     assert rc == 2 and "null_size must be >= 1" in text and _kept(before, earlier)
+    rc, text = run_cli(  # a misspelled option one level down, under mlp:
+        "evaluate",
+        tmp_path / "p.parquet",
+        "--spec",
+        _spec(tmp_path, "{classify: {mlp: {epoch: 3}}}"),
+        f"evaluate.out_dir={earlier}",
+    )
+    assert rc == 2 and "analyses.classify.mlp" in text and "'epoch'" in text and "epochs" in text
+    assert _kept(before, earlier)
 
 
 def test_moa_column_all_nan_skips_what_needs_it_and_says_so(tmp_path, lincs, run_cli):

@@ -214,9 +214,19 @@ def _label_and_split(meta: pd.DataFrame, ctx: EvalContext, params: dict, name: s
     return label, split_by
 
 
-def _mlp_options(params: dict) -> MLPOptions:
+def mlp_options(params: dict, name: str = "classify") -> MLPOptions:
+    """The `mlp:` options of an analysis as MLPOptions; an unknown option is a SpecError."""
     fields = MLPOptions.__dataclass_fields__
-    opts = {k: v for k, v in (params.get("mlp") or {}).items() if k in fields}
+    raw = params.get("mlp") or {}
+    if not isinstance(raw, dict):
+        raise SpecError(f"analyses.{name}.mlp: expected a mapping of {sorted(fields)}")
+    bad = [k for k in raw if k not in fields]
+    if bad:
+        raise SpecError(
+            f"analyses.{name}.mlp: unknown option(s) {bad}; valid options: "
+            f"{', '.join(sorted(fields))}"
+        )
+    opts = dict(raw)
     if "hidden" in opts:
         opts["hidden"] = tuple(opts["hidden"])
     return MLPOptions(**opts)
@@ -235,7 +245,7 @@ def run_classify(meta, X, ctx: EvalContext, **params: Any) -> AnalysisResult:
         classifiers=tuple(params.get("classifiers", ("knn", "linear", "mlp"))),
         ks=tuple(params.get("ks", (1, 5, 10, 20, 50))),
         test_size=float(params.get("test_size", 0.25)),
-        mlp_options=_mlp_options(params),
+        mlp_options=mlp_options(params),
         seed=ctx.seed,
     )
     metrics = {}
@@ -259,7 +269,7 @@ def run_lowshot(meta, X, ctx: EvalContext, **params: Any) -> AnalysisResult:
         classifiers=tuple(params.get("classifiers", ("knn", "linear"))),
         ks=tuple(params.get("ks", (5,))),
         n_repeats=int(params.get("n_repeats", 1)),
-        mlp_options=_mlp_options(params),
+        mlp_options=mlp_options(params),
         seed=ctx.seed,
     )
     mean = table.groupby(["fraction", "classifier", "k"], dropna=False).macro_f1.mean()
@@ -284,7 +294,7 @@ def run_moa_prediction(meta, X, ctx: EvalContext, **params: Any) -> AnalysisResu
         classifier=params.get("classifier", "linear"),
         n_folds=params.get("n_folds", 5),
         min_compounds=int(params.get("min_compounds", 2)),
-        mlp_options=_mlp_options(params),
+        mlp_options=mlp_options(params),
         seed=ctx.seed,
     )
     return _result(summary, {"per_moa": per_moa, "predictions": predictions})

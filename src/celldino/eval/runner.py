@@ -30,7 +30,7 @@ import yaml
 
 from celldino.config import EvaluateConfig
 from celldino.errors import DataError, MissingInputError
-from celldino.eval.analyses import ANALYSES, DEFAULT_ANALYSES, map_kwargs
+from celldino.eval.analyses import ANALYSES, DEFAULT_ANALYSES, map_kwargs, mlp_options
 from celldino.eval.map import Unpaired
 from celldino.eval.spec import (
     AnalysisResult,
@@ -122,6 +122,8 @@ def _analyses(spec: dict) -> dict[str, dict]:
             )
         if "null_size" in params or "threshold" in params:
             map_kwargs(EvalContext(), params)  # values checked before any analysis runs
+        if "mlp" in params:
+            mlp_options(params, name)  # unknown MLP options too, before any analysis runs
         out[name] = params
     return out
 
