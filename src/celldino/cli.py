@@ -15,6 +15,8 @@ from pathlib import Path
 from celldino import __version__, log
 from celldino import config as C
 from celldino.errors import OutputError, UserError
+from celldino.io.results import SUMMARY
+from celldino.io.runlayout import RunLayout
 
 logger = log.get_logger(__name__)
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -81,7 +83,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     out = evaluate(args.profiles, spec=args.spec, cfg=cfg.evaluate)
-    print(out / "summary.json")
+    print(out / SUMMARY)
     return 0
 
 
@@ -108,7 +110,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from celldino.report import build_report
 
     cfg = _config(args)
-    out = args.out or Path(args.run_dir) / "report.html"
+    out = args.out or RunLayout(Path(args.run_dir)).report
     print(build_report(args.run_dir, out=out, title=cfg.report.title))
     return 0
 

@@ -41,6 +41,7 @@ from celldino.eval.spec import (
     is_control_row,
     obs_table,
 )
+from celldino.io import results
 from celldino.io.files import (
     atomic_write_text,
     file_fingerprint,
@@ -434,8 +435,8 @@ def _run_all(
         os.replace(src, dst)
     shutil.rmtree(pending, ignore_errors=True)
     tidy = pd.DataFrame(rows, columns=["feature_set", "analysis", "metric", "value"])
-    _write_table(tidy, out / "metrics.parquet")
-    atomic_write_text(out / "metrics.csv", tidy.to_csv(index=False))
+    _write_table(tidy, out / results.METRICS)
+    atomic_write_text(out / results.METRICS_CSV, tidy.to_csv(index=False))
     nested: dict[str, dict[str, dict[str, float | None]]] = {}
     for r in rows:
         v = r["value"]
@@ -456,13 +457,13 @@ def _run_all(
         "settings": ctx_key,
         "skipped": skipped,
     }
-    write_json(out / "summary.json", summary)
+    write_json(out / results.SUMMARY, summary)
     if skipped:
         logger.warning(
             "evaluate skipped %d of %d analyses (listed under 'skipped' in %s): %s",
             len(skipped),
             len(jobs),
-            out / "summary.json",
+            out / results.SUMMARY,
             "; ".join(skipped),
         )
     return summary

@@ -38,7 +38,7 @@ from celldino.errors import DataError, MissingInputError, UserError
 from celldino.io.configfile import save_config
 from celldino.io.files import file_fingerprint, require_writable, write_error
 from celldino.io.lock import input_lock, output_lock
-from celldino.io.trainrun import METRICS, append_metrics, truncate_metrics
+from celldino.io.trainrun import CONFIG, METRICS, append_metrics, truncate_metrics
 from celldino.log import get_logger
 from celldino.models.build import build_head, build_model
 from celldino.train import checkpoint, distributed
@@ -266,7 +266,7 @@ def resume_differences(cfg: Config, run_dir: Path, identity: dict[str, Any] | No
     from celldino.train.checkpoint import read_run_metadata
 
     diffs = []
-    old_path = run_dir / "config.yaml"
+    old_path = run_dir / CONFIG
     if old_path.is_file():
         try:
             old_cfg = load_config(old_path)
@@ -533,9 +533,9 @@ def _train_locked(
         logger.warning("--resume: no checkpoint in %s yet, starting from scratch", run_dir)
     if info.is_main:  # the first file written: every check above has passed
         try:
-            save_config(cfg, run_dir / "config.yaml")
+            save_config(cfg, run_dir / CONFIG)
         except OSError as e:
-            raise write_error(run_dir / "config.yaml", e, what="config") from None
+            raise write_error(run_dir / CONFIG, e, what="config") from None
 
     warmup_steps = int(round(tc.warmup_epochs * spe))
     temp_warmup_steps = int(round(tc.warmup_teacher_temp_epochs * spe))
