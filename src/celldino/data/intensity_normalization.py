@@ -39,14 +39,6 @@ def image_percentiles(image: np.ndarray, percentiles: tuple[float, float]) -> tu
     return [float(v) for v in lo], [float(v) for v in hi]
 
 
-def pixel_sample(image: np.ndarray, n: int = 4096, seed: int = 0) -> np.ndarray:
-    """A fixed random sample of pixels per channel, (C, n), for pooled plate percentiles."""
-    c, h, w = image.shape
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, h * w, size=min(n, h * w))
-    return image.reshape(c, -1)[:, idx].astype(np.float32)
-
-
 def normalise(x: np.ndarray, stats: dict, lo=None, hi=None) -> np.ndarray:
     """Apply the recorded option to (..., C, H, W); lo/hi are (..., C) for the percentile options
     (one (C,) pair for a crop, or (N, C) for a batch of N crops)."""

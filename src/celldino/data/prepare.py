@@ -75,7 +75,7 @@ from celldino.io.prepared import (
     read_qc,
     write_illumination,
 )
-from celldino.io.tables import LoadDataError, read_table, row_label, write_parquet
+from celldino.io.tables import read_table, row_label, write_parquet
 
 logger = log.get_logger(__name__)
 
@@ -87,17 +87,6 @@ _N_SAMPLE = 4096
 class PrepareError(ConfigError):
     """Settings that cannot work together (named in the message)."""
 
-
-# errors the CLI reports as one line (bad input or settings), not as a traceback: every one is a
-# UserError (the names are kept for callers that catch them one by one)
-INPUT_ERRORS = (
-    UserError,
-    PrepareError,
-    LoadDataError,
-    ImageReadError,
-    ImageSetError,
-    CropStoreError,
-)
 
 # everything prepare writes in out_dir (removed when the inputs changed; cells.parquet first)
 _OUTPUT_FILES = (

@@ -161,7 +161,8 @@ def analysis_parameters(name: str) -> set[str] | None:
 
 
 def read_profile_table(path: str | Path) -> pd.DataFrame:
-    """A profile file (.parquet, .csv[.gz], .h5ad) as one table of metadata + features."""
+    """A profile table (.parquet, .csv[.gz]) as one frame of metadata + features (.h5ad files go
+    through `_from_anndata`, which takes the features from X only)."""
     path = Path(path)
     if path.is_dir():
         raise DataError(
@@ -172,10 +173,6 @@ def read_profile_table(path: str | Path) -> pd.DataFrame:
         raise MissingInputError(
             f"profile file {path} does not exist; run `celldino profile` first or fix the path"
         )
-    if path.name.lower().endswith(".h5ad"):
-        from celldino.io.profiles import anndata_to_frame, read_h5ad
-
-        return anndata_to_frame(read_h5ad(path))
     from celldino.io.tables import read_table
 
     try:

@@ -25,7 +25,6 @@ from celldino.log import get_logger
 logger = get_logger(__name__)
 
 _STEPS_JSON = "steps_json"  # the key of files written before the steps became JSON in memory
-TABLE_SUFFIXES = (".parquet", ".csv", ".csv.gz")
 
 
 def table_kind(path: str | Path) -> str:

@@ -1,9 +1,11 @@
 """Where each stage of `celldino run` puts its outputs inside one run directory.
 
 <root>/
+  config.yaml           the resolved config of the run
   screen/               the synthetic screen (demo only)
   prep/                 cells.parquet, crops.zarr, qc.parquet, engineered.parquet
   train/                config.yaml, checkpoints/, metrics.jsonl
+  baselines/            random_init.safetensors (the untrained backbone)
   embeddings/<name>/    Parquet shards + _manifest.json (+ attention file) per feature set
   profiles/<name>.h5ad  well profiles per feature set (+ .parquet, .csv)
   eval/                 results tables and summary.json
