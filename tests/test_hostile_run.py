@@ -329,3 +329,54 @@ def test_run_eval_spec_inputs_start_at_the_spec_folder(tmp_path, monkeypatch):
     assert got["inputs"]["extra"] == str(tmp_path / "spec" / "extra.parquet")
     assert got["inputs"]["abs"] == "/data/x.parquet"
     assert got["inputs"]["learned"].endswith("profiles/learned.parquet")
+
+
+def test_a_failed_prepare_does_not_make_the_next_run_retrain(tiny_screen, tmp_path, run_cli):
+    """An image missing for one run (an unmounted share) made the next run, with the image back,
+    delete and retrain the model: the failed attempt had dropped train's record."""
+    import shutil
+
+    screen = tmp_path / "screen"
+    shutil.copytree(tiny_screen, screen)
+    table = screen / "load_data.csv"
+    ld = pd.read_csv(table)
+    for col in [c for c in ld.columns if c.startswith("PathName_")]:
+        ld[col] = ld[col].str.replace(str(tiny_screen), str(screen), regex=False)
+    ld.to_csv(table, index=False)
+    out = tmp_path / "run"
+    args = [
+        "run",
+        f"prepare.load_data={table}",
+        "prepare.features=false",
+        "prepare.crop_size=32",
+        "prepare.nuclei_min_area=30",
+        "model.depth=1",
+        "model.patch_size=8",
+        "model.img_size=32",
+        "model.out_dim=64",
+        "model.head_hidden_dim=64",
+        "model.head_bottleneck_dim=32",
+        "augment.global_crop_size=32",
+        "augment.local_crop_size=16",
+        "augment.n_local_crops=0",
+        "train.epochs=1",
+        "train.batch_size=32",
+        "run.stages=prepare,train",
+        "run.baselines=random_init",
+        f"run.out_dir={out}",
+    ]
+    rc, text = run_cli(*args)
+    assert rc == 0, text
+    weights = out / "train" / "checkpoints" / "last.safetensors"
+    trained = weights.read_bytes()
+    image = Path(ld.loc[0, "PathName_DNA"]) / ld.loc[0, "FileName_DNA"]
+    moved = tmp_path / "moved.tif"
+    shutil.move(image, moved)
+    rc, text = run_cli(*args)
+    assert rc == 2 and "prepare" in text and image.name in text
+    assert weights.read_bytes() == trained  # the failed prepare touched no later stage
+    shutil.move(moved, image)
+    rc, text = run_cli(*args)
+    assert rc == 0, text
+    assert "stage train: up to date" in text
+    assert weights.read_bytes() == trained  # not retrained

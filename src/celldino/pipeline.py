@@ -388,8 +388,10 @@ def run_pipeline(cfg: Config, *, force: tuple[str, ...] = (), demo: bool = False
 
     pipeline.json records each stage as started (with its fingerprint) before it runs and as done
     after. A stage is skipped when done with the same fingerprint and its outputs exist; resumed
-    when it was started with the same fingerprint and interrupted; otherwise run afresh, and every
-    later stage's record is dropped so that they run again too.
+    when it was started with the same fingerprint and interrupted; otherwise run afresh. Later
+    stages rerun because their fingerprints chain this one's (and, after a forced stage, because
+    their records are dropped once it is done); a failed attempt leaves their records alone, so
+    fixing the cause never redoes finished work whose inputs are back as they were.
     """
     lay = RunLayout(_run_folder(cfg))
     unknown = [s for s in (*cfg.run.stages, *cfg.run.force, *force) if s not in STAGES]
@@ -420,7 +422,6 @@ def _run_stages(cfg: Config, lay: RunLayout, *, force: tuple[str, ...], demo: bo
                 lay.prep,
             )
             inputs = old_inputs
-    record["inputs"] = inputs
     fps = stage_fingerprints(cfg, demo=demo, inputs=inputs)
     save_config(cfg, lay.root / "config.yaml")  # after the inputs were read: nothing before
     for i, stage in enumerate(STAGES):
@@ -432,9 +433,12 @@ def _run_stages(cfg: Config, lay: RunLayout, *, force: tuple[str, ...], demo: bo
             logger.info("stage %s: up to date (fingerprint %s), skipped", stage, fp)
             continue
         resume = same and not old.get("done")
-        for later in STAGES[i:]:
-            record["stages"].pop(later, None)
-        record["stages"][stage] = {"fingerprint": fp, "done": False}
+        # A later stage's fingerprint chains this one's, so a changed stage invalidates them by
+        # itself; their records are kept until this stage succeeds (a failed attempt must not
+        # make a later rerun redo finished work). A forced stage has the fingerprint it had, so
+        # it invalidates them explicitly once done, even if it is finished by a later rerun.
+        forced_now = stage in forced or bool(old.get("forced") and not old.get("done"))
+        record["stages"][stage] = {"fingerprint": fp, "done": False, "forced": forced_now}
         write_json(lay.manifest, record)
         logger.info("stage %s: %s", stage, "resuming" if resume else "running")
         t0 = time.perf_counter()
@@ -449,6 +453,11 @@ def _run_stages(cfg: Config, lay: RunLayout, *, force: tuple[str, ...], demo: bo
             ) from e
         seconds = round(time.perf_counter() - t0, 1)
         record["stages"][stage] = {"fingerprint": fp, "done": True, "seconds": seconds}
+        if forced_now:
+            for later in STAGES[i + 1 :]:
+                record["stages"].pop(later, None)
+        if stage == "prepare":
+            record["inputs"] = inputs  # what the prep on disk was made from
         record["fingerprint"] = fp
         write_json(lay.manifest, record)
         logger.info("stage %s: done in %.1f s", stage, seconds)
