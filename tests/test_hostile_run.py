@@ -380,3 +380,34 @@ def test_a_failed_prepare_does_not_make_the_next_run_retrain(tiny_screen, tmp_pa
     assert rc == 0, text
     assert "stage train: up to date" in text
     assert weights.read_bytes() == trained  # not retrained
+
+
+@pytest.mark.parametrize("code", ["ENOLCK", "ENOSYS", "EOPNOTSUPP"])
+def test_a_filesystem_without_locks_warns_and_goes_on(tmp_path, monkeypatch, caplog, code):
+    """Lustre without -o flock, NFS mounted nolock: flock fails with ENOLCK/ENOSYS/EOPNOTSUPP
+    (simulated here). The stage goes on, saying it holds no lock, instead of a traceback."""
+    import errno
+    import logging
+
+    import celldino.io.lock as lock
+    from celldino.io.lock import input_lock
+
+    def no_locks(fd, op):
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+
+    monkeypatch.setattr(lock.fcntl, "flock", no_locks)
+    celldino_logger = logging.getLogger("celldino")
+    propagate, celldino_logger.propagate = celldino_logger.propagate, True
+    try:
+        with caplog.at_level(logging.WARNING, logger="celldino"):
+            with output_lock(tmp_path / "out", "extract"):
+                (tmp_path / "out" / "x").write_text("x")
+            with input_lock(tmp_path / "out", "train"):
+                pass
+    finally:
+        celldino_logger.propagate = propagate
+    assert (tmp_path / "out" / "x").read_text() == "x"
+    warned = {
+        r.getMessage().split(":")[0] for r in caplog.records if "no file locks" in r.getMessage()
+    }
+    assert warned == {"extract", "train"}

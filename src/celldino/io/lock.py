@@ -17,6 +17,7 @@ it does not exist and cannot be made, the folder is read without a lock (nobody 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -34,6 +35,32 @@ logger = logging.getLogger(__name__)
 LOCK_NAME = ".celldino.lock"
 _held: dict[str, int] = {}  # folder → depth, so a stage may re-enter its own lock
 _shared: dict[str, int] = {}  # folder → depth of this process's read locks
+
+
+# errno of flock on a filesystem without locks (Lustre without -o flock, NFS with nolock, some
+# FUSE/SMB mounts): the stage goes on without a lock, with a warning, rather than not at all
+_NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
+
+
+def _try_flock(fd: int, op: int, folder: Path, stage: str) -> bool:
+    """flock(fd, op | LOCK_NB): True when held, False (with a warning) where the filesystem has
+    no locks; BlockingIOError when another process holds a conflicting lock."""
+    try:
+        fcntl.flock(fd, op | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        raise
+    except OSError as e:
+        if e.errno not in _NO_LOCKS:
+            raise
+        logger.warning(
+            "%s: the filesystem of %s has no file locks (%s): going on without one, so make "
+            "sure no other run writes there meanwhile",
+            stage,
+            folder,
+            e.strerror,
+        )
+        return False
 
 
 def _holder_text(path: Path) -> str:
@@ -71,7 +98,7 @@ def output_lock(folder: str | Path, stage: str) -> Iterator[Path]:
         ) from None
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = _try_flock(fd, fcntl.LOCK_EX, folder, stage)
         except BlockingIOError:
             if _only_readers(fd):
                 raise OutputError(
@@ -96,7 +123,8 @@ def output_lock(folder: str | Path, stage: str) -> Iterator[Path]:
             yield folder
         finally:
             _held.pop(key, None)
-            fcntl.flock(fd, fcntl.LOCK_UN)
+            if locked:
+                fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
 
@@ -142,7 +170,7 @@ def input_lock(folder: str | Path, stage: str) -> Iterator[Path]:
             return
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            locked = _try_flock(fd, fcntl.LOCK_SH, folder, stage)
         except BlockingIOError:
             raise IncompleteInputError(
                 f"{stage}: {folder} is being written by {_holder_text(path)}; wait for it to "
@@ -153,6 +181,7 @@ def input_lock(folder: str | Path, stage: str) -> Iterator[Path]:
             yield folder
         finally:
             _shared.pop(key, None)
-            fcntl.flock(fd, fcntl.LOCK_UN)
+            if locked:
+                fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
