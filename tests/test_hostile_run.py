@@ -369,12 +369,15 @@ def test_a_failed_prepare_does_not_make_the_next_run_retrain(tiny_screen, tmp_pa
     assert rc == 0, text
     weights = out / "train" / "checkpoints" / "last.safetensors"
     trained = weights.read_bytes()
+    cells = (out / "prep" / "cells.parquet").read_bytes()
     image = Path(ld.loc[0, "PathName_DNA"]) / ld.loc[0, "FileName_DNA"]
     moved = tmp_path / "moved.tif"
     shutil.move(image, moved)
     rc, text = run_cli(*args)
     assert rc == 2 and "prepare" in text and image.name in text
     assert weights.read_bytes() == trained  # the failed prepare touched no later stage
+    assert (out / "prep" / "cells.parquet").read_bytes() == cells  # nor the prep it replaced
+    assert not (out / "prep.replaced").exists()
     shutil.move(moved, image)
     rc, text = run_cli(*args)
     assert rc == 0, text

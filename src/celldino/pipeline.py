@@ -108,9 +108,24 @@ def _feature_sets(cfg: Config) -> list[str]:
 def stage_prepare(cfg: Config, lay: RunLayout, *, resume: bool) -> None:
     from celldino.data.prepare import prepare
 
-    if not resume:  # other settings: the crop store refuses to mix, so start it again
+    if resume or not lay.prep.exists():
+        prepare(cfg.prepare)
+        return
+    # other settings or inputs: the crop store refuses to mix, so prepare starts a new folder;
+    # the finished one is set aside until the new one is done and put back if prepare fails
+    # (a missing image must not cost the prep that was there). Interrupted, the new one stays
+    # (the rerun resumes it) and the old one goes.
+    old = lay.prep.with_name(lay.prep.name + ".replaced")
+    shutil.rmtree(old, ignore_errors=True)
+    lay.prep.rename(old)
+    try:
+        prepare(cfg.prepare)
+    except Exception:
         shutil.rmtree(lay.prep, ignore_errors=True)
-    prepare(cfg.prepare)
+        old.rename(lay.prep)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def stage_train(cfg: Config, lay: RunLayout, *, resume: bool) -> None:
