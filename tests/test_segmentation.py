@@ -81,3 +81,20 @@ def test_object_f1_hand_example_and_mask_helpers():
     assert labels_from_mask(binary).max() == 2
     cells = np.where(ref > 0, 7 - ref, 0)  # labels swapped: 6 and 5
     assert np.array_equal(match_cells(ref, cells), ref)
+
+
+def test_object_f1_counts_unique_labels_that_skip_numbers():
+    # reference labels 3 and 40 (two objects, max() would say 40); prediction labels 7 and 9
+    ref = np.zeros((12, 40), np.int32)
+    ref[1:5, 1:5] = 3
+    ref[1:5, 20:24] = 40
+    pred = np.zeros_like(ref)
+    pred[1:5, 1:5] = 9  # exact match of ref 3
+    pred[7:11, 30:34] = 7  # a false positive
+    s = object_f1(pred, ref, 0.5)
+    # by hand: 1 match, 2 predicted objects, 2 reference objects
+    assert (s["tp"], s["n_pred"], s["n_ref"]) == (1, 2, 2)
+    assert (s["precision"], s["recall"], s["f1"]) == (0.5, 0.5, 0.5)
+    # no background at all: every label is an object
+    full = np.full((4, 4), 5, np.int32)
+    assert object_f1(full, full)["tp"] == 1 and object_f1(full, full)["n_ref"] == 1

@@ -127,15 +127,24 @@ def match_cells(nuclei: np.ndarray, cells: np.ndarray) -> np.ndarray:
 
 
 def object_f1(pred: np.ndarray, ref: np.ndarray, iou: float = 0.5) -> dict:
-    """Object-level precision, recall and F1: a match is a pair of objects with IoU >= iou."""
-    n_pred, n_ref = int(pred.max()), int(ref.max())
+    """Object-level precision, recall and F1: a match is a pair of objects with IoU >= iou.
+
+    Objects are the distinct non-zero labels (labels may skip numbers), not `max()`.
+    """
+    pred_ids, pred_idx = np.unique(np.asarray(pred), return_inverse=True)
+    ref_ids, ref_idx = np.unique(np.asarray(ref), return_inverse=True)
+    # index 0 is background only when label 0 is present; shift so that 0 always means background
+    pred_idx = pred_idx.reshape(-1) + (0 if pred_ids[0] == 0 else 1)
+    ref_idx = ref_idx.reshape(-1) + (0 if ref_ids[0] == 0 else 1)
+    n_pred = int(np.count_nonzero(pred_ids))
+    n_ref = int(np.count_nonzero(ref_ids))
     tp = 0
     if n_pred and n_ref:
-        fg = (pred > 0) & (ref > 0)
+        fg = (pred_idx > 0) & (ref_idx > 0)
         inter = np.zeros((n_pred + 1, n_ref + 1), np.int64)
-        np.add.at(inter, (pred[fg], ref[fg]), 1)
-        a_pred = np.bincount(pred.ravel(), minlength=n_pred + 1)
-        a_ref = np.bincount(ref.ravel(), minlength=n_ref + 1)
+        np.add.at(inter, (pred_idx[fg], ref_idx[fg]), 1)
+        a_pred = np.bincount(pred_idx, minlength=n_pred + 1)
+        a_ref = np.bincount(ref_idx, minlength=n_ref + 1)
         union = a_pred[:, None] + a_ref[None, :] - inter
         ious = np.where(union > 0, inter / np.maximum(union, 1), 0.0)[1:, 1:]
         # greedy one-to-one matching, best IoU first (at IoU > 0.5 matches are unique anyway)
