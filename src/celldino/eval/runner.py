@@ -371,7 +371,7 @@ def _run_all(
     pending = out / "pending"
     (pending / "parts").mkdir(parents=True, exist_ok=True)
     (pending / "tables").mkdir(parents=True, exist_ok=True)
-    ctx_key = dataclasses.asdict(ctx)
+    ctx_key = {k: v for k, v in dataclasses.asdict(ctx).items() if k not in ("feature_set", "sets")}
     rows: list[dict] = []
     skipped: dict[str, str] = {}
     moves: list[tuple[Path, Path]] = []
@@ -379,6 +379,8 @@ def _run_all(
     for fs, name, params in progress(jobs, desc="evaluate"):
         part_name = f"{name}__{fs.name}.json"
         key = fingerprint([fs.key, name, params, ctx_key])
+        if getattr(ANALYSES[name], "reads_sets", False):  # mantel, cca: the other sets count too
+            key = fingerprint([key, [s.key for s in sets.values()]])
         done, where = None, None
         for folder in (out, pending):
             p = folder / "parts" / part_name
@@ -398,7 +400,8 @@ def _run_all(
         else:
             logger.info("%s on %s (%d profiles × %d features)", name, fs.name, *fs.X.shape)
             try:
-                res = _as_result(ANALYSES[name](fs.meta, fs.X, ctx, **params))
+                run_ctx = dataclasses.replace(ctx, feature_set=fs.name, sets=sets)
+                res = _as_result(ANALYSES[name](fs.meta, fs.X, run_ctx, **params))
             except (Unpaired, NotEvaluable) as e:  # cannot run on these data: skip, say why
                 reason = str(e.args[0] if e.args else e)
                 skipped[f"{name} on {fs.name}"] = reason

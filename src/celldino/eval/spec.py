@@ -9,9 +9,9 @@ metric → number), or raises `NotEvaluable` when it cannot run on these profile
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -155,6 +155,11 @@ class EvalContext:
     threshold: float = 0.05
     map_method: str = "auto"
     block_bytes: int = 256 * 2**20
+    # set by the runner per analysis (not part of a part's fingerprint): the feature set being
+    # evaluated and every feature set of the run by name (`.meta`, `.X`, `.source`, `.key`), for
+    # the analyses that compare sets (mantel, cca, block_search) or read its run folder
+    feature_set: str = field(default="", compare=False)
+    sets: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass
