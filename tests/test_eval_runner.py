@@ -16,6 +16,7 @@ from sklearn.neighbors import NearestNeighbors
 
 from celldino import cli
 from celldino.eval import runner
+from celldino.eval.stats import STAT_COLUMNS
 
 
 def _wells(seed: int, signal: float, d: int = 10) -> pd.DataFrame:
@@ -107,8 +108,9 @@ def test_evaluate_cli_side_by_side(inputs, capsys):
     assert rc == 0
     assert str(out / "summary.json") in capsys.readouterr().out
     tidy = pd.read_parquet(out / "metrics.parquet")
-    assert list(tidy.columns) == ["feature_set", "analysis", "metric", "value"]
-    pd.testing.assert_frame_equal(tidy, pd.read_csv(out / "metrics.csv"), check_dtype=False)
+    assert list(tidy.columns) == ["feature_set", "analysis", "metric", "value", *STAT_COLUMNS]
+    csv = pd.read_csv(out / "metrics.csv").fillna({"flags": ""})
+    pd.testing.assert_frame_equal(tidy, csv, check_dtype=False)
     sets = ["learned", "engineered", "random_init", "pca_engineered"]
     assert list(dict.fromkeys(tidy.feature_set)) == sets
     assert not tidy.duplicated(["feature_set", "analysis", "metric"]).any()

@@ -278,6 +278,7 @@ class EvaluateConfig:
         "auto"  # mAP backend: auto (copairs when small, else blocked), copairs, blocked
     )
     map_memory_mb: int = 256  # working memory of one block of queries in the blocked mAP
+    n_boot: int = 1000  # bootstrap resamples for the metrics' 95% intervals (0: no intervals)
     resume: bool = True  # keep finished (feature set, analysis) parts of an earlier run
 
 
@@ -514,6 +515,7 @@ RANGES: dict[str, Range] = {
     "evaluate.null_size": _POSITIVE,
     "evaluate.threshold": Range(0.0, 1.0, low_open=True),
     "evaluate.map_memory_mb": _POSITIVE,
+    "evaluate.n_boot": _COUNT,
 }
 # Settings that must not be empty (an empty list would silently do nothing).
 NON_EMPTY = ("profile.formats", "profile.by", "profile.input", "run.stages")

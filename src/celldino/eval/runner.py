@@ -41,6 +41,7 @@ from celldino.eval.spec import (
     is_control_row,
     obs_table,
 )
+from celldino.eval.stats import metrics_table, stat_columns
 from celldino.io import results
 from celldino.io.files import (
     atomic_write_text,
@@ -391,6 +392,7 @@ def _run_all(
         if cfg.resume and done:
             logger.info("%s on %s: done before, kept", name, fs.name)
             metrics = dict(done["metrics"])  # stored as [name, value] pairs, in order
+            stats = done.get("stats") or {}
             if where == pending:
                 moves.append((pending / "parts" / part_name, out / "parts" / part_name))
                 moves += [
@@ -413,15 +415,20 @@ def _run_all(
                 msg = e.args[0] if e.args else e
                 raise SpecError(f"analysis '{name}' on feature set '{fs.name}': {msg}") from e
             metrics = {k: float(v) for k, v in res.metrics.items()}
+            stats = res.stats
             for tname, table in res.tables.items():
                 tfile = f"{name}__{fs.name}__{tname}.parquet"
                 _write_table(table, pending / "tables" / tfile)
                 moves.append((pending / "tables" / tfile, out / "tables" / tfile))
             part = pending / "parts" / part_name
-            write_json(part, {"key": key, "metrics": [[k, v] for k, v in metrics.items()]})
+            write_json(
+                part,
+                {"key": key, "metrics": [[k, v] for k, v in metrics.items()], "stats": stats},
+            )
             moves.append((part, out / "parts" / part_name))
         rows += [
             {"feature_set": fs.name, "analysis": name, "metric": k, "value": v}
+            | stat_columns(stats.get(k))
             for k, v in metrics.items()
         ]
     if not rows and skipped:
@@ -434,7 +441,7 @@ def _run_all(
     for src, dst in moves:  # every analysis finished: this run's parts become the run's
         os.replace(src, dst)
     shutil.rmtree(pending, ignore_errors=True)
-    tidy = pd.DataFrame(rows, columns=["feature_set", "analysis", "metric", "value"])
+    tidy, flagged = metrics_table(rows)  # with chance, ci_low, ci_high, p_perm, n_queries, flags
     _write_table(tidy, out / results.METRICS)
     atomic_write_text(out / results.METRICS_CSV, tidy.to_csv(index=False))
     nested: dict[str, dict[str, dict[str, float | None]]] = {}
@@ -456,6 +463,7 @@ def _run_all(
         "metrics": nested,
         "settings": ctx_key,
         "skipped": skipped,
+        "flags": flagged,
     }
     write_json(out / results.SUMMARY, summary)
     if skipped:
@@ -491,6 +499,7 @@ def evaluate(
         threshold=cfg.threshold,
         map_method=cfg.map_method,
         block_bytes=cfg.map_memory_mb * 2**20,
+        n_boot=cfg.n_boot,
     )
     spec_src = spec if spec is not None else (cfg.spec or None)
     where = f"spec {spec_src}" if isinstance(spec_src, (str, Path)) else "the spec"

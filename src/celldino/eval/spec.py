@@ -155,6 +155,7 @@ class EvalContext:
     threshold: float = 0.05
     map_method: str = "auto"
     block_bytes: int = 256 * 2**20
+    n_boot: int = 1000  # bootstrap resamples of the 95% intervals (eval.stats; 0: none)
     # set by the runner per analysis (not part of a part's fingerprint): the feature set being
     # evaluated and every feature set of the run by name (`.meta`, `.X`, `.source`, `.key`), for
     # the analyses that compare sets (mantel, cca, block_search) or read its run folder
@@ -168,3 +169,5 @@ class AnalysisResult:
 
     metrics: dict[str, float]
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    # metric → its chance level, interval, p-value, query count and flags (eval.stats.STAT_COLUMNS)
+    stats: dict[str, dict] = field(default_factory=dict)
