@@ -3,14 +3,19 @@
 Each `run_*` adapter has the runner's signature `fn(meta, X, ctx, **params)`: it reads column
 roles from `ctx.cols` (compound, moa, plate, well, control…), takes the spec's parameters, calls
 the public function and returns the numbers for the metrics table plus the detail tables
-(`AnalysisResult`). The analyses that need more than one profile matrix (block search, CCA,
-Mantel, attention) are Python API only. Adding one: write `run_<name>` here and register it in
-`ANALYSES` with one line.
+(`AnalysisResult`). Analyses that compare feature sets (mantel, cca, block_search) find the
+others in `ctx.sets`; those that read a `celldino run` folder (attention_iou,
+discriminative_patches: attention.zarr and the crops) find it from the feature set's profiles
+path and are skipped, with the reason, when there is none. Each reports its baseline beside it
+(permutation null, broken pairs, shuffled labels or cells). Adding one: write `run_<name>` here
+and register it in `ANALYSES` with one line.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -397,6 +402,372 @@ def run_pseudotime(meta, X, ctx: EvalContext, **params: Any) -> AnalysisResult:
     return _result(summary, {"pseudotime": out})
 
 
+# ---- between feature sets, from the run folder, batch effect -------------------------------
+
+
+def _reference(ctx: EvalContext, params: dict, name: str):
+    """The feature set `name` compares with: `params['other']`, else 'engineered', else the first
+    set of the evaluation. On the reference itself the analysis is NotEvaluable."""
+    other = params.get("other")
+    if other is None:
+        other = "engineered" if "engineered" in ctx.sets else next(iter(ctx.sets), None)
+    if other is None or (other == ctx.feature_set and len(ctx.sets) < 2):
+        raise NotEvaluable(
+            f"{name} compares two feature sets and this evaluation has one; list another under "
+            f"the spec's inputs (e.g. engineered) or set analyses.{name}.other"
+        )
+    if other not in ctx.sets:
+        raise SpecError(
+            f"analyses.{name}.other: no feature set '{other}' (feature sets: {', '.join(ctx.sets)})"
+        )
+    if other == ctx.feature_set:
+        raise NotEvaluable(f"'{other}' is the reference set that {name} compares the others with")
+    return other, ctx.sets[other]
+
+
+def _aligned(meta: pd.DataFrame, X, ref, ctx: EvalContext, keys, name: str):
+    """Rows of this set and of the reference set that describe the same profile, matched by
+    `keys` (default: plate and well): (meta, X, X_ref), in this set's order."""
+    keys = list(keys or [])
+    if not keys:
+        keys = [
+            col
+            for col in (ctx.cols.plate, ctx.cols.well)
+            if col in meta.columns and col in ref.meta.columns
+        ]
+    missing = [k for k in keys if k not in meta.columns or k not in ref.meta.columns]
+    if not keys or missing:
+        raise NotEvaluable(
+            f"{name}: cannot match the rows of '{ctx.feature_set}' with the reference set: "
+            f"key column(s) {missing or [ctx.cols.plate, ctx.cols.well]} missing in one of them;"
+            f" set analyses.{name}.keys to columns both have"
+        )
+    a = meta[keys].astype(str).reset_index(drop=True)
+    b = ref.meta[keys].astype(str).reset_index(drop=True)
+    for which, t in (("this set", a), ("the reference set", b)):
+        if t.duplicated().any():
+            raise NotEvaluable(
+                f"{name}: rows of {which} are not unique by {keys} (single cells?); compare "
+                f"profiles with one row per {' + '.join(keys)}, or set analyses.{name}.keys"
+            )
+    m = a.assign(_i=np.arange(len(a))).merge(b.assign(_j=np.arange(len(b))), on=keys)
+    if len(m) < len(a) or len(m) < len(b):
+        logger.info(
+            "%s: %d of %d / %d rows matched by %s", name, len(m), len(a), len(b), "+".join(keys)
+        )
+    i, j = m["_i"].to_numpy(), m["_j"].to_numpy()
+    return meta.iloc[i].reset_index(drop=True), np.asarray(X)[i], np.asarray(ref.X)[j]
+
+
+def _treatment_keys(meta: pd.DataFrame, ctx: EvalContext, params: dict, name: str) -> list[str]:
+    by = params.get("by")
+    if by:
+        return [by] if isinstance(by, str) else list(by)
+    c = ctx.cols
+    return [c.require(meta, "compound", name)] + ([c.dose] if c.present(meta, "dose") else [])
+
+
+def _group_means(X: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    names, inv = np.unique(groups, return_inverse=True)
+    means = np.zeros((len(names), X.shape[1]))
+    np.add.at(means, inv, X)
+    return names, means / np.bincount(inv)[:, None]
+
+
+def _cosine_distances(M: np.ndarray) -> np.ndarray:
+    n = np.linalg.norm(M, axis=1, keepdims=True)
+    U = M / np.where(n == 0, 1.0, n)
+    D = 1.0 - np.clip(U @ U.T, -1.0, 1.0)
+    np.fill_diagonal(D, 0.0)
+    return D
+
+
+def run_mantel(meta, X, ctx: EvalContext, **params: Any) -> AnalysisResult:
+    """Mantel test: do two feature sets put the treatments at the same cosine distances?"""
+    from celldino.eval.similarity import mantel_test
+
+    other, ref = _reference(ctx, params, "mantel")
+    meta, A, B = _aligned(meta, X, ref, ctx, params.get("keys"), "mantel")
+    if params.get("exclude_controls", True):
+        keep = np.ones(len(meta), dtype=bool)
+        if ctx.cols.control in meta.columns:
+            keep = ~is_control_row(meta, ctx.cols.control, ctx.cols.control_value)
+        meta, A, B = meta[keep].reset_index(drop=True), A[keep], B[keep]
+    by = _treatment_keys(meta, ctx, params, "mantel")
+    groups = meta[by].astype(str).agg(" | ".join, axis=1).to_numpy()
+    names, Ma = _group_means(A, groups)
+    _, Mb = _group_means(B, groups)
+    if len(names) < 3:
+        raise NotEvaluable(
+            f"the Mantel test needs 3 or more treatments ({'+'.join(by)}), got {len(names)}"
+        )
+    res = mantel_test(
+        _cosine_distances(Ma),
+        _cosine_distances(Mb),
+        method=params.get("method", "spearman"),
+        n_permutations=int(params.get("n_permutations", 999)),
+        seed=ctx.seed,
+    )
+    table = pd.DataFrame([{"reference": other, "by": "+".join(by), **res}])
+    metrics = {k: res[k] for k in ("r", "p_value", "null_mean", "null_q95", "n_objects")}
+    return _result(metrics, {"mantel": table})
+
+
+run_mantel.reads_sets = True
+
+
+def run_cca(meta, X, ctx: EvalContext, **params: Any) -> AnalysisResult:
+    """CCA between this set and a reference set: held-out profiles matched to their partner."""
+    from sklearn.decomposition import PCA
+
+    from celldino.eval.similarity import cca_matching
+
+    other, ref = _reference(ctx, params, "cca")
+    meta, A, B = _aligned(meta, X, ref, ctx, params.get("keys"), "cca")
+    if len(meta) < 8:
+        raise NotEvaluable(f"CCA matching needs 8 or more matched profiles, got {len(meta)}")
+    n_pcs = int(params.get("n_pcs", 20))
+    if n_pcs:  # each set on its own (no pairing used): CCA on p >> n features is ill-posed
+        k = max(1, min(n_pcs, len(meta) // 2))
+        A = PCA(min(k, A.shape[1]), random_state=ctx.seed).fit_transform(A)
+        B = PCA(min(k, B.shape[1]), random_state=ctx.seed).fit_transform(B)
+    kw = dict(
+        n_components=int(params.get("n_components", 2)),
+        split_by=params.get("split_by") or ctx.cols.require(meta, "compound", "cca"),
+        test_size=float(params.get("test_size", 0.25)),
+        seed=ctx.seed,
+    )
+    res = cca_matching(meta, A, B, **kw)
+    # baseline: the same fit with the pairs broken (row i of B is another profile's)
+    perm = np.random.default_rng(ctx.seed).permutation(len(B))
+    null = cca_matching(meta, A, B[perm], **kw)
+    metrics = {
+        "accuracy_a_to_b": res["accuracy_a_to_b"],
+        "accuracy_b_to_a": res["accuracy_b_to_a"],
+        "permuted_accuracy_a_to_b": null["accuracy_a_to_b"],
+        "permuted_accuracy_b_to_a": null["accuracy_b_to_a"],
+        "chance": res["chance"],
+        "canonical_correlation_1": res["test_canonical_correlations"][0],
+        "n_test": res["n_test"],
+    }
+    row = {k: v for k, v in res.items() if k != "test_canonical_correlations"}
+    table = pd.DataFrame(
+        [
+            {
+                "reference": other,
+                **row,
+                **{f"permuted_{k}": null[k] for k in ("accuracy_a_to_b", "accuracy_b_to_a")},
+            }
+        ]
+    )
+    return _result(metrics, {"cca": table})
+
+
+run_cca.reads_sets = True
+
+
+def run_block_search(meta, X, ctx: EvalContext, **params: Any) -> AnalysisResult:
+    """kNN / linear MoA F1 of each transformer block's features; the best block per set."""
+    from celldino.eval.classify import block_search
+
+    names = params.get("blocks")
+    if names is None:
+        pat = re.compile(rf"{re.escape(ctx.feature_set)}_block(-?\d+)")
+        found = [(int(m.group(1)), n) for n in ctx.sets if (m := pat.fullmatch(n))]
+        names = [n for _, n in sorted(found)]
+    if not names:
+        raise NotEvaluable(
+            f"no per-block feature sets of '{ctx.feature_set}': extract each block "
+            "(extract.feature=block, extract.block=i), profile it, and list it under the spec's "
+            f"inputs as {ctx.feature_set}_block<i> (or name the sets in block_search.blocks)"
+        )
+    unknown = [n for n in names if n not in ctx.sets]
+    if unknown:
+        raise SpecError(
+            f"analyses.block_search.blocks: no feature set(s) {unknown} (feature sets: "
+            f"{', '.join(ctx.sets)})"
+        )
+    if params.get("exclude_controls", True):
+        meta, X = ctx.cols.drop_controls(meta, X)
+    meta, X = _with_moa(meta, X, ctx, "block_search")
+    label, split_by = _label_and_split(meta, ctx, params, "block_search")
+    blocks: dict[str, np.ndarray] = {}
+    for n in names:
+        _, Xm, Xb = _aligned(meta, X, ctx.sets[n], ctx, params.get("keys"), "block_search")
+        if len(Xb) != len(meta):
+            raise NotEvaluable(
+                f"block set '{n}' lacks {len(meta) - len(Xb)} of this set's profiles"
+            )
+        blocks[n] = Xb
+    blocks[f"{ctx.feature_set} (final)"] = np.asarray(X)
+    kw = dict(
+        labels=[label],
+        classifier=params.get("classifier", "knn"),
+        k=int(params.get("k", 5)),
+        split_by=split_by,
+        test_size=float(params.get("test_size", 0.25)),
+        seed=ctx.seed,
+    )
+    table, summary = block_search(meta, blocks, **kw)
+    best = summary[label]
+    # baseline: the best block with the labels shuffled across profiles (no information)
+    shuffled = meta.assign(
+        **{label: meta[label].sample(frac=1.0, random_state=ctx.seed).to_numpy()}
+    )
+    _, null = block_search(shuffled, {best["best_block"]: blocks[best["best_block"]]}, **kw)
+    final = table.loc[table.block == f"{ctx.feature_set} (final)", "macro_f1"]
+    metrics = {
+        "best_block_macro_f1": best["macro_f1"],
+        "final_block_macro_f1": float(final.iloc[0]),
+        "best_block_index": float(list(blocks).index(best["best_block"])),
+        "permuted_label_macro_f1": null[label]["macro_f1"],
+        "n_blocks": len(blocks),
+    }
+    return _result(metrics, {"blocks": table})
+
+
+run_block_search.reads_sets = True
+
+
+def _run_layout(ctx: EvalContext, given: str | None, name: str):
+    """The `celldino run` folder of this feature set (its profiles are `<run>/profiles/<set>.*`),
+    or `given` (the analysis's run_dir); NotEvaluable when there is none."""
+    from celldino.io.runlayout import RunLayout
+
+    if given:
+        root = Path(given)
+    else:
+        src = getattr(ctx.sets.get(ctx.feature_set), "source", "")
+        root = Path(src).resolve().parent.parent if src else None
+    if root is None or not RunLayout(root).cells.exists():
+        raise NotEvaluable(
+            f"{name} reads a `celldino run` folder (attention.zarr and the crops) and "
+            f"'{ctx.feature_set}' does not come from one; set analyses.{name}.run_dir"
+        )
+    return RunLayout(root)
+
+
+def _attention_store(ctx: EvalContext, params: dict, name: str, arrays: tuple[str, ...]):
+    from celldino.io import cropstore
+    from celldino.io.attention_store import read_attention_store
+
+    lay = _run_layout(ctx, params.get("run_dir"), name)
+    store = lay.attention(params.get("embeddings") or ctx.feature_set)
+    if not store.exists():
+        raise NotEvaluable(
+            f"no attention store {store}: run `celldino extract` (or `celldino run`) with "
+            "extract.attention_sample=N or extract.attention_cells=[...]"
+        )
+    data, attrs = read_attention_store(store, arrays)
+    ids = [str(c) for c in attrs["cell_ids"]]
+    if len(ids) < 2:
+        raise NotEvaluable(f"{store} holds {len(ids)} cell(s); {name} needs 2 or more")
+    return lay, data, attrs, ids, cropstore
+
+
+def run_attention_iou(meta, X, ctx: EvalContext, **params: Any) -> AnalysisResult:
+    """IoU of each attention head's Otsu mask with each channel's, vs a shuffled-cell null."""
+    from celldino.eval.subcellular import head_channel_iou
+
+    lay, data, attrs, ids, cropstore = _attention_store(
+        ctx, params, "attention_iou", ("attn_maps",)
+    )
+    maps = data["attn_maps"]
+    if maps.ndim == 5:  # channel-adaptive: (n, heads, C, h, w), one map per head and channel
+        maps = maps.reshape(maps.shape[0], -1, *maps.shape[-2:])
+    rows = cropstore.rows_of_cells(lay.prep, ids)
+    images = cropstore.read_crops(lay.prep, rows.loc[ids, "row"].to_numpy()).astype(np.float32)
+    channels = [str(c) for c in attrs["channels"]]
+    iou = head_channel_iou(maps, images, channel_names=channels)
+    # baseline: each cell's attention against the next cell's channels (same heads, no pairing)
+    null = head_channel_iou(maps, np.roll(images, 1, axis=0), channel_names=channels)
+    long = iou.stack().rename("iou").reset_index()
+    long.columns = ["head", "channel", "iou"]
+    long["null_iou"] = null.stack().to_numpy()
+    metrics = {
+        "best_channel_iou": float(np.nanmean(iou.max(axis=1))),
+        "null_best_channel_iou": float(np.nanmean(null.max(axis=1))),
+        "max_iou": float(np.nanmax(iou.to_numpy())),
+        "null_max_iou": float(np.nanmax(null.to_numpy())),
+        "n_cells": len(ids),
+        "n_heads": iou.shape[0],
+    }
+    return _result(metrics, {"head_channel_iou": long})
+
+
+def run_discriminative_patches(meta, X, ctx: EvalContext, **params: Any) -> AnalysisResult:
+    """Share of group A's patch tokens whose nearest tokens are nearly all A, vs shuffled groups."""
+    from celldino.eval.subcellular import discriminative_patches
+
+    lay, data, attrs, ids, cropstore = _attention_store(
+        ctx, params, "discriminative_patches", ("patch",)
+    )
+    group_by = params.get("group_by")
+    if not group_by:
+        cols = cropstore.cells_columns(lay.prep)
+        group_by = next((c for c in (ctx.cols.moa, ctx.cols.compound) if c in cols), None)
+        if group_by is None:
+            raise NotEvaluable(
+                f"the cells table has neither {ctx.cols.moa} nor {ctx.cols.compound}; set "
+                "analyses.discriminative_patches.group_by"
+            )
+    groups = cropstore.rows_of_cells(lay.prep, ids, label=group_by).loc[ids, "label"].astype(str)
+    counts = groups.value_counts()
+    a, b = params.get("group_a"), params.get("group_b")
+    if a is None or b is None:
+        if len(counts) < 2:
+            raise NotEvaluable(
+                f"the {len(ids)} cells of the attention store are all in one {group_by} group; "
+                "store more cells (extract.attention_sample) or set group_a / group_b"
+            )
+        a = a or counts.index[0]
+        b = b or next(g for g in counts.index if g != a)
+    kw = dict(
+        group_a=a,
+        group_b=b,
+        k=int(params.get("k", 10)),
+        purity=float(params.get("purity", 0.9)),
+        max_tokens=int(params.get("max_tokens", 20000)),
+        seed=ctx.seed,
+    )
+    P = data["patch"]
+    table, summary = discriminative_patches(P, groups.to_numpy(), **kw)
+    # baseline: the same images with their group labels shuffled
+    shuffled = np.random.default_rng(ctx.seed).permutation(groups.to_numpy())
+    if (shuffled == str(a)).any() and (shuffled == str(b)).any():
+        _, null = discriminative_patches(P, shuffled, **kw)
+        null_frac = null["n_discriminative"] / max(null["n_tokens_a"], 1)
+    else:
+        null_frac = float("nan")
+    metrics = {
+        "fraction_discriminative": summary["n_discriminative"] / max(summary["n_tokens_a"], 1),
+        "null_fraction_discriminative": null_frac,
+        "n_discriminative": summary["n_discriminative"],
+        "n_tokens_a": summary["n_tokens_a"],
+        "n_images_a": int((groups == str(a)).sum()),
+        "n_images_b": int((groups == str(b)).sum()),
+    }
+    table.insert(0, "group_a", str(a))
+    table.insert(1, "group_b", str(b))
+    return _result(metrics, {"tokens": table})
+
+
+def run_plate_effect(meta, X, ctx: EvalContext, **params: Any) -> AnalysisResult:
+    """Silhouette with plate labels vs with treatment labels; flags plate > treatment."""
+    from celldino.eval.batch_effect import plate_effect
+
+    plate = params.get("plate") or ctx.cols.require(meta, "plate", "plate_effect")
+    metrics, table = plate_effect(
+        meta,
+        X,
+        plate=plate,
+        treatment=_treatment_keys(meta, ctx, params, "plate_effect"),
+        metric=params.get("metric", "cosine"),
+        margin=float(params.get("margin", 0.0)),
+    )
+    return _result(metrics, {"plates": table})
+
+
 # name → function(meta, X, ctx, **params)
 ANALYSES: dict[str, Callable[..., AnalysisResult | dict]] = {
     "nsc": run_nsc,
@@ -412,6 +783,12 @@ ANALYSES: dict[str, Callable[..., AnalysisResult | dict]] = {
     "similarity": run_similarity,
     "heterogeneity": run_heterogeneity,
     "pseudotime": run_pseudotime,
+    "mantel": run_mantel,
+    "cca": run_cca,
+    "block_search": run_block_search,
+    "attention_iou": run_attention_iou,
+    "discriminative_patches": run_discriminative_patches,
+    "plate_effect": run_plate_effect,
 }
 
 DEFAULT_ANALYSES = ("nsc", "map_replicate", "activity")

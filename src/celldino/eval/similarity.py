@@ -97,7 +97,8 @@ def mantel_test(
 
     r is the Pearson (or Spearman) correlation of the upper triangles; the p-value is
     (1 + #{r_perm ≥ r}) / (1 + n_permutations) with rows and columns of B permuted together
-    (`alternative='two-sided'` compares |r|).
+    (`alternative='two-sided'` compares |r|). `null_mean` and `null_q95` summarise the
+    permutation null (the r a matrix unrelated to A reaches by chance).
     """
     A = np.asarray(A.to_numpy() if isinstance(A, pd.DataFrame) else A, dtype=np.float64)
     B = np.asarray(B.to_numpy() if isinstance(B, pd.DataFrame) else B, dtype=np.float64)
@@ -135,6 +136,8 @@ def mantel_test(
     return {
         "r": r,
         "p_value": float((1 + hits) / (1 + n_permutations)),
+        "null_mean": float(perms.mean()) if n_permutations else float("nan"),
+        "null_q95": float(np.quantile(perms, 0.95)) if n_permutations else float("nan"),
         "method": method,
         "alternative": alternative,
         "n_objects": int(len(A)),

@@ -1,0 +1,192 @@
+"""The analyses that compare feature sets (mantel, cca, block_search) and the plate-vs-treatment
+check, run through `celldino evaluate`, each against a computation by hand or planted truth."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.spatial.distance import cdist, pdist
+from scipy.stats import spearmanr
+
+from celldino.config import EvaluateConfig
+from celldino.eval import runner
+
+
+def _screen(seed: int = 0, d: int = 12, plate_shift: float = 0.0, signal: float = 3.0):
+    """4 MoAs × 3 compounds × 4 replicate wells on 2 plates + 8 control wells; returns the
+    metadata, the latent treatment centres per row and the features."""
+    rng = np.random.default_rng(seed)
+    moa_c = rng.normal(size=(4, d))
+    plate_c = rng.normal(size=(2, d))
+    rows, centre = [], []
+    for m in range(4):
+        for c in range(3):
+            cpd = moa_c[m] + 0.4 * rng.normal(size=d)
+            for r in range(4):
+                rows.append((f"m{m}c{c}", f"M{m}", f"P{r % 2}", f"W{m}{c}{r}", "trt"))
+                centre.append(signal * cpd)
+    for i in range(8):
+        rows.append(("DMSO", "control", f"P{i % 2}", f"C{i}", "control"))
+        centre.append(np.zeros(d))
+    meta = pd.DataFrame(
+        rows,
+        columns=[
+            "Metadata_Compound",
+            "Metadata_MoA",
+            "Metadata_Plate",
+            "Metadata_Well",
+            "Metadata_pert_type",
+        ],
+    )
+    centre = np.array(centre)
+    plates = meta.Metadata_Plate.str[1].astype(int).to_numpy()
+    X = centre + plate_shift * plate_c[plates] + rng.normal(size=centre.shape)
+    return meta, centre, X
+
+
+def _frame(meta: pd.DataFrame, X: np.ndarray) -> pd.DataFrame:
+    return pd.concat([meta, pd.DataFrame(X, columns=[f"f{i}" for i in range(X.shape[1])])], axis=1)
+
+
+def _evaluate(tmp_path, sets: dict[str, pd.DataFrame], analyses: dict) -> tuple[pd.DataFrame, dict]:
+    inputs = {}
+    for name, df in sets.items():
+        path = tmp_path / f"{name}.parquet"
+        df.to_parquet(path, index=False)
+        inputs[name] = str(path)
+    out = runner.evaluate(
+        None,
+        spec={"inputs": inputs, "analyses": analyses},
+        cfg=EvaluateConfig(out_dir=str(tmp_path / "eval"), null_size=100),
+    )
+    return pd.read_parquet(out / "metrics.parquet"), json.loads((out / "summary.json").read_text())
+
+
+def _value(tidy, fs, analysis, metric) -> float:
+    row = tidy[(tidy.feature_set == fs) & (tidy.analysis == analysis) & (tidy.metric == metric)]
+    assert len(row) == 1, (fs, analysis, metric)
+    return float(row.value.iloc[0])
+
+
+def test_mantel_matches_scipy_and_beats_its_null(tmp_path):
+    meta, centre, X = _screen(0)
+    rng = np.random.default_rng(5)
+    learned = X
+    engineered = centre @ rng.normal(size=(12, 12)) * 0.3 + centre + rng.normal(size=X.shape)
+    noise = rng.normal(size=X.shape)
+    # the reference set's rows in another order: mantel must match them by plate + well
+    eng = _frame(meta, engineered).sample(frac=1.0, random_state=1).reset_index(drop=True)
+    tidy, summary = _evaluate(
+        tmp_path,
+        {"learned": _frame(meta, learned), "engineered": eng, "random_init": _frame(meta, noise)},
+        {"mantel": {"n_permutations": 199}},
+    )
+    # by hand: treatment means (controls out), cosine distances, Spearman of the upper triangles
+    trt = meta.Metadata_pert_type != "control"
+
+    def dist(M):
+        g = pd.DataFrame(M[trt.to_numpy()]).groupby(meta.Metadata_Compound[trt].to_numpy()).mean()
+        return pdist(g.to_numpy(), "cosine")
+
+    r = spearmanr(dist(learned), dist(engineered)).statistic
+    assert _value(tidy, "learned", "mantel", "r") == pytest.approx(r, abs=1e-9)
+    assert _value(tidy, "learned", "mantel", "p_value") == pytest.approx(1 / 200)
+    assert _value(tidy, "learned", "mantel", "n_objects") == 12
+    assert _value(tidy, "learned", "mantel", "null_q95") < 0.5 < r
+    r0 = spearmanr(dist(noise), dist(engineered)).statistic
+    assert _value(tidy, "random_init", "mantel", "r") == pytest.approx(r0, abs=1e-9)
+    assert "mantel on engineered" in summary["skipped"]  # the reference itself
+    assert "reference set" in summary["skipped"]["mantel on engineered"]
+
+
+def test_cca_matches_partners_and_the_broken_pairs_do_not(tmp_path):
+    rng = np.random.default_rng(0)
+    n, d = 120, 6
+    Z = rng.normal(size=(n, 3))  # latent shared by both modalities
+    A = Z @ rng.normal(size=(3, d)) + 0.05 * rng.normal(size=(n, d))
+    B = Z @ rng.normal(size=(3, 8)) + 0.05 * rng.normal(size=(n, 8))
+    meta = pd.DataFrame(
+        {
+            "Metadata_Compound": [f"c{i % 30}" for i in range(n)],
+            "Metadata_Plate": [f"P{i // 60}" for i in range(n)],
+            "Metadata_Well": [f"W{i % 60}" for i in range(n)],
+        }
+    )
+    tidy, _ = _evaluate(
+        tmp_path,
+        {"learned": _frame(meta, A), "engineered": _frame(meta, B)},
+        {"cca": {"n_components": 3, "n_pcs": 0}},
+    )
+    n_test = _value(tidy, "learned", "cca", "n_test")  # whole compounds held out (4 rows each)
+    assert n_test % 4 == 0 and _value(tidy, "learned", "cca", "chance") == pytest.approx(1 / n_test)
+    assert _value(tidy, "learned", "cca", "accuracy_a_to_b") > 0.9
+    assert _value(tidy, "learned", "cca", "permuted_accuracy_a_to_b") < 0.2
+    assert _value(tidy, "learned", "cca", "canonical_correlation_1") > 0.99
+
+
+def test_block_search_finds_the_informative_block(tmp_path):
+    meta, centre, X = _screen(1)
+    rng = np.random.default_rng(2)
+    sets = {
+        "learned": _frame(meta, X),
+        "learned_block0": _frame(meta, rng.normal(size=X.shape)),  # no signal
+        "learned_block1": _frame(meta, centre * 3 + 0.1 * rng.normal(size=X.shape)),
+    }
+    tidy, summary = _evaluate(
+        tmp_path, sets, {"block_search": {"split_by": "Metadata_Plate", "k": 1}}
+    )
+    # blocks in order: block0, block1, final; block1 is nearly noise-free
+    assert _value(tidy, "learned", "block_search", "best_block_index") == 1
+    assert _value(tidy, "learned", "block_search", "best_block_macro_f1") == 1.0
+    assert _value(tidy, "learned", "block_search", "permuted_label_macro_f1") < 0.6
+    assert _value(tidy, "learned", "block_search", "n_blocks") == 3
+    assert "no per-block feature sets" in summary["skipped"]["block_search on learned_block0"]
+    # the F1 of block1 by hand: cosine 1-NN from plate P0 to plate P1
+    trt = (meta.Metadata_pert_type != "control").to_numpy()
+    Xb = sets["learned_block1"].filter(like="f").to_numpy()[trt]
+    y, plate = meta.Metadata_MoA.to_numpy()[trt], meta.Metadata_Plate.to_numpy()[trt]
+    tr, te = plate == "P0", plate == "P1"
+    nn = cdist(Xb[te], Xb[tr], "cosine").argmin(axis=1)
+    assert (y[tr][nn] == y[te]).all()
+
+
+def _silhouette(X: np.ndarray, labels: np.ndarray) -> float:
+    """The silhouette by its definition, cosine distance."""
+    D = cdist(X, X, "cosine")
+    s = []
+    for i in range(len(X)):
+        same = (labels == labels[i]) & (np.arange(len(X)) != i)
+        if not same.any():
+            s.append(0.0)
+            continue
+        a = D[i, same].mean()
+        b = min(D[i, labels == o].mean() for o in set(labels) if o != labels[i])
+        s.append((b - a) / max(a, b))
+    return float(np.mean(s))
+
+
+@pytest.mark.parametrize("plate_shift, dominates", [(0.0, 0.0), (12.0, 1.0)])
+def test_plate_effect_flags_profiles_that_separate_by_plate(tmp_path, plate_shift, dominates):
+    meta, _, X = _screen(3, plate_shift=plate_shift, signal=1.5)
+    tidy, _ = _evaluate(tmp_path, {"learned": _frame(meta, X)}, {"plate_effect": {}})
+    sp = _silhouette(X, meta.Metadata_Plate.to_numpy())
+    st = _silhouette(X, meta.Metadata_Compound.to_numpy())
+    assert _value(tidy, "learned", "plate_effect", "silhouette_plate") == pytest.approx(sp)
+    assert _value(tidy, "learned", "plate_effect", "silhouette_treatment") == pytest.approx(st)
+    assert _value(tidy, "learned", "plate_effect", "plate_dominates") == dominates
+    assert (sp > st) == bool(dominates)
+
+
+def test_run_folder_analyses_are_skipped_with_a_reason_outside_a_run(tmp_path):
+    meta, _, X = _screen(4)
+    tidy, summary = _evaluate(
+        tmp_path,
+        {"learned": _frame(meta, X)},
+        {"attention_iou": {}, "discriminative_patches": {}, "plate_effect": {}},
+    )
+    for name in ("attention_iou", "discriminative_patches"):
+        assert "run_dir" in summary["skipped"][f"{name} on learned"]
+    assert set(tidy.analysis) == {"plate_effect"}
