@@ -96,6 +96,10 @@ def test_mantel_matches_scipy_and_beats_its_null(tmp_path):
     assert _value(tidy, "learned", "mantel", "p_value") == pytest.approx(1 / 200)
     assert _value(tidy, "learned", "mantel", "n_objects") == 12
     assert _value(tidy, "learned", "mantel", "null_q95") < 0.5 < r
+    # the permutation null is the r row's baseline in the statistics columns
+    row = tidy[(tidy.feature_set == "learned") & (tidy.metric == "r")].iloc[0]
+    assert row.chance == pytest.approx(_value(tidy, "learned", "mantel", "null_mean"))
+    assert row.p_perm == pytest.approx(1 / 200) and row.n_queries == 12
     r0 = spearmanr(dist(noise), dist(engineered)).statistic
     assert _value(tidy, "random_init", "mantel", "r") == pytest.approx(r0, abs=1e-9)
     assert "mantel on engineered" in summary["skipped"]  # the reference itself
@@ -182,11 +186,11 @@ def test_plate_effect_flags_profiles_that_separate_by_plate(tmp_path, plate_shif
 
 def test_run_folder_analyses_are_skipped_with_a_reason_outside_a_run(tmp_path):
     meta, _, X = _screen(4)
+    sets = {"learned": _frame(meta, X), "no_plate": _frame(meta.drop(columns="Metadata_Plate"), X)}
     tidy, summary = _evaluate(
-        tmp_path,
-        {"learned": _frame(meta, X)},
-        {"attention_iou": {}, "discriminative_patches": {}, "plate_effect": {}},
+        tmp_path, sets, {"attention_iou": {}, "discriminative_patches": {}, "plate_effect": {}}
     )
     for name in ("attention_iou", "discriminative_patches"):
         assert "run_dir" in summary["skipped"][f"{name} on learned"]
-    assert set(tidy.analysis) == {"plate_effect"}
+    assert "columns.plate" in summary["skipped"]["plate_effect on no_plate"]
+    assert set(tidy.analysis) == {"plate_effect"} and set(tidy.feature_set) == {"learned"}

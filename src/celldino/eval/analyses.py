@@ -405,6 +405,17 @@ def run_pseudotime(meta, X, ctx: EvalContext, **params: Any) -> AnalysisResult:
 # ---- between feature sets, from the run folder, batch effect -------------------------------
 
 
+def _baseline(chance: float, n: float, what: str = "queries", p: float = np.nan) -> dict:
+    """The stats record of a value whose baseline is measured (a null or a shuffled run): it
+    goes in the `chance` column; fewer than MIN_QUERIES units are flagged."""
+    from celldino.eval.stats import empty_stats, few_queries
+
+    flags = few_queries(int(n), what) if n == n else []  # n is NaN when unknown
+    rec = empty_stats(n, flags)
+    rec.update(chance=float(chance), p_perm=float(p))
+    return rec
+
+
 def _reference(ctx: EvalContext, params: dict, name: str):
     """The feature set `name` compares with: `params['other']`, else 'engineered', else the first
     set of the evaluation. On the reference itself the analysis is NotEvaluable."""
@@ -510,7 +521,9 @@ def run_mantel(meta, X, ctx: EvalContext, **params: Any) -> AnalysisResult:
     )
     table = pd.DataFrame([{"reference": other, "by": "+".join(by), **res}])
     metrics = {k: res[k] for k in ("r", "p_value", "null_mean", "null_q95", "n_objects")}
-    return _result(metrics, {"mantel": table})
+    out = _result(metrics, {"mantel": table})
+    out.stats = {"r": _baseline(res["null_mean"], len(names), "treatments", p=res["p_value"])}
+    return out
 
 
 run_mantel.reads_sets = True
@@ -560,7 +573,10 @@ def run_cca(meta, X, ctx: EvalContext, **params: Any) -> AnalysisResult:
             }
         ]
     )
-    return _result(metrics, {"cca": table})
+    out = _result(metrics, {"cca": table})
+    for k in ("accuracy_a_to_b", "accuracy_b_to_a"):
+        out.stats[k] = _baseline(res["chance"], res["n_test"], "test profiles")
+    return out
 
 
 run_cca.reads_sets = True
@@ -623,7 +639,10 @@ def run_block_search(meta, X, ctx: EvalContext, **params: Any) -> AnalysisResult
         "permuted_label_macro_f1": null[label]["macro_f1"],
         "n_blocks": len(blocks),
     }
-    return _result(metrics, {"blocks": table})
+    out = _result(metrics, {"blocks": table})
+    n_test = int(table.loc[table.is_best, "n_test"].iloc[0]) if "n_test" in table else np.nan
+    out.stats["best_block_macro_f1"] = _baseline(metrics["permuted_label_macro_f1"], n_test)
+    return out
 
 
 run_block_search.reads_sets = True
@@ -692,7 +711,9 @@ def run_attention_iou(meta, X, ctx: EvalContext, **params: Any) -> AnalysisResul
         "n_cells": len(ids),
         "n_heads": iou.shape[0],
     }
-    return _result(metrics, {"head_channel_iou": long})
+    out = _result(metrics, {"head_channel_iou": long})
+    out.stats["best_channel_iou"] = _baseline(metrics["null_best_channel_iou"], len(ids), "cells")
+    return out
 
 
 def run_discriminative_patches(meta, X, ctx: EvalContext, **params: Any) -> AnalysisResult:
@@ -749,14 +770,21 @@ def run_discriminative_patches(meta, X, ctx: EvalContext, **params: Any) -> Anal
     }
     table.insert(0, "group_a", str(a))
     table.insert(1, "group_b", str(b))
-    return _result(metrics, {"tokens": table})
+    out = _result(metrics, {"tokens": table})
+    out.stats["fraction_discriminative"] = _baseline(null_frac, len(ids), "images")
+    return out
 
 
 def run_plate_effect(meta, X, ctx: EvalContext, **params: Any) -> AnalysisResult:
     """Silhouette with plate labels vs with treatment labels; flags plate > treatment."""
     from celldino.eval.batch_effect import plate_effect
 
-    plate = params.get("plate") or ctx.cols.require(meta, "plate", "plate_effect")
+    plate = params.get("plate") or ctx.cols.plate
+    if plate not in meta.columns:  # a default analysis of `celldino run`: skip, do not fail
+        raise NotEvaluable(
+            f"plate_effect needs the plate column '{plate}', which the profiles lack; set "
+            "columns.plate (or analyses.plate_effect.plate)"
+        )
     metrics, table = plate_effect(
         meta,
         X,
