@@ -325,7 +325,7 @@ def test_lists_as_help_prints_them(captured, run_cli):
     p = captured["profile"]
     assert p.by == ("Metadata_Plate", "Metadata_Well")
     assert p.select == ("variance", "drop_na")
-    assert p.features == "emb_0001,emb_0002"  # a str field: left as written
+    assert p.features == ("emb_0001", "emb_0002")  # names or prefixes, as a list
     assert p.controls == "Metadata_Compound in ['DMSO', 'none']"  # commas and quotes kept
     assert p.consensus == ()  # '' = skip, as documented
     cfg = C.load_config(None, ["run.stages=prepare,train", "augment.global_crop_scale=0.7,1.0"])

@@ -94,3 +94,51 @@ def test_field_docs_survive_formatter_wrapping():
         "plain": "a plain comment",
         "wrapped": "the formatter moved this comment to the closing line",
     }
+
+
+def test_mapping_settings_take_key_value_pairs_and_yaml_mappings(tmp_path):
+    """`evaluate.columns.moa=Metadata_moa` (and `prepare.channel_map.5=DNA`) set one key of a
+    mapping setting; a YAML mapping too; the command line wins key by key."""
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "evaluate:\n  columns: {moa: Metadata_MoA, compound: Metadata_Compound}\n"
+        "prepare:\n  channel_map: {'1': DNA}\n"
+    )
+    cfg = C.load_config(
+        path,
+        [
+            "evaluate.columns.moa=Metadata_moa",
+            "evaluate.columns.control_value=DMSO",
+            "prepare.channel_map.5=RNA",
+            "prepare.channel_map.ch.2=ER",  # the rest of the key is one key, dots and all
+        ],
+    )
+    assert cfg.evaluate.columns == {
+        "moa": "Metadata_moa",
+        "compound": "Metadata_Compound",
+        "control_value": "DMSO",
+    }
+    assert cfg.prepare.channel_map == {"1": "DNA", "5": "RNA", "ch.2": "ER"}
+
+
+def test_unknown_column_role_is_refused_naming_the_argument_and_the_roles():
+    from celldino.eval.spec import Columns
+
+    assert C.EVAL_COLUMN_ROLES == tuple(f.name for f in dataclasses.fields(Columns))
+    with pytest.raises(C.ConfigError) as e:
+        C.load_config(None, ["evaluate.columns.mao=Metadata_moa"])
+    msg = str(e.value)
+    assert "evaluate.columns.mao=Metadata_moa" in msg and "'mao'" in msg
+    assert all(role in msg for role in C.EVAL_COLUMN_ROLES)
+
+
+def test_list_settings_take_yaml_lists_and_comma_lists(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("profile:\n  features: [Cells_, Nuclei_]\n  by: [Metadata_Plate]\n")
+    cfg = C.load_config(path)
+    assert cfg.profile.features == ("Cells_", "Nuclei_") and cfg.profile.by == ("Metadata_Plate",)
+    cfg = C.load_config(None, ["profile.features=Cells_,Cytoplasm_", "profile.via=[Metadata_Site]"])
+    assert cfg.profile.features == ("Cells_", "Cytoplasm_") and cfg.profile.via == (
+        "Metadata_Site",
+    )
+    assert C.load_config().profile.features == ("infer",)

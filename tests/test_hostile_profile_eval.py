@@ -615,12 +615,30 @@ def test_profile_refuses_profiles_and_bad_memory_limit(tmp_path, earlier, run_cl
     rc, text = run_cli("profile", f"profile.input=[{emb}]", f"profile.out={tmp_path}/w.h5ad")
     assert rc == 0, text
     before = _snapshot(earlier)
+    # well profiles (they count their cells) grouped again by plate: a mean of means, refused
     rc, text = run_cli(
-        "profile", f"profile.input={tmp_path}/w.parquet", f"profile.out={earlier}/wells.h5ad"
+        "profile",
+        f"profile.input={tmp_path}/w.parquet",
+        f"profile.out={earlier}/wells.h5ad",
+        "profile.by=Metadata_Plate",
     )
     assert rc == 2 and "w.parquet" in text and "aggregated already" in text
+    assert (
+        "Metadata_Count_Cells" in text and "Metadata_Plate" in text and "average averages" in text
+    )
     with pytest.raises(ValueError, match="aggregated already"):  # the library call too
-        pp.aggregate(tmp_path / "w.parquet")
+        pp.aggregate(tmp_path / "w.parquet", by=["Metadata_Plate"])
+    other = pd.read_parquet(tmp_path / "w.parquet").rename(
+        columns={"Metadata_Count_Cells": "Metadata_Object_Count"}  # pycytominer's name
+    )
+    other.to_parquet(tmp_path / "o.parquet")
+    with pytest.raises(ValueError, match="Metadata_Object_Count"):
+        pp.aggregate(tmp_path / "o.parquet", by=["Metadata_Plate"])
+    # ... but by well, one row each: the rows are the profiles, counts kept (identity)
+    wells = pd.read_parquet(tmp_path / "w.parquet")
+    again = pp.aggregate(tmp_path / "w.parquet")
+    np.testing.assert_array_equal(again.X, wells[FEATS].to_numpy())
+    assert list(again.obs["Metadata_Count_Cells"]) == list(wells["Metadata_Count_Cells"])
     rc, text = run_cli(
         "profile",
         f"profile.input=[{emb}]",

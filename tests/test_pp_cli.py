@@ -97,3 +97,142 @@ def test_profile_command_reports_plate_without_controls(tmp_path):
     cfg = ProfileConfig(input=(str(tmp_path / "emb"),), out=str(tmp_path / "q.h5ad"))
     with pytest.raises(ValueError, match="Metadata_Plate 'P2' has no control profiles"):
         run_profile(cfg)
+
+
+# ---- real inputs as they come: feature tokens, infer, CellProfiler / cytotable tables --------
+
+COMPARTMENTS = ("Cells", "Cytoplasm", "Nuclei")
+
+
+def _cytotable_cells(n_wells: int = 6, cells: int = 5, seed: int = 0) -> pd.DataFrame:
+    """Per-cell table named as cytotable writes CellProfiler output: Image_Metadata_Plate /
+    _Well from the image table, Metadata_ImageNumber / ObjectNumber ids, Image_Count_Cells
+    (per image, repeated on every cell), and <Compartment>_<measurement> features."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for p in ("SQ1", "SQ2"):
+        for w in range(n_wells):
+            for c in range(cells):
+                rows.append((p, f"B{w:02d}", w + 1, c + 1, "control" if w < 2 else "trt"))
+    df = pd.DataFrame(
+        rows,
+        columns=[
+            "Image_Metadata_Plate",
+            "Image_Metadata_Well",
+            "Metadata_ImageNumber",
+            "Metadata_ObjectNumber",
+            "Metadata_pert_type",
+        ],
+    )
+    df["Image_Count_Cells"] = cells
+    for comp in COMPARTMENTS:
+        for m in ("AreaShape_Area", "Intensity_MeanIntensity_DNA", "Texture_Contrast_RNA_3"):
+            df[f"{comp}_{m}"] = rng.normal(size=len(df))
+    return df
+
+
+def _profile(tmp_path, *args: str) -> tuple[int, str]:
+    return cli.main(["profile", f"profile.out={tmp_path / 'out' / 'p.h5ad'}", *args])
+
+
+def test_feature_tokens_are_names_or_prefixes_and_unmatched_ones_are_named(tmp_path, capsys):
+    df = _cytotable_cells()
+    df.to_parquet(tmp_path / "cells.parquet", index=False)
+    src = f"profile.input={tmp_path / 'cells.parquet'}"
+    rc = _profile(
+        tmp_path,
+        src,
+        "profile.features=Cells_,Nuclei_AreaShape_Area",
+        "profile.normalize=none",
+    )
+    assert rc == 0
+    adata = read_h5ad(tmp_path / "out" / "p.h5ad")
+    want = [c for c in df.columns if c.startswith("Cells_")] + ["Nuclei_AreaShape_Area"]
+    assert list(adata.var_names) == want  # token by token, each in table order
+    rc = _profile(tmp_path, src, "profile.features=Cells_,Cytosol_,Nucleus_")
+    err = capsys.readouterr().err
+    assert rc == 2 and "'Cytosol_', 'Nucleus_'" in err
+    assert "Cells_ (3)" in err and "Cytoplasm_ (3)" in err and "Nuclei_ (3)" in err
+    # YAML lists in a config file, for features and every list setting
+    (tmp_path / "c.yaml").write_text(
+        "profile:\n  features: [Cytoplasm_, Nuclei_]\n"
+        "  by: [Metadata_Plate, Metadata_Well]\n  normalize: none\n"
+    )
+    rc = cli.main(["profile", str(tmp_path / "c.yaml"), src, f"profile.out={tmp_path / 'y.h5ad'}"])
+    assert rc == 0
+    adata = read_h5ad(tmp_path / "y.h5ad")
+    assert list(adata.var_names) == [
+        c for c in df.columns if c.startswith(("Cytoplasm_", "Nuclei_"))
+    ]
+
+
+def test_cytotable_per_cell_parquet_profiles_as_pycytominer_aggregates(tmp_path):
+    """A per-cell CellProfiler table in cytotable's naming, given as it is: features=infer
+    (the default) takes the three compartments, Image_Metadata_Plate/_Well are read as
+    Metadata_Plate/_Well, and the well means equal pycytominer's aggregate."""
+    from pycytominer import aggregate as pyc_aggregate
+    from pycytominer.cyto_utils import infer_cp_features
+
+    df = _cytotable_cells()
+    df.to_parquet(tmp_path / "cells.parquet", index=False)
+    rc = _profile(tmp_path, f"profile.input={tmp_path / 'cells.parquet'}", "profile.normalize=none")
+    assert rc == 0
+    adata = read_h5ad(tmp_path / "out" / "p.h5ad")
+    feats = infer_cp_features(df)
+    assert list(adata.var_names) == feats  # Image_Count_Cells is not a feature (as pycytominer)
+    strata = ["Image_Metadata_Plate", "Image_Metadata_Well"]
+    ref = pyc_aggregate(df, strata=strata, features=feats, operation="mean")
+    ref = ref.sort_values(strata).reset_index(drop=True)
+    np.testing.assert_allclose(adata.X, ref[feats].to_numpy(), rtol=1e-12)
+    obs = adata.obs.reset_index(drop=True)
+    assert list(obs["Metadata_Plate"]) == list(ref["Image_Metadata_Plate"])
+    assert list(obs["Metadata_Well"]) == list(ref["Image_Metadata_Well"])
+    assert (obs["Metadata_Count_Cells"] == 5).all()
+    assert "Metadata_pert_type" in obs  # constant per well: carried
+
+
+def test_infer_agrees_with_pycytominer_on_lincs_and_takes_per_well_tables_as_profiles(
+    lincs_csv, tmp_path, capsys
+):
+    """The real LINCS plate (per-well, csv.gz): infer picks pycytominer's features; each
+    (plate, well) is one row, so the rows are the profiles (identity, logged), not refused."""
+    from pycytominer.cyto_utils import infer_cp_features
+
+    src = pd.read_csv(lincs_csv)
+    rc = _profile(
+        tmp_path, f"profile.input={lincs_csv}", "profile.features=infer", "profile.normalize=none"
+    )
+    assert rc == 0
+    assert "aggregation is the identity" in capsys.readouterr().err
+    adata = read_h5ad(tmp_path / "out" / "p.h5ad")
+    feats = infer_cp_features(src)
+    assert sorted(adata.var_names) == sorted(feats) and len(feats) == 454
+    src = src.set_index(["Metadata_Plate", "Metadata_Well"])
+    obs = adata.obs
+    rows = src.loc[list(zip(obs["Metadata_Plate"], obs["Metadata_Well"]))]
+    np.testing.assert_allclose(adata.X, rows[list(adata.var_names)].to_numpy(), rtol=1e-12)
+    assert "Metadata_Count_Cells" not in obs  # no cell count is made up for a table of wells
+
+
+def test_infer_refuses_mixed_families_and_nothing_to_infer(tmp_path, capsys):
+    df = _cytotable_cells()
+    df["emb_0000"] = 1.0
+    df.to_parquet(tmp_path / "mixed.parquet", index=False)
+    rc = _profile(tmp_path, f"profile.input={tmp_path / 'mixed.parquet'}")
+    err = capsys.readouterr().err
+    assert rc == 2 and "two feature families" in err
+    assert "CellProfiler (9 columns)" in err and "embeddings (1 columns)" in err
+    # asked for: both families together
+    rc = _profile(
+        tmp_path,
+        f"profile.input={tmp_path / 'mixed.parquet'}",
+        "profile.features=Cells_,Cytoplasm_,Nuclei_,emb_",
+        "profile.normalize=none",
+    )
+    assert rc == 0 and read_h5ad(tmp_path / "out" / "p.h5ad").n_vars == 10
+    other = df.drop(columns=[c for c in df.columns if c.startswith(COMPARTMENTS + ("emb_",))])
+    other["dino_0"] = 1.0
+    other.to_parquet(tmp_path / "other.parquet", index=False)
+    rc = _profile(tmp_path, f"profile.input={tmp_path / 'other.parquet'}")
+    err = capsys.readouterr().err
+    assert rc == 2 and "found no feature columns" in err and "dino_ (1)" in err

@@ -241,7 +241,7 @@ class ProfileConfig:
     input: tuple[str, ...] = ("runs/embeddings",)  # per-cell Parquet shards: folders/files/globs
     out: str = "runs/profiles.h5ad"  # AnnData file written by `celldino profile` (+ .parquet/.csv)
     formats: tuple[str, ...] = ("h5ad", "parquet", "csv")  # outputs: h5ad, parquet, csv
-    features: str = "emb_"  # feature columns: a prefix, or a comma-separated list of names
+    features: tuple[str, ...] = ("infer",)  # column names or prefixes (a,b), or infer (see docs)
     by: tuple[str, ...] = ("Metadata_Plate", "Metadata_Well")  # keys of one aggregated profile
     via: tuple[str, ...] = ()  # intermediate level added to `by` first, e.g. Metadata_Site
     method: str = "mean"  # aggregation of cells: mean or median
@@ -280,6 +280,7 @@ class EvaluateConfig:
     map_memory_mb: int = 256  # working memory of one block of queries in the blocked mAP
     n_boot: int = 1000  # bootstrap resamples for the metrics' 95% intervals (0: no intervals)
     resume: bool = True  # keep finished (feature set, analysis) parts of an earlier run
+    columns: dict[str, str] = field(default_factory=dict)  # column roles (win over the spec's)
 
 
 @dataclass(frozen=True)
@@ -517,6 +518,20 @@ RANGES: dict[str, Range] = {
     "evaluate.map_memory_mb": _POSITIVE,
     "evaluate.n_boot": _COUNT,
 }
+# Mapping settings and the keys they take (`evaluate.columns.moa=Metadata_moa`).
+# EVAL_COLUMN_ROLES are the fields of `celldino.eval.spec.Columns` (a test keeps them equal).
+EVAL_COLUMN_ROLES = (
+    "compound",
+    "dose",
+    "moa",
+    "batch",
+    "plate",
+    "well",
+    "control",
+    "control_value",
+    "moa_sep",
+)
+KEYS: dict[str, tuple[str, ...]] = {"evaluate.columns": EVAL_COLUMN_ROLES}
 # Settings that must not be empty (an empty list would silently do nothing).
 NON_EMPTY = ("profile.formats", "profile.by", "profile.input", "run.stages")
 # List settings whose items must be distinct (a channel named twice is fed twice, another dropped).
@@ -533,6 +548,10 @@ def check(cfg: Config) -> list[tuple[str, str]]:
             problem = _check_value(key, value)
             if problem:
                 problems.append((key, problem))
+            for k in value if key in KEYS else ():
+                if k not in KEYS[key]:
+                    valid = ", ".join(KEYS[key])
+                    problems.append((f"{key}.{k}", f"unknown key {k!r}; valid keys: {valid}"))
     m, p = cfg.model, cfg.prepare
     if m.patch_size >= 1 and m.img_size % m.patch_size:
         problems.append(
@@ -703,11 +722,15 @@ def _merge(base: dict, update: dict) -> dict:
 
 
 def _setting_type(key: str) -> Any:
-    """The annotated type of a dotted key ('train.lr' → float), or ConfigError if unknown."""
+    """The annotated type of a dotted key ('train.lr' → float), or ConfigError if unknown.
+    Below a mapping setting the rest of the key is one of its keys: 'evaluate.columns.moa' →
+    str (the mapping's value type)."""
     tp: Any = Config
     parts = key.split(".")
     for i, part in enumerate(parts):
         where = ".".join(parts[:i])
+        if typing.get_origin(tp) is dict:
+            return typing.get_args(tp)[1] if typing.get_args(tp) else Any
         if not dataclasses.is_dataclass(tp):
             raise _key_error(where, f"is a setting, not a section: write {where}=VALUE")
         hints = typing.get_type_hints(tp)
@@ -755,6 +778,20 @@ def _override_value(raw: str, tp: Any, item: str) -> Any:
     return _yaml_value(raw, f"command-line override {item}")
 
 
+def _split_key(key: str) -> list[str]:
+    """A dotted key's parts, the rest kept whole below a mapping setting ('prepare.channel_map.
+    ch.5' → ['prepare', 'channel_map', 'ch.5'])."""
+    parts = key.split(".")
+    tp: Any = Config
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(tp):
+            break
+        tp = typing.get_type_hints(tp).get(part)
+        if typing.get_origin(tp) is dict and i + 1 < len(parts):
+            return parts[: i + 1] + [".".join(parts[i + 1 :])]
+    return parts
+
+
 def parse_dotlist(overrides: list[str]) -> dict:
     """Turn ['train.epochs=3', 'model.arch=vit_small'] into a nested dict of typed values.
 
@@ -778,7 +815,7 @@ def parse_dotlist(overrides: list[str]) -> dict:
                 raise
             raise ConfigError(f"{where}: {e.problem}", key=key, problem=e.problem) from None
         node = out
-        parts = key.split(".")
+        parts = _split_key(key)
         for p in parts[:-1]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -107,27 +108,168 @@ def _names(files: list[str], duck: list[str]) -> dict[str, str]:
     return out
 
 
+# Feature families `features="infer"` knows. CellProfiler's compartments are matched as
+# pycytominer's `infer_cp_features` matches them (its default compartments, title case, the
+# column name starting with the compartment); `CP_` is celldino's engineered features, `emb_`
+# its embeddings.
+FAMILIES: dict[str, tuple[str, ...]] = {
+    "CellProfiler": ("Cells", "Cytoplasm", "Nuclei"),
+    "engineered": ("CP_",),
+    "embeddings": ("emb_",),
+}
+INFER = "infer"
+
+
+def _numeric(t: str) -> bool:
+    return t.upper().startswith(_NUMERIC)
+
+
+def _prefixes(columns: Sequence[str]) -> str:
+    """'Cells_ (153), Nuclei_ (163), ...': the non-metadata column prefixes, for messages."""
+    counts: dict[str, int] = {}
+    for c in columns:
+        if not c.startswith("Metadata_"):
+            head = c.split("_", 1)[0] + ("_" if "_" in c else "")
+            counts[head] = counts.get(head, 0) + 1
+    return ", ".join(f"{p} ({n})" for p, n in list(counts.items())[:12]) or "none"
+
+
+# an input column that counts what each row aggregated: the row is a profile already
+# (celldino's Metadata_Count_Cells, pycytominer's Metadata_Object_Count, Metadata_Count_*, ...)
+_COUNT_LIKE = re.compile(r"(?i)metadata_(\w+_)?(object_?)?count(_\w+)?")
+# cytotable writes the image table's metadata as Image_Metadata_Plate, Image_Metadata_Well, ...
+_IMAGE_METADATA = "Image_Metadata_"
+
+
+def input_names(
+    files: list[str], cols: dict[str, str] | None = None, orig: dict[str, str] | None = None
+) -> dict[str, str]:
+    """DuckDB column name → the name it has in the profiles: the file's own name (`_names`),
+    and cytotable's `Image_Metadata_X` read as `Metadata_X` when the table has no `Metadata_X`
+    (so profile.by=Metadata_Plate,Metadata_Well and the evaluation's roles find them)."""
+    cols = cols if cols is not None else schema(files)
+    names = dict(orig if orig is not None else _names(files, list(cols)))
+    have = {n.lower() for n in names.values()}
+    for d, n in names.items():
+        alias = "Metadata_" + n[len(_IMAGE_METADATA) :]
+        if n.startswith(_IMAGE_METADATA) and alias.lower() not in have:
+            names[d] = alias
+            have.add(alias.lower())
+            logger.info("%s: column %s read as %s (cytotable's name)", _where(files), n, alias)
+    return names
+
+
+def count_columns(names: Sequence[str]) -> list[str]:
+    """The columns that say a row aggregates several (Metadata_Count_Cells, ...Object_Count)."""
+    return [n for n in names if _COUNT_LIKE.fullmatch(n)]
+
+
+def _check_not_mean_of_means(
+    con: duckdb.DuckDBPyConnection,
+    files: list[str],
+    cols: dict[str, str],
+    names: dict[str, str],
+    by_d: list[str],
+    where: str,
+) -> None:
+    """A table whose rows count what they aggregated (a count column) is taken as profiles only
+    when each `by` key is one row; grouping several of its rows would average averages."""
+    counted = count_columns([names[c] for c in cols])
+    if not counted:
+        return
+    keys = ", ".join(_q(k) for k in by_d)
+    try:
+        dup = con.execute(
+            f"SELECT {keys}, count(*) AS n FROM {_reader(files)} GROUP BY {keys} "
+            "HAVING count(*) > 1 LIMIT 1",
+            [duck_paths(files)],
+        ).fetchone()
+    except duckdb.Error as e:
+        raise DataError(f"cannot read {where}: {e}".splitlines()[0]) from e
+    if dup is None:
+        return
+    key = dict(zip([names[k] for k in by_d], dup[:-1]))
+    raise DataError(
+        f"{where}: has a {counted[0]} column, so its rows are profiles that were aggregated "
+        f"already, and {dup[-1]} rows share the keys {key}: grouping them by "
+        f"{[names[k] for k in by_d]} would average averages; give the per-cell table, or set "
+        "profile.by to keys that are one row each (e.g. add Metadata_Site), or evaluate the "
+        "profiles as they are"
+    )
+
+
+def infer_features(columns: dict[str, str]) -> list[str]:
+    """The numeric columns of the one feature family the table holds (FAMILIES), in table
+    order; refused when it holds none, or several (say which, and how to choose)."""
+    found: dict[str, list[str]] = {}
+    for c, t in columns.items():
+        for family, prefixes in FAMILIES.items():
+            if c.startswith(prefixes) and _numeric(t):
+                found.setdefault(family, []).append(c)
+    if not found:
+        raise DataError(
+            "features=infer found no feature columns: it knows CellProfiler's compartments "
+            "(Cells_, Cytoplasm_, Nuclei_, as pycytominer's infer_cp_features), celldino's "
+            f"engineered CP_ and embeddings emb_; the columns' prefixes are {_prefixes(columns)}"
+            "; name the feature columns or prefixes, e.g. features=Cells_,Nuclei_"
+        )
+    if len(found) > 1:
+        what = " and ".join(f"{f} ({len(cs)} columns)" for f, cs in found.items())
+        prefixes = {
+            f: ",".join(p + ("_" if f == "CellProfiler" else "") for p in FAMILIES[f])
+            for f in found
+        }
+        raise DataError(
+            f"features=infer found two feature families mixed: {what}; name the ones to use, "
+            f"e.g. features={next(iter(prefixes.values()))} (or list every family's prefixes "
+            "to use them together)"
+        )
+    return next(iter(found.values()))
+
+
 def resolve_features(columns: dict[str, str], features: str | Sequence[str] | None) -> list[str]:
-    """None → every numeric non-`Metadata_` column; a str → that prefix; a list → those names."""
-    if features is None:
-        feats = [
-            c
-            for c, t in columns.items()
-            if not c.startswith("Metadata_") and t.upper().startswith(_NUMERIC)
-        ]
-    elif isinstance(features, str):
-        feats = [c for c in columns if c.startswith(features)]
+    """The feature columns of a table (`columns`: name → DuckDB type).
+
+    None or empty → every numeric non-`Metadata_` column; 'infer' → `infer_features`; else
+    each token (a str is one token, or 'a,b' several) is an exact column name if the table has
+    one, else a prefix of non-`Metadata_` columns. A token that matches nothing is refused,
+    naming it and the prefixes present. Order: token by token, each in table order.
+    """
+    if isinstance(features, str):
+        tokens = [t.strip() for t in features.split(",") if t.strip()]
     else:
-        feats = list(features)
-        missing = [f for f in feats if f not in columns]
-        if missing:
-            raise DataError(f"feature columns not in the shards: {missing[:5]} ({len(missing)})")
+        tokens = [str(t).strip() for t in features or () if str(t).strip()]
+    if not tokens:
+        feats = [c for c, t in columns.items() if not c.startswith("Metadata_") and _numeric(t)]
+    elif INFER in tokens:
+        if len(tokens) > 1:
+            raise DataError(
+                f"features {tokens}: 'infer' stands alone; give infer, or the columns / prefixes"
+            )
+        feats = infer_features(columns)
+    else:
+        feats, unmatched = [], []
+        for tok in tokens:
+            hit = (
+                [tok]
+                if tok in columns
+                else [c for c in columns if c.startswith(tok) and not c.startswith("Metadata_")]
+            )
+            if not hit:
+                unmatched.append(tok)
+            feats += hit
+        if unmatched:
+            raise DataError(
+                f"no feature columns match {', '.join(map(repr, unmatched))} (as a column name "
+                f"or a prefix); the columns' prefixes are {_prefixes(columns)}"
+            )
+        feats = list(dict.fromkeys(feats))
     if not feats:
         raise DataError(
-            f"no feature columns match {features!r} (columns: {list(columns)[:8]}...); "
-            "pass features= a prefix such as 'emb_' or an explicit list"
+            f"no numeric non-Metadata_ feature columns (columns: {list(columns)[:8]}...); "
+            "name the features, e.g. features=emb_ or features=Cells_,Nuclei_"
         )
-    bad = [f for f in feats if not columns[f].upper().startswith(_NUMERIC)]
+    bad = [f for f in feats if not _numeric(columns[f])]
     if bad:
         raise DataError(f"feature columns are not numeric: {bad[:5]} (types {columns[bad[0]]})")
     return feats
@@ -257,13 +399,9 @@ def aggregate(
             raise DataError(f"level {finer} must contain every key of the next level {coarser}")
     con = _connect(memory_limit, threads, temp_dir)
     cols = schema(files, con)
-    names = _names(files, list(cols))  # DuckDB name → the file's name
-    if any(c.lower() == COUNT_COLUMN.lower() for c in cols):
-        raise DataError(
-            f"{where}: has a {COUNT_COLUMN} column, so it looks like profiles that were "
-            "aggregated already, not per-cell rows; aggregate the per-cell shards instead"
-        )
-    to_duck = {v: k for k, v in names.items()}
+    orig = _names(files, list(cols))  # DuckDB name → the file's name
+    names = input_names(files, cols, orig)  # ... → the name in the profiles
+    to_duck = {o: k for k, o in orig.items()} | {v: k for k, v in names.items()}
     chain = [[to_duck.get(k, k) for k in keys] for keys in chain]
     by_d = chain[-1]
     missing = [k for k in dict.fromkeys(k for keys in chain for k in keys) if k not in cols]
@@ -272,12 +410,13 @@ def aggregate(
             f"{where}: grouping key(s) {[names.get(k, k) for k in missing]} not in the "
             f"columns {[names[c] for c in cols][:12]}...; set profile.by / profile.via"
         )
-    if features is not None and not isinstance(features, str):
-        features = [to_duck.get(f, f) for f in features]
     try:
-        feats = resolve_features(cols, features)
+        feats = [
+            to_duck[f] for f in resolve_features({names[c]: t for c, t in cols.items()}, features)
+        ]
     except (KeyError, ValueError, TypeError) as e:
         raise DataError(f"{where}: {e.args[0] if e.args else e}") from None
+    _check_not_mean_of_means(con, files, cols, names, by_d, where)
     all_keys = set().union(*map(set, chain))
     if carry is None:
         carry = [c for c in cols if names[c].startswith("Metadata_") and c not in all_keys]
@@ -309,6 +448,8 @@ def aggregate(
         )
     df = df.sort_values(by_d, kind="stable").reset_index(drop=True)
 
+    n_rows = df.pop(COUNT_COLUMN).astype(np.int64)  # input rows in each profile
+    identity = bool((n_rows == 1).all())
     kept: list[str] = []
     for m in carry:
         lo, hi = df.pop("__min_" + m), df.pop("__max_" + m)
@@ -316,13 +457,32 @@ def aggregate(
         if bool(same.all()):
             df[m] = lo
             kept.append(m)
-    df[COUNT_COLUMN] = df[COUNT_COLUMN].astype(np.int64)
-    df = df[by_d + kept + [COUNT_COLUMN] + feats].rename(columns=names)
+    own = next((m for m in kept if names[m].lower() == COUNT_COLUMN.lower()), None)
+    if own is not None:  # profiles as input (one row each, checked above): their cell counts
+        counts = pd.to_numeric(df.pop(own))
+        kept.remove(own)
+    elif not identity:
+        counts = n_rows
+    else:
+        counts = None
+    if identity:
+        logger.info(
+            "%s: each of the %d %s keys is one row, so the rows are taken as profiles "
+            "(aggregation is the identity)%s",
+            where,
+            len(df),
+            [names[k] for k in by_d],
+            f"; their {names[own]} kept" if own else f"; no {COUNT_COLUMN} column (no cell count)",
+        )
+    if counts is not None:
+        df[COUNT_COLUMN] = counts.astype(np.int64)
+    count_col = [COUNT_COLUMN] if counts is not None else []
+    df = df[by_d + kept + count_col + feats].rename(columns=names)
     feats = [names[f] for f in feats]
     kept = [names[m] for m in kept]
     carry = [names[m] for m in carry]
-    adata = frame_to_anndata(df, feats, by, source=where)
-    dropped = [m for m in carry if m not in kept]
+    adata = frame_to_anndata(df, feats, [names[k] for k in by_d], source=where)
+    dropped = [m for m in carry if m not in kept and m.lower() != COUNT_COLUMN.lower()]
     if dropped:
         logger.debug("metadata varying within groups, not carried: %s", dropped)
     record(
@@ -334,7 +494,8 @@ def aggregate(
             "levels": [list(k) for k in levels],
             "method": method,
             "n_features": len(feats),
-            "n_cells": int(pd.to_numeric(df[COUNT_COLUMN]).sum()),
+            "n_cells": int(counts.sum()) if counts is not None else None,
+            "identity": identity,
             "carried": kept,
             "memory_limit": memory_limit,
         },

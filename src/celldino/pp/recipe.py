@@ -44,12 +44,12 @@ from celldino.pp.sphere import sphere
 logger = get_logger(__name__)
 
 
-def _features(spec: str) -> str | list[str] | None:
-    if not spec:
-        return None
-    if "," in spec:
-        return [s.strip() for s in spec.split(",") if s.strip()]
-    return spec
+def _features(spec: str | tuple[str, ...] | list[str]) -> list[str] | None:
+    """profile.features as tokens ('a,b' or a list; `pp.aggregate.resolve_features` reads each
+    as a column name or a prefix, or 'infer'); empty: every numeric non-Metadata_ column."""
+    items = [spec] if isinstance(spec, str) else list(spec or ())
+    tokens = [t.strip() for item in items for t in str(item).split(",") if t.strip()]
+    return tokens or None
 
 
 def _outputs(out: Path, formats: tuple[str, ...], suffix: str = "") -> dict[str, Path]:
@@ -198,11 +198,13 @@ def aggregate_cached(cfg: ProfileConfig) -> ad.AnnData:
     key = fingerprint(
         {
             "files": [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files],
-            "features": cfg.features,
+            "features": _features(cfg.features),
             "by": cfg.by,
             "via": cfg.via,
             "method": cfg.method,
-            "version": 2,  # 2: file column names kept, plate_well obs_names, steps as JSON text
+            # 2: file column names kept, plate_well obs_names, steps as JSON text; 3: feature
+            # tokens (names or prefixes, infer), Image_Metadata_ aliases, profiles as input
+            "version": 3,
         }
     )
     cache, pending = _cache_paths(cfg)
@@ -239,24 +241,23 @@ def aggregate_cached(cfg: ProfileConfig) -> ad.AnnData:
 
 
 def _check_keys(cfg: ProfileConfig, files: list[str]) -> None:
-    """profile.by and profile.via name columns of the input (the setting named), and the input
-    holds cells, not profiles that were aggregated already."""
-    from celldino.pp.aggregate import COUNT_COLUMN, schema
+    """profile.by and profile.via name columns of the input (the setting named; cytotable's
+    Image_Metadata_X counts as Metadata_X). A table that is already profiles is checked by the
+    aggregation itself (taken as is when each key is one row, refused otherwise)."""
+    from celldino.pp.aggregate import _names, input_names, schema
 
-    cols = {c.lower() for c in schema(files)}
+    cols = schema(files)
+    orig = _names(files, list(cols))
+    names = input_names(files, cols, orig)
+    known = {n.lower() for n in [*names.values(), *orig.values()]}
     where = files[0] if len(files) == 1 else f"{len(files)} files of profile.input"
-    if COUNT_COLUMN.lower() in cols:
-        raise DataError(
-            f"{where}: has a {COUNT_COLUMN} column, so it looks like profiles that were "
-            "aggregated already, not per-cell rows; give profile.input the per-cell shards (the "
-            "`celldino extract` folder), or evaluate these profiles directly"
-        )
     for setting, keys in (("profile.by", cfg.by), ("profile.via", cfg.via)):
-        missing = [k for k in keys if k.lower() not in cols]
+        missing = [k for k in keys if k.lower() not in known]
         if missing:
+            meta = [n for n in names.values() if n.startswith("Metadata_")]
             raise DataError(
                 f"{setting}: {', '.join(map(repr, missing))} is not a column of {where} "
-                f"(metadata columns: {', '.join(c for c in schema(files) if c.startswith('Metadata_'))})"
+                f"(metadata columns: {', '.join(meta)})"
             )
 
 
