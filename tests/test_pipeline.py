@@ -65,6 +65,12 @@ def test_pipeline_writes_every_stage(pipeline_run):
     # learned embeddings, and every baseline beside them, on the same analyses
     assert {"learned", "engineered", "pca_engineered", "random_init"} <= set(metrics.feature_set)
     per_set = metrics.groupby("feature_set").metric.apply(set)
+    assert per_set["learned"] == per_set["random_init"]
+    # the engineered set is the reference of mantel and has no attention maps: those two
+    # analyses run on the model's embeddings only
+    models_only = metrics.analysis.isin(["mantel", "attention_iou"])
+    assert set(metrics[models_only].feature_set) == {"learned", "random_init"}
+    per_set = metrics[~models_only].groupby("feature_set").metric.apply(set)
     assert per_set["learned"] == per_set["random_init"] == per_set["engineered"]
     assert metrics.value.notna().any()
     cells = pd.read_parquet(run / "prep" / "cells.parquet")
@@ -170,6 +176,22 @@ window.addEventListener('load', () => {
     title: document.title,
     evil_nodes: document.querySelectorAll('img[onerror]').length,
     text: document.body.innerText.includes('onerror="document.title=1"'),
+    details: document.querySelectorAll('#tables details').length,
+    warnings: document.querySelectorAll('#evaluation p.warn').length,
+    evaluation: document.querySelector('#evaluation').innerText,
+    appendix: document.querySelector('#appendix').innerText,
+    sorted: (() => {  // click a numeric column's header of the first sortable table
+      const t = document.querySelector('table.sortable');
+      if (!t) return null;
+      const rows = () => [...t.tBodies[0].rows];
+      const heads = [...t.tHead.rows[0].cells];
+      const col = heads.findIndex((h, i) => i > 0 &&
+        rows().every(r => !isNaN(parseFloat(r.cells[i].textContent))));
+      if (col < 0) return null;
+      heads[col].click();
+      const v = rows().map(r => parseFloat(r.cells[col].textContent));
+      return v.every((x, i) => i === 0 || v[i - 1] <= x);
+    })(),
   };
   const pre = document.createElement('pre'); pre.id = 'celldino-check';
   pre.textContent = JSON.stringify(out); document.body.appendChild(pre);
@@ -203,7 +225,27 @@ def test_report_renders_in_chromium(pipeline_run, tmp_path):
     marker = dom.stdout.split('<pre id="celldino-check">', 1)
     assert len(marker) == 2, f"chromium did not render the report: {dom.stderr[-2000:]}"
     check = json.loads(marker[1].split("</pre>", 1)[0].replace("&quot;", '"').replace("&amp;", "&"))
-    assert check["sections"] == ["data", "training", "umap", "evaluation", "attention"]
+    assert check["sections"] == [
+        "data",
+        "training",
+        "umap",
+        "evaluation",
+        "tables",
+        "attention",
+        "appendix",
+    ]
+    # the evaluation's detail tables (one per file under eval/tables), sortable in the browser
+    assert check["details"] == len(list((run / "eval" / "tables").glob("*.parquet"))) > 0
+    assert check["sorted"] is True
+    # statistics, the plate check and the new analyses with their baselines
+    tidy = pd.read_parquet(run / "eval" / "metrics.parquet")
+    assert {"plate_effect", "attention_iou", "mantel"} <= set(tidy.analysis)
+    ev = check["evaluation"]
+    assert "Chance level" in ev and "attention_iou: null_best_channel_iou" in ev
+    assert ("separate by plate more than by treatment" in ev) == bool(
+        (tidy[tidy.metric == "plate_dominates"].value == 1).any()
+    )
+    assert "numpy" in check["appendix"] and "evaluate:" in check["appendix"]  # versions, config
     assert check["images"] >= 6 and check["loaded"] == check["images"]
     assert check["best"] >= 1
     assert check["title"] == "celldino report" and check["evil_nodes"] == 0 and check["text"]

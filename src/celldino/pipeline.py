@@ -51,12 +51,16 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
 }
 
 # Evaluation used when run.eval_spec is empty: the analyses of the Cell-DINO/WS-DINO papers that
-# read well profiles (NSC, NSCB, replicate and MoA mAP, kNN macro-F1 split by plate).
+# read well profiles (NSC, NSCB, replicate and MoA mAP, kNN macro-F1 split by plate), the
+# plate-vs-treatment check, Mantel against the engineered features and attention-channel IoU.
 RUN_ANALYSES = {
     "nsc": {},
     "map_replicate": {},
     "map_moa": {},
     "classify": {"classifiers": ["knn"], "ks": [1, 5], "split_by": "Metadata_Plate"},
+    "plate_effect": {},  # the report warns when profiles separate by plate more than treatment
+    "mantel": {},  # each set vs the engineered features (skipped without them)
+    "attention_iou": {},  # heads vs channels, from attention.zarr (skipped without one)
 }
 
 

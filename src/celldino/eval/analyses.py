@@ -776,8 +776,8 @@ def run_discriminative_patches(meta, X, ctx: EvalContext, **params: Any) -> Anal
 
 
 def run_plate_effect(meta, X, ctx: EvalContext, **params: Any) -> AnalysisResult:
-    """Silhouette with plate labels vs with treatment labels; flags plate > treatment."""
-    from celldino.eval.batch_effect import plate_effect
+    """Chance-corrected 1-NN agreement on plate vs on treatment; flags plate > treatment."""
+    from celldino.eval.batch_effect import MARGIN, plate_effect
 
     plate = params.get("plate") or ctx.cols.plate
     if plate not in meta.columns:  # a default analysis of `celldino run`: skip, do not fail
@@ -790,8 +790,7 @@ def run_plate_effect(meta, X, ctx: EvalContext, **params: Any) -> AnalysisResult
         X,
         plate=plate,
         treatment=_treatment_keys(meta, ctx, params, "plate_effect"),
-        metric=params.get("metric", "cosine"),
-        margin=float(params.get("margin", 0.0)),
+        margin=float(params.get("margin", MARGIN)),
     )
     return _result(metrics, {"plates": table})
 

@@ -1,11 +1,18 @@
 """Do the profiles separate by plate more than by treatment? A batch-effect check.
 
-`plate_effect` scores the same profiles twice with the silhouette (scikit-learn, cosine
-distance by default): once with the plate as the label, once with the treatment as the label.
-A silhouette near 0 means the label does not structure the profiles; the check flags the
-profiles when the plate silhouette exceeds the treatment silhouette by more than `margin`
-(default 0): then a profile's nearest neighbours are more often from its plate than from its
-treatment, and plate (batch) correction is due before any retrieval number means much.
+`plate_effect` asks of each profile whether its nearest other profile (cosine) is from the same
+plate, and whether it is from the same treatment, and corrects each agreement for chance:
+
+    agreement = (observed − expected) / (1 − expected)
+
+where `observed` is the fraction of profiles whose nearest neighbour shares the label and
+`expected` the mean, over profiles, of the fraction of the other profiles that share it (what a
+random neighbour gives). 0 is chance, 1 perfect, for either label whatever the group sizes: a
+silhouette would not do here, since with many small treatment groups it is negative even for
+pure noise while two large plates sit at 0. The profiles are flagged (`plate_dominates`) when the
+plate agreement exceeds the treatment agreement by more than `margin` (default 0.1, about the
+spread of the difference on noise for a few dozen profiles): then neighbours are found by plate
+rather than by treatment, and plate correction is due before retrieval numbers mean much.
 """
 
 from __future__ import annotations
@@ -14,13 +21,32 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import silhouette_samples
 
 from celldino.eval.spec import NotEvaluable, profiles_of
+
+MARGIN = 0.1  # default: plate agreement − treatment agreement above this is flagged
 
 
 def _labels(meta: pd.DataFrame, cols: Sequence[str]) -> np.ndarray:
     return meta[list(cols)].astype(str).agg(" | ".join, axis=1).to_numpy()
+
+
+def nearest_other(X: np.ndarray) -> np.ndarray:
+    """Index of each row's nearest other row by cosine similarity."""
+    n = np.linalg.norm(X, axis=1, keepdims=True)
+    U = X / np.where(n == 0, 1.0, n)
+    S = U @ U.T
+    np.fill_diagonal(S, -np.inf)
+    return S.argmax(axis=1)
+
+
+def agreement(labels: np.ndarray, nn: np.ndarray) -> tuple[float, float, np.ndarray]:
+    """(chance-corrected agreement, expected agreement, per-row hits) of the nearest
+    neighbours `nn` on `labels`."""
+    hit = labels[nn] == labels
+    _, inv, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    expected = float(np.mean((counts[inv] - 1) / (len(labels) - 1)))
+    return (float(hit.mean()) - expected) / (1.0 - expected), expected, hit
 
 
 def plate_effect(
@@ -29,15 +55,15 @@ def plate_effect(
     *,
     plate: str = "Metadata_Plate",
     treatment: str | Sequence[str] = "Metadata_Compound",
-    metric: str = "cosine",
-    margin: float = 0.0,
+    margin: float = MARGIN,
 ) -> tuple[dict, pd.DataFrame]:
-    """Silhouette of the profiles with plate labels vs with treatment labels.
+    """Chance-corrected nearest-neighbour agreement of the profiles on plate vs on treatment.
 
-    Returns ({silhouette_plate, silhouette_treatment, plate_minus_treatment, plate_dominates
-    (1.0 when plate − treatment > margin, else 0.0), margin, n_profiles, n_plates,
-    n_treatments}, a per-plate table of the mean silhouette of its profiles under each label).
-    Raises NotEvaluable when either label has fewer than 2 values or as many values as profiles.
+    Returns ({plate_agreement, treatment_agreement, plate_minus_treatment, plate_dominates
+    (1.0 when plate − treatment > margin, else 0.0), plate_chance, treatment_chance (the
+    expected raw agreements), margin, n_profiles, n_plates, n_treatments}, a per-plate table of
+    the fraction of its profiles whose nearest neighbour shares the plate / the treatment).
+    Raises NotEvaluable when either label has fewer than 2 values or no two profiles share one.
     """
     meta, X = profiles_of(meta, X)
     X = np.asarray(X, dtype=np.float64)
@@ -47,36 +73,36 @@ def plate_effect(
             raise KeyError(f"column '{col}' not in the profiles' metadata")
     by_plate, by_treat = _labels(meta, [plate]), _labels(meta, treatment)
     n = len(meta)
-    for what, lab in (("plate", by_plate), ("treatment", by_treat)):
+    for what, lab, cols in (("plate", by_plate, [plate]), ("treatment", by_treat, treatment)):
         k = len(np.unique(lab))
         if not 2 <= k <= n - 1:
             raise NotEvaluable(
-                f"the silhouette with {what} labels needs 2 to {n - 1} distinct values over "
-                f"{n} profiles; {what} ({', '.join([plate] if what == 'plate' else treatment)}) "
-                f"has {k}"
+                f"plate_effect needs 2 to {n - 1} distinct {what} values over {n} profiles "
+                f"(some shared by 2 or more); {'+'.join(cols)} has {k}"
             )
-    s_plate = silhouette_samples(X, by_plate, metric=metric)
-    s_treat = silhouette_samples(X, by_treat, metric=metric)
-    diff = float(s_plate.mean() - s_treat.mean())
+    nn = nearest_other(X)
+    a_plate, e_plate, hit_plate = agreement(by_plate, nn)
+    a_treat, e_treat, hit_treat = agreement(by_treat, nn)
+    diff = a_plate - a_treat
     metrics = {
-        "silhouette_plate": float(s_plate.mean()),
-        "silhouette_treatment": float(s_treat.mean()),
+        "plate_agreement": a_plate,
+        "treatment_agreement": a_treat,
         "plate_minus_treatment": diff,
         "plate_dominates": float(diff > margin),
+        "plate_chance": e_plate,
+        "treatment_chance": e_treat,
         "margin": float(margin),
         "n_profiles": n,
         "n_plates": len(np.unique(by_plate)),
         "n_treatments": len(np.unique(by_treat)),
     }
     table = (
-        pd.DataFrame(
-            {"plate": by_plate, "silhouette_plate": s_plate, "silhouette_treatment": s_treat}
-        )
+        pd.DataFrame({"plate": by_plate, "same_plate": hit_plate, "same_treatment": hit_treat})
         .groupby("plate", sort=True)
         .agg(
-            n_profiles=("silhouette_plate", "size"),
-            silhouette_plate=("silhouette_plate", "mean"),
-            silhouette_treatment=("silhouette_treatment", "mean"),
+            n_profiles=("same_plate", "size"),
+            nn_same_plate=("same_plate", "mean"),
+            nn_same_treatment=("same_treatment", "mean"),
         )
         .reset_index()
     )

@@ -17,8 +17,18 @@ from celldino.io.files import read_json
 METRICS = "metrics.parquet"
 METRICS_CSV = "metrics.csv"
 SUMMARY = "summary.json"
+TABLES = "tables"  # <analysis>__<feature set>__<table>.parquet
 
-__all__ = ["METRICS", "METRICS_CSV", "SUMMARY", "read_results", "read_summary"]
+__all__ = [
+    "METRICS",
+    "METRICS_CSV",
+    "SUMMARY",
+    "TABLES",
+    "list_tables",
+    "read_results",
+    "read_summary",
+    "read_table",
+]
 
 
 def read_results(eval_dir: str | Path) -> pd.DataFrame:
@@ -35,3 +45,21 @@ def read_summary(eval_dir: str | Path) -> dict[str, Any] | None:
     """`summary.json` of an evaluation folder, or None when there is none."""
     path = Path(eval_dir) / SUMMARY
     return read_json(path) if path.exists() else None
+
+
+def list_tables(eval_dir: str | Path) -> pd.DataFrame:
+    """The detail tables of an evaluation folder: one row per file (analysis, feature_set,
+    table, path), sorted; empty when there are none."""
+    rows = []
+    for p in sorted((Path(eval_dir) / TABLES).glob("*.parquet")):
+        parts = p.stem.split("__")
+        if len(parts) == 3:
+            rows.append(
+                {"analysis": parts[0], "feature_set": parts[1], "table": parts[2], "path": p}
+            )
+    return pd.DataFrame(rows, columns=["analysis", "feature_set", "table", "path"])
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """One detail table of `tables/`."""
+    return pd.read_parquet(path)

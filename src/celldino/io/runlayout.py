@@ -106,6 +106,14 @@ class RunLayout:
         return self.eval / results.SUMMARY
 
     @property
+    def eval_tables(self) -> Path:
+        return self.eval / results.TABLES
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
     def report(self) -> Path:
         return self.root / "report.html"
 

@@ -151,6 +151,68 @@ def section_umap(run: Path) -> Section:
     return sec
 
 
+# What each analysis measures and what its baseline is (shown under the metrics table).
+ANALYSIS_NOTES = {
+    "nsc": "NSC / NSCB: 1-nearest-neighbour MoA accuracy over treatment profiles excluding the "
+    "same compound (and the same batch).",
+    "map_replicate": "mAP: mean average precision of replicate retrieval (copairs definition).",
+    "map_moa": "MoA mAP: retrieval of same-MoA treatments of other compounds.",
+    "activity": "Phenotypic activity: mAP of each compound's replicates against the controls.",
+    "classify": "kNN / linear / MLP F1: macro-F1 of a MoA classifier on a held-out group split.",
+    "mantel": "Mantel: Spearman r between the treatments' cosine distances in this set and in "
+    "the reference set (summary.json names it); baseline: null_mean / null_q95 of the "
+    "permutation null, p_value from it.",
+    "cca": "CCA: held-out profiles matched to their partner in the reference set in the shared "
+    "canonical space; baselines: chance = 1 / n_test and the same fit with the pairs broken "
+    "(permuted_accuracy).",
+    "block_search": "Block search: kNN MoA macro-F1 of each transformer block's features "
+    "(feature sets <set>_block<i>); baseline: the best block with shuffled labels "
+    "(permuted_label_macro_f1).",
+    "attention_iou": "Attention-channel IoU: Otsu masks of each head's attention vs each "
+    "channel, best channel per head averaged over heads; baseline: each cell's attention against "
+    "another cell's channels (null_*). random_init is the untrained model's.",
+    "discriminative_patches": "Discriminative patch tokens: share of group A's patch tokens "
+    "whose 10 nearest tokens of other images are ≥ 90 % from A; baseline: the images' groups "
+    "shuffled (null_fraction_discriminative).",
+    "plate_effect": "Plate effect: how often a profile's nearest neighbour (cosine) shares its "
+    "plate, and how often its treatment, each corrected for chance ((observed − expected) / "
+    "(1 − expected): 0 = chance, 1 = always); plate_dominates = 1 when the plate agreement "
+    "exceeds the treatment agreement by more than margin (default 0.1).",
+}
+MAX_TABLE_ROWS = 20  # rows of a detail table shown in the report (the file holds them all)
+# Column a detail table is sorted by (the first present, best first).
+SORT_COLUMNS = (
+    ("mean_average_precision", False),
+    ("average_precision", False),
+    ("macro_f1", False),
+    ("pr_auc", False),
+    ("odds_ratio", False),
+    ("correct", False),
+    ("iou", False),
+    ("nn_same_treatment", False),
+    ("score", False),
+    ("p_value", True),
+    ("similarity", False),
+)
+
+
+def _with_interval(wide: pd.DataFrame, lo: pd.DataFrame, hi: pd.DataFrame) -> pd.DataFrame:
+    """The metrics table as text: 'value [ci_low, ci_high]' where the interval exists."""
+    from celldino.report.html import _fmt, _is_count
+
+    out = pd.DataFrame(index=wide.index, columns=wide.columns, dtype=object)
+    for idx in wide.index:
+        count = _is_count(str(idx))
+        for col in wide.columns:
+            v = wide.at[idx, col]
+            text = _fmt(float(v), count) if pd.notna(v) else "–"
+            a, b = lo.at[idx, col], hi.at[idx, col]
+            if pd.notna(v) and pd.notna(a) and pd.notna(b):
+                text += f" [{_fmt(float(a))}, {_fmt(float(b))}]"
+            out.at[idx, col] = text
+    return out
+
+
 def section_evaluation(run: Path) -> Section:
     sec = Section("evaluation", "Evaluation: learned embeddings vs baselines")
     lay = RunLayout(run)
@@ -160,6 +222,16 @@ def section_evaluation(run: Path) -> Section:
         sec.missing("evaluation results", "celldino evaluate")
         return sec
     res = res.assign(row=res["analysis"].astype(str) + ": " + res["metric"].astype(str))
+
+    def pivot(col: str) -> pd.DataFrame:
+        if col not in res.columns:
+            return pd.DataFrame(np.nan, index=wide.index, columns=wide.columns)
+        t = res.pivot_table(
+            index="row", columns="feature_set", values=col, aggfunc="first", dropna=False
+        )
+        t.columns = [str(c) for c in t.columns]
+        return t.reindex(index=wide.index, columns=wide.columns)
+
     wide = res.pivot_table(index="row", columns="feature_set", values="value", aggfunc="first")
     wide.index.name = "analysis: metric"
     order = [
@@ -167,16 +239,111 @@ def section_evaluation(run: Path) -> Section:
     ]
     wide = wide[order + [c for c in wide.columns if c not in order]]
     wide.columns = [str(c) for c in wide.columns]
-    sec.table(wide, best=best_per_row(wide), caption="Metric per feature set (★ = best of the row)")
-    sec.text(
-        "NSC / NSCB: 1-nearest-neighbour MoA accuracy over treatment profiles excluding the same compound "
-        "(and the same batch); mAP: mean average precision of replicate / MoA retrieval (copairs definition); "
-        "kNN F1: macro-F1 of a cosine kNN MoA classifier on well profiles, tested on a held-out plate."
+    best = best_per_row(wide)
+    shown = _with_interval(wide, pivot("ci_low"), pivot("ci_high"))
+    shown.index.name = wide.index.name
+    sec.table(
+        shown,
+        best=best,
+        caption="Metric per feature set, with its bootstrap 95% interval where computed "
+        "(★ = best of the row)",
     )
+    # chance level and permutation p beside each feature set, for the rows that have them
+    chance, p = pivot("chance"), pivot("p_perm")
+    has = chance.notna().any(axis=1) | p.notna().any(axis=1)
+    if has.any():
+        both = pd.concat({"chance": chance[has], "p_perm": p[has]}, axis=1).swaplevel(axis=1)
+        both = both[[(fs, what) for fs in wide.columns for what in ("chance", "p_perm")]]
+        both.columns = [f"{fs}: {what}" for fs, what in both.columns]
+        both.index.name = wide.index.name
+        sec.table(
+            both,
+            caption="Chance level (the value with no information in the features) and "
+            "permutation p-value ((1 + #null ≥ value) / (1 + N))",
+        )
+    present = [a for a in ANALYSIS_NOTES if a in set(res["analysis"])]
+    for a in present:
+        sec.text(ANALYSIS_NOTES[a])
+    # degenerate values: each flag as a warning
+    if "flags" in res.columns:  # (skipped analyses are listed below, with their reason)
+        flagged = res[(res["flags"].fillna("").astype(str) != "") & (res["metric"] != "skipped")]
+        for r in flagged.itertuples(index=False):
+            sec.warn(f"{r.analysis}: {r.metric} on {r.feature_set} is degenerate: {r.flags}")
+    plate_warnings(sec, res)
     info = results.read_summary(lay.eval)
-    if isinstance(info, dict) and info.get("notes"):
-        for note in info["notes"]:
+    if isinstance(info, dict):
+        for note in info.get("notes") or []:
             sec.text(str(note))
+        for what, why in (info.get("skipped") or {}).items():
+            sec.text(f"Skipped: {what}: {why}")
+    return sec
+
+
+def plate_warnings(sec: Section, res: pd.DataFrame) -> None:
+    """A warning per feature set whose profiles separate by plate more than by treatment
+    (the evaluator's plate_effect analysis), a line saying so when none do."""
+    pe = res[res["analysis"] == "plate_effect"]
+    if pe.empty:
+        sec.text("Plate vs treatment: not measured (add the plate_effect analysis to the spec).")
+        return
+    v = pe.pivot_table(index="feature_set", columns="metric", values="value", aggfunc="first")
+    ok = []
+    for fs, r in v.iterrows():
+        if r.get("plate_dominates", 0) >= 1:
+            sec.warn(
+                f"{fs}: profiles separate by plate more than by treatment (nearest-neighbour "
+                f"agreement beyond chance on plate {r['plate_agreement']:.3f} vs on treatment "
+                f"{r['treatment_agreement']:.3f}; flagged above a difference of "
+                f"{r.get('margin', 0.1):g}); correct for plate effects (per-plate normalisation "
+                "to controls, Harmony on PCs) before trusting retrieval numbers"
+            )
+        else:
+            ok.append(str(fs))
+    if ok:
+        sec.text(
+            "Plate vs treatment: profiles of "
+            + ", ".join(ok)
+            + " do not separate by plate more than by treatment (nearest-neighbour agreement "
+            "beyond chance)."
+        )
+
+
+def _sorted_top(df: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    for col, ascending in SORT_COLUMNS:
+        if col in df.columns and pd.api.types.is_numeric_dtype(df[col]):
+            return df.sort_values(col, ascending=ascending, kind="stable"), col
+    return df, ""
+
+
+def section_tables(run: Path) -> Section:
+    sec = Section("tables", "Per-MoA and per-compound tables")
+    lay = RunLayout(run)
+    files = results.list_tables(lay.eval)
+    if files.empty:
+        sec.missing("evaluation detail tables", "celldino evaluate")
+        return sec
+    sec.text(
+        f"Each evaluation's detail table (eval/{results.TABLES}/), sorted best first by the "
+        f"column named, at most {MAX_TABLE_ROWS} rows shown; click a header to re-sort. The "
+        "files hold every row."
+    )
+    from celldino.report.html import html_table
+
+    for f in files.itertuples(index=False):
+        df = results.read_table(f.path)
+        df = df[[c for c in df.columns if c not in ("indices",)]]
+        df, by = _sorted_top(df)
+        n = len(df)
+        head = df.head(MAX_TABLE_ROWS).reset_index(drop=True)
+        head.index = head.index + 1
+        head.index.name = "#"
+        note = (f"sorted by {by}, " if by else "") + (
+            f"top {MAX_TABLE_ROWS} of {n} rows" if n > MAX_TABLE_ROWS else f"{n} rows"
+        )
+        sec.details(
+            f"{f.analysis} · {f.table} · {f.feature_set} ({note})",
+            html_table(head, sortable=True, caption=f"eval/{results.TABLES}/{f.path.name}"),
+        )
     return sec
 
 
@@ -215,10 +382,66 @@ def section_attention(run: Path) -> Section:
     return sec
 
 
+PACKAGES = (
+    "celldino",
+    "torch",
+    "numpy",
+    "pandas",
+    "anndata",
+    "scikit-learn",
+    "scipy",
+    "copairs",
+    "pycytominer",
+    "scanpy",
+    "harmonypy",
+    "zarr",
+    "duckdb",
+    "matplotlib",
+)
+
+
+def section_appendix(run: Path) -> Section:
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    sec = Section("appendix", "Appendix: configuration and versions")
+    lay = RunLayout(run)
+    if lay.config.exists():
+        sec.text(f"The resolved configuration of the run ({lay.config.name}):")
+        sec.pre(lay.config.read_text())
+    else:
+        sec.missing("run configuration (config.yaml)", "celldino run")
+    info = results.read_summary(lay.eval)
+    if isinstance(info, dict):
+        import json
+
+        sec.text("The evaluation's settings and analyses (eval/summary.json):")
+        sec.pre(
+            json.dumps(
+                {k: info.get(k) for k in ("settings", "analyses", "feature_sets")},
+                indent=1,
+                default=str,
+            )
+        )
+    rows = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            rows[name] = version(name)
+        except PackageNotFoundError:
+            rows[name] = "not installed"
+    sec.table(
+        pd.DataFrame({"version": rows}).rename_axis("package"),
+        caption="Versions installed where this report was built",
+    )
+    return sec
+
+
 DEFAULT_SECTIONS = [
     section_data,
     section_training,
     section_umap,
     section_evaluation,
+    section_tables,
     section_attention,
+    section_appendix,
 ]
