@@ -32,14 +32,20 @@ def phenotypic_activity(
     method: str = "auto",
     block_bytes: int = BLOCK_BYTES,
     show_progress: bool = True,
-) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, float]]:
+    return_stats: bool = False,
+    n_boot: int = 0,
+    n_perm: int | None = None,
+    what: str = "activity",
+):
     """mAP of each `by` group against the controls; returns (AP table, mAP table, summary).
 
     The summary holds `mAP`, `mAP_normalized`, `fraction_retrieved` (here: the fraction of
-    groups called active at BH-corrected p < `threshold`) and `n_groups`.
+    groups called active at BH-corrected p < `threshold`) and `n_groups`. With `return_stats`,
+    the mAP table gains each group's chance level and interval and a fourth element holds the
+    summary mAP's chance, interval and permutation p-value (`retrieval_map`).
     """
     meta, X = profiles_of(meta, X)
-    ap, maps = retrieval_map(
+    out = retrieval_map(
         meta,
         X,
         by=by,
@@ -52,7 +58,12 @@ def phenotypic_activity(
         method=method,
         block_bytes=block_bytes,
         show_progress=show_progress,
+        return_stats=return_stats,
+        n_boot=n_boot,
+        n_perm=n_perm,
+        what=what,
     )
+    ap, maps = out[:2]
     summary = summarize(maps, threshold)
     maps = maps.rename(columns={"below_corrected_p": "active"})
-    return ap, maps, summary
+    return (ap, maps, summary, out[2]) if return_stats else (ap, maps, summary)

@@ -39,6 +39,7 @@ from celldino.eval.spec import (
     SpecError,
     is_control_row,
 )
+from celldino.eval.stats import STAT_COLUMNS
 from celldino.log import get_logger
 
 logger = get_logger(__name__)
@@ -104,7 +105,7 @@ def run_nsc(meta: pd.DataFrame, X: np.ndarray, ctx: EvalContext, **params) -> An
             [c.dose] if c.present(meta, "dose") else []
         )
     use_batch = params.get("batch", True)
-    metrics, table = nsc_nscb(
+    metrics, table, stats = nsc_nscb(
         meta,
         X,
         moa=c.require(meta, "moa", "nsc"),
@@ -115,6 +116,10 @@ def run_nsc(meta: pd.DataFrame, X: np.ndarray, ctx: EvalContext, **params) -> An
         control_value=c.control_value,
         aggregate=params.get("aggregate", "median"),
         moa_sep=c.moa_sep,
+        n_boot=ctx.n_boot,
+        null_size=ctx.null_size,
+        seed=ctx.seed,
+        return_stats=True,
     )
     if not metrics["NSC_n"]:
         comp = c.require(meta, "compound", "nsc")
@@ -123,7 +128,7 @@ def run_nsc(meta: pd.DataFrame, X: np.ndarray, ctx: EvalContext, **params) -> An
             f"profiles of at least 2 compounds with a MoA ({comp} has "
             f"{meta[comp].nunique()} value(s))"
         )
-    return AnalysisResult(metrics, {"neighbours": table})
+    return AnalysisResult(metrics, {"neighbours": table}, stats=stats)
 
 
 def run_map_replicate(
@@ -135,15 +140,24 @@ def run_map_replicate(
         [c.dose] if c.present(meta, "dose") else []
     )
     kw = map_kwargs(ctx, params)
-    ap, maps = retrieval_map(
+    _, maps, st = retrieval_map(
         meta,
         X,
         by=by,
         negatives=params.get("negatives", "others"),
         pos_diffby=params.get("pos_diffby", ()),
         **kw,
+        **_stats_kw(ctx, "map_replicate"),
     )  # the spec's threshold, as the mAP table used it
-    return AnalysisResult(summarize(maps, kw["threshold"]), {"map": maps.drop(columns="indices")})
+    return AnalysisResult(
+        summarize(maps, kw["threshold"]), {"map": maps.drop(columns="indices")}, stats={"mAP": st}
+    )
+
+
+def _stats_kw(ctx: EvalContext, name: str) -> dict:
+    """The chance/interval/p-value settings of an mAP analysis (map.retrieval_map)."""
+    what = f"{name} on {ctx.feature_set}" if ctx.feature_set else name
+    return {"return_stats": True, "n_boot": ctx.n_boot, "what": what}
 
 
 def run_map_moa(meta: pd.DataFrame, X: np.ndarray, ctx: EvalContext, **params) -> AnalysisResult:
@@ -151,21 +165,25 @@ def run_map_moa(meta: pd.DataFrame, X: np.ndarray, ctx: EvalContext, **params) -
     c = ctx.cols
     meta, X = _with_moa(meta, X, ctx, "map_moa")
     kw = map_kwargs(ctx, params)
-    ap, maps = moa_map(
+    _, maps, st = moa_map(
         meta,
         X,
         moa=c.require(meta, "moa", "map_moa"),
         compound=c.require(meta, "compound", "map_moa"),
         **kw,
+        **_stats_kw(ctx, "map_moa"),
     )
-    return AnalysisResult(summarize(maps, kw["threshold"]), {"map": maps.drop(columns="indices")})
+    return AnalysisResult(
+        summarize(maps, kw["threshold"]), {"map": maps.drop(columns="indices")}, stats={"mAP": st}
+    )
 
 
 def run_activity(meta: pd.DataFrame, X: np.ndarray, ctx: EvalContext, **params) -> AnalysisResult:
     """Phenotypic activity: each compound (all doses, or `by`) against the controls."""
     by = params.get("by") or [ctx.cols.require(meta, "compound", "activity")]
-    _, maps, summary = phenotypic_activity(meta, X, by=by, **map_kwargs(ctx, params))
-    return AnalysisResult(summary, {"map": maps.drop(columns="indices")})
+    kw = map_kwargs(ctx, params) | _stats_kw(ctx, "activity")
+    _, maps, summary, st = phenotypic_activity(meta, X, by=by, **kw)
+    return AnalysisResult(summary, {"map": maps.drop(columns="indices")}, stats={"mAP": st})
 
 
 def run_enrichment(meta: pd.DataFrame, X: np.ndarray, ctx: EvalContext, **params) -> AnalysisResult:
@@ -252,12 +270,17 @@ def run_classify(meta, X, ctx: EvalContext, **params: Any) -> AnalysisResult:
         test_size=float(params.get("test_size", 0.25)),
         mlp_options=mlp_options(params),
         seed=ctx.seed,
+        n_boot=ctx.n_boot,
+        n_perm=ctx.null_size,
     )
-    metrics = {}
+    metrics, stats = {}, {}
     for _, r in table.iterrows():
         key = f"knn_k{int(r.k)}" if r.classifier == "knn" else r.classifier
         metrics[f"{key}_macro_f1"] = r.macro_f1
-    return _result(metrics, {"classify": table})
+        stats[f"{key}_macro_f1"] = {c: r[c] for c in STAT_COLUMNS}
+    res = _result(metrics, {"classify": table})
+    res.stats = stats
+    return res
 
 
 def run_lowshot(meta, X, ctx: EvalContext, **params: Any) -> AnalysisResult:

@@ -3,7 +3,11 @@
 Every function takes the metadata table and the feature matrix (rows aligned), names the label
 column explicitly, splits by group (`split_by`, e.g. 'Metadata_Plate') or takes explicit
 `train_idx`/`test_idx`, and returns a tidy table with one row per (classifier, setting):
-`classifier, task, k, macro_f1, n_train, n_test, n_classes, split_by, seed`.
+`classifier, task, k, macro_f1, n_train, n_test, n_classes, split_by, seed` and the columns of
+`celldino.eval.stats.STAT_COLUMNS`: `chance` (the better of the majority-class and stratified-
+random macro-F1 on this test set), `ci_low`/`ci_high` (bootstrap of test samples, `n_boot`
+resamples), `p_perm` (`n_perm` shuffles of the test labels among test groups, predictions
+fixed), `n_queries` (test samples) and `flags`.
 
 The MLP follows Cell-DINO: 512 → 256 → classes with ReLU and dropout 0.5, AdamW with a cosine
 learning-rate schedule, inputs z-scored with the training statistics, training samples drawn
@@ -26,6 +30,7 @@ from torch import nn
 
 from celldino.eval.spec import profiles_of
 from celldino.eval.splits import group_split
+from celldino.eval.stats import STAT_COLUMNS, f1_statistics, rng_for, warn_flags
 from celldino.log import get_logger
 
 if TYPE_CHECKING:
@@ -120,8 +125,10 @@ def _row(
     split_by,
     seed: int,
     k: float = np.nan,
+    stats: dict | None = None,
 ) -> dict:
     by = split_by if split_by is None or isinstance(split_by, str) else "+".join(split_by)
+    stats = stats or {c: (np.nan if c != "flags" else "") for c in STAT_COLUMNS}
     return {
         "classifier": classifier,
         "task": task,
@@ -132,7 +139,45 @@ def _row(
         "n_classes": int(n_classes),
         "split_by": by,
         "seed": seed,
+        **{c: stats[c] for c in STAT_COLUMNS},
     }
+
+
+def _groups_of(meta: pd.DataFrame, split_by, groups) -> np.ndarray | None:
+    """Per-row group labels the permutation null shuffles labels among (the split's groups)."""
+    if groups is not None:
+        return np.asarray(groups)
+    if split_by is None:
+        return None
+    cols = [split_by] if isinstance(split_by, str) else list(split_by)
+    return meta[cols].astype(str).agg("|".join, axis=1).to_numpy()
+
+
+def _stats(
+    name: str,
+    y_train: np.ndarray,
+    y_test: np.ndarray,
+    pred: np.ndarray,
+    n_classes: int,
+    groups: np.ndarray | None,
+    n_boot: int,
+    n_perm: int,
+    seed: int,
+    flags: Sequence[str] = (),
+) -> dict:
+    st = f1_statistics(
+        y_train,
+        y_test,
+        pred,
+        n_classes,
+        groups=groups,
+        n_boot=n_boot,
+        n_perm=n_perm,
+        rng=rng_for(seed, name),
+        flags=flags,
+    )
+    warn_flags(name, [st["flags"]])
+    return st
 
 
 # ---- kNN -------------------------------------------------------------------------------------
@@ -181,9 +226,14 @@ def knn_f1(
     test_idx: np.ndarray | None = None,
     test_size: float = 0.25,
     seed: int = 0,
+    n_boot: int = 0,
+    n_perm: int = 0,
+    groups: np.ndarray | None = None,
 ) -> pd.DataFrame:
-    """Macro-F1 of cosine kNN (uniform vote) for each k in `ks` on a group split."""
+    """Macro-F1 of cosine kNN (uniform vote) for each k in `ks` on a group split, with its
+    chance level, bootstrap interval and permutation p-value (module docstring)."""
     meta, X = profiles_of(meta, X)
+    groups = _groups_of(meta, split_by, groups)
     X = as_matrix(X, len(meta))
     y, classes = encode_labels(meta, label)
     train, test = resolve_split(
@@ -202,8 +252,21 @@ def knn_f1(
             logger.warning("kNN: k=%d > %d training rows; using k=%d", k, len(train), k_eff)
         pred = vote(y[train][nbrs[:, :k_eff]], len(classes))
         score = f1_score(y[test], pred, average="macro")
+        flags = [f"k={k} >= {len(train)} training rows"] if k >= len(train) else []
+        st = _stats(
+            f"knn_k{k}",
+            y[train],
+            y[test],
+            pred,
+            len(classes),
+            None if groups is None else groups[test],
+            n_boot,
+            n_perm,
+            seed,
+            flags,
+        )
         rows.append(
-            _row("knn", label, score, len(train), len(test), len(classes), split_by, seed, k=k)
+            _row("knn", label, score, len(train), len(test), len(classes), split_by, seed, k, st)
         )
     return pd.DataFrame(rows)
 
@@ -232,9 +295,14 @@ def linear_probe(
     max_iter: int = 2000,
     class_weight: str | None = "balanced",
     seed: int = 0,
+    n_boot: int = 0,
+    n_perm: int = 0,
+    groups: np.ndarray | None = None,
 ) -> pd.DataFrame:
-    """Macro-F1 of a logistic-regression probe on features z-scored with training statistics."""
+    """Macro-F1 of a logistic-regression probe on features z-scored with training statistics,
+    with its chance level, bootstrap interval and permutation p-value (module docstring)."""
     meta, X = profiles_of(meta, X)
+    groups = _groups_of(meta, split_by, groups)
     X = as_matrix(X, len(meta))
     y, classes = encode_labels(meta, label)
     train, test = resolve_split(
@@ -255,8 +323,22 @@ def linear_probe(
         clf.fit((X[train] - mean) / std, y[train])
         pred = clf.predict((X[test] - mean) / std)
     score = f1_score(y[test], pred, average="macro")
+    g = None if groups is None else groups[test]
+    st = _stats("linear", y[train], y[test], pred, len(classes), g, n_boot, n_perm, seed)
     return pd.DataFrame(
-        [_row("linear", label, score, len(train), len(test), len(classes), split_by, seed)]
+        [
+            _row(
+                "linear",
+                label,
+                score,
+                len(train),
+                len(test),
+                len(classes),
+                split_by,
+                seed,
+                stats=st,
+            )
+        ]
     )
 
 
@@ -369,9 +451,14 @@ def mlp_f1(
     options: MLPOptions | None = None,
     threshold: float = 0.5,
     seed: int = 0,
+    n_boot: int = 0,
+    n_perm: int = 0,
+    groups: np.ndarray | None = None,
 ) -> pd.DataFrame:
-    """Macro-F1 of the paper's MLP (multi-label: sigmoid > `threshold`, macro over labels)."""
+    """Macro-F1 of the paper's MLP (multi-label: sigmoid > `threshold`, macro over labels);
+    single-label: with its chance level, bootstrap interval and permutation p-value."""
     meta, X = profiles_of(meta, X)
+    groups = _groups_of(meta, split_by, groups)
     options = options or MLPOptions()
     X = as_matrix(X, len(meta))
     if multilabel:
@@ -393,11 +480,15 @@ def mlp_f1(
     if multilabel:
         pred = (1.0 / (1.0 + np.exp(-logits)) > threshold).astype(int)
         score = f1_score(Y[test].astype(int), pred, average="macro", zero_division=0)
+        st = None  # multi-label: no chance level / interval here
     else:
-        score = f1_score(Y[test], logits.argmax(axis=1), average="macro")
+        pred = logits.argmax(axis=1)
+        score = f1_score(Y[test], pred, average="macro")
+        g = None if groups is None else groups[test]
+        st = _stats("mlp", Y[train], Y[test], pred, len(classes), g, n_boot, n_perm, seed)
     name = "mlp_multilabel" if multilabel else "mlp"
     return pd.DataFrame(
-        [_row(name, label, score, len(train), len(test), len(classes), split_by, seed)]
+        [_row(name, label, score, len(train), len(test), len(classes), split_by, seed, stats=st)]
     )
 
 
@@ -417,8 +508,11 @@ def classify(
     test_size: float = 0.25,
     mlp_options: MLPOptions | None = None,
     seed: int = 0,
+    n_boot: int = 0,
+    n_perm: int = 0,
 ) -> pd.DataFrame:
-    """kNN, linear probe and MLP on one shared group split; one tidy table."""
+    """kNN, linear probe and MLP on one shared group split; one tidy table (with the chance
+    level, `n_boot` bootstrap interval and `n_perm` permutation p-value of each F1)."""
     meta, X = profiles_of(meta, X)
     unknown = set(classifiers) - {"knn", "linear", "mlp"}
     if unknown:
@@ -431,7 +525,15 @@ def classify(
         test_size=test_size,
         seed=seed,
     )
-    common = dict(label=label, train_idx=train, test_idx=test, seed=seed)
+    common = dict(
+        label=label,
+        train_idx=train,
+        test_idx=test,
+        seed=seed,
+        n_boot=n_boot,
+        n_perm=n_perm,
+        groups=_groups_of(meta, split_by, None),
+    )
     tables = []
     if "knn" in classifiers:
         tables.append(knn_f1(meta, X, ks=ks, **common))

@@ -414,6 +414,139 @@ def summarize(map_scores: pd.DataFrame, threshold: float = 0.05) -> dict[str, fl
     }
 
 
+MAP_PERMUTATIONS = 1000  # label permutations behind a summary mAP's p_perm (at most)
+PERM_MAX_ROWS = 4000  # above this many profiles the summary mAP gets no p_perm
+
+
+def permuted_map_null(
+    meta: pd.DataFrame,
+    X: np.ndarray,
+    *,
+    pos_sameby: list[str],
+    pos_diffby: list[str],
+    neg_sameby: list[str],
+    neg_diffby: list[str],
+    sameby: list[str],
+    n_perm: int,
+    rng: np.random.Generator,
+    block_bytes: int = BLOCK_BYTES,
+) -> np.ndarray | None:
+    """(n_perm,) summary mAPs (mean over `sameby` groups of their queries' mean AP) with the
+    metadata rows shuffled against the feature rows: the pair rules stay as they are, each
+    profile's similarities come from another profile. This keeps every dependence between
+    queries (replicates rank each other, all queries share the negatives) that a per-query null
+    ignores. None above `PERM_MAX_ROWS` profiles (each permutation ranks every profile)."""
+    n = len(X)
+    if n > PERM_MAX_ROWS or n_perm < 1:
+        if n > PERM_MAX_ROWS:
+            logger.info("mAP: %d profiles > %d, no permutation p-value", n, PERM_MAX_ROWS)
+        return None
+    Xn = torch.from_numpy(X / np.linalg.norm(X, axis=1, keepdims=True))
+    S = Xn @ Xn.T  # (n, n)
+    ps, pd_, ns, nd = (_codes(meta, c) for c in (pos_sameby, pos_diffby, neg_sameby, neg_diffby))
+    pos = _rule_mask(ps, pd_, slice(0, n), n)
+    neg = _rule_mask(ns, nd, slice(0, n), n)
+    q = torch.nonzero(pos.any(dim=1) & (pos | neg).any(dim=1)).ravel()
+    if len(q) == 0:
+        return None
+    groups = pd.factorize(pd.Series(list(meta[sameby].itertuples(index=False, name=None))))[0]
+    codes = groups[q.numpy()]
+    codes = pd.factorize(codes)[0]
+    G = int(codes.max()) + 1
+    size = np.bincount(codes, minlength=G)
+    pos_q, neg_q = pos[q], neg[q]
+    b = max(1, min(n_perm, block_bytes // max(1, 40 * len(q) * n)))
+    out = np.empty(n_perm)
+    for s in range(0, n_perm, b):
+        e = min(n_perm, s + b)
+        perms = torch.from_numpy(rng.permuted(np.tile(np.arange(n), (e - s, 1)), axis=1))
+        sim = S[perms[:, q][:, :, None], perms[:, None, :]].reshape(-1, n)  # ((e-s)·q, n)
+        reps = e - s
+        ap, _, _ = _ap_block(sim, pos_q.repeat(reps, 1), neg_q.repeat(reps, 1))
+        ap = ap.reshape(reps, len(q))
+        gm = np.stack([np.bincount(codes, weights=a, minlength=G) for a in ap]) / size
+        out[s:e] = gm.mean(axis=1)
+    return out
+
+
+def with_statistics(
+    ap: pd.DataFrame,
+    maps: pd.DataFrame,
+    sameby: Sequence[str],
+    *,
+    null: np.ndarray | None,
+    n_boot: int,
+    seed: int = 0,
+    control: str | None = None,
+    control_value: str | Sequence[str] = "control",
+    what: str = "mAP",
+) -> tuple[pd.DataFrame, dict]:
+    """The mAP table with each group's `chance` (mean expected AP of a random ranking),
+    `ci_low` and `ci_high` (bootstrap of its queries), and the stats of the summary mAP (mean
+    over groups): chance, interval, p-value against `null` (`permuted_map_null`), queries,
+    flags (`celldino.eval.stats.map_statistics`). Control rows (never queries) are left out of
+    the group count, so the groups dropped as singletons are the treatments'."""
+    from celldino.eval.stats import map_statistics, rng_for, warn_flags
+
+    sameby = _as_list(sameby)
+    if control and control in ap.columns:
+        ap = ap[~is_control_row(ap, control, control_value)]
+    st, per_group = map_statistics(
+        ap, sameby, null=null, n_boot=n_boot, rng=rng_for(seed, what), what=what
+    )
+    warn_flags(what, [st["flags"]])
+    maps = maps.drop(columns=[c for c in ("chance", "ci_low", "ci_high") if c in maps.columns])
+    if len(per_group):
+        maps = maps.merge(per_group, on=sameby, how="left")
+    else:
+        maps = maps.assign(chance=np.nan, ci_low=np.nan, ci_high=np.nan)
+    return maps, st
+
+
+def _with_stats(
+    ap,
+    maps,
+    m,
+    X,
+    rules: dict,
+    sameby,
+    *,
+    n_boot,
+    n_perm,
+    null_size,
+    seed,
+    what,
+    block_bytes,
+    control,
+    control_value,
+):
+    """retrieval_map / moa_map with return_stats: (ap, maps with per-group columns, stats)."""
+    from celldino.eval.stats import rng_for
+
+    n_perm = min(null_size, MAP_PERMUTATIONS) if n_perm is None else n_perm
+    null = permuted_map_null(
+        m,
+        np.asarray(X, dtype=np.float64),
+        **rules,
+        sameby=_as_list(sameby),
+        n_perm=n_perm,
+        rng=rng_for(seed, f"{what} permutations"),
+        block_bytes=block_bytes,
+    )
+    maps, st = with_statistics(
+        ap,
+        maps,
+        sameby,
+        null=null,
+        n_boot=n_boot,
+        seed=seed,
+        control=control,
+        control_value=control_value,
+        what=what,
+    )
+    return ap, maps, st
+
+
 # ---- retrieval tasks ----------------------------------------------------------------------------
 
 _REF = "_celldino_ref"  # -1 for treatments, the row number for each control
@@ -445,14 +578,21 @@ def retrieval_map(
     method: str = "auto",
     block_bytes: int = BLOCK_BYTES,
     show_progress: bool = True,
-) -> tuple[pd.DataFrame, pd.DataFrame]:
+    return_stats: bool = False,
+    n_boot: int = 0,
+    n_perm: int | None = None,
+    what: str = "mAP",
+):
     """Retrieve each treatment's replicates (same `by` values) among negatives.
 
     negatives = `controls`: against negative controls only (phenotypic activity);
     negatives = `others`: against every profile with a different first `by` column (other
     compounds and the controls). Controls are never queries. `pos_diffby` (e.g. the dose
     column, with by=[compound]) makes positives differ in those columns. Returns the per-profile
-    AP table and the per-group mAP table with p-values and FDR.
+    AP table and the per-group mAP table with p-values and FDR. With `return_stats`, the mAP
+    table gains each group's chance level and interval and a third element holds the summary
+    mAP's stats (chance, `n_boot` bootstrap interval, p-value of `n_perm` label permutations,
+    default min(null_size, MAP_PERMUTATIONS); `with_statistics`).
     """
     meta, X = profiles_of(meta, X)
     by = _as_list(by)
@@ -471,22 +611,37 @@ def retrieval_map(
         neg_diffby = [by[0]]
     else:
         raise ValueError(f"negatives must be 'controls' or 'others', got {negatives!r}")
-    ap = average_precision(
-        m,
-        X,
+    rules = dict(
         pos_sameby=[*by, _REF],
         pos_diffby=_as_list(pos_diffby),
         neg_sameby=[],
         neg_diffby=neg_diffby,
-        method=method,
-        block_bytes=block_bytes,
-        show_progress=show_progress,
+    )
+    ap = average_precision(
+        m, X, method=method, block_bytes=block_bytes, show_progress=show_progress, **rules
     )
     ap = ap.drop(columns=[_REF, _CTRL])
     maps = mean_average_precision(
         ap, sameby=by, null_size=null_size, threshold=threshold, seed=seed
     )
-    return ap, maps
+    if not return_stats:
+        return ap, maps
+    return _with_stats(
+        ap,
+        maps,
+        m,
+        X,
+        rules,
+        by,
+        n_boot=n_boot,
+        n_perm=n_perm,
+        null_size=null_size,
+        seed=seed,
+        what=what,
+        block_bytes=block_bytes,
+        control=control,
+        control_value=control_value,
+    )
 
 
 def moa_map(
@@ -503,26 +658,41 @@ def moa_map(
     method: str = "auto",
     block_bytes: int = BLOCK_BYTES,
     show_progress: bool = True,
-) -> tuple[pd.DataFrame, pd.DataFrame]:
+    return_stats: bool = False,
+    n_boot: int = 0,
+    n_perm: int | None = None,
+    what: str = "mAP",
+):
     """MoA retrieval: positives share the MoA but not the compound; negatives differ in MoA.
 
     Controls are dropped (rows where `control == control_value`, when the column exists).
-    Returns the per-profile AP table and the per-MoA mAP table.
+    Returns the per-profile AP table and the per-MoA mAP table (and, with `return_stats`, the
+    stats as `retrieval_map`).
     """
     meta, X = profiles_of(meta, X)
     m, X = drop_controls(meta, X, control=control, control_value=control_value)
+    rules = dict(pos_sameby=[moa], pos_diffby=[compound], neg_sameby=[], neg_diffby=[moa])
     ap = average_precision(
-        m,
-        X,
-        pos_sameby=[moa],
-        pos_diffby=[compound],
-        neg_sameby=[],
-        neg_diffby=[moa],
-        method=method,
-        block_bytes=block_bytes,
-        show_progress=show_progress,
+        m, X, method=method, block_bytes=block_bytes, show_progress=show_progress, **rules
     )
     maps = mean_average_precision(
         ap, sameby=[moa], null_size=null_size, threshold=threshold, seed=seed
     )
-    return ap, maps
+    if not return_stats:
+        return ap, maps
+    return _with_stats(
+        ap,
+        maps,
+        m,
+        X,
+        rules,
+        [moa],
+        n_boot=n_boot,
+        n_perm=n_perm,
+        null_size=null_size,
+        seed=seed,
+        what=what,
+        block_bytes=block_bytes,
+        control=None,
+        control_value=control_value,
+    )

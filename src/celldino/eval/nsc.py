@@ -11,7 +11,7 @@ evaluation (as queries and as neighbours), as in the literature. Controls are ex
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -19,6 +19,7 @@ import pandas as pd
 
 from celldino.eval.map import check_inputs
 from celldino.eval.spec import as_anndata, drop_controls, profiles_of
+from celldino.eval.stats import empty_stats, nsc_statistics, rng_for, warn_flags
 from celldino.log import get_logger
 
 if TYPE_CHECKING:
@@ -47,13 +48,24 @@ def _label_sets(values: pd.Series, sep: str | None) -> list[frozenset]:
     return [frozenset(s.strip() for s in str(v).split(sep) if s.strip()) for v in values]
 
 
+def _shares_label(labels: list[frozenset]) -> np.ndarray:
+    """(n, n) bool: treatments i and j share at least one MoA label."""
+    names = sorted(set().union(*labels)) if labels else []
+    index = {c: k for k, c in enumerate(names)}
+    L = np.zeros((len(labels), len(names)), dtype=np.float64)
+    for i, s in enumerate(labels):
+        L[i, [index[c] for c in s]] = 1.0
+    return (L @ L.T) > 0
+
+
 @dataclass(frozen=True)
 class MatchResult:
     """Accuracy of 1-NN MoA matching and the per-treatment table behind it."""
 
     accuracy: float  # fraction of queries whose nearest allowed neighbour shares a MoA
     n_queries: int  # treatments evaluated
-    table: pd.DataFrame  # one row per query: neighbour, similarity, predicted MoA, correct
+    table: pd.DataFrame  # one row per query: neighbour, similarity, predicted MoA, correct, chance
+    stats: dict = field(default_factory=dict)  # chance, ci_low, ci_high, p_perm, ... (eval.stats)
 
 
 def nearest_moa(
@@ -64,13 +76,20 @@ def nearest_moa(
     compound: str,
     batch: str | None = None,
     moa_sep: str | None = None,
+    n_boot: int = 0,
+    n_perm: int = 0,
+    seed: int = 0,
 ) -> MatchResult:
     """1-NN MoA matching of the given rows (already treatment profiles; no controls).
 
     Neighbours of the same compound are excluded (NSC); with `batch`, neighbours of the same
     batch are excluded too and queries whose MoA lives in one batch only are dropped (NSCB).
     With `moa_sep` (e.g. '|'), MoA strings are label sets and a match is any shared label.
+    `stats` holds the chance level (exact), a compound bootstrap interval (`n_boot`
+    resamples) and a permutation p-value (`n_perm` shuffles of MoA among compounds), see
+    `celldino.eval.stats.nsc_statistics`; the table's `chance` is each query's.
     """
+    name = "NSCB" if batch else "NSC"
     meta, X = profiles_of(meta, X)
     cols = [moa, compound] + ([batch] if batch else [])
     X = check_inputs(meta, X, cols)
@@ -94,7 +113,14 @@ def nearest_moa(
             " across batches" if batch else "",
             n,
         )
-        return MatchResult(accuracy=float("nan"), n_queries=0, table=meta[cols].iloc[:0].copy())
+        flags = [f"{n} treatment(s) left, nothing to match"]
+        warn_flags(name, flags)
+        return MatchResult(
+            accuracy=float("nan"),
+            n_queries=0,
+            table=meta[cols].iloc[:0].copy(),
+            stats=empty_stats(0, flags),
+        )
     Xn = X / np.linalg.norm(X, axis=1, keepdims=True)
     sim = Xn @ Xn.T  # (n, n) cosine similarity
     cpd = pd.factorize(meta[compound])[0]
@@ -105,8 +131,19 @@ def nearest_moa(
     sim = np.where(allowed, sim, -np.inf)
     has = allowed.any(axis=1)
     nn = np.argmax(sim, axis=1)
-    labels = _label_sets(meta[moa], moa_sep)
-    correct = np.array([bool(labels[i] & labels[j]) for i, j in enumerate(nn)]) & has
+    share = _shares_label(_label_sets(meta[moa], moa_sep))
+    correct = share[np.arange(n), nn] & has
+    stats, chance = nsc_statistics(
+        share,
+        allowed,
+        nn,
+        np.flatnonzero(has),
+        meta[compound].to_numpy(),
+        n_boot=n_boot,
+        n_perm=n_perm,
+        rng=rng_for(seed, name),
+    )
+    warn_flags(name, [stats["flags"]])
     table = meta[cols].copy()
     table["neighbour"] = np.where(has, nn, -1)
     table["neighbour_compound"] = np.where(has, meta[compound].to_numpy()[nn], None)
@@ -114,10 +151,11 @@ def nearest_moa(
     table["similarity"] = np.where(has, sim[np.arange(n), nn], np.nan)
     table["correct"] = correct
     table = table[has].reset_index(drop=True)
+    table["chance"] = chance
     if (~has).any():
         logger.warning("%d treatments have no allowed neighbour and are skipped", int((~has).sum()))
     acc = float(table["correct"].mean()) if len(table) else float("nan")
-    return MatchResult(accuracy=acc, n_queries=len(table), table=table)
+    return MatchResult(accuracy=acc, n_queries=len(table), table=table, stats=stats)
 
 
 def nsc_nscb(
@@ -132,8 +170,14 @@ def nsc_nscb(
     control_value: str = "control",
     aggregate: str = "median",
     moa_sep: str | None = None,
-) -> tuple[dict[str, float], pd.DataFrame]:
-    """NSC (and NSCB when `batch` is given) accuracy, plus the per-treatment table.
+    n_boot: int = 0,
+    null_size: int = 0,
+    seed: int = 0,
+    return_stats: bool = False,
+):
+    """NSC (and NSCB when `batch` is given) accuracy, plus the per-treatment table; with
+    `return_stats`, also {"NSC": stats, "NSCB": stats} (chance level, compound-bootstrap
+    interval of `n_boot` resamples, p-value of `null_size` MoA shuffles: `nearest_moa`).
 
     `treatment` lists the columns that define a treatment (e.g. compound and dose): rows are
     aggregated by treatment first (for NSCB by treatment and batch, so a treatment seen in two
@@ -147,7 +191,9 @@ def nsc_nscb(
     if treatment:  # NSC: one profile per treatment, over all batches
         keys = list(dict.fromkeys([*treatment, compound, moa]))
         m_nsc, X_nsc = treatment_profiles(meta, X, by=keys, how=aggregate)
-    res = nearest_moa(m_nsc, X_nsc, moa=moa, compound=compound, moa_sep=moa_sep)
+    kw = dict(moa=moa, compound=compound, moa_sep=moa_sep, n_boot=n_boot, n_perm=null_size)
+    res = nearest_moa(m_nsc, X_nsc, seed=seed, **kw)
+    stats = {"NSC": res.stats}
     metrics = {"NSC": res.accuracy, "NSC_n": float(res.n_queries)}
     tables = [res.table.assign(metric="NSC")]
     if batch:
@@ -155,7 +201,9 @@ def nsc_nscb(
         if treatment:  # NSCB: one profile per treatment and batch
             keys = list(dict.fromkeys([*treatment, compound, moa, batch]))
             m_b, X_b = treatment_profiles(meta, X, by=keys, how=aggregate)
-        res_b = nearest_moa(m_b, X_b, moa=moa, compound=compound, batch=batch, moa_sep=moa_sep)
+        res_b = nearest_moa(m_b, X_b, batch=batch, seed=seed, **kw)
+        stats["NSCB"] = res_b.stats
         metrics |= {"NSCB": res_b.accuracy, "NSCB_n": float(res_b.n_queries)}
         tables.append(res_b.table.assign(metric="NSCB"))
-    return metrics, pd.concat(tables, ignore_index=True)
+    table = pd.concat(tables, ignore_index=True)
+    return (metrics, table, stats) if return_stats else (metrics, table)

@@ -355,9 +355,8 @@ def map_statistics(
     ap: pd.DataFrame,
     sameby: Sequence[str],
     *,
-    null_size: int,
+    null: np.ndarray | None,
     n_boot: int,
-    seed: int,
     rng: np.random.Generator,
     what: str = "mAP",
 ) -> tuple[dict, pd.DataFrame]:
@@ -366,13 +365,12 @@ def map_statistics(
 
     chance: the expected AP of each query under a random ranking of its candidates (copairs'
     `expected_ap`, close to the query's positive fraction), averaged as the mAP is.
-    Bootstrap: queries resampled within their group. Null: each query's AP replaced by a draw
-    from copairs' random-ranking null for its (positives, candidates) (`null_distributions`, the
-    same draws as the per-group p-values), drawn independently per query; averaged as the mAP.
+    Bootstrap: queries resampled within their group. `null`: the summary mAP under label
+    permutations (`celldino.eval.map.permuted_map_null`), or None (no p_perm).
     Groups whose queries have no positive pair (singletons) are counted and flagged when they
     outnumber the groups kept. Returns (stats, per-group table: sameby, chance, ci_low, ci_high).
     """
-    from celldino.eval.map import expected_ap, null_distributions
+    from celldino.eval.map import expected_ap
 
     sameby = list(sameby)
     all_groups = ap.groupby(sameby, observed=True, dropna=False).ngroups if len(ap) else 0
@@ -398,18 +396,6 @@ def map_statistics(
         boot = gm.mean(axis=1)
         a = (1 - LEVEL) / 2
         g_lo, g_hi = np.quantile(gm, [a, 1 - a], axis=0)
-    null = None
-    if null_size:
-        confs, rev = np.unique(np.c_[num_pos, total], axis=0, return_inverse=True)
-        nulls = null_distributions(confs, null_size, seed)  # (confs, N) float32
-        acc = np.zeros((G, null_size))
-        step = max(1, _CHUNK // null_size)
-        for s in range(0, n_q, step):
-            rows = np.arange(s, min(n_q, s + step))
-            col = rng.permuted(np.tile(np.arange(null_size), (len(rows), 1)), axis=1)
-            draws = nulls[rev.ravel()[rows][:, None], col]  # (rows, N) independent per query
-            np.add.at(acc, codes[rows], draws)
-        null = (acc / size[:, None]).mean(axis=0)
     dropped = all_groups - G
     if dropped:
         logger.warning(
