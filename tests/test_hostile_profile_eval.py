@@ -764,3 +764,153 @@ def test_report_out_an_existing_folder_or_a_file_as_run_dir(tmp_path, run_cli):
     rc, text = run_cli("report", afile)
     assert rc == 2 and str(afile) in text and "not a folder" in text
     assert "does not exist" not in text
+
+
+# ---- evaluate: column roles as key=value, screens without controls, cytotable names ----------
+
+ROLES = [
+    "evaluate.columns.compound=Metadata_pert_id",
+    "evaluate.columns.dose=Metadata_mmoles_per_liter",
+    "evaluate.columns.moa=Metadata_moa",
+    "evaluate.columns.moa_sep=|",
+    "evaluate.null_size=50",
+    "evaluate.n_boot=0",
+]
+
+
+def _metrics(out) -> pd.DataFrame:
+    return pd.read_csv(out / "metrics.csv").set_index(["analysis", "metric"])
+
+
+def test_evaluate_column_roles_as_key_value_without_a_spec(tmp_path, lincs_csv, run_cli):
+    """The real LINCS table with the roles on the command line only: activity mAP 0.6178, the
+    value copairs gives (docs/validation.md); a spec's role is overridden by the command line."""
+    rc, text = run_cli("evaluate", lincs_csv, *ROLES, f"evaluate.out_dir={tmp_path / 'a'}")
+    assert rc == 0, text
+    m = _metrics(tmp_path / "a")
+    assert round(m.loc[("activity", "mAP"), "value"], 4) == 0.6178
+    assert {"nsc", "map_replicate", "activity"} <= set(m.index.get_level_values(0))
+    spec = tmp_path / "spec.yaml"  # the spec names another compound column: the CLI wins
+    spec.write_text("columns: {compound: Metadata_broad_sample}\nanalyses: [activity]\n")
+    rc, text = run_cli(
+        "evaluate", lincs_csv, "--spec", spec, *ROLES, f"evaluate.out_dir={tmp_path / 'b'}"
+    )
+    assert rc == 0, text
+    assert (
+        _metrics(tmp_path / "b").loc[("activity", "mAP"), "value"]
+        == m.loc[("activity", "mAP"), "value"]
+    )
+
+
+def test_evaluate_column_roles_refused_naming_the_argument(tmp_path, lincs_csv, earlier, run_cli):
+    before = _snapshot(earlier)
+    rc, text = run_cli(
+        "evaluate", lincs_csv, "evaluate.columns.mao=Metadata_moa", f"evaluate.out_dir={earlier}"
+    )
+    assert rc == 2 and "evaluate.columns.mao=Metadata_moa" in text and "'mao'" in text
+    assert "compound" in text and "control_value" in text and "moa_sep" in text
+    rc, text = run_cli(  # a role naming a column the profiles lack: refused before any analysis
+        "evaluate", lincs_csv, "evaluate.columns.moa=Metadata_MOA", f"evaluate.out_dir={earlier}"
+    )
+    assert rc == 2 and "evaluate.columns.moa" in text and "'Metadata_MOA'" in text
+    assert "Metadata_moa" in text and "nsc on" not in text
+    assert _kept(before, earlier) and not (earlier / "parts").exists()
+
+
+def test_screen_without_controls_evaluates_what_it_can(tmp_path, lincs, run_cli):
+    """No control column: activity (needs DMSO) is skipped with its reason in metrics and
+    summary, the others run; NSC equals NSC on the same plate with its DMSO wells (which NSC
+    leaves out anyway)."""
+    lincs.to_parquet(tmp_path / "all.parquet")
+    trt = lincs[lincs["Metadata_pert_type"] != "control"].drop(columns="Metadata_pert_type")
+    trt.to_parquet(tmp_path / "noctl.parquet")
+    rc, text = run_cli(
+        "evaluate", tmp_path / "all.parquet", *ROLES, f"evaluate.out_dir={tmp_path / 'all'}"
+    )
+    assert rc == 0, text
+    out = tmp_path / "noctl"
+    rc, text = run_cli("evaluate", tmp_path / "noctl.parquet", *ROLES, f"evaluate.out_dir={out}")
+    assert rc == 0, text
+    assert "activity on learned skipped" in text and "no column 'Metadata_pert_type'" in text
+    m = _metrics(out)
+    assert np.isnan(m.loc[("activity", "skipped"), "value"])
+    assert "evaluate.columns.control" in m.loc[("activity", "skipped"), "flags"]
+    assert m.loc[("nsc", "NSC"), "value"] == _metrics(tmp_path / "all").loc[("nsc", "NSC"), "value"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert "activity" not in summary["metrics"] and "nsc" in summary["metrics"]
+    assert "negative controls" in summary["skipped"]["activity on learned"]
+    # nothing that can run: exit 2 naming what is missing
+    rc, text = run_cli(
+        "evaluate",
+        tmp_path / "noctl.parquet",
+        *ROLES,
+        f"evaluate.out_dir={tmp_path / 'none'}",
+        "--spec",
+        _spec(tmp_path, "[activity]"),
+    )
+    assert rc == 2 and "no analysis could run" in text and "negative controls" in text
+
+
+def test_evaluate_reads_a_cytotable_named_table(tmp_path, lincs, run_cli):
+    """cytotable's Image_Metadata_Plate/_Well are metadata (read as Metadata_Plate/_Well), a
+    string image column is left out by the spec's feature prefixes (a list)."""
+    df = lincs.rename(
+        columns={"Metadata_Plate": "Image_Metadata_Plate", "Metadata_Well": "Image_Metadata_Well"}
+    )
+    df["Image_FileName_DNA"] = "r01c01f01p01-ch5.tiff"
+    df.to_parquet(tmp_path / "ct.parquet")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("feature_prefix: [Cells_, Cytoplasm_, Nuclei_]\nanalyses: [activity]\n")
+    out = tmp_path / "ev"
+    rc, text = run_cli(
+        "evaluate", tmp_path / "ct.parquet", "--spec", spec, *ROLES, f"evaluate.out_dir={out}"
+    )
+    assert rc == 0, text
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["feature_sets"]["learned"]["n_features"] == 454
+    assert round(_metrics(out).loc[("activity", "mAP"), "value"], 4) == 0.6178
+    ap = pd.read_parquet(out / "tables" / "activity__learned__map.parquet")
+    assert "Image_Metadata_Plate" not in ap.columns
+
+
+def test_profile_feature_columns_that_match_nothing_or_mix_families(tmp_path, earlier, run_cli):
+    """profile.features: a token matching no column, infer finding nothing or two families,
+    infer beside other tokens: refused naming them and the prefixes present, nothing written."""
+    from tests.test_pp_cli import _cytotable_cells
+
+    df = _cytotable_cells()
+    df["emb_0000"] = 1.0
+    df.to_parquet(tmp_path / "mixed.parquet", index=False)
+    other = df.drop(
+        columns=[c for c in df.columns if c.startswith(("Cells", "Cyto", "Nuc", "emb"))]
+    )
+    other["dino_0"] = 1.0
+    other.to_parquet(tmp_path / "other.parquet", index=False)
+    before = _snapshot(earlier)
+    out = f"profile.out={earlier}/wells.h5ad"
+    cases = [
+        (
+            ["profile.features=Cells_,Cytosol_,Nucleus_"],
+            ["'Cytosol_', 'Nucleus_'", "Cells_ (3)", "Cytoplasm_ (3)", "Nuclei_ (3)", "emb_ (1)"],
+        ),
+        (
+            [],  # the default, infer
+            ["two feature families", "CellProfiler (9 columns)", "embeddings (1 columns)"],
+        ),
+        (["profile.features=infer,emb_"], ["'infer' stands alone"]),
+    ]
+    for args, words in cases:
+        rc, text = run_cli("profile", f"profile.input={tmp_path / 'mixed.parquet'}", out, *args)
+        assert rc == 2 and "mixed.parquet" in text and all(w in text for w in words), text
+    rc, text = run_cli("profile", f"profile.input={tmp_path / 'other.parquet'}", out)
+    assert rc == 2 and "found no feature columns" in text and "dino_ (1)" in text
+    assert _kept(before, earlier) and "Traceback" not in text
+    # asked for, both families together are fine
+    rc, text = run_cli(
+        "profile",
+        f"profile.input={tmp_path / 'mixed.parquet'}",
+        f"profile.out={tmp_path}/both.h5ad",
+        "profile.features=Cells_,Cytoplasm_,Nuclei_,emb_",
+        "profile.normalize=none",
+    )
+    assert rc == 0, text

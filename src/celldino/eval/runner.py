@@ -195,13 +195,44 @@ class FeatureSet:
     key: str  # fingerprint of the data, for resuming
 
 
+def _prefixes(prefix: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
+    """A spec prefix setting as prefixes: 'Cells_', 'Cells_,Nuclei_' or [Cells_, Nuclei_]."""
+    items = [prefix] if isinstance(prefix, str) else list(prefix or ())
+    return tuple(t.strip() for i in items for t in str(i).split(",") if t.strip())
+
+
+def cytotable_names(df: pd.DataFrame, source: str) -> pd.DataFrame:
+    """cytotable's `Image_Metadata_X` columns read as `Metadata_X` where the table has none (as
+    `celldino profile` reads them), so they are metadata, not features."""
+    have = {str(c).lower() for c in df.columns}
+    rename = {}
+    for c in df.columns:
+        alias = "Metadata_" + str(c)[len("Image_Metadata_") :]
+        if str(c).startswith("Image_Metadata_") and alias.lower() not in have:
+            rename[c] = alias
+            have.add(alias.lower())
+    if rename:
+        logger.info(
+            "%s: read %s (cytotable's names)",
+            source,
+            ", ".join(f"{a} as {b}" for a, b in rename.items()),
+        )
+    return df.rename(columns=rename)
+
+
 def split_features(
-    df: pd.DataFrame, *, metadata_prefix: str = "Metadata_", feature_prefix: str = "", source: str
+    df: pd.DataFrame,
+    *,
+    metadata_prefix: str = "Metadata_",
+    feature_prefix: str | list[str] = "",
+    source: str,
 ) -> tuple[pd.DataFrame, np.ndarray, list[str]]:
-    """Metadata = columns with `metadata_prefix`; features = `feature_prefix` (or all others)."""
+    """Metadata = columns with `metadata_prefix`; features = columns with one of the
+    `feature_prefix` prefixes ('a,b' or a list; none: every other column)."""
     meta_cols = [c for c in df.columns if str(c).startswith(metadata_prefix)]
-    if feature_prefix:
-        features = [c for c in df.columns if str(c).startswith(feature_prefix)]
+    prefixes = _prefixes(feature_prefix)
+    if prefixes:
+        features = [c for c in df.columns if str(c).startswith(prefixes)]
     else:
         features = [c for c in df.columns if c not in set(meta_cols)]
     if not features:
@@ -223,8 +254,8 @@ def _from_anndata(path: Path, feature_prefix: str) -> tuple[pd.DataFrame, np.nda
     adata = read_h5ad(path)
     features = list(map(str, adata.var_names))
     X = np.asarray(adata.X.toarray() if hasattr(adata.X, "toarray") else adata.X, np.float64)
-    if feature_prefix:
-        keep = [i for i, f in enumerate(features) if f.startswith(feature_prefix)]
+    if _prefixes(feature_prefix):
+        keep = [i for i, f in enumerate(features) if f.startswith(_prefixes(feature_prefix))]
         X, features = X[:, keep], [features[i] for i in keep]
     return obs_table(adata), X, features
 
@@ -300,7 +331,7 @@ def load_feature_sets(
         if path.name.lower().endswith(".h5ad") and path.is_file():
             meta, X, features = _from_anndata(path, fp)
         else:
-            df = read_profile_table(path)
+            df = cytotable_names(read_profile_table(path), str(path))
             meta, X, features = split_features(
                 df, metadata_prefix=mp, feature_prefix=fp, source=str(path)
             )
@@ -312,15 +343,33 @@ def load_feature_sets(
     return sets
 
 
-def check_controls(sets: dict, given: dict, cols: Columns, where: str = "the spec") -> None:
-    """Before any analysis: a control column the spec names must exist, and a control column
+def check_columns(sets: dict, given: dict[str, str], where: dict[str, str]) -> None:
+    """Before any analysis: every column role the user named (spec `columns`, or
+    `evaluate.columns.*`) names a column of every feature set; `where[role]` says where it was
+    named. Roles left at their default name may be absent: what needs them is skipped."""
+    for role, col in given.items():
+        if role in ("control", "control_value", "moa_sep") or not col:
+            continue  # the control column: check_controls
+        for fs in sets.values():
+            if col not in fs.meta.columns:
+                raise SpecError(
+                    f"{where[role]} is {col!r}, which feature set '{fs.name}' ({fs.source}) "
+                    f"lacks; its metadata columns: {', '.join(map(str, fs.meta.columns))}"
+                )
+
+
+def check_controls(
+    sets: dict, given: dict, cols: Columns, where: str | dict[str, str] = "the spec"
+) -> None:
+    """Before any analysis: a control column the user names must exist, and a control column
     that exists must hold `control_value` in some row. Otherwise the controls would silently
     count as one more compound (nsc, map). The default column may be absent (no controls)."""
+    origin = where if isinstance(where, dict) else {r: f"{where}: columns.{r}" for r in given}
     for fs in sets.values():
         if cols.control not in fs.meta.columns:
             if "control" in given:
                 raise SpecError(
-                    f"{where}: columns.control is {cols.control!r}, which feature set "
+                    f"{origin['control']} is {cols.control!r}, which feature set "
                     f"'{fs.name}' ({fs.source}) lacks; its metadata columns: "
                     f"{', '.join(map(str, fs.meta.columns))}"
                 )
@@ -328,13 +377,30 @@ def check_controls(sets: dict, given: dict, cols: Columns, where: str = "the spe
         if not is_control_row(fs.meta, cols.control, cols.control_value).any():
             values = pd.unique(fs.meta[cols.control].astype(str))
             shown = ", ".join(map(repr, values[:10])) + (" ..." if len(values) > 10 else "")
+            named = origin.get("control_value") or origin.get("control")
             msg = (
-                f"{where}: columns.control_value {cols.control_value!r} matches no row of "
+                f"columns.control_value {cols.control_value!r} matches no row of "
                 f"{cols.control!r} in feature set '{fs.name}' ({fs.source}); its values: {shown}"
             )
-            if "control" in given or "control_value" in given:
-                raise SpecError(msg + "; set columns.control_value to the controls' value")
+            if named:
+                raise SpecError(f"{named}: {msg}; set the control value to the controls' value")
             logger.warning("%s: no negative controls, every profile is a treatment", msg)
+
+
+def has_controls(fs: FeatureSet, cols: Columns) -> bool:
+    """Whether a feature set holds negative-control profiles (column present, value found)."""
+    return cols.control in fs.meta.columns and bool(
+        is_control_row(fs.meta, cols.control, cols.control_value).any()
+    )
+
+
+def needs_controls(name: str, params: dict) -> bool:
+    """Analyses that compare against negative controls: phenotypic activity (`activity`), any
+    analysis asked for `negatives: controls`, and those marked `needs_controls = True`."""
+    fn = ANALYSES[name]
+    return bool(
+        getattr(fn, "needs_controls", name == "activity") or params.get("negatives") == "controls"
+    )
 
 
 # ---- running --------------------------------------------------------------------------------
@@ -377,8 +443,23 @@ def _run_all(
     skipped: dict[str, str] = {}
     moves: list[tuple[Path, Path]] = []
     jobs = [(fs, name, params) for fs in sets.values() for name, params in analyses.items()]
+    no_controls = {n for n, fs in sets.items() if not has_controls(fs, ctx.cols)}
     for fs, name, params in progress(jobs, desc="evaluate"):
         part_name = f"{name}__{fs.name}.json"
+        if fs.name in no_controls and needs_controls(name, params):
+            c = ctx.cols
+            none = (
+                f"no row with {c.control!r} == {c.control_value!r}"
+                if c.control in fs.meta.columns
+                else f"no column {c.control!r}"
+            )
+            reason = (
+                f"needs negative controls, and feature set '{fs.name}' has none ({none}); name "
+                "them with evaluate.columns.control=<column> evaluate.columns.control_value=<value>"
+            )
+            skipped[f"{name} on {fs.name}"] = reason
+            logger.warning("%s on %s skipped: %s", name, fs.name, reason)
+            continue
         key = fingerprint([fs.key, name, params, ctx_key])
         if getattr(ANALYSES[name], "reads_sets", False):  # mantel, cca: the other sets count too
             key = fingerprint([key, [s.key for s in sets.values()]])
@@ -403,6 +484,10 @@ def _run_all(
             logger.info("%s on %s (%d profiles × %d features)", name, fs.name, *fs.X.shape)
             try:
                 run_ctx = dataclasses.replace(ctx, feature_set=fs.name, sets=sets)
+                if fs.name in no_controls:  # no controls: every profile is a treatment
+                    run_ctx = dataclasses.replace(
+                        run_ctx, cols=dataclasses.replace(ctx.cols, control="")
+                    )
                 res = _as_result(ANALYSES[name](fs.meta, fs.X, run_ctx, **params))
             except (Unpaired, NotEvaluable) as e:  # cannot run on these data: skip, say why
                 reason = str(e.args[0] if e.args else e)
@@ -442,6 +527,13 @@ def _run_all(
         os.replace(src, dst)
     shutil.rmtree(pending, ignore_errors=True)
     tidy, flagged = metrics_table(rows)  # with chance, ci_low, ci_high, p_perm, n_queries, flags
+    if skipped:  # one row per skipped (analysis, feature set): metric 'skipped', the reason
+        skip_rows = [
+            {"feature_set": k.split(" on ", 1)[1], "analysis": k.split(" on ", 1)[0]}
+            | {"metric": "skipped", "value": np.nan, "flags": f"skipped: {why}"}
+            for k, why in skipped.items()
+        ]
+        tidy = pd.concat([tidy, pd.DataFrame(skip_rows, columns=tidy.columns)], ignore_index=True)
     _write_table(tidy, out / results.METRICS)
     atomic_write_text(out / results.METRICS_CSV, tidy.to_csv(index=False))
     nested: dict[str, dict[str, dict[str, float | None]]] = {}
@@ -491,7 +583,18 @@ def evaluate(
     cfg = cfg or EvaluateConfig()
     spec_dict, base = load_spec(spec if spec is not None else (cfg.spec or None))
     analyses = _analyses(spec_dict)
-    cols = Columns(**(spec_dict.get("columns") or {}))
+    spec_src = spec if spec is not None else (cfg.spec or None)
+    where = f"spec {spec_src}" if isinstance(spec_src, (str, Path)) else "the spec"
+    # column roles: the spec's, then evaluate.columns.* (config file / command line) role by role
+    valid = [f.name for f in dataclasses.fields(Columns)]
+    bad = [k for k in cfg.columns if k not in valid]
+    if bad:
+        raise SpecError(f"unknown column role(s) {bad} in evaluate.columns; valid: {valid}")
+    given = {**(spec_dict.get("columns") or {}), **cfg.columns}
+    origin = {
+        r: f"evaluate.columns.{r}" if r in cfg.columns else f"{where}: columns.{r}" for r in given
+    }
+    cols = Columns(**given)
     ctx = EvalContext(
         cols=cols,
         seed=cfg.seed,
@@ -501,12 +604,11 @@ def evaluate(
         block_bytes=cfg.map_memory_mb * 2**20,
         n_boot=cfg.n_boot,
     )
-    spec_src = spec if spec is not None else (cfg.spec or None)
-    where = f"spec {spec_src}" if isinstance(spec_src, (str, Path)) else "the spec"
     out = require_writable(cfg.out_dir, "evaluate.out_dir")  # before reading or computing anything
     with output_lock(out, "evaluate"):
         sets = load_feature_sets(profiles, spec_dict, base, cfg.seed, where)
-        check_controls(sets, spec_dict.get("columns") or {}, cols, where)
+        check_columns(sets, given, origin)
+        check_controls(sets, given, cols, origin)
         _run_all(sets, analyses, ctx, cfg, out)
     logger.info("evaluation written to %s", out)
     return out

@@ -80,7 +80,10 @@ def is_control_row(
     meta: pd.DataFrame, control: str, control_value: str | Sequence[str] = "control"
 ) -> np.ndarray:
     """Boolean (n,): rows whose `control` column holds `control_value` (or one of several
-    values), compared as strings; a clear KeyError when the column is missing."""
+    values), compared as strings; a clear KeyError when the column is missing. `control`
+    None or '' means the screen has no controls: no row is one."""
+    if not control:
+        return np.zeros(len(meta), dtype=bool)
     if control not in meta.columns:
         raise KeyError(
             f"control column '{control}' not in the metadata (available: {list(meta.columns)});"
@@ -132,11 +135,14 @@ class Columns:
         return col if col and col in meta.columns else None
 
     def require(self, meta: pd.DataFrame, name: str, analysis: str) -> str:
+        """The column of role `name`, or NotEvaluable: the analysis is skipped (the runner has
+        refused columns the user named that the profiles lack, so this is a default name)."""
         col = getattr(self, name)
         if not col or col not in meta.columns:
-            raise SpecError(
+            raise NotEvaluable(
                 f"analysis '{analysis}' needs the {name} column '{col}', which the profiles lack; "
-                f"set columns.{name} in the spec (metadata columns: {list(meta.columns)})"
+                f"set evaluate.columns.{name}=<column> (or columns.{name} in the spec); metadata "
+                f"columns: {', '.join(map(str, meta.columns))}"
             )
         return col
 
