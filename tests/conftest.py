@@ -52,6 +52,16 @@ def tiny_screen(tmp_path_factory) -> Path:
     return make_screen(out, SynthConfig(preset="tiny", seed=0))
 
 
+@pytest.fixture(scope="session")
+def demo_screen(tmp_path_factory) -> Path:
+    """The `demo` synthetic screen (128 sites of 256x256), generated once per test session."""
+    from celldino.config import SynthConfig
+    from celldino.synth import make_screen
+
+    out = tmp_path_factory.mktemp("demo_screen")
+    return make_screen(out, SynthConfig(preset="demo", seed=0))
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _few_threads():
     """Two cores on CI: keep torch from oversubscribing when several processes run."""

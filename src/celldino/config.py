@@ -80,8 +80,8 @@ class PrepareConfig:
     channels: tuple[str, ...] = ()  # channel order to use and record (empty = all, table order)
     out_dir: str = "runs/prep"  # prep folder: cells.parquet, crops.zarr, qc.parquet, ...
     illumination: bool = True  # CellProfiler-style illumination correction per plate and channel
-    illum_filter: str = "median"  # illumination smoothing: median or gaussian
-    illum_size: int = 0  # smoothing window in pixels (0 = 1/20 of the image side)
+    illum_filter: str = "polynomial"  # illumination smoothing: polynomial (quadratic), median, gaussian
+    illum_size: int = 0  # background block side in pixels (0 = 2.5 nucleus diameters or side/8)
     normalization: str = "percentile_image"  # percentile_image, percentile_plate, divisor or none
     norm_percentiles: tuple[float, ...] = (1.0, 99.8)  # low/high percentiles for percentile_*
     norm_divisor: float = 65535.0  # divisor for normalization=divisor
@@ -103,7 +103,7 @@ class PrepareConfig:
     crop_size: int = 96  # side of the square single-cell crops in pixels
     border: str = "pad"  # cells near the border: pad (with zeros) or drop
     mask_neighbours: bool = False  # zero pixels of other cells inside each crop
-    qc_blur_z: float = -3.0  # flag blur when the robust z of log blur score is below this
+    qc_blur_z: float = -5.0  # flag blur when the robust z of the sharpness score is below this
     qc_max_saturation: float = 0.05  # flag when more than this fraction of pixels is saturated
     qc_min_foreground: float = 0.002  # flag empty when the DNA foreground fraction is below this
     qc_debris_area: float = 0.005  # flag debris when one very bright object covers this fraction
@@ -325,7 +325,7 @@ class Config:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "synth.preset": ("tiny", "demo", "custom"),
-    "prepare.illum_filter": ("median", "gaussian"),
+    "prepare.illum_filter": ("polynomial", "median", "gaussian"),
     "prepare.normalization": ("percentile_image", "percentile_plate", "divisor", "none"),
     "prepare.segmentation": ("watershed", "masks", "locations"),
     "prepare.border": ("pad", "drop"),

@@ -160,7 +160,9 @@ def _settings(cfg) -> dict:
 
 def _pass1(iset: ImageSet, cfg, dna_index: int) -> tuple[pd.DataFrame, dict, dict, list, dict]:
     """QC metrics per site, illumination functions, plate pixel samples and pixel types."""
-    acc = IlluminationAccumulator()
+    acc = IlluminationAccumulator(
+        block=cfg.illum_size, nucleus_diameter=float(getattr(cfg, "nucleus_diameter", 0) or 0)
+    )
     samples: dict[str, list] = {}
     metrics, skipped = [], []
     dtypes: dict[str, dict[str, str]] = {}  # plate → {dtype: first site of that type}
@@ -197,7 +199,7 @@ def _pass1(iset: ImageSet, cfg, dna_index: int) -> tuple[pd.DataFrame, dict, dic
                 )
         metrics.append({"Metadata_ImageKey": iset.key(i), **qcmod.image_metrics(img, dna_index)})
         if cfg.illumination:
-            acc.add(plate, raw, name=str(iset.paths(i)[0]))
+            acc.add(plate, raw, name=str(iset.paths(i)[0]), key=iset.key(i))
         if cfg.normalization == "percentile_plate":
             idx = np.random.default_rng(cfg.seed).integers(0, img[0].size, _N_SAMPLE)
             samples.setdefault(plate, []).append(
@@ -232,8 +234,11 @@ def _pass1(iset: ImageSet, cfg, dna_index: int) -> tuple[pd.DataFrame, dict, dic
         min_foreground=cfg.qc_min_foreground,
         debris_area=cfg.qc_debris_area,
     )
-    functions = (
-        acc.functions(method=cfg.illum_filter, size=cfg.illum_size) if cfg.illumination else {}
+    # the illumination functions from the QC-passing images only (blur, debris, saturation
+    # would bend them); the report (images used, ranges, warnings) goes into prepare.json
+    passing = set(qc.loc[qc["QC_Pass"], "Metadata_ImageKey"])
+    functions, illum_report = (
+        acc.functions(method=cfg.illum_filter, passing=passing) if cfg.illumination else ({}, {})
     )
     plate_stats = {}
     for plate, items in samples.items():
@@ -247,7 +252,7 @@ def _pass1(iset: ImageSet, cfg, dna_index: int) -> tuple[pd.DataFrame, dict, dic
         pooled = np.concatenate(vals, axis=1)  # (C, n_images * n)
         lo, hi = np.percentile(pooled, cfg.norm_percentiles, axis=1)
         plate_stats[plate] = {"lo": [float(x) for x in lo], "hi": [float(x) for x in hi]}
-    extra = {"dtypes": dtypes, "nonfinite": nonfinite}
+    extra = {"dtypes": dtypes, "nonfinite": nonfinite, "illumination_report": illum_report}
     return qc, functions, plate_stats, skipped, extra
 
 
@@ -787,6 +792,7 @@ def _prepare(cfg, iset: ImageSet, out: Path, after_site) -> Path:
             "fingerprint": fp,
             "channels": chans,
             "illumination": names,
+            "illumination_report": extra["illumination_report"],
             "normalization": {
                 "method": cfg.normalization,
                 "percentiles": list(cfg.norm_percentiles),

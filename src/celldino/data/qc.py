@@ -1,15 +1,23 @@
 """Per-image quality control: blur, saturation, empty fields and debris.
 
-Metrics per image (`image_metrics`), then flags over the whole screen (`flag_images`):
-- `QC_Blur`: log of the variance of the Laplacian of the DNA channel divided by its mean squared
-  (scale-free focus score). An image is flagged `blur` when its robust z-score (median/MAD over
-  all images, needs >= 5 images) is below `blur_z`.
-- `QC_Saturation`: largest fraction, over channels, of pixels at the dtype's maximum.
-- `QC_Foreground`: fraction of DNA pixels above the background (median + 6 robust sigmas);
+Metrics per image (`image_metrics`), then flags over the whole screen (`flag_images`). The DNA
+channel's background is measured locally (`illumination.background_blocks`: the clipped median of
+blocks of 1/8 of the side, which holds background between the nuclei even in a dense field) and
+its noise from neighbouring-pixel differences, so no statistic assumes that the median pixel is
+background (in a dense field it is not).
+
+- `QC_LargestObject` (debris): image fraction covered by the foreground object around a
+  connected region of saturated DNA pixels of at least 0.5 % of the image (bright junk overflows
+  the camera over a large area; a bright nucleus saturates in specks); `debris` above
+  `debris_area`. Integer images only (a float image has no ceiling to overflow). Debris pixels (dilated) are left out of the
+  other metrics, so a saturated or smooth blob of junk is called debris, not blur or saturation.
+- `QC_Blur`: log of the Laplacian's variance over the smoothed image's variance (relative
+  sharpness, scale-free), outside debris. Flagged `blur` when its robust z-score (median/MAD
+  over all images, needs >= 5 images) is below `blur_z`.
+- `QC_Saturation`: largest fraction, over channels, of pixels at the dtype's maximum, outside
+  debris; `saturated` above `max_saturation`.
+- `QC_Foreground`: fraction of DNA pixels more than 6 noise sigmas above the local background;
   `empty` below `min_foreground`.
-- `QC_LargestObject`: image fraction covered by the largest connected DNA object whose mean
-  intensity is over 3x the median object's (bright junk, not a clump of nuclei); `debris` above
-  `debris_area`.
 """
 
 from __future__ import annotations
@@ -18,35 +26,77 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
 
+from celldino.data.illumination import background_blocks
+
 FLAGS = ("blur", "saturated", "empty", "debris")
+_DEBRIS_CORE = 0.005  # debris: one connected saturated region of at least this image fraction
+
+
+def _local_background(dna: np.ndarray) -> np.ndarray:
+    """(H, W) background map of a DNA plane from block medians (NaN blocks filled)."""
+    h, w = dna.shape
+    block = max(8, min(h, w) // 8)
+    grid = background_blocks(dna[None], block)[0]
+    ok = np.isfinite(grid)
+    if not ok.any():  # every block covered by nuclei: the darkest tenth of the pixels
+        return np.full(dna.shape, float(np.nanpercentile(dna, 10)), np.float32)
+    if not ok.all():  # nearest valid block
+        idx = ndi.distance_transform_edt(~ok, return_distances=False, return_indices=True)
+        grid = grid[tuple(idx)]
+    ny, nx = grid.shape
+    bg = ndi.zoom(grid, (h / ny, w / nx), order=1, mode="nearest")[:h, :w]
+    if bg.shape != (h, w):
+        bg = np.pad(bg, ((0, h - bg.shape[0]), (0, w - bg.shape[1])), mode="edge")
+    return bg.astype(np.float32)
+
+
+def _noise(plane: np.ndarray) -> float:
+    """Robust pixel noise sigma from horizontal neighbour differences."""
+    d = np.diff(plane, axis=1).ravel()
+    return 1.4826 * float(np.median(np.abs(d - np.median(d)))) / np.sqrt(2) + 1e-6
 
 
 def image_metrics(image: np.ndarray, dna_index: int = 0) -> dict[str, float]:
     """QC metrics of one site (C, H, W)."""
-    dna = image[dna_index].astype(np.float32)
-    mean = float(dna.mean())
-    lap = ndi.laplace(ndi.gaussian_filter(dna, 1.0))
-    blur = float(np.log(lap.var() / max(mean, 1e-6) ** 2 + 1e-12))
-    if image.dtype.kind in "ui":
-        top = np.iinfo(image.dtype).max
-        sat = float(max((ch == top).mean() for ch in image))
-    else:  # float images have no fixed ceiling: count pixels clipped at the channel's maximum
-        sat = float(max((ch >= ch.max()).mean() for ch in image))
+    dna = np.nan_to_num(image[dna_index].astype(np.float32))
     small = ndi.gaussian_filter(dna, 2.0)
-    med = float(np.median(small))
-    sigma = 1.4826 * float(np.median(np.abs(small - med))) + 1e-6
-    fg = small > med + 6 * sigma
+    bg = _local_background(dna)
+    # noise of the sigma-2 smoothed image: the pixel noise / (2 sqrt(pi) sigma) for white noise
+    sigma = _noise(dna) / (2 * np.sqrt(np.pi) * 2.0)
+    excess = small - bg
+    fg = excess > 6 * sigma
     fg_frac = float(fg.mean())
     largest = 0.0
-    if fg.any():
-        lab, n = ndi.label(fg)
-        if n:
-            ids = np.arange(1, n + 1)
-            area = np.bincount(lab.ravel(), minlength=n + 1)[1:]
-            mean = np.asarray(ndi.mean(small - med, lab, ids))
-            # debris: objects far brighter than the typical object (nuclei), counted by area
-            bright = mean > 3.0 * np.median(mean) if n >= 3 else np.zeros(n, bool)
-            largest = float(area[bright].max() / fg.size) if bright.any() else 0.0
+    debris = np.zeros(dna.shape, bool)
+    # debris: a large connected region of saturated DNA pixels (bright junk overflows the
+    # camera; a nucleus saturates in specks, not over a large area), counted with the
+    # foreground object around it
+    raw = image[dna_index]
+    if raw.dtype.kind in "ui":
+        sat_lab, n_sat = ndi.label(raw == np.iinfo(raw.dtype).max)
+        if n_sat:
+            sat_area = np.bincount(sat_lab.ravel())[1:]
+            big = np.flatnonzero(sat_area >= _DEBRIS_CORE * raw.size) + 1
+            if len(big):
+                lab, _ = ndi.label(fg | (sat_lab > 0))
+                hit = np.unique(lab[np.isin(sat_lab, big)])
+                obj = np.isin(lab, hit[hit > 0])
+                largest = float(obj.mean())
+                # the junk's dim halo too: grown by its own equivalent radius
+                radius = max(3.0, float(np.sqrt(obj.sum() / np.pi)))
+                debris = ndi.distance_transform_edt(~obj) <= radius
+    keep = ~debris
+    s1 = ndi.gaussian_filter(dna, 1.0)
+    lap = ndi.laplace(s1)
+    if keep.sum() > 16:
+        blur = float(np.log(lap[keep].var() / max(float(s1[keep].var()), 1e-12) + 1e-12))
+    else:
+        blur = float("nan")
+    if image.dtype.kind in "ui":
+        top = np.iinfo(image.dtype).max
+        sat = float(max((ch[keep] == top).sum() / ch.size for ch in image))
+    else:  # float images have no fixed ceiling: count pixels clipped at the channel's maximum
+        sat = float(max((ch[keep] >= np.nanmax(ch)).sum() / ch.size for ch in image))
     return {
         "QC_Blur": blur,
         "QC_Saturation": sat,
@@ -58,7 +108,7 @@ def image_metrics(image: np.ndarray, dna_index: int = 0) -> dict[str, float]:
 def flag_images(
     metrics: pd.DataFrame,
     *,
-    blur_z: float = -3.0,
+    blur_z: float = -5.0,
     max_saturation: float = 0.05,
     min_foreground: float = 0.002,
     debris_area: float = 0.005,

@@ -247,6 +247,8 @@ def make_screen(out_dir: str | Path, cfg: SynthConfig | None = None) -> Path:
                 "qc": qc,
                 "n_cells": len(cells),
                 "vignette": tech["vignette"],
+                "vignette_x": tech["centre"][0],  # the vignetting's centre (pixels)
+                "vignette_y": tech["centre"][1],
                 **{f"scale_{ch}": float(tech["scale"][c]) for c, ch in enumerate(channels)},
                 **{f"offset_{ch}": float(offset[c]) for c, ch in enumerate(channels)},
                 "mask_nuclei": str((mask_dir / f"{stem}_nuclei.tif").resolve()),
