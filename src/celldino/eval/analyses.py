@@ -800,7 +800,7 @@ def run_discriminative_patches(meta, X, ctx: EvalContext, **params: Any) -> Anal
 
 def run_plate_effect(meta, X, ctx: EvalContext, **params: Any) -> AnalysisResult:
     """Chance-corrected 1-NN agreement on plate vs on treatment; flags plate > treatment."""
-    from celldino.eval.batch_effect import MARGIN, plate_effect
+    from celldino.eval.batch_effect import ALPHA, MARGIN, plate_effect
 
     plate = params.get("plate") or ctx.cols.plate
     if plate not in meta.columns:  # a default analysis of `celldino run`: skip, do not fail
@@ -814,8 +814,14 @@ def run_plate_effect(meta, X, ctx: EvalContext, **params: Any) -> AnalysisResult
         plate=plate,
         treatment=_treatment_keys(meta, ctx, params, "plate_effect"),
         margin=float(params.get("margin", MARGIN)),
+        alpha=float(params.get("alpha", ALPHA)),
+        n_permutations=int(params.get("n_permutations", 999)),
+        seed=ctx.seed,
     )
-    return _result(metrics, {"plates": table})
+    out = _result(metrics, {"plates": table})
+    n = metrics["n_profiles"]
+    out.stats["plate_agreement"] = _baseline(0.0, n, "profiles", p=metrics["plate_p_value"])
+    return out
 
 
 # name → function(meta, X, ctx, **params)
