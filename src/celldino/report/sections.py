@@ -177,7 +177,8 @@ ANALYSIS_NOTES = {
     "plate_effect": "Plate effect: how often a profile's nearest neighbour (cosine) shares its "
     "plate, and how often its treatment, each corrected for chance ((observed − expected) / "
     "(1 − expected): 0 = chance, 1 = always); plate_dominates = 1 when the plate agreement "
-    "exceeds the treatment agreement by more than margin (default 0.1).",
+    "exceeds the treatment agreement by more than margin (default 0.1) and the plate agreement "
+    "is beyond chance (plate_p_value < 0.05).",
 }
 MAX_TABLE_ROWS = 20  # rows of a detail table shown in the report (the file holds them all)
 # Column a detail table is sorted by (the first present, best first).
@@ -293,8 +294,8 @@ def plate_warnings(sec: Section, res: pd.DataFrame) -> None:
             sec.warn(
                 f"{fs}: profiles separate by plate more than by treatment (nearest-neighbour "
                 f"agreement beyond chance on plate {r['plate_agreement']:.3f} vs on treatment "
-                f"{r['treatment_agreement']:.3f}; flagged above a difference of "
-                f"{r.get('margin', 0.1):g}); correct for plate effects (per-plate normalisation "
+                f"{r['treatment_agreement']:.3f}, plate p = {r.get('plate_p_value', np.nan):.3g}; "
+                f"flagged above a difference of {r.get('margin', 0.1):g}); correct for plate effects (per-plate normalisation "
                 "to controls, Harmony on PCs) before trusting retrieval numbers"
             )
         else:
