@@ -100,7 +100,8 @@ def test_mad_robustize_matches_pycytominer(lincs):
         method="mad_robustize",
     )
     adata = frame_to_anndata(df, feats)
-    pp.normalize(adata, method="mad_robustize", by=None, controls=query)
+    # scale_floor=0 is pycytominer's arithmetic (MAD + epsilon) exactly
+    pp.normalize(adata, method="mad_robustize", by=None, controls=query, scale_floor=0)
     np.testing.assert_allclose(adata.X, ref[feats].to_numpy(), rtol=0, atol=1e-6)
     # standardise against all wells equals sklearn (the scaler pycytominer uses)
     from sklearn.preprocessing import StandardScaler
@@ -122,7 +123,8 @@ def test_sphere_matches_pycytominer(lincs, method):
     ref = Spherize(method=method, epsilon=1e-6, return_numpy=True).fit(df.query(query)[feats])
     expected = ref.transform(df[feats])
     adata = frame_to_anndata(df, feats)
-    pp.sphere(adata, method=method, epsilon=1e-6, controls=query)
+    # shrinkage=None is pycytominer's estimator (epsilon on the singular values)
+    pp.sphere(adata, method=method, epsilon=1e-6, shrinkage=None, controls=query)
     np.testing.assert_allclose(adata.X, expected, rtol=0, atol=1e-6)
     if method == "PCA":
         assert adata.var_names[0] == "PC1"
@@ -188,7 +190,9 @@ def _profiles(seed=0, n_per_plate=40, d=5, plates=("P1", "P2")):
 def test_whitening_makes_control_covariance_identity():
     adata = _profiles()
     pp.annotate(adata, controls=("Metadata_pert_type", "control"))
-    out = pp.sphere(adata, method="ZCA", epsilon=0.0, by="Metadata_Batch", copy=True)
+    out = pp.sphere(
+        adata, method="ZCA", epsilon=0.0, shrinkage=None, by="Metadata_Batch", copy=True
+    )
     ctrl = out.obs["Metadata_pert_type"].to_numpy() == "control"
     for b in ("B0", "B1"):
         Z = out.X[ctrl & (out.obs["Metadata_Batch"].to_numpy() == b)]
@@ -200,7 +204,13 @@ def test_singular_covariance_is_regularised_with_warning(caplog):
     adata = _profiles()
     adata.X[:, 4] = adata.X[:, 0] + adata.X[:, 1]  # linearly dependent feature
     with caplog.at_level(logging.WARNING, logger="celldino"):
-        out = pp.sphere(adata, method="PCA", controls="Metadata_pert_type == 'control'", copy=True)
+        out = pp.sphere(
+            adata,
+            method="PCA",
+            shrinkage=None,
+            controls="Metadata_pert_type == 'control'",
+            copy=True,
+        )
     assert "singular" in caplog.text and "regularised" in caplog.text
     assert np.isfinite(out.X).all()
 

@@ -10,8 +10,9 @@ return it.
     pp.handle_nonfinite(adata, policy="drop_feature")
     pp.annotate(adata, controls="Metadata_pert_type == 'control'")
     pp.normalize(adata, method="mad_robustize", by="Metadata_Plate")
-    pp.feature_select(adata, operations=["variance", "correlation"])
-    pp.sphere(adata, method="ZCA", epsilon=1e-6)
+    pp.feature_select(adata, operations=["frequency", "drop_outliers", "blocklist"])
+    pp.clip(adata, limit=50)
+    pp.sphere(adata, method="ZCA", shrinkage="oas")   # TVN, shrunk toward the mean eigenvalue
     pp.pca(adata, n_components=50)   # obsm['X_pca'], varm['PCs'], uns['pca']; X unchanged
     treatments = pp.consensus(adata, by=["Metadata_Compound", "Metadata_Dose"])
 
@@ -19,6 +20,7 @@ return it.
 """
 
 from celldino.pp.aggregate import aggregate
+from celldino.pp.clip import clip
 from celldino.pp.consensus import consensus
 from celldino.pp.controls import annotate
 from celldino.pp.feature_select import feature_select
@@ -34,6 +36,7 @@ from celldino.pp.steps import history, steps
 __all__ = [
     "aggregate",
     "annotate",
+    "clip",
     "consensus",
     "feature_select",
     "handle_nonfinite",

@@ -1,9 +1,24 @@
 """Normalisation within each plate (or globally), fitted on negative controls or all profiles.
 
-- standardize: (x - mean) / std (population std; a zero std leaves the feature unscaled, as
-  sklearn's StandardScaler).
-- mad_robustize: (x - median) / (1.4826 * MAD + epsilon), pycytominer's `mad_robustize` with
-  its default epsilon 1e-18.
+- standardize: (x - mean) / std of the reference profiles (population std).
+- mad_robustize: (x - median) / (1.4826 * MAD + epsilon) of the reference profiles,
+  pycytominer's `mad_robustize` (its default epsilon 1e-18).
+
+**The scale floor** (`scale_floor`, default 0.1). Negative controls are few (16 to 32 wells per
+plate) and some features are nearly constant in them (counts, thresholded areas, saturated
+intensities) while varying across the treated wells. Their control MAD is then ~0, and dividing
+by it (pycytominer's epsilon is 1e-18) makes values of 1e16 that decide every cosine similarity
+(seen on BBBC021's CellProfiler profiles). With a floor, each feature's scale is at least
+`scale_floor` times its spread over *all* profiles of the group (1.4826 × MAD of every profile,
+or their std where that MAD is 0): the control scale is kept wherever it is a sane estimate, and
+a feature cannot reach more than ~1/`scale_floor` of its own plate-wide spread per unit. The
+floor is relative to the feature's own scale, so it means the same for features measured in
+pixels, intensities or embedding units (an absolute epsilon cannot). A control MAD of 0 falls
+back to the control std before the floor is applied. `scale_floor=0` is pycytominer's
+arithmetic exactly (kept for parity; `epsilon` is only used then).
+
+Features with zero spread in every profile of the input carry nothing and are dropped (logged
+with their count) instead of being divided by epsilon.
 """
 
 from __future__ import annotations
@@ -20,6 +35,12 @@ logger = get_logger(__name__)
 
 METHODS = ("standardize", "mad_robustize")
 MAD_SCALE = 1.4826  # scipy's median_abs_deviation(scale=1/1.4826), as pycytominer
+SCALE_FLOOR = 0.1  # default floor: a fraction of each feature's spread over all profiles
+
+
+def _mad(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    center = np.median(X, axis=0)
+    return center, np.median(np.abs(X - center), axis=0) * MAD_SCALE
 
 
 def _fit(ref: np.ndarray, method: str, epsilon: float) -> tuple[np.ndarray, np.ndarray]:
@@ -29,9 +50,26 @@ def _fit(ref: np.ndarray, method: str, epsilon: float) -> tuple[np.ndarray, np.n
         scale = ref.std(axis=0)
         scale[scale == 0] = 1.0
         return center, scale
-    center = np.median(ref, axis=0)
-    mad = np.median(np.abs(ref - center), axis=0) * MAD_SCALE
+    center, mad = _mad(ref)
     return center, mad + epsilon
+
+
+def _fit_floored(
+    ref: np.ndarray, group: np.ndarray, method: str, scale_floor: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """(center, scale) with the control scale floored at `scale_floor` × the group's spread."""
+    if method == "standardize":
+        center, scale = ref.mean(axis=0), ref.std(axis=0)
+    else:
+        center, scale = _mad(ref)
+        zero = scale == 0  # MAD 0 (more than half the controls tie): their std instead
+        scale[zero] = ref[:, zero].std(axis=0)
+    _, spread = _mad(group)
+    zero = spread == 0
+    spread[zero] = group[:, zero].std(axis=0)
+    scale = np.maximum(scale, scale_floor * spread)
+    scale[scale == 0] = 1.0  # constant in this whole group: every value is the center → 0
+    return center, scale
 
 
 def normalize(
@@ -42,22 +80,47 @@ def normalize(
     reference: str = "controls",
     controls: Controls = None,
     epsilon: float = 1e-18,
+    scale_floor: float = SCALE_FLOOR,
     copy: bool = False,
 ) -> ad.AnnData | None:
     """Normalise features, one fit per value of obs[`by`] ('' or None: one global fit).
 
     reference='controls' fits on negative controls (given here or marked by pp.annotate);
     a group without controls is an error naming it. reference='all' fits on every profile.
-    Modifies `adata` and returns None; copy=True returns a normalised copy instead.
+    scale_floor: each feature's scale is at least this fraction of its spread over all profiles
+    of the group (see the module docstring); 0 gives pycytominer's arithmetic (MAD + epsilon).
+    Features constant over every profile are dropped. Modifies `adata` and returns None;
+    copy=True returns a normalised copy instead.
     """
     if method not in METHODS:
         raise DataError(f"normalisation method must be one of {METHODS}, got {method!r}")
     if reference not in ("controls", "all"):
         raise DataError(f"reference must be 'controls' or 'all', got {reference!r}")
+    if not 0 <= scale_floor <= 1:
+        raise DataError(f"scale_floor must be in [0, 1], got {scale_floor}")
     mask = control_mask(adata, controls) if reference == "controls" else np.ones(adata.n_obs, bool)
     adata = adata.copy() if copy else adata
-    X = np.asarray(adata.X, dtype=np.float64).copy()  # (n_obs, n_vars)
+    X = np.asarray(adata.X, dtype=np.float64)
+    constant = np.all(X == X[:1], axis=0) if len(X) else np.zeros(X.shape[1], bool)
+    if constant.all():
+        raise DataError(
+            f"all {adata.n_vars} features are constant over the {adata.n_obs} profiles: "
+            "nothing to normalise"
+        )
+    if constant.any():
+        logger.warning(
+            "normalize: dropped %d of %d features that are constant over all %d profiles "
+            "(first: %s)",
+            int(constant.sum()),
+            len(constant),
+            adata.n_obs,
+            adata.var_names[np.flatnonzero(constant)[0]],
+        )
+        adata._inplace_subset_var(~constant)
+        X = X[:, ~constant]
+    X = X.copy()  # (n_obs, n_vars)
     out = np.empty_like(X)
+    n_floored = 0
     for value, rows in groups(adata, by):
         ref_rows = rows[mask[rows]]
         if len(ref_rows) == 0:
@@ -66,6 +129,11 @@ def normalize(
                 f"({len(rows)} profiles, none selected as controls); add control wells, "
                 "fix the controls selection, or use reference='all'"
             )
+        if scale_floor > 0:
+            center, scale = _fit_floored(X[ref_rows], X[rows], method, scale_floor)
+            n_floored += int((scale > _fit(X[ref_rows], method, 0.0)[1]).sum())
+            out[rows] = (X[rows] - center) / scale
+            continue
         center, scale = _fit(X[ref_rows], method, epsilon)
         if method == "mad_robustize":
             flat = scale <= epsilon  # MAD 0: the profiles would be multiplied by 1/epsilon
@@ -80,7 +148,8 @@ def normalize(
             if flat.any():
                 logger.warning(
                     "%s: %d of %d features have zero spread (MAD 0) in the %d reference "
-                    "profiles; they are divided by epsilon=%g (as pycytominer)",
+                    "profiles; they are divided by epsilon=%g (as pycytominer with "
+                    "profile.normalize_floor=0)",
                     where,
                     int(flat.sum()),
                     len(flat),
@@ -88,6 +157,14 @@ def normalize(
                     epsilon,
                 )
         out[rows] = (X[rows] - center) / scale
+    if n_floored:
+        logger.info(
+            "normalize: %d (feature, %s) scales raised to the floor (%g × the spread of all "
+            "profiles)",
+            n_floored,
+            by or "group",
+            scale_floor,
+        )
     adata.X = out
     record(
         adata,
@@ -97,6 +174,9 @@ def normalize(
             "by": by or "",
             "reference": reference,
             "epsilon": epsilon,
+            "scale_floor": scale_floor,
+            "n_floored": n_floored,
+            "n_constant_dropped": int(constant.sum()),
             "n_reference": int(mask.sum()),
         },
     )

@@ -1,6 +1,18 @@
 """Sphering (whitening, typical variation normalisation) fitted on negative controls.
 
-Same estimator as `pycytominer.operations.Spherize`: centre (and for the -cor variants scale)
+**Shrinkage (the default, `shrinkage='oas'`)**: typical variation normalisation (Ando et al.
+2017) whitens with the controls' covariance; with fewer controls than features (or near
+it) that covariance is singular or its smallest eigenvalues are noise, and whitening with it
+multiplies the directions the controls never varied in by ~1/0. Here the covariance is shrunk
+toward (trace/d)·I, the mean eigenvalue: Σ = (1 - a)·C + a·(trace(C)/d)·I, with the intensity
+`a` estimated from the data by the Oracle Approximating Shrinkage (Chen et al. 2010) or
+Ledoit–Wolf estimator of sklearn, or given as a number in [0, 1]. Every eigenvalue is then at
+least a·mean eigenvalue, so no direction is amplified by more than 1/sqrt(a) relative to the
+typical one, and the regularisation means the same at any feature scale. Σ^(-1/2) (ZCA) or
+diag(λ^(-1/2)) Vᵀ (PCA) is the transform. The -cor variants scale each feature to unit
+control std first.
+
+**shrinkage=None** is pycytominer's estimator (kept for parity). Same estimator as `pycytominer.operations.Spherize`: centre (and for the -cor variants scale)
 the reference, SVD X = U S V^T, W = V diag(1 / (S + epsilon)) sqrt(n - 1) (PCA whitening),
 and W V^T for ZCA. Fitting on controls makes their covariance the identity (up to epsilon);
 every profile is then mapped with the same W. Unlike pycytominer, a rank-deficient reference
@@ -21,6 +33,23 @@ from celldino.pp.steps import record
 
 logger = get_logger(__name__)
 METHODS = ("ZCA", "PCA", "ZCA-cor", "PCA-cor")
+SHRINKAGE = ("oas", "ledoit_wolf")
+
+
+def _shrunk_covariance(Xc: np.ndarray, shrinkage: str | float) -> tuple[np.ndarray, float]:
+    """(Σ, a): covariance of the centred rows Xc shrunk toward (trace/d)·I by sklearn."""
+    from sklearn.covariance import OAS, LedoitWolf, empirical_covariance, shrunk_covariance
+
+    if shrinkage == "oas":
+        est = OAS(assume_centered=True).fit(Xc)
+        return est.covariance_, float(est.shrinkage_)
+    if shrinkage == "ledoit_wolf":
+        est = LedoitWolf(assume_centered=True).fit(Xc)
+        return est.covariance_, float(est.shrinkage_)
+    a = float(shrinkage)
+    if not 0 <= a <= 1:
+        raise DataError(f"sphering shrinkage must be oas, ledoit_wolf or in [0, 1], got {a}")
+    return shrunk_covariance(empirical_covariance(Xc, assume_centered=True), a), a
 
 
 def fit_whitening(
@@ -29,9 +58,13 @@ def fit_whitening(
     method: str = "ZCA",
     epsilon: float = 1e-6,
     center: bool = True,
+    shrinkage: str | float | None = "oas",
     where: str = "",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(mean, scale, W) such that ((x - mean) / scale) @ W is white on `ref` (n, d)."""
+    """(mean, scale, W) such that ((x - mean) / scale) @ W is white on `ref` (n, d).
+
+    shrinkage: 'oas', 'ledoit_wolf' or a number in [0, 1] (see the module docstring);
+    None: pycytominer's SVD estimator with `epsilon` added to the singular values."""
     if method not in METHODS:
         raise DataError(f"sphering method must be one of {METHODS}, got {method!r}")
     if method.endswith("-cor") and not center:
@@ -50,6 +83,25 @@ def fit_whitening(
                 f"(first: column {zero[0]}); remove them first (pp.feature_select variance)"
             )
     Xc = (ref - mean) / scale  # (n, d)
+    if shrinkage is not None:
+        if not np.any(Xc):
+            raise DataError(f"sphering{where}: the reference profiles are all identical")
+        cov, a = _shrunk_covariance(Xc, shrinkage)
+        lam, V = np.linalg.eigh(cov)  # ascending
+        lam, V = lam[::-1], V[:, ::-1]  # descending, as the SVD path (PC1 first)
+        lam = np.maximum(lam, lam.max() * d * np.finfo(np.float64).eps)
+        W = V / np.sqrt(lam)[None, :]  # (d, d): PCA whitening
+        if method.startswith("ZCA"):
+            W = W @ V.T
+        logger.info(
+            "sphering%s: shrinkage %s, intensity %.3g (%d profiles, %d features)",
+            where,
+            shrinkage,
+            a,
+            n,
+            d,
+        )
+        return mean, scale, W
     _, S, Vt = np.linalg.svd(Xc, full_matrices=True)  # S (min(n, d),), Vt (d, d)
     tol = S.max(initial=0.0) * max(n, d) * np.finfo(np.float64).eps
     r = int((S > tol).sum())  # rank, as np.linalg.matrix_rank
@@ -82,6 +134,7 @@ def sphere(
     method: str = "ZCA",
     epsilon: float = 1e-6,
     center: bool = True,
+    shrinkage: str | float | None = "oas",
     by: str | None = None,
     reference: str = "controls",
     controls: Controls = None,
@@ -89,7 +142,8 @@ def sphere(
 ) -> ad.AnnData | None:
     """Whiten profiles with a transform fitted on the controls, per value of obs[`by`] or global.
 
-    For PCA/PCA-cor the features become PC1..PCd (as pycytominer): `var` is replaced and
+    shrinkage: 'oas' (default), 'ledoit_wolf', a number in [0, 1], or None for pycytominer's
+    estimator with `epsilon`. For PCA/PCA-cor the features become PC1..PCd (as pycytominer): `var` is replaced and
     `varm` (keyed by the old features) emptied. Modifies `adata` and returns None; copy=True
     returns a sphered copy instead.
     """
@@ -102,7 +156,12 @@ def sphere(
         if len(ref_rows) == 0:
             raise DataError(f"{by} {value!r} has no control profiles to fit the sphering on")
         mean, scale, W = fit_whitening(
-            X[ref_rows], method=method, epsilon=epsilon, center=center, where=where
+            X[ref_rows],
+            method=method,
+            epsilon=epsilon,
+            center=center,
+            shrinkage=shrinkage,
+            where=where,
         )
         out[rows] = ((X[rows] - mean) / scale) @ W
     adata = adata.copy() if copy else adata
@@ -112,6 +171,12 @@ def sphere(
         adata.var = pd.DataFrame(index=pd.Index(names, dtype=str))
         for k in list(adata.varm.keys()):
             del adata.varm[k]
-    params = {"method": method, "epsilon": epsilon, "center": center, "by": by or ""}
+    params = {
+        "method": method,
+        "shrinkage": "none" if shrinkage is None else shrinkage,
+        "epsilon": epsilon,
+        "center": center,
+        "by": by or "",
+    }
     record(adata, "sphere", {**params, "reference": reference, "n_reference": int(mask.sum())})
     return adata if copy else None
