@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 import tifffile
 import zarr
 
@@ -544,3 +545,68 @@ def test_image_path_that_is_a_folder_is_named_as_one(run_cli, tmp_path):
     ld.loc[1, "FileName_ER"] = "dir.tif"
     rc, text = _prep(run_cli, _write(ld, tmp_path / "ld2.csv"), tmp_path / "prep")
     assert rc == 2 and "dir.tif" in text and "is a folder" in text and "corrupt" not in text, text
+
+# ---- 9. the user's masks ------------------------------------------------------------------------
+
+
+def _seg_files(tmp_path: Path, content) -> tuple[Path, Path]:
+    """Four hand-made sites and a mask folder whose `<stem>_seg.npy` files hold `content(k)`."""
+    sites = _four_sites()
+    path = _hand_made(tmp_path, sites)
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for k, site in enumerate(sites):
+        f = masks / f"{site['well']}_{k}_DNA_seg.npy"
+        obj = content(k)
+        if isinstance(obj, bytes):
+            f.write_bytes(obj)
+        else:
+            np.save(f, obj, allow_pickle=True)
+    return path, masks
+
+
+def _labels(k: int) -> np.ndarray:
+    lab = np.zeros((64, 64), np.uint16)
+    lab[10:20, 10:20] = 1
+    lab[40:50, 30:40] = 2
+    return lab
+
+
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        (lambda k: _labels(k), ["must be a dict with a 'masks' entry", "ndarray"]),
+        (lambda k: {"outlines": _labels(k)}, ["'masks' entry", "outlines"]),
+        (lambda k: {"masks": np.stack([_labels(k)] * 2)}, ["2-D integer label image"]),
+        (lambda k: {"masks": _labels(k).astype(float)}, ["2-D integer label image"]),
+        (lambda k: b"\x93NUMPY garbage", ["not a Cellpose _seg.npy", "_cp_masks"]),
+    ],
+)
+def test_cellpose_seg_npy_that_is_not_one_is_refused(run_cli, tmp_path, content, words):
+    """A `_seg.npy` is read as Cellpose writes it (a dict with 'masks') or refused by name."""
+    path, masks = _seg_files(tmp_path, content)
+    rc, text = _prep(
+        run_cli,
+        path,
+        tmp_path / "prep",
+        "prepare.segmentation=masks",
+        f"prepare.mask_dir={masks}",
+        "prepare.nuclei_masks={stem_DNA}_seg.npy",
+    )
+    assert rc == 2, text
+    assert "A01_0_DNA_seg.npy" in text and all(w in text for w in words), text
+
+
+def test_cellpose_seg_npy_read(run_cli, tmp_path):
+    path, masks = _seg_files(tmp_path, lambda k: {"masks": _labels(k), "est_diam": 10.0})
+    out = tmp_path / "prep"
+    rc, text = _prep(
+        run_cli,
+        path,
+        out,
+        "prepare.segmentation=masks",
+        f"prepare.mask_dir={masks}",
+        "prepare.nuclei_masks={stem_DNA}_seg.npy",
+    )
+    assert rc == 0, text
+    assert len(pd.read_parquet(out / "cells.parquet")) == 8  # two per site

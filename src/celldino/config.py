@@ -96,7 +96,9 @@ class PrepareConfig:
     cell_expand: int = 15  # without a cell channel: grow nuclei by this many px to get cells
     mask_dir: str = ""  # folder of label masks (segmentation=masks)
     nuclei_masks: str = ""  # nuclei mask file name template, e.g. '{stem_DNA}_MaskNuclei.tiff'
-    cell_masks: str = ""  # cell mask file name template (empty = expand nuclei)
+    cell_masks: str = ""  # cell mask template; binary masks are split between the nuclei
+    save_masks: bool = False  # save each site's nuclei and cell labels as masks/<site>_*.tiff
+    save_outlines: bool = False  # save each site's outline overlay as outlines/<site>.png
     locations: str = ""  # cell-locations table (segmentation=locations), CSV or Parquet
     location_x: str = "Nuclei_Location_Center_X"  # x column (pixels) of the locations table
     location_y: str = "Nuclei_Location_Center_Y"  # y column (pixels) of the locations table

@@ -44,11 +44,10 @@ from celldino.data.imagesets import ImageSet, ImageSetError
 from celldino.data.intensity_normalization import check_method, finite_image, image_percentiles
 from celldino.data.segmentation import (
     expand_nuclei,
-    labels_from_mask,
-    match_cells,
     segment_cells,
     segment_nuclei,
 )
+from celldino.data.user_masks import cells_from_mask, labels_from_mask, outline_overlay
 from celldino.errors import DataError, MissingInputError, OutputError, UserError
 from celldino.io.cropstore import CELLS, CROPS, LEDGER, PARTS, CropStore, CropStoreError
 from celldino.io.files import (
@@ -59,8 +58,9 @@ from celldino.io.files import (
     require_writable,
     write_json,
 )
-from celldino.io.images import ImageReadError, image_shape, read_image
+from celldino.io.images import ImageReadError, image_shape
 from celldino.io.lock import output_lock
+from celldino.io.masks import MASKS, OUTLINES, read_user_mask, write_masks, write_outline
 from celldino.io.prepared import (
     ENGINEERED,
     ILLUM,
@@ -99,7 +99,7 @@ _OUTPUT_FILES = (
     SKIPPED,
     INPUTS,
 )
-_OUTPUT_DIRS = (CROPS, PARTS, "features_parts", ILLUM)
+_OUTPUT_DIRS = (CROPS, PARTS, "features_parts", ILLUM, MASKS, OUTLINES)
 
 
 def _check(cfg, channels: list[str]) -> None:
@@ -340,14 +340,18 @@ def _segment(i: int, img: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | N
             raise PrepareError(
                 f"prepare.nuclei_masks: unknown field {e} (have {list(fields)})"
             ) from e
-        nuclei = labels_from_mask(read_image(nuc_path))
+        nuclei = labels_from_mask(read_user_mask(nuc_path))
         if nuclei.shape != img.shape[1:]:
             raise ImageSetError(f"mask {nuc_path} is {nuclei.shape}, the images {img.shape[1:]}")
         if cfg.cell_masks:
-            cells = labels_from_mask(
-                read_image(Path(cfg.mask_dir) / cfg.cell_masks.format(**fields))
-            )
-            cells = match_cells(nuclei, cells)
+            # binary cell masks are split between the nuclei; label masks matched to them
+            cell_path = Path(cfg.mask_dir) / cfg.cell_masks.format(**fields)
+            raw_cells = read_user_mask(cell_path)
+            if raw_cells.shape != img.shape[1:]:
+                raise ImageSetError(
+                    f"mask {cell_path} is {raw_cells.shape}, the images {img.shape[1:]}"
+                )
+            cells = cells_from_mask(raw_cells, nuclei)
         else:
             cells = expand_nuclei(nuclei, cfg.cell_expand)
     else:
@@ -376,6 +380,17 @@ def _segment(i: int, img: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | N
     return nuclei, cells, centres
 
 
+def _save_masks(cfg, key: str, img: np.ndarray, nuclei: np.ndarray, cells, iset) -> None:
+    """prepare.save_masks / save_outlines: the site's labels (TIFF) and outline overlay (PNG)."""
+    cells = cells if cells is not None else nuclei
+    if cfg.save_masks:
+        write_masks(cfg.out_dir, key, nuclei, cells)
+    if cfg.save_outlines:
+        chans = iset.channels
+        dna = img[chans.index(cfg.nuclei_channel) if cfg.nuclei_channel in chans else 0]
+        write_outline(cfg.out_dir, key, outline_overlay(dna, nuclei, cells))
+
+
 def _site_job(i: int) -> dict:
     """Everything for one site; returns crops, index rows, features and stats, or an error."""
     cfg, iset = _CTX["cfg"], _CTX["iset"]
@@ -385,6 +400,8 @@ def _site_job(i: int) -> dict:
         plate = str(iset.table.at[i, "Metadata_Plate"])
         img = apply_illumination(img, function_for(_CTX["illum"], plate, img.shape))
         nuclei, cells, centres = _segment(i, img)
+        if nuclei is not None and (cfg.save_masks or cfg.save_outlines):
+            _save_masks(cfg, key, img, nuclei, cells, iset)
     except SITE_ERRORS as e:
         if isinstance(e, PrepareError):
             raise

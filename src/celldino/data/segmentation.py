@@ -4,7 +4,7 @@
   a watershed on the distance transform (seeds: its local maxima), size filters → labels (H, W).
 - `segment_cells(body, nuclei)`: watershed on the (inverted, smoothed) cell-body channel seeded by
   the nuclei, inside an Otsu foreground; same labels as the nuclei. `expand_nuclei` without one.
-- `labels_from_mask(array)`: a user mask (labels, or binary → connected components).
+- `labels_from_mask(array)`: a user mask as labels (lives in `data.user_masks`; re-exported).
 - `object_f1(pred, ref, iou=0.5)`: object-level matching score used by tests and benchmarks.
 """
 
@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage as ndi
-from skimage import filters, measure, morphology, segmentation
+from skimage import filters, morphology, segmentation
 from skimage.feature import peak_local_max
+
+from celldino.data.user_masks import labels_from_mask  # noqa: F401  (moved; re-exported)
 
 
 def _relabel(labels: np.ndarray) -> np.ndarray:
@@ -90,16 +92,6 @@ def segment_cells(
 def expand_nuclei(nuclei: np.ndarray, distance: int = 15) -> np.ndarray:
     """Cells as nuclei grown by `distance` px without overlap (no cell-body channel)."""
     return segmentation.expand_labels(nuclei, distance=distance).astype(np.int32)
-
-
-def labels_from_mask(mask: np.ndarray) -> np.ndarray:
-    """A user mask as labels: integer labels are kept, binary masks become connected components."""
-    mask = np.asarray(mask)
-    if mask.ndim != 2:
-        raise ValueError(f"a label mask must be 2-D, got shape {mask.shape}")
-    if mask.dtype == bool or len(np.unique(mask)) <= 2:
-        return measure.label(mask > 0, connectivity=1).astype(np.int32)
-    return _relabel(mask.astype(np.int64))
 
 
 def match_cells(nuclei: np.ndarray, cells: np.ndarray) -> np.ndarray:

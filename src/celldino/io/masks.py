@@ -1,0 +1,137 @@
+"""Segmentation masks: the user's own (CellProfiler, Cellpose, any label image) and those prepare saves.
+
+Reading a user's mask (`read_user_mask`), by its name:
+- `*_seg.npy`: Cellpose's GUI/API output, a Python dict saved by `numpy.save` (so a pickle);
+  its `masks` entry is the label image. A pickle can run code when loaded: it is read with
+  `allow_pickle=True` only for this documented Cellpose name, from the folder the user named
+  (`prepare.mask_dir`, as trusted as the images and the config), and the result must be a dict
+  holding a 2-D integer `masks` array. Any other `.npy` is read without pickles.
+- `*_cp_masks.png` / `*_cp_masks.tif`: Cellpose's saved label images; any other TIFF/PNG/NPY
+  label or binary mask (CellProfiler's `MaskNuclei`/`MaskCells`), read as an image.
+
+What prepare saves (`prepare.save_masks`), per site, under the prep folder:
+`masks/<site>_nuclei.tiff` and `masks/<site>_cells.tiff` (uint16 or uint32 labels, zlib-compressed
+TIFF, readable by napari, Fiji and tifffile; label k is the cell whose `Metadata_ObjectNumber` is k
+in cells.parquet) and, with `prepare.save_outlines`, `outlines/<site>.png` (the DNA channel in
+grey with nuclei outlines in green and cell outlines in magenta). `<site>` is the image key with
+`/` replaced by `_` (`site_stem`).
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+
+from celldino.errors import DataError
+from celldino.io.files import atomic_write_bytes
+from celldino.io.images import read_image
+
+MASKS = "masks"
+OUTLINES = "outlines"
+CELLPOSE_SEG = "_seg.npy"
+
+__all__ = [
+    "CELLPOSE_SEG",
+    "MASKS",
+    "OUTLINES",
+    "mask_paths",
+    "outline_path",
+    "read_masks",
+    "read_user_mask",
+    "site_stem",
+    "write_masks",
+    "write_outline",
+]
+
+
+def read_user_mask(path: str | Path) -> np.ndarray:
+    """A user's mask (H, W) as stored: Cellpose `_seg.npy` by its `masks` key, else an image."""
+    path = Path(path)
+    if path.name.endswith(CELLPOSE_SEG):
+        if not path.is_file():
+            raise DataError(
+                f"mask {path}: file not found (check prepare.mask_dir and the template)"
+            )
+        try:
+            obj = np.load(path, allow_pickle=True)
+            obj = obj.item() if obj.dtype == object and obj.shape == () else obj
+        except Exception as e:  # a truncated or foreign file
+            raise DataError(
+                f"mask {path}: not a Cellpose _seg.npy ({type(e).__name__}: {e}); save the "
+                "masks from Cellpose again, or point prepare.nuclei_masks/cell_masks at the "
+                "*_cp_masks.png/.tif files"
+            ) from None
+        masks = obj.get("masks") if isinstance(obj, dict) else None
+        if masks is None:
+            raise DataError(
+                f"mask {path}: a Cellpose _seg.npy must be a dict with a 'masks' entry; found "
+                f"{type(obj).__name__}"
+                + (f" with keys {sorted(obj)[:8]}" if isinstance(obj, dict) else "")
+            )
+        masks = np.asarray(masks)
+        if masks.ndim != 2 or masks.dtype.kind not in "uib":
+            raise DataError(
+                f"mask {path}: 'masks' is {masks.dtype} of shape {masks.shape}; need a 2-D "
+                "integer label image (one plane: 3-D Cellpose masks are not supported)"
+            )
+        return masks
+    return read_image(path)
+
+
+def site_stem(key: str) -> str:
+    """A file-name-safe stem for an image key ('P01/A01/1' → 'P01_A01_1')."""
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in key)
+
+
+def mask_paths(prep_dir: str | Path, key: str) -> tuple[Path, Path]:
+    """(nuclei, cells) TIFF paths of a site's saved masks."""
+    folder = Path(prep_dir) / MASKS
+    stem = site_stem(key)
+    return folder / f"{stem}_nuclei.tiff", folder / f"{stem}_cells.tiff"
+
+
+def outline_path(prep_dir: str | Path, key: str) -> Path:
+    """The outline overlay PNG of a site."""
+    return Path(prep_dir) / OUTLINES / f"{site_stem(key)}.png"
+
+
+def _label_dtype(labels: np.ndarray) -> np.dtype:
+    return np.dtype(np.uint16) if int(labels.max(initial=0)) < 65536 else np.dtype(np.uint32)
+
+
+def _tiff_bytes(labels: np.ndarray) -> bytes:
+    import tifffile
+
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, labels.astype(_label_dtype(labels)), compression="zlib")
+    return buf.getvalue()
+
+
+def write_masks(prep_dir: str | Path, key: str, nuclei: np.ndarray, cells: np.ndarray) -> None:
+    """Save a site's nuclei and cell labels as zlib-compressed TIFFs (atomic)."""
+    n_path, c_path = mask_paths(prep_dir, key)
+    n_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(n_path, _tiff_bytes(nuclei))
+    atomic_write_bytes(c_path, _tiff_bytes(cells))
+
+
+def read_masks(prep_dir: str | Path, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(nuclei, cells) labels of a site saved by prepare."""
+    import tifffile
+
+    n_path, c_path = mask_paths(prep_dir, key)
+    return tifffile.imread(n_path), tifffile.imread(c_path)
+
+
+def write_outline(prep_dir: str | Path, key: str, rgb: np.ndarray) -> Path:
+    """Save an (H, W, 3) uint8 outline overlay as PNG (atomic)."""
+    from PIL import Image
+
+    path = outline_path(prep_dir, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8)).save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+    return path
