@@ -327,56 +327,6 @@ def test_illumination_on_tiny_warns_too_few_images(tiny_screen):
         assert report[plate]["n_images"] < 24
         assert max(errs) < 0.25, (plate, errs)
 
-def _planted_vignetting(truth: pd.Series, h: int, w: int) -> np.ndarray:
-    """The synthetic screen's flat field (synth.render.camera), scaled to a minimum of 1."""
-    yy, xx = np.mgrid[0:h, 0:w]
-    r2 = ((xx - truth.vignette_x) ** 2 + (yy - truth.vignette_y) ** 2) / (0.5 * (h**2 + w**2))
-    vig = 1 - truth.vignette * r2
-    return vig / vig.min()
-
-
-def _illumination_errors(screen) -> tuple[dict, dict]:
-    from celldino.data.illumination import IlluminationAccumulator
-    from celldino.io.tables import read_load_data
-
-    df, chans = read_load_data(screen / "load_data.csv")
-    from celldino.data.imagesets import ImageSet
-
-    iset = ImageSet(df, chans)
-    acc = IlluminationAccumulator()
-    for i in range(len(iset)):
-        acc.add(str(iset.table.at[i, "Metadata_Plate"]), iset.read(i), key=iset.key(i))
-    passing = set(iset.table.loc[iset.table.Metadata_QC_Truth == "ok", "Metadata_ImageKey"])
-    fns, report = acc.functions(passing=passing)
-    truth = pd.read_parquet(screen / "truth_images.parquet").groupby("Metadata_Plate").first()
-    errors = {}
-    for plate, fn in fns.items():
-        want = _planted_vignetting(truth.loc[plate], *fn.shape[1:])
-        errors[plate] = [float(np.abs(f / want - 1).max()) for f in fn]
-    return errors, report
-
-
-def test_illumination_within_5_percent_of_planted_vignetting_demo(demo_screen):
-    """demo (31 QC-passing sites per plate): every channel's function is within 5 % of the
-    planted vignetting at every pixel (true range 1.14-1.22x)."""
-    errors, report = _illumination_errors(demo_screen)
-    assert len(errors) == 4
-    for plate, errs in errors.items():
-        assert max(errs) < 0.05, (plate, errs)
-        assert all(ch["status"] == "applied" for ch in report[plate]["channels"])
-        assert not report[plate]["warnings"]
-
-
-def test_illumination_on_tiny_warns_too_few_images(tiny_screen):
-    """tiny (14-16 sites per plate) is below MIN_IMAGES: the plate is warned about; the
-    channels it does correct are within 15 % (the 5 % target is not met there)."""
-    errors, report = _illumination_errors(tiny_screen)
-    for plate, errs in errors.items():
-        assert any("QC-passing image(s)" in w for w in report[plate]["warnings"])
-        assert report[plate]["n_images"] < 24
-        assert max(errs) < 0.25, (plate, errs)
-
-
 NF1_MASKS = dict(
     pattern="nf1",
     channel_map={"DAPI": "DNA", "GFP": "GFP", "RFP": "RFP"},
