@@ -914,3 +914,25 @@ def test_profile_feature_columns_that_match_nothing_or_mix_families(tmp_path, ea
         "profile.normalize=none",
     )
     assert rc == 0, text
+
+
+def test_evaluate_comparison_naming_an_unknown_feature_set_names_the_key(
+    tmp_path, earlier, run_cli
+):
+    prof = _moa_profiles(tmp_path / "p.parquet")
+
+    def files():
+        return {k: v for k, v in _snapshot(earlier).items() if not k.endswith(".celldino.lock")}
+
+    before = files()
+    for analysis, key, value in (
+        ("mantel", "other", "engineerd"),
+        ("cca", "other", "engineerd"),
+        ("block_search", "blocks", "[learned_block9]"),
+    ):
+        spec = tmp_path / f"{analysis}.yaml"
+        spec.write_text(f"analyses: {{{analysis}: {{{key}: {value}}}}}\n")
+        rc, text = run_cli("evaluate", prof, "--spec", spec, f"evaluate.out_dir={earlier}")
+        assert rc == 2 and f"analyses.{analysis}.{key}" in text, text
+        assert value.strip("[]") in text and "learned" in text
+        assert files() == before  # the earlier outputs untouched (the lock names the last run)

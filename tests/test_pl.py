@@ -177,3 +177,19 @@ def test_umap_takes_an_anndata_as_well_as_x_and_obs():
     assert [t.get_text() for t in a.axes[0].get_legend().get_texts()] == ["m0", "m1"]
     with pytest.raises(TypeError, match="AnnData"):
         pl.umap(X, color="Metadata_MoA")
+
+
+def test_head_channel_heatmap_draws_the_matrix_in_its_order():
+    from celldino.pl import head_channel_heatmap
+
+    iou = pd.DataFrame(
+        [[0.1, 0.7], [0.5, np.nan], [0.0, 0.3]],
+        index=["head_0", "head_1", "head_2"],
+        columns=["DNA", "AGP"],
+    )
+    fig = head_channel_heatmap(iou)
+    ax = fig.axes[0]
+    shown = np.ma.filled(ax.images[0].get_array().astype(float), np.nan)
+    np.testing.assert_array_equal(shown, iou.to_numpy())
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["DNA", "AGP"]
+    assert [t.get_text() for t in ax.texts] == ["0.10", "0.70", "0.50", "0.00", "0.30"]

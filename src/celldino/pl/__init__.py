@@ -4,7 +4,7 @@ Every plotting function returns a `matplotlib.figure.Figure` and saves it when g
 (PNG or SVG by the file suffix).
 """
 
-from celldino.pl.attention import attention_maps, patch_match, patch_pca_rgb
+from celldino.pl.attention import attention_maps, head_channel_heatmap, patch_match, patch_pca_rgb
 from celldino.pl.colours import CHANNEL_COLOURS, composite
 from celldino.pl.embedding import umap
 from celldino.pl.heatmap import confusion_matrix, similarity_heatmap
@@ -16,6 +16,7 @@ __all__ = [
     "attention_maps",
     "composite",
     "confusion_matrix",
+    "head_channel_heatmap",
     "montage",
     "patch_match",
     "patch_pca_rgb",

@@ -1,4 +1,5 @@
-"""Attention maps per head, PCA of patch tokens as RGB, and patch matching across cells."""
+"""Attention maps per head, PCA of patch tokens as RGB, patch matching across cells, and the
+head × channel IoU heatmap."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from matplotlib.figure import Figure
 
 from celldino.pl.colours import composite
@@ -123,3 +125,27 @@ def _query_box(x: float, y: float, s: float):
     from matplotlib.patches import Rectangle
 
     return Rectangle((x - 0.5, y - 0.5), s, s, fill=False, ec="white", lw=1.5)
+
+
+def head_channel_heatmap(
+    iou: pd.DataFrame,
+    *,
+    title: str = "Attention head × channel IoU",
+    save: str | Path | None = None,
+) -> Figure:
+    """Heatmap of a (heads × channels) IoU table (`celldino.eval.head_channel_iou`, or the
+    `attention_iou` analysis's long table pivoted), each cell annotated with its value."""
+    M = iou.to_numpy(dtype=np.float64)
+    h, c = M.shape
+    fig = new_figure(2.2 + 0.9 * c, 1.4 + 0.45 * h)
+    ax = fig.add_subplot()
+    im = ax.imshow(M, cmap="viridis", vmin=0, vmax=max(1e-9, np.nanmax(M)), aspect="auto")
+    for i in range(h):
+        for j in range(c):
+            if np.isfinite(M[i, j]):
+                ax.text(j, i, f"{M[i, j]:.2f}", ha="center", va="center", fontsize=7, color="w")
+    ax.set_xticks(range(c), [str(x) for x in iou.columns], rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(h), [str(x) for x in iou.index], fontsize=8)
+    fig.colorbar(im, ax=ax, shrink=0.8, label="IoU")
+    ax.set_title(title, fontsize=9)
+    return finish(fig, save)

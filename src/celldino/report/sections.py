@@ -20,7 +20,7 @@ from celldino.io.attention_store import read_attention_store
 from celldino.io.embeddings import sample_embeddings
 from celldino.io.files import read_yaml
 from celldino.io.runlayout import RunLayout
-from celldino.pl.attention import attention_maps, patch_match
+from celldino.pl.attention import attention_maps, head_channel_heatmap, patch_match
 from celldino.pl.embedding import umap, umap_coords
 from celldino.pl.montage import montage
 from celldino.pl.training import training_curves
@@ -373,6 +373,7 @@ def section_attention(run: Path) -> Section:
             attention_maps(images[i], maps[i].reshape(maps.shape[1], -1), channels, title=names[i]),
             f"Class-token attention of each head in the last block: cell {ids[i]} ({names[i]})",
         )
+    _iou_heatmaps(sec, lay)
     k = min(6, len(ids))
     side = math.isqrt(patches.shape[1])
     centre = (side // 2) * side + side // 2
@@ -435,6 +436,24 @@ def section_appendix(run: Path) -> Section:
         caption="Versions installed where this report was built",
     )
     return sec
+
+
+def _iou_heatmaps(sec: Section, lay: RunLayout) -> None:
+    """The head × channel IoU of each model the evaluation's attention_iou scored, with its
+    shuffled-cell null beside it (eval/tables/attention_iou__<set>__head_channel_iou)."""
+    files = results.list_tables(lay.eval)
+    if files.empty:
+        return
+    for f in files[files.analysis == "attention_iou"].itertuples(index=False):
+        long = results.read_table(f.path)
+        for col, what in (("iou", "attention"), ("null_iou", "null: another cell's channels")):
+            wide = long.pivot(index="head", columns="channel", values=col)
+            wide = wide.reindex(index=list(dict.fromkeys(long["head"])))
+            wide = wide[list(dict.fromkeys(long["channel"]))]
+            sec.figure(
+                head_channel_heatmap(wide, title=f"{f.feature_set}: {what}"),
+                f"{f.feature_set}: IoU of each head's Otsu mask with each channel's ({what})",
+            )
 
 
 DEFAULT_SECTIONS = [
