@@ -546,6 +546,58 @@ def test_image_path_that_is_a_folder_is_named_as_one(run_cli, tmp_path):
     rc, text = _prep(run_cli, _write(ld, tmp_path / "ld2.csv"), tmp_path / "prep")
     assert rc == 2 and "dir.tif" in text and "is a folder" in text and "corrupt" not in text, text
 
+
+def test_float_images_beyond_one_refused_for_texture_naming_the_site(run_cli, tmp_path):
+    """Float images in raw counts (0..4000) cannot be quantised as CellProfiler's Texture does
+    (it reads intensities on 0..1): refused naming the site and prepare.feature_scale; with the
+    scale given, the features are those of the same images stored as uint16 (same masks)."""
+    layouts = [s["planes"] for s in _four_sites()]
+    yy, xx = np.mgrid[:64, :64]
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for k, yx in enumerate(
+        [
+            [(20, 20), (40, 44), (22, 46)],
+            [(14, 30), (44, 18), (46, 48)],
+            [(30, 14), (18, 44), (48, 36)],
+            [(16, 16), (32, 32), (48, 48)],
+        ]
+    ):
+        lab = np.zeros((64, 64), np.uint16)
+        for j, (y, x) in enumerate(yx):
+            lab[(yy - y) ** 2 + (xx - x) ** 2 < 49] = j + 1
+        tifffile.imwrite(masks / f"A0{k + 1}_{k}_DNA_nuc.tif", lab)
+    args = (
+        "prepare.features=true",
+        "prepare.feature_families=Texture,Intensity",
+        "prepare.illumination=false",
+        "prepare.segmentation=masks",
+        f"prepare.mask_dir={masks}",
+        "prepare.nuclei_masks={stem_DNA}_nuc.tif",
+        "prepare.cell_expand=4",
+    )
+    floats = [
+        {"well": f"A0{k + 1}", "planes": {c: a.astype(np.float32) for c, a in p.items()}}
+        for k, p in enumerate(layouts)
+    ]
+    (tmp_path / "f").mkdir()
+    (tmp_path / "u").mkdir()
+    path = _hand_made(tmp_path / "f", floats)
+    rc, text = _prep(run_cli, path, tmp_path / "p", *args)
+    assert rc == 2 and "prepare.feature_scale" in text and "P/A01" in text, text
+    assert "Traceback" not in text
+    rc, text = _prep(run_cli, path, tmp_path / "p2", *args, "prepare.feature_scale=65535")
+    assert rc == 0, text
+    ints = _hand_made(tmp_path / "u", _four_sites())
+    rc, text = _prep(run_cli, ints, tmp_path / "p3", *args)
+    assert rc == 0, text
+    a = pd.read_parquet(tmp_path / "p2" / "engineered.parquet")
+    b = pd.read_parquet(tmp_path / "p3" / "engineered.parquet")
+    feats = [c for c in a.columns if not c.startswith("Metadata_")]
+    assert len(a) == 12 and "Cells_Texture_Contrast_DNA_3_00_256" in feats
+    np.testing.assert_allclose(a[feats].to_numpy(float), b[feats].to_numpy(float), rtol=1e-6)
+
+
 # ---- 9. the user's masks ------------------------------------------------------------------------
 
 

@@ -111,7 +111,9 @@ class PrepareConfig:
     qc_debris_area: float = 0.005  # flag debris when one very bright object covers this fraction
     qc_exclude: bool = True  # leave QC-flagged images out of the cells and crops
     on_error: str = "raise"  # bad image: raise, or skip (recorded in skipped.parquet)
-    features: bool = True  # compute engineered CellProfiler-like features (engineered.parquet)
+    features: bool = True  # compute CellProfiler's per-cell measurements (engineered.parquet)
+    feature_families: tuple[str, ...] = ("all",)  # measurement set: all, fast, or families
+    feature_scale: float = 0.0  # divide intensities by this before measuring (0 = type max, 65535)
     workers: int = 1  # processes for segmentation, cropping and features
     seed: int = 0  # random seed for anything sampled while preparing
 
@@ -342,6 +344,18 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "extract.level": ("cell", "field"),
     "extract.field_mode": ("center4", "tile"),
     "extract.field_pool": ("mean", "median"),
+    # celldino.data.engineered.FEATURE_SETS and FAMILIES (tests/test_engineered.py checks)
+    "prepare.feature_families": (
+        "all",
+        "fast",
+        "shape_intensity",
+        "AreaShape",
+        "Intensity",
+        "RadialDistribution",
+        "Texture",
+        "Granularity",
+        "Correlation",
+    ),
     "extract.dtype": ("float32", "float16"),
     "extract.format": ("parquet", "h5ad"),
     "profile.formats": ("h5ad", "parquet", "csv"),
@@ -459,6 +473,7 @@ RANGES: dict[str, Range] = {
     "augment.affine_shear": Range(0.0),
     "augment.affine_translate": Range(0.0),
     "augment.elastic_alpha": Range(0.0),
+    "prepare.feature_scale": Range(0.0),
     "augment.elastic_grid": Range(2),
     "augment.brightness": _FRACTION,
     "augment.contrast": _FRACTION,
@@ -535,7 +550,13 @@ EVAL_COLUMN_ROLES = (
 )
 KEYS: dict[str, tuple[str, ...]] = {"evaluate.columns": EVAL_COLUMN_ROLES}
 # Settings that must not be empty (an empty list would silently do nothing).
-NON_EMPTY = ("profile.formats", "profile.by", "profile.input", "run.stages")
+NON_EMPTY = (
+    "profile.formats",
+    "profile.by",
+    "profile.input",
+    "run.stages",
+    "prepare.feature_families",
+)
 # List settings whose items must be distinct (a channel named twice is fed twice, another dropped).
 UNIQUE = ("prepare.channels", "train.channels", "extract.channels")
 

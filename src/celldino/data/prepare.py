@@ -34,7 +34,7 @@ from celldino import log
 from celldino.config import ConfigError, PrepareConfig
 from celldino.data import qc as qcmod
 from celldino.data.crops import BORDERS, crop_cells
-from celldino.data.engineered import cell_features
+from celldino.data.engineered import FeatureScaleError, cell_features
 from celldino.data.illumination import (
     IlluminationAccumulator,
     apply_illumination,
@@ -455,7 +455,18 @@ def _site_job(i: int) -> dict:
         rows.append(row)
     feats = None
     if cfg.features and cells is not None and rows:  # no kept cell: no feature rows
-        f = cell_features(img, nuclei, cells, iset.channels, cell_ids=ids[kept])
+        try:
+            f = cell_features(
+                img,
+                nuclei,
+                cells,
+                iset.channels,
+                cell_ids=ids[kept],
+                families=cfg.feature_families,
+                scale=cfg.feature_scale or None,
+            )
+        except FeatureScaleError as e:
+            raise FeatureScaleError(f"site {key}: {e}") from None
         feats = pd.concat([pd.DataFrame(rows)[list(meta) + ["Metadata_CellID"]], f], axis=1)
     h, w = img.shape[1:]
     outside = int(
