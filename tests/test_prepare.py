@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
@@ -327,13 +328,13 @@ def test_illumination_on_tiny_warns_too_few_images(tiny_screen):
         assert report[plate]["n_images"] < 24
         assert max(errs) < 0.25, (plate, errs)
 
+
 NF1_MASKS = dict(
     pattern="nf1",
     channel_map={"DAPI": "DNA", "GFP": "GFP", "RFP": "RFP"},
     segmentation="masks",
     nuclei_masks="{stem_DNA}_MaskNuclei.tiff",
     cell_masks="{stem_RFP}_MaskCells.tiff",
-    illumination=False,
     features=False,
     crop_size=32,
     save_masks=True,
@@ -358,6 +359,14 @@ def test_nf1_binary_cell_masks_split_by_nuclei_and_saved(cellpainting_fovs, tmp_
     )
     cells = pd.read_parquet(out / "cells.parquet")
     assert len(cells) == 132
+    # NF1's images are already corrected: five sites are too few to tell a flat field from noise,
+    # so every channel stays flat (a warning says so) and the images are not distorted
+    report = json.loads((out / "prepare.json").read_text())["illumination_report"]
+    (plate,) = report.values()
+    assert plate["n_images"] == 5 and "fewer than 24" in plate["warnings"][0]
+    assert [ch["range"] for ch in plate["channels"]] == [1.0, 1.0, 1.0]
+    (fn,) = [np.load(f) for f in (out / "illum").iterdir()]
+    assert (fn == 1.0).all()
     split = 0
     for key, rows in cells.groupby("Metadata_ImageKey"):
         well = rows.Metadata_Well.iloc[0]

@@ -4,7 +4,7 @@
   a watershed on the distance transform (seeds: its local maxima), size filters → labels (H, W).
 - `segment_cells(body, nuclei)`: watershed on the (inverted, smoothed) cell-body channel seeded by
   the nuclei, inside an Otsu foreground; same labels as the nuclei. `expand_nuclei` without one.
-- `labels_from_mask(array)`: a user mask as labels (lives in `data.user_masks`; re-exported).
+- `labels_from_mask`, `match_cells`: user masks (they live in `data.user_masks`; re-exported).
 - `object_f1(pred, ref, iou=0.5)`: object-level matching score used by tests and benchmarks.
 """
 
@@ -15,7 +15,7 @@ from scipy import ndimage as ndi
 from skimage import filters, morphology, segmentation
 from skimage.feature import peak_local_max
 
-from celldino.data.user_masks import labels_from_mask  # noqa: F401  (moved; re-exported)
+from celldino.data.user_masks import labels_from_mask, match_cells  # noqa: F401  (moved there)
 
 
 def _relabel(labels: np.ndarray) -> np.ndarray:
@@ -92,30 +92,6 @@ def segment_cells(
 def expand_nuclei(nuclei: np.ndarray, distance: int = 15) -> np.ndarray:
     """Cells as nuclei grown by `distance` px without overlap (no cell-body channel)."""
     return segmentation.expand_labels(nuclei, distance=distance).astype(np.int32)
-
-
-def match_cells(nuclei: np.ndarray, cells: np.ndarray) -> np.ndarray:
-    """Relabel `cells` so that cell k contains nucleus k (by overlap); unmatched cells dropped."""
-    out = np.zeros_like(cells, dtype=np.int32)
-    if nuclei.max() == 0 or cells.max() == 0:
-        return out
-    fg = (nuclei > 0) & (cells > 0)
-    pairs = np.stack([nuclei[fg], cells[fg]], 1)
-    uniq, counts = np.unique(pairs, axis=0, return_counts=True)
-    order = np.argsort(-counts)
-    used_n, used_c = set(), set()
-    mapping = np.zeros(cells.max() + 1, np.int32)
-    for (n, c), _ in zip(uniq[order], counts[order]):
-        if n in used_n or c in used_c:
-            continue
-        used_n.add(n)
-        used_c.add(c)
-        mapping[c] = n
-    out = mapping[cells]
-    # nuclei without a cell get their own nucleus as the cell
-    lonely = (nuclei > 0) & ~np.isin(nuclei, list(used_n))
-    out[lonely] = nuclei[lonely]
-    return out
 
 
 def object_f1(pred: np.ndarray, ref: np.ndarray, iou: float = 0.5) -> dict:

@@ -7,7 +7,7 @@
   cells as one blob: it is split by a watershed seeded with the nuclei, on the distance to the
   nearest nucleus, inside the mask (each mask pixel goes to the nucleus it is closest to, as
   CellProfiler's IdentifySecondaryObjects "Distance" method does). A *label* cell mask is used as
-  it is, its labels matched to the nuclei by overlap (`segmentation.match_cells`). Either way cell
+  it is, its labels matched to the nuclei by overlap (`match_cells`). Either way cell
   k contains nucleus k; mask parts with no nucleus are dropped and a nucleus outside the mask is
   its own cell.
 - `outline_overlay(dna, nuclei, cells)`: an RGB image (the DNA channel in grey, nuclei outlines
@@ -42,6 +42,30 @@ def labels_from_mask(mask: np.ndarray) -> np.ndarray:
     return _relabel(mask.astype(np.int64))
 
 
+def match_cells(nuclei: np.ndarray, cells: np.ndarray) -> np.ndarray:
+    """Relabel `cells` so that cell k contains nucleus k (by overlap); unmatched cells dropped."""
+    out = np.zeros_like(cells, dtype=np.int32)
+    if nuclei.max() == 0 or cells.max() == 0:
+        return out
+    fg = (nuclei > 0) & (cells > 0)
+    pairs = np.stack([nuclei[fg], cells[fg]], 1)
+    uniq, counts = np.unique(pairs, axis=0, return_counts=True)
+    order = np.argsort(-counts)
+    used_n, used_c = set(), set()
+    mapping = np.zeros(cells.max() + 1, np.int32)
+    for (n, c), _ in zip(uniq[order], counts[order]):
+        if n in used_n or c in used_c:
+            continue
+        used_n.add(n)
+        used_c.add(c)
+        mapping[c] = n
+    out = mapping[cells]
+    # nuclei without a cell get their own nucleus as the cell
+    lonely = (nuclei > 0) & ~np.isin(nuclei, list(used_n))
+    out[lonely] = nuclei[lonely]
+    return out
+
+
 def split_cells(binary: np.ndarray, nuclei: np.ndarray) -> np.ndarray:
     """Cells (H, W) int32 with the nucleus labels: a binary cell mask split between the nuclei."""
     fg = np.asarray(binary) > 0
@@ -56,8 +80,6 @@ def split_cells(binary: np.ndarray, nuclei: np.ndarray) -> np.ndarray:
 
 def cells_from_mask(mask: np.ndarray, nuclei: np.ndarray) -> np.ndarray:
     """Cells for `nuclei` from a user's cell mask, binary (split) or labels (matched)."""
-    from celldino.data.segmentation import match_cells
-
     mask = np.asarray(mask)
     if mask.ndim != 2:
         raise ValueError(f"a cell mask must be 2-D, got shape {mask.shape}")
