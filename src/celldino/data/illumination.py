@@ -36,6 +36,8 @@ size.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from scipy import ndimage as ndi
 
@@ -81,8 +83,6 @@ def background_blocks(image: np.ndarray, block: int) -> np.ndarray:
         blocks = s.reshape(ny, bh, nx, bw).transpose(0, 2, 1, 3).reshape(ny, nx, -1)
         tol = max(3 * 0.5 * noise, 1e-6)  # 3 sigmas of the smoothed pixels (sigma 1: ~0.28-0.5x)
         with np.errstate(all="ignore"):
-            import warnings
-
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
                 med = np.nanpercentile(blocks, 10, axis=-1)
@@ -157,11 +157,13 @@ def estimate_function(
         slope, weight, spread = _block_slopes(g) if n >= 3 else (None, None, 0.0)
         cancelled = bool(slope is not None and spread >= MIN_SPREAD and (weight > 0).sum() >= 6)
         if not cancelled:  # plain background ratio: the offset D is assumed 0
-            slope = np.nanmedian(g, 0) if np.isfinite(g).any() else np.ones(g.shape[1])
-            good = np.isfinite(slope)
             cnt = np.isfinite(g).sum(0)
-            resid = g - slope[None]
-            var = np.nanvar(resid, 0) if n > 1 else np.ones(g.shape[1])
+            with warnings.catch_warnings():  # blocks no image had background in: NaN, dropped
+                warnings.simplefilter("ignore", RuntimeWarning)
+                slope = np.nanmedian(g, 0) if cnt.any() else np.ones(g.shape[1])
+                var = np.nanvar(g - slope[None], 0) if n > 1 else np.ones(g.shape[1])
+            good = np.isfinite(slope)
+            var = np.where(np.isfinite(var), var, np.inf)
             weight = np.where(good & (cnt > 0), cnt / np.maximum(var, 1e-12), 0.0)
             slope = np.where(good, slope, 0.0)
         good = weight > 0
