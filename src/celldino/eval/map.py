@@ -414,8 +414,24 @@ def summarize(map_scores: pd.DataFrame, threshold: float = 0.05) -> dict[str, fl
     }
 
 
-MAP_PERMUTATIONS = 1000  # label permutations behind a summary mAP's p_perm (at most)
+MAP_PERMUTATIONS = 200  # label permutations behind a summary mAP's p_perm (at most): p >= 1/201
 PERM_MAX_ROWS = 4000  # above this many profiles the summary mAP gets no p_perm
+
+
+def _ap_sorted(
+    key: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, max_pos: int
+) -> torch.Tensor:
+    """AP of (R, q, n) ranking keys with fixed (q, n) positive / negative masks: each positive's
+    precision from the negatives ranked before it (a binary search in the row's sorted negative
+    keys; ties count positives first, as copairs). (R, q) float64."""
+    inf = torch.tensor(float("inf"), dtype=key.dtype)
+    pos_keys = torch.topk(torch.where(pos, key, inf), max_pos, dim=-1, largest=False).values
+    neg_sorted = torch.sort(torch.where(neg, key, inf), dim=-1).values
+    less = torch.searchsorted(neg_sorted, pos_keys.contiguous())  # negatives strictly before
+    j = torch.arange(1, max_pos + 1, dtype=torch.float64)
+    num = pos.sum(dim=-1)  # (q,)
+    prec = torch.where(j <= num[:, None], j / (j + less), 0.0)
+    return prec.sum(dim=-1) / num
 
 
 def permuted_map_null(
@@ -442,7 +458,7 @@ def permuted_map_null(
             logger.info("mAP: %d profiles > %d, no permutation p-value", n, PERM_MAX_ROWS)
         return None
     Xn = torch.from_numpy(X / np.linalg.norm(X, axis=1, keepdims=True))
-    S = Xn @ Xn.T  # (n, n)
+    S = (Xn @ Xn.T).to(torch.float32)  # (n, n), as copairs ranks float32 similarities
     ps, pd_, ns, nd = (_codes(meta, c) for c in (pos_sameby, pos_diffby, neg_sameby, neg_diffby))
     pos = _rule_mask(ps, pd_, slice(0, n), n)
     neg = _rule_mask(ns, nd, slice(0, n), n)
@@ -455,15 +471,14 @@ def permuted_map_null(
     G = int(codes.max()) + 1
     size = np.bincount(codes, minlength=G)
     pos_q, neg_q = pos[q], neg[q]
+    max_pos = int(pos_q.sum(dim=1).max())
     b = max(1, min(n_perm, block_bytes // max(1, 40 * len(q) * n)))
     out = np.empty(n_perm)
     for s in range(0, n_perm, b):
         e = min(n_perm, s + b)
         perms = torch.from_numpy(rng.permuted(np.tile(np.arange(n), (e - s, 1)), axis=1))
-        sim = S[perms[:, q][:, :, None], perms[:, None, :]].reshape(-1, n)  # ((e-s)·q, n)
-        reps = e - s
-        ap, _, _ = _ap_block(sim, pos_q.repeat(reps, 1), neg_q.repeat(reps, 1))
-        ap = ap.reshape(reps, len(q))
+        key = 1 - S[perms[:, q][:, :, None], perms[:, None, :]]  # (e-s, q, n) float32
+        ap = _ap_sorted(key, pos_q, neg_q, max_pos).numpy()  # (e-s, q)
         gm = np.stack([np.bincount(codes, weights=a, minlength=G) for a in ap]) / size
         out[s:e] = gm.mean(axis=1)
     return out
