@@ -341,3 +341,34 @@ def test_identical_feature_sets_are_flagged():
 def test_p_value_plus_one():
     assert stats.p_value(1.0, np.array([0.0, 0.5, 1.0, 2.0])) == pytest.approx(3 / 5)
     assert stats.p_value(5.0, np.zeros(99)) == pytest.approx(1 / 100)
+
+
+# ---- the real LINCS plate ---------------------------------------------------------------------
+
+
+def test_lincs_default_map_replicate_says_it_kept_2_of_338_groups(lincs_csv, tmp_path, caplog):
+    # one well per compound and dose: the default replicate groups (compound + dose) are
+    # singletons but for 2, which used to print mAP 0.977 silently
+    from celldino.config import EvaluateConfig
+    from celldino.eval.runner import evaluate
+
+    spec = {
+        "columns": {
+            "compound": "Metadata_pert_id",
+            "dose": "Metadata_mmoles_per_liter",
+            "moa": "Metadata_moa",
+        },
+        "analyses": {"map_replicate": {}, "activity": {}},
+    }
+    cfg = EvaluateConfig(out_dir=str(tmp_path / "ev"), null_size=200, n_boot=100)
+    with caplog.at_level("WARNING"):
+        out = evaluate(lincs_csv, spec=spec, cfg=cfg)
+    tidy = pd.read_parquet(out / "metrics.parquet").set_index(["analysis", "metric"])
+    rep = tidy.loc[("map_replicate", "mAP")]
+    assert "336 of 338 groups dropped as singletons (2 kept)" in rep["flags"]
+    assert "336 of 338 groups" in caplog.text
+    act = tidy.loc[("activity", "mAP")]
+    assert act["value"] == pytest.approx(0.6178, abs=1e-4)  # docs/validation.md, as copairs
+    assert act["flags"] == "" and act["n_queries"] == 360  # 58 compounds' wells, DMSO not
+    assert act["chance"] < act["ci_low"] <= act["value"] <= act["ci_high"]
+    assert act["p_perm"] == pytest.approx(1 / 201)  # no permutation reaches it
