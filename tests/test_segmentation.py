@@ -36,10 +36,15 @@ def test_touching_nuclei_are_split():
     for cy, cx in [(40, 45), (40, 71)]:  # two discs of radius 14 overlapping by 2 px
         img[disk((cy, cx), 14, shape=img.shape)] = 1000
     img += np.random.default_rng(0).normal(100, 5, img.shape).astype(np.float32)
-    lab = segment_nuclei(img, smooth_sigma=1.0, min_area=50, min_distance=8)
-    assert lab.max() == 2
-    areas = np.bincount(lab.ravel())[1:]
-    assert np.all(np.abs(areas - np.pi * 14**2) < 0.15 * np.pi * 14**2)
+    for kw in ({}, {"smooth_sigma": 1.0, "min_area": 50, "min_distance": 8}):
+        lab = segment_nuclei(img, **kw)
+        assert lab.max() == 2, kw
+        # each label is one disc: IoU with the true disc (log-MCE puts the edge low on the blur)
+        for cy, cx in [(40, 45), (40, 71)]:
+            true = np.zeros(img.shape, bool)
+            true[disk((cy, cx), 14, shape=img.shape)] = True
+            k = np.bincount(lab[true]).argmax()
+            assert k > 0 and (true & (lab == k)).sum() / (true | (lab == k)).sum() > 0.75, kw
 
 
 def test_size_filter_and_empty_field():

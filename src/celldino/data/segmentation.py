@@ -1,9 +1,16 @@
-"""Nuclei and cells: Otsu + distance-transform watershed, cells seeded by nuclei, or the user's own.
+"""Nuclei and cells, adapted to the image's own scale the way CellProfiler's modules work.
 
-- `segment_nuclei(dna)`: Gaussian smoothing, Otsu threshold, holes filled, touching nuclei split by
-  a watershed on the distance transform (seeds: its local maxima), size filters → labels (H, W).
-- `segment_cells(body, nuclei)`: watershed on the (inverted, smoothed) cell-body channel seeded by
-  the nuclei, inside an Otsu foreground; same labels as the nuclei. `expand_nuclei` without one.
+- `estimate_nucleus_diameter(dna)`: the typical nucleus diameter (px), from the distance transform
+  of a first foreground (the inscribed radius of each object, area-weighted median).
+- `segment_nuclei(dna)`: adaptive by default (IdentifyPrimaryObjects-like): the diameter D is
+  estimated (or given), the image smoothed at D/30, thresholded by minimum cross-entropy on log
+  intensities (robust to bright debris and halos), holes filled, touching nuclei split by a
+  watershed on the distance transform seeded by its maxima at least D/3 apart ("shape"
+  declumping), objects outside 0.2 D to 3 D (equivalent diameter) dropped. `method="fixed"` gives
+  the 0.2 behaviour (Otsu, fixed pixel settings).
+- `segment_cells(body, nuclei)`: CellProfiler's IdentifySecondaryObjects "Propagation" (centrosome's
+  own `propagate`) on the cell-body channel, inside its foreground and within a distance tied to
+  the nucleus size; same labels as the nuclei. `expand_nuclei` without a cell channel.
 - `labels_from_mask`, `match_cells`: user masks (they live in `data.user_masks`; re-exported).
 - `object_f1(pred, ref, iou=0.5)`: object-level matching score used by tests and benchmarks.
 """
@@ -17,54 +24,179 @@ from skimage.feature import peak_local_max
 
 from celldino.data.user_masks import labels_from_mask, match_cells  # noqa: F401  (moved there)
 
+NUCLEI_METHODS = ("adaptive", "fixed")
+DECLUMP = ("shape", "intensity")
+# Settings of the 0.2 segmentation (method="fixed"), kept for reproducibility.
+FIXED_DEFAULTS = {"smooth_sigma": 2.0, "min_area": 50, "max_area": 20000, "min_distance": 7}
+# Adaptive settings as fractions of the nucleus diameter D (CellProfiler ties its automatic
+# smoothing and maxima suppression to the expected object diameter in the same way).
+SMOOTH_PER_D = 1 / 30  # Gaussian sigma before thresholding
+SEED_DISTANCE_PER_D = 1 / 3  # minimum distance between two nucleus seeds
+SEED_SMOOTH_PER_D = 1 / 14  # smoothing of the distance transform for seeds ("shape")
+# intensity seeds: CellProfiler's automatic smoothing, FWHM 2.35 x (D/2) / 3.5, i.e. sigma D/7
+INTENSITY_SMOOTH_PER_D = 1 / 7
+MIN_DIAMETER_PER_D, MAX_DIAMETER_PER_D = 0.2, 3.0  # kept equivalent diameters
+CELL_EXPAND_PER_D = 0.5  # nuclei grown by D/2 when there is no cell channel
+CELL_REACH_PER_D = 2.0  # a cell reaches at most 2 D beyond its nucleus
+
 
 def _relabel(labels: np.ndarray) -> np.ndarray:
     out, _, _ = segmentation.relabel_sequential(labels)
     return out.astype(np.int32)
 
 
+def _mce_log_threshold(img: np.ndarray) -> float:
+    """Minimum cross-entropy (Li; CellProfiler's default) threshold on log intensities.
+
+    The log keeps a few very bright objects (mitoses, debris, halos) from pulling the threshold
+    into the nuclei, the failure of a plain Otsu on bright, uneven fields.
+    """
+    lo = float(img.min())
+    logged = np.log1p(img - lo)
+    return float(np.expm1(filters.threshold_li(logged)) + lo)
+
+
+def _is_empty(img: np.ndarray, smoothed: np.ndarray, thr: float) -> bool:
+    """An empty field: foreground and background differ by less than 3 x the pixel noise.
+
+    The noise is the robust spread of the residual `img - smoothed`; the levels are the medians
+    of the smoothed pixels above and below the threshold (dim nuclei far above the noise count).
+    """
+    resid = img - smoothed
+    noise = 1.4826 * float(np.median(np.abs(resid - np.median(resid))))
+    above, below = smoothed[smoothed > thr], smoothed[smoothed <= thr]
+    if not above.size or not below.size:
+        return True
+    return float(np.median(above)) - float(np.median(below)) < 3.0 * noise
+
+
+def _diameter_from_foreground(fg: np.ndarray) -> float:
+    """2 x the area-weighted median of each object's inscribed radius (distance-transform max).
+
+    A clump of touching nuclei has the inscribed radius of one nucleus, so clumps do not inflate
+    the estimate; weighting by area keeps specks of debris from deflating it.
+    """
+    lab, n = ndi.label(fg)
+    if n == 0:
+        return 0.0
+    dist = ndi.distance_transform_edt(fg)
+    rmax = np.asarray(ndi.maximum(dist, lab, np.arange(1, n + 1)), np.float64)
+    area = np.bincount(lab.ravel())[1:].astype(np.float64)
+    order = np.argsort(rmax)
+    cum = np.cumsum(area[order])
+    return 2.0 * float(rmax[order][np.searchsorted(cum, cum[-1] / 2)])
+
+
+def _first_foreground(img: np.ndarray) -> tuple[np.ndarray, bool]:
+    """(foreground, empty) at a small fixed smoothing, before the scale is known."""
+    smoothed = filters.gaussian(img, sigma=1.0, preserve_range=True)
+    if float(smoothed.max()) - float(smoothed.min()) < 1e-6:
+        return np.zeros(img.shape, bool), True
+    thr = _mce_log_threshold(smoothed)
+    if _is_empty(img, smoothed, thr):
+        return np.zeros(img.shape, bool), True
+    fg = ndi.binary_fill_holes(smoothed > thr)
+    return morphology.remove_small_objects(fg, max_size=8), False
+
+
+def estimate_nucleus_diameter(dna: np.ndarray) -> float:
+    """Typical nucleus diameter in pixels (0.0 for an empty field).
+
+    From a first foreground (minimum cross-entropy on log intensities after a 1 px smoothing):
+    twice the area-weighted median of each object's largest inscribed radius.
+    """
+    img = np.asarray(dna, np.float32)
+    fg, empty = _first_foreground(img)
+    return 0.0 if empty else _diameter_from_foreground(fg)
+
+
 def segment_nuclei(
     dna: np.ndarray,
     *,
-    smooth_sigma: float = 2.0,
-    min_area: int = 50,
-    max_area: int = 20000,
-    min_distance: int = 7,
+    diameter: float = 0.0,
+    method: str = "adaptive",
+    declump: str = "shape",
+    smooth_sigma: float = 0.0,
+    min_area: int = 0,
+    max_area: int = 0,
+    min_distance: int = 0,
     exclude_border: bool = True,
 ) -> np.ndarray:
     """Labels (H, W) int32 of nuclei in a DNA image; 0 = background.
 
+    `method="adaptive"` (default): settings follow the nucleus diameter, `diameter` px or (0)
+    estimated from the image; `smooth_sigma`, `min_area`, `max_area`, `min_distance` override
+    the derived values when > 0. `declump`: seeds and watershed on the distance transform
+    ("shape") or on the smoothed intensity ("intensity"). `method="fixed"`: the 0.2 segmentation
+    (Otsu, pixel constants of `FIXED_DEFAULTS` for settings left at 0).
     `exclude_border` drops nuclei touching the image edge (CellProfiler's default).
     """
-    img = filters.gaussian(dna.astype(np.float32), sigma=smooth_sigma, preserve_range=True)
-    if float(img.max()) - float(img.min()) < 1e-6:
-        return np.zeros(dna.shape, np.int32)
-    thr = filters.threshold_otsu(img)
-    # an empty field: the Otsu step is within the pixel noise (estimated from the residual)
-    resid = dna.astype(np.float32) - img
-    noise = 1.4826 * float(np.median(np.abs(resid - np.median(resid))))
-    if thr - float(np.median(img)) < 3.0 * noise:
-        return np.zeros(dna.shape, np.int32)
-    fg = ndi.binary_fill_holes(img > thr)
-    fg = morphology.remove_small_objects(fg, max_size=max(1, min_area // 2))
+    if method not in NUCLEI_METHODS:
+        raise ValueError(f"method={method!r}: use one of {NUCLEI_METHODS}")
+    if declump not in DECLUMP:
+        raise ValueError(f"declump={declump!r}: use one of {DECLUMP}")
+    img = np.asarray(dna, np.float32)
+    if method == "fixed":
+        return _segment_nuclei_fixed(
+            img,
+            smooth_sigma=smooth_sigma or FIXED_DEFAULTS["smooth_sigma"],
+            min_area=min_area or FIXED_DEFAULTS["min_area"],
+            max_area=max_area or FIXED_DEFAULTS["max_area"],
+            min_distance=min_distance or FIXED_DEFAULTS["min_distance"],
+            exclude_border=exclude_border,
+        )
+    empty_out = np.zeros(img.shape, np.int32)
+    # emptiness is judged at a 1 px smoothing, where the residual is pixel noise, not texture
+    fg0, empty = _first_foreground(img)
+    if empty:
+        return empty_out
+    if diameter <= 0:
+        diameter = _diameter_from_foreground(fg0)
+    d = float(max(diameter, 3.0))
+    sigma = smooth_sigma or max(1.0, d * SMOOTH_PER_D)
+    a_min = min_area or max(1, int(np.pi * (MIN_DIAMETER_PER_D * d / 2) ** 2))
+    a_max = max_area or int(np.ceil(np.pi * (MAX_DIAMETER_PER_D * d / 2) ** 2))
+    seed_dist = min_distance or max(1, int(round(d * SEED_DISTANCE_PER_D)))
+
+    smoothed = filters.gaussian(img, sigma=sigma, preserve_range=True)
+    if float(smoothed.max()) - float(smoothed.min()) < 1e-6:
+        return empty_out
+    fg = ndi.binary_fill_holes(smoothed > _mce_log_threshold(smoothed))
+    fg = morphology.remove_small_objects(fg, max_size=max(1, a_min // 2))
     if not fg.any():
-        return np.zeros(dna.shape, np.int32)
+        return empty_out
     dist = ndi.distance_transform_edt(fg)
-    dist = filters.gaussian(dist, sigma=1.0, preserve_range=True)
+    if declump == "shape":
+        surface = filters.gaussian(dist, sigma=max(1.0, d * SEED_SMOOTH_PER_D), preserve_range=True)
+    else:
+        surface = filters.gaussian(
+            img, sigma=max(1.0, d * INTENSITY_SMOOTH_PER_D), preserve_range=True
+        )
+    labels = _seeded_watershed(surface, dist, fg, seed_dist)
+    return _filter_sizes(labels, a_min, a_max, exclude_border)
+
+
+def _seeded_watershed(
+    surface: np.ndarray, dist: np.ndarray, fg: np.ndarray, min_distance: int
+) -> np.ndarray:
+    """Watershed of -surface inside fg, seeds at maxima of surface at least min_distance apart."""
     comps, _ = ndi.label(fg)
-    peaks = peak_local_max(dist, min_distance=min_distance, labels=comps, exclude_border=False)
-    markers = np.zeros(dna.shape, np.int32)
+    peaks = peak_local_max(surface, min_distance=min_distance, labels=comps, exclude_border=False)
+    markers = np.zeros(fg.shape, np.int32)
     markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
-    # components with no peak (flat plateaus) keep one seed at their maximum
+    # components with no peak (flat plateaus) keep one seed at their deepest point
     has_seed = np.zeros(comps.max() + 1, bool)
     has_seed[comps[markers > 0]] = True
     for lab in np.flatnonzero(~has_seed[1:]) + 1:
         ys, xs = np.nonzero(comps == lab)
         j = np.argmax(dist[ys, xs])
         markers[ys[j], xs[j]] = markers.max() + 1
-    labels = segmentation.watershed(-dist, markers, mask=fg)
+    return segmentation.watershed(-surface, markers, mask=fg)
+
+
+def _filter_sizes(labels: np.ndarray, a_min: int, a_max: int, exclude_border: bool) -> np.ndarray:
     areas = np.bincount(labels.ravel())
-    bad = (areas < min_area) | (areas > max_area)
+    bad = (areas < a_min) | (areas > a_max)
     bad[0] = False
     labels[bad[labels]] = 0
     if exclude_border:
@@ -72,25 +204,114 @@ def segment_nuclei(
     return _relabel(labels)
 
 
-def segment_cells(
-    body: np.ndarray, nuclei: np.ndarray, *, smooth_sigma: float = 2.0, max_expand: int = 100
+def _segment_nuclei_fixed(
+    img: np.ndarray,
+    *,
+    smooth_sigma: float,
+    min_area: int,
+    max_area: int,
+    min_distance: int,
+    exclude_border: bool,
 ) -> np.ndarray:
-    """Cells (H, W) int32 with the nucleus labels, by watershed on the cell-body channel."""
+    """The 0.2 segmentation: Otsu, distance-transform watershed, fixed pixel settings."""
+    smoothed = filters.gaussian(img, sigma=smooth_sigma, preserve_range=True)
+    if float(smoothed.max()) - float(smoothed.min()) < 1e-6:
+        return np.zeros(img.shape, np.int32)
+    thr = filters.threshold_otsu(smoothed)
+    # an empty field: the Otsu step is within the pixel noise (estimated from the residual)
+    resid = img - smoothed
+    noise = 1.4826 * float(np.median(np.abs(resid - np.median(resid))))
+    if thr - float(np.median(smoothed)) < 3.0 * noise:
+        return np.zeros(img.shape, np.int32)
+    fg = ndi.binary_fill_holes(smoothed > thr)
+    fg = morphology.remove_small_objects(fg, max_size=max(1, min_area // 2))
+    if not fg.any():
+        return np.zeros(img.shape, np.int32)
+    dist = ndi.distance_transform_edt(fg)
+    dist = filters.gaussian(dist, sigma=1.0, preserve_range=True)
+    labels = _seeded_watershed(dist, dist, fg, min_distance)
+    return _filter_sizes(labels, min_area, max_area, exclude_border)
+
+
+def nucleus_diameter_of(nuclei: np.ndarray) -> float:
+    """Median equivalent diameter (px) of the labelled nuclei (0.0 when there are none)."""
+    areas = np.bincount(np.asarray(nuclei).ravel())[1:]
+    areas = areas[areas > 0]
+    return float(2.0 * np.sqrt(np.median(areas) / np.pi)) if areas.size else 0.0
+
+
+def segment_cells(
+    body: np.ndarray,
+    nuclei: np.ndarray,
+    *,
+    method: str = "propagation",
+    regularization: float = 0.05,
+    smooth_sigma: float = 0.0,
+    max_expand: int = 0,
+) -> np.ndarray:
+    """Cells (H, W) int32 with the nucleus labels, grown from the nuclei on the cell-body channel.
+
+    `method="propagation"` (default): CellProfiler's IdentifySecondaryObjects Propagation
+    (`centrosome.propagate`, `regularization` as CellProfiler's, on the image scaled to [0, 1] by
+    its 99.9th percentile) inside the channel's foreground (minimum cross-entropy on log
+    intensities); `method="watershed"`: the 0.2 watershed on the inverted smoothed channel.
+    Cells reach at most `max_expand` px beyond their nucleus (0 = 2 x the median nucleus
+    diameter); `smooth_sigma` 0 = 1/30 of that diameter (at least 1 px).
+    """
+    if method not in ("propagation", "watershed"):
+        raise ValueError(f"method={method!r}: use 'propagation' or 'watershed'")
+    nuclei = np.asarray(nuclei).astype(np.int32)
     if nuclei.max() == 0:
-        return nuclei.astype(np.int32)
-    img = filters.gaussian(body.astype(np.float32), sigma=smooth_sigma, preserve_range=True)
-    thr = filters.threshold_otsu(img) if float(img.max()) > float(img.min()) else img.max()
-    # a lenient foreground (half-way to Otsu from the background level) keeps dim cytoplasm
-    bg = float(np.percentile(img, 5))
-    fg = (img > bg + 0.5 * (thr - bg)) | (nuclei > 0)
-    # stay within max_expand px of a nucleus
-    near = ndi.distance_transform_edt(nuclei == 0) <= max_expand
-    cells = segmentation.watershed(-img, nuclei, mask=fg & near)
-    return cells.astype(np.int32)
+        return nuclei
+    d = nucleus_diameter_of(nuclei)
+    sigma = smooth_sigma or max(1.0, d * SMOOTH_PER_D)
+    reach = max_expand or max(1, int(round(CELL_REACH_PER_D * d)))
+    img = filters.gaussian(np.asarray(body, np.float32), sigma=sigma, preserve_range=True)
+    near = ndi.distance_transform_edt(nuclei == 0) <= reach
+    if method == "watershed":
+        thr = filters.threshold_otsu(img) if float(img.max()) > float(img.min()) else img.max()
+        # a lenient foreground (half-way to Otsu from the background level) keeps dim cytoplasm
+        bg = float(np.percentile(img, 5))
+        fg = (img > bg + 0.5 * (thr - bg)) | (nuclei > 0)
+        return segmentation.watershed(-img, nuclei, mask=fg & near).astype(np.int32)
+    from centrosome.propagate import propagate
+
+    lo, hi = float(img.min()), float(np.percentile(img, 99.9))
+    scaled = np.clip((img - lo) / max(hi - lo, 1e-12), 0.0, 1.0)
+    if hi - lo < 1e-6:
+        fg = np.zeros(img.shape, bool)
+    else:
+        fg = scaled > _mce_log_threshold(scaled)
+    mask = (fg | (nuclei > 0)) & near
+    cells, _ = propagate(scaled.astype(np.float64), nuclei, mask, float(regularization))
+    cells = np.asarray(cells, np.int32)
+    cells[nuclei > 0] = nuclei[nuclei > 0]
+    return _fill_cell_holes(cells)  # CellProfiler fills holes in cells too
 
 
-def expand_nuclei(nuclei: np.ndarray, distance: int = 15) -> np.ndarray:
-    """Cells as nuclei grown by `distance` px without overlap (no cell-body channel)."""
+def _fill_cell_holes(cells: np.ndarray) -> np.ndarray:
+    """Holes surrounded by one cell take that cell's label."""
+    holes = ndi.binary_fill_holes(cells > 0) & (cells == 0)
+    if not holes.any():
+        return cells
+    hole_lab, n = ndi.label(holes)
+    ring_lab = ndi.grey_dilation(hole_lab, size=(3, 3))
+    ring = (ring_lab > 0) & (hole_lab == 0)
+    lo = np.full(n + 1, np.iinfo(np.int64).max)
+    hi = np.zeros(n + 1, np.int64)
+    np.minimum.at(lo, ring_lab[ring], cells[ring])
+    np.maximum.at(hi, ring_lab[ring], cells[ring])
+    owner = np.where((lo == hi) & (hi > 0), hi, 0)
+    owner[0] = 0
+    out = cells.copy()
+    out[holes] = owner[hole_lab[holes]]
+    return out
+
+
+def expand_nuclei(nuclei: np.ndarray, distance: int = 0) -> np.ndarray:
+    """Cells as nuclei grown by `distance` px without overlap (0 = half the median diameter)."""
+    if distance <= 0:
+        distance = max(1, int(round(CELL_EXPAND_PER_D * nucleus_diameter_of(nuclei))))
     return segmentation.expand_labels(nuclei, distance=distance).astype(np.int32)
 
 
