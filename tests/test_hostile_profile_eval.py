@@ -778,6 +778,12 @@ ROLES = [
 ]
 
 
+def _spec_file(tmp_path, text: str):
+    path = tmp_path / "spec_only.yaml"
+    path.write_text(text)
+    return path
+
+
 def _metrics(out) -> pd.DataFrame:
     return pd.read_csv(out / "metrics.csv").set_index(["analysis", "metric"])
 
@@ -815,6 +821,20 @@ def test_evaluate_column_roles_refused_naming_the_argument(tmp_path, lincs_csv, 
     assert rc == 2 and "evaluate.columns.moa" in text and "'Metadata_MOA'" in text
     assert "Metadata_moa" in text and "nsc on" not in text
     assert _kept(before, earlier) and not (earlier / "parts").exists()
+    # a role left at its default whose column is absent (no Metadata_MoA): what needs it is
+    # skipped with the setting to use, the others run (was: the whole run stopped at nsc)
+    rc, text = run_cli(
+        "evaluate",
+        lincs_csv,
+        "--spec",
+        _spec_file(tmp_path, "analyses: [nsc, activity]\n"),
+        "evaluate.columns.compound=Metadata_pert_id",
+        "evaluate.null_size=50",
+        "evaluate.n_boot=0",
+        f"evaluate.out_dir={tmp_path / 'ev'}",
+    )
+    assert rc == 0 and "nsc on learned skipped" in text and "evaluate.columns.moa=" in text
+    assert "activity" in json.loads((tmp_path / "ev" / "summary.json").read_text())["metrics"]
 
 
 def test_screen_without_controls_evaluates_what_it_can(tmp_path, lincs, run_cli):

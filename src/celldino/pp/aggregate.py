@@ -380,8 +380,11 @@ def aggregate(
 ) -> ad.AnnData:
     """Aggregate per-cell Parquet shards into profiles grouped by `by`.
 
-    source: folders, files or globs of Parquet shards. features: prefix, list, or None (numeric
-    non-`Metadata_` columns). method: 'mean' or 'median' (interpolated, as pandas). levels: finer
+    source: folders, files or globs of Parquet shards (or CSV / CSV.gz tables). features:
+    'infer', or column names / prefixes ('a,b' or a list; see `resolve_features`), or None
+    (numeric non-`Metadata_` columns). A table whose `by` keys are one row each is taken as
+    profiles (identity, logged); one with a count column (`count_columns`) whose keys repeat is
+    refused. method: 'mean' or 'median' (interpolated, as pandas). levels: finer
     key lists aggregated first, e.g. [["Metadata_Plate", "Metadata_Well", "Metadata_Site"]].
     carry: metadata columns to keep (None: every `Metadata_*` column constant within groups).
     Returns a new AnnData (the one `pp` stage that has no AnnData to modify: it reads files) with
