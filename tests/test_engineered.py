@@ -208,3 +208,21 @@ def test_granularity_of_cells_from_parts_equals_cp_measure_on_cells(scene_featur
                 rtol=1e-9,
                 atol=1e-12,
             )
+
+
+def test_texture_and_intensity_equal_cp_measure_reference_implementation(scene_features):
+    """celldino uses cp_measure's numba Texture/Intensity when numba is installed: the numbers
+    must be those of cp_measure's plain NumPy implementation (the CellProfiler port)."""
+    from cp_measure.bulk import get_core_measurements
+
+    img, _, cells, df = scene_features
+    core = get_core_measurements(legacy=True)  # no accelerator set: the reference code
+    px = img[1].astype(np.float64) / 65535
+    tex = core["texture"](cells, px)
+    ints = core["intensity"](cells, px)
+    for k in ("AngularSecondMoment", "Entropy", "InfoMeas1", "Correlation"):
+        np.testing.assert_allclose(
+            df[f"Cells_Texture_{k}_ER_3_02_256"], tex[f"{k}_3_02_256"], rtol=1e-9
+        )
+    for k in ("MedianIntensity", "MADIntensity", "MassDisplacement"):
+        np.testing.assert_allclose(df[f"Cells_Intensity_{k}_ER"], ints[f"Intensity_{k}"], rtol=1e-9)

@@ -87,10 +87,24 @@ def default_scale(dtype) -> float:
     return float(np.iinfo(dtype).max) if dtype.kind in "ui" else 1.0
 
 
+@functools.lru_cache(maxsize=1)
 def _measure_fns():
+    """cp_measure's functions; Texture, Intensity and Feret from its numba versions when numba is
+    installed (it comes with umap-learn): the same numbers (to 1e-11), Texture 5-7x faster."""
+    import cp_measure
     from cp_measure.bulk import get_core_measurements, get_correlation_measurements
 
-    core = get_core_measurements(legacy=True, sanitize=False)  # legacy: CellProfiler quartiles
+    before = cp_measure._ACCELERATOR
+    try:
+        import numba  # noqa: F401
+
+        cp_measure.set_accelerator("numba")
+    except ImportError:
+        pass
+    try:
+        core = get_core_measurements(legacy=True, sanitize=False)  # CellProfiler's quartiles
+    finally:
+        cp_measure.set_accelerator(before)
     return core, get_correlation_measurements(sanitize=False)
 
 
