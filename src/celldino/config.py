@@ -85,15 +85,20 @@ class PrepareConfig:
     normalization: str = "percentile_image"  # percentile_image, percentile_plate, divisor or none
     norm_percentiles: tuple[float, ...] = (1.0, 99.8)  # low/high percentiles for percentile_*
     norm_divisor: float = 65535.0  # divisor for normalization=divisor
-    segmentation: str = "watershed"  # watershed (Otsu + watershed), masks, or locations
+    segmentation: str = "watershed"  # watershed (find nuclei and cells), masks, or locations
     nuclei_channel: str = "DNA"  # channel to find nuclei in
     cell_channel: str = ""  # cell-body channel for cell watershed (empty = expand nuclei)
-    smooth_sigma: float = 2.0  # Gaussian smoothing (px) before thresholding
-    nuclei_min_area: int = 50  # smallest nucleus kept, in pixels
-    nuclei_max_area: int = 20000  # largest nucleus kept, in pixels
-    nuclei_min_distance: int = 7  # minimum distance between nucleus seeds (px) when splitting
+    nuclei_method: str = "adaptive"  # adaptive (settings from the nucleus diameter) or fixed (0.2)
+    nucleus_diameter: float = 0.0  # typical nucleus diameter in px (0 = estimate from each image)
+    nuclei_declump: str = "shape"  # split touching nuclei on the distance transform or intensity
+    smooth_sigma: float = 0.0  # Gaussian smoothing (px) before thresholding (0 = diameter/30)
+    nuclei_min_area: int = 0  # smallest nucleus kept, px (0 = disc of 0.2 x nucleus diameter)
+    nuclei_max_area: int = 0  # largest nucleus kept, px (0 = disc of 3 x nucleus diameter)
+    nuclei_min_distance: int = 0  # minimum distance between nucleus seeds, px (0 = diameter/3)
     exclude_border: bool = True  # drop nuclei touching the image edge (as CellProfiler does)
-    cell_expand: int = 15  # without a cell channel: grow nuclei by this many px to get cells
+    cell_method: str = "propagation"  # cells on cell_channel: propagation (CellProfiler), watershed
+    cell_regularization: float = 0.05  # propagation: weight of distance vs intensity (as CP)
+    cell_expand: int = 0  # without a cell channel: grow nuclei by this many px (0 = diameter/2)
     mask_dir: str = ""  # folder of label masks (segmentation=masks)
     nuclei_masks: str = ""  # nuclei mask file name template, e.g. '{stem_DNA}_MaskNuclei.tiff'
     cell_masks: str = ""  # cell mask template; binary masks are split between the nuclei
@@ -332,6 +337,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "prepare.illum_filter": ("polynomial", "median", "gaussian"),
     "prepare.normalization": ("percentile_image", "percentile_plate", "divisor", "none"),
     "prepare.segmentation": ("watershed", "masks", "locations"),
+    "prepare.nuclei_method": ("adaptive", "fixed"),
+    "prepare.nuclei_declump": ("shape", "intensity"),
+    "prepare.cell_method": ("propagation", "watershed"),
     "prepare.border": ("pad", "drop"),
     "prepare.on_error": ("raise", "skip"),
     "model.arch": ("vit_tiny", "vit_small", "vit_base", "vit_large"),
@@ -441,8 +449,10 @@ RANGES: dict[str, Range] = {
     "prepare.norm_divisor": Range(0.0, low_open=True),
     "prepare.smooth_sigma": Range(0.0),
     "prepare.nuclei_min_area": _COUNT,
-    "prepare.nuclei_max_area": _POSITIVE,
-    "prepare.nuclei_min_distance": _POSITIVE,
+    "prepare.nuclei_max_area": _COUNT,
+    "prepare.nuclei_min_distance": _COUNT,
+    "prepare.nucleus_diameter": Range(0.0),
+    "prepare.cell_regularization": Range(0.0),
     "prepare.cell_expand": _COUNT,
     "prepare.crop_size": _POSITIVE,
     "prepare.qc_max_saturation": _FRACTION,
@@ -580,7 +590,7 @@ def check(cfg: Config) -> list[tuple[str, str]]:
         problems.append(
             ("model.img_size", f"{m.img_size} is not a multiple of model.patch_size={m.patch_size}")
         )
-    if p.nuclei_min_area > p.nuclei_max_area:
+    if p.nuclei_max_area and p.nuclei_min_area > p.nuclei_max_area:
         problems.append(
             (
                 "prepare.nuclei_min_area",

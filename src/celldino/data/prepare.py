@@ -358,6 +358,9 @@ def _segment(i: int, img: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | N
         dna = img[chans.index(cfg.nuclei_channel)]
         nuclei = segment_nuclei(
             dna,
+            diameter=cfg.nucleus_diameter,
+            method=cfg.nuclei_method,
+            declump=cfg.nuclei_declump,
             smooth_sigma=cfg.smooth_sigma,
             min_area=cfg.nuclei_min_area,
             max_area=cfg.nuclei_max_area,
@@ -366,7 +369,11 @@ def _segment(i: int, img: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | N
         )
         if cfg.cell_channel:
             cells = segment_cells(
-                img[chans.index(cfg.cell_channel)], nuclei, smooth_sigma=cfg.smooth_sigma
+                img[chans.index(cfg.cell_channel)],
+                nuclei,
+                method=cfg.cell_method,
+                regularization=cfg.cell_regularization,
+                smooth_sigma=cfg.smooth_sigma,
             )
         else:
             cells = expand_nuclei(nuclei, cfg.cell_expand)
