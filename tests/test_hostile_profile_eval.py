@@ -956,3 +956,12 @@ def test_evaluate_comparison_naming_an_unknown_feature_set_names_the_key(
         assert rc == 2 and f"analyses.{analysis}.{key}" in text, text
         assert value.strip("[]") in text and "learned" in text
         assert files() == before  # the earlier outputs untouched (the lock names the last run)
+
+
+def test_negative_bootstrap_count_is_refused(tmp_path, lincs, earlier, run_cli):
+    lincs.to_parquet(tmp_path / "p.parquet")
+    before = _snapshot(earlier)
+    rc, text = run_cli(
+        "evaluate", tmp_path / "p.parquet", f"evaluate.out_dir={earlier}", "evaluate.n_boot=-1"
+    )
+    assert rc == 2 and "evaluate.n_boot" in text and _kept(before, earlier)
