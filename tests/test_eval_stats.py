@@ -286,7 +286,7 @@ def test_map_singletons_counted_and_flagged(caplog):
             control="Metadata_pert_type",
         )
     assert "9 of 10 groups dropped as singletons (1 kept)" in st["flags"]
-    assert "9 of 10 groups" in caplog.text and "1 group" in st["flags"]
+    assert "9 of 10 groups" in caplog.text and "only 1 group" in st["flags"]
     assert np.isnan(st["p_perm"]) and st["n_queries"] == 3
 
 

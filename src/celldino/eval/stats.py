@@ -410,7 +410,7 @@ def map_statistics(
         if dropped >= G:
             flags.append(f"{dropped} of {all_groups} groups dropped as singletons ({G} kept)")
     if G < 2:
-        flags.append(f"{G} group")
+        flags.append(f"only {G} group")
     flags += few_queries(n_q)
     per_group = pd.DataFrame(list(uniq), columns=sameby)
     per_group["chance"], per_group["ci_low"], per_group["ci_high"] = g_chance, g_lo, g_hi
