@@ -118,6 +118,21 @@ def test_bootstrap_interval_covers_the_truth_at_about_the_nominal_rate():
     assert 0.9 <= np.mean(cover) <= 0.99
 
 
+def test_cluster_bootstrap_covers_clustered_data_where_a_row_bootstrap_does_not():
+    # 30 compounds × 5 doses sharing a compound effect: the compound is the independent unit
+    rng = np.random.default_rng(1)
+    g = np.repeat(np.arange(30), 5)
+    cover_cluster, cover_rows = [], []
+    for _ in range(200):
+        x = rng.normal(size=30)[g] + rng.normal(size=150)  # true mean 0
+        lo, hi = stats.percentile_ci(stats.cluster_bootstrap_mean(x, g, 300, rng))
+        cover_cluster.append(lo <= 0 <= hi)
+        lo, hi = stats.percentile_ci(stats.cluster_bootstrap_mean(x, None, 300, rng))
+        cover_rows.append(lo <= 0 <= hi)
+    assert 0.88 <= np.mean(cover_cluster) <= 0.99
+    assert np.mean(cover_rows) < 0.8  # rows as units: too narrow
+
+
 def test_cluster_and_stratified_bootstrap_against_loops():
     rng = np.random.default_rng(0)
     v = rng.normal(size=30)
