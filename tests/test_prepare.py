@@ -304,29 +304,35 @@ def _illumination_errors(screen) -> tuple[dict, dict]:
     errors = {}
     for plate, fn in fns.items():
         want = _planted_vignetting(truth.loc[plate], *fn.shape[1:])
-        errors[plate] = [float(np.abs(f / want - 1).max()) for f in fn]
+        rel = fn / want[None] - 1
+        errors[plate] = (
+            [float(np.abs(r).max()) for r in rel],
+            [float(np.sqrt((r**2).mean())) for r in rel],
+        )
     return errors, report
 
 
 def test_illumination_within_5_percent_of_planted_vignetting_demo(demo_screen):
-    """demo (31 QC-passing sites per plate): every channel's function is within 5 % of the
-    planted vignetting at every pixel (true range 1.14-1.22x)."""
+    """demo (30-32 QC-passing sites per plate): every channel's function is within 5 % of the
+    planted vignetting at every pixel (true range 1.14-1.22x; measured worst pixel 2.4 %)."""
     errors, report = _illumination_errors(demo_screen)
     assert len(errors) == 4
-    for plate, errs in errors.items():
-        assert max(errs) < 0.05, (plate, errs)
+    for plate, (worst, _) in errors.items():
+        assert max(worst) < 0.05, (plate, worst)
         assert all(ch["status"] == "applied" for ch in report[plate]["channels"])
         assert not report[plate]["warnings"]
 
 
-def test_illumination_on_tiny_warns_too_few_images(tiny_screen):
-    """tiny (14-16 sites per plate) is below MIN_IMAGES: the plate is warned about; the
-    channels it does correct are within 15 % (the 5 % target is not met there)."""
+def test_illumination_within_5_percent_on_tiny_and_warned(tiny_screen):
+    """tiny (14-16 QC-passing sites of 128 px per plate): every channel's function is within 5 %
+    of the planted vignetting in RMS over the image (measured: at most 3.8 %), its worst pixel
+    (a corner) within 6 % (measured 5.2 %); the plate is warned about (fewer than 24 images)."""
     errors, report = _illumination_errors(tiny_screen)
-    for plate, errs in errors.items():
-        assert any("QC-passing image(s)" in w for w in report[plate]["warnings"])
-        assert report[plate]["n_images"] < 24
-        assert max(errs) < 0.25, (plate, errs)
+    for plate, (worst, rms) in errors.items():
+        assert max(rms) < 0.05, (plate, rms)
+        assert max(worst) < 0.06, (plate, worst)
+        assert any("fewer than 24" in w for w in report[plate]["warnings"])
+        assert all(ch["status"] == "applied" for ch in report[plate]["channels"])
 
 
 NF1_MASKS = dict(
@@ -359,11 +365,12 @@ def test_nf1_binary_cell_masks_split_by_nuclei_and_saved(cellpainting_fovs, tmp_
     )
     cells = pd.read_parquet(out / "cells.parquet")
     assert len(cells) == 132
-    # NF1's images are already corrected: five sites are too few to tell a flat field from noise,
-    # so every channel stays flat (a warning says so) and the images are not distorted
+    # NF1's images are already corrected: five sites are too few to tell a flat field from where
+    # the cells lie (fitted, DAPI read 1.13x and GFP 6.1x), so the plate is not corrected and a
+    # warning says so: the images are not distorted
     report = json.loads((out / "prepare.json").read_text())["illumination_report"]
     (plate,) = report.values()
-    assert plate["n_images"] == 5 and "fewer than 24" in plate["warnings"][0]
+    assert plate["n_images"] == 5 and "illum_min_images=10" in plate["warnings"][0]
     assert [ch["range"] for ch in plate["channels"]] == [1.0, 1.0, 1.0]
     (fn,) = [np.load(f) for f in (out / "illum").iterdir()]
     assert (fn == 1.0).all()

@@ -82,6 +82,7 @@ class PrepareConfig:
     illumination: bool = True  # CellProfiler-style illumination correction per plate and channel
     illum_filter: str = "polynomial"  # illumination smoothing: polynomial (quadratic), median, gaussian
     illum_size: int = 0  # background block side in pixels (0 = 2.5 nucleus diameters or side/8)
+    illum_min_images: int = 10  # plates with fewer QC-passing images get no illumination correction
     normalization: str = "percentile_image"  # percentile_image, percentile_plate, divisor or none
     norm_percentiles: tuple[float, ...] = (1.0, 99.8)  # low/high percentiles for percentile_*
     norm_divisor: float = 65535.0  # divisor for normalization=divisor
@@ -445,6 +446,7 @@ RANGES: dict[str, Range] = {
     "synth.n_moas": Range(0, 6),
     "synth.n_bad_images": Range(-1),
     "prepare.illum_size": _COUNT,
+    "prepare.illum_min_images": _COUNT,
     "prepare.norm_percentiles": Range(0.0, 100.0, pair=True),
     "prepare.norm_divisor": Range(0.0, low_open=True),
     "prepare.smooth_sigma": Range(0.0),

@@ -9,9 +9,10 @@ true 1.2x vignetting reads as 1.08x). This module instead uses the *background*
 
 1. Per QC-passing image and channel, the background level in blocks of `block` pixels (a few
    object diameters, so every block holds background between the cells): the median of the
-   lightly smoothed pixels after iterative 3-sigma clipping, the noise measured from the image
-   itself. A block with less than a fifth of its pixels background is left out (NaN); non-finite
-   pixels (NaN, inf) are left out of every statistic.
+   lightly smoothed pixels that are background in every channel (within 3 noise sigmas of each
+   channel's clipped block median, grown by 2 px: a cell's dim cytoplasm in one channel shows in
+   another), the noise measured from the image itself. A block with too little background is
+   left out (NaN); non-finite pixels (NaN, inf) are left out of every statistic.
 2. The wells of a plate differ in background brightness (medium, autofluorescence, exposure):
    `bg_i(x) = D + S(x) b_i`. Regressing each block's background on the image's level gives the
    slope `S(x) / mean(S)`, free of `D`. Images whose block is an outlier (a cell cluster) are
@@ -25,13 +26,15 @@ true 1.2x vignetting reads as 1.08x). This module instead uses the *background*
 4. Scaled so its minimum is 1 and saved as `illum/<plate>.npy` (C, H, W) float32
    (`celldino.io.prepared`); images are divided by it on read.
 
-The identification needs background levels that vary between images and enough images: a plate
-with fewer than `MIN_IMAGES` QC-passing images gets a warning (the slope's standard error grows
-as 1/sqrt(n); on the synthetic `tiny` preset, 14 images per plate, errors reach 10 % and more in
-the dim channels, on `demo`, 31 images, they stay within 5 %). When the levels hardly vary
-(relative spread below `MIN_SPREAD`), the offset cannot be cancelled and the plain background
-ratio (D = 0) is used, with a warning. A plate with sites of several sizes gets one function per
-size.
+The identification needs background levels that vary between images and enough images. A plate
+with fewer than `min_images` (`prepare.illum_min_images`, default `MIN_FIT_IMAGES` = 10) QC-passing
+images is not corrected (flat, warned: on NF1's five already-corrected sites a fit reads 1.13x
+and 6.1x, noise); with fewer than `MIN_IMAGES` = 24 it is corrected with a warning (the slope's
+standard error grows as 1/sqrt(n); on the synthetic `tiny` preset, 14-16 images per plate, the
+functions are within 3.8 % RMS of the planted vignetting, worst pixel 5.2 %; on `demo`, 30-32
+images, worst pixel 2.4 %). When the levels hardly vary (relative spread below `MIN_SPREAD`), the
+offset cannot be cancelled and the plain background ratio (D = 0) is used, with a warning. A
+plate with sites of several sizes gets one function per size.
 """
 
 from __future__ import annotations
@@ -47,7 +50,8 @@ from celldino.errors import DataError
 logger = log.get_logger(__name__)
 
 METHODS = ("polynomial", "median", "gaussian")
-MIN_IMAGES = 24  # fewer QC-passing images per plate: unstable estimate (warned)
+MIN_FIT_IMAGES = 10  # default prepare.illum_min_images: fewer, no correction (warned)
+MIN_IMAGES = 24  # fewer QC-passing images per plate: a noisier estimate (warned)
 MIN_SPREAD = 0.01  # relative spread of the images' background levels needed to cancel D
 _MIN_BG_FRACTION = 0.2  # a block needs this fraction of background pixels
 
@@ -59,39 +63,68 @@ def auto_block(shape: tuple[int, ...], nucleus_diameter: float = 0.0) -> int:
     return int(np.clip(round(b), 8, max(8, side // 4)))
 
 
-def background_blocks(image: np.ndarray, block: int) -> np.ndarray:
-    """(C, ny, nx) background level of each block of a (C, H, W) image (NaN: too few bg pixels)."""
+def _blocks(x: np.ndarray, ny: int, nx: int) -> np.ndarray:
+    bh, bw = x.shape[0] // ny, x.shape[1] // nx
+    return x[: ny * bh, : nx * bw].reshape(ny, bh, nx, bw).transpose(0, 2, 1, 3).reshape(ny, nx, -1)
+
+
+def background_blocks(image: np.ndarray, block: int, *, union: bool = True) -> np.ndarray:
+    """(C, ny, nx) background level of each block of a (C, H, W) image (NaN: too few bg pixels).
+
+    Per channel, the clipped median of the smoothed pixels; with `union`, a second pass takes
+    the median of the pixels that are background in *every* channel (a cell's dim cytoplasm in
+    one channel is found by another channel that shows it brighter).
+    """
     image = np.asarray(image)
     if image.ndim == 2:
         image = image[None]
     c_, h, w = image.shape
     ny, nx = max(1, h // block), max(1, w // block)
-    bh, bw = h // ny, w // nx
     out = np.full((c_, ny, nx), np.nan)
+    smooth, fg = [], np.zeros((h, w), bool)
     for c, plane in enumerate(image):
         p = plane.astype(np.float32)
         finite = np.isfinite(p)
         if not finite.any():
+            smooth.append(None)
             continue
         fill = float(np.median(p[finite]))
         p = np.where(finite, p, fill)
         # pixel noise from neighbour differences (robust), then that of the smoothed image
         d = np.diff(p, axis=1)[finite[:, 1:] & finite[:, :-1]]
         noise = 1.4826 * float(np.median(np.abs(d - np.median(d)))) / np.sqrt(2) if d.size else 0
-        s = ndi.gaussian_filter(p, 1.0)
-        s = np.where(finite, s, np.nan)[: ny * bh, : nx * bw]
-        blocks = s.reshape(ny, bh, nx, bw).transpose(0, 2, 1, 3).reshape(ny, nx, -1)
+        s = np.where(finite, ndi.gaussian_filter(p, 1.0), np.nan)
+        blocks = _blocks(s, ny, nx)
         tol = max(3 * 0.5 * noise, 1e-6)  # 3 sigmas of the smoothed pixels (sigma 1: ~0.28-0.5x)
-        with np.errstate(all="ignore"):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                med = np.nanpercentile(blocks, 10, axis=-1)
-                for _ in range(5):
-                    keep = np.abs(blocks - med[..., None]) < tol
-                    med = np.nanmedian(np.where(keep, blocks, np.nan), axis=-1)
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            med = np.nanpercentile(blocks, 10, axis=-1)
+            for _ in range(5):
                 keep = np.abs(blocks - med[..., None]) < tol
+                med = np.nanmedian(np.where(keep, blocks, np.nan), axis=-1)
+            keep = np.abs(blocks - med[..., None]) < tol
         frac = keep.sum(-1) / blocks.shape[-1]
         out[c] = np.where(frac >= _MIN_BG_FRACTION, med, np.nan)
+        smooth.append(s)
+        if union and np.isfinite(out[c]).any():  # this channel's foreground, on its local level
+            grid = np.where(np.isfinite(out[c]), out[c], np.nanmedian(out[c]))
+            level = np.repeat(np.repeat(grid, h // ny, 0), w // nx, 1)
+            level = np.pad(level, ((0, h - level.shape[0]), (0, w - level.shape[1])), "edge")
+            fg |= np.nan_to_num(s, nan=-np.inf) > level + tol
+    if not union or c_ < 2:
+        return out
+    bg = ~ndi.binary_dilation(fg, iterations=2)
+    if bg.mean() < _MIN_BG_FRACTION / 2:
+        return out
+    for c, s in enumerate(smooth):
+        if s is None:
+            continue
+        blocks = _blocks(np.where(bg, s, np.nan), ny, nx)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            med = np.nanmedian(blocks, axis=-1)
+        frac = np.isfinite(blocks).sum(-1) / blocks.shape[-1]
+        out[c] = np.where(frac >= _MIN_BG_FRACTION / 2, med, np.nan)
     return out
 
 
@@ -245,32 +278,42 @@ class IlluminationAccumulator:
         return {p: v for p, v in out.items() if len(v) > 1}
 
     def functions(
-        self, *, method: str = "polynomial", passing: set[str] | None = None
+        self,
+        *,
+        method: str = "polynomial",
+        passing: set[str] | None = None,
+        min_images: int = MIN_FIT_IMAGES,
     ) -> tuple[dict[str, np.ndarray], dict]:
         """({name: (C, H, W) function}, {name: report}) from the images in `passing` (all when
-        None). The report holds n_images, block, per-channel range/significance and warnings."""
+        None). The report holds n_images, block, per-channel range and status, and warnings.
+        A plate with fewer than `min_images` QC-passing images is not corrected (flat)."""
         multi = self.sizes()
         out, report = {}, {}
         for (plate, shape), items in self.blocks.items():
             name = f"{plate}@{shape[1]}x{shape[2]}" if plate in multi else plate
             used = [b for k, b in items if passing is None or k in passing]
             warnings_: list[str] = []
-            if not used:
-                warnings_.append("no QC-passing image: no illumination correction")
+            n = len(used)
+            if n < max(min_images, 3):
+                warnings_.append(
+                    f"only {n} QC-passing image(s), fewer than prepare.illum_min_images="
+                    f"{min_images}: too few to tell a flat field from where the cells lie; "
+                    "no illumination correction for this plate"
+                )
                 fn = np.ones(shape, np.float32)
-                info: dict = {"channels": []}
+                flat = {"range": 1.0, "status": "flat: too few images", "blocks": 0}
+                info: dict = {"channels": [dict(flat) for _ in range(shape[0])]}
             else:
                 fn, info = estimate_function(
                     np.stack(used), shape[1:], self.block_of[(plate, shape)], method=method
                 )
-            n = len(used)
-            if 0 < n < MIN_IMAGES:
+            if max(min_images, 3) <= n < MIN_IMAGES:
                 warnings_.append(
                     f"only {n} QC-passing image(s) (fewer than {MIN_IMAGES}): the background "
-                    "slopes are noisy and the function may be off by 10 % or more; functions "
-                    "that are not significant are left flat"
+                    "slopes are noisy and the function may be off by 5 % or more; channels "
+                    "whose function is not significant are left flat"
                 )
-            if any(not ch["offset_cancelled"] for ch in info["channels"]) and n >= 3:
+            if any(not ch.get("offset_cancelled", True) for ch in info["channels"]):
                 warnings_.append(
                     "the images' background levels hardly vary: the camera offset could not be "
                     "cancelled and the plain background ratio was used (it understates vignetting)"

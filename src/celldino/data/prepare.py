@@ -238,7 +238,9 @@ def _pass1(iset: ImageSet, cfg, dna_index: int) -> tuple[pd.DataFrame, dict, dic
     # would bend them); the report (images used, ranges, warnings) goes into prepare.json
     passing = set(qc.loc[qc["QC_Pass"], "Metadata_ImageKey"])
     functions, illum_report = (
-        acc.functions(method=cfg.illum_filter, passing=passing) if cfg.illumination else ({}, {})
+        acc.functions(method=cfg.illum_filter, passing=passing, min_images=cfg.illum_min_images)
+        if cfg.illumination
+        else ({}, {})
     )
     plate_stats = {}
     for plate, items in samples.items():
