@@ -32,6 +32,7 @@ import torch
 
 from celldino.errors import DataError
 from celldino.eval.spec import drop_controls, is_control_row, profiles_of
+from celldino.eval.stats import expected_ap, map_statistics, rng_for, warn_flags
 from celldino.log import get_logger, progress
 
 if TYPE_CHECKING:
@@ -189,21 +190,6 @@ def _ap_block_sort(
 def _block_rows(n: int, block_bytes: int) -> int:
     # about 40 bytes per (query, candidate) cell live at once in _ap_block and the masks
     return int(max(1, min(n, block_bytes // max(1, 40 * n))))
-
-
-def expected_ap(num_pos: np.ndarray, total: np.ndarray) -> np.ndarray:
-    """Expected AP under a random ranking (copairs.map.normalization.expected_ap, vectorised)."""
-    M = np.asarray(num_pos, dtype=np.int64)
-    L = np.asarray(total, dtype=np.int64)
-    if len(L) == 0:
-        return np.zeros(0)
-    harmonic = np.concatenate([[0.0], np.cumsum(1.0 / np.arange(1, max(int(L.max()), 1) + 1))])
-    H = harmonic[L]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        mu0 = (1.0 / L) * (((M - 1.0) / (L - 1.0)) * (L - H) + H)
-    mu0 = np.where(L == 1, (M == 1).astype(float), mu0)
-    mu0 = np.where(M == 0, 0.0, mu0)
-    return np.where((M == L) & (L > 1), 1.0, mu0)
 
 
 def normalized_ap(ap: np.ndarray, num_pos: np.ndarray, total: np.ndarray) -> np.ndarray:
@@ -501,8 +487,6 @@ def with_statistics(
     over groups): chance, interval, p-value against `null` (`permuted_map_null`), queries,
     flags (`celldino.eval.stats.map_statistics`). Control rows (never queries) are left out of
     the group count, so the groups dropped as singletons are the treatments'."""
-    from celldino.eval.stats import map_statistics, rng_for, warn_flags
-
     sameby = _as_list(sameby)
     if control and control in ap.columns:
         ap = ap[~is_control_row(ap, control, control_value)]
@@ -536,8 +520,6 @@ def _with_stats(
     control_value,
 ):
     """retrieval_map / moa_map with return_stats: (ap, maps with per-group columns, stats)."""
-    from celldino.eval.stats import rng_for
-
     n_perm = min(null_size, MAP_PERMUTATIONS) if n_perm is None else n_perm
     null = permuted_map_null(
         m,

@@ -351,6 +351,21 @@ def nsc_statistics(
 # ---- mAP ----------------------------------------------------------------------------------------
 
 
+def expected_ap(num_pos: np.ndarray, total: np.ndarray) -> np.ndarray:
+    """Expected AP under a random ranking (copairs.map.normalization.expected_ap, vectorised)."""
+    M = np.asarray(num_pos, dtype=np.int64)
+    L = np.asarray(total, dtype=np.int64)
+    if len(L) == 0:
+        return np.zeros(0)
+    harmonic = np.concatenate([[0.0], np.cumsum(1.0 / np.arange(1, max(int(L.max()), 1) + 1))])
+    H = harmonic[L]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mu0 = (1.0 / L) * (((M - 1.0) / (L - 1.0)) * (L - H) + H)
+    mu0 = np.where(L == 1, (M == 1).astype(float), mu0)
+    mu0 = np.where(M == 0, 0.0, mu0)
+    return np.where((M == L) & (L > 1), 1.0, mu0)
+
+
 def map_statistics(
     ap: pd.DataFrame,
     sameby: Sequence[str],
@@ -370,8 +385,6 @@ def map_statistics(
     Groups whose queries have no positive pair (singletons) are counted and flagged when they
     outnumber the groups kept. Returns (stats, per-group table: sameby, chance, ci_low, ci_high).
     """
-    from celldino.eval.map import expected_ap
-
     sameby = list(sameby)
     all_groups = ap.groupby(sameby, observed=True, dropna=False).ngroups if len(ap) else 0
     scores = ap[ap["average_precision"].notna() & (ap["n_pos_pairs"] > 0)].reset_index(drop=True)
