@@ -899,7 +899,7 @@ def test_profile_feature_columns_that_match_nothing_or_mix_families(tmp_path, ea
     from tests.test_pp_cli import _cytotable_cells
 
     df = _cytotable_cells()
-    df["emb_0000"] = 1.0
+    df["emb_0000"] = np.random.default_rng(1).normal(size=len(df))  # any recipe can run on it
     df.to_parquet(tmp_path / "mixed.parquet", index=False)
     other = df.drop(
         columns=[c for c in df.columns if c.startswith(("Cells", "Cyto", "Nuc", "emb"))]
