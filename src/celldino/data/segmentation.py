@@ -84,7 +84,8 @@ def _diameter_from_foreground(fg: np.ndarray) -> float:
     area = np.bincount(lab.ravel())[1:].astype(np.float64)
     order = np.argsort(rmax)
     cum = np.cumsum(area[order])
-    return 2.0 * float(rmax[order][np.searchsorted(cum, cum[-1] / 2)])
+    # the distance runs to the centre of the nearest background pixel: the edge is 0.5 px nearer
+    return 2.0 * float(rmax[order][np.searchsorted(cum, cum[-1] / 2)]) - 1.0
 
 
 def _first_foreground(img: np.ndarray) -> tuple[np.ndarray, bool]:
