@@ -387,3 +387,17 @@ def test_lincs_default_map_replicate_says_it_kept_2_of_338_groups(lincs_csv, tmp
     assert act["flags"] == "" and act["n_queries"] == 360  # 58 compounds' wells, DMSO not
     assert act["chance"] < act["ci_low"] <= act["value"] <= act["ci_high"]
     assert act["p_perm"] == pytest.approx(1 / 201)  # no permutation reaches it
+
+
+def test_spec_permutations_sets_the_map_null_size(tmp_path):
+    from celldino.config import EvaluateConfig
+    from celldino.eval.runner import evaluate
+
+    meta, X = _plate(0, 2.0)
+    table = pd.concat([meta, pd.DataFrame(X, columns=[f"f{j}" for j in range(X.shape[1])])], axis=1)
+    table.to_parquet(tmp_path / "p.parquet")
+    spec = {"analyses": {"activity": {"permutations": 50}}}
+    cfg = EvaluateConfig(out_dir=str(tmp_path / "ev"), null_size=100, n_boot=50)
+    out = evaluate(tmp_path / "p.parquet", spec=spec, cfg=cfg)
+    row = pd.read_parquet(out / "metrics.parquet").set_index("metric").loc["mAP"]
+    assert row["p_perm"] == pytest.approx(1 / 51)  # planted effect: no permutation reaches it

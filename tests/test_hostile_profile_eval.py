@@ -965,3 +965,16 @@ def test_negative_bootstrap_count_is_refused(tmp_path, lincs, earlier, run_cli):
         "evaluate", tmp_path / "p.parquet", f"evaluate.out_dir={earlier}", "evaluate.n_boot=-1"
     )
     assert rc == 2 and "evaluate.n_boot" in text and _kept(before, earlier)
+
+
+def test_negative_map_permutations_are_refused(tmp_path, lincs, earlier, run_cli):
+    lincs.to_parquet(tmp_path / "p.parquet")
+    rc, text = run_cli(
+        "evaluate",
+        tmp_path / "p.parquet",
+        "--spec",
+        _spec(tmp_path, "{activity: {permutations: -5}}"),
+        f"evaluate.out_dir={tmp_path / 'ev'}",
+        "evaluate.null_size=50",
+    )
+    assert rc == 2 and "analyses.activity.permutations" in text and ">= 0" in text

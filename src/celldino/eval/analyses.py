@@ -147,17 +147,28 @@ def run_map_replicate(
         negatives=params.get("negatives", "others"),
         pos_diffby=params.get("pos_diffby", ()),
         **kw,
-        **_stats_kw(ctx, "map_replicate"),
+        **_stats_kw(ctx, "map_replicate", params),
     )  # the spec's threshold, as the mAP table used it
     return AnalysisResult(
         summarize(maps, kw["threshold"]), {"map": maps.drop(columns="indices")}, stats={"mAP": st}
     )
 
 
-def _stats_kw(ctx: EvalContext, name: str) -> dict:
-    """The chance/interval/p-value settings of an mAP analysis (map.retrieval_map)."""
+def _stats_kw(ctx: EvalContext, name: str, params: dict) -> dict:
+    """The chance/interval/p-value settings of an mAP analysis (map.retrieval_map); the spec's
+    `permutations` sets the label permutations of the summary mAP's p_perm (default 200)."""
     what = f"{name} on {ctx.feature_set}" if ctx.feature_set else name
-    return {"return_stats": True, "n_boot": ctx.n_boot, "what": what}
+    perms = params.get("permutations")
+    try:
+        perms = None if perms is None else int(perms)
+    except (TypeError, ValueError):
+        perms = -1
+    if perms is not None and perms < 0:
+        raise SpecError(
+            f"analyses.{name}.permutations must be a whole number >= 0, got "
+            f"{params.get('permutations')!r}"
+        )
+    return {"return_stats": True, "n_boot": ctx.n_boot, "n_perm": perms, "what": what}
 
 
 def run_map_moa(meta: pd.DataFrame, X: np.ndarray, ctx: EvalContext, **params) -> AnalysisResult:
@@ -171,7 +182,7 @@ def run_map_moa(meta: pd.DataFrame, X: np.ndarray, ctx: EvalContext, **params) -
         moa=c.require(meta, "moa", "map_moa"),
         compound=c.require(meta, "compound", "map_moa"),
         **kw,
-        **_stats_kw(ctx, "map_moa"),
+        **_stats_kw(ctx, "map_moa", params),
     )
     return AnalysisResult(
         summarize(maps, kw["threshold"]), {"map": maps.drop(columns="indices")}, stats={"mAP": st}
@@ -181,7 +192,7 @@ def run_map_moa(meta: pd.DataFrame, X: np.ndarray, ctx: EvalContext, **params) -
 def run_activity(meta: pd.DataFrame, X: np.ndarray, ctx: EvalContext, **params) -> AnalysisResult:
     """Phenotypic activity: each compound (all doses, or `by`) against the controls."""
     by = params.get("by") or [ctx.cols.require(meta, "compound", "activity")]
-    kw = map_kwargs(ctx, params) | _stats_kw(ctx, "activity")
+    kw = map_kwargs(ctx, params) | _stats_kw(ctx, "activity", params)
     _, maps, summary, st = phenotypic_activity(meta, X, by=by, **kw)
     return AnalysisResult(summary, {"map": maps.drop(columns="indices")}, stats={"mAP": st})
 
