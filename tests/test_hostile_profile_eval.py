@@ -134,12 +134,24 @@ def test_profile_empty_controls_with_control_normalisation_says_which_setting(tm
 
 
 def test_one_control_well_per_plate_is_not_divided_by_epsilon(tmp_path, earlier, run_cli):
-    """mad_robustize against one control well: MAD 0 everywhere, profiles × 1e18 (was exit 0)."""
+    """mad_robustize against one control well: MAD 0 everywhere, profiles × 1e18 (was exit 0).
+    The default floors each scale at 0.1 × the plate's spread; pycytominer's arithmetic
+    (normalize_floor=0) refuses."""
     df = _cells()
     df = df[~df["Metadata_Well"].isin(["A01"])]  # one control well (A00) per plate
     emb = _shards(tmp_path / "emb", df)
+    rc, text = run_cli("profile", f"profile.input=[{emb}]", f"profile.out={tmp_path}/ok.h5ad")
+    assert rc == 0, text
+    X = read_h5ad(tmp_path / "ok.h5ad").X
+    assert np.isfinite(X).all() and np.abs(X).max() <= 50  # floored, clipped: no 1e18
     before = _snapshot(earlier)
-    rc, text = run_cli("profile", f"profile.input=[{emb}]", f"profile.out={earlier}/wells.h5ad")
+    rc, text = run_cli(
+        "profile",
+        f"profile.input=[{emb}]",
+        f"profile.out={earlier}/wells.h5ad",
+        "profile.normalize=mad_robustize",
+        "profile.normalize_floor=0",
+    )
     assert rc == 2 and "Metadata_Plate 'P1'" in text and "zero spread (MAD 0)" in text
     assert "profile.normalize_reference=all" in text and _kept(before, earlier)
     rc, text = run_cli("profile", f"profile.input=[{emb}]", f"profile.out={earlier}")
@@ -170,7 +182,7 @@ def test_profile_reads_a_cellprofiler_csv_gz_and_keeps_every_column_name(
         f"profile.input=[{lincs_csv}]",
         f"profile.out={out}",
         "profile.features=",
-        "profile.normalize=none",
+        "profile.recipe=none",
         "profile.formats=[h5ad,parquet]",
     )
     assert rc == 0, text
@@ -600,7 +612,8 @@ def test_profile_setting_naming_an_absent_column_writes_nothing(tmp_path, run_cl
     df = _cells()
     df = df[df["Metadata_Well"] != "A01"]
     bad = _extraction(tmp_path / "bad", df)
-    rc, text = run_cli("profile", f"profile.input=[{bad}]", f"profile.out={out}")
+    floor0 = ["profile.normalize=mad_robustize", "profile.normalize_floor=0"]  # pycytominer's
+    rc, text = run_cli("profile", f"profile.input=[{bad}]", f"profile.out={out}", *floor0)
     assert rc == 2 and _kept(before, out.parent)
     # and a successful run replaces it
     rc, text = run_cli("profile", f"profile.input=[{other}]", f"profile.out={out}")

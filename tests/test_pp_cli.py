@@ -56,6 +56,10 @@ def test_profile_command_writes_all_formats(tmp_path, capsys):
         "profile.via=[Metadata_Site]",
         "profile.consensus=[Metadata_Compound]",
         "profile.select=[variance]",
+        # explicit step settings override the recipe (its defaults: tests/test_pp_recipe.py)
+        "profile.normalize=mad_robustize",
+        "profile.clip=0",
+        "profile.sphere=none",
     ]
     assert cli.main(args) == 0
     printed = capsys.readouterr().out.split()
@@ -64,7 +68,7 @@ def test_profile_command_writes_all_formats(tmp_path, capsys):
     adata = read_h5ad(out)
     assert adata.shape == (16, 8)
     steps = [s["step"] for s in history(adata)]
-    assert steps == ["aggregate", "nonfinite", "annotate", "normalize", "feature_select"]
+    assert steps == ["aggregate", "nonfinite", "annotate", "recipe", "normalize", "feature_select"]
     # MAD-robustised against each plate's controls: control medians are 0
     table = pd.read_parquet(out.with_name("wells.parquet"))
     ctrl = table[table["Metadata_pert_type"] == "control"]
@@ -171,7 +175,7 @@ def test_cytotable_per_cell_parquet_profiles_as_pycytominer_aggregates(tmp_path)
 
     df = _cytotable_cells()
     df.to_parquet(tmp_path / "cells.parquet", index=False)
-    rc = _profile(tmp_path, f"profile.input={tmp_path / 'cells.parquet'}", "profile.normalize=none")
+    rc = _profile(tmp_path, f"profile.input={tmp_path / 'cells.parquet'}", "profile.recipe=none")
     assert rc == 0
     adata = read_h5ad(tmp_path / "out" / "p.h5ad")
     feats = infer_cp_features(df)
@@ -196,7 +200,7 @@ def test_infer_agrees_with_pycytominer_on_lincs_and_takes_per_well_tables_as_pro
 
     src = pd.read_csv(lincs_csv)
     rc = _profile(
-        tmp_path, f"profile.input={lincs_csv}", "profile.features=infer", "profile.normalize=none"
+        tmp_path, f"profile.input={lincs_csv}", "profile.features=infer", "profile.recipe=none"
     )
     assert rc == 0
     assert "aggregation is the identity" in capsys.readouterr().err

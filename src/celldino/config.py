@@ -259,19 +259,29 @@ class ProfileConfig:
     threads: int = 0  # DuckDB threads (0 = all cores)
     nonfinite: str = "drop_feature"  # NaN/inf in profiles: drop_feature, drop_row or error
     controls: str = "Metadata_pert_type == 'control'"  # negative controls (pandas query; '' = none)
-    normalize: str = "mad_robustize"  # standardize, mad_robustize, or none
+    recipe: str = "auto"  # preset for the step settings left unset: auto, cellprofiler, embeddings, none
+    normalize: str = ""  # standardize, mad_robustize, none ('' = from profile.recipe)
     normalize_by: str = "Metadata_Plate"  # normalise within each value of this key ('' = global)
     normalize_reference: str = "controls"  # fit normalisation on: controls or all
-    mad_epsilon: float = 1e-18  # added to the MAD (pycytominer's mad_robustize_epsilon)
-    sphere: str = "none"  # sphering of controls: none, ZCA, PCA, ZCA-cor, PCA-cor
-    sphere_epsilon: float = 1e-6  # regularisation added to singular values (as pycytominer)
-    sphere_by: str = ""  # fit one sphering per value of this key, e.g. Metadata_Batch ('' = global)
-    harmony_key: str = ""  # batch key for Harmony (harmonypy) correction ('' = skip)
-    inverse_normal: bool = False  # rank-based inverse-normal transform of each feature
-    select: tuple[str, ...] = ()  # selection: variance, frequency, correlation, drop_na, blocklist
+    normalize_floor: float = -1.0  # scale >= this fraction of the feature's spread over all profiles (0 = pycytominer; <0 = recipe)
+    mad_epsilon: float = 1e-18  # added to the MAD when normalize_floor=0 (pycytominer's epsilon)
+    clip: float = -1.0  # clip normalised values to ±clip (0 = no clipping; <0 = from profile.recipe)
+    select: tuple[str, ...] = ("recipe",)  # selection steps; `recipe` = the preset's (e.g. [recipe, replicate])
     min_variance: float = 1e-6  # variance threshold (pycytominer min_variance)
+    freq_cut: float = 0.05  # frequency: 2nd/1st most common value ratio (pycytominer freq_cut)
+    unique_cut: float = 0.01  # frequency: unique values / profiles (pycytominer unique_cut)
     corr_threshold: float = 0.9  # correlation threshold (pycytominer corr_threshold)
-    blocklist: tuple[str, ...] = ()  # feature names to drop with the blocklist operation
+    outlier_cutoff: float = 500.0  # drop_outliers: |normalised value| above which a feature goes
+    blocklist: tuple[str, ...] = ()  # names for the blocklist operation ([] = pycytominer's list)
+    replicate_key: tuple[str, ...] = ()  # replicate selection: columns whose equal values are replicates
+    replicate_threshold: float = 0.0  # replicate: keep features whose replicate correlation exceeds it
+    sphere: str = ""  # sphering on the controls: none, ZCA, PCA, ZCA-cor, PCA-cor ('' = recipe)
+    sphere_shrinkage: str = ""  # oas, ledoit_wolf, a number in [0, 1], none ('' = recipe)
+    sphere_epsilon: float = 1e-6  # added to singular values when sphere_shrinkage=none (pycytominer)
+    sphere_by: str = ""  # fit one sphering per value of this key, e.g. Metadata_Batch ('' = global)
+    harmony_key: str = ""  # batch key for Harmony on principal components ('' = skip)
+    harmony_pcs: int = 50  # principal components Harmony corrects (capped at profiles - 1)
+    inverse_normal: bool = False  # rank-based inverse-normal transform of each feature (last)
     consensus: tuple[str, ...] = ()  # keys of treatment-level consensus profiles ('' = skip)
     consensus_method: str = "median"  # consensus of replicate profiles: mean or median
     allow_partial: bool = False  # profile an unfinished extraction (recorded in the output)
@@ -370,10 +380,20 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "profile.formats": ("h5ad", "parquet", "csv"),
     "profile.method": ("mean", "median"),
     "profile.nonfinite": ("drop_feature", "drop_row", "error"),
-    "profile.normalize": ("standardize", "mad_robustize", "none"),
+    "profile.recipe": ("auto", "cellprofiler", "embeddings", "none"),
+    "profile.normalize": ("", "standardize", "mad_robustize", "none"),
     "profile.normalize_reference": ("controls", "all"),
-    "profile.sphere": ("none", "ZCA", "PCA", "ZCA-cor", "PCA-cor"),
-    "profile.select": ("variance", "frequency", "correlation", "drop_na", "blocklist"),
+    "profile.sphere": ("", "none", "ZCA", "PCA", "ZCA-cor", "PCA-cor"),
+    "profile.select": (
+        "recipe",
+        "variance",
+        "frequency",
+        "correlation",
+        "drop_na",
+        "drop_outliers",
+        "blocklist",
+        "replicate",
+    ),
     "profile.consensus_method": ("mean", "median"),
     "evaluate.map_method": ("auto", "copairs", "blocked"),
     "run.stages": PIPELINE_STAGES,
@@ -386,6 +406,10 @@ _DEVICE = (r"auto|cpu|(cuda|mps|xpu)(:\d+)?", "auto, cpu, cuda, cuda:N (or mps, 
 PATTERNS: dict[str, tuple[str, str]] = {
     "train.device": _DEVICE,
     "extract.device": _DEVICE,
+    "profile.sphere_shrinkage": (
+        r"|oas|ledoit_wolf|none|[01]|0?\.\d+|1\.0*",
+        "oas, ledoit_wolf, none, a number in [0, 1], or '' (from profile.recipe)",
+    ),
     "profile.memory_limit": (
         r"(?i)\d+(\.\d+)?\s*([KMGT]i?B|B)",
         "a size such as 2GB, 500MB or 1.5GiB",
@@ -542,6 +566,12 @@ RANGES: dict[str, Range] = {
     "profile.sphere_epsilon": Range(0.0),
     "profile.min_variance": Range(0.0),
     "profile.corr_threshold": _FRACTION,
+    "profile.normalize_floor": Range(None, 1.0),
+    "profile.freq_cut": _FRACTION,
+    "profile.unique_cut": _FRACTION,
+    "profile.outlier_cutoff": Range(0.0, low_open=True),
+    "profile.replicate_threshold": Range(-1.0, 1.0),
+    "profile.harmony_pcs": _POSITIVE,
     "evaluate.null_size": _POSITIVE,
     "evaluate.threshold": Range(0.0, 1.0, low_open=True),
     "evaluate.map_memory_mb": _POSITIVE,

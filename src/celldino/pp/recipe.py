@@ -7,6 +7,7 @@ stage (or with other normalisation settings) skips the expensive pass over the c
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from pathlib import Path
@@ -32,6 +33,7 @@ from celldino.io.profiles import (
 )
 from celldino.log import get_logger
 from celldino.pp.aggregate import aggregate
+from celldino.pp.clip import clip
 from celldino.pp.consensus import consensus
 from celldino.pp.controls import annotate
 from celldino.pp.feature_select import feature_select
@@ -39,7 +41,10 @@ from celldino.pp.harmony import harmony
 from celldino.pp.inverse_normal import inverse_normal
 from celldino.pp.nonfinite import handle_nonfinite
 from celldino.pp.normalize import normalize
+from celldino.pp.pca import pca
+from celldino.pp.presets import _shrinkage, resolve
 from celldino.pp.sphere import sphere
+from celldino.pp.steps import CONTROL_COLUMN, record
 
 logger = get_logger(__name__)
 
@@ -284,52 +289,107 @@ def check_settings(cfg: ProfileConfig) -> None:
     """Settings that cannot work together, found before any data is read (`celldino run` may
     call this before its first stage): normalisation or sphering on controls without any."""
     uses = []
-    if cfg.normalize != "none" and cfg.normalize_reference == "controls":
+    normalizes = cfg.normalize not in ("none", "") or (cfg.normalize == "" and cfg.recipe != "none")
+    if normalizes and cfg.normalize_reference == "controls":
         uses.append("profile.normalize_reference=controls")
-    if cfg.sphere != "none":
+    if cfg.sphere not in ("none", ""):
         uses.append(f"profile.sphere={cfg.sphere} (fitted on the controls)")
     if uses and not cfg.controls.strip():
         raise DataError(
             f"profile.controls is empty but {' and '.join(uses)} needs negative controls: "
             "set profile.controls to a query such as \"Metadata_pert_type == 'control'\", or "
             "set profile.normalize_reference=all (normalise against every profile)"
-            + (" and profile.sphere=none" if cfg.sphere != "none" else "")
+            + (" and profile.sphere=none" if cfg.sphere not in ("none", "") else "")
         )
+    _shrinkage(cfg.sphere_shrinkage or "oas")  # a bad number is refused before any work
+
+
+MIN_SPHERE_CONTROLS = 3  # the recipe's sphering is skipped (with a warning) below this
+
+
+def _to_pcs(adata: ad.AnnData, key: str) -> ad.AnnData:
+    """A profile whose features are obsm[key] (PC1..PCk), metadata and provenance kept."""
+    Z = np.asarray(adata.obsm[key], dtype=np.float64)
+    out = ad.AnnData(Z, obs=adata.obs.copy(), uns=dict(adata.uns))
+    out.var_names = [f"PC{i + 1}" for i in range(Z.shape[1])]
+    return out
 
 
 def process(adata: ad.AnnData, cfg: ProfileConfig) -> ad.AnnData:
-    """Every configured stage after aggregation, in the field's usual order."""
+    """Every configured stage after aggregation, in the field's usual order: normalise →
+    select → clip → sphere → (PCA → Harmony) → inverse-normal. Unset step settings come from
+    `profile.recipe` (pp/presets.py); the resolved steps are logged and recorded."""
     check_settings(cfg)
     _check_rows(adata, cfg)
     handle_nonfinite(adata, policy=cfg.nonfinite)
     _check(adata, "nonfinite", cfg)
-    if cfg.controls.strip():
+    has_controls = bool(cfg.controls.strip())
+    if has_controls:
         annotate(adata, controls=cfg.controls)
-    if cfg.normalize != "none":
+    steps = resolve(cfg, list(map(str, adata.var_names)), has_controls=has_controls)
+    n_controls = int(adata.obs[CONTROL_COLUMN].sum()) if has_controls else 0
+    sphere_ = steps.sphere
+    if not cfg.sphere and sphere_ != "none" and n_controls < MIN_SPHERE_CONTROLS:
+        logger.warning(
+            "profile.recipe=%s: sphering skipped, %d control profile(s) are too few to fit it "
+            "(set profile.sphere to force it)",
+            steps.recipe,
+            n_controls,
+        )
+        sphere_ = "none"
+    resolved = {**dataclasses.asdict(steps), "sphere": sphere_, "requested": cfg.recipe}
+    resolved["sphere_shrinkage"] = (
+        "none" if steps.sphere_shrinkage is None else steps.sphere_shrinkage
+    )
+    logger.info(
+        "profile.recipe=%s%s: %s",
+        cfg.recipe,
+        f" → {steps.recipe}" if cfg.recipe == "auto" else "",
+        ", ".join(f"{k}={v}" for k, v in resolved.items() if k not in ("recipe", "requested")),
+    )
+    record(adata, "recipe", resolved)
+    if steps.normalize != "none":
         normalize(
             adata,
-            method=cfg.normalize,
+            method=steps.normalize,
             by=cfg.normalize_by or None,
             reference=cfg.normalize_reference,
             epsilon=cfg.mad_epsilon,
+            scale_floor=steps.normalize_floor,
         )
         _check(adata, "normalize", cfg)
-    if cfg.select:
+    if steps.select:
         feature_select(
             adata,
-            operations=list(cfg.select),
+            operations=list(steps.select),
             min_variance=cfg.min_variance,
+            freq_cut=cfg.freq_cut,
+            unique_cut=cfg.unique_cut,
             corr_threshold=cfg.corr_threshold,
-            blocklist=list(cfg.blocklist),
+            outlier_cutoff=cfg.outlier_cutoff,
+            blocklist=list(cfg.blocklist) or None,
+            replicate_key=list(cfg.replicate_key),
+            replicate_threshold=cfg.replicate_threshold,
         )
         _check(adata, "feature_select", cfg)
-    if cfg.sphere != "none":
-        sphere(adata, method=cfg.sphere, epsilon=cfg.sphere_epsilon, by=cfg.sphere_by or None)
+    if steps.clip > 0:
+        clip(adata, limit=steps.clip)
+    if sphere_ != "none":
+        sphere(
+            adata,
+            method=sphere_,
+            epsilon=cfg.sphere_epsilon,
+            shrinkage=steps.sphere_shrinkage,
+            by=cfg.sphere_by or None,
+        )
         _check(adata, "sphere", cfg)
     if cfg.harmony_key:
-        harmony(adata, key=cfg.harmony_key)
+        k = min(cfg.harmony_pcs, adata.n_obs - 1, adata.n_vars)
+        pca(adata, n_components=k)
+        harmony(adata, key=cfg.harmony_key, use_rep="X_pca")
+        adata = _to_pcs(adata, "X_pca_harmony")
         _check(adata, "harmony", cfg)
-    if cfg.inverse_normal:
+    if steps.inverse_normal:
         inverse_normal(adata)
         _check(adata, "inverse_normal", cfg)
     return adata

@@ -1,0 +1,132 @@
+"""Named profile recipes (`profile.recipe`): validated step settings for a kind of feature.
+
+A preset fills every step setting the user left unset ('' for strings, a negative number for
+`normalize_floor` and `clip`, `recipe` inside `profile.select`); an explicit setting always wins.
+`auto` picks `cellprofiler` for CellProfiler measurements (names starting with a CellProfiler
+compartment `Cells_`, `Cytoplasm_`, `Nuclei_`, `Image_`, or celldino's engineered `CP_`) and
+`embeddings` for everything else (learned features, `emb_`).
+
+Why each step (measured in docs/validation.md, "Profile recipe"; reasons, not fitted constants):
+- normalise per plate to the controls, scale floored at 0.1 × the feature's spread over all
+  profiles (pp.normalize): a feature cannot explode when the controls happen not to vary in it;
+  CellProfiler features are heavy-tailed (MAD, as pycytominer), embeddings are not (std).
+- CellProfiler selection: pycytominer's variance rule (`frequency`: near-constant and
+  few-valued features), `drop_na`, `drop_outliers` and its blocklist of known-noisy features.
+  No `correlation` selection: sphering decorrelates the features instead of discarding the
+  redundant ones (their average is less noisy than any one of them); it cost NSC on the
+  synthetic screen. Embedding dimensions have no such catalogue: none.
+- clip at ±50 control spreads: a single artefactual well cannot dominate a cosine.
+- ZCA sphering on the controls, fitted once over all plates, with OAS shrinkage toward the mean
+  eigenvalue (typical variation normalisation): raises NSC/NSCB and retrieval on both kinds of
+  feature; the shrinkage keeps it safe with fewer controls than features.
+- no inverse-normal transform: it cost NSCB on the synthetic screen (0.79 → 0.60); available
+  with `profile.inverse_normal=true`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from celldino.config import ProfileConfig
+from celldino.errors import DataError
+
+RECIPES = ("auto", "cellprofiler", "embeddings", "none")
+CELLPROFILER_PREFIXES = ("Cells_", "Cytoplasm_", "Nuclei_", "Image_")
+
+
+@dataclass(frozen=True)
+class Steps:
+    """The resolved step settings of one `celldino profile` run."""
+
+    recipe: str  # the preset used (auto resolved)
+    normalize: str
+    normalize_floor: float
+    clip: float  # 0 = no clipping
+    select: tuple[str, ...]
+    sphere: str
+    sphere_shrinkage: str | float | None  # None = pycytominer's epsilon estimator
+    inverse_normal: bool
+
+
+PRESETS: dict[str, dict] = {
+    "cellprofiler": {
+        "normalize": "mad_robustize",
+        "normalize_floor": 0.1,
+        "clip": 50.0,
+        "select": ("frequency", "drop_na", "drop_outliers", "blocklist"),
+        "sphere": "ZCA",
+        "sphere_shrinkage": "oas",
+    },
+    "embeddings": {
+        "normalize": "standardize",
+        "normalize_floor": 0.1,
+        "clip": 50.0,
+        "select": (),
+        "sphere": "ZCA",
+        "sphere_shrinkage": "oas",
+    },
+    "none": {
+        "normalize": "none",
+        "normalize_floor": 0.1,
+        "clip": 0.0,
+        "select": (),
+        "sphere": "none",
+        "sphere_shrinkage": "oas",
+    },
+}
+
+
+def is_cellprofiler(name: str) -> bool:
+    """A CellProfiler measurement name (optionally behind celldino's engineered `CP_`)."""
+    name = name[3:] if name.startswith("CP_") else name
+    return name.startswith(CELLPROFILER_PREFIXES)
+
+
+def pick(features: Sequence[str]) -> str:
+    """`auto`: cellprofiler when most feature names are CellProfiler measurements."""
+    names = [str(f) for f in features]
+    n = sum(map(is_cellprofiler, names))
+    return "cellprofiler" if names and n * 2 > len(names) else "embeddings"
+
+
+def _shrinkage(text: str) -> str | float | None:
+    if text == "none":
+        return None
+    if text in ("oas", "ledoit_wolf"):
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 1:
+        raise DataError(
+            f"profile.sphere_shrinkage={text!r}: choose oas, ledoit_wolf, none or a number in [0, 1]"
+        )
+    return value
+
+
+def resolve(cfg: ProfileConfig, features: Sequence[str], *, has_controls: bool = True) -> Steps:
+    """The step settings of `cfg` with the unset ones taken from its recipe."""
+    if cfg.recipe not in RECIPES:
+        raise DataError(f"profile.recipe={cfg.recipe!r}: choose one of {', '.join(RECIPES)}")
+    name = pick(features) if cfg.recipe == "auto" else cfg.recipe
+    preset = PRESETS[name]
+    select: list[str] = []
+    for op in cfg.select:
+        select += list(preset["select"]) if op == "recipe" else [op]
+    sphere = cfg.sphere or preset["sphere"]
+    if not cfg.sphere and not has_controls:
+        sphere = "none"  # the preset's sphering needs controls; an explicit one is refused
+    return Steps(
+        recipe=name,
+        normalize=cfg.normalize or preset["normalize"],
+        normalize_floor=(
+            cfg.normalize_floor if cfg.normalize_floor >= 0 else preset["normalize_floor"]
+        ),
+        clip=cfg.clip if cfg.clip >= 0 else preset["clip"],
+        select=tuple(dict.fromkeys(select)),
+        sphere=sphere,
+        sphere_shrinkage=_shrinkage(cfg.sphere_shrinkage or preset["sphere_shrinkage"]),
+        inverse_normal=cfg.inverse_normal,
+    )
