@@ -62,14 +62,16 @@ def test_pipeline_writes_every_stage(pipeline_run):
     record = json.loads((run / "pipeline.json").read_text())
     assert set(record["stages"]) == {"prepare", "train", "extract", "profile", "evaluate", "report"}
     metrics = pd.read_parquet(run / "eval" / "metrics.parquet")
+    metrics = metrics[metrics.metric != "skipped"]  # rows that name a skipped analysis
     # learned embeddings, and every baseline beside them, on the same analyses
     assert {"learned", "engineered", "pca_engineered", "random_init"} <= set(metrics.feature_set)
     per_set = metrics.groupby("feature_set").metric.apply(set)
     assert per_set["learned"] == per_set["random_init"]
-    # the engineered set is the reference of mantel and has no attention maps: those two
-    # analyses run on the model's embeddings only
+    # attention maps exist for the two models only; the engineered set is mantel's reference
+    ran = metrics.groupby("analysis").feature_set.apply(set)
+    assert ran["attention_iou"] == {"learned", "random_init"}
+    assert ran["mantel"] == {"learned", "random_init", "pca_engineered"}
     models_only = metrics.analysis.isin(["mantel", "attention_iou"])
-    assert set(metrics[models_only].feature_set) == {"learned", "random_init"}
     per_set = metrics[~models_only].groupby("feature_set").metric.apply(set)
     assert per_set["learned"] == per_set["random_init"] == per_set["engineered"]
     assert metrics.value.notna().any()
@@ -177,6 +179,7 @@ window.addEventListener('load', () => {
     evil_nodes: document.querySelectorAll('img[onerror]').length,
     text: document.body.innerText.includes('onerror="document.title=1"'),
     details: document.querySelectorAll('#tables details').length,
+    iou_maps: document.querySelectorAll('#attention img[alt*="IoU"]').length,
     warnings: document.querySelectorAll('#evaluation p.warn').length,
     evaluation: document.querySelector('#evaluation').innerText,
     appendix: document.querySelector('#appendix').innerText,
@@ -239,6 +242,9 @@ def test_report_renders_in_chromium(pipeline_run, tmp_path):
     assert check["sorted"] is True
     # statistics, the plate check and the new analyses with their baselines
     tidy = pd.read_parquet(run / "eval" / "metrics.parquet")
+    tidy = tidy[tidy.metric != "skipped"]
+    # head × channel IoU heatmaps of learned and random_init, each with its shuffled-cell null
+    assert check["iou_maps"] == 2 * len(set(tidy[tidy.analysis == "attention_iou"].feature_set))
     assert {"plate_effect", "attention_iou", "mantel"} <= set(tidy.analysis)
     ev = check["evaluation"]
     assert "Chance level" in ev and "attention_iou: null_best_channel_iou" in ev
