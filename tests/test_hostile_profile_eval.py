@@ -991,3 +991,37 @@ def test_negative_map_permutations_are_refused(tmp_path, lincs, earlier, run_cli
         "evaluate.null_size=50",
     )
     assert rc == 2 and "analyses.activity.permutations" in text and ">= 0" in text
+
+
+def test_cellprofiler_per_object_csv_gets_a_hint_then_profiles(tmp_path, run_cli):
+    """CellProfiler's ExportToSpreadsheet Nuclei.csv names measurements without the compartment
+    (AreaShape_Area): infer finds nothing and says which prefixes to give; given, the per-cell
+    CSV is averaged per well like the pandas groupby."""
+    rng = np.random.default_rng(0)
+    n = 24
+    df = pd.DataFrame(
+        {
+            "ImageNumber": np.repeat(np.arange(1, 7), 4),
+            "ObjectNumber": np.tile(np.arange(1, 5), 6),
+            "Metadata_Plate": "P1",
+            "Metadata_Well": np.repeat(["A01", "A02", "A03"], 8),
+            "Metadata_pert_type": np.repeat(["control", "trt", "trt"], 8),
+            "AreaShape_Area": rng.normal(100, 10, n),
+            "Intensity_MeanIntensity_DNA": rng.uniform(size=n),
+        }
+    )
+    df.to_csv(tmp_path / "Nuclei.csv", index=False)
+    out = f"profile.out={tmp_path}/p.h5ad"
+    rc, text = run_cli("profile", f"profile.input={tmp_path / 'Nuclei.csv'}", out)
+    assert rc == 2 and "per-object export" in text and "features=AreaShape_,Intensity_" in text
+    rc, text = run_cli(
+        "profile",
+        f"profile.input={tmp_path / 'Nuclei.csv'}",
+        out,
+        "profile.features=AreaShape_,Intensity_",
+    )
+    assert rc == 0, text
+    adata = pp.aggregate(tmp_path / "Nuclei.csv", features="AreaShape_,Intensity_")
+    ref = df.groupby("Metadata_Well")[["AreaShape_Area", "Intensity_MeanIntensity_DNA"]].mean()
+    np.testing.assert_allclose(adata.X, ref.loc[list(adata.obs["Metadata_Well"])].to_numpy())
+    assert list(adata.obs["Metadata_Count_Cells"]) == [8, 8, 8]

@@ -118,6 +118,22 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "embeddings": ("emb_",),
 }
 INFER = "infer"
+# CellProfiler's measurement modules, the first word of a column in a per-object CSV export
+# (Nuclei.csv: AreaShape_Area, Intensity_MeanIntensity_DNA, ...), where the compartment is the file
+_CP_MEASUREMENTS = (
+    "AreaShape_",
+    "Intensity_",
+    "Texture_",
+    "Granularity_",
+    "RadialDistribution_",
+    "Correlation_",
+    "Neighbors_",
+)
+
+
+def _present(columns: Sequence[str]) -> list[str]:
+    """The `_CP_MEASUREMENTS` prefixes the columns use, in that order."""
+    return [p for p in _CP_MEASUREMENTS if any(c.startswith(p) for c in columns)]
 
 
 def _numeric(t: str) -> bool:
@@ -207,11 +223,18 @@ def infer_features(columns: dict[str, str]) -> list[str]:
             if c.startswith(prefixes) and _numeric(t):
                 found.setdefault(family, []).append(c)
     if not found:
+        per_object = [c for c in columns if c.startswith(_CP_MEASUREMENTS)]
+        hint = (
+            " (a CellProfiler per-object export names its measurements without the compartment"
+            f": give their prefixes, e.g. features={','.join(_present(per_object))})"
+            if per_object
+            else ""
+        )
         raise DataError(
             "features=infer found no feature columns: it knows CellProfiler's compartments "
             "(Cells_, Cytoplasm_, Nuclei_, as pycytominer's infer_cp_features), celldino's "
             f"engineered CP_ and embeddings emb_; the columns' prefixes are {_prefixes(columns)}"
-            "; name the feature columns or prefixes, e.g. features=Cells_,Nuclei_"
+            f"; name the feature columns or prefixes, e.g. features=Cells_,Nuclei_{hint}"
         )
     if len(found) > 1:
         what = " and ".join(f"{f} ({len(cs)} columns)" for f, cs in found.items())
