@@ -28,7 +28,16 @@ LOWER_IS_BETTER = {
     "plate_agreement",
 }
 # Rows that are a baseline or a setting, not a score: no best is marked.
-NOT_A_SCORE = ("null_", "permuted_", "chance", "plate_chance", "treatment_chance", "margin", "seed")
+NOT_A_SCORE = (
+    "null_",
+    "permuted_",
+    "chance",
+    "plate_chance",
+    "treatment_chance",
+    "margin",
+    "seed",
+    "plate_p_value",
+)
 
 
 @dataclass
