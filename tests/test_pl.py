@@ -150,6 +150,10 @@ def test_report_table_marks_best_and_escapes():
     wide.loc["<b>x</b>"] = [0.1, 0.2]
     out = html_table(wide, best=best)
     assert '<td class="best">0.800 ★</td>' in out
+    # a shared best value marks every column that holds it
+    three = pd.DataFrame({"a": [1.0], "b": [1.0], "c": [0.5]}, index=["nsc: NSC"])
+    assert best_per_row(three) == {"nsc: NSC": ["a", "b"]}
+    assert html_table(three, best=best_per_row(three)).count('class="best"') == 2
     assert "&lt;b&gt;x&lt;/b&gt;" in out and "<b>x</b>" not in out
 
 

@@ -68,7 +68,7 @@ class Section:
         self,
         df: pd.DataFrame,
         *,
-        best: dict[str, str] | None = None,
+        best: dict[str, str | list[str]] | None = None,
         caption: str = "",
         sortable: bool = False,
     ) -> None:
@@ -106,11 +106,12 @@ def _fmt(v: object, count: bool = False) -> str:
 def html_table(
     df: pd.DataFrame,
     *,
-    best: dict[str, str] | None = None,
+    best: dict[str, str | list[str]] | None = None,
     caption: str = "",
     sortable: bool = False,
 ) -> str:
-    """An escaped HTML table; cells named in `best` ({row label: column}) get class 'best'.
+    """An escaped HTML table; cells named in `best` ({row label: column or columns}) get class
+    'best'.
 
     Values in a row or column named as a count (`n_…`, `…_n`, `count`, `…_index`) print as
     integers; `sortable` tables sort by a column when its header is clicked.
@@ -125,7 +126,9 @@ def html_table(
         cells = [f"<th>{html.escape(str(idx))}</th>"]
         count_row = _is_count(str(idx))
         for col, v in row.items():
-            cls = ' class="best"' if best.get(str(idx)) == str(col) else ""
+            b = best.get(str(idx))
+            hit = str(col) == b if isinstance(b, str) else str(col) in (b or ())
+            cls = ' class="best"' if hit else ""
             mark = " ★" if cls else ""
             text = _fmt(v, count_row or str(col) in count_cols)
             cells.append(f"<td{cls}>{html.escape(text)}{mark}</td>")
@@ -145,8 +148,9 @@ def _is_count(label: str) -> bool:
     )
 
 
-def best_per_row(wide: pd.DataFrame) -> dict[str, str]:
-    """Column holding the best value of each row (max, or min for LOWER_IS_BETTER metrics).
+def best_per_row(wide: pd.DataFrame) -> dict[str, str | list[str]]:
+    """Column holding the best value of each row (max, or min for LOWER_IS_BETTER metrics); a
+    list of the columns when several share the best value.
 
     Rows of counts (`n_groups`, `NSC_n`), of baselines and settings (`null_…`, `permuted_…`,
     `chance`, `margin`) and rows where every value ties have no best.
@@ -160,7 +164,9 @@ def best_per_row(wide: pd.DataFrame) -> dict[str, str]:
         if metric.startswith(NOT_A_SCORE):
             continue
         lower = any(k in str(idx) for k in LOWER_IS_BETTER)
-        out[str(idx)] = str(vals.idxmin() if lower else vals.idxmax())
+        top = vals.min() if lower else vals.max()
+        cols = [str(c) for c, v in vals.items() if v == top]
+        out[str(idx)] = cols[0] if len(cols) == 1 else cols
     return out
 
 
