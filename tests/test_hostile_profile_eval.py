@@ -890,6 +890,7 @@ def test_evaluate_reads_a_cytotable_named_table(tmp_path, lincs, run_cli):
     df = lincs.rename(
         columns={"Metadata_Plate": "Image_Metadata_Plate", "Metadata_Well": "Image_Metadata_Well"}
     )
+    df = df.copy()  # one block: no fragmentation warning
     df["Image_FileName_DNA"] = "r01c01f01p01-ch5.tiff"
     df.to_parquet(tmp_path / "ct.parquet")
     spec = tmp_path / "spec.yaml"
