@@ -156,6 +156,24 @@ def test_run_refuses_a_table_without_the_evaluation_columns(tiny_screen, tmp_pat
     assert not out.exists()
 
 
+def test_run_checks_the_evaluation_columns_named_on_the_command_line(tiny_screen, tmp_path):
+    """evaluate.columns.moa=... is the column evaluate will read: the run's check takes it
+    (the default Metadata_MoA was demanded although evaluate would not read it), and refuses
+    one the table lacks, naming it."""
+    from celldino.config import load_config
+    from celldino.pipeline import check_preconditions
+
+    table = pd.read_csv(tiny_screen / "load_data.csv").rename(
+        columns={"Metadata_MoA": "Metadata_moa"}
+    )
+    path = tmp_path / "load_data.csv"
+    table.to_csv(path, index=False)
+    base = [f"prepare.load_data={path}", f"run.out_dir={tmp_path / 'run'}"]
+    check_preconditions(load_config(None, [*base, "evaluate.columns.moa=Metadata_moa"]))
+    with pytest.raises(ValueError, match="Metadata_Mechanism.*moa"):
+        check_preconditions(load_config(None, [*base, "evaluate.columns.moa=Metadata_Mechanism"]))
+
+
 def test_run_refuses_a_controls_query_on_a_missing_column(tiny_screen, tmp_path, run_cli):
     out = tmp_path / "run"
     rc, text = run_cli(

@@ -375,6 +375,7 @@ def check_preconditions(cfg: Config) -> None:
                 roles = dict(spec.get("columns") or {})
                 if not cfg.run.eval_spec:
                     roles = {**DEFAULT_ROLE_COLUMNS, **roles}
+                roles = {**roles, **cfg.evaluate.columns}  # evaluate.columns.* win, as in evaluate
                 for role, col in roles.items():
                     if isinstance(col, str) and col.startswith("Metadata_"):
                         need.setdefault(col, f"evaluation column '{role}'")
