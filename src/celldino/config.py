@@ -81,7 +81,7 @@ class PrepareConfig:
     out_dir: str = "runs/prep"  # prep folder: cells.parquet, crops.zarr, qc.parquet, ...
     illumination: bool = True  # CellProfiler-style illumination correction per plate and channel
     illum_filter: str = "polynomial"  # illumination smoothing: polynomial (quadratic), median, gaussian
-    illum_size: int = 0  # background block side in pixels (0 = 2.5 nucleus diameters or side/8)
+    illum_size: int = 0  # background block side in px (0 = 2.5 nucleus diameters, <= side/8)
     illum_min_images: int = 10  # plates with fewer QC-passing images get no illumination correction
     normalization: str = "percentile_image"  # percentile_image, percentile_plate, divisor or none
     norm_percentiles: tuple[float, ...] = (1.0, 99.8)  # low/high percentiles for percentile_*

@@ -57,10 +57,12 @@ _MIN_BG_FRACTION = 0.2  # a block needs this fraction of background pixels
 
 
 def auto_block(shape: tuple[int, ...], nucleus_diameter: float = 0.0) -> int:
-    """Block side for the background: 2.5 nucleus diameters when known, else 1/8 of the side."""
+    """Block side for the background: 2.5 nucleus diameters (about a cell's width, so blocks
+    between the cells hold background), at most 1/8 of the side (the quadratic fit needs 8x8
+    blocks); 1/8 of the side when the diameter is unknown; at least 8 px."""
     side = min(shape[-2:])
-    b = 2.5 * nucleus_diameter if nucleus_diameter > 0 else side / 8
-    return int(np.clip(round(b), 8, max(8, side // 4)))
+    b = min(2.5 * nucleus_diameter, side / 8) if nucleus_diameter > 0 else side / 8
+    return int(max(8, round(b)))
 
 
 def _blocks(x: np.ndarray, ny: int, nx: int) -> np.ndarray:
@@ -253,9 +255,10 @@ class IlluminationAccumulator:
     when a plate has more than one size; `sizes()` lists them so the caller can say so).
     """
 
-    def __init__(self, block: int = 0, nucleus_diameter: float = 0.0) -> None:
+    def __init__(self, block: int = 0, nucleus_diameter: float = 0.0, dna_index: int = 0) -> None:
         self.block = block
-        self.nucleus_diameter = nucleus_diameter
+        self.nucleus_diameter = nucleus_diameter  # 0: estimated from the first image of a size
+        self.dna_index = dna_index
         self.blocks: dict[tuple, list[tuple[str, np.ndarray]]] = {}
         self.examples: dict[tuple, str] = {}  # (plate, shape) → first file name seen
         self.block_of: dict[tuple, int] = {}
@@ -264,11 +267,25 @@ class IlluminationAccumulator:
         img = np.asarray(image)
         key_ = (plate, img.shape)
         if key_ not in self.block_of:
-            self.block_of[key_] = self.block or auto_block(img.shape, self.nucleus_diameter)
+            self.block_of[key_] = self.block or auto_block(img.shape, self._diameter(img))
             self.examples[key_] = name
         self.blocks.setdefault(key_, []).append(
             (key or name, background_blocks(img, self.block_of[key_]))
         )
+
+    def _diameter(self, img: np.ndarray) -> float:
+        """The nucleus diameter given, else segmentation's estimate on this image's DNA."""
+        if self.nucleus_diameter > 0:
+            return self.nucleus_diameter
+        from celldino.data import segmentation
+
+        estimate = getattr(segmentation, "estimate_nucleus_diameter", None)
+        if estimate is None or img.ndim != 3:
+            return 0.0
+        try:
+            return float(estimate(np.nan_to_num(img[min(self.dna_index, len(img) - 1)])))
+        except (ValueError, RuntimeError):  # a field the estimate cannot read: 1/8 of the side
+            return 0.0
 
     def sizes(self) -> dict[str, list[tuple[tuple[int, int], str]]]:
         """Plates with sites of more than one size: {plate: [((H, W), example file), ...]}."""

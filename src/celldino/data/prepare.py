@@ -161,7 +161,9 @@ def _settings(cfg) -> dict:
 def _pass1(iset: ImageSet, cfg, dna_index: int) -> tuple[pd.DataFrame, dict, dict, list, dict]:
     """QC metrics per site, illumination functions, plate pixel samples and pixel types."""
     acc = IlluminationAccumulator(
-        block=cfg.illum_size, nucleus_diameter=float(getattr(cfg, "nucleus_diameter", 0) or 0)
+        block=cfg.illum_size,
+        nucleus_diameter=float(getattr(cfg, "nucleus_diameter", 0) or 0),
+        dna_index=dna_index,
     )
     samples: dict[str, list] = {}
     metrics, skipped = [], []
