@@ -8,6 +8,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -274,3 +275,44 @@ def test_cli_report_and_demo_help(pipeline_run, tmp_path, capsys):
         cli.main(["demo", "--help"])
     text = capsys.readouterr().out
     assert "run.out_dir=" in text and "synth.preset=" in text
+
+
+def test_attention_iou_matches_a_computation_by_hand(pipeline_run):
+    """The run's attention_iou table against numpy: patch maps repeated to pixels, Otsu's
+    threshold (scikit-image) per map and channel, IoU averaged over the stored cells."""
+    import zarr
+    from skimage.filters import threshold_otsu
+
+    from celldino.io.cropstore import read_crops
+
+    _, run, _ = pipeline_run
+    g = zarr.open_group(str(run / "embeddings" / "learned" / "attention.zarr"), mode="r")
+    maps, ids = np.asarray(g["attn_maps"]), [str(i) for i in g.attrs["cell_ids"]]
+    cells = pd.read_parquet(run / "prep" / "cells.parquet")
+    pos = {c: i for i, c in enumerate(cells.Metadata_CellID.astype(str))}
+    images = read_crops(run / "prep", np.array([pos[i] for i in ids])).astype(np.float32)
+    f = images.shape[-1] // maps.shape[-1]
+
+    def mask(a):
+        return a > threshold_otsu(a) if a.max() > a.min() else np.zeros(a.shape, bool)
+
+    n_heads, n_ch = maps.shape[1], images.shape[1]
+    total, count = np.zeros((n_heads, n_ch)), np.zeros((n_heads, n_ch))
+    for m, img in zip(maps, images):
+        for h in range(n_heads):
+            hm = mask(np.repeat(np.repeat(m[h], f, axis=0), f, axis=1))
+            for c in range(n_ch):
+                cm = mask(img[c])
+                union = (hm | cm).sum()
+                if union:
+                    total[h, c] += (hm & cm).sum() / union
+                    count[h, c] += 1
+    table = pd.read_parquet(
+        run / "eval" / "tables" / "attention_iou__learned__head_channel_iou.parquet"
+    )
+    got = table.pivot(index="head", columns="channel", values="iou")
+    got = got.loc[[f"head_{h}" for h in range(n_heads)], list(g.attrs["channels"])]
+    np.testing.assert_allclose(got.to_numpy(), total / count, rtol=1e-6)
+    tidy = pd.read_parquet(run / "eval" / "metrics.parquet")
+    best = tidy[(tidy.feature_set == "learned") & (tidy.metric == "best_channel_iou")].value
+    assert best.iloc[0] == pytest.approx(np.mean((total / count).max(axis=1)))
