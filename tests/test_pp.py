@@ -107,7 +107,7 @@ def test_mad_robustize_matches_pycytominer(lincs):
     from sklearn.preprocessing import StandardScaler
 
     adata = frame_to_anndata(df, feats)
-    pp.normalize(adata, method="standardize", by="Metadata_Plate", reference="all")
+    pp.normalize(adata, method="standardize", by="Metadata_Plate", reference="all", scale_floor=0)
     np.testing.assert_allclose(
         adata.X, StandardScaler().fit_transform(df[feats].to_numpy()), atol=1e-6
     )
@@ -229,7 +229,8 @@ def test_mad_per_plate_uses_each_plates_controls():
     adata = _profiles()
     X0 = np.asarray(adata.X).copy()
     pp.annotate(adata, controls="Metadata_pert_type == 'control'")
-    pp.normalize(adata, method="mad_robustize", by="Metadata_Plate")
+    # the control MAD itself (scale_floor=0; the floored scale: tests/test_pp_recipe.py)
+    pp.normalize(adata, method="mad_robustize", by="Metadata_Plate", scale_floor=0)
     for plate in ("P1", "P2"):
         rows = (adata.obs["Metadata_Plate"] == plate).to_numpy()
         ctrl = rows & adata.obs["Metadata_celldino_control"].to_numpy()

@@ -4,18 +4,23 @@
 - mad_robustize: (x - median) / (1.4826 * MAD + epsilon) of the reference profiles,
   pycytominer's `mad_robustize` (its default epsilon 1e-18).
 
-**The scale floor** (`scale_floor`, default 0.1). Negative controls are few (16 to 32 wells per
+**The scale floor** (`scale_floor`, default 1). Negative controls are few (16 to 32 wells per
 plate) and some features are nearly constant in them (counts, thresholded areas, saturated
 intensities) while varying across the treated wells. Their control MAD is then ~0, and dividing
 by it (pycytominer's epsilon is 1e-18) makes values of 1e16 that decide every cosine similarity
 (seen on BBBC021's CellProfiler profiles). With a floor, each feature's scale is at least
 `scale_floor` times its spread over *all* profiles of the group (1.4826 × MAD of every profile,
-or their std where that MAD is 0): the control scale is kept wherever it is a sane estimate, and
-a feature cannot reach more than ~1/`scale_floor` of its own plate-wide spread per unit. The
-floor is relative to the feature's own scale, so it means the same for features measured in
-pixels, intensities or embedding units (an absolute epsilon cannot). A control MAD of 0 falls
-back to the control std before the floor is applied. `scale_floor=0` is pycytominer's
-arithmetic exactly (kept for parity; `epsilon` is only used then).
+or their std where that MAD is 0). With the default 1 the scale is the larger of the controls'
+spread and the plate's: the controls may show that a feature is noisier than the plate suggests,
+but they cannot make it look more precise than the plate's wells as a whole, so no feature is
+magnified beyond its own plate-wide spread however tight its controls happen to be. The plate's
+MAD is a median over wells, so a minority of strongly active wells does not move it. The floor
+is relative to each feature's own scale, so it means the same for pixels, intensities or
+embedding units (an absolute epsilon cannot). A control MAD of 0 falls back to the control std
+first. `scale_floor=0` is pycytominer's arithmetic exactly (kept for parity; `epsilon` is used
+only then). Measured (docs/validation.md, "Profile recipe"): floors 0.1 / 0.5 / 1 give the same
+LINCS retrieval; on the synthetic screen 1 gave the best NSCB and the only one not moved by
+five planted near-constant-in-controls features.
 
 Features with zero spread in every profile of the input carry nothing and are dropped (logged
 with their count) instead of being divided by epsilon.
@@ -35,7 +40,7 @@ logger = get_logger(__name__)
 
 METHODS = ("standardize", "mad_robustize")
 MAD_SCALE = 1.4826  # scipy's median_abs_deviation(scale=1/1.4826), as pycytominer
-SCALE_FLOOR = 0.1  # default floor: a fraction of each feature's spread over all profiles
+SCALE_FLOOR = 1.0  # default floor: a fraction of each feature's spread over all profiles
 
 
 def _mad(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

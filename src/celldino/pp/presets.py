@@ -7,9 +7,10 @@ compartment `Cells_`, `Cytoplasm_`, `Nuclei_`, `Image_`, or celldino's engineere
 `embeddings` for everything else (learned features, `emb_`).
 
 Why each step (measured in docs/validation.md, "Profile recipe"; reasons, not fitted constants):
-- normalise per plate to the controls, scale floored at 0.1 × the feature's spread over all
-  profiles (pp.normalize): a feature cannot explode when the controls happen not to vary in it;
-  CellProfiler features are heavy-tailed (MAD, as pycytominer), embeddings are not (std).
+- normalise per plate to the controls, each feature's scale at least its spread over all the
+  plate's profiles (pp.normalize, scale_floor=1): a feature cannot explode when the controls
+  happen not to vary in it; CellProfiler features are heavy-tailed (median/MAD, as pycytominer),
+  embedding dimensions are not (mean/std).
 - CellProfiler selection: pycytominer's variance rule (`frequency`: near-constant and
   few-valued features), `drop_na`, `drop_outliers` and its blocklist of known-noisy features.
   No `correlation` selection: sphering decorrelates the features instead of discarding the
@@ -52,7 +53,7 @@ class Steps:
 PRESETS: dict[str, dict] = {
     "cellprofiler": {
         "normalize": "mad_robustize",
-        "normalize_floor": 0.1,
+        "normalize_floor": 1.0,
         "clip": 50.0,
         "select": ("frequency", "drop_na", "drop_outliers", "blocklist"),
         "sphere": "ZCA",
@@ -60,7 +61,7 @@ PRESETS: dict[str, dict] = {
     },
     "embeddings": {
         "normalize": "standardize",
-        "normalize_floor": 0.1,
+        "normalize_floor": 1.0,
         "clip": 50.0,
         "select": (),
         "sphere": "ZCA",
@@ -68,7 +69,7 @@ PRESETS: dict[str, dict] = {
     },
     "none": {
         "normalize": "none",
-        "normalize_floor": 0.1,
+        "normalize_floor": 1.0,
         "clip": 0.0,
         "select": (),
         "sphere": "none",
