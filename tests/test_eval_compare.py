@@ -209,3 +209,79 @@ def test_run_folder_analyses_are_skipped_with_a_reason_outside_a_run(tmp_path):
     assert "columns.plate" in summary["skipped"]["plate_effect on no_plate"]
     ran = tidy[tidy.metric != "skipped"]  # the runner may list skipped analyses as rows
     assert set(ran.analysis) == {"plate_effect"} and set(ran.feature_set) == {"learned"}
+
+
+@pytest.fixture
+def run_folder(tmp_path):
+    """A minimal `celldino run` folder: 8 cells of 2 MoAs in a crop store (16-px crops, DNA and
+    AGP), their attention store (2 heads on a 2×2 patch grid) and a profile table. Each cell has
+    one bright DNA patch and one bright AGP patch at random places; head 0 attends to the DNA
+    patch, head 1 to the AGP patch. Patch tokens of MoA A point one way, those of B the other."""
+    from celldino.io.attention_store import write_attention
+    from celldino.io.cropstore import CropStore
+
+    rng = np.random.default_rng(0)
+    n, size, grid = 8, 16, 2
+    crops = np.zeros((n, 2, size, size), np.float32)
+    maps = np.full((n, 2, grid, grid), 0.01, np.float32)
+    for i in range(n):
+        for c in range(2):
+            r, q = divmod(int(rng.integers(4)), 2)
+            crops[i, c, r * 8 : r * 8 + 8, q * 8 : q * 8 + 8] = 1.0
+            maps[i, c, r, q] = 0.97  # head c looks where channel c is bright
+    moa = np.array(["A", "B"] * 4)
+    cells = pd.DataFrame(
+        {
+            "Metadata_CellID": [f"cell{i}" for i in range(n)],
+            "Metadata_MoA": moa,
+            "Metadata_Plate": "P1",
+            "Metadata_Well": [f"W{i}" for i in range(n)],
+        }
+    )
+    store = CropStore(tmp_path / "prep", channels=["DNA", "AGP"], crop_size=size, dtype="float32")
+    store.append("site0", crops, cells)
+    store.finalize()
+    direction = np.where(moa == "A", 1.0, -1.0)[:, None, None] * np.ones((n, 4, 6))
+    patch = (direction + 0.1 * rng.normal(size=(n, 4, 6))).astype(np.float32)
+    order = rng.permutation(n)  # the store holds the cells in another order than the crops
+    write_attention(
+        tmp_path / "embeddings" / "learned" / "attention.zarr",
+        {"attn_maps": maps[order], "patch": patch[order]},
+        cell_ids=[f"cell{i}" for i in order],
+        channels=["DNA", "AGP"],
+        grid=(grid, grid),
+        num_registers=0,
+    )
+    (tmp_path / "profiles").mkdir()
+    prof = cells.assign(Metadata_Compound=moa).drop(columns="Metadata_CellID")
+    _frame(prof, rng.normal(size=(n, 4))).to_parquet(tmp_path / "profiles" / "learned.parquet")
+    return tmp_path, maps[order]
+
+
+def test_attention_analyses_read_the_run_folder_and_beat_their_nulls(run_folder, tmp_path):
+    run, maps = run_folder  # maps in the store's order
+    out = runner.evaluate(
+        None,
+        spec={
+            "inputs": {"learned": str(run / "profiles" / "learned.parquet")},
+            "analyses": {"attention_iou": {}, "discriminative_patches": {"k": 5}},
+        },
+        cfg=EvaluateConfig(out_dir=str(tmp_path / "eval"), null_size=50),
+    )
+    tidy = pd.read_parquet(out / "metrics.parquet")
+    # head c's mask is exactly channel c's bright patch: IoU 1 on the diagonal, by construction
+    table = pd.read_parquet(out / "tables" / "attention_iou__learned__head_channel_iou.parquet")
+    iou = table.pivot(index="head", columns="channel", values="iou")
+    assert iou.loc["head_0", "DNA"] == 1.0 and iou.loc["head_1", "AGP"] == 1.0
+    assert _value(tidy, "learned", "attention_iou", "best_channel_iou") == 1.0
+    # the null pairs each cell's attention with the previous stored cell's channels; every mask
+    # is one patch, so IoU is 1 where the patches coincide, else 0 (channel c is bright where
+    # head c of the same cell looks)
+    where = maps.reshape(8, 2, 4).argmax(axis=2)  # (cells, heads) patch index
+    M = (where[:, :, None] == np.roll(where, 1, axis=0)[:, None, :]).mean(axis=0)  # (h, c)
+    null = _value(tidy, "learned", "attention_iou", "null_best_channel_iou")
+    assert null == pytest.approx(M.max(axis=1).mean()) and null < 1.0
+    # every patch token of A has only A tokens as neighbours; shuffled groups do not
+    assert _value(tidy, "learned", "discriminative_patches", "fraction_discriminative") == 1.0
+    assert _value(tidy, "learned", "discriminative_patches", "null_fraction_discriminative") < 0.5
+    assert _value(tidy, "learned", "discriminative_patches", "n_tokens_a") == 16
