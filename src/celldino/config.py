@@ -91,7 +91,7 @@ class PrepareConfig:
     cell_channel: str = ""  # cell-body channel for cell watershed (empty = expand nuclei)
     nuclei_method: str = "adaptive"  # adaptive (settings from the nucleus diameter) or fixed (0.2)
     nucleus_diameter: float = 0.0  # typical nucleus diameter in px (0 = estimate from each image)
-    nuclei_declump: str = "shape"  # split touching nuclei on the distance transform or intensity
+    nuclei_declump: str = "shape_intensity"  # split nuclei by: shape_intensity, shape, intensity
     smooth_sigma: float = 0.0  # Gaussian smoothing (px) before thresholding (0 = diameter/30)
     nuclei_min_area: int = 0  # smallest nucleus kept, px (0 = disc of 0.2 x nucleus diameter)
     nuclei_max_area: int = 0  # largest nucleus kept, px (0 = disc of 3 x nucleus diameter)
@@ -349,7 +349,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "prepare.normalization": ("percentile_image", "percentile_plate", "divisor", "none"),
     "prepare.segmentation": ("watershed", "masks", "locations"),
     "prepare.nuclei_method": ("adaptive", "fixed"),
-    "prepare.nuclei_declump": ("shape", "intensity"),
+    "prepare.nuclei_declump": ("shape_intensity", "shape", "intensity"),
     "prepare.cell_method": ("propagation", "watershed"),
     "prepare.border": ("pad", "drop"),
     "prepare.on_error": ("raise", "skip"),
