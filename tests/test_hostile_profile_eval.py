@@ -1026,3 +1026,15 @@ def test_cellprofiler_per_object_csv_gets_a_hint_then_profiles(tmp_path, run_cli
     ref = df.groupby("Metadata_Well")[["AreaShape_Area", "Intensity_MeanIntensity_DNA"]].mean()
     np.testing.assert_allclose(adata.X, ref.loc[list(adata.obs["Metadata_Well"])].to_numpy())
     assert list(adata.obs["Metadata_Count_Cells"]) == [8, 8, 8]
+
+
+def test_profile_recipe_settings_that_cannot_work_are_refused(tmp_path, run_cli):
+    """A sphering shrinkage that is no estimator or number in [0, 1], and replicate selection
+    without a replicate key: exit 2 naming the setting, nothing written."""
+    emb = _shards(tmp_path / "emb", _cells())
+    out = f"profile.out={tmp_path}/w.h5ad"
+    rc, text = run_cli("profile", f"profile.input=[{emb}]", out, "profile.sphere_shrinkage=2")
+    assert rc == 2 and "profile.sphere_shrinkage" in text and "oas, ledoit_wolf" in text
+    rc, text = run_cli("profile", f"profile.input=[{emb}]", out, "profile.select=[replicate]")
+    assert rc == 2 and "replicate_key" in text and "Traceback" not in text
+    assert not (tmp_path / "w.h5ad").exists()
