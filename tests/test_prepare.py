@@ -46,7 +46,19 @@ def test_tiny_screen_outputs(tiny_prep, tiny_screen):
     assert set(cells["Metadata_QC_Truth"]) == {"ok"}
     eng = pd.read_parquet(tiny_prep / "engineered.parquet")
     assert list(eng["Metadata_CellID"]) == list(cells["Metadata_CellID"])
-    assert any(c.startswith("CP_Cells_Texture") for c in eng.columns)
+    # CellProfiler's measurements under CellProfiler's names, all families by default
+    fams = {c.split("_")[1] for c in eng.columns if not c.startswith("Metadata_")}
+    assert fams == {
+        "AreaShape",
+        "Intensity",
+        "RadialDistribution",
+        "Texture",
+        "Granularity",
+        "Correlation",
+    }
+    assert "Cytoplasm_Texture_AngularSecondMoment_Mito_3_00_256" in eng.columns
+    # Area is the pixel count of the cell in the label image prepare recorded
+    assert (eng["Cells_AreaShape_Area"] == cells["Metadata_Cells_Area"]).all()
     # crop i is the illumination-corrected image around the recorded centre
     i = len(cells) // 2
     r = cells.iloc[i]
@@ -266,6 +278,7 @@ def test_jump_site_end_to_end_with_watershed_and_features(cellpainting_fovs, tmp
         cell_channel="AGP",
         illumination=False,
         qc_exclude=False,
+        feature_families=("shape_intensity",),  # Texture of 180 real cells: seconds per cell
         out_dir=str(tmp_path / "o"),
     )
     out = prepare(cfg)
@@ -275,9 +288,12 @@ def test_jump_site_end_to_end_with_watershed_and_features(cellpainting_fovs, tmp
     assert zarr.open_array(str(out / "crops.zarr")).attrs["channels"] == ["DNA", "RNA", "AGP"]
     assert len(feats) == len(cells)
     assert list(feats.Metadata_CellID) == list(cells.Metadata_CellID)
-    cp = [c for c in feats.columns if c.startswith("CP_")]
-    assert any("DNA" in c for c in cp) and any("AGP" in c for c in cp)
-    assert np.isfinite(feats[cp].to_numpy(float)).mean() > 0.99
+    cp = [c for c in feats.columns if not c.startswith("Metadata_")]
+    assert {c.split("_")[0] for c in cp} == {"Nuclei", "Cells", "Cytoplasm"}
+    assert "Cells_Intensity_MeanIntensity_AGP" in cp and "Nuclei_Intensity_MeanIntensity_DNA" in cp
+    whole = [c for c in cp if not c.startswith("Cytoplasm_")]  # no cytoplasm: NaN, by design
+    assert np.isfinite(feats[whole].to_numpy(float)).mean() > 0.99
+
 
 def _planted_vignetting(truth: pd.Series, h: int, w: int) -> np.ndarray:
     """The synthetic screen's flat field (synth.render.camera), scaled to a minimum of 1."""

@@ -8,7 +8,7 @@ half-finished work (prepare and extract per site/shard, train from its last chec
 names the stage and leaves every earlier stage's outputs as they were.
 
 The learned embeddings are always evaluated beside the baselines in `run.baselines`:
-`engineered` (CellProfiler-like features from prepare), `pca_engineered` (PCA of those, fitted by
+`engineered` (CellProfiler's measurements from prepare), `pca_engineered` (PCA of those, fitted by
 the evaluation) and `random_init` (the same architecture with random weights).
 """
 
@@ -165,7 +165,8 @@ def stage_profile(cfg: Config, lay: RunLayout, *, resume: bool) -> None:
     inputs = {
         "learned": (str(lay.embeddings("learned")), "emb_"),
         "random_init": (str(lay.embeddings("random_init")), "emb_"),
-        "engineered": (str(lay.engineered), "CP_"),
+        # CellProfiler's measurements under CellProfiler's names (data/engineered.py)
+        "engineered": (str(lay.engineered), ("Nuclei_", "Cells_", "Cytoplasm_")),
     }
     for name in _feature_sets(cfg):
         path, prefix = inputs[name]

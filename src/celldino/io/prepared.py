@@ -3,9 +3,9 @@
 `prepare` writes, besides `cells.parquet` + `crops.zarr` (`celldino.io.cropstore`):
 `qc.parquet` (one row per image: `QC_*` metrics and boolean `QC_Flag_*` flags),
 `skipped.parquet` (images left out with `prepare.on_error=skip`: file, reason),
-`engineered.parquet` (CellProfiler-like features per cell, `CP_*`), `images.parquet` (the image
-set with QC, for the field dataset and reports), `inputs.parquet` (path, size, mtime_ns of every
-input file of the last prepare), `prepare.json` (fingerprint, channels, illumination file names,
+`engineered.parquet` (CellProfiler's measurements per cell: `Nuclei_*`, `Cells_*`,
+`Cytoplasm_*`), `images.parquet` (the image set with QC, for the field dataset and reports),
+`inputs.parquet` (path, size, mtime_ns of every input file of the last prepare), `prepare.json` (fingerprint, channels, illumination file names,
 normalisation statistics) and `illum/<plate>.npy` (illumination functions, (C, H, W) float32).
 These tables are small (one row per image) or read by the profile stage through DuckDB; the
 readers load them whole.
