@@ -222,4 +222,4 @@ def test_nf1_cells_match_cellprofiler_propagation(cellpainting_fovs):
     ref = segmentation.expand_labels(np.where(np.isin(nuc, keep), nuc, 0), 10**6) * mask
     cells = segmentation.clear_border(segment_cells(rfp, segment_nuclei(dna)))
     score = object_f1(cells, ref)
-    assert score["f1"] >= 0.85, score  # measured 0.923
+    assert score["f1"] >= 0.9, score  # measured 0.974
