@@ -402,7 +402,8 @@ def test_help_lists_the_valid_values(capsys):
     text = " ".join(_help(capsys, "extract").split())
     assert "one of: cls, last_blocks, block, patch_mean, cls_patch_mean" in text
     text = " ".join(_help(capsys, "profile").split())
-    assert "one of: standardize, mad_robustize, none" in text
+    assert "one of: '', standardize, mad_robustize, none" in text  # '' = from profile.recipe
+    assert "profile.recipe=auto" in text and "one of: auto, cellprofiler, embeddings, none" in text
 
 
 def test_config_show_prints_starting_configs_that_load(tmp_path, capsys):
