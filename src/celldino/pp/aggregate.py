@@ -110,8 +110,8 @@ def _names(files: list[str], duck: list[str]) -> dict[str, str]:
 
 # Feature families `features="infer"` knows. CellProfiler's compartments are matched as
 # pycytominer's `infer_cp_features` matches them (its default compartments, title case, the
-# column name starting with the compartment); `CP_` is celldino's engineered features, `emb_`
-# its embeddings.
+# column name starting with the compartment: celldino's engineered features are these too);
+# `CP_` is the engineered features of celldino before issue 12, `emb_` its embeddings.
 FAMILIES: dict[str, tuple[str, ...]] = {
     "CellProfiler": ("Cells", "Cytoplasm", "Nuclei"),
     "engineered": ("CP_",),
