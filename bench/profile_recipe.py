@@ -257,9 +257,13 @@ def run_dataset(d: Data, args) -> None:
     ref: dict = {}
     for name in full:
         t = time.time()
-        out = full[name](a)
-        s = scores(d, out, args)
-        s |= scores(d, half[name](a), args, held_out=True)
+        try:
+            out = full[name](a)
+            s = scores(d, out, args)
+            s |= scores(d, half[name](a), args, held_out=True)
+        except ValueError as e:  # e.g. a pipeline leaving all-zero profiles on a tiny screen
+            print(f"| {name} | fails: {str(e).splitlines()[0][:120]} |")
+            continue
         if name == "pycytominer":
             ref = s
         cmp_ = name.startswith("celldino")
