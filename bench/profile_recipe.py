@@ -133,8 +133,22 @@ def synthetic(work: Path) -> Path:
 
 
 def per_well(cells: pd.DataFrame, prefix: str, name: str) -> Data:
-    feats = [c for c in cells.columns if c.startswith(prefix)]
+    """Per-well means of the `prefix` features ('cellprofiler': CellProfiler's compartments, as
+    `celldino prepare` names them since issue 12, or the older `CP_` names)."""
+    from celldino.pp.presets import is_cellprofiler
+
+    numeric = [c for c in cells.columns if pd.api.types.is_numeric_dtype(cells[c])]
+    if prefix == "cellprofiler":
+        feats = [c for c in numeric if not c.startswith("Metadata_") and is_cellprofiler(c)]
+    else:
+        feats = [c for c in numeric if c.startswith(prefix)]
     wells = cells.groupby(SYNTH_KEYS, as_index=False)[feats].mean()
+    finite = np.isfinite(wells[feats].to_numpy(float)).all(axis=0)
+    if (
+        not finite.all()
+    ):  # as `celldino profile` (profile.nonfinite=drop_feature), for every pipeline
+        print(f"{name}: {int((~finite).sum())} features with NaN/inf dropped before all pipelines")
+        feats = [f for f, ok in zip(feats, finite) if ok]
     a = _anndata(wells[SYNTH_KEYS], wells[feats].to_numpy(float), feats)
     return Data(
         name,
@@ -325,7 +339,8 @@ def main() -> None:
     if args.only in ("", "lincs"):
         run_dataset(lincs(), args)
     if args.only in ("", "synthetic"):
-        eng = per_well(pd.read_parquet(synthetic(work)), "CP_", "synthetic demo screen, CP_")
+        cells = pd.read_parquet(synthetic(work))
+        eng = per_well(cells, "cellprofiler", "synthetic demo screen, engineered (CellProfiler)")
         run_dataset(eng, args)
         adversarial(eng, args)
     if args.embeddings and args.only in ("", "embeddings"):
