@@ -6,13 +6,19 @@ memory (tracemalloc: Python + NumPy buffers) of each run, in its own process, on
 plain script (tifffile + skimage Otsu/label + numpy crops, one .npy file per cell, DeepProfiler-
 export style) on the same images.
 
-    .venv/bin/python bench/bench_prepare.py
+A second table: cells/s with CellProfiler's measurements (cp_measure) off and on, per
+`prepare.feature_families` set, on the pediatric site and on one plate of the `demo` screen, beside
+the same plain-script peer (which measures nothing). `--features-only` runs just that table.
+
+    .venv/bin/python bench/bench_prepare.py [--features-only]
 """
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing as mp
 import shutil
+import sys
 import tempfile
 import time
 import tracemalloc
@@ -25,10 +31,12 @@ SHARED = ROOT.parent / "shared" / "data" / "cellpainting_fovs"
 PED_MAP = {"5": "DNA", "2": "ER", "6": "RNA", "3": "AGP", "4": "Mito", "1": "Brightfield"}
 
 
-def _celldino(kind: str, src: str, out: str, q) -> None:
+def _celldino(kind: str, src: str, out: str, q, families: str = "") -> None:
+    """`families` empty: features off; else prepare.feature_families (a set or a family)."""
     from celldino.config import PrepareConfig
     from celldino.data.prepare import prepare
 
+    feats = {"features": bool(families), "feature_families": (families or "all",)}
     if kind == "ped":
         cfg = PrepareConfig(
             image_dir=src,
@@ -36,10 +44,18 @@ def _celldino(kind: str, src: str, out: str, q) -> None:
             channel_map=PED_MAP,
             plate="BR00143976",
             out_dir=out,
-            features=False,
+            **feats,
         )
     else:
-        cfg = PrepareConfig(load_data=src, out_dir=out, features=False, qc_exclude=False)
+        cfg = PrepareConfig(load_data=src, out_dir=out, qc_exclude=False, **feats)
+        if kind == "demo":  # the demo's own prepare settings (configs/demo.yaml)
+            cfg = dataclasses.replace(
+                cfg,
+                crop_size=40,
+                normalization="percentile_plate",
+                nuclei_min_area=30,
+                cell_expand=10,
+            )
     tracemalloc.start()
     t = time.perf_counter()
     prepare(cfg)
@@ -84,9 +100,9 @@ def _peer(kind: str, src: str, out: str, q) -> None:
     _ = pd
 
 
-def _measure(fn, *args):
+def _measure(fn, *args, **kwargs):
     q = mp.get_context("spawn").Queue()
-    p = mp.get_context("spawn").Process(target=fn, args=(*args, q))
+    p = mp.get_context("spawn").Process(target=fn, args=(*args, q), kwargs=kwargs)
     p.start()
     res = q.get()
     p.join()
@@ -107,6 +123,10 @@ def main() -> None:
                 str(SHARED / "pediatric_cancer_atlas_profiling" / "images" / "orig"),
             )
         )
+    if "--features-only" in sys.argv:
+        features_table(tmp, cases[0] if cases else None)
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
     t = time.perf_counter()
     screen = make_screen(
         tmp / "synth",
@@ -133,7 +153,44 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for name, n, r, m, pn, pr, pm in rows:
         print(f"| {name} | {n} | {r:.1f} | {m:.0f} | {pn} | {pr:.1f} | {pm:.0f} | {r / pr:.2f} |")
+    features_table(tmp, cases[0] if SHARED.exists() else None)
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+FEATURE_RUNS = ("", "fast", "all")
+
+
+def features_table(tmp: Path, ped) -> None:
+    """cells/s with CellProfiler's measurements (cp_measure) off and on, per feature set, beside
+    the plain-script peer, on the pediatric site and on one plate of the demo screen (256², the
+    size `make demo` prepares)."""
+    from celldino.config import SynthConfig
+    from celldino.synth import make_screen
+
+    screen = make_screen(tmp / "demo", SynthConfig(preset="demo", n_plates=1, n_batches=1))
+    cases = [("demo screen, 1 plate (5 ch, 256²)", "demo", str(screen / "load_data.csv"))]
+    if ped is not None:
+        cases.insert(0, ped)
+    print(
+        "\n| data | features | cells | celldino cells/s | peer cells/s | ratio (celldino/peer) "
+        "| feature cost s/cell |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for name, kind, src in cases:
+        pn, pdt, _ = _measure(_peer, "ped" if kind == "ped" else "synth", src, str(tmp / "pf"))
+        shutil.rmtree(tmp / "pf", ignore_errors=True)
+        base = None
+        for fam in FEATURE_RUNS:
+            out = tmp / f"f_{kind}_{fam or 'off'}"
+            n, dt, _ = _measure(_celldino, kind, src, str(out), families=fam)
+            shutil.rmtree(out, ignore_errors=True)
+            base = dt if not fam else base
+            cost = f"{(dt - base) / n:.3f}" if fam else "-"
+            print(
+                f"| {name} | {fam or 'off'} | {n} | {n / dt:.1f} | {pn / pdt:.1f} | "
+                f"{(n / dt) / (pn / pdt):.2f} | {cost} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":
