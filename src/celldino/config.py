@@ -80,7 +80,7 @@ class PrepareConfig:
     channels: tuple[str, ...] = ()  # channel order to use and record (empty = all, table order)
     out_dir: str = "runs/prep"  # prep folder: cells.parquet, crops.zarr, qc.parquet, ...
     illumination: bool = True  # CellProfiler-style illumination correction per plate and channel
-    illum_filter: str = "polynomial"  # illumination smoothing: polynomial (quadratic), median, gaussian
+    illum_filter: str = "polynomial"  # illumination fit: polynomial (quadratic), median, gaussian
     illum_size: int = 0  # background block side in px (0 = 2.5 nucleus diameters, <= side/8)
     illum_min_images: int = 10  # plates with fewer QC-passing images get no illumination correction
     normalization: str = "percentile_image"  # percentile_image, percentile_plate, divisor or none
@@ -259,25 +259,25 @@ class ProfileConfig:
     threads: int = 0  # DuckDB threads (0 = all cores)
     nonfinite: str = "drop_feature"  # NaN/inf in profiles: drop_feature, drop_row or error
     controls: str = "Metadata_pert_type == 'control'"  # negative controls (pandas query; '' = none)
-    recipe: str = "auto"  # preset for the step settings left unset: auto, cellprofiler, embeddings, none
+    recipe: str = "auto"  # preset filling unset steps: auto, cellprofiler, embeddings, none
     normalize: str = ""  # standardize, mad_robustize, none ('' = from profile.recipe)
     normalize_by: str = "Metadata_Plate"  # normalise within each value of this key ('' = global)
     normalize_reference: str = "controls"  # fit normalisation on: controls or all
-    normalize_floor: float = -1.0  # scale >= this fraction of the feature's spread over all profiles (0 = pycytominer; <0 = recipe)
+    normalize_floor: float = -1.0  # scale >= this x feature spread (0 = pycytominer, <0 = recipe)
     mad_epsilon: float = 1e-18  # added to the MAD when normalize_floor=0 (pycytominer's epsilon)
-    clip: float = -1.0  # clip normalised values to ±clip (0 = no clipping; <0 = from profile.recipe)
-    select: tuple[str, ...] = ("recipe",)  # selection steps; `recipe` = the preset's (e.g. [recipe, replicate])
+    clip: float = -1.0  # clip normalised values to ±clip (0 = off; <0 = from profile.recipe)
+    select: tuple[str, ...] = ("recipe",)  # selection; recipe = the preset's (recipe,replicate)
     min_variance: float = 1e-6  # variance threshold (pycytominer min_variance)
     freq_cut: float = 0.05  # frequency: 2nd/1st most common value ratio (pycytominer freq_cut)
     unique_cut: float = 0.01  # frequency: unique values / profiles (pycytominer unique_cut)
     corr_threshold: float = 0.9  # correlation threshold (pycytominer corr_threshold)
     outlier_cutoff: float = 500.0  # drop_outliers: |normalised value| above which a feature goes
     blocklist: tuple[str, ...] = ()  # names for the blocklist operation ([] = pycytominer's list)
-    replicate_key: tuple[str, ...] = ()  # replicate selection: columns whose equal values are replicates
-    replicate_threshold: float = 0.0  # replicate: keep features whose replicate correlation exceeds it
+    replicate_key: tuple[str, ...] = ()  # replicate selection: columns equal within replicates
+    replicate_threshold: float = 0.0  # replicate: keep features with replicate correlation above it
     sphere: str = ""  # sphering on the controls: none, ZCA, PCA, ZCA-cor, PCA-cor ('' = recipe)
     sphere_shrinkage: str = ""  # oas, ledoit_wolf, a number in [0, 1], none ('' = recipe)
-    sphere_epsilon: float = 1e-6  # added to singular values when sphere_shrinkage=none (pycytominer)
+    sphere_epsilon: float = 1e-6  # added to singular values if sphere_shrinkage=none (pycytominer)
     sphere_by: str = ""  # fit one sphering per value of this key, e.g. Metadata_Batch ('' = global)
     harmony_key: str = ""  # batch key for Harmony on principal components ('' = skip)
     harmony_pcs: int = 50  # principal components Harmony corrects (capped at profiles - 1)
