@@ -423,3 +423,35 @@ def test_steps_modify_in_place_or_return_a_copy(name):
     assert pp.steps(adata) == [name] and adata.shape == out.shape
     np.testing.assert_array_equal(adata.X, out.X)
     assert list(adata.var_names) == list(out.var_names)
+
+
+def test_aggregate_keeps_unsigned_and_decimal_feature_columns(tmp_path):
+    """uint32 (DuckDB UINTEGER) and DECIMAL feature columns are features, found by infer too:
+    they were dropped silently from the profiles."""
+    from decimal import Decimal
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    df = _cells(n=60)
+    area = np.arange(60, dtype=np.uint32) * 3
+    table = pa.table(
+        {
+            "Metadata_Plate": df["Metadata_Plate"],
+            "Metadata_Well": df["Metadata_Well"],
+            "Cells_AreaShape_Area": pa.array(area, pa.uint32()),
+            "Cells_Intensity_Mean": pa.array(
+                [Decimal(f"{v:.3f}") for v in df[FEATS[0]]], pa.decimal128(9, 3)
+            ),
+        }
+    )
+    pq.write_table(table, tmp_path / "cells.parquet")
+    keys = ["Metadata_Plate", "Metadata_Well"]
+    adata = pp.aggregate(str(tmp_path / "cells.parquet"), by=keys, features="infer")
+    assert list(adata.var_names) == ["Cells_AreaShape_Area", "Cells_Intensity_Mean"]
+    ref = (
+        pd.DataFrame({**{k: df[k] for k in keys}, "a": area.astype(float)})
+        .groupby(keys)["a"]
+        .mean()
+    )
+    np.testing.assert_allclose(adata.X[:, 0], ref.to_numpy(), rtol=1e-12)

@@ -92,3 +92,24 @@ def test_each_flag_on_hand_built_fields():
     assert f.loc[[k for k in fields if k.startswith("ok")], "QC_Pass"].all()
     assert f.at["debris", "QC_Flags"] == "debris"  # its saturated pixels are the debris's
     assert f.at["saturated", "QC_Saturation"] == 40 / 128
+
+
+def test_debris_and_saturation_in_12_bit_data_stored_as_uint16():
+    """A 12-bit camera clips at 4095, not at uint16's 65535: the clipped junk is still debris
+    and the over-exposed channel still saturated (the ceiling is the image's own maximum)."""
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[:128, :128]
+    ok = rng.poisson(100, (2, 128, 128)).astype(np.uint16)
+    for cy, cx in [(20, 20), (30, 90), (80, 40), (100, 100), (60, 64)]:
+        ok[:, (yy - cy) ** 2 + (xx - cx) ** 2 < 36] += 2000
+    deb = ok.copy()
+    deb[:, (yy - 64) ** 2 + (xx - 20) ** 2 < 200] = 4095
+    sat = ok.copy()
+    sat[1, :40] = 4095
+    fields = {f"ok{k}": np.roll(ok, 7 * k, axis=2) for k in range(6)}
+    fields |= {"debris": deb, "saturated": sat}
+    m = pd.DataFrame([{"name": k, **qc.image_metrics(v)} for k, v in fields.items()])
+    f = qc.flag_images(m).set_index("name")
+    assert f.at["debris", "QC_Flag_debris"] and f.at["saturated", "QC_Flag_saturated"]
+    assert f.at["saturated", "QC_Saturation"] == 40 / 128
+    assert f.loc[[k for k in fields if k.startswith("ok")], "QC_Pass"].all()

@@ -180,13 +180,11 @@ def _measure_objects(image, labels, channels, families) -> pd.DataFrame:
                 res = corr[name](image[a], image[b], labels)
                 cols[f"Correlation_{feat}_{ca}_{cb}"] = np.asarray(res[f"Correlation_{feat}_1"])
                 cols[f"Correlation_{feat}_{cb}_{ca}"] = np.asarray(res[f"Correlation_{feat}_2"])
-    out = pd.DataFrame(
-        {k: np.asarray(v, dtype=np.float64).reshape(-1)[:n] for k, v in cols.items()},
-        index=range(n),
-    )
-    if len(out) != n:
-        raise RuntimeError(f"cp_measure returned {len(out)} rows for {n} objects")
-    return out
+    arrays = {k: np.asarray(v, dtype=np.float64).reshape(-1) for k, v in cols.items()}
+    wrong = {k: len(v) for k, v in arrays.items() if len(v) != n}
+    if wrong:  # a value per object or the rows would not be the cells they are written beside
+        raise RuntimeError(f"cp_measure returned {wrong} values for {n} objects")
+    return pd.DataFrame(arrays, index=range(n))
 
 
 def _relabel(labels: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

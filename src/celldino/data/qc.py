@@ -72,8 +72,10 @@ def image_metrics(image: np.ndarray, dna_index: int = 0) -> dict[str, float]:
     # camera; a nucleus saturates in specks, not over a large area), counted with the
     # foreground object around it
     raw = image[dna_index]
-    if raw.dtype.kind in "ui":
-        sat_lab, n_sat = ndi.label(raw == np.iinfo(raw.dtype).max)
+    if raw.dtype.kind in "ui" and raw.size:
+        # the camera's ceiling is the image's own maximum: 12-bit data stored as uint16 clips
+        # at 4095, not at the dtype's 65535 (an unclipped image has its maximum in specks)
+        sat_lab, n_sat = ndi.label(raw == raw.max())
         if n_sat:
             sat_area = np.bincount(sat_lab.ravel())[1:]
             big = np.flatnonzero(sat_area >= _DEBRIS_CORE * raw.size) + 1
@@ -92,11 +94,9 @@ def image_metrics(image: np.ndarray, dna_index: int = 0) -> dict[str, float]:
         blur = float(np.log(lap[keep].var() / max(float(s1[keep].var()), 1e-12) + 1e-12))
     else:
         blur = float("nan")
-    if image.dtype.kind in "ui":
-        top = np.iinfo(image.dtype).max
-        sat = float(max((ch[keep] == top).sum() / ch.size for ch in image))
-    else:  # float images have no fixed ceiling: count pixels clipped at the channel's maximum
-        sat = float(max((ch[keep] >= np.nanmax(ch)).sum() / ch.size for ch in image))
+    # pixels clipped at each channel's own maximum (12-bit data in uint16 clips at 4095; float
+    # images have no fixed ceiling); an unclipped channel has its maximum in a few pixels
+    sat = float(max((ch[keep] >= np.nanmax(ch)).sum() / ch.size for ch in image))
     return {
         "QC_Blur": blur,
         "QC_Saturation": sat,

@@ -33,7 +33,11 @@ logger = get_logger(__name__)
 
 COUNT_COLUMN = "Metadata_Count_Cells"
 PARTITION_BYTES = 256e6  # median: feature bytes (as float64) per in-memory partition
-_NUMERIC = ("FLOAT", "DOUBLE", "REAL", "INTEGER", "BIGINT", "SMALLINT", "TINYINT", "HUGEINT")
+_NUMERIC = (  # DuckDB numeric type names (prefixes): signed, unsigned and DECIMAL(p, s)
+    *("FLOAT", "DOUBLE", "REAL", "DECIMAL"),
+    *("INTEGER", "BIGINT", "SMALLINT", "TINYINT", "HUGEINT"),
+    *("UINTEGER", "UBIGINT", "USMALLINT", "UTINYINT", "UHUGEINT"),
+)
 
 
 def _q(name: str) -> str:
