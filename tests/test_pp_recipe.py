@@ -191,7 +191,7 @@ def test_presets_resolve_as_documented():
         "embeddings",
         "standardize",
         (),
-        "ZCA",
+        "none",
     )
     none = resolve(ProfileConfig(recipe="none"), cp)
     assert (none.normalize, none.select, none.sphere, none.clip) == ("none", (), "none", 0.0)
