@@ -316,3 +316,18 @@ def test_attention_iou_matches_a_computation_by_hand(pipeline_run):
     tidy = pd.read_parquet(run / "eval" / "metrics.parquet")
     best = tidy[(tidy.feature_set == "learned") & (tidy.metric == "best_channel_iou")].value
     assert best.iloc[0] == pytest.approx(np.mean((total / count).max(axis=1)))
+
+
+def test_an_upgrade_redoes_the_cheap_stages_whose_defaults_live_in_code(monkeypatch):
+    """Profile recipes and evaluation statistics are defaults in the code: a run made by another
+    celldino version must not reuse their outputs silently, while prepare, train and extract
+    (hours) are redone only when their settings or inputs change."""
+    import celldino
+    from celldino.config import Config
+    from celldino.pipeline import VERSIONED, stage_fingerprints
+
+    before = stage_fingerprints(Config())
+    monkeypatch.setattr(celldino, "__version__", celldino.__version__ + ".post1")
+    after = stage_fingerprints(Config())
+    changed = {s for s in before if before[s] != after[s]}
+    assert changed == set(VERSIONED) == {"profile", "evaluate", "report"}

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import celldino
 from celldino import log
 from celldino.config import Config, ConfigError, replace, to_dict
 from celldino.errors import OutputError, UserError
@@ -273,6 +274,12 @@ def input_fingerprint(cfg: Config, record: dict) -> dict:
         return record.get("inputs", {})
 
 
+# Stages redone when celldino's version changes: cheap ones whose results depend on defaults in
+# the code (profile recipes, evaluation statistics, the report); prepare, train and extract are
+# redone only when their settings or inputs change.
+VERSIONED = ("profile", "evaluate", "report")
+
+
 def stage_fingerprints(
     cfg: Config, *, demo: bool = False, inputs: dict | None = None
 ) -> dict[str, str]:
@@ -292,6 +299,8 @@ def stage_fingerprints(
             sections["inputs"] = inputs  # table content, image sizes and times
         if stage in ("extract", "profile", "evaluate"):
             sections["baselines"] = list(cfg.run.baselines)
+        if stage in VERSIONED:  # their defaults live in code (recipes, statistics): an upgrade
+            sections["celldino"] = celldino.__version__  # redoes them (seconds, not hours)
         if stage == "evaluate" and cfg.run.eval_spec and Path(cfg.run.eval_spec).exists():
             sections["eval_spec"] = file_fingerprint(Path(cfg.run.eval_spec))  # its contents
         out[stage] = upstream = fingerprint({"upstream": upstream, "sections": sections})
