@@ -104,14 +104,7 @@ def compare(ours: pd.DataFrame, ref: pd.DataFrame, rename=lambda c: c) -> pd.Dat
         if rc in ref.columns:
             pairs[c] = rc
     for obj in OBJECTS:
-        for fam in (
-            "AreaShape",
-            "Intensity",
-            "RadialDistribution",
-            "Texture",
-            "Granularity",
-            "Correlation",
-        ):
+        for fam in FAMILIES:
             cols = [c for c in pairs if c.startswith(f"{obj}_{fam}_")]
             if not cols:
                 continue
