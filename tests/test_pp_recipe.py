@@ -276,3 +276,18 @@ def test_bad_shrinkage_is_refused_naming_the_setting(value):
 
     with pytest.raises(DataError, match="profile.sphere_shrinkage"):
         process(_wells(), ProfileConfig(controls=CTRL, sphere_shrinkage=value))
+
+
+def test_the_floored_count_is_the_features_whose_scale_the_floor_raised():
+    """n_floored counts features whose control scale was below the floor, by hand: a feature
+    with zero control std (floored) counts, one whose control MAD is 0 but std is large (the
+    std fallback is above the floor) does not."""
+    from celldino.pp.normalize import _fit_floored
+
+    ref = np.array([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [1.0, 10.0]])  # 4 controls
+    group = np.vstack([ref, [[3.0, 0.0], [5.0, 0.0]]])
+    _, scale, n = _fit_floored(ref, group, "standardize", 1.0)
+    # both features' group MAD is 0 (four of six values tie), so the group spread is their std
+    assert n == 1 and scale[0] == group[:, 0].std() and scale[1] == ref[:, 1].std()
+    _, scale, n = _fit_floored(ref, group, "mad_robustize", 0.1)
+    assert n == 1 and scale[1] == ref[:, 1].std()  # MAD 0 → std 4.33, above 0.1 × spread

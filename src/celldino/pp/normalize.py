@@ -61,8 +61,9 @@ def _fit(ref: np.ndarray, method: str, epsilon: float) -> tuple[np.ndarray, np.n
 
 def _fit_floored(
     ref: np.ndarray, group: np.ndarray, method: str, scale_floor: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """(center, scale) with the control scale floored at `scale_floor` × the group's spread."""
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """(center, scale, number of features floored): the control scale floored at `scale_floor`
+    × the group's spread."""
     if method == "standardize":
         center, scale = ref.mean(axis=0), ref.std(axis=0)
     else:
@@ -72,9 +73,11 @@ def _fit_floored(
     _, spread = _mad(group)
     zero = spread == 0
     spread[zero] = group[:, zero].std(axis=0)
-    scale = np.maximum(scale, scale_floor * spread)
+    floor = scale_floor * spread
+    n_floored = int((floor > scale).sum())
+    scale = np.maximum(scale, floor)
     scale[scale == 0] = 1.0  # constant in this whole group: every value is the center → 0
-    return center, scale
+    return center, scale, n_floored
 
 
 def normalize(
@@ -135,8 +138,8 @@ def normalize(
                 "fix the controls selection, or use reference='all'"
             )
         if scale_floor > 0:
-            center, scale = _fit_floored(X[ref_rows], X[rows], method, scale_floor)
-            n_floored += int((scale > _fit(X[ref_rows], method, 0.0)[1]).sum())
+            center, scale, floored = _fit_floored(X[ref_rows], X[rows], method, scale_floor)
+            n_floored += floored
             out[rows] = (X[rows] - center) / scale
             continue
         center, scale = _fit(X[ref_rows], method, epsilon)

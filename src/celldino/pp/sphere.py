@@ -33,7 +33,6 @@ from celldino.pp.steps import record
 
 logger = get_logger(__name__)
 METHODS = ("ZCA", "PCA", "ZCA-cor", "PCA-cor")
-SHRINKAGE = ("oas", "ledoit_wolf")
 
 
 def _shrunk_covariance(Xc: np.ndarray, shrinkage: str | float) -> tuple[np.ndarray, float]:
