@@ -177,7 +177,8 @@ def test_plate_effect_flags_profiles_that_separate_by_plate(tmp_path, plate_shif
     assert _value(tidy, "learned", "plate_effect", "plate_dominates") == dominates
     assert (ap - at > 0.1) == bool(dominates)
     p = _value(tidy, "learned", "plate_effect", "plate_p_value")
-    assert (p < 0.05) == bool(dominates) or not dominates
+    if dominates:  # the planted plate shift is beyond the permutation null
+        assert p < 0.05
     row = tidy[tidy.metric == "plate_agreement"].iloc[0]  # chance 0, p from the permutations
     assert row.chance == 0 and row.p_perm == p
 

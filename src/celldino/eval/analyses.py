@@ -197,6 +197,9 @@ def run_activity(meta: pd.DataFrame, X: np.ndarray, ctx: EvalContext, **params) 
     return AnalysisResult(summary, {"map": maps.drop(columns="indices")}, stats={"mAP": st})
 
 
+run_activity.needs_controls = True  # scored against the negative controls
+
+
 def run_enrichment(meta: pd.DataFrame, X: np.ndarray, ctx: EvalContext, **params) -> AnalysisResult:
     """Folds of enrichment of same-MoA pairs among the most similar treatment pairs."""
     c = ctx.cols

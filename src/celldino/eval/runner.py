@@ -398,9 +398,7 @@ def needs_controls(name: str, params: dict) -> bool:
     """Analyses that compare against negative controls: phenotypic activity (`activity`), any
     analysis asked for `negatives: controls`, and those marked `needs_controls = True`."""
     fn = ANALYSES[name]
-    return bool(
-        getattr(fn, "needs_controls", name == "activity") or params.get("negatives") == "controls"
-    )
+    return bool(getattr(fn, "needs_controls", False) or params.get("negatives") == "controls")
 
 
 # ---- running --------------------------------------------------------------------------------

@@ -338,7 +338,7 @@ def nsc_statistics(
             share_u, unit, n_u = share, np.arange(n), n
         parts = []
         for b in _batches(n_perm, len(q)):
-            perm = rng.permuted(np.tile(np.arange(n_u), (b, 1)), axis=1)  # (b, units)
+            perm = permuted_labels(np.arange(n_u), None, b, rng)  # (b, units)
             parts.append(share_u[perm[:, unit[q]], perm[:, unit[nn[q]]]].mean(axis=1))
         null = np.concatenate(parts)
     flags = list(flags)
