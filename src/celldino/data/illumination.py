@@ -184,7 +184,6 @@ def estimate_function(
     bh, bw = h // ny, w // nx
     yc, xc = np.meshgrid((np.arange(ny) + 0.5) * bh, (np.arange(nx) + 0.5) * bw, indexing="ij")
     a = _design(yc.ravel(), xc.ravel(), h, w)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
     out = np.ones((c_, h, w), np.float32)
     info: dict = {"channels": []}
     for c in range(c_):
@@ -217,9 +216,11 @@ def estimate_function(
         except np.linalg.LinAlgError:
             info["channels"].append(ch)
             continue
-        if method == "polynomial":
-            full = _design(yy.ravel(), xx.ravel(), h, w) @ coef
-            surf = full.reshape(h, w)
+        if method == "polynomial":  # the same surface, broadcast: no (h*w, 6) design matrix
+            y = ((np.arange(h, dtype=np.float64) / h - 0.5) * 2)[:, None]
+            x = ((np.arange(w, dtype=np.float64) / w - 0.5) * 2)[None, :]
+            c0, c1, c2, c3, c4, c5 = coef
+            surf = c0 + c1 * x + c2 * y + c3 * x * x + c4 * x * y + c5 * y * y
         else:
             grid = np.where(good, slope, a @ coef).reshape(ny, nx)
             k = max(3, min(ny, nx) // 2 | 1)
@@ -277,13 +278,13 @@ class IlluminationAccumulator:
         """The nucleus diameter given, else segmentation's estimate on this image's DNA."""
         if self.nucleus_diameter > 0:
             return self.nucleus_diameter
-        from celldino.data import segmentation
+        from celldino.data.segmentation import estimate_nucleus_diameter
 
-        estimate = getattr(segmentation, "estimate_nucleus_diameter", None)
-        if estimate is None or img.ndim != 3:
+        if img.ndim != 3:
             return 0.0
         try:
-            return float(estimate(np.nan_to_num(img[min(self.dna_index, len(img) - 1)])))
+            dna = np.nan_to_num(img[min(self.dna_index, len(img) - 1)])
+            return float(estimate_nucleus_diameter(dna))
         except (ValueError, RuntimeError):  # a field the estimate cannot read: 1/8 of the side
             return 0.0
 

@@ -162,7 +162,7 @@ def _pass1(iset: ImageSet, cfg, dna_index: int) -> tuple[pd.DataFrame, dict, dic
     """QC metrics per site, illumination functions, plate pixel samples and pixel types."""
     acc = IlluminationAccumulator(
         block=cfg.illum_size,
-        nucleus_diameter=float(getattr(cfg, "nucleus_diameter", 0) or 0),
+        nucleus_diameter=float(cfg.nucleus_diameter),
         dna_index=dna_index,
     )
     samples: dict[str, list] = {}

@@ -36,7 +36,7 @@ def _local_background(dna: np.ndarray) -> np.ndarray:
     """(H, W) background map of a DNA plane from block medians (NaN blocks filled)."""
     h, w = dna.shape
     block = max(8, min(h, w) // 8)
-    grid = background_blocks(dna[None], block)[0]
+    grid = background_blocks(dna[None], block, union=False)[0]  # one channel: no union pass
     ok = np.isfinite(grid)
     if not ok.any():  # every block covered by nuclei: the darkest tenth of the pixels
         return np.full(dna.shape, float(np.nanpercentile(dna, 10)), np.float32)

@@ -22,7 +22,11 @@ from scipy import ndimage as ndi
 from skimage import filters, morphology, segmentation
 from skimage.feature import peak_local_max
 
-from celldino.data.user_masks import labels_from_mask, match_cells  # noqa: F401  (moved there)
+from celldino.data.user_masks import (  # the user-mask functions moved there, re-exported
+    _relabel,
+    labels_from_mask,  # noqa: F401
+    match_cells,  # noqa: F401
+)
 
 NUCLEI_METHODS = ("adaptive", "fixed")
 DECLUMP = ("shape_intensity", "shape", "intensity")
@@ -39,11 +43,6 @@ MIN_DIAMETER_PER_D, MAX_DIAMETER_PER_D = 0.2, 3.0  # kept equivalent diameters
 CLIP_PERCENTILE = 75.0  # bright tail clipped at this percentile of the first foreground
 CELL_EXPAND_PER_D = 0.5  # nuclei grown by D/2 when there is no cell channel
 CELL_REACH_PER_D = 2.0  # a cell reaches at most 2 D beyond its nucleus
-
-
-def _relabel(labels: np.ndarray) -> np.ndarray:
-    out, _, _ = segmentation.relabel_sequential(labels)
-    return out.astype(np.int32)
 
 
 def _mce_log_threshold(img: np.ndarray) -> float:
