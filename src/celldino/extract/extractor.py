@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,7 +34,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from celldino import log
+from celldino import distributed, log
 from celldino.config import ExtractConfig
 from celldino.errors import DataError
 from celldino.extract import feature_modes as F
@@ -71,43 +70,6 @@ class ExtractError(DataError):
 
 
 # ---- processes -------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Ranks:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    owns_group: bool = False  # this call initialised the process group (and destroys it)
-
-    def barrier(self) -> None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.barrier()
-
-
-def _ranks(device: torch.device) -> Ranks:
-    """Rank and world size: from an initialised process group, or torchrun's environment."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world <= 1 or not dist.is_available():
-        return Ranks()
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), True)
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ExtractError(f"extract.device={name} but CUDA is not available (use auto or cpu)")
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return dev
 
 
 # ---- inputs ----------------------------------------------------------------------------------
@@ -375,30 +337,32 @@ def _extract(cfg: ExtractConfig, *, after_shard: Callable[[int], None] | None = 
         ids = meta["Metadata_CellID"].astype(str).tolist()
         pick_cells(ids, list(cfg.attention_cells), cfg.attention_sample)  # unknown ids: now
 
-    device = _device(cfg.device)
-    ranks = _ranks(device)
-    if ranks.rank == 0:
-        _warn_if_unfinished(file, progress)
-    out_dir = Path(cfg.out_dir)
-    if ranks.rank == 0:  # one writer: rank 0 checks the folder and holds its lock for all ranks
-        require_writable(out_dir, "extract.out_dir")
-    with output_lock(out_dir, "extract") if ranks.rank == 0 else contextlib.nullcontext():
-        return _extract_into(
-            cfg,
-            file,
-            ds,
-            meta,
-            data_id,
-            channels,
-            model,
-            model_cfg,
-            channel_ids,
-            n_features,
-            device,
-            ranks,
-            after_shard,
-            progress=progress,
-        )
+    ranks = distributed.setup(cfg.device, key="extract.device")  # set_device before NCCL
+    try:
+        if ranks.rank == 0:
+            _warn_if_unfinished(file, progress)
+        out_dir = Path(cfg.out_dir)
+        if ranks.rank == 0:  # one writer: rank 0 checks the folder and holds its lock for all
+            require_writable(out_dir, "extract.out_dir")
+        with output_lock(out_dir, "extract") if ranks.rank == 0 else contextlib.nullcontext():
+            return _extract_into(
+                cfg,
+                file,
+                ds,
+                meta,
+                data_id,
+                channels,
+                model,
+                model_cfg,
+                channel_ids,
+                n_features,
+                ranks.device,
+                ranks,
+                after_shard,
+                progress=progress,
+            )
+    finally:
+        distributed.teardown(ranks)  # only a group this call initialised
 
 
 def _training_progress(file: Path) -> dict[str, int] | None:
@@ -529,7 +493,7 @@ def _extract_into(
     channel_ids: torch.Tensor | None,
     n_features: int,
     device: torch.device,
-    ranks: Ranks,
+    ranks: distributed.DistInfo,
     after_shard: Callable[[int], None] | None,
     *,
     progress: dict[str, int] | None = None,
@@ -582,7 +546,7 @@ def _extract_into(
     ranks.barrier()
 
     done = done_shards(out_dir, plan)
-    mine = [k for k in range(len(plan)) if k % ranks.world == ranks.rank and k not in done]
+    mine = [k for k in range(len(plan)) if k % ranks.world_size == ranks.rank and k not in done]
     if ranks.rank == 0:
         logger.info(
             "extract: %d %ss, %s %s (%d features, channels %s) → %s; %d of %d shards to do%s",
@@ -595,7 +559,7 @@ def _extract_into(
             out_dir,
             len(plan) - len(done),
             len(plan),
-            f" on {ranks.world} processes" if ranks.world > 1 else "",
+            f" on {ranks.world_size} processes" if ranks.world_size > 1 else "",
         )
     embed = Embedder(model, cfg, device, channel_ids)
     batches = _batches(plan, mine, cfg.batch_size)
@@ -645,11 +609,9 @@ def _extract_into(
         if cfg.format == "h5ad":
             _write_anndata(out_dir, manifest)
             logger.info("wrote %s", out_dir / H5AD)
-        _write_manifest(out_dir, {**manifest, "complete": True, "world_size": ranks.world})
+        _write_manifest(out_dir, {**manifest, "complete": True, "world_size": ranks.world_size})
         logger.info("embeddings of %d %ss in %s", len(meta), cfg.level, out_dir)
     ranks.barrier()
-    if ranks.owns_group:
-        torch.distributed.destroy_process_group()
     return out_dir
 
 

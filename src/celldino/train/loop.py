@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from celldino import log
+from celldino import distributed, log
 from celldino.augment import N_GLOBAL_CROPS, MultiCrop
 from celldino.config import Config, ConfigError, load_config, to_dict
 from celldino.diagnostics import collapse_message
@@ -41,7 +41,7 @@ from celldino.io.lock import input_lock, output_lock
 from celldino.io.trainrun import CONFIG, METRICS, append_metrics, truncate_metrics
 from celldino.log import get_logger
 from celldino.models.build import build_head, build_model
-from celldino.train import checkpoint, distributed
+from celldino.train import checkpoint
 from celldino.train import schedules as S
 from celldino.train.meta_arch import DINOMetaArch
 from celldino.train.sampler import StepBatchSampler, WeakLabelPairSampler
@@ -383,7 +383,7 @@ def train(
         with reading:
             return _train(cfg, info, dataset=dataset, resume=resume, stop_at_step=stop_at_step)
     finally:
-        distributed.teardown()
+        distributed.teardown(info)
         torch.set_flush_denormal(False)
 
 
