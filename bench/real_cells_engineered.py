@@ -18,7 +18,7 @@ depends little on it, but the channel names in the feature names may be swapped)
 Check (leave-one-plate-out cosine 5-NN macro-F1 on the three plates holding both DMSO and
 cycloheximide; features z-scored on the training plates, or per plate on each plate's own cells):
 
-    nice -n 10 .venv/bin/python bench/real_cells_engineered.py --families fast --workers 2
+    nice -n 10 .venv/bin/python bench/real_cells_engineered.py --families all --workers 2
 """
 
 from __future__ import annotations
@@ -127,24 +127,24 @@ def segment_centre_cell(
     return nuc, cell, fell_back
 
 
-def _features_chunk(args: tuple[np.ndarray, str, float]) -> tuple[np.ndarray, int]:
+def _features_chunk(args: tuple[np.ndarray, str, float]) -> tuple[np.ndarray, np.ndarray]:
     crops, families, diameter = args
     from celldino.data.engineered import cell_features
 
-    rows, n_fallback = [], 0
+    rows, fallback = [], []
     for crop in crops:
         nuc, cell, fell_back = segment_centre_cell(crop, diameter)
-        n_fallback += fell_back
+        fallback.append(fell_back)
         image = np.ascontiguousarray(crop.transpose(2, 0, 1))  # (3, H, W) uint16, read /65535
         df = cell_features(
             image, nuc.astype(np.int32), cell.astype(np.int32), CHANNELS, families=families
         )
         rows.append(df.to_numpy(np.float64)[0])
-    return np.stack(rows) if rows else np.zeros((0, 0)), n_fallback
+    return np.stack(rows), np.asarray(fallback, bool)
 
 
-def _raw_features(images: np.ndarray, families: str, workers: int) -> tuple[np.ndarray, int]:
-    """(N, F) float64 features with NaN/inf left in, and the number of fallback nuclei."""
+def _raw_features(images: np.ndarray, families: str, workers: int) -> tuple[np.ndarray, np.ndarray]:
+    """(N, F) float32 features with NaN/inf left in, and (N,) whether the nucleus fell back."""
     chunks = [images[i : i + 64] for i in range(0, len(images), 64)]
     jobs = [(c, families, NUCLEUS_DIAMETER) for c in chunks]
     if workers <= 1:
@@ -152,7 +152,54 @@ def _raw_features(images: np.ndarray, families: str, workers: int) -> tuple[np.n
     else:
         with ProcessPoolExecutor(workers) as pool:
             results = list(pool.map(_features_chunk, jobs))
-    return np.concatenate([r[0] for r in results]), sum(r[1] for r in results)
+    raw = np.concatenate([r[0] for r in results]).astype(np.float32)
+    return raw, np.concatenate([r[1] for r in results])
+
+
+def _crop_keys(images: np.ndarray) -> np.ndarray:
+    return np.asarray([hashlib.blake2b(c.tobytes(), digest_size=12).hexdigest() for c in images])
+
+
+def _cached_raw(
+    images: np.ndarray, cache: Path | None, families: str, workers: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Raw features and fallback flags of `images`, rows from `cache` where it holds the crop
+    (keyed by a hash of each crop's pixels and the settings), the rest computed and added."""
+    from celldino.data.engineered import resolve_families
+
+    settings = f"{resolve_families(families)}|{NUCLEUS_DIAMETER}|{CELL_CHANNEL}|{CHANNELS}"
+    keys = _crop_keys(images)
+    c_keys, c_raw, c_fb = np.zeros(0, keys.dtype), None, np.zeros(0, bool)
+    if cache is not None and cache.exists():
+        z = np.load(cache, allow_pickle=False)
+        if str(z["settings"]) == settings:
+            c_keys, c_raw, c_fb = z["keys"], z["raw"], z["fallback"]
+    pos = {k: i for i, k in enumerate(c_keys)}
+    _, first = np.unique(keys, return_index=True)
+    todo = np.sort([i for i in first if keys[i] not in pos])
+    if len(todo):
+        t0 = time.perf_counter()
+        raw, fb = _raw_features(images[todo], families, workers)
+        seconds = time.perf_counter() - t0
+        print(
+            f"cellprofiler_features[{families}]: computed {len(todo)} crops in {seconds:.1f} s "
+            f"({len(todo) / max(seconds, 1e-9):.1f} cells/s, {workers} workers)"
+        )
+        c_raw = raw if c_raw is None else np.concatenate([c_raw, raw])
+        c_keys = np.concatenate([c_keys, keys[todo]])
+        c_fb = np.concatenate([c_fb, fb])
+        pos = {k: i for i, k in enumerate(c_keys)}
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(cache.stem + f".tmp{os.getpid()}.npz")
+            np.savez_compressed(
+                tmp, raw=c_raw, keys=c_keys, fallback=c_fb, settings=np.asarray(settings)
+            )
+            tmp.replace(cache)
+    else:
+        print(f"cellprofiler_features[{families}]: all {len(images)} crops from {cache}")
+    rows = np.asarray([pos[k] for k in keys], np.int64)
+    return c_raw[rows].astype(np.float64), c_fb[rows]
 
 
 def cellprofiler_features(
@@ -166,27 +213,19 @@ def cellprofiler_features(
     intensities on CellProfiler's 0..1 scale, /65535) for `families` (`FEATURE_SETS` name or
     families). Returns float32 (N, F) and CellProfiler's names (`Nuclei_`, `Cells_`,
     `Cytoplasm_`...). Values that are NaN/inf (a cell without cytoplasm, an undefined measure)
-    take their column's median (no labels used); constant columns are dropped. Counts of fallback
-    nuclei and imputed values are printed. `cache`: an npz file keyed by a hash of the input and
-    `families` (recomputed when either differs); `workers` processes.
+    take their column's median over these crops (no labels used); then constant columns are
+    dropped. Counts of fallback nuclei and imputed values are printed.
+    `cache`: an npz of raw per-crop features keyed by a hash of each crop's pixels and the
+    settings, so any subset of cached crops (e.g. three plates of crops_all) is read from it and
+    new crops are added; `workers` processes.
     """
     from celldino.data.engineered import feature_names
 
     images = np.ascontiguousarray(images)
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"images must be (N, H, W, 3), got shape {images.shape}")
-    h = hashlib.sha256(images.tobytes())
-    h.update(f"{families}|{NUCLEUS_DIAMETER}|{CELL_CHANNEL}|{images.shape}".encode())
-    key = h.hexdigest()[:16]
     cache = Path(cache) if cache is not None else None
-    if cache is not None and cache.exists():
-        z = np.load(cache, allow_pickle=False)
-        if str(z["key"]) == key:
-            print(f"cellprofiler_features: cached {cache} ({z['features'].shape})")
-            return z["features"], [str(s) for s in z["names"]]
-    t0 = time.perf_counter()
-    raw, n_fallback = _raw_features(images, families, workers)
-    seconds = time.perf_counter() - t0
+    raw, fallback = _cached_raw(images, cache, families, workers)
     names = feature_names(CHANNELS, families)
     bad = ~np.isfinite(raw)
     raw[bad] = np.nan
@@ -194,30 +233,14 @@ def cellprofiler_features(
     with np.errstate(all="ignore"):
         med = np.nanmedian(np.where(all_bad[None, :], 0.0, raw), axis=0)
     feats = np.where(bad, med[None, :], raw)
-    keep = np.ptp(feats, axis=0) > 0 if len(feats) else np.zeros(raw.shape[1], bool)
+    keep = np.ptp(feats, axis=0) > 0
     print(
-        f"cellprofiler_features[{families}]: {len(images)} crops in {seconds:.1f} s "
-        f"({len(images) / max(seconds, 1e-9):.1f} cells/s, {workers} workers); "
-        f"{n_fallback} without a centre nucleus (centred disc); {int(bad.sum())} NaN/inf values "
-        f"in {int(bad.any(0).sum())} columns and {int(bad.any(1).sum())} cells imputed by the "
-        f"column median; {int((~keep).sum())} constant columns dropped of {raw.shape[1]}"
+        f"cellprofiler_features[{families}]: {len(images)} crops, {int(fallback.sum())} without "
+        f"a centre nucleus (centred disc); {int(bad.sum())} NaN/inf values in "
+        f"{int(bad.any(0).sum())} columns and {int(bad.any(1).sum())} cells imputed by the column "
+        f"median; {int((~keep).sum())} constant columns dropped of {raw.shape[1]}"
     )
-    feats = feats[:, keep].astype(np.float32)
-    names = [n for n, k in zip(names, keep) if k]
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(cache.stem + f".tmp{os.getpid()}.npz")
-        np.savez_compressed(
-            tmp,
-            features=feats,
-            names=np.asarray(names),
-            key=np.asarray(key),
-            n_fallback=np.asarray(n_fallback),
-            n_nonfinite=np.asarray(int(bad.sum())),
-            seconds=np.asarray(seconds),
-        )
-        tmp.replace(cache)
-    return feats, names
+    return feats[:, keep].astype(np.float32), [n for n, k in zip(names, keep) if k]
 
 
 # --- the check -------------------------------------------------------------------------------
@@ -264,7 +287,7 @@ def scaled_centre(images: np.ndarray) -> np.ndarray:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=DATA)
-    ap.add_argument("--families", default="fast", help="FEATURE_SETS name or families")
+    ap.add_argument("--families", default="all", help="FEATURE_SETS name or families")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--speed", type=int, default=0, help="only time this many crops and exit")
     ap.add_argument("--cache", type=Path, default=None, help="default bench/results/...npz")

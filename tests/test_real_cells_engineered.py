@@ -74,3 +74,6 @@ def test_centre_cell_masks_match_cellprofiler_measurements(shared_data, tmp_path
     )
     again, names2 = rce.cellprofiler_features(crops, cache=cache, families="shape_intensity")
     assert names2 == names and np.array_equal(again, feats)  # read back from the cache
+    part, names3 = rce.cellprofiler_features(crops[[4, 1]], cache=cache, families="shape_intensity")
+    i = names3.index("Nuclei_AreaShape_Area")
+    np.testing.assert_array_equal(part[:, i], area_n[[4, 1]])  # a subset: rows of its crops
