@@ -170,6 +170,7 @@ def _cached_raw(
     settings = f"{resolve_families(families)}|{NUCLEUS_DIAMETER}|{CELL_CHANNEL}|{CHANNELS}"
     keys = _crop_keys(images)
     c_keys, c_raw, c_fb = np.zeros(0, keys.dtype), None, np.zeros(0, bool)
+    z = None
     if cache is not None and cache.exists():
         z = np.load(cache, allow_pickle=False)
         if str(z["settings"]) == settings:
@@ -190,16 +191,47 @@ def _cached_raw(
         c_fb = np.concatenate([c_fb, fb])
         pos = {k: i for i, k in enumerate(c_keys)}
         if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(cache.stem + f".tmp{os.getpid()}.npz")
-            np.savez_compressed(
-                tmp, raw=c_raw, keys=c_keys, fallback=c_fb, settings=np.asarray(settings)
-            )
-            tmp.replace(cache)
+            _save(cache, c_raw, c_keys, c_fb, settings, families)
     else:
         print(f"cellprofiler_features[{families}]: all {len(images)} crops from {cache}")
+        if "features" not in z.files:  # a cache written before `features` was stored
+            _save(cache, c_raw, c_keys, c_fb, settings, families)
     rows = np.asarray([pos[k] for k in keys], np.int64)
     return c_raw[rows].astype(np.float64), c_fb[rows]
+
+
+def _impute(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(features with NaN/inf → the column's median, columns to keep (not constant), NaN/inf)."""
+    raw = np.array(raw, dtype=np.float64)
+    bad = ~np.isfinite(raw)
+    raw[bad] = np.nan
+    all_bad = bad.all(0)  # no finite value in the column: 0 (then constant, dropped)
+    with np.errstate(all="ignore"):
+        med = np.nanmedian(np.where(all_bad[None, :], 0.0, raw), axis=0)
+    feats = np.where(bad, med[None, :], raw)
+    return feats, np.ptp(feats, axis=0) > 0, bad
+
+
+def _save(cache: Path, raw, keys, fallback, settings: str, families: str) -> None:
+    """The cache: raw rows (NaN kept), crop keys, fallback flags, settings; and `features` /
+    `names` (imputed, constant columns dropped, rows in cache order: crops_all's order when
+    main built it) for readers without the crops."""
+    from celldino.data.engineered import feature_names
+
+    feats, keep, _ = _impute(raw)
+    names = [n for n, k in zip(feature_names(CHANNELS, families), keep) if k]
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(cache.stem + f".tmp{os.getpid()}.npz")
+    np.savez_compressed(
+        tmp,
+        raw=raw,
+        keys=keys,
+        fallback=fallback,
+        settings=np.asarray(settings),
+        features=feats[:, keep].astype(np.float32),
+        names=np.asarray(names),
+    )
+    tmp.replace(cache)
 
 
 def cellprofiler_features(
@@ -215,7 +247,7 @@ def cellprofiler_features(
     `Cytoplasm_`...). Values that are NaN/inf (a cell without cytoplasm, an undefined measure)
     take their column's median over these crops (no labels used); then constant columns are
     dropped. Counts of fallback nuclei and imputed values are printed.
-    `cache`: an npz of raw per-crop features keyed by a hash of each crop's pixels and the
+    `cache`: an npz (or a folder: `bbbc021_cp_<families>.npz` in it) of raw per-crop features keyed by a hash of each crop's pixels and the
     settings, so any subset of cached crops (e.g. three plates of crops_all) is read from it and
     new crops are added; `workers` processes.
     """
@@ -225,21 +257,17 @@ def cellprofiler_features(
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"images must be (N, H, W, 3), got shape {images.shape}")
     cache = Path(cache) if cache is not None else None
+    if cache is not None and cache.is_dir():
+        cache = cache / f"bbbc021_cp_{families.replace(',', '+')}.npz"
     raw, fallback = _cached_raw(images, cache, families, workers)
-    names = feature_names(CHANNELS, families)
-    bad = ~np.isfinite(raw)
-    raw[bad] = np.nan
-    all_bad = bad.all(0)  # no finite value in the column: 0 (then constant, dropped)
-    with np.errstate(all="ignore"):
-        med = np.nanmedian(np.where(all_bad[None, :], 0.0, raw), axis=0)
-    feats = np.where(bad, med[None, :], raw)
-    keep = np.ptp(feats, axis=0) > 0
+    feats, keep, bad = _impute(raw)
     print(
         f"cellprofiler_features[{families}]: {len(images)} crops, {int(fallback.sum())} without "
         f"a centre nucleus (centred disc); {int(bad.sum())} NaN/inf values in "
         f"{int(bad.any(0).sum())} columns and {int(bad.any(1).sum())} cells imputed by the column "
         f"median; {int((~keep).sum())} constant columns dropped of {raw.shape[1]}"
     )
+    names = feature_names(CHANNELS, families)
     return feats[:, keep].astype(np.float32), [n for n, k in zip(names, keep) if k]
 
 

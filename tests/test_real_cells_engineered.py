@@ -59,7 +59,7 @@ def test_centre_cell_masks_match_cellprofiler_measurements(shared_data, tmp_path
     for nuc, cell, fell_back in masks:
         assert not fell_back and nuc[34, 34]  # every one of these has a nucleus at the centre
         assert np.all(cell[nuc]) and cell.sum() > nuc.sum()  # the nucleus lies inside its cell
-    cache = tmp_path / "cp.npz"
+    cache = tmp_path  # a folder: bbbc021_cp_<families>.npz in it
     feats, names = rce.cellprofiler_features(crops, cache=cache, families="shape_intensity")
     col = {n: feats[:, i] for i, n in enumerate(names)}
     area_n = np.array([m[0].sum() for m in masks])
@@ -77,3 +77,6 @@ def test_centre_cell_masks_match_cellprofiler_measurements(shared_data, tmp_path
     part, names3 = rce.cellprofiler_features(crops[[4, 1]], cache=cache, families="shape_intensity")
     i = names3.index("Nuclei_AreaShape_Area")
     np.testing.assert_array_equal(part[:, i], area_n[[4, 1]])  # a subset: rows of its crops
+    z = np.load(tmp_path / "bbbc021_cp_shape_intensity.npz")  # for readers without the crops
+    j = list(z["names"]).index("Nuclei_AreaShape_Area")
+    np.testing.assert_array_equal(z["features"][:, j], area_n)
