@@ -212,6 +212,7 @@ class TrainConfig:
     koleo_weight: float = 0.0  # weight of the KoLeo regulariser on class tokens (DINOv2: 0.1)
     weak_label: str = ""  # WS-DINO: metadata column of weak labels, e.g. Metadata_Compound
     amp: bool = True  # bf16 autocast on CUDA (always off on CPU)
+    compile: bool = False  # torch.compile the backbones (GPU speed; minutes of compiling first)
     log_every: int = 10  # steps between diagnostics in metrics.jsonl and the log
     save_every: int = 1  # keep an epoch_NNNN checkpoint every this many epochs (0 = only last)
     diagnostics: bool = True  # teacher entropy, KL and embedding std, with a collapse warning

@@ -154,8 +154,8 @@ class CellAugment:
             return P.adjust_brightness(out, gain), keep  # gain 1 leaves a channel unchanged
         m = out.mean(dim=(-2, -1), keepdim=True)  # (B, C, 1, 1)
         dt, dev = out.dtype, out.device
-        scale = (factor * gain).to(device=dev, dtype=dt)[:, :, None, None]
-        offset = ((1 - factor) * gain).to(device=dev, dtype=dt)[:, :, None, None]
+        scale = (factor * gain).to(device=dev, dtype=dt, non_blocking=True)[:, :, None, None]
+        offset = ((1 - factor) * gain).to(device=dev, dtype=dt, non_blocking=True)[:, :, None, None]
         return torch.addcmul(m * offset, out, scale), keep  # (B, C, S, S)
 
     # -- everything ---------------------------------------------------------------------------
@@ -181,17 +181,22 @@ class CellAugment:
         out, keep = self._channel_affine(out, g, fold_drop)
 
         if cfg.blur_p > 0:
-            apply = G.bernoulli((b,), cfg.blur_p, g).to(out.device)
-            sigma = G.uniform((b,), cfg.blur_sigma[0], cfg.blur_sigma[1], g).to(out.device)
+            # draws stay on the generator's device (CPU): picking the blurred samples needs
+            # no GPU sync
+            apply = G.bernoulli((b,), cfg.blur_p, g)
+            sigma = G.uniform((b,), cfg.blur_sigma[0], cfg.blur_sigma[1], g)
             idx = torch.nonzero(apply).flatten()
             if idx.numel():
                 out = out.clone()
-                out[idx] = P.gaussian_blur(out[idx], sigma[idx])
+                at = idx.to(out.device, non_blocking=True)
+                out[at] = P.gaussian_blur(out[at], sigma[idx])
         if cfg.solarize_p > 0:
-            m = G.bernoulli((b,), cfg.solarize_p, g).to(out.device)[:, None, None, None]
+            m = G.bernoulli((b,), cfg.solarize_p, g).to(out.device, non_blocking=True)
+            m = m[:, None, None, None]
             out = torch.where(m, P.solarize(out, cfg.solarize_threshold), out)
         if cfg.greyscale_p > 0:
-            m = G.bernoulli((b,), cfg.greyscale_p, g).to(out.device)[:, None, None, None]
+            m = G.bernoulli((b,), cfg.greyscale_p, g).to(out.device, non_blocking=True)
+            m = m[:, None, None, None]
             out = torch.where(m, P.greyscale(out), out)
         if keep is not None:
             out = P.drop_channels(out, keep)

@@ -170,10 +170,10 @@ def warp(
     h, w = (size, size) if isinstance(size, int) else size
     b, c = x.shape[:2]
     work = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-    theta = theta.to(device=x.device, dtype=work)
+    theta = theta.to(device=x.device, dtype=work, non_blocking=True)  # no host sync on a GPU
     grid = F.affine_grid(theta, [b, c, h, w], align_corners=False)  # (B, h, w, 2)
     if displacement is not None:
-        d = displacement.to(device=x.device, dtype=work)
+        d = displacement.to(device=x.device, dtype=work, non_blocking=True)
         grid = grid + torch.einsum("bij,bhwj->bhwi", theta[:, :, :2], d)
     out = F.grid_sample(
         x.to(work), grid, mode="bilinear", padding_mode=padding_mode, align_corners=False
@@ -209,8 +209,8 @@ def dihedral_matrices(
 
 def flip(x: torch.Tensor, horizontal: torch.Tensor, vertical: torch.Tensor) -> torch.Tensor:
     """Flip the samples of x (B, C, H, W) whose masks (B,) are True: left-right / up-down."""
-    h = horizontal.to(x.device)[:, None, None, None]
-    v = vertical.to(x.device)[:, None, None, None]
+    h = horizontal.to(x.device, non_blocking=True)[:, None, None, None]
+    v = vertical.to(x.device, non_blocking=True)[:, None, None, None]
     x = torch.where(h, x.flip(-1), x)
     return torch.where(v, x.flip(-2), x)
 
@@ -219,10 +219,10 @@ def rot90(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Rotate sample i of x (B, C, S, S) by k[i] * 90° counter-clockwise (torch.rot90 each)."""
     if x.shape[-1] != x.shape[-2]:
         raise ValueError(f"90° rotations need square crops, got {tuple(x.shape[-2:])}")
-    k = k.to(x.device) % 4
+    k = k % 4  # on the generator's device: the nonzero below needs no GPU sync
     out = x.clone()
     for turn in (1, 2, 3):
-        idx = torch.nonzero(k == turn).flatten()
+        idx = torch.nonzero(k == turn).flatten().to(x.device, non_blocking=True)
         if idx.numel():
             out[idx] = torch.rot90(x[idx], turn, dims=(-2, -1))
     return out

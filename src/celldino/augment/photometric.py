@@ -16,13 +16,13 @@ import torch.nn.functional as F
 
 def adjust_brightness(x: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
     """x_bc <- x_bc * gain_bc: a multiplicative gain per sample and channel, gain (B, C)."""
-    return x * gain.to(device=x.device, dtype=x.dtype)[:, :, None, None]
+    return x * gain.to(device=x.device, dtype=x.dtype, non_blocking=True)[:, :, None, None]
 
 
 def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """x_bc <- m_bc + factor_bc * (x_bc - m_bc), m_bc the spatial mean of that channel; (B, C)."""
     m = x.mean(dim=(-2, -1), keepdim=True)  # (B, C, 1, 1)
-    f = factor.to(device=x.device, dtype=x.dtype)[:, :, None, None]
+    f = factor.to(device=x.device, dtype=x.dtype, non_blocking=True)[:, :, None, None]
     return m + f * (x - m)
 
 
@@ -44,7 +44,7 @@ def sample_channel_keep(
 
 def drop_channels(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Zero the channels where keep (B, C) is False."""
-    k = keep.to(x.device)[:, :, None, None]
+    k = keep.to(x.device, non_blocking=True)[:, :, None, None]
     return torch.where(k, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
@@ -55,7 +55,7 @@ def rescale_channel(x: torch.Tensor, channel: int, gain: torch.Tensor) -> torch.
             f"augment.protein_channel={channel} but the images have {x.shape[1]} channels"
         )
     out = x.clone()
-    g = gain.to(device=x.device, dtype=x.dtype)[:, None, None]
+    g = gain.to(device=x.device, dtype=x.dtype, non_blocking=True)[:, None, None]
     out[:, channel] = x[:, channel] * g
     return out
 
@@ -67,8 +67,8 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, truncate: float = 3.0) -
     normalised weights (as scipy.ndimage.gaussian_filter(mode="mirror") with that radius).
     """
     b, c, h, w = x.shape
-    sig = sigma.to(device=x.device, dtype=torch.float64).clamp(min=1e-6)
-    radius = max(1, math.ceil(truncate * float(sig.max())))
+    radius = max(1, math.ceil(truncate * float(sigma.max())))  # sigma on the CPU: no GPU sync
+    sig = sigma.to(device=x.device, dtype=torch.float64, non_blocking=True).clamp(min=1e-6)
     radius = min(radius, h - 1, w - 1)
     t = torch.arange(-radius, radius + 1, device=x.device, dtype=torch.float64)
     k = torch.exp(-0.5 * (t[None, :] / sig[:, None]) ** 2)  # (B, K)

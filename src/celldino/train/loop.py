@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -56,6 +55,7 @@ RESUMABLE = frozenset(
         "train.num_workers",
         "train.device",
         "train.amp",
+        "train.compile",
         "train.log_every",
         "train.save_every",
         "train.diagnostics",
@@ -105,6 +105,35 @@ class _Items(Dataset):
                 for k in range(len(items))
             ]
         return [(t, torch.tensor([int(i)])) for t, i in zip(read([int(i) for i in items]), items)]
+
+
+def _collate(items: list[tuple[torch.Tensor, ...]]) -> tuple[Any, ...]:
+    """The batch, its (B, k) dataset rows and a (B, k) numpy mask of the images that are finite
+    (checked here, in the loader's workers, so the step loop does not scan the pixels)."""
+    batch = torch.utils.data.default_collate(items)
+    finite = np.stack([t.flatten(1).isfinite().all(1).numpy() for t in batch[:-1]], axis=1)
+    return (*batch, finite)
+
+
+def _set_update_kernel(optimizer: torch.optim.Optimizer, fused: bool) -> None:
+    """AdamW's update as one fused CUDA kernel on a GPU, foreach on CPU, whatever kernel the
+    resumed checkpoint's optimizer used (a run may resume on another device)."""
+    for group in optimizer.param_groups:
+        group["fused"], group["foreach"] = (True, None) if fused else (None, True)
+        for p in group["params"]:
+            st = optimizer.state.get(p)
+            if st and "step" in st:  # fused keeps its step count on the device, foreach on CPU
+                st["step"] = st["step"].to(p.device if fused else "cpu", torch.float32)
+
+
+def _raise_if_diverged(bad_step: torch.Tensor, bad_loss: torch.Tensor) -> None:
+    """The divergence check: one host sync, made at log steps and before every save."""
+    at = int(bad_step)
+    if at >= 0:
+        raise TrainingDiverged(
+            f"loss is {float(bad_loss)} at step {at}: lower train.lr, raise "
+            "train.warmup_epochs or set train.clip_grad (the last checkpoint is kept)"
+        )
 
 
 def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
@@ -475,13 +504,18 @@ def _train_locked(
             rank=info.rank,
             world_size=info.world_size,
         )
+    # pinned batches copy to the GPU without blocking; workers stay up between epochs and keep
+    # a few batches ready ahead of the step
+    workers = tc.num_workers
     loader = DataLoader(
         _Items(dataset),
         batch_sampler=sampler,
-        num_workers=tc.num_workers,
+        num_workers=workers,
+        collate_fn=_collate,
         pin_memory=device.type == "cuda",
         generator=torch.Generator(),  # keeps the global RNG untouched (exact resume)
-        persistent_workers=False,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
     )
     multicrop = MultiCrop(cfg.augment)
     spe = sampler.steps_per_epoch
@@ -506,6 +540,9 @@ def _train_locked(
         ibot_weight=tc.ibot_weight,
         koleo_weight=tc.koleo_weight,
     ).to(device)
+    if tc.compile:  # in place: parameter names (checkpoint keys) stay those of the module
+        meta.student.backbone.compile()
+        meta.teacher.backbone.compile()
     if info.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -515,8 +552,10 @@ def _train_locked(
             find_unused_parameters=True,
         )
     peak_lr = S.scaled_lr(tc.lr, tc.batch_size)
-    # foreach: one kernel per op over all tensors (torch picks the per-tensor loop on CPU).
-    optimizer = torch.optim.AdamW(_param_groups(meta.student), lr=peak_lr, foreach=True)
+    # fused on a GPU: the whole update in one kernel; foreach on CPU: one op over all tensors
+    fused = device.type == "cuda"
+    kernel = {"fused": True} if fused else {"foreach": True}
+    optimizer = torch.optim.AdamW(_param_groups(meta.student), lr=peak_lr, **kernel)
     last_layer = list(meta.student.head.last_layer.parameters())
 
     step = 0
@@ -525,6 +564,7 @@ def _train_locked(
             run_dir, meta_arch=meta, optimizer=optimizer, device=device, loaded=loaded
         )
         del loaded
+        _set_update_kernel(optimizer, fused)
         step = int(state["step"])
         logger.info("resuming %s at step %d (epoch %d)", run_dir, step, step // max(spe, 1))
         if info.is_main:
@@ -546,6 +586,10 @@ def _train_locked(
     warned = False
     t0, seen = time.perf_counter(), 0
     t_epoch, entropy = t0, None
+    # a non-finite loss is recorded on the device (step and value of the first) and checked at
+    # log steps and before each save: no host sync in the steps between
+    bad_step = torch.full((), -1, dtype=torch.int64, device=device)
+    bad_loss = torch.zeros((), dtype=torch.float32, device=device)
     try:
         while step < total_steps:
             epoch = step // spe
@@ -575,13 +619,15 @@ def _train_locked(
                         group["weight_decay"] = wd
 
                 gen = step_generator(tc.seed, step, info.rank)
-                rows = batch[-1]  # (B, k) dataset rows of the k images of each item
-                finite = [torch.isfinite(t).flatten(1).all(1) for t in batch[:-1]]  # k × (B,)
-                bad = [int(r) for s, ok in enumerate(finite) for r in rows[~ok, s]]
-                if bad:
-                    raise DataError(_nonfinite_message(cfg, dataset, bad))
-                images = batch[0].to(device, non_blocking=True)  # (B, C, H, W)
-                local_images = batch[1].to(device, non_blocking=True) if len(batch) > 2 else None
+                *tensors, rows, finite = batch  # rows, finite: (B, k) for the k images of an item
+                if not finite.all():
+                    raise DataError(
+                        _nonfinite_message(cfg, dataset, rows.numpy()[~finite].tolist())
+                    )
+                images = tensors[0].to(device, non_blocking=True)  # (B, C, H, W)
+                local_images = (
+                    tensors[1].to(device, non_blocking=True) if len(tensors) > 1 else None
+                )
                 crops = multicrop(images, generator=gen, local_images=local_images)
                 global_crops, local_crops = crops[:N_GLOBAL_CROPS], crops[N_GLOBAL_CROPS:]
                 masks = None
@@ -592,17 +638,14 @@ def _train_locked(
                         ratio=tc.ibot_mask_ratio,
                         prob=tc.ibot_mask_prob,
                         generator=gen,
-                    ).to(device)
+                    ).to(device, non_blocking=True)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                     loss, parts = meta.forward_losses(
                         global_crops, local_crops, teacher_temp=t_temp, masks=masks
                     )
-                loss_value = loss.item()
-                if not math.isfinite(loss_value):
-                    raise TrainingDiverged(
-                        f"loss is {loss_value} at step {step}: lower train.lr, raise "
-                        "train.warmup_epochs or set train.clip_grad (the last checkpoint is kept)"
-                    )
+                new_bad = ~torch.isfinite(loss.detach()) & (bad_step < 0)
+                bad_step = torch.where(new_bad, step, bad_step)
+                bad_loss = torch.where(new_bad, loss.detach().float(), bad_loss)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if tc.clip_grad > 0:
@@ -616,7 +659,11 @@ def _train_locked(
                 seen += images.shape[0] * info.world_size
 
                 text = None
+                end_of_epoch = step % spe == 0
+                if end_of_epoch or step == stop_at_step:  # never save diverged weights
+                    _raise_if_diverged(bad_step, bad_loss)
                 if step % max(tc.log_every, 1) == 0 or step == total_steps:
+                    _raise_if_diverged(bad_step, bad_loss)
                     record = {
                         "step": step,
                         "epoch": step / spe,
@@ -654,7 +701,6 @@ def _train_locked(
                     logger.debug("step %d: %s", step, text)
                 bar.update(text)
 
-                end_of_epoch = step % spe == 0
                 if end_of_epoch and info.is_main:
                     if tc.diagnostics and entropy is None:
                         entropy = meta.diagnostics(parts, t_temp)["teacher_entropy"]
@@ -663,7 +709,7 @@ def _train_locked(
                         "epoch %d/%d: loss %.4f, lr %.2e%s, %.1f s",
                         step // spe,
                         tc.epochs,
-                        loss_value,
+                        float(loss.detach()),
                         lr,
                         f", teacher entropy {entropy:.2f}" if entropy is not None else "",
                         now - t_epoch,
@@ -676,6 +722,7 @@ def _train_locked(
                 if step == stop_at_step:
                     return run_dir
     except KeyboardInterrupt:
+        _raise_if_diverged(bad_step, bad_loss)
         if step > 0:
             _save(cfg, info, run_dir, meta, optimizer, step, step // spe, epoch_copy=False, **saved)
             logger.warning("interrupted at step %d; `--resume` continues from here", step)
