@@ -12,8 +12,10 @@ Scored on the three plates that hold both DMSO and cycloheximide (Week4_27801/27
   z-scored with the training plates' mean and spread (one rule for every set);
 - each value is the macro-F1 averaged over the three held-out plates, with its chance level (the
   better of majority / stratified guessing, `celldino.eval.stats.f1_chance`) and a 95 % interval
-  from a bootstrap that redraws whole fields of view within each plate (cells of one field are not
-  independent); differences between two sets use the same redraws (paired).
+  from a bootstrap that redraws whole fields of view within each well (cells of one field are not
+  independent; a well is one dose, so every redraw keeps the classes); differences between two
+  sets use the same redraws (paired). The 5 uM wells have one field each: their share of the
+  variance is not in the interval.
 
 Feature sets: a trained celldino checkpoint (DINO or WS-DINO), the same architecture at random
 initialisation, CellProfiler's measurements (cp_measure, `bench/real_cells_engineered.py`), the 30
@@ -242,12 +244,17 @@ class Scorer:
         return {"cell": self.meta, "fov": self.fov_meta}
 
     def _weights(self, m: pd.DataFrame, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        """Per plate, (B, n_plate) multiplicities: fields of view redrawn within the plate."""
+        """Per plate, (B, n_plate) multiplicities: fields of view redrawn within their well (a
+        well is one dose), so each redraw keeps the plate's classes; a field's cells come along."""
         out = {}
         for plate in PLATES:
-            sub = m[m["plate"] == plate]
-            codes, uniq = pd.factorize(sub["source_image_stem"])
-            out[plate] = bootstrap_counts(len(uniq), self.n_boot, rng)[:, codes]
+            sub = m[(m["plate"] == plate).to_numpy()]
+            w = np.zeros((self.n_boot, len(sub)), dtype=np.int64)
+            for well in pd.unique(sub["well"]):
+                rows = np.flatnonzero((sub["well"] == well).to_numpy())
+                codes, uniq = pd.factorize(sub["source_image_stem"].to_numpy()[rows])
+                w[:, rows] = bootstrap_counts(len(uniq), self.n_boot, rng)[:, codes]
+            out[plate] = w
         return out
 
     def _rows(self, f: np.ndarray, level: str) -> np.ndarray:
