@@ -252,11 +252,17 @@ class Embedder:
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.on_device(x).cpu()
+
+    @torch.inference_mode()
+    def on_device(self, x: torch.Tensor) -> torch.Tensor:
+        """The (B, F) embeddings left on the model's device: the caller copies a whole shard at
+        once (one wait for the GPU per shard, not per batch)."""
         cfg = self.cfg
-        x = x.to(self.device, non_blocking=True)
+        x = x.to(self.device, non_blocking=True)  # pinned by the loader on a GPU
         with self.autocast():
             if cfg.level == "cell":
-                return self._forward(x).cpu()  # (B, F)
+                return self._forward(x)  # (B, F)
             views = F.field_views(x, cfg.field_mode, cfg.field_crop, cfg.field_stride)
             B, K = views.shape[:2]
             flat = views.flatten(0, 1)  # (B·K, C, s, s)
@@ -267,7 +273,7 @@ class Embedder:
                 ]
             )  # (B·K, F)
         pool = "median" if cfg.field_mode == "center4" else cfg.field_pool
-        return F.pool_views(feats.reshape(B, K, -1), pool).cpu()  # (B, F)
+        return F.pool_views(feats.reshape(B, K, -1), pool)  # (B, F)
 
     @torch.inference_mode()
     def attention(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -572,9 +578,9 @@ def _extract_into(
         every = max(1, len(mine) // 20)  # about 20 progress lines in a batch log
         n_written, t0 = 0, time.perf_counter()
         for x in log.progress(loader, total=len(batches), desc="embed", disable=ranks.rank != 0):
-            pending.append(embed(x))
+            pending.append(embed.on_device(x))
             if sum(len(p) for p in pending) == stop - start:
-                emb = torch.cat(pending).numpy()  # (rows, F)
+                emb = torch.cat(pending).cpu().numpy()  # (rows, F)
                 _warn_nonfinite(emb, meta.iloc[start:stop], cfg)
                 path = out_dir / shard_name(k)
                 try:
