@@ -603,7 +603,11 @@ def main(argv=None) -> None:
     p = sub.add_parser("transport", parents=[common])
     p.add_argument("--out", type=Path, default=TRANSPORT)
     p.set_defaults(fn=lambda a: print(build_transport(a.cells or DATA, a.out)))
-    args = ap.parse_args(argv)
+    args, extra = ap.parse_known_args(argv)  # key=value after an option (argparse stops there)
+    if extra and not (args.cmd == "ablate" and all("=" in e and e[0] != "-" for e in extra)):
+        ap.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides += extra
     args.fn(args)
 
 
