@@ -55,6 +55,7 @@ from celldino.extract.feature_modes import needs_blocks, select_features  # noqa
 DATA = ROOT.parent / "shared" / "data" / "bbbc021_crops"
 TRANSPORT = ROOT / "transport" / "bbbc021.npz"
 RESULTS = ROOT / "bench" / "results"
+REFERENCE = ROOT / "bench" / "real_cells_reference.json"  # engineered scores, for GPU runs
 PLATES = ("Week4_27801", "Week4_27821", "Week4_27861")
 META = ("plate", "well", "source_image_stem", "concentration_uM", "compound")
 TASKS = {"dose": "concentration_uM", "compound": "compound"}
@@ -115,8 +116,10 @@ def raw_crops(source: Path | None = None) -> np.ndarray:
 
 def build_transport(data: Path, out: Path) -> Path:
     """The three scored plates' cells as uint8 (after the per-channel percentile scaling of all
-    six plates), compressed (~41 MB): what a GPU machine that receives at most 64 MiB of the
-    working tree needs."""
+    six plates), compressed, 41 MB: what a GPU machine that receives at most 64 MiB of the
+    working tree (and not ../shared) needs. CellProfiler's features would add 17 MB (float16),
+    too close to the limit: a GPU run compares with the intensity statistics it measures there
+    and with the CellProfiler scores of the same cells and splits kept in REFERENCE."""
     x, meta = load_cells(data)
     keep = meta["plate"].isin(PLATES).to_numpy()  # all 6 plates: 58 MB, too close to 64 MiB
     x, meta = x[keep], meta[keep]
@@ -160,21 +163,26 @@ def random_init(model_cfg: C.ModelConfig, seed: int = 0) -> torch.nn.Module:
     return build_model(C.replace(model_cfg, drop_path_rate=0.0, pretrained="")).eval()
 
 
-def engineered_sets(source: Path | None, meta: pd.DataFrame) -> dict[str, np.ndarray]:
-    """CellProfiler (cached) and the 30 intensity statistics; empty where they cannot be made."""
+def engineered_sets(
+    source: Path | None, x: np.ndarray, meta: pd.DataFrame
+) -> dict[str, np.ndarray]:
+    """CellProfiler's measurements (cached) and the 30 intensity statistics of the same cells.
+
+    From the data folder, CellProfiler comes from the raw crops (cache in bench/results); a
+    transport file (a GPU machine) has no raw crops: only the statistics, measured there on the
+    same globally scaled centre crops as in the data README."""
     import real_cells_engineered as eng
 
+    source = Path(source) if source else (DATA if DATA.exists() else TRANSPORT)
     sets: dict[str, np.ndarray] = {}
-    cache = sorted(RESULTS.glob("bbbc021_cp_*.npz"))
-    if (source is None or Path(source).is_dir()) and DATA.exists():
-        imgs = raw_crops(source)
-        o = (imgs.shape[1] - CENTRE) // 2
-        centre = _scale(imgs[:, o : o + CENTRE, o : o + CENTRE, :]).transpose(0, 2, 3, 1)
-        sets["intensity stats (30)"] = eng.intensity_stats(centre)[0]
-        families = "all" if any("_all" in c.name for c in cache) else "fast"
-        sets["CellProfiler"] = eng.cellprofiler_features(imgs, cache=RESULTS, families=families)[0]
-    elif cache:  # a GPU machine: the transport's cache travels, the raw crops do not
-        sets["CellProfiler"] = np.load(cache[0])["features"]
+    if source.suffix == ".npz":
+        sets["intensity stats (30)"] = eng.intensity_stats(x.transpose(0, 2, 3, 1))[0]
+        return sets
+    imgs = raw_crops(source)
+    o = (imgs.shape[1] - CENTRE) // 2
+    centre = _scale(imgs[:, o : o + CENTRE, o : o + CENTRE, :]).transpose(0, 2, 3, 1)
+    sets["intensity stats (30)"] = eng.intensity_stats(centre)[0]
+    sets["CellProfiler"] = eng.cellprofiler_features(imgs, cache=RESULTS, families="all")[0]
     return sets
 
 
@@ -272,12 +280,17 @@ class Scorer:
                 g = self._rows(f, level)
             for task in tasks:
                 preds, y = predict(g, m, task, pca=pca)
+                n_train = min(int((m["plate"] != pl).sum()) for pl in PLATES)
                 for clf, p in preds.items():
                     self.preds[(name, task, level, clf)] = (p, y)
-                    rows.append(
-                        {"set": name, "task": task, "level": level, "classifier": clf}
-                        | self._stats(m, level, y, p)
-                    )
+                    too_few = clf.startswith("kNN") and int(clf.split("=")[1]) >= n_train / 2
+                    row = {"set": name, "task": task, "level": level, "classifier": clf}
+                    row |= self._stats(m, level, y, p)
+                    if too_few:  # k near the training size: a vote of most of the training set
+                        row["flags"] = "; ".join(
+                            filter(None, [row["flags"], "k >= half the training rows"])
+                        )
+                    rows.append(row)
         return pd.DataFrame(rows)
 
     def _per_plate(self, m, level, y, p, boot: bool):
@@ -338,7 +351,8 @@ def print_table(df: pd.DataFrame, task: str, level: str) -> None:
     clfs = list(dict.fromkeys(sub.classifier))
     print(
         f"\n{task}, {level} level: macro-F1 mean over held-out plates [95 % CI]; "
-        f"chance {sub.chance.iloc[0]:.3f}" + (f"; {sub.flags.iloc[0]}" if sub.flags.iloc[0] else "")
+        f"chance {sub.chance.iloc[0]:.3f}"
+        + (f"; {sub['flags'].iloc[0]}" if sub["flags"].iloc[0] else "")
     )
     print("| set | " + " | ".join(clfs) + " |")
     print("|---|" + "---:|" * len(clfs))
@@ -470,7 +484,7 @@ def cmd_curve(args) -> None:
         ep = int(fl.stem.split("_")[1])
         m, _ = load_backbone(fl)
         points.append((fl.stem, ep * n_train, sc.score(fl.stem, embed(m, x, args.feature), **kw)))
-    refs = {n: sc.score(n, f, **kw) for n, f in engineered_sets(args.cells, meta).items()}
+    refs = {n: sc.score(n, f, **kw) for n, f in engineered_sets(args.cells, x, meta).items()}
     rows = []
     for name, seen, df in points:
         for r in df.itertuples():
@@ -546,7 +560,7 @@ def cmd_score(args) -> None:
     if mcfg is not None:
         sets["random init"] = embed(random_init(mcfg), x, args.feature)
     if not args.no_engineered:
-        sets |= engineered_sets(args.cells, meta)
+        sets |= engineered_sets(args.cells, x, meta)
     frames = [sc.score(n, f) for n, f in sets.items()]
     if "CellProfiler" in sets:
         frames.append(sc.score("PCA(CellProfiler, 50)", sets["CellProfiler"], pca=50))
@@ -556,22 +570,32 @@ def cmd_score(args) -> None:
                 sc.score(f"{name} + CellProfiler", concat(sets[name], sets["CellProfiler"]))
             )
     df = pd.concat(frames, ignore_index=True)
-    for task in TASKS:
-        for level in ("cell", "fov"):
-            print_table(df, task, level)
     refs = [r for r in ("random init", "CellProfiler", "intensity stats (30)") if r in sets]
     heads = {n: _headline(sc, df, n, [r for r in refs if r != n]) for n in sets if n not in refs}
-    print("\npaired differences, cell level (value [95 % CI]):")
-    for n, h in heads.items():
-        for k, v in h.items():
-            if " - " in k:
-                print(f"  {n}: {k}: {v[0]:+.3f} [{v[1]:+.3f}, {v[2]:+.3f}]")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(
             json.dumps({"rows": df.to_dict("records"), "headline": heads}, indent=1)
         )
-        print(f"\nwrote {args.out}")
+        print(f"wrote {args.out}")
+    if args.write_reference and "CellProfiler" in sets:
+        eng = df[df.set.isin(["CellProfiler", "PCA(CellProfiler, 50)", "intensity stats (30)"])]
+        REFERENCE.write_text(json.dumps({"rows": eng.round(4).to_dict("records")}, indent=0))
+        print(f"wrote {REFERENCE}")
+    if "CellProfiler" not in sets and REFERENCE.exists():  # a GPU machine: no raw crops
+        ref = pd.DataFrame(json.loads(REFERENCE.read_text())["rows"])
+        ref["set"] = ref["set"] + " (reference, measured on CPU)"
+        df = pd.concat(
+            [df, ref[ref.set.str.startswith(("CellProfiler", "PCA"))]], ignore_index=True
+        )
+    for task in TASKS:
+        for level in ("cell", "fov"):
+            print_table(df, task, level)
+    print("\npaired differences, cell level (value [95 % CI]):")
+    for n, h in heads.items():
+        for k, v in h.items():
+            if " - " in k:
+                print(f"  {n}: {k}: {v[0]:+.3f} [{v[1]:+.3f}, {v[2]:+.3f}]")
 
 
 def main(argv=None) -> None:
@@ -586,6 +610,7 @@ def main(argv=None) -> None:
     p = sub.add_parser("score", parents=[common])
     p.add_argument("--checkpoint", nargs="*", default=[])
     p.add_argument("--no-engineered", action="store_true")
+    p.add_argument("--write-reference", action="store_true", help="keep engineered rows for GPU")
     p.add_argument("--out", default="")
     p.set_defaults(fn=cmd_score)
     p = sub.add_parser("ablate", parents=[common])
