@@ -540,9 +540,10 @@ def _train_locked(
         ibot_weight=tc.ibot_weight,
         koleo_weight=tc.koleo_weight,
     ).to(device)
-    if tc.compile:  # in place: parameter names (checkpoint keys) stay those of the module
-        meta.student.backbone.compile()
-        meta.teacher.backbone.compile()
+    if tc.compile:  # in place: parameter names (checkpoint keys) stay those of the module;
+        # static shapes: one graph per crop size (2 or 3 in all), no dynamic-shape kernels
+        meta.student.backbone.compile(dynamic=False)
+        meta.teacher.backbone.compile(dynamic=False)
     if info.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
