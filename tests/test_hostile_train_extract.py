@@ -610,6 +610,16 @@ def test_cuda_device_without_a_gpu_is_refused(run_cli, prep, tmp_path):
     assert not run_dir.exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_extract_cuda_device_without_a_gpu_is_refused(run_cli, prep, trained, tmp_path):
+    """extract.device=cuda with no GPU: one line naming extract.device (celldino.distributed)."""
+    out = tmp_path / "emb"
+    rc, text = run_cli(*extract_args(trained, prep, out, "extract.device=cuda"))
+    assert rc == 2, text
+    assert "extract.device" in text and "no CUDA GPU" in text and "Traceback" not in text
+    assert not list(out.glob("part-*.parquet"))
+
+
 def test_unknown_weak_label_is_refused_before_writing(run_cli, prep, tmp_path):
     """#30: train.weak_label=Metadata_Nope: named with the columns there are; no config.yaml."""
     run_dir = tmp_path / "run"
