@@ -569,7 +569,7 @@ def section_bbbc021(
     calib_epochs = 1 if args.smoke else 2
     t_calib = run(work / "bbbc021_calibration", calib_epochs)
     rate = _rate(work / "bbbc021_calibration", batch)
-    reserve = 20 if args.smoke else 75  # scoring and the results file
+    reserve = 20 if args.smoke else 90  # scoring (embeddings on the CPU) and the results file
     seconds = min(args.train_seconds, max(deadline - time.time() - reserve, 1.0))
     epochs = max(1, int(seconds * rate / n))
     if args.smoke:
