@@ -118,3 +118,32 @@ def test_update_kernel_switch_keeps_the_update():
         o.step()
     torch.testing.assert_close(w1, w2, rtol=0, atol=1e-6)
     assert not torch.equal(w1.detach(), make()[0].detach())  # the step moved the weights
+
+
+def test_ibot_tokens_picked_by_cpu_index_equal_boolean_indexing():
+    """The masked patch tokens picked with the CPU-computed index (no host sync on a GPU) are
+    those of boolean indexing, in the same order, and the iBOT loss is the same either way."""
+    from celldino.models.build import build_head, build_model
+    from celldino.train.loop import sample_masks
+    from celldino.train.meta_arch import DINOMetaArch
+
+    cfg = tiny_config(Path("unused"), "train.ibot_weight=0.5")
+    torch.manual_seed(0)
+    backbone = build_model(cfg.model)
+    head = build_head(cfg.model, backbone.embed_dim)
+    meta = DINOMetaArch(backbone, head, out_dim=cfg.model.out_dim, ibot_weight=0.5).eval()
+    g = torch.Generator().manual_seed(1)
+    crops = [torch.rand(3, 2, 16, 16, generator=g) for _ in range(2)]
+    local = [torch.rand(3, 2, 8, 8, generator=g)]
+    masks = sample_masks(6, 4, ratio=(0.2, 0.6), prob=0.7, generator=g)
+    assert masks.any() and not masks.all()
+    index = masks.flatten().nonzero().squeeze(1)
+    with torch.no_grad():
+        out = meta.student(crops, masks=masks, mask_index=index)
+        tokens = backbone(torch.cat(crops), masks=masks)["patch"]
+        torch.testing.assert_close(out["patch_head"], head(tokens[masks]), rtol=0, atol=1e-6)
+        a, _ = meta.forward_losses(crops, local, teacher_temp=0.04, masks=masks)
+        meta.dino_loss.center.zero_()
+        meta.ibot_loss.center.zero_()
+        b, _ = meta.forward_losses(crops, local, teacher_temp=0.04, masks=masks, mask_index=index)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

@@ -631,18 +631,26 @@ def _train_locked(
                 )
                 crops = multicrop(images, generator=gen, local_images=local_images)
                 global_crops, local_crops = crops[:N_GLOBAL_CROPS], crops[N_GLOBAL_CROPS:]
-                masks = None
+                masks = mask_index = None
                 if tc.ibot_weight > 0:
-                    masks = sample_masks(
+                    cpu_masks = sample_masks(
                         N_GLOBAL_CROPS * images.shape[0],
                         _n_patch_tokens(cfg, global_crops[0]),
                         ratio=tc.ibot_mask_ratio,
                         prob=tc.ibot_mask_prob,
                         generator=gen,
-                    ).to(device, non_blocking=True)
+                    )
+                    masks = cpu_masks.to(device, non_blocking=True)
+                    # the masked positions found on the CPU: no host sync to pick them
+                    mask_index = cpu_masks.flatten().nonzero().squeeze(1)
+                    mask_index = mask_index.to(device, non_blocking=True)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                     loss, parts = meta.forward_losses(
-                        global_crops, local_crops, teacher_temp=t_temp, masks=masks
+                        global_crops,
+                        local_crops,
+                        teacher_temp=t_temp,
+                        masks=masks,
+                        mask_index=mask_index,
                     )
                 new_bad = ~torch.isfinite(loss.detach()) & (bad_step < 0)
                 bad_step = torch.where(new_bad, step, bad_step)

@@ -24,6 +24,8 @@ class MultiCropNet(nn.Module):
     `cls` (n_crops*B, D) backbone class tokens, `head` (n_crops*B, K) head outputs, and with
     `masks` ((n_global*B, N) bool, for the first crops) `patch_head` (M, K): the head on the
     patch tokens of the masked positions. Crops of one size go through the backbone together.
+    `mask_index` (M,): the positions of True in `masks.flatten()`; given (computed on the CPU),
+    picking the masked tokens needs no host sync on a GPU.
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
@@ -38,6 +40,7 @@ class MultiCropNet(nn.Module):
         masks: torch.Tensor | None = None,
         apply_masks: bool = True,
         channel_ids: torch.Tensor | None = None,
+        mask_index: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         # consecutive runs of equal spatial size → one backbone call each
         groups: list[list[torch.Tensor]] = []
@@ -66,7 +69,9 @@ class MultiCropNet(nn.Module):
                     f"iBOT masks have shape {tuple(masks.shape)} but the global crops give "
                     f"{tuple(patch_tokens.shape[:2])} patch tokens"
                 )
-            picked = patch_tokens[masks]  # (M, D)
+            if mask_index is None:
+                mask_index = masks.flatten().nonzero().squeeze(1)  # a host sync on a GPU
+            picked = patch_tokens.flatten(0, 1).index_select(0, mask_index)  # (M, D)
             both = self.head(torch.cat([cls, picked]))  # one head call: (n*B + M, K)
             result["head"], result["patch_head"] = both[: cls.shape[0]], both[cls.shape[0] :]
         else:
@@ -127,21 +132,27 @@ class DINOMetaArch(nn.Module):
         teacher_temp: float,
         masks: torch.Tensor | None = None,
         channel_ids: torch.Tensor | None = None,
+        mask_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Total loss and the tensors the diagnostics need (all detached but `loss`)."""
+        """Total loss and the tensors the diagnostics need (all detached but `loss`).
+        `mask_index`: the positions of True in `masks.flatten()` (see MultiCropNet)."""
         B = global_crops[0].shape[0]
         use_ibot = self.ibot_weight > 0 and masks is not None
+        if use_ibot and mask_index is None:
+            mask_index = masks.flatten().nonzero().squeeze(1)  # a host sync on a GPU
         with torch.no_grad():
             t_out = self.teacher(
                 global_crops,
                 masks=masks if use_ibot else None,
                 apply_masks=False,
                 channel_ids=channel_ids,
+                mask_index=mask_index,
             )
         s_out = self.student_ddp(
             global_crops + local_crops,
             masks=masks if use_ibot else None,
             channel_ids=channel_ids,
+            mask_index=mask_index,
         )
         center = self.dino_loss.center.detach().clone()  # (1, K): the loss call moves it
         dino = self.dino_loss(s_out["head"], t_out["head"], teacher_temp, n_global=self.n_global)
@@ -149,7 +160,7 @@ class DINOMetaArch(nn.Module):
         parts = {"loss_dino": dino.detach()}
         if use_ibot:
             counts = masks.sum(dim=1, keepdim=True).clamp_min(1).float()  # (n_global*B, 1)
-            weight = (1.0 / counts).expand_as(masks)[masks]  # (M,)
+            weight = (1.0 / counts).expand_as(masks).flatten().index_select(0, mask_index)  # (M,)
             ibot = self.ibot_loss(
                 s_out["patch_head"],
                 t_out["patch_head"],
