@@ -311,7 +311,7 @@ def leave_plate_out(
 
 def scaled_centre(images: np.ndarray) -> np.ndarray:
     """Centre 64 px, per-channel 0.1-99.9 % of these crops to [0, 1] (as
-    bench/validate_bbbc021_dose.py)."""
+    bench/real_cells.py)."""
     x = images[:, 2:66, 2:66, :].astype(np.float32)
     lo = np.percentile(x, 0.1, axis=(0, 1, 2), keepdims=True)
     hi = np.percentile(x, 99.9, axis=(0, 1, 2), keepdims=True)

@@ -237,7 +237,7 @@ def test_bad_flags_are_usage_errors(run_cli):
 
 def test_config_show_unknown_name_lists_the_names(run_cli):
     rc, text = run_cli("config", "show", "tinyy")
-    _one_error_line(rc, text, "'tinyy'", "tiny, demo, eval-spec")
+    _one_error_line(rc, text, "'tinyy'", "tiny, demo, real-cells, eval-spec")
 
 
 # ---- user errors vs bugs ------------------------------------------------------------------
@@ -409,8 +409,8 @@ def test_help_lists_the_valid_values(capsys):
 def test_config_show_prints_starting_configs_that_load(tmp_path, capsys):
     assert cli.main(["config", "show"]) == 0
     listing = capsys.readouterr().out
-    assert all(name in listing for name in ("tiny", "demo", "eval-spec"))
-    for name in ("tiny", "demo"):
+    assert all(name in listing for name in ("tiny", "demo", "real-cells", "eval-spec"))
+    for name in ("tiny", "demo", "real-cells"):
         assert cli.main(["config", "show", name]) == 0
         text = capsys.readouterr().out
         assert text.startswith("#")  # commented

@@ -167,6 +167,10 @@ def cmd_config(args: argparse.Namespace) -> int:
 STARTERS: dict[str, tuple[Path, str]] = {
     "tiny": (CONFIG_DIR / "tiny.yaml", "a few minutes on one CPU: synth → prepare → train"),
     "demo": (CONFIG_DIR / "demo.yaml", "the whole pipeline on the demo screen (`celldino demo`)"),
+    "real-cells": (
+        CONFIG_DIR / "real-cells.yaml",
+        "DINO on a few thousand small real crops on a CPU (measured on BBBC021)",
+    ),
     "eval-spec": (
         CONFIG_DIR / "eval-spec.yaml",
         "an evaluation spec for `celldino evaluate PROFILES --spec` / run.eval_spec",
@@ -346,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=handler)
     p = sub.add_parser(
         "config",
-        help="print a commented starting config: celldino config show tiny|demo|eval-spec",
+        help="print a commented starting config: celldino config show tiny|demo|real-cells|eval-spec",
         description="`celldino config show` lists the starting configs; "
         "`celldino config show NAME > my.yaml` writes one to edit.",
     )
