@@ -146,13 +146,16 @@ class Crops(torch.utils.data.Dataset):
 
 
 def embed(model: torch.nn.Module, x: np.ndarray, feature: str = "cls", n_blocks: int = 4):
-    """(N, F) float32 features of a backbone (`extract.feature` modes: cls, cls_patch_mean, ...)."""
+    """(N, F) float32 features of a backbone (`extract.feature` modes: cls, last_blocks, ...), on
+    the GPU when there is one."""
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = model.to(dev).eval()
     out = []
     blocks = needs_blocks(feature)
     with torch.inference_mode():
         for i in range(0, len(x), 256):
-            o = model(torch.from_numpy(x[i : i + 256]), return_blocks=blocks)
-            out.append(select_features(o, feature, n_blocks=n_blocks).float().numpy())
+            o = model(torch.from_numpy(x[i : i + 256]).to(dev), return_blocks=blocks)
+            out.append(select_features(o, feature, n_blocks=n_blocks).float().cpu().numpy())
     return np.concatenate(out)
 
 
