@@ -476,8 +476,8 @@ def _train_locked(
                     "train.run_dir (model.pretrained= fine-tunes from this one)"
                     if data_changed
                     else "--resume may change only train.epochs and speed or logging settings "
-                    "(num_workers, device, amp, log_every, save_every, diagnostics): use the "
-                    "run's own settings (its config.yaml), or start a new run in another "
+                    "(num_workers, device, amp, compile, log_every, save_every, diagnostics): "
+                    "use the run's own settings (its config.yaml), or start a new run in another "
                     "train.run_dir (model.pretrained= fine-tunes from this one)"
                 )
                 raise DataError(
