@@ -583,6 +583,7 @@ def section_bbbc021(
         "transport": str(cells),
         "config": str(base) if base else "celldino defaults",
         "overrides": over,
+        "feature": C.load_config(base, over).extract.feature,
         "calibration": {"epochs": calib_epochs, "seconds": t_calib, "images_per_s": rate},
         "train": {
             "epochs": epochs,
@@ -597,6 +598,7 @@ def section_bbbc021(
     cmd = [sys.executable, str(ROOT / "bench" / "real_cells.py"), "score", "--cells", str(cells)]
     cmd += ["--checkpoint", str(run_dir), "--out", str(score_out)]
     cmd += ["--threads", str(min(os.cpu_count() or 2, 16))]
+    cmd += ["--feature", C.load_config(base, over).extract.feature]  # the recipe's feature
     if args.smoke:
         cmd += ["--no-engineered", "--n-boot", "20"]
     t0 = time.perf_counter()
