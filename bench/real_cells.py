@@ -537,7 +537,11 @@ def cmd_curve(args) -> None:
 
 
 def cmd_table(args) -> None:
-    recs = [json.loads(l) for l in open(RESULTS / "real_cells.jsonl")]
+    recs = [json.loads(line) for line in open(RESULTS / "real_cells.jsonl")]
+    last = {}  # a rescored run (--resume) replaces its earlier line, first position kept
+    for r in recs:
+        last[(r["name"], r["feature"], r.get("norm", "global"))] = r
+    recs = list(last.values())
     print(
         "| run | changes | min | k=5 F1 [CI] | minus random init [CI] | linear F1 | minus random |"
     )
