@@ -126,16 +126,28 @@ def hf_vit(sd: dict, img: int, patch: int, in_chans: int, dim: int, depth: int, 
         "layernorm.weight": sd["norm.weight"],
         "layernorm.bias": sd["norm.bias"],
     }
+    # transformers 5 names its blocks layers.N (q/k/v_proj, o_proj, mlp.fc1/2); 4.x encoder.layer.N
+    v5 = any(k.startswith("layers.") for k in model.state_dict())
+    qkv = (
+        [f"attention.{n}_proj." for n in "qkv"]
+        if v5
+        else [f"attention.attention.{n}." for n in ("query", "key", "value")]
+    )
+    out, fc1, fc2 = (
+        ("attention.o_proj.", "mlp.fc1.", "mlp.fc2.")
+        if v5
+        else ("attention.output.dense.", "intermediate.dense.", "output.dense.")
+    )
     for i in range(depth):
-        s, b = f"layers.{i}.", f"blocks.{i}."
+        s, b = (f"layers.{i}." if v5 else f"encoder.layer.{i}."), f"blocks.{i}."
         for t in ("weight", "bias"):
-            for j, name in enumerate("qkv"):
-                hf[s + f"attention.{name}_proj.{t}"] = sd[b + "attn.qkv." + t].chunk(3)[j]
-            hf[s + "attention.o_proj." + t] = sd[b + "attn.proj." + t]
+            for j, name in enumerate(qkv):
+                hf[s + name + t] = sd[b + "attn.qkv." + t].chunk(3)[j]
+            hf[s + out + t] = sd[b + "attn.proj." + t]
             hf[s + "layernorm_before." + t] = sd[b + "norm1." + t]
             hf[s + "layernorm_after." + t] = sd[b + "norm2." + t]
-            hf[s + "mlp.fc1." + t] = sd[b + "mlp.fc1." + t]
-            hf[s + "mlp.fc2." + t] = sd[b + "mlp.fc2." + t]
+            hf[s + fc1 + t] = sd[b + "mlp.fc1." + t]
+            hf[s + fc2 + t] = sd[b + "mlp.fc2." + t]
     model.load_state_dict(hf, strict=True)
     return model
 

@@ -377,46 +377,10 @@ def section_host_syncs(res: Results, sz, device: torch.device, work: Path) -> No
 
 
 def hf_model(sd: dict, img: int, patch: int, in_chans: int, dim: int, depth: int, heads: int):
-    """HF ViTModel with celldino's weights: transformers 5 names, else the 4.x names."""
-    from transformers import ViTConfig, ViTModel
-
+    """HF ViTModel with celldino's weights (transformers 5 or 4.x names: bench_inference)."""
     from bench_inference import hf_vit
 
-    try:
-        return hf_vit(sd, img, patch, in_chans, dim, depth, heads)
-    except (KeyError, RuntimeError):
-        pass
-    cfg = ViTConfig(
-        hidden_size=dim,
-        num_hidden_layers=depth,
-        num_attention_heads=heads,
-        intermediate_size=4 * dim,
-        image_size=img,
-        patch_size=patch,
-        num_channels=in_chans,
-        layer_norm_eps=1e-6,
-    )
-    model = ViTModel(cfg, add_pooling_layer=False)
-    hf = {
-        "embeddings.cls_token": sd["cls_token"],
-        "embeddings.position_embeddings": sd["pos_embed"],
-        "embeddings.patch_embeddings.projection.weight": sd["patch_embed.proj.weight"],
-        "embeddings.patch_embeddings.projection.bias": sd["patch_embed.proj.bias"],
-        "layernorm.weight": sd["norm.weight"],
-        "layernorm.bias": sd["norm.bias"],
-    }
-    for i in range(depth):
-        s, b = f"encoder.layer.{i}.", f"blocks.{i}."
-        for t in ("weight", "bias"):
-            for j, name in enumerate(("query", "key", "value")):
-                hf[s + f"attention.attention.{name}.{t}"] = sd[b + "attn.qkv." + t].chunk(3)[j]
-            hf[s + "attention.output.dense." + t] = sd[b + "attn.proj." + t]
-            hf[s + "layernorm_before." + t] = sd[b + "norm1." + t]
-            hf[s + "layernorm_after." + t] = sd[b + "norm2." + t]
-            hf[s + "intermediate.dense." + t] = sd[b + "mlp.fc1." + t]
-            hf[s + "output.dense." + t] = sd[b + "mlp.fc2." + t]
-    model.load_state_dict(hf, strict=True)
-    return model
+    return hf_vit(sd, img, patch, in_chans, dim, depth, heads)
 
 
 def section_extract(res: Results, sz, device: torch.device, smoke: bool) -> None:
