@@ -64,3 +64,41 @@ def weights_init(cfg) -> dict[str, torch.Tensor]:
     meta = DINOMetaArch(backbone, head, out_dim=cfg.model.out_dim)
     out = {f"student.{k}": v for k, v in meta.student.state_dict().items()}
     return out | {f"teacher.{k}": v for k, v in meta.teacher.state_dict().items()}
+
+
+def _diverged_rank(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from celldino.train.loop import TrainingDiverged, _raise_if_diverged
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        bad = torch.tensor(7 if rank == 1 else -1)  # only rank 1 saw a NaN loss, at step 7
+        loss = torch.tensor(float("nan") if rank == 1 else 0.0)
+        try:
+            _raise_if_diverged(bad, loss)
+            msg = "no error"
+        except TrainingDiverged as e:
+            msg = str(e)
+        with open(f"{out}.{rank}", "w") as fh:
+            fh.write(msg)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_a_nan_loss_on_one_rank_stops_every_rank(tmp_path):
+    """DDP averages one rank's NaN gradients into every rank's weights: rank 0, which saves,
+    must refuse too (each rank checking only its own loss let rank 0 save NaN weights)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "msg")
+    mp.spawn(_diverged_rank, args=(port, out), nprocs=2, join=True)
+    msgs = [open(f"{out}.{r}").read() for r in (0, 1)]
+    assert "at step 7" in msgs[0] and "another rank" in msgs[0]
+    assert "loss is nan at step 7" in msgs[1]

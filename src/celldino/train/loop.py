@@ -126,12 +126,21 @@ def _set_update_kernel(optimizer: torch.optim.Optimizer, fused: bool) -> None:
                 st["step"] = st["step"].to(p.device if fused else "cpu", torch.float32)
 
 
-def _raise_if_diverged(bad_step: torch.Tensor, bad_loss: torch.Tensor) -> None:
-    """The divergence check: one host sync, made at log steps and before every save."""
+def _raise_if_diverged(
+    bad_step: torch.Tensor, bad_loss: torch.Tensor, *, collective: bool = True
+) -> None:
+    """The divergence check: one host sync, made at log steps and before every save. Under
+    torchrun every rank calls it at the same steps and learns of any rank's non-finite loss (DDP
+    has averaged that rank's NaN gradients into every rank's weights, rank 0's included);
+    `collective=False` (an interrupt, where ranks stop at different points) checks this rank."""
+    if collective and torch.distributed.is_available() and torch.distributed.is_initialized():
+        bad_step = bad_step.clone()
+        torch.distributed.all_reduce(bad_step, op=torch.distributed.ReduceOp.MAX)
     at = int(bad_step)
     if at >= 0:
+        loss = f"{float(bad_loss)}" if float(bad_loss) != 0.0 else "non-finite on another rank"
         raise TrainingDiverged(
-            f"loss is {float(bad_loss)} at step {at}: lower train.lr, raise "
+            f"loss is {loss} at step {at}: lower train.lr, raise "
             "train.warmup_epochs or set train.clip_grad (the last checkpoint is kept)"
         )
 
@@ -669,10 +678,10 @@ def _train_locked(
 
                 text = None
                 end_of_epoch = step % spe == 0
-                if end_of_epoch or step == stop_at_step:  # never save diverged weights
+                log_step = step % max(tc.log_every, 1) == 0 or step == total_steps
+                if end_of_epoch or step == stop_at_step or log_step:  # never save diverged weights
                     _raise_if_diverged(bad_step, bad_loss)
-                if step % max(tc.log_every, 1) == 0 or step == total_steps:
-                    _raise_if_diverged(bad_step, bad_loss)
+                if log_step:
                     record = {
                         "step": step,
                         "epoch": step / spe,
@@ -731,7 +740,7 @@ def _train_locked(
                 if step == stop_at_step:
                     return run_dir
     except KeyboardInterrupt:
-        _raise_if_diverged(bad_step, bad_loss)
+        _raise_if_diverged(bad_step, bad_loss, collective=False)
         if step > 0:
             _save(cfg, info, run_dir, meta, optimizer, step, step // spe, epoch_copy=False, **saved)
             logger.warning("interrupted at step %d; `--resume` continues from here", step)
