@@ -97,6 +97,8 @@ def load_cells(source: Path | None = None, norm: str = "global") -> tuple[np.nda
     `build_transport` (global scaling)."""
     source = Path(source) if source else (DATA if DATA.exists() else TRANSPORT)
     if source.suffix == ".npz":
+        if norm != "global":
+            raise SystemExit(f"{source} holds globally scaled cells: --norm {norm} needs {DATA}")
         z = np.load(source, allow_pickle=False)
         x = z["images"].astype(np.float32) / 255.0  # (N, C, 64, 64) uint8
         meta = pd.DataFrame({k: z[k] for k in META})
@@ -215,11 +217,17 @@ def _pca_fold(train: np.ndarray, test: np.ndarray, n: int = 50) -> list[np.ndarr
 
 
 def predict(
-    f: np.ndarray | dict[str, np.ndarray], meta: pd.DataFrame, task: str, *, pca: int = 0
+    f: np.ndarray | dict[str, np.ndarray],
+    meta: pd.DataFrame,
+    task: str,
+    *,
+    pca: int = 0,
+    weights: np.ndarray | None = None,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Leave-one-plate-out predictions of every classifier: ({name: (n,) codes}, (n,) truth codes)
     for the rows of `meta`. `f` is one (n, F) array, or one per held-out plate (a model trained
-    without that plate's cells embeds every cell of its fold)."""
+    without that plate's cells embeds every cell of its fold); `weights` (F,) scale the z-scored
+    columns (`block_weights`)."""
     y_all, classes = pd.factorize(meta[TASKS[task]].astype(str), sort=True)
     preds = {f"kNN k={k}": np.full(len(meta), -1) for k in KS} | {"linear": np.full(len(meta), -1)}
     for plate in PLATES:
@@ -227,6 +235,8 @@ def predict(
         train = ~test
         fp = f[plate] if isinstance(f, dict) else f
         a, b = _zscore(fp[train], fp[test])
+        if weights is not None:  # after the z-score, which would undo any scaling before it
+            a, b = a * weights, b * weights
         if pca:
             a, b = _zscore(*_pca_fold(a, b, pca))
         for k in KS:
@@ -272,7 +282,9 @@ class Scorer:
         f = f[self.keep] if len(f) == len(self.keep) else f
         return f if level == "cell" else _fov_means(f, self.meta)[0]
 
-    def score(self, name: str, f, *, pca: int = 0, tasks=TASKS, levels=None) -> pd.DataFrame:
+    def score(
+        self, name: str, f, *, pca: int = 0, weights=None, tasks=TASKS, levels=None
+    ) -> pd.DataFrame:
         """Rows of every task x level x classifier; `f` (N, F) or {held-out plate: (N, F)}."""
         rows = []
         for level in levels or ("cell", "fov"):
@@ -282,7 +294,7 @@ class Scorer:
             else:
                 g = self._rows(f, level)
             for task in tasks:
-                preds, y = predict(g, m, task, pca=pca)
+                preds, y = predict(g, m, task, pca=pca, weights=weights)
                 n_train = min(int((m["plate"] != pl).sum()) for pl in PLATES)
                 for clf, p in preds.items():
                     self.preds[(name, task, level, clf)] = (p, y)
@@ -318,7 +330,7 @@ class Scorer:
             ]
         )
         lo, hi = np.nanpercentile(boot, [2.5, 97.5])
-        n_test = int((m["plate"] == PLATES[1]).sum())
+        n_test = min(int((m["plate"] == pl).sum()) for pl in PLATES)
         return {
             "f1": float(obs[0]),
             "ci_low": float(lo),
@@ -340,13 +352,10 @@ class Scorer:
         return {"delta": float(oa[0] - ob[0]), "ci_low": float(lo), "ci_high": float(hi)}
 
 
-def concat(*blocks: np.ndarray) -> np.ndarray:
-    """Blocks z-scored then scaled to equal total variance, side by side."""
-    out = []
-    for b in blocks:
-        z = (b - b.mean(0)) / np.where(b.std(0) > 1e-12, b.std(0), 1.0)
-        out.append(z / np.sqrt(b.shape[1]))
-    return np.concatenate(out, axis=1)
+def block_weights(*widths: int) -> np.ndarray:
+    """Column weights giving each block of z-scored features the same total variance (1 / sqrt
+    of its width), so 1,590 CellProfiler columns do not drown 768 learned ones."""
+    return np.concatenate([np.full(w, 1 / np.sqrt(w)) for w in widths])
 
 
 def print_table(df: pd.DataFrame, task: str, level: str) -> None:
@@ -522,7 +531,7 @@ def cmd_curve(args) -> None:
                 ax.axhline(r.f1, color=f"C{i + 1}", ls="--", label=n)
                 ax.axhspan(r.ci_low, r.ci_high, color=f"C{i + 1}", alpha=0.1)
             ax.axhline(
-                c.f1.iloc[0] * 0 + points[0][2][points[0][2].classifier == clf].chance.iloc[0],
+                points[0][2][points[0][2].classifier == clf].chance.iloc[0],
                 color="grey",
                 ls=":",
                 label="chance",
@@ -573,9 +582,9 @@ def cmd_score(args) -> None:
         frames.append(sc.score("PCA(CellProfiler, 50)", sets["CellProfiler"], pca=50))
         for ck in args.checkpoint:
             name = Path(ck).name
-            frames.append(
-                sc.score(f"{name} + CellProfiler", concat(sets[name], sets["CellProfiler"]))
-            )
+            both = np.concatenate([sets[name], sets["CellProfiler"]], axis=1)
+            w = block_weights(sets[name].shape[1], sets["CellProfiler"].shape[1])
+            frames.append(sc.score(f"{name} + CellProfiler", both, weights=w))
     df = pd.concat(frames, ignore_index=True)
     refs = [r for r in ("random init", "CellProfiler", "intensity stats (30)") if r in sets]
     heads = {n: _headline(sc, df, n, [r for r in refs if r != n]) for n in sets if n not in refs}

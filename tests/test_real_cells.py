@@ -116,3 +116,26 @@ def test_scaling_keeps_or_removes_intensity_as_documented(rc):
     assert abs(p[3:].mean() - p[:3].mean()) < 0.05  # per plate takes it out
     for k in range(6):  # per crop: each crop spans its own window
         assert c[k].max() == pytest.approx(1.0) and c[k].min() == pytest.approx(0.0)
+
+
+def test_block_weights_apply_after_the_zscore_and_fields_are_pandas_means(rc):
+    f, meta = _screen(rc, seed=4, shift=0.0)
+    f = np.concatenate([f, np.random.default_rng(5).normal(size=(len(f), 30))], axis=1)
+    w = rc.block_weights(6, 30)
+    assert w[:6] == pytest.approx(1 / np.sqrt(6)) and (w**2)[6:].sum() == pytest.approx(1.0)
+    keep = meta["plate"].isin(rc.PLATES).to_numpy()
+    g, m = f[keep], meta[keep].reset_index(drop=True)
+    y = m["concentration_uM"].astype(str).to_numpy()
+    plate = rc.PLATES[0]
+    te = (m["plate"] == plate).to_numpy()
+    mu, sd = g[~te].mean(0), g[~te].std(0)
+    a, b = (g[~te] - mu) / sd * w, (g[te] - mu) / sd * w
+    want = KNeighborsClassifier(5, metric="cosine", algorithm="brute").fit(a, y[~te]).predict(b)
+    preds, codes = rc.predict(g, m, "dose", weights=w)
+    classes = np.unique(y)
+    assert (classes[preds["kNN k=5"][te]] == want).all()
+    # field of view level: pandas' group means, one metadata row per field in the same order
+    means, fm = rc._fov_means(g, m)
+    ref = pd.DataFrame(g).groupby(m["source_image_stem"].to_numpy(), sort=False).mean()
+    assert list(fm["source_image_stem"]) == list(ref.index)
+    assert np.allclose(means, ref.to_numpy())
