@@ -566,7 +566,15 @@ def section_bbbc021(
     if args.smoke:
         cmd += ["--no-engineered", "--n-boot", "20"]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=None)
+    try:  # what is left of the call's budget, never unbounded
+        proc = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            timeout=None if args.smoke else max(30.0, deadline - time.time()),
+        )
+    except subprocess.TimeoutExpired as e:
+        raise RuntimeError(f"scoring ran past the budget: {' '.join(cmd)}") from e
     sec["score"] = {
         "command": " ".join(cmd),
         "returncode": proc.returncode,
@@ -577,6 +585,8 @@ def section_bbbc021(
     if score_out.exists():
         sec["score"]["headline"] = json.loads(score_out.read_text()).get("headline")
     res.put("bbbc021", sec)
+    if proc.returncode:  # the section fails (and the check's exit code with it)
+        raise RuntimeError(f"scoring failed ({proc.returncode}): {proc.stderr[-500:]}")
 
 
 # ---- tables ----------------------------------------------------------------------------------
