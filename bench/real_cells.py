@@ -549,7 +549,10 @@ def cmd_table(args) -> None:
     recs = [json.loads(line) for line in open(RESULTS / "real_cells.jsonl")]
     last = {}  # a rescored run (--resume) replaces its earlier line, first position kept
     for r in recs:
-        last[(r["name"], r["feature"], r.get("norm", "global"))] = r
+        key = (r["name"], r["feature"], r.get("norm", "global"))
+        if key in last and r["minutes"] != r["minutes"]:  # NaN: rescored, training time kept
+            r["minutes"] = last[key]["minutes"]
+        last[key] = r
     recs = list(last.values())
     print(
         "| run | changes | min | k=5 F1 [CI] | minus random init [CI] | linear F1 | minus random |"
