@@ -15,16 +15,15 @@ DNA but does not confirm the order of channels 1 and 2; channel 2 is used as the
 channel on that assumption (both are cytoskeletal stains that fill the cell, so the cell mask
 depends little on it, but the channel names in the feature names may be swapped).
 
-Check (leave-one-plate-out cosine 5-NN macro-F1 on the three plates holding both DMSO and
-cycloheximide; features z-scored on the training plates, or per plate on each plate's own cells):
+Build the CellProfiler cache once (`bench/real_cells.py score` then scores both sets on the
+same cells and splits as every learned set):
 
     nice -n 10 .venv/bin/python bench/real_cells_engineered.py --families all --workers 2
 
 Measured 2026-11-26 on the shared 2-core machine: all families 8.1 cells/s on 200 crops (one
 worker, load ~4); all 7,774 crops 25.5 min with 2 workers at load 5-8 (bench/results cache,
-85 MB); 0 crops without a centre nucleus; 24 cells with NaN values (no cytoplasm), imputed.
-Dose mean F1 (z train / z per plate): 30 stats 0.511 / 0.499, CellProfiler all 0.479 / 0.467.
-DMSO vs CHX: 0.961 / 0.965 and 0.939 / 0.941.
+85 MB); 0 crops without a centre nucleus; 24 cells with NaN values (no cytoplasm), imputed;
+1,590 features after 12 constant ones. Scores: docs/validation.md.
 """
 
 from __future__ import annotations
@@ -37,7 +36,6 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "bbbc021_crops"
@@ -277,50 +275,11 @@ def cellprofiler_features(
     return feats[:, keep].astype(np.float32), [n for n, k in zip(names, keep) if k]
 
 
-# --- the check -------------------------------------------------------------------------------
-
-
-def _zscore(f: np.ndarray, fit: np.ndarray) -> np.ndarray:
-    mu, sd = f[fit].mean(0), f[fit].std(0)
-    return (f - mu) / np.where(sd > 0, sd, 1.0)
-
-
-def leave_plate_out(
-    feats: np.ndarray, y: np.ndarray, plate: np.ndarray, per_plate: bool
-) -> dict[str, float]:
-    """Cosine 5-NN macro-F1 per held-out plate; z-scored on the training plates, or each plate on
-    its own cells (`per_plate`, no labels used)."""
-    from sklearn.metrics import f1_score
-    from sklearn.neighbors import KNeighborsClassifier
-
-    out = {}
-    for p in PLATES:
-        test = plate == p
-        if per_plate:
-            z = np.empty_like(feats, dtype=np.float64)
-            for q in PLATES:
-                m = plate == q
-                z[m] = _zscore(feats[m], np.ones(m.sum(), bool))
-        else:
-            z = _zscore(feats.astype(np.float64), ~test)
-        clf = KNeighborsClassifier(5, metric="cosine").fit(z[~test], y[~test])
-        out[p] = f1_score(y[test], clf.predict(z[test]), average="macro")
-    out["mean"] = float(np.mean([out[p] for p in PLATES]))
-    return out
-
-
-def scaled_centre(images: np.ndarray) -> np.ndarray:
-    """Centre 64 px, per-channel 0.1-99.9 % of these crops to [0, 1] (as
-    bench/real_cells.py)."""
-    x = images[:, 2:66, 2:66, :].astype(np.float32)
-    lo = np.percentile(x, 0.1, axis=(0, 1, 2), keepdims=True)
-    hi = np.percentile(x, 99.9, axis=(0, 1, 2), keepdims=True)
-    return np.clip((x - lo) / (hi - lo), 0, 1)
+# --- building the cache ------------------------------------------------------------------------
 
 
 def main() -> None:
-    from celldino.data.engineered import FAMILIES, FEATURE_SETS, resolve_families
-
+    """Build (or time) the CellProfiler cache; `bench/real_cells.py score` scores it."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--families", default="all", help="FEATURE_SETS name or families")
@@ -328,46 +287,16 @@ def main() -> None:
     ap.add_argument("--speed", type=int, default=0, help="only time this many crops and exit")
     ap.add_argument("--cache", type=Path, default=None, help="default bench/results/...npz")
     args = ap.parse_args()
-    meta = pd.read_csv(args.data / "metadata.csv")
     images = np.load(args.data / "crops_all.npz")["images"]
     if args.speed:
         sub = np.random.default_rng(0).choice(len(images), args.speed, replace=False)
+        t0 = time.perf_counter()
         cellprofiler_features(images[np.sort(sub)], None, args.families, args.workers)
+        print(f"{args.speed / (time.perf_counter() - t0):.1f} cells/s")
         return
     cache = args.cache or RESULTS / f"bbbc021_cp_{args.families.replace(',', '+')}.npz"
-    cp_all, cp_names = cellprofiler_features(images, cache, args.families, args.workers)
-    keep = meta["plate"].isin(PLATES).to_numpy()
-    sub_meta = meta[keep].reset_index(drop=True)
-    plate = sub_meta["plate"].to_numpy()
-    cp = cp_all[keep]
-    const = np.ptp(cp, axis=0) == 0
-    cp, cp_names = cp[:, ~const], [n for n, c in zip(cp_names, const) if not c]
-    stats, _ = intensity_stats(scaled_centre(images[keep]))
-    tasks = {
-        "dose": sub_meta["concentration_uM"].astype(str).to_numpy(),
-        "DMSO vs CHX": sub_meta["compound"].astype(str).to_numpy(),
-    }
-    cols = [*PLATES, "mean"]
-    print(
-        f"\nBBBC021, leave-one-plate-out cosine 5-NN macro-F1, {len(plate)} cells "
-        f"(CellProfiler {args.families}: {cp.shape[1]} features)"
-    )
-    print(f"| {'task':<11} | {'features':<34} | " + " | ".join(f"{c:>11}" for c in cols) + " |")
-    print("|" + "---|" * (len(cols) + 2))
-    for task, y in tasks.items():
-        rows = {}
-        sets = {"30 intensity stats": stats, f"CellProfiler {args.families}": cp}
-        if resolve_families(args.families) == FAMILIES:  # the fast families: a column subset
-            fast = [n.split("_")[1] in FEATURE_SETS["fast"] for n in cp_names]
-            sets["CellProfiler fast (of all)"] = cp[:, np.asarray(fast)]
-        for fname, f in sets.items():
-            for per_plate in (False, True):
-                label = f"{fname}, z {'per plate' if per_plate else 'train'}"
-                rows[label] = leave_plate_out(f, y, plate, per_plate)
-        for label, r in rows.items():
-            print(
-                f"| {task:<11} | {label:<34} | " + " | ".join(f"{r[c]:>11.3f}" for c in cols) + " |"
-            )
+    cellprofiler_features(images, cache, args.families, args.workers)
+    print(f"cached in {cache}; score with: .venv/bin/python bench/real_cells.py score")
 
 
 if __name__ == "__main__":
