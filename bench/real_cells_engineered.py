@@ -40,7 +40,6 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "bbbc021_crops"
 RESULTS = ROOT / "bench" / "results"
-PLATES = ("Week4_27801", "Week4_27821", "Week4_27861")
 CHANNELS = ["DNA", "Tubulin", "Actin"]  # README: 1/2 order unconfirmed (see module docstring)
 CELL_CHANNEL = 2
 PERCENTILES = (5, 25, 50, 75, 95)
