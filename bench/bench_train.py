@@ -42,7 +42,8 @@ def make(cfg: C.Config, device: torch.device):
     return meta, opt
 
 
-def step(meta, opt, crops: list[torch.Tensor], amp: bool) -> float:
+def step(meta, opt, crops: list[torch.Tensor], amp: bool) -> torch.Tensor:
+    """One DINO step on ready crops; the loss stays on the device (no host sync)."""
     dev = crops[0].device
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
         loss, _ = meta.forward_losses(
@@ -53,7 +54,7 @@ def step(meta, opt, crops: list[torch.Tensor], amp: bool) -> float:
     torch.nn.utils.clip_grad_norm_(meta.student.parameters(), 3.0)
     opt.step()
     meta.update_teacher(0.996)
-    return float(loss.detach())
+    return loss.detach()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -188,20 +188,10 @@ def _build_step(cfg: C.Config, device: torch.device, compile_: bool):
 
 
 def _step(parts, images, step: int, amp: bool, device: torch.device) -> torch.Tensor:
-    from celldino.augment import N_GLOBAL_CROPS
+    from bench_train import step as dino_step  # the same step bench_train times on a CPU
 
     meta, opt, multicrop, step_generator = parts
-    crops = multicrop(images, generator=step_generator(0, step, 0))
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-        loss, _ = meta.forward_losses(
-            crops[:N_GLOBAL_CROPS], crops[N_GLOBAL_CROPS:], teacher_temp=0.04
-        )
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(meta.student.parameters(), 3.0)
-    opt.step()
-    meta.update_teacher(0.996)
-    return loss.detach()
+    return dino_step(meta, opt, multicrop(images, generator=step_generator(0, step, 0)), amp)
 
 
 def count_flops(cfg: C.Config, sz: dict, device: torch.device) -> dict:
