@@ -5,8 +5,8 @@
 #
 # A session with a GPU runs it once, as its first act:
 #   1. here (CPU): .venv/bin/python bench/real_cells.py transport   # transport/bbbc021.npz, ~41 MB
-#      (optional: the harness's CellProfiler cache bench/results/bbbc021_cp_*.npz copied into
-#      transport/ travels too, if the total stays under 64 MiB), then check the size that travels:
+#      (CellProfiler's scores of the same cells travel in bench/real_cells_reference.json, tracked:
+#      its 85 MB cache would not fit), then check the size that travels:
 #      git ls-files | xargs du -ch | tail -1;  du -sh transport     # together < 64 MiB
 #   2. the device call (one; ~1-2 min start + at most 8 min; leaves ~5 of the 15 device minutes):
 #      run(command="bash bench/gpu_check.sh", carry=["transport"], timeout_s=480)
@@ -25,11 +25,6 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 if [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ]; then PY=.venv/bin/python; fi
-# the harness looks for its CellProfiler cache in bench/results/ (git-ignored: it travels in
-# transport/)
-if compgen -G "transport/bbbc021_cp_*.npz" >/dev/null; then
-  mkdir -p bench/results && cp -n transport/bbbc021_cp_*.npz bench/results/
-fi
 if [ -n "${OUT:-}" ]; then
   "$PY" bench/gpu_check.py "$@" 2>&1 | tee "$OUT/gpu_check.log"
   exit "${PIPESTATUS[0]}"
