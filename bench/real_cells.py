@@ -455,6 +455,12 @@ def cmd_ablate(args) -> None:
         ]
     )
     last = json.loads(state.read_text().splitlines()[-1]) if state.exists() else {}
+    planned = C.load_config(state.parent / "config.yaml").train.epochs
+    if last.get("epoch", 0) < planned:  # an interrupted run would score as if it had finished
+        raise SystemExit(
+            f"{state.parent} stopped at epoch {last.get('epoch', 0):g} of {planned}: "
+            "resume its training (`celldino train CONFIG --resume`) or delete it"
+        )
     rec = {
         "name": args.name,
         "overrides": args.overrides,
