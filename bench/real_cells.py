@@ -446,6 +446,13 @@ def cmd_ablate(args) -> None:
         minutes = _train_or_reuse(x, meta, run_dir, args.overrides)
         f, mcfg = learned_sets(run_dir, x, args.feature)
         state = run_dir / "metrics.jsonl"
+    last = json.loads(state.read_text().splitlines()[-1]) if state.exists() else {}
+    planned = C.load_config(state.parent / "config.yaml").train.epochs
+    if last.get("epoch", 0) < planned:  # an interrupted run would score as if it had finished
+        raise SystemExit(
+            f"{state.parent} stopped at epoch {last.get('epoch', 0):g} of {planned}: "
+            "resume its training (`celldino train CONFIG --resume`) or delete it"
+        )
     sc = Scorer(meta, n_boot=args.n_boot)
     kw = dict(tasks=("dose",), levels=("cell",))
     df = pd.concat(
@@ -454,13 +461,6 @@ def cmd_ablate(args) -> None:
             sc.score("random init", embed(random_init(mcfg), x, args.feature), **kw),
         ]
     )
-    last = json.loads(state.read_text().splitlines()[-1]) if state.exists() else {}
-    planned = C.load_config(state.parent / "config.yaml").train.epochs
-    if last.get("epoch", 0) < planned:  # an interrupted run would score as if it had finished
-        raise SystemExit(
-            f"{state.parent} stopped at epoch {last.get('epoch', 0):g} of {planned}: "
-            "resume its training (`celldino train CONFIG --resume`) or delete it"
-        )
     rec = {
         "name": args.name,
         "overrides": args.overrides,
@@ -496,7 +496,7 @@ def cmd_curve(args) -> None:
     n_train = len(x)  # `ablate` without --per-fold trains on every cell
     sc = Scorer(meta, n_boot=args.n_boot)
     kw = dict(tasks=("dose",), levels=("cell",))
-    model, mcfg = load_backbone(run)
+    mcfg = load_backbone(run)[1]  # the architecture of the random-init point
     points = [("random init", 0, sc.score("r", embed(random_init(mcfg), x, args.feature), **kw))]
     for fl in files:
         ep = int(fl.stem.split("_")[1])
