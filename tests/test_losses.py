@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -104,3 +105,53 @@ def test_koleo_matches_hand_computation():
     # a collapsed batch is punished far more than a spread one
     collapsed = torch.tensor([[1.0, 0.0], [1.0, 1e-4], [1.0, -1e-4]])
     assert KoLeoLoss()(collapsed) > got + 5
+
+
+def _dinov2_sinkhorn_numpy(t: np.ndarray, temp: float, n_iterations: int = 3) -> np.ndarray:
+    """DINOv2's sinkhorn_knopp_teacher (dinov2/loss/dino_clstoken_loss.py), one rank, float64,
+    as written there (celldino computes the same in the log domain)."""
+    Q = np.exp(t / temp).T  # (K, B)
+    K, B = Q.shape
+    Q = Q / Q.sum()
+    for _ in range(n_iterations):
+        Q = Q / Q.sum(axis=1, keepdims=True) / K
+        Q = Q / Q.sum(axis=0, keepdims=True) / B
+    return (Q * B).T
+
+
+def test_sinkhorn_knopp_matches_dinov2_and_balances_prototypes():
+    from celldino.losses.dino_loss import sinkhorn_knopp
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(12, 5, generator=g, dtype=torch.float64)
+    t[:, 0] += 2.0  # every crop prefers prototype 0: a plain softmax piles them there
+    got = sinkhorn_knopp(t, 0.5).double().numpy()
+    want = _dinov2_sinkhorn_numpy(t.numpy(), 0.5)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(got.sum(axis=1), 1.0, rtol=1e-5)  # each crop: a distribution
+    # prototype 0 keeps about its fair share B/K of the mass (softmax alone gives it most)
+    plain = torch.softmax(t / 0.5, dim=-1).numpy()
+    assert plain[:, 0].sum() > 0.5 * 12
+    assert abs(got[:, 0].sum() - 12 / 5) < 0.2 * 12 / 5
+    # far-apart logits at a low temperature: exp() alone would give inf or 0/0
+    sharp = sinkhorn_knopp(t.float() * 100, 0.04)
+    assert torch.isfinite(sharp).all()
+
+
+def test_dino_loss_sinkhorn_uses_no_centre():
+    torch.manual_seed(0)
+    loss = DINOLoss(4, centering="sinkhorn_knopp")
+    s, t = torch.randn(8, 4), torch.randn(4, 4)
+    from celldino.losses.dino_loss import sinkhorn_knopp
+
+    q = sinkhorn_knopp(t, 0.04).chunk(2)
+    logp = torch.log_softmax(s / 0.1, dim=-1).chunk(4)
+    want = (
+        sum(torch.sum(-q[i] * logp[v], dim=-1).mean() for i in range(2) for v in range(4) if v != i)
+        / 6
+    )
+    got = loss(s, t, 0.04)
+    assert torch.allclose(got, want, atol=1e-6)
+    assert torch.equal(loss.center, torch.zeros(1, 4))  # never moved
+    with pytest.raises(ValueError, match="centering"):
+        DINOLoss(4, centering="sinkhorn")

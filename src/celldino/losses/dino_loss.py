@@ -4,9 +4,17 @@ Caron et al. 2021. The teacher's outputs for the global crops are centred (a run
 teacher outputs, the *centre*, is subtracted) and sharpened with a low temperature; the student's
 outputs for every crop are compared with every teacher crop except the same view. The centre is
 updated with momentum after each step and, under torch.distributed, averaged over all ranks.
+
+`centering="sinkhorn_knopp"` replaces the running centre by DINOv2's Sinkhorn-Knopp
+normalisation of the batch (Oquab et al. 2023, after SwAV): the teacher's assignments of the
+batch's global crops are rescaled, a few times alternately, so that every prototype receives the
+same total mass over the batch and every crop a distribution summing to one. The teacher can no
+longer put most cells on a few prototypes (the "coarse partition" a running centre allows).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
@@ -20,6 +28,37 @@ def _all_reduce_sum(x: torch.Tensor) -> tuple[torch.Tensor, int]:
         dist.all_reduce(x)
         return x, dist.get_world_size()
     return x, 1
+
+
+CENTERINGS = ("center", "sinkhorn_knopp")
+
+
+def _logsumexp_over_ranks(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """log(sum(exp(x))) along `dim`, summed over every rank's rows when distributed."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return torch.logsumexp(x, dim=dim, keepdim=True)
+    m = x.amax(dim=dim, keepdim=True)
+    dist.all_reduce(m, op=dist.ReduceOp.MAX)
+    s = torch.exp(x - m).sum(dim=dim, keepdim=True)
+    dist.all_reduce(s)
+    return m + torch.log(s)
+
+
+@torch.no_grad()
+def sinkhorn_knopp(teacher_out: torch.Tensor, teacher_temp: float, n_iterations: int = 3):
+    """DINOv2's `sinkhorn_knopp_teacher`: (B, K) logits → (B, K) assignments, rows summing to 1.
+
+    Q = exp(logits / T), then `n_iterations` times: each prototype's column (over every rank's
+    batch) scaled to total 1/K, then each crop's row to 1/B; returned × B. Computed in the log
+    domain (the same numbers): no overflow or 0/0 at low temperatures.
+    """
+    log_q = teacher_out.detach().float() / teacher_temp  # (B, K)
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    B, K = log_q.shape[0] * world, log_q.shape[1]
+    for _ in range(n_iterations):
+        log_q = log_q - _logsumexp_over_ranks(log_q, 0) - math.log(K)  # prototypes: 1/K each
+        log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True) - math.log(B)  # crops: 1/B
+    return torch.exp(log_q + math.log(B))
 
 
 class DINOLoss(nn.Module):
@@ -36,8 +75,12 @@ class DINOLoss(nn.Module):
         *,
         student_temp: float = 0.1,
         center_momentum: float = 0.9,
+        centering: str = "center",
     ) -> None:
         super().__init__()
+        if centering not in CENTERINGS:
+            raise ValueError(f"centering={centering!r}: one of {', '.join(CENTERINGS)}")
+        self.centering = centering
         self.out_dim = out_dim
         self.student_temp = student_temp
         self.center_momentum = center_momentum
@@ -48,8 +91,12 @@ class DINOLoss(nn.Module):
     ) -> torch.Tensor:
         """Centred, sharpened teacher distribution (no gradient): (n_global*B, K).
 
-        `center` (1, K) replaces the running centre, e.g. the one a past loss call used.
+        `center` (1, K) replaces the running centre, e.g. the one a past loss call used. With
+        Sinkhorn-Knopp centring the rows are normalised together (all global crops of the batch)
+        and no centre is used.
         """
+        if self.centering == "sinkhorn_knopp":
+            return sinkhorn_knopp(teacher_out, teacher_temp)
         c = self.center if center is None else center
         return F.softmax((teacher_out.detach().float() - c) / teacher_temp, dim=-1)
 
@@ -76,7 +123,7 @@ class DINOLoss(nn.Module):
                 n_terms += 1
         if n_terms == 0:
             raise ValueError("DINO loss needs at least two crops (2 global, or 1 global + locals)")
-        if update_center:
+        if update_center and self.centering == "center":
             self.update_center(teacher_out)
         return total / n_terms
 

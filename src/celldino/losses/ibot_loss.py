@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from celldino.losses.dino_loss import _all_reduce_sum
+from celldino.losses.dino_loss import CENTERINGS, _all_reduce_sum, sinkhorn_knopp
 
 
 class iBOTPatchLoss(nn.Module):
@@ -25,9 +25,17 @@ class iBOTPatchLoss(nn.Module):
     """
 
     def __init__(
-        self, out_dim: int, *, student_temp: float = 0.1, center_momentum: float = 0.9
+        self,
+        out_dim: int,
+        *,
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+        centering: str = "center",
     ) -> None:
         super().__init__()
+        if centering not in CENTERINGS:
+            raise ValueError(f"centering={centering!r}: one of {', '.join(CENTERINGS)}")
+        self.centering = centering
         self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))  # (1, K)
@@ -42,11 +50,14 @@ class iBOTPatchLoss(nn.Module):
         n_images: int,
         update_center: bool = True,
     ) -> torch.Tensor:
-        q = F.softmax((teacher_patch.detach().float() - self.center) / teacher_temp, dim=-1)
+        if self.centering == "sinkhorn_knopp":  # DINOv2: the masked patches normalised together
+            q = sinkhorn_knopp(teacher_patch, teacher_temp)
+        else:
+            q = F.softmax((teacher_patch.detach().float() - self.center) / teacher_temp, dim=-1)
         logp = F.log_softmax(student_patch.float() / self.student_temp, dim=-1)
         ce = torch.sum(-q * logp, dim=-1)  # (M,)
         loss = (ce * mask_weight).sum() / max(n_images, 1)
-        if update_center:
+        if update_center and self.centering == "center":
             self.update_center(teacher_patch)
         return loss
 
