@@ -72,13 +72,41 @@ def test_training_curves_from_metrics(tmp_path):
     assert [a.get_title() for a in fig.axes] == [
         "DINO loss",
         "learning rate",
-        "teacher entropy (nats)",
+        "per-sample teacher entropy (sharpening)",
     ]
     loss_line = fig.axes[0].lines[0]
     np.testing.assert_allclose(loss_line.get_ydata(), [r["loss"] for r in rows])
     path.write_text(path.read_text() + "{not json\n")
     with pytest.raises(ValueError, match="line 11"):
         read_metrics(path)
+
+
+def test_training_curves_and_probe_curve_take_their_own_records(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    probe = lambda s, k, lin: {  # noqa: E731
+        "step": s,
+        "epoch": s / 10,
+        "monitor_knn20_f1": k,
+        "monitor_linear_f1": lin,
+    }
+    rows = [probe(0, 0.3, 0.35)]
+    for s in range(1, 21):
+        rows.append({"step": s, "epoch": s / 10, "loss": 5 - s / 10, "prototypes_used": s})
+        if s % 10 == 0:
+            rows.append(probe(s, 0.3 + s / 100, 0.4 + s / 100))
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    fig = pl.training_curves(path, out_dim=64)
+    assert [a.get_title() for a in fig.axes] == ["DINO loss", "prototypes used (teacher argmax)"]
+    np.testing.assert_allclose(fig.axes[0].lines[0].get_ydata(), [5 - s / 10 for s in range(1, 21)])
+    np.testing.assert_allclose(fig.axes[1].lines[0].get_ydata(), range(1, 21))
+    fig = pl.probe_curve(path, label="Metadata_MoA")
+    knn, init = fig.axes[0].lines[0], fig.axes[0].lines[1]
+    assert list(knn.get_xdata()) == [0, 10, 20]
+    np.testing.assert_allclose(knn.get_ydata(), [0.3, 0.4, 0.5])
+    np.testing.assert_allclose(init.get_ydata(), [0.3, 0.3])  # the random-init line
+    path.write_text("\n".join(json.dumps(r) for r in rows if "loss" in r) + "\n")
+    with pytest.raises(ValueError, match="monitor_label"):
+        pl.probe_curve(path)
 
 
 def test_montage_layout():

@@ -9,7 +9,7 @@ from celldino.pl.colours import CHANNEL_COLOURS, composite
 from celldino.pl.embedding import umap
 from celldino.pl.heatmap import confusion_matrix, similarity_heatmap
 from celldino.pl.montage import montage
-from celldino.pl.training import training_curves
+from celldino.pl.training import probe_curve, training_curves
 
 __all__ = [
     "CHANNEL_COLOURS",
@@ -20,6 +20,7 @@ __all__ = [
     "montage",
     "patch_match",
     "patch_pca_rgb",
+    "probe_curve",
     "similarity_heatmap",
     "training_curves",
     "umap",
