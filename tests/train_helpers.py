@@ -94,9 +94,11 @@ DETERMINISTIC_AUG = (
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and the CI cores are shared by other tests."""
+def one_thread(monkeypatch):
+    """Tiny models gain nothing from threads, and the CI cores are shared by other tests (the
+    environment variable keeps `train.threads=0`, auto, at one thread too)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     yield
     torch.set_num_threads(before)

@@ -6,6 +6,10 @@ group: NCCL on GPU, gloo on CPU. On a GPU `torch.cuda.set_device` comes before
 `init_process_group`, so each rank's NCCL communicator is built on its own GPU (without it every
 rank's first collective lands on cuda:0). A group that the caller initialised is used as it is
 and left alone by `teardown`.
+
+`set_threads(n, workers=...)` sets torch's CPU threads for the process (`train.threads`,
+`extract.threads`); `auto_threads` is its rule for n = 0 (auto), and `one_thread_worker` the
+DataLoader `worker_init_fn` that keeps each loader worker at one thread.
 """
 
 from __future__ import annotations
@@ -87,6 +91,68 @@ def teardown(info: DistInfo | None = None) -> None:
 def barrier() -> None:
     if _initialized():
         dist.barrier()
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on: its affinity mask where the OS has one, else all."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def _positive_int(text: str | None) -> int:
+    """The leading positive integer of an environment value ('4', '4,2' → 4), else 0."""
+    head = (text or "").split(",")[0].strip()
+    return int(head) if head.isdigit() and int(head) > 0 else 0
+
+
+def auto_threads(
+    cores: int, *, omp_num_threads: str | None = None, local_ranks: int = 1, workers: int = 0
+) -> int:
+    """Torch threads for one process under `train.threads=0` / `extract.threads=0` (auto).
+
+    A user's OMP_NUM_THREADS (a positive number) is the answer as it stands. Otherwise the
+    `cores` this process may use are split evenly among the `local_ranks` processes torchrun
+    started on this machine (LOCAL_WORLD_SIZE), and each of the process's `workers` DataLoader
+    workers (one thread each) takes one of its rank's cores: max(1, cores // local_ranks -
+    workers). More threads than free cores is the expensive mistake: OpenMP's threads wait on
+    each other at every parallel region, so one thread whose core is taken stalls all of them.
+    """
+    if n := _positive_int(omp_num_threads):
+        return n
+    per_rank = max(1, cores // max(1, local_ranks))
+    return max(1, per_rank - max(0, workers))
+
+
+def set_threads(requested: int, *, workers: int = 0, key: str = "train.threads") -> int:
+    """Set torch's intra-op threads (`requested`, or `auto_threads` when 0) and, once per
+    process where torch still allows it, its inter-op threads; returns the previous intra-op
+    count (for callers that restore it)."""
+    if requested < 0:
+        from celldino.config import ConfigError
+
+        raise ConfigError(f"{key}={requested}: must be 0 (auto) or more", key=key)
+    previous = torch.get_num_threads()
+    n = requested or auto_threads(
+        available_cores(),
+        omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
+        local_ranks=_positive_int(os.environ.get("LOCAL_WORLD_SIZE")) or 1,
+        workers=workers,
+    )
+    torch.set_num_threads(n)
+    if torch.get_num_interop_threads() != n:
+        try:  # allowed once, before any inter-op work: a second train() in a process skips it
+            torch.set_num_interop_threads(n)
+        except RuntimeError:
+            pass
+    logger.info("%s=%s: %d torch thread%s", key, requested or "0 (auto)", n, "s"[: n != 1])
+    return previous
+
+
+def one_thread_worker(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: each loader worker computes with one torch thread (a pool
+    per worker would put workers x cores threads on the cores)."""
+    torch.set_num_threads(1)
 
 
 def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:

@@ -296,7 +296,11 @@ def _batches(
 def _loader(ds, batches: list[tuple[int, int]], cfg: ExtractConfig, device: torch.device):
     """Batches (B, C, H, W) in order: single cells read a slice at a time (`CropBatches`),
     whole fields one by one."""
-    common = dict(num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+    common = dict(
+        num_workers=cfg.num_workers,
+        pin_memory=device.type == "cuda",
+        worker_init_fn=distributed.one_thread_worker,
+    )
     if cfg.level == "cell":
         return torch.utils.data.DataLoader(CropBatches(ds, batches), batch_size=None, **common)
     index = [list(range(s, e)) for s, e in batches]
@@ -315,8 +319,12 @@ def extract(cfg: ExtractConfig, *, after_shard: Callable[[int], None] | None = N
     rewrite it meanwhile.
     """
     _check_options(cfg)
-    with input_lock(cfg.data, "extract"):
-        return _extract(cfg, after_shard=after_shard)
+    threads = distributed.set_threads(cfg.threads, workers=cfg.num_workers, key="extract.threads")
+    try:
+        with input_lock(cfg.data, "extract"):
+            return _extract(cfg, after_shard=after_shard)
+    finally:
+        torch.set_num_threads(threads)  # the caller's count (library callers)
 
 
 def _extract(cfg: ExtractConfig, *, after_shard: Callable[[int], None] | None = None) -> Path:
