@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from celldino import cli
-from celldino.diagnostics import collapse_message
 from celldino.train import train
 from celldino.train.loop import sample_masks, step_generator
 from celldino.train.meta_arch import ema_update
@@ -36,6 +35,45 @@ def test_ema_update_is_exact():
     assert teacher.weight.tolist() == want_w
     assert teacher.bias.tolist() == [0.75 * 1 + 0.25 * -1, 0.75 * -2 + 0.25 * 6]
     assert student.bias.tolist() == [-1.0, 6.0]  # the student is untouched
+
+
+def test_per_tensor_clipping_matches_original_dino():
+    from celldino.train.meta_arch import clip_gradients
+
+    def dino_clip_gradients(model, clip):  # facebookresearch/dino utils.clip_gradients
+        for p in model.parameters():
+            if p.grad is not None:
+                param_norm = p.grad.data.norm(2)
+                clip_coef = clip / (param_norm + 1e-6)
+                if clip_coef < 1:
+                    p.grad.data.mul_(clip_coef)
+
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 3))
+    a[0].weight.grad = torch.randn(5, 6) * 10  # above the limit: scaled
+    a[0].bias.grad = torch.randn(5) * 1e-3  # below: untouched
+    a[1].weight.grad = torch.randn(3, 5)
+    b = [p.grad.clone() for p in a.parameters() if p.grad is not None]
+    ref = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 3))
+    for p, q in zip(ref.parameters(), a.parameters(), strict=True):
+        p.grad = None if q.grad is None else q.grad.clone()
+    clip_gradients(a.parameters(), 0.5, "per_tensor")
+    dino_clip_gradients(ref, 0.5)
+    for p, q in zip(a.parameters(), ref.parameters(), strict=True):
+        assert (p.grad is None) == (q.grad is None)
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad)
+    assert torch.equal(a[0].bias.grad, b[1])
+    assert float(a[0].weight.grad.norm()) == pytest.approx(0.5, rel=1e-4)
+    # global: one factor for every gradient (torch's clip_grad_norm_): directions kept
+    for p, t in zip((p for p in a.parameters() if p.grad is not None), b, strict=True):
+        p.grad = t.clone()
+    clip_gradients(a.parameters(), 0.5, "global")
+    grads = [p.grad for p in a.parameters() if p.grad is not None]
+    total = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
+    assert float(total) == pytest.approx(0.5, rel=1e-4)
+    ratio = float(grads[0].norm() / b[0].norm())
+    assert float(grads[2].norm() / b[2].norm()) == pytest.approx(ratio, rel=1e-4)
 
 
 def test_step_sampler_shards_by_rank_and_resumes():
@@ -87,13 +125,6 @@ def test_masks_and_step_generator_are_deterministic():
     assert all(4 <= int(k) <= 8 for k in per_image[per_image > 0])  # 25-50 % of 16 patches
     other = sample_masks(8, 16, ratio=(0.25, 0.5), prob=0.5, generator=step_generator(0, 6, 0))
     assert not torch.equal(m1, other)
-
-
-def test_collapse_message():
-    assert collapse_message(3.0, 4096, 0.8) is None
-    msg = collapse_message(8.3, 4096, 0.01)
-    assert msg and "COLLAPSED" in msg and "uniform" in msg
-    assert "one output dimension" in collapse_message(0.01, 4096, 0.8)
 
 
 def test_cli_train_writes_run_and_freezes_last_layer(tmp_path):

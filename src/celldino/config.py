@@ -193,6 +193,7 @@ class TrainConfig:
     seed: int = 0  # random seed for weights, augmentation and sampling
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     num_workers: int = 0  # DataLoader worker processes reading crops (0 = main process)
+    threads: int = 0  # torch CPU threads (0 = auto: free cores per rank, or OMP_NUM_THREADS)
     lr: float = 5e-4  # peak learning rate for a batch of 256 (scaled by batch_size / 256)
     min_lr: float = 1e-6  # learning rate at the end of the cosine schedule
     warmup_epochs: float = 1.0  # epochs of linear learning-rate warm-up from 0
@@ -204,18 +205,24 @@ class TrainConfig:
     warmup_teacher_temp_epochs: float = 0.0  # epochs of teacher-temperature warm-up
     student_temp: float = 0.1  # student softmax temperature
     center_momentum: float = 0.9  # momentum of the running centre of the teacher outputs
+    centering: str = (
+        "center"  # teacher centring: center (running mean, DINO) or sinkhorn_knopp (DINOv2)
+    )
     clip_grad: float = 3.0  # clip the gradient norm to this value (0 = off)
+    clip_mode: str = "global"  # clip_grad over all gradients together (global) or per_tensor (DINO)
     freeze_last_layer: int = 1  # epochs during which the head's last layer is not updated
     ibot_weight: float = 0.0  # weight of the iBOT masked patch-token loss (0 = plain DINO)
     ibot_mask_ratio: tuple[float, ...] = (0.1, 0.5)  # range of the masked fraction of patches
     ibot_mask_prob: float = 0.5  # fraction of global crops that get masked
     koleo_weight: float = 0.0  # weight of the KoLeo regulariser on class tokens (DINOv2: 0.1)
     weak_label: str = ""  # WS-DINO: metadata column of weak labels, e.g. Metadata_Compound
+    monitor_label: str = ""  # label column (Metadata_MoA...): kNN/linear probe each epoch; '' = off
+    monitor_cells: int = 2000  # cells in the probes' fixed stratified sample (train.monitor_label)
     amp: bool = True  # bf16 autocast on CUDA (always off on CPU)
     compile: bool = False  # torch.compile the backbones (GPU speed; minutes of compiling first)
     log_every: int = 10  # steps between diagnostics in metrics.jsonl and the log
     save_every: int = 1  # keep an epoch_NNNN checkpoint every this many epochs (0 = only last)
-    diagnostics: bool = True  # teacher entropy, KL and embedding std, with a collapse warning
+    diagnostics: bool = True  # prototype usage, entropies, rank, std; warns on collapse and more
 
 
 @dataclass(frozen=True)
@@ -238,6 +245,7 @@ class ExtractConfig:
     dtype: str = "float32"  # embedding columns: float32 or float16
     batch_size: int = 128  # images per forward pass
     num_workers: int = 0  # DataLoader worker processes reading crops (0 = main process)
+    threads: int = 0  # torch CPU threads (0 = auto: free cores per rank, or OMP_NUM_THREADS)
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     amp: bool = True  # bf16 autocast on CUDA (always off on CPU)
     shard_size: int = 4096  # rows per Parquet shard (the unit of resuming and of torchrun ranks)
@@ -396,6 +404,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
         "replicate",
     ),
     "profile.consensus_method": ("mean", "median"),
+    "train.centering": ("center", "sinkhorn_knopp"),
+    "train.clip_mode": ("global", "per_tensor"),
     "evaluate.map_method": ("auto", "copairs", "blocked"),
     "run.stages": PIPELINE_STAGES,
     "run.force": PIPELINE_STAGES,
@@ -536,6 +546,8 @@ RANGES: dict[str, Range] = {
     "train.epochs": _POSITIVE,
     "train.batch_size": _POSITIVE,
     "train.num_workers": _COUNT,
+    "train.monitor_cells": _POSITIVE,
+    "train.threads": _COUNT,
     "train.lr": Range(0.0),
     "train.min_lr": Range(0.0),
     "train.warmup_epochs": Range(0.0),
@@ -560,6 +572,7 @@ RANGES: dict[str, Range] = {
     "extract.field_stride": _COUNT,
     "extract.batch_size": _POSITIVE,
     "extract.num_workers": _COUNT,
+    "extract.threads": _COUNT,
     "extract.shard_size": _POSITIVE,
     "extract.attention_sample": _COUNT,
     "profile.threads": _COUNT,

@@ -1,32 +1,179 @@
-"""Training-health diagnostics shared by the training loop and the report (no dependencies)."""
+"""Training-health diagnostics shared by the training loop and the report (no dependencies).
+
+The numbers (docs/training.md, "Diagnostics and collapse"):
+- `teacher_entropy`: mean per-sample entropy of the centred, sharpened teacher distribution.
+  DINO drives it low on purpose (sharpening); a low value alone is not a collapse.
+- `mean_teacher_entropy`: entropy of the MEAN teacher distribution over a sample of cells; near
+  log K when the prototypes are used evenly, near 0 when one prototype takes every cell.
+- `prototypes_used` / `prototype_top_share`: how many prototypes are some cell's argmax, and the
+  share of the most used one, over the same sample (`teacher_samples` distributions).
+- `loss_over_logk`: the DINO loss over log K; 1 means the student matches a uniform teacher.
+- `effective_rank`: exp of the entropy of the normalised singular values of the teacher class
+  tokens (RankMe); 1 when every cell maps to one direction.
+- `embedding_std`: std over the batch of the L2-normalised class tokens times sqrt(D); ~1 spread.
+
+`training_verdict` turns them into one of: collapsed (uniform teacher, one prototype, or rank-1
+features), not learning yet, coarse partition, or healthy, with a sentence saying what to try.
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+
+# thresholds of the verdicts (docs/training.md)
+RANK_COLLAPSED = 2.0  # effective rank below this: every cell on (nearly) one direction
+STD_COLLAPSED = 0.05  # embedding std below this: identical embeddings
+ONE_PROTOTYPE_SHARE = 0.95  # the most used prototype takes more than this share of the cells
+UNIFORM_FRACTION = 0.99  # entropies above this fraction of log K: a uniform teacher
+NEAR_UNIFORM_FRACTION = 0.9  # per-sample entropy above this fraction of log K: near uniform
+LOSS_AT_LOGK = 0.01  # |loss / log K - 1| within this: the loss has not left log K
+COARSE_USED_FRACTION = 0.05  # fewer prototypes used than this fraction of min(K, cells sampled)
+COARSE_TOP_SHARE = 0.3  # or the most used prototype takes more than this share
+
+KINDS = (
+    "collapsed_features",
+    "collapsed_one_prototype",
+    "collapsed_uniform",
+    "not_learning",
+    "coarse_partition",
+    "healthy",
+)
 
 
-def collapse_message(teacher_entropy: float, out_dim: int, embedding_std: float) -> str | None:
-    """A clear warning when the diagnostics say training collapsed, or None."""
-    log_k = math.log(out_dim)
-    if embedding_std < 0.05:
-        kind = (
-            "uniform teacher (entropy ~ log(out_dim))"
-            if teacher_entropy > 0.95 * log_k
-            else "one dominant output (entropy ~ 0)"
-            if teacher_entropy < 0.05 * log_k
-            else "identical embeddings"
+@dataclass(frozen=True)
+class Verdict:
+    """`kind` (one of KINDS) and the sentence to show; `warn` for anything but healthy."""
+
+    kind: str
+    message: str
+
+    @property
+    def warn(self) -> bool:
+        return self.kind != "healthy"
+
+    @property
+    def collapsed(self) -> bool:
+        return self.kind.startswith("collapsed")
+
+
+def entropy(p: list[float] | tuple[float, ...]) -> float:
+    """Entropy in nats of a distribution (normalised first; zeros contribute 0)."""
+    total = float(sum(p))
+    if total <= 0:
+        return 0.0
+    return -sum((x / total) * math.log(x / total) for x in p if x > 0)
+
+
+def effective_rank(singular_values: list[float] | tuple[float, ...]) -> float:
+    """RankMe: exp(entropy of the singular values normalised to sum 1); 0 for a zero matrix."""
+    if sum(singular_values) <= 0:
+        return 0.0
+    return math.exp(entropy(singular_values))
+
+
+def prototype_usage(counts: list[int] | tuple[int, ...]) -> tuple[int, float]:
+    """(number of prototypes that are some sample's argmax, share of the most used one)."""
+    total = sum(counts)
+    if total <= 0:
+        return 0, 0.0
+    return sum(1 for c in counts if c > 0), max(counts) / total
+
+
+def training_verdict(
+    *,
+    out_dim: int,
+    teacher_entropy: float | None = None,
+    mean_teacher_entropy: float | None = None,
+    loss_over_logk: float | None = None,
+    prototypes_used: float | None = None,
+    prototype_top_share: float | None = None,
+    teacher_samples: float | None = None,
+    effective_rank: float | None = None,
+    embedding_std: float | None = None,
+) -> Verdict:
+    """The state of training from the logged diagnostics (any may be None: not logged).
+
+    Checked in this order: rank-1 features (`effective_rank` < 2 or `embedding_std` < 0.05),
+    one prototype (`prototypes_used` == 1 or top share > 0.95), uniform teacher (mean and
+    per-sample entropy > 99 % of log K and the loss within 1 % of log K), not learning yet (the
+    loss within 1 % of log K and the per-sample entropy > 90 % of log K), coarse partition
+    (prototypes used < 5 % of min(K, cells sampled) or top share > 0.3, backbone not collapsed),
+    else healthy. Meant for steps after the learning-rate warm-up.
+    """
+    log_k = math.log(out_dim) if out_dim > 1 else 1.0
+    h = teacher_entropy
+    hm = mean_teacher_entropy
+    ratio = loss_over_logk
+    used, top = prototypes_used, prototype_top_share
+    rank, std = effective_rank, embedding_std
+    spread = _spread(rank, std)
+    usage = (
+        f"{int(used)} of {out_dim} prototypes used (top one {top:.0%})"
+        if used is not None and top is not None
+        else ""
+    )
+    ents = _entropies(h, hm, log_k)
+    loss_txt = f"loss {ratio:.3f} x log K" if ratio is not None else ""
+
+    if (rank is not None and rank < RANK_COLLAPSED) or (std is not None and std < STD_COLLAPSED):
+        return Verdict(
+            "collapsed_features",
+            f"training COLLAPSED: the teacher's features lie on one direction ({spread}; "
+            "healthy: rank well above 2, std ~1). Try: lower train.lr, raise "
+            "train.warmup_epochs, train.koleo_weight=0.1, more augmentation.",
         )
-        return (
-            f"training looks COLLAPSED: {kind}; embedding std {embedding_std:.3f} (healthy ~1), "
-            f"teacher entropy {teacher_entropy:.3f} of max {log_k:.2f}. Try: lower train.lr, "
-            "lower train.teacher_temp (sharper teacher), raise train.center_momentum, more "
-            "augmentation, model.out_dim smaller than the number of images, or the KoLeo "
-            "regulariser (train.koleo_weight=0.1, as the tiny and demo configs use)."
+    if (used is not None and used <= 1) or (top is not None and top > ONE_PROTOTYPE_SHARE):
+        return Verdict(
+            "collapsed_one_prototype",
+            f"training COLLAPSED to one prototype: {usage}; {ents}. Try: "
+            "train.centering=sinkhorn_knopp, a lower train.center_momentum (a faster centre), "
+            "lower train.lr, train.koleo_weight=0.1.",
         )
-    if teacher_entropy < 0.01 * log_k:
-        return (
-            f"training looks COLLAPSED to one output dimension: teacher entropy "
-            f"{teacher_entropy:.4f} (max {log_k:.2f}). Try raising train.center_momentum "
-            "closer to 1 or lowering train.lr."
+    near = lambda x, f: x is not None and x > f * log_k  # noqa: E731
+    loss_flat = ratio is not None and abs(ratio - 1.0) <= LOSS_AT_LOGK
+    if near(h, UNIFORM_FRACTION) and near(hm, UNIFORM_FRACTION) and loss_flat:
+        return Verdict(
+            "collapsed_uniform",
+            f"training COLLAPSED to a uniform teacher: {ents}, {loss_txt}: every cell gets "
+            "the same flat distribution. Try: lower train.teacher_temp (sharper teacher), "
+            "lower train.lr, train.koleo_weight=0.1, more augmentation.",
         )
-    return None
+    if loss_flat and near(h, NEAR_UNIFORM_FRACTION):
+        return Verdict(
+            "not_learning",
+            f"not learning yet: {loss_txt} and a near-uniform teacher ({ents}); the backbone "
+            f"is not collapsed ({spread}). Train longer (more epochs or cells), or try a lower "
+            "train.teacher_temp or a higher train.lr.",
+        )
+    coarse_used = used is not None and used < COARSE_USED_FRACTION * min(
+        out_dim, teacher_samples or out_dim
+    )
+    if coarse_used or (top is not None and top > COARSE_TOP_SHARE):
+        return Verdict(
+            "coarse_partition",
+            f"coarse partition (not a collapse): {usage}, while the backbone is spread "
+            f"({spread}); the teacher sorts cells into a few large groups. Try: "
+            "train.centering=sinkhorn_knopp, a smaller model.out_dim, more local crops "
+            "(augment.n_local_crops).",
+        )
+    parts = [x for x in (usage, ents, loss_txt, spread) if x]
+    return Verdict("healthy", "No sign of collapse: " + "; ".join(parts) + ".")
+
+
+def _spread(rank: float | None, std: float | None) -> str:
+    out = []
+    if rank is not None:
+        out.append(f"effective rank {rank:.1f}")
+    if std is not None:
+        out.append(f"embedding std {std:.3f}")
+    return ", ".join(out) or "spread not logged"
+
+
+def _entropies(h: float | None, hm: float | None, log_k: float) -> str:
+    out = []
+    if hm is not None:
+        out.append(f"mean-teacher entropy {hm:.2f}")
+    if h is not None:
+        out.append(f"per-sample entropy {h:.2f}")
+    return (" and ".join(out) + f" of max log K = {log_k:.2f}") if out else ""

@@ -8,7 +8,10 @@ where `last` stopped: same weights at the end as an uninterrupted run on CPU; it
 before anything is written, when the settings (other than `RESUMABLE` ones) or the training data
 differ from the run's, naming each difference. The run dir is locked while training
 (`celldino.io.lock`), so a second `train` into it stops at once naming the first. Every epoch
-logs one line (loss, learning rate, teacher entropy, time), for batch logs.
+logs one line (loss, learning rate, the diagnostics, time), for batch logs; the diagnostics'
+verdict (`celldino.diagnostics.training_verdict`) is logged once per kind after the warm-up.
+With `train.monitor_label`, kNN and linear probes of the teacher are scored at step 0 and at
+each epoch end and appended to metrics.jsonl as separate records.
 
 Randomness is split so that resuming is exact: the data order is a function of (seed, epoch),
 the augmentation and iBOT masks of a step use a generator seeded from (seed, step, rank), and
@@ -32,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from celldino import distributed, log
 from celldino.augment import N_GLOBAL_CROPS, MultiCrop
 from celldino.config import Config, ConfigError, load_config, to_dict
-from celldino.diagnostics import collapse_message
+from celldino.diagnostics import training_verdict
 from celldino.errors import DataError, MissingInputError, UserError
 from celldino.io.configfile import save_config
 from celldino.io.files import file_fingerprint, require_writable, write_error
@@ -42,7 +45,7 @@ from celldino.log import get_logger
 from celldino.models.build import build_head, build_model
 from celldino.train import checkpoint
 from celldino.train import schedules as S
-from celldino.train.meta_arch import DINOMetaArch
+from celldino.train.meta_arch import DINOMetaArch, TeacherUsage, clip_gradients
 from celldino.train.sampler import StepBatchSampler, WeakLabelPairSampler
 
 logger = get_logger(__name__)
@@ -53,12 +56,15 @@ RESUMABLE = frozenset(
     {
         "train.epochs",
         "train.num_workers",
+        "train.threads",
         "train.device",
         "train.amp",
         "train.compile",
         "train.log_every",
         "train.save_every",
         "train.diagnostics",
+        "train.monitor_label",  # the probes read the weights, they do not change them
+        "train.monitor_cells",
         "train.run_dir",  # a moved run
         "train.data",  # a moved prep folder: its content is compared instead
     }
@@ -408,7 +414,9 @@ def train(
     # The sharp teacher softmax and Adam's second moments produce denormal floats, which x86
     # CPUs compute far slower: in a cProfile of 4 demo training steps, flushing them to zero took
     # the steps from 29.2 s to 12.2 s. It is set before the first parallel op so that torch's
-    # worker threads inherit it, and switched off again afterwards (library callers).
+    # worker threads inherit it, and switched off again afterwards (library callers). The thread
+    # count (train.threads) is set before it too, and the caller's count restored at the end.
+    threads = distributed.set_threads(cfg.train.threads, workers=cfg.train.num_workers)
     torch.set_flush_denormal(True)
     info = distributed.setup(cfg.train.device)
     # the prep folder is read under its read lock: `prepare` cannot rewrite it meanwhile
@@ -423,6 +431,7 @@ def train(
     finally:
         distributed.teardown(info)
         torch.set_flush_denormal(False)
+        torch.set_num_threads(threads)
 
 
 def _train(
@@ -440,6 +449,8 @@ def _train(
     _check_channels(cfg, dataset)
     if cfg.train.weak_label:
         _weak_labels(cfg, dataset, cfg.train.weak_label)
+    if cfg.train.monitor_label:
+        _Monitor(cfg, dataset)  # checks the column before anything is written
     run_dir = Path(cfg.train.run_dir)
     if not info.is_main:
         return _train_locked(cfg, info, dataset=dataset, resume=resume, stop_at_step=stop_at_step)
@@ -485,7 +496,8 @@ def _train_locked(
                     "train.run_dir (model.pretrained= fine-tunes from this one)"
                     if data_changed
                     else "--resume may change only train.epochs and speed or logging settings "
-                    "(num_workers, device, amp, compile, log_every, save_every, diagnostics): "
+                    "(num_workers, threads, device, amp, compile, log_every, save_every, "
+                    "diagnostics, monitor_label, monitor_cells): "
                     "use the run's own settings (its config.yaml), or start a new run in another "
                     "train.run_dir (model.pretrained= fine-tunes from this one)"
                 )
@@ -523,6 +535,7 @@ def _train_locked(
         collate_fn=_collate,
         pin_memory=device.type == "cuda",
         generator=torch.Generator(),  # keeps the global RNG untouched (exact resume)
+        worker_init_fn=distributed.one_thread_worker,
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
     )
@@ -548,6 +561,7 @@ def _train_locked(
         center_momentum=tc.center_momentum,
         ibot_weight=tc.ibot_weight,
         koleo_weight=tc.koleo_weight,
+        centering=tc.centering,
     ).to(device)
     if tc.compile:  # in place: parameter names (checkpoint keys) stay those of the module;
         # static shapes: one graph per crop size (2 or 3 in all), no dynamic-shape kernels
@@ -593,9 +607,14 @@ def _train_locked(
     enabled = info.is_main and logger.isEnabledFor(logging.INFO)
     bar = log.ProgressBar("train", total=total_steps, done=step, enabled=enabled)
     metrics_path = run_dir / METRICS
-    warned = False
+    warned: set[str] = set()  # the verdicts already warned about
     t0, seen = time.perf_counter(), 0
-    t_epoch, entropy = t0, None
+    t_epoch, diag = t0, None  # diag: the diagnostics last logged in this epoch
+    # the teacher's prototype usage, accumulated over the steps of each log interval
+    usage = TeacherUsage(cfg.model.out_dim, device) if tc.diagnostics else None
+    monitor = _Monitor(cfg, dataset) if tc.monitor_label and info.is_main else None
+    if monitor is not None and step == 0:  # the probes at random initialisation
+        monitor.log(meta, metrics_path, step=0, epoch=0.0, device=device, amp=use_amp)
     # a non-finite loss is recorded on the device (step and value of the first) and checked at
     # log steps and before each save: no host sync in the steps between
     bad_step = torch.full((), -1, dtype=torch.int64, device=device)
@@ -661,13 +680,15 @@ def _train_locked(
                         masks=masks,
                         mask_index=mask_index,
                     )
+                if usage is not None:
+                    meta.track_teacher(parts, t_temp, usage)
                 new_bad = ~torch.isfinite(loss.detach()) & (bad_step < 0)
                 bad_step = torch.where(new_bad, step, bad_step)
                 bad_loss = torch.where(new_bad, loss.detach().float(), bad_loss)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if tc.clip_grad > 0:
-                    torch.nn.utils.clip_grad_norm_(meta.student.parameters(), tc.clip_grad)
+                    clip_gradients(meta.student.parameters(), tc.clip_grad, tc.clip_mode)
                 if epoch < tc.freeze_last_layer:
                     for p in last_layer:
                         p.grad = None
@@ -692,9 +713,9 @@ def _train_locked(
                         "teacher_temp": t_temp,
                         **{k: float(v) for k, v in parts.items() if k.startswith("loss_")},
                     }
-                    if tc.diagnostics:
-                        record.update(meta.diagnostics(parts, t_temp))
-                        entropy = record["teacher_entropy"]
+                    if usage is not None:
+                        record.update(meta.diagnostics(parts, t_temp, usage))
+                        usage.reset()
                     record = distributed.mean_over_ranks(record, device)
                     record["step"] = step
                     record["images_per_s"] = seen / max(time.perf_counter() - t0, 1e-9)
@@ -704,35 +725,44 @@ def _train_locked(
                         except OSError as e:
                             raise write_error(metrics_path, e, what="metrics") from None
                     text = f"loss {record['loss']:.4f} lr {lr:.2e}"
-                    if tc.diagnostics:
-                        text += (
-                            f" H(t) {record['teacher_entropy']:.2f}"
-                            f" KL {record['kl_student_teacher']:.2f}"
-                            f" std {record['embedding_std']:.2f}"
+                    if usage is not None:
+                        diag = record
+                        text += " " + _diagnostics_text(record, cfg.model.out_dim)
+                        verdict = training_verdict(
+                            out_dim=cfg.model.out_dim, **_verdict_inputs(record)
                         )
-                        msg = collapse_message(
-                            record["teacher_entropy"], cfg.model.out_dim, record["embedding_std"]
-                        )
-                        if msg and step > warmup_steps and not warned and info.is_main:
-                            logger.warning(msg)
-                            warned = True
+                        seen_kind = verdict.kind in warned
+                        if verdict.warn and step > warmup_steps and not seen_kind:
+                            if info.is_main:
+                                logger.warning(verdict.message)
+                            warned.add(verdict.kind)
                     logger.debug("step %d: %s", step, text)
                 bar.update(text)
 
-                if end_of_epoch and info.is_main:
-                    if tc.diagnostics and entropy is None:
-                        entropy = meta.diagnostics(parts, t_temp)["teacher_entropy"]
+                if end_of_epoch:
+                    if usage is not None and diag is None:  # no log step in this epoch
+                        diag = meta.diagnostics(parts, t_temp, usage)  # every rank: all-reduce
                     now = time.perf_counter()
-                    logger.info(
-                        "epoch %d/%d: loss %.4f, lr %.2e%s, %.1f s",
-                        step // spe,
-                        tc.epochs,
-                        float(loss.detach()),
-                        lr,
-                        f", teacher entropy {entropy:.2f}" if entropy is not None else "",
-                        now - t_epoch,
-                    )
-                    t_epoch, entropy = now, None
+                    if info.is_main:
+                        logger.info(
+                            "epoch %d/%d: loss %.4f, lr %.2e%s, %.1f s",
+                            step // spe,
+                            tc.epochs,
+                            float(loss.detach()),
+                            lr,
+                            ", " + _diagnostics_text(diag, cfg.model.out_dim) if diag else "",
+                            now - t_epoch,
+                        )
+                    t_epoch, diag = now, None
+                    if monitor is not None:  # before the save: a resume never repeats it
+                        monitor.log(
+                            meta,
+                            metrics_path,
+                            step=step,
+                            epoch=step / spe,
+                            device=device,
+                            amp=use_amp,
+                        )
                 if end_of_epoch or step == stop_at_step:
                     ep = (step - 1) // spe + 1  # epochs begun so far
                     keep = end_of_epoch and tc.save_every > 0 and ep % tc.save_every == 0
@@ -749,6 +779,148 @@ def _train_locked(
         bar.close()
     logger.info("training finished: %d steps, checkpoints in %s", step, run_dir / "checkpoints")
     return run_dir
+
+
+_VERDICT_KEYS = (
+    "teacher_entropy",
+    "mean_teacher_entropy",
+    "loss_over_logk",
+    "prototypes_used",
+    "prototype_top_share",
+    "teacher_samples",
+    "effective_rank",
+    "embedding_std",
+)
+
+
+def _verdict_inputs(record: dict[str, Any]) -> dict[str, float]:
+    return {k: record[k] for k in _VERDICT_KEYS if k in record}
+
+
+def _diagnostics_text(d: dict[str, Any], out_dim: int) -> str:
+    """The diagnostics in one line: prototypes used (top share), mean-teacher and per-sample
+    entropy against log K, loss / log K, effective rank and embedding std."""
+    parts = []
+    if "prototypes_used" in d:
+        parts.append(
+            f"prototypes {int(d['prototypes_used'])}/{out_dim} (top {d['prototype_top_share']:.0%})"
+        )
+    if "mean_teacher_entropy" in d:
+        parts.append(f"mean-teacher entropy {d['mean_teacher_entropy']:.2f}/{np.log(out_dim):.2f}")
+    if "teacher_entropy" in d:
+        parts.append(f"per-sample teacher entropy {d['teacher_entropy']:.2f}")
+    if "loss_over_logk" in d:
+        parts.append(f"loss/logK {d['loss_over_logk']:.3f}")
+    if "effective_rank" in d:
+        parts.append(f"rank {d['effective_rank']:.1f}")
+    if "embedding_std" in d:
+        parts.append(f"std {d['embedding_std']:.2f}")
+    return ", ".join(parts)
+
+
+class _Monitor:
+    """`train.monitor_label`: kNN and linear probes (celldino.probes) of the teacher backbone's
+    class tokens on the un-augmented crops of a fixed, stratified sample of labelled cells
+    (at most `train.monitor_cells`; rows whose label is NA or empty are left out)."""
+
+    def __init__(self, cfg: Config, dataset: Dataset) -> None:
+        from celldino.probes import stratified_sample
+
+        tc = cfg.train
+        col = tc.monitor_label
+        meta = getattr(dataset, "metadata", None)
+        where = f"train.data={tc.data}" if tc.data else "the dataset"
+        if meta is None or col not in meta.columns:
+            cols = (
+                [c for c in meta.columns if c.startswith("Metadata_")] if meta is not None else []
+            )
+            shown = ", ".join(cols[:15]) + (", ..." if len(cols) > 15 else "")
+            raise ConfigError(
+                f"train.monitor_label={col!r} is not a metadata column of {where} "
+                f"(have: {shown or 'no metadata table'}); set it to one of them, or empty to "
+                "turn the probes off",
+                key="train.monitor_label",
+            )
+        labels = meta[col]
+        ok = (labels.notna() & (labels.astype(str).str.strip() != "")).to_numpy()
+        rows = np.flatnonzero(ok)
+        values = labels.astype(str).to_numpy()[rows]
+        if len(np.unique(values)) < 2:
+            raise ConfigError(
+                f"train.monitor_label={col!r}: {where} has {len(np.unique(values))} distinct "
+                "non-empty labels in it; the probes need at least 2 (or set it empty)",
+                key="train.monitor_label",
+            )
+        plates = (
+            meta["Metadata_Plate"].astype(str).to_numpy()[rows]
+            if "Metadata_Plate" in meta.columns
+            else None
+        )
+        strata = values if plates is None else [f"{p}\x1f{v}" for p, v in zip(plates, values)]
+        pick = stratified_sample(strata, tc.monitor_cells, seed=tc.seed)
+        self.rows = rows[pick]
+        self.labels = values[pick]
+        self.plates = None if plates is None else plates[pick]
+        self.items = _Items(dataset)
+        self.batch_size = 128
+
+    @torch.no_grad()
+    def embed(self, meta: DINOMetaArch, device: torch.device, amp: bool) -> np.ndarray:
+        """(n, D) teacher class tokens of the sample's crops as stored (no augmentation)."""
+        backbone = meta.teacher.backbone
+        was_training = backbone.training
+        backbone.eval()  # no stochastic depth (before the first step the copy is in train mode)
+        out = []
+        try:
+            for i in range(0, len(self.rows), self.batch_size):
+                chunk = [int(r) for r in self.rows[i : i + self.batch_size]]
+                x = torch.stack([t[0] for t in self.items.__getitems__(chunk)]).to(device)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    out.append(backbone(x)["cls"].float().cpu())
+        finally:
+            backbone.train(was_training)
+        return torch.cat(out).numpy()
+
+    def log(
+        self,
+        meta: DINOMetaArch,
+        path: Path,
+        *,
+        step: int,
+        epoch: float,
+        device: torch.device,
+        amp: bool,
+    ) -> dict[str, Any]:
+        """Embed, score, append one record to metrics.jsonl and log it."""
+        from celldino.probes import probe_scores
+
+        t = time.perf_counter()
+        scores = probe_scores(self.embed(meta, device, amp), self.labels, self.plates)
+        record = {
+            "step": step,
+            "epoch": epoch,
+            "monitor_knn20_f1": scores["knn20_f1"],
+            "monitor_linear_f1": scores["linear_f1"],
+            "monitor_cells": scores["n_cells"],
+            "monitor_labels": scores["n_labels"],
+            "monitor_split": scores["split"],
+            "monitor_s": time.perf_counter() - t,
+        }
+        try:
+            append_metrics(path, record)
+        except OSError as e:
+            raise write_error(path, e, what="metrics") from None
+        logger.info(
+            "probe at step %d%s: %d-NN macro-F1 %.3f, linear %.3f (%d cells, %s)",
+            step,
+            " (random init)" if step == 0 else "",
+            20,
+            record["monitor_knn20_f1"],
+            record["monitor_linear_f1"],
+            record["monitor_cells"],
+            record["monitor_split"],
+        )
+        return record
 
 
 def _n_patch_tokens(cfg: Config, crop: torch.Tensor) -> int:

@@ -9,12 +9,69 @@ teacher's tokens at those positions are the targets; KoLeo spreads the student's
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from celldino.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
+
+
+@torch.no_grad()
+def effective_rank(x: torch.Tensor) -> float:
+    """RankMe (Garrido et al. 2023): exp of the entropy of the singular values of the (N, D)
+    features (not centred) normalised to sum 1; 1 when every row is on one direction."""
+    s = torch.linalg.svdvals(x.float().cpu().double())
+    if float(s.sum()) <= 0:
+        return 0.0
+    p = s / s.sum()
+    return float(torch.exp(-(p * torch.log(p.clamp_min(1e-300))).sum()))
+
+
+class TeacherUsage:
+    """The teacher's argmax counts per prototype and its summed distribution over many steps,
+    kept on the device (no host sync per step); `summary()` reads them (summed over ranks under
+    torchrun: every rank must call it at the same steps) and `reset()` starts a new interval."""
+
+    def __init__(self, out_dim: int, device: torch.device | str = "cpu") -> None:
+        self.counts = torch.zeros(out_dim, dtype=torch.float64, device=device)
+        self.prob_sum = torch.zeros(out_dim, dtype=torch.float64, device=device)
+        self.n = 0
+
+    @torch.no_grad()
+    def add(self, q: torch.Tensor) -> None:
+        """q (N, K): teacher distributions of N crops."""
+        q = q.detach().to(self.counts.device)
+        ones = torch.ones(q.shape[0], dtype=self.counts.dtype, device=q.device)
+        self.counts.index_add_(0, q.argmax(-1), ones)
+        self.prob_sum += q.sum(0).double()
+        self.n += q.shape[0]
+
+    def reset(self) -> None:
+        self.counts.zero_()
+        self.prob_sum.zero_()
+        self.n = 0
+
+    @torch.no_grad()
+    def summary(self) -> dict[str, float]:
+        """prototypes_used, prototype_top_share, mean_teacher_entropy (nats; of the mean
+        distribution) and teacher_samples over the accumulated steps."""
+        t = torch.cat([self.counts, self.prob_sum, self.counts.new_tensor([self.n])])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            t = t.clone()
+            torch.distributed.all_reduce(t)
+        k = self.counts.shape[0]
+        counts, prob_sum, n = t[:k].cpu(), t[k : 2 * k].cpu(), float(t[-1])
+        if n <= 0:
+            return {}
+        p = prob_sum / prob_sum.sum()
+        return {
+            "prototypes_used": float((counts > 0).sum()),
+            "prototype_top_share": float(counts.max() / counts.sum()),
+            "mean_teacher_entropy": float(-(p * torch.log(p.clamp_min(1e-300))).sum()),
+            "teacher_samples": n,
+        }
 
 
 class MultiCropNet(nn.Module):
@@ -92,6 +149,28 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)
 
 
+CLIP_MODES = ("global", "per_tensor")
+
+
+@torch.no_grad()
+def clip_gradients(params, max_norm: float, mode: str = "global") -> None:
+    """Clip gradients to `max_norm`. `global`: the norm of all gradients together
+    (torch's clip_grad_norm_); `per_tensor`: each parameter's gradient on its own, as the
+    original DINO's `utils.clip_gradients` does (grad × max_norm / (‖grad‖ + 1e-6) where
+    that factor is below 1)."""
+    if mode not in CLIP_MODES:
+        raise ValueError(f"clip mode {mode!r}: one of {', '.join(CLIP_MODES)}")
+    if mode == "global":
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    norms = torch._foreach_norm(grads)
+    coefs = [(max_norm / (n + 1e-6)).clamp(max=1.0) for n in norms]
+    torch._foreach_mul_(grads, coefs)
+
+
 class DINOMetaArch(nn.Module):
     """Student, teacher and losses. The student may later be wrapped in DDP (`student_ddp`)."""
 
@@ -106,6 +185,7 @@ class DINOMetaArch(nn.Module):
         center_momentum: float = 0.9,
         ibot_weight: float = 0.0,
         koleo_weight: float = 0.0,
+        centering: str = "center",
     ) -> None:
         super().__init__()
         self.student = MultiCropNet(backbone, head)
@@ -114,12 +194,12 @@ class DINOMetaArch(nn.Module):
             p.requires_grad_(False)
         self.n_global = n_global
         self.dino_loss = DINOLoss(
-            out_dim, student_temp=student_temp, center_momentum=center_momentum
+            out_dim, student_temp=student_temp, center_momentum=center_momentum, centering=centering
         )
         self.ibot_weight = ibot_weight
         self.koleo_weight = koleo_weight
         self.ibot_loss = iBOTPatchLoss(
-            out_dim, student_temp=student_temp, center_momentum=center_momentum
+            out_dim, student_temp=student_temp, center_momentum=center_momentum, centering=centering
         )
         self.koleo_loss = KoLeoLoss()
         self.student_ddp: nn.Module = self.student  # replaced by a DDP wrapper when distributed
@@ -184,21 +264,52 @@ class DINOMetaArch(nn.Module):
         return loss, parts
 
     @torch.no_grad()
-    def diagnostics(self, parts: dict[str, torch.Tensor], teacher_temp: float) -> dict[str, float]:
-        """Teacher entropy, KL(student‖teacher) on the same global views, embedding std."""
+    def track_teacher(
+        self, parts: dict[str, torch.Tensor], teacher_temp: float, usage: TeacherUsage
+    ) -> None:
+        """Add this step's teacher distributions to `usage` (no host sync)."""
+        usage.add(
+            self.dino_loss.teacher_probs(parts["teacher_head"], teacher_temp, parts["center"])
+        )
+
+    @torch.no_grad()
+    def diagnostics(
+        self,
+        parts: dict[str, torch.Tensor],
+        teacher_temp: float,
+        usage: TeacherUsage | None = None,
+    ) -> dict[str, float]:
+        """The training-health numbers (celldino.diagnostics explains them).
+
+        From this step's batch: `teacher_entropy` (mean per-sample entropy of the sharpened
+        teacher), `kl_student_teacher` (on the same global views), `loss_over_logk`,
+        `effective_rank` and `embedding_std` of the teacher class tokens. From `usage` (the
+        teacher distributions accumulated over the steps since it was reset; this batch's alone
+        when None): `prototypes_used`, `prototype_top_share`, `mean_teacher_entropy` and
+        `teacher_samples` (how many distributions they were computed from).
+        """
         # the distribution the loss used: centred with the centre before this step's update
         q = self.dino_loss.teacher_probs(parts["teacher_head"], teacher_temp, parts["center"])
         logq = torch.log(q.clamp_min(1e-12))
         entropy = -(q * logq).sum(-1).mean()
         logp = F.log_softmax(parts["student_head"].float() / self.dino_loss.student_temp, dim=-1)
         kl = (logp.exp() * (logp - logq)).sum(-1).mean()
-        z = F.normalize(parts["teacher_cls"].float(), dim=-1)  # (n_g*B, D)
+        cls = parts["teacher_cls"].float()  # (n_g*B, D)
+        z = F.normalize(cls, dim=-1)
         emb_std = z.std(dim=0).mean() * z.shape[1] ** 0.5  # ~1 when spread, → 0 when collapsed
-        return {
+        out = {
             "teacher_entropy": float(entropy),
             "kl_student_teacher": float(kl),
             "embedding_std": float(emb_std),
+            "effective_rank": effective_rank(cls),
         }
+        if "loss_dino" in parts:
+            out["loss_over_logk"] = float(parts["loss_dino"]) / math.log(q.shape[-1])
+        if usage is None:
+            usage = TeacherUsage(q.shape[-1], q.device)
+            usage.add(q)
+        out.update(usage.summary())
+        return out
 
     def train(self, mode: bool = True) -> DINOMetaArch:
         """Train mode for the student only: the teacher never uses stochastic depth."""
