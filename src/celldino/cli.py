@@ -129,6 +129,11 @@ def _run_pipeline(args: argparse.Namespace, demo: bool) -> int:
         extra.append(f"run.force={','.join(force)}")
     cfg = _config(args, extra)
     out = run_demo(cfg) if demo else run_pipeline(cfg, force=force)
+    from celldino.report.headline import headline_of_run
+
+    headline = headline_of_run(cfg.run.out_dir)
+    if headline:
+        print(headline)
     print(out)
     return 0
 

@@ -53,7 +53,8 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
 
 # Evaluation used when run.eval_spec is empty: the analyses of the Cell-DINO/WS-DINO papers that
 # read well profiles (NSC, NSCB, replicate and MoA mAP, kNN macro-F1 split by plate), the
-# plate-vs-treatment check, Mantel against the engineered features and attention-channel IoU.
+# plate-vs-treatment check, Mantel against the engineered features and attention-channel IoU;
+# and the single-cell probes of DINO / Cell-DINO (linear and weighted 20-NN, by plate).
 RUN_ANALYSES = {
     "nsc": {},
     "map_replicate": {},
@@ -62,6 +63,7 @@ RUN_ANALYSES = {
     "plate_effect": {},  # the report warns when profiles separate by plate more than treatment
     "mantel": {},  # each set vs the engineered features (skipped without them)
     "attention_iou": {},  # heads vs channels, from attention.zarr (skipped without one)
+    "cell_probe": {},  # single cells of learned, random_init, engineered (the same cells)
 }
 
 

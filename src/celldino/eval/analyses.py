@@ -685,7 +685,9 @@ def run_block_search(meta, X, ctx: EvalContext, **params: Any) -> AnalysisResult
 run_block_search.reads_sets = True
 
 
-def _run_layout(ctx: EvalContext, given: str | None, name: str):
+def _run_layout(
+    ctx: EvalContext, given: str | None, name: str, what: str = "attention.zarr and the crops"
+):
     """The `celldino run` folder of this feature set (its profiles are `<run>/profiles/<set>.*`),
     or `given` (the analysis's run_dir); NotEvaluable when there is none."""
     from celldino.io.runlayout import RunLayout
@@ -697,7 +699,7 @@ def _run_layout(ctx: EvalContext, given: str | None, name: str):
         root = Path(src).resolve().parent.parent if src else None
     if root is None or not RunLayout(root).cells.exists():
         raise NotEvaluable(
-            f"{name} reads a `celldino run` folder (attention.zarr and the crops) and "
+            f"{name} reads a `celldino run` folder ({what}) and "
             f"'{ctx.feature_set}' does not come from one; set analyses.{name}.run_dir"
         )
     return RunLayout(root)
@@ -812,6 +814,83 @@ def run_discriminative_patches(meta, X, ctx: EvalContext, **params: Any) -> Anal
     return out
 
 
+def run_cell_probe(meta, X, ctx: EvalContext, **params: Any) -> AnalysisResult:
+    """Single-cell MoA probes (linear, DINO's weighted 20-NN), leave one plate out, on the same
+    cells for every feature set, read from the `celldino run` folder (eval/cell_probe.py)."""
+    from celldino.eval import cell_probe as cp
+
+    name = ctx.feature_set
+    src = str(getattr(ctx.sets.get(name), "source", "") or "")
+    if src and not params.get("run_dir") and not Path(src).exists():  # derived: pca(engineered)
+        raise NotEvaluable(
+            f"'{name}' is computed by the evaluation ({src}), not read from a run folder: it has "
+            "no per-cell table; cell_probe scores the sets with per-cell features "
+            "(embeddings/<set>/, prep/engineered.parquet)"
+        )
+    lay = _run_layout(ctx, params.get("run_dir"), "cell_probe", "the per-cell embeddings")
+    tables = cp.read_cell_tables(lay.root, list(ctx.sets) or [name])
+    if name not in tables:
+        raise NotEvaluable(
+            f"cell_probe scores single cells and '{name}' has no per-cell table in {lay.root} "
+            f"(embeddings/{name}/, or prep/engineered.parquet for engineered; derived sets such "
+            "as pca_engineered have none)"
+        )
+    cells, feats = cp.align_cells(tables, key=params.get("cell_id") or cp.CELL_ID)
+    c = ctx.cols
+    label = params.get("label") or c.require(cells, "moa", "cell_probe")
+    split_by = params.get("split_by") or c.require(cells, "plate", "cell_probe")
+    for role, col in (("label", label), ("split_by", split_by)):
+        if col not in cells.columns:
+            raise SpecError(
+                f"analyses.cell_probe.{role}: no column '{col}' in the per-cell tables "
+                f"(metadata columns: {', '.join(map(str, cells.columns))})"
+            )
+    keep = cells[label].notna().to_numpy()
+    if params.get("exclude_controls", True) and c.control in cells.columns:
+        keep = keep & ~is_control_row(cells, c.control, c.control_value)  # not in place: COW
+    idx = np.flatnonzero(keep)
+    if len(idx) == 0:
+        raise NotEvaluable(f"cell_probe: no treated cell has a {label} label")
+    max_cells = int(params.get("max_cells", cp.MAX_CELLS))
+    idx = idx[
+        cp.stratified_subsample(cells[label].astype(str).to_numpy()[idx], max_cells, ctx.seed)
+    ]
+    reference = params.get("reference", "random_init")
+    probed = {n: feats[n][idx] for n in dict.fromkeys([name, reference]) if n in feats}
+    summary, folds, paired = cp.cell_probe(
+        cells.iloc[idx].reset_index(drop=True),
+        probed,
+        label=label,
+        split_by=split_by,
+        well=c.well,
+        k=int(params.get("k", cp.KNN_K)),
+        temperature=float(params.get("temperature", cp.KNN_T)),
+        knn_zscore=bool(params.get("knn_zscore", True)),
+        C=float(params.get("C", 1.0)),
+        max_iter=int(params.get("max_iter", cp.MAX_ITER)),
+        seed=ctx.seed,
+        n_boot=ctx.n_boot,
+        reference=reference,
+    )
+    mine = summary[summary.feature_set == name]
+    metrics = dict(zip(mine.metric, mine.value, strict=True))
+    metrics.update(
+        n_cells=len(idx),
+        n_plates=folds["fold"].nunique(),
+        n_classes=cells[label].iloc[idx].nunique(),
+    )
+    out = _result(metrics, {"folds": folds[folds.feature_set == name].reset_index(drop=True)})
+    mine_paired = paired[paired.feature_set == name]
+    if len(mine_paired):
+        out.tables["paired_difference"] = mine_paired.reset_index(drop=True)
+    for r in mine.itertuples(index=False):
+        out.stats[r.metric] = {col: getattr(r, col) for col in STAT_COLUMNS}
+    return out
+
+
+run_cell_probe.reads_sets = True  # the cells are those every per-cell set holds
+
+
 def run_plate_effect(meta, X, ctx: EvalContext, **params: Any) -> AnalysisResult:
     """Chance-corrected 1-NN agreement on plate vs on treatment; flags plate > treatment."""
     from celldino.eval.batch_effect import ALPHA, MARGIN, plate_effect
@@ -859,6 +938,7 @@ ANALYSES: dict[str, Callable[..., AnalysisResult | dict]] = {
     "attention_iou": run_attention_iou,
     "discriminative_patches": run_discriminative_patches,
     "plate_effect": run_plate_effect,
+    "cell_probe": run_cell_probe,
 }
 
 DEFAULT_ANALYSES = ("nsc", "map_replicate", "activity")

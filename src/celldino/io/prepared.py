@@ -38,6 +38,7 @@ __all__ = [
     "SKIPPED",
     "STATE",
     "read_illumination",
+    "read_engineered",
     "read_images",
     "read_inputs",
     "read_qc",
@@ -54,6 +55,12 @@ def read_qc(prep_dir: str | Path) -> pd.DataFrame:
 def read_skipped(prep_dir: str | Path) -> pd.DataFrame:
     """The images prepare skipped (file, reason); empty when none were."""
     return pd.read_parquet(Path(prep_dir) / SKIPPED)
+
+
+def read_engineered(prep_dir: str | Path) -> pd.DataFrame:
+    """The engineered features of a prepared folder: one row per cell (`Metadata_*` and
+    `Metadata_CellID`, then CellProfiler's `Nuclei_*`, `Cells_*`, `Cytoplasm_*` measurements)."""
+    return pd.read_parquet(Path(prep_dir) / ENGINEERED)
 
 
 def read_images(prep_dir: str | Path) -> pd.DataFrame:

@@ -174,6 +174,10 @@ ANALYSIS_NOTES = {
     "discriminative_patches": "Discriminative patch tokens: share of group A's patch tokens "
     "whose 10 nearest tokens of other images are ≥ 90 % from A; baseline: the images' groups "
     "shuffled (null_fraction_discriminative).",
+    "cell_probe": "Cell probes: MoA of single cells (controls out, the same cells for every set), "
+    "each plate held out in turn: logistic regression on standardised features and DINO's "
+    "weighted 20-NN (cosine, votes exp(sim / 0.07)); macro-F1 averaged over the held-out plates; "
+    "chance: the better label-only baseline; interval: wells redrawn.",
     "plate_effect": "Plate effect: how often a profile's nearest neighbour (cosine) shares its "
     "plate, and how often its treatment, each corrected for chance ((observed − expected) / "
     "(1 − expected): 0 = chance, 1 = always); plate_dominates = 1 when the plate agreement "
@@ -277,6 +281,59 @@ def section_evaluation(run: Path) -> Section:
             sec.text(str(note))
         for what, why in (info.get("skipped") or {}).items():
             sec.text(f"Skipped: {what}: {why}")
+    return sec
+
+
+def section_cell_probe(run: Path) -> Section:
+    """The single-cell probes (analysis cell_probe): score, interval and chance per feature set,
+    one sentence per probe on the winner, and the paired difference to random_init."""
+    from celldino.report.headline import probe_metrics, probe_sentence, probe_words, with_interval
+
+    sec = Section("cell_probe", "Single-cell probes: linear and weighted 20-NN, by plate")
+    lay = RunLayout(run)
+    try:
+        res = results.read_results(lay.eval)
+    except FileNotFoundError:
+        sec.missing("evaluation results", "celldino evaluate")
+        return sec
+    cp = res[(res["analysis"] == "cell_probe") & (res["metric"] != "skipped")]
+    probes = probe_metrics(cp)
+    if not probes:
+        sec.text(
+            "Single-cell probes: not measured (add the cell_probe analysis to the evaluation "
+            "spec; it reads the per-cell embeddings of a `celldino run` folder)."
+        )
+        return sec
+    sec.text(ANALYSIS_NOTES["cell_probe"])
+    for metric in probes:
+        sentence = probe_sentence(cp, metric)
+        if sentence:
+            sec.text(sentence)
+    rows = {}
+    for r in cp[cp["metric"].isin(probes)].itertuples(index=False):
+        rows.setdefault(str(r.feature_set), {})[probe_words(r.metric)] = with_interval(
+            r.value, r.ci_low, r.ci_high
+        )
+        rows[str(r.feature_set)][f"{probe_words(r.metric)}: chance"] = with_interval(
+            r.chance, None, None
+        )
+    table = pd.DataFrame(rows).T
+    order = [s for s in ("learned", "engineered", "random_init") if s in table.index]
+    table = table.loc[order + [s for s in table.index if s not in order]].fillna("–")
+    table.index.name = "feature set"
+    sec.table(table, caption="Macro-F1 over held-out plates [95% interval, wells redrawn]")
+    files = results.list_tables(lay.eval)
+    paired = files[(files.analysis == "cell_probe") & (files.table == "paired_difference")]
+    if len(paired):
+        diff = pd.concat([results.read_table(p) for p in paired.path], ignore_index=True)
+        diff["difference"] = [
+            with_interval(r.difference, r.ci_low, r.ci_high) for r in diff.itertuples()
+        ]
+        sec.table(
+            diff.set_index("feature_set")[["metric", "reference", "difference"]],
+            caption="Paired difference to the reference set on the same cells and the same "
+            "bootstrap draws (an interval above 0: better than the untrained model)",
+        )
     return sec
 
 
@@ -461,6 +518,7 @@ DEFAULT_SECTIONS = [
     section_training,
     section_umap,
     section_evaluation,
+    section_cell_probe,
     section_tables,
     section_attention,
     section_appendix,

@@ -1,0 +1,142 @@
+"""The headline numbers of an evaluation, in one place: feature sets × the metrics that tell
+models apart (single-cell probes, NSC / NSCB, MoA mAP), each with its 95% interval, and one
+sentence per probe saying which feature set wins and whether the win is resolved.
+
+`celldino run` / `demo` print `format_headline` before the report path; the report's
+`section_cell_probe` shows the same table and sentences.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+
+# (analysis, metric, column title) of the headline table, in order
+HEADLINE_METRICS = (
+    ("cell_probe", "linear_f1", "cell linear F1"),
+    ("cell_probe", "knn20_f1", "cell 20-NN F1"),
+    ("nsc", "NSC", "NSC"),
+    ("nsc", "NSCB", "NSCB"),
+    ("map_moa", "mAP", "MoA mAP"),
+)
+SET_ORDER = ("learned", "engineered", "pca_engineered", "random_init")
+
+
+def probe_words(metric: str) -> str:
+    """'Linear probe' for linear_f1, 'Weighted <k>-NN' for knn<k>_f1."""
+    if metric == "linear_f1":
+        return "Linear probe"
+    k = metric.removeprefix("knn").removesuffix("_f1")
+    return f"Weighted {k}-NN" if metric.startswith("knn") and k.isdigit() else metric
+
+
+def probe_metrics(metrics: pd.DataFrame, analysis: str = "cell_probe") -> list[str]:
+    """The probe scores of `analysis` in `metrics` (linear_f1, knn<k>_f1), in order."""
+    names = metrics.loc[metrics["analysis"] == analysis, "metric"].astype(str)
+    return list(dict.fromkeys(m for m in names if m.endswith("_f1")))
+
+
+def _num(v) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def with_interval(value, lo, hi) -> str:
+    """'0.520 [0.490, 0.550]'; the value alone without an interval; '–' without a value."""
+    v, a, b = _num(value), _num(lo), _num(hi)
+    if math.isnan(v):
+        return "–"
+    text = f"{v:.3f}"
+    if not (math.isnan(a) or math.isnan(b)):
+        text += f" [{a:.3f}, {b:.3f}]"
+    return text
+
+
+def _scored(metrics: pd.DataFrame, analysis: str, metric: str) -> pd.DataFrame:
+    rows = metrics[(metrics["analysis"] == analysis) & (metrics["metric"] == metric)]
+    return rows[pd.to_numeric(rows["value"], errors="coerce").notna()]
+
+
+def headline_table(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Feature sets (rows: learned, engineered, pca_engineered, random_init, then others) ×
+    headline metrics (columns present in `metrics`), each cell 'value [ci_low, ci_high]', '–'
+    where the set has no value. Empty when no headline metric was measured."""
+    cols = {}
+    for analysis, metric, title in HEADLINE_METRICS:
+        rows = _scored(metrics, analysis, metric)
+        if len(rows):
+            cols[title] = {
+                str(r.feature_set): with_interval(
+                    r.value, getattr(r, "ci_low", None), getattr(r, "ci_high", None)
+                )
+                for r in rows.itertuples(index=False)
+            }
+    table = pd.DataFrame(cols)
+    if table.empty:
+        return table
+    order = [s for s in SET_ORDER if s in table.index]
+    table = table.loc[order + sorted(s for s in table.index if s not in order)]
+    table.index.name = "feature set"
+    return table.fillna("–")
+
+
+def probe_sentence(metrics: pd.DataFrame, metric: str, analysis: str = "cell_probe") -> str | None:
+    """One sentence: which feature set scores best on `metric`, the runner-up, and whether
+    their 95% intervals are apart. None when fewer than two sets were scored."""
+    rows = _scored(metrics, analysis, metric).copy()
+    if len(rows) < 2:
+        return None
+    rows["value"] = pd.to_numeric(rows["value"])
+    rows = rows.sort_values("value", ascending=False, kind="stable")
+    win, second = rows.iloc[0], rows.iloc[1]
+    what = probe_words(metric)
+
+    def num(r) -> str:
+        return with_interval(r["value"], r.get("ci_low"), r.get("ci_high"))
+
+    if win["value"] == second["value"]:
+        return (
+            f"{what}: {win.feature_set} and {second.feature_set} tie ({num(win)}), so neither wins."
+        )
+    lo, hi = _num(win.get("ci_low")), _num(second.get("ci_high"))
+    if math.isnan(lo) or math.isnan(hi):
+        verdict = "there are no intervals (evaluate.n_boot=0), so the difference is not resolved"
+    elif lo > hi:
+        verdict = f"the intervals are apart, so {win.feature_set} is better on these cells"
+    else:
+        verdict = "the intervals overlap, so the difference is not resolved"
+    return (
+        f"{what}: {win.feature_set} wins ({num(win)}) over {second.feature_set} "
+        f"({num(second)}); {verdict}."
+    )
+
+
+def format_headline(metrics: pd.DataFrame) -> str:
+    """The headline table as plain text (aligned columns) followed by the probe sentences;
+    '' when no headline metric was measured."""
+    table = headline_table(metrics)
+    if table.empty:
+        return ""
+    lines = ["Headline (95% intervals in brackets; eval/metrics.parquet has them all):"]
+    lines += table.to_string().splitlines()
+    for metric in probe_metrics(metrics):
+        s = probe_sentence(metrics, metric)
+        if s:
+            lines.append(s)
+    return "\n".join(lines)
+
+
+def headline_of_run(run_dir: str | Path) -> str:
+    """`format_headline` of a run folder's eval/metrics.parquet ('' when there is none)."""
+    from celldino.io import results
+    from celldino.io.runlayout import RunLayout
+
+    try:
+        metrics = results.read_results(RunLayout(Path(run_dir)).eval)
+    except FileNotFoundError:
+        return ""
+    return format_headline(metrics)

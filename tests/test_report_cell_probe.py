@@ -1,0 +1,123 @@
+"""The headline table (report/headline.py), the report's single-cell probe section and the lines
+`celldino run` prints at its end, on small metrics tables written by hand."""
+
+from __future__ import annotations
+
+import html
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from celldino.report import build_report
+from celldino.report.headline import format_headline, headline_table, probe_sentence
+
+NAN = np.nan
+
+
+def _metrics() -> pd.DataFrame:
+    """cell_probe: engineered ahead of learned on the linear probe with overlapping intervals;
+    learned ahead on the 20-NN with intervals apart; NSC, map_moa, a skipped row, a count."""
+    rows = [
+        ("learned", "cell_probe", "linear_f1", 0.47, 0.25, 0.44, 0.50),
+        ("engineered", "cell_probe", "linear_f1", 0.52, 0.25, 0.49, 0.55),
+        ("random_init", "cell_probe", "linear_f1", 0.30, 0.25, 0.27, 0.33),
+        ("learned", "cell_probe", "knn20_f1", 0.61, 0.25, 0.58, 0.64),
+        ("engineered", "cell_probe", "knn20_f1", 0.40, 0.25, 0.37, 0.43),
+        ("random_init", "cell_probe", "knn20_f1", 0.35, 0.25, 0.31, 0.39),
+        ("learned", "cell_probe", "n_cells", 400, NAN, NAN, NAN),
+        ("learned", "nsc", "NSC", 0.75, 0.2, 0.6, 0.9),
+        ("random_init", "nsc", "NSC", 0.25, 0.2, 0.1, 0.4),
+        ("learned", "map_moa", "mAP", 0.333, 0.1, NAN, NAN),
+        ("pca_engineered", "cell_probe", "skipped", NAN, NAN, NAN, NAN),
+    ]
+    cols = ["feature_set", "analysis", "metric", "value", "chance", "ci_low", "ci_high"]
+    df = pd.DataFrame(rows, columns=cols)
+    df["flags"] = np.where(df.metric == "skipped", "skipped: no per-cell table", "")
+    return df
+
+
+def test_headline_table_is_sets_by_metrics_with_intervals():
+    t = headline_table(_metrics())
+    assert list(t.index) == ["learned", "engineered", "random_init"]  # no row for a skip only
+    assert list(t.columns) == ["cell linear F1", "cell 20-NN F1", "NSC", "MoA mAP"]  # no NSCB
+    assert t.loc["engineered", "cell linear F1"] == "0.520 [0.490, 0.550]"
+    assert t.loc["learned", "MoA mAP"] == "0.333"  # no interval: the value alone
+    assert t.loc["engineered", "NSC"] == "–"  # not measured for this set
+    assert headline_table(_metrics().query("analysis == 'mantel'")).empty
+
+
+def test_probe_sentences_name_the_winner_and_whether_it_is_resolved():
+    lin = probe_sentence(_metrics(), "linear_f1")
+    assert lin == (
+        "Linear probe: engineered wins (0.520 [0.490, 0.550]) over learned (0.470 [0.440, "
+        "0.500]); the intervals overlap, so the difference is not resolved."
+    )
+    knn = probe_sentence(_metrics(), "knn20_f1")
+    assert knn.startswith("Weighted 20-NN: learned wins (0.610 [0.580, 0.640]) over engineered")
+    assert "the intervals are apart, so learned is better" in knn  # 0.58 > 0.43
+    no_ci = _metrics().assign(ci_low=NAN, ci_high=NAN)
+    assert "not resolved" in probe_sentence(no_ci, "knn20_f1")
+    assert probe_sentence(_metrics().query("feature_set == 'learned'"), "linear_f1") is None
+    text = format_headline(_metrics())
+    table = headline_table(_metrics()).to_string().splitlines()
+    assert text.splitlines()[1 : 1 + len(table)] == table
+    assert lin in text and knn in text
+
+
+def _run_with_metrics(root, metrics: pd.DataFrame):
+    (root / "eval" / "tables").mkdir(parents=True)
+    metrics.to_parquet(root / "eval" / "metrics.parquet")
+    paired = pd.DataFrame(
+        {
+            "feature_set": ["learned", "learned"],
+            "reference": "random_init",
+            "metric": ["linear_f1", "knn20_f1"],
+            "difference": [0.17, 0.26],
+            "ci_low": [0.12, 0.20],
+            "ci_high": [0.22, 0.31],
+            "n_wells": 48,
+        }
+    )
+    paired.to_parquet(root / "eval" / "tables" / "cell_probe__learned__paired_difference.parquet")
+
+
+def test_report_section_shows_scores_chance_sentences_and_paired_difference(tmp_path):
+    m = _metrics()
+    m.loc[m.feature_set == "engineered", "feature_set"] = "<b>eng</b>"  # names are escaped
+    _run_with_metrics(tmp_path, m)
+    page = build_report(tmp_path).read_text()
+    sec = page[page.index('<section id="cell_probe">') :]
+    sec = sec[: sec.index("</section>")]
+    assert html.escape(probe_sentence(m, "linear_f1")) in sec
+    assert "<b>eng</b>" not in sec and "&lt;b&gt;eng&lt;/b&gt;" in sec
+    assert "0.610 [0.580, 0.640]" in sec and "0.250" in sec  # interval and chance
+    assert "0.170 [0.120, 0.220]" in sec  # the paired difference with its interval
+
+
+def test_report_section_says_when_cell_probe_was_not_run(tmp_path):
+    _run_with_metrics(tmp_path, _metrics().query("analysis != 'cell_probe'"))
+    page = build_report(tmp_path).read_text()
+    sec = page[page.index('<section id="cell_probe">') :]
+    assert "Single-cell probes: not measured" in sec[: sec.index("</section>")]
+
+
+@pytest.mark.parametrize("command", ["run", "demo"])
+def test_run_and_demo_print_the_headline_then_the_report_path(
+    tmp_path, monkeypatch, capsys, command
+):
+    from celldino import cli
+
+    def fake(cfg, force=()):
+        _run_with_metrics(tmp_path / "out", _metrics())
+        return tmp_path / "out" / "report.html"
+
+    monkeypatch.setattr("celldino.pipeline.run_pipeline", fake)
+    monkeypatch.setattr("celldino.pipeline.run_demo", fake)
+    assert cli.main([command, f"run.out_dir={tmp_path / 'out'}"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == str(tmp_path / "out" / "report.html")
+    assert lines[0].startswith("Headline")
+    table = headline_table(_metrics()).to_string().splitlines()
+    assert lines[1 : 1 + len(table)] == table
+    assert probe_sentence(_metrics(), "linear_f1") in lines
