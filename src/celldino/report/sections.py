@@ -8,7 +8,6 @@ evaluation results (`io.results`) and the attention store (`io.attention_store`)
 
 from __future__ import annotations
 
-import html
 import math
 from pathlib import Path
 
@@ -89,40 +88,110 @@ def section_data(run: Path) -> Section:
     return sec
 
 
+# the training diagnostics shown at the end of training: (key, what it says)
+TRAINING_DIAGNOSTICS = (
+    ("step", "optimisation steps"),
+    ("loss_dino", "DINO loss (cross-entropy teacher → student)"),
+    ("loss_over_logk", "DINO loss / log K: 1 = the student matches a uniform teacher"),
+    ("prototypes_used", "prototypes that are some cell's teacher argmax (of K)"),
+    ("prototype_top_share", "share of the cells taken by the most used prototype"),
+    ("teacher_samples", "teacher distributions these two were counted over"),
+    ("mean_teacher_entropy", "entropy of the mean teacher distribution (log K = all used evenly)"),
+    ("teacher_entropy", "per-sample teacher entropy (low by design: sharpening)"),
+    ("kl_student_teacher", "KL(student ‖ teacher) on the same views"),
+    ("effective_rank", "effective rank of the teacher class tokens (collapse → 1)"),
+    ("embedding_std", "spread of the L2-normalised class tokens (~1 spread, → 0 collapsed)"),
+)
+
+
 def section_training(run: Path) -> Section:
     sec = Section("training", "Training curves and collapse diagnostics")
     lay = RunLayout(run)
     if not lay.train_metrics.exists():
         sec.missing("training metrics", "celldino train")
         return sec
-    df = trainrun.read_metrics(lay.train_metrics)
+    from celldino.diagnostics import training_verdict
+    from celldino.pl.training import probe_curve, probe_records, training_steps
+
+    metrics = trainrun.read_metrics(lay.train_metrics)
+    df = training_steps(metrics)
+    train_cfg: dict = {}
     out_dim = None
     if lay.train_config.exists():
-        out_dim = (read_yaml(lay.train_config) or {}).get("model", {}).get("out_dim")
-    sec.figure(training_curves(df, out_dim=out_dim), "Loss, schedules and diagnostics per epoch")
-    last = df.iloc[-1]
-    rows = {
-        k: last[k]
-        for k in ("step", "loss", "teacher_entropy", "kl_student_teacher", "embedding_std")
-        if k in last
-    }
-    if out_dim:
-        rows["log(out_dim)"] = math.log(out_dim)
-    sec.table(
-        pd.DataFrame({"final value": rows}).rename_axis("diagnostic"), caption="End of training"
-    )
-    from celldino.diagnostics import collapse_message
-
-    if out_dim and "teacher_entropy" in last and "embedding_std" in last:
-        msg = collapse_message(
-            float(last["teacher_entropy"]), int(out_dim), float(last["embedding_std"])
+        saved = read_yaml(lay.train_config) or {}
+        out_dim = saved.get("model", {}).get("out_dim")
+        train_cfg = saved.get("train", {}) or {}
+    if not df.empty:
+        sec.figure(
+            training_curves(df, out_dim=out_dim), "Loss, schedules and diagnostics per epoch"
         )
-        if msg:
-            sec.parts.append(f'<p class="warn">{html.escape(msg)}</p>')
-        else:
-            sec.text(
-                "No sign of collapse: the teacher's output entropy and the embedding spread are healthy."
+        last = df.iloc[-1].dropna()
+        if out_dim and "loss_over_logk" not in last and "loss_dino" in last:
+            last["loss_over_logk"] = float(last["loss_dino"]) / math.log(out_dim)
+        counts = ("step", "prototypes_used", "teacher_samples")
+        rows = {
+            k: (f"{int(last[k])}" if k in counts else f"{float(last[k]):.3f}", what)
+            for k, what in TRAINING_DIAGNOSTICS
+            if k in last
+        }
+        if out_dim:
+            rows["log K"] = (
+                f"{math.log(out_dim):.3f}",
+                f"log of the number of prototypes K = {out_dim}",
             )
+        table = pd.DataFrame(
+            {
+                "final value": {k: v for k, (v, _) in rows.items()},
+                "meaning": {k: m for k, (_, m) in rows.items()},
+            }
+        ).rename_axis("diagnostic")
+        sec.table(table, caption="End of training")
+        sec.text(
+            "The per-sample teacher entropy is low on purpose: DINO sharpens the teacher so "
+            "that each cell points at few prototypes; a collapse shows as one prototype for "
+            "every cell, a uniform teacher with the loss at log K, or features of rank ~1."
+        )
+        if out_dim:
+            keys = (
+                "teacher_entropy",
+                "mean_teacher_entropy",
+                "loss_over_logk",
+                "prototypes_used",
+                "prototype_top_share",
+                "teacher_samples",
+                "effective_rank",
+                "embedding_std",
+            )
+            verdict = training_verdict(
+                out_dim=int(out_dim), **{k: float(last[k]) for k in keys if k in last}
+            )
+            (sec.warn if verdict.warn else sec.text)(verdict.message)
+    probes = probe_records(metrics)
+    if not probes.empty:
+        label = str(train_cfg.get("monitor_label") or "")
+        sec.figure(
+            probe_curve(probes, label=label),
+            f"Probe macro-F1 of the teacher's class tokens ({label or 'labels'}) against "
+            "training steps; step 0 is the random initialisation",
+        )
+        cols = [
+            c
+            for c in ("step", "epoch", "monitor_knn20_f1", "monitor_linear_f1", "monitor_cells")
+            if c in probes.columns
+        ]
+        split = probes["monitor_split"].iloc[0] if "monitor_split" in probes.columns else ""
+        sec.table(
+            probes[cols]
+            .rename(
+                columns={
+                    "monitor_knn20_f1": "20-NN macro-F1",
+                    "monitor_linear_f1": "linear macro-F1",
+                    "monitor_cells": "n_cells",
+                }
+            )
+            .set_index("step"),
+            caption=f"Learning curve (train.monitor_label; split: {split})",
+        )
     return sec
 
 
