@@ -228,11 +228,14 @@ def test_linear_predict_matches_sklearn_pipeline():
     Xte = rng.normal(size=(20, 4)) * [1, 10, 100, 0.1]
     sc = StandardScaler().fit(Xtr)
     want = (
-        LogisticRegression(max_iter=1000, class_weight="balanced")
+        LogisticRegression(max_iter=5000, class_weight="balanced", random_state=0)
         .fit(sc.transform(Xtr), ytr)
         .predict(sc.transform(Xte))
     )
-    assert list(linear_predict(Xtr, ytr, Xte)) == list(want)
+    got, converged = linear_predict(Xtr, ytr, Xte)
+    assert list(got) == list(want) and converged
+    _, converged = linear_predict(Xtr, ytr, Xte, max_iter=1)
+    assert not converged
 
 
 def test_probe_folds_and_scores():
@@ -252,17 +255,18 @@ def test_probe_folds_and_scores():
     X = rng.normal(size=(12, 3)) * 0.1 + np.where(y == "a", 1.0, -1.0)[:, None]
     out = probe_scores(X, y, plates)
     assert out["knn20_f1"] == out["linear_f1"] == 1.0 and out["n_cells"] == 12
-    # random features: the mean over held-out plates of sklearn's macro-F1 of each plate
-    X = rng.normal(size=(12, 3))
+    # random features: the mean over held-out plates of sklearn's macro-F1 of each plate; both
+    # probes on features z-scored with the training plates (as eval's cell_probe)
+    X = rng.normal(size=(12, 3)) * [1, 10, 100]
     out = probe_scores(X, y, plates)
     want_knn, want_lin = [], []
     for p in ("P1", "P2", "P3"):
         tr, te = plates != p, plates == p
-        want_knn.append(f1_score(y[te], knn_predict(X[tr], y[tr], X[te]), average="macro"))
         sc = StandardScaler().fit(X[tr])
-        lr = LogisticRegression(max_iter=1000, class_weight="balanced")
-        pred = lr.fit(sc.transform(X[tr]), y[tr]).predict(sc.transform(X[te]))
-        want_lin.append(f1_score(y[te], pred, average="macro"))
+        Ztr, Zte = sc.transform(X[tr]), sc.transform(X[te])
+        want_knn.append(f1_score(y[te], knn_predict(Ztr, y[tr], Zte), average="macro"))
+        lr = LogisticRegression(max_iter=5000, class_weight="balanced", random_state=0)
+        want_lin.append(f1_score(y[te], lr.fit(Ztr, y[tr]).predict(Zte), average="macro"))
     assert out["knn20_f1"] == pytest.approx(np.mean(want_knn))
     assert out["linear_f1"] == pytest.approx(np.mean(want_lin))
 
@@ -276,6 +280,11 @@ def test_stratified_sample_is_proportional_and_fixed():
     assert list(pick) == list(stratified_sample(strata, 100, seed=0))
     assert list(pick) != list(stratified_sample(strata, 100, seed=1))
     assert list(stratified_sample(strata[:5], 100)) == [0, 1, 2, 3, 4]
+    # every stratum keeps a row, and the one-row minimums do not push the sample past the cap
+    tail = np.array(["a"] * 991 + list("bcdefghij"))
+    assert len(stratified_sample(tail, 10)) == 10 and set(tail[stratified_sample(tail, 10)]) == set(
+        tail
+    )
 
 
 # ---- the loop: diagnostics in metrics.jsonl and the probe monitor ---------------------------
@@ -287,8 +296,10 @@ def _labelled_prep(path, n=16):
             "Metadata_CellID": [f"c{i}" for i in range(n)],
             "Metadata_Plate": ["P1", "P2"] * (n // 2),
             "Metadata_MoA": [["m0", "m1", None, "m2"][i % 4] for i in range(n)],
+            "Metadata_pert_type": ["control" if i in (1, 3) else "trt" for i in range(n)],
         }
     )
+    meta.loc[meta.Metadata_pert_type == "control", "Metadata_MoA"] = "DMSO"
     return write_prep(path, crops, meta), crops, meta
 
 
@@ -321,9 +332,12 @@ def test_training_logs_diagnostics_and_monitor(tmp_path):
         assert 1 <= r["effective_rank"] <= 8 + 1e-6  # 8 class tokens in the batch
     for r in probes:
         assert r["monitor_cells"] == 10 and r["monitor_split"] == "leave-one-plate-out"
+        assert r["monitor_labels"] == 3  # the controls (DMSO) are left out, as by cell_probe
+        assert isinstance(r["monitor_linear_converged"], bool)
         assert 0 <= r["monitor_knn20_f1"] <= 1 and 0 <= r["monitor_linear_f1"] <= 1
     # step 0 = the random init: the same sample embedded independently gives the same scores
-    labelled = np.flatnonzero(meta["Metadata_MoA"].notna().to_numpy())
+    treated = (meta["Metadata_pert_type"] != "control").to_numpy()
+    labelled = np.flatnonzero(meta["Metadata_MoA"].notna().to_numpy() & treated)
     strata = [
         f"{p}\x1f{m}" for p, m in meta.iloc[labelled][["Metadata_Plate", "Metadata_MoA"]].values
     ]

@@ -17,8 +17,9 @@ from sklearn.preprocessing import StandardScaler
 
 from celldino.config import EvaluateConfig
 from celldino.eval import runner
-from celldino.eval.cell_probe import cell_probe, stratified_subsample, well_bootstrap
-from celldino.probes import knn_predict
+from celldino.eval.cell_probe import cell_probe, well_bootstrap
+from celldino.probes import knn_predict, probe_scores
+from celldino.probes import stratified_sample as stratified_subsample
 
 
 def weighted_knn_predict(X_train, y_train, X_test, *, n_classes, k=20, temperature=0.07):
@@ -113,6 +114,27 @@ def test_linear_probe_and_knn_match_leave_one_group_out_by_hand():
     row = summary.set_index("metric").loc["linear_f1"]
     assert row.chance >= np.mean(chance) - 1e-12 and row.chance < 0.5 < row.value
     assert row.n_queries == len(meta)
+
+
+def test_train_monitor_scores_as_cell_probe():
+    """train's monitor (celldino.probes.probe_scores) on the same cells and plates gives exactly
+    cell_probe's values: same z-scoring (both probes), folds, fit and fold averaging."""
+    meta, X = _cells(seed=2)
+    X = X * np.linspace(0.1, 100, X.shape[1])  # scales apart: z-scoring before the kNN matters
+    for knn_zscore in (True, False):
+        summary, _, _ = cell_probe(
+            meta,
+            {"learned": X},
+            label="Metadata_MoA",
+            split_by="Metadata_Plate",
+            knn_zscore=knn_zscore,
+            n_boot=0,
+        )
+        value = summary.set_index("metric")["value"]
+        got = probe_scores(X, meta.Metadata_MoA, meta.Metadata_Plate, knn_zscore=knn_zscore)
+        assert got["split"] == "leave-one-plate-out" and got["n_cells"] == len(meta)
+        assert got["linear_f1"] == value["linear_f1"]
+        assert got["knn20_f1"] == value["knn20_f1"]
 
 
 def test_the_interval_redraws_wells_not_cells():

@@ -13,13 +13,16 @@ The numbers (docs/training.md, "Diagnostics and collapse"):
 - `embedding_std`: std over the batch of the L2-normalised class tokens times sqrt(D); ~1 spread.
 
 `training_verdict` turns them into one of: collapsed (uniform teacher, one prototype, or rank-1
-features), not learning yet, coarse partition, or healthy, with a sentence saying what to try.
+features), not learning yet, coarse partition, or healthy, with a sentence saying what to try;
+`verdict_inputs` picks its arguments (`VERDICT_KEYS`) out of a metrics.jsonl record.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 # thresholds of the verdicts (docs/training.md)
 RANK_COLLAPSED = 2.0  # effective rank below this: every cell on (nearly) one direction
@@ -39,6 +42,23 @@ KINDS = (
     "coarse_partition",
     "healthy",
 )
+
+# training_verdict's inputs, under the names metrics.jsonl logs them (train's loop, the report)
+VERDICT_KEYS = (
+    "teacher_entropy",
+    "mean_teacher_entropy",
+    "loss_over_logk",
+    "prototypes_used",
+    "prototype_top_share",
+    "teacher_samples",
+    "effective_rank",
+    "embedding_std",
+)
+
+
+def verdict_inputs(record: Mapping[str, Any]) -> dict[str, float]:
+    """`training_verdict`'s keyword arguments from a diagnostics record: those it holds."""
+    return {k: float(record[k]) for k in VERDICT_KEYS if k in record}
 
 
 @dataclass(frozen=True)

@@ -1,65 +1,107 @@
 """Cell-level probes of an embedding: DINO's weighted kNN and a linear classifier, macro-F1.
 
-Shared by the training monitor (`train.monitor_label`, celldino.train.loop) and the evaluation;
-it imports nothing from celldino, so both `train` and `eval` may import it (tests/
-test_architecture.py). Functions take numpy arrays:
+The one implementation, shared by the training monitor (`train.monitor_label`,
+celldino.train.loop) and the evaluation's `cell_probe` analysis (celldino.eval.cell_probe), so
+that the monitor's learning curve (step 0 = random init, then each epoch) and the evaluation give
+the same numbers for the same cells and folds. It imports nothing from celldino, so both `train`
+and `eval` may import it (tests/test_architecture.py). Functions take numpy arrays:
 
-- `stratified_sample(strata, cap, seed)`: a deterministic sample of at most `cap` rows, each
-  stratum (e.g. plate x label) represented in proportion to its size.
+- `labelled_rows(labels, controls)`: the rows a probe scores: a label that is not NA or blank,
+  and not a negative control.
+- `stratified_sample(strata, cap, seed)`: `cap` rows, each stratum keeping its share (largest
+  remainders; every stratum keeps at least one row), deterministic for a seed and a row order.
 - `probe_folds(labels, plates, seed)`: leave-one-plate-out when there are at least 2 plates,
-  else one fixed 50/50 split stratified by label.
-- `knn_predict` (L2-normalised, cosine similarity, the k nearest vote with weights
-  exp(sim / T): k=20, T=0.07 as DINO's evaluation) and `linear_predict` (standardised features,
-  sklearn LogisticRegression with balanced class weights, as `celldino.eval.cell_probe`).
-- `probe_scores`: both probes' macro-F1 of each held-out fold, averaged over the folds (as
-  `celldino.eval.cell_probe` scores; no intervals: a monitor, not an evaluation).
+  else one fixed 50/50 split stratified by label (the monitor's fallback; `cell_probe` needs
+  2 or more groups).
+- `knn_predict`: DINO's weighted kNN (facebookresearch/dino `eval_knn.py`): L2-normalised,
+  cosine similarity, the k nearest vote with weights exp(sim / T); k=20, T=0.07.
+- `linear_predict`: features z-scored with the training rows' mean and std (`zscore_fit`),
+  scikit-learn's LogisticRegression (lbfgs, balanced class weights, `max_iter` 5000, fixed
+  `random_state`); returns the predictions and whether lbfgs converged.
+- `fold_predictions`: both probes on each (train, test) fold, the kNN on the same z-scored
+  features as the linear probe by default (`knn_zscore=False`: DINO's raw features), and the
+  macro-F1 of each held-out fold.
+- `probe_scores`: `probe_folds` + `fold_predictions`, each probe's macro-F1 averaged over the
+  folds (as `cell_probe`'s `value`; no intervals: a monitor, not an evaluation).
 """
 
 from __future__ import annotations
 
+import warnings
+import zlib
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 __all__ = [
+    "KNN_K",
+    "KNN_T",
+    "MAX_ITER",
+    "fold_predictions",
     "knn_predict",
+    "labelled_rows",
     "linear_predict",
     "probe_folds",
     "probe_scores",
     "stratified_sample",
+    "zscore_fit",
 ]
+
+KNN_K = 20  # DINO's default number of neighbours ("20 is usually working the best")
+KNN_T = 0.07  # DINO's temperature of the voting weights
+MAX_ITER = 5000  # lbfgs iterations of the linear probe
+PROBES = ("linear", "knn")
+
+
+def labelled_rows(labels: Any, controls: Any | None = None) -> np.ndarray:
+    """Boolean (n,): rows with a label (not NA, not blank) that are not controls (`controls`:
+    a boolean (n,) mask of negative-control rows, or None)."""
+    s = pd.Series(np.asarray(labels, dtype=object))
+    keep = (s.notna() & (s.astype(str).str.strip() != "")).to_numpy()
+    if controls is not None:
+        keep &= ~np.asarray(controls, dtype=bool)
+    return keep
 
 
 def stratified_sample(strata: Any, cap: int, seed: int = 0) -> np.ndarray:
-    """Sorted row indices of at most `cap` rows, the strata in proportion to their sizes.
-
-    Each row gets its random rank within its stratum as a fraction of the stratum's size; the
-    `cap` smallest fractions are kept, so every stratum gives about cap x size / n rows (a
-    stratum of any size gets at least its first row when cap >= number of strata).
-    """
+    """Sorted row indices of `cap` rows (more only when there are more strata than that: every
+    stratum keeps at least one row), each stratum keeping its share (largest remainders).
+    Deterministic for a seed and a row order."""
     keys = np.asarray(strata, dtype=object).astype(str)
     n = len(keys)
-    if cap >= n:
+    if n <= cap:
         return np.arange(n)
-    rng = np.random.default_rng(seed)
-    _, code = np.unique(keys, return_inverse=True)
-    order = rng.permutation(n)
-    frac = np.empty(n)
-    sizes = np.bincount(code)
-    seen = np.zeros(len(sizes), dtype=int)
-    for i in order:  # rank within the stratum, in random order
-        c = code[i]
-        frac[i] = seen[c] / sizes[c]
-        seen[c] += 1
-    tie = rng.random(n) * 1e-9  # equal fractions: random order, still deterministic
-    return np.sort(np.argsort(frac + tie, kind="stable")[:cap])
+    names, codes = np.unique(keys, return_inverse=True)
+    size = np.bincount(codes, minlength=len(names))
+    quota = size * cap / n
+    take = np.maximum(np.floor(quota).astype(np.int64), 1)
+    left = cap - int(take.sum())
+    if left > 0:  # the largest remainders get one more
+        order = np.argsort(-(quota - np.floor(quota)), kind="stable")
+        for c in order[:left]:
+            take[c] += take[c] < size[c]
+    for c in np.argsort(-take, kind="stable"):  # one-row minimums overshot: the largest give back
+        if left >= 0:
+            break
+        give = min(-left, int(take[c]) - 1)
+        take[c] -= give
+        left += give
+    rng = np.random.default_rng([int(seed), zlib.crc32(b"cell_probe_subsample")])
+    picked = [
+        rng.choice(np.flatnonzero(codes == c), size=int(min(take[c], size[c])), replace=False)
+        for c in range(len(names))
+    ]
+    return np.sort(np.concatenate(picked))
 
 
 def probe_folds(
     labels: Any, plates: Any | None = None, seed: int = 0
 ) -> tuple[list[tuple[np.ndarray, np.ndarray]], str]:
-    """[(train rows, test rows)] and the split's name: leave-one-plate-out with >= 2 plates,
-    else one 50/50 split in which each label's rows are halved at random (fixed by `seed`)."""
+    """[(train rows, test rows)] and the split's name: leave-one-plate-out with >= 2 plates (in
+    sorted plate order), else one 50/50 split in which each label's rows are halved at random
+    (fixed by `seed`)."""
     y = np.asarray(labels, dtype=object).astype(str)
     if plates is not None:
         p = np.asarray(plates, dtype=object).astype(str)
@@ -76,6 +118,14 @@ def probe_folds(
     return [(np.flatnonzero(~test), np.flatnonzero(test))], "half"
 
 
+def zscore_fit(X_train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std of the training rows (std 0 → 1 so constant features stay finite)."""
+    mean = X_train.mean(axis=0)
+    std = X_train.std(axis=0)
+    std[std == 0] = 1.0
+    return mean, std
+
+
 def _unit(X: np.ndarray) -> np.ndarray:
     X = np.asarray(X, dtype=np.float64)
     return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
@@ -86,14 +136,14 @@ def knn_predict(
     y_train: Any,
     X_test: np.ndarray,
     *,
-    k: int = 20,
-    temperature: float = 0.07,
+    k: int = KNN_K,
+    temperature: float = KNN_T,
 ) -> np.ndarray:
     """DINO's weighted kNN: each of the k most cosine-similar training cells votes for its label
-    with weight exp(similarity / temperature); the label with the largest vote wins."""
-    y_train = np.asarray(y_train, dtype=object).astype(str)
-    classes, code = np.unique(y_train, return_inverse=True)
-    k = min(k, len(y_train))
+    with weight exp(similarity / temperature); the label with the largest vote wins. Labels:
+    names or class codes, returned as given."""
+    classes, code = np.unique(np.asarray(y_train), return_inverse=True)
+    k = min(k, len(code))
     sim = _unit(X_test) @ _unit(X_train).T  # (n_test, n_train)
     top = np.argpartition(-sim, k - 1, axis=1)[:, :k]
     w = np.exp(np.take_along_axis(sim, top, axis=1) / temperature)  # (n_test, k)
@@ -102,20 +152,69 @@ def knn_predict(
     return classes[votes.argmax(1)]
 
 
-def linear_predict(X_train: np.ndarray, y_train: Any, X_test: np.ndarray) -> np.ndarray:
-    """Logistic regression (balanced class weights) on features standardised with the training
-    rows' mean and std."""
+def linear_predict(
+    X_train: np.ndarray,
+    y_train: Any,
+    X_test: np.ndarray,
+    *,
+    C: float = 1.0,
+    max_iter: int = MAX_ITER,
+    seed: int = 0,
+) -> tuple[np.ndarray, bool]:
+    """Logistic regression (lbfgs, balanced class weights) on features z-scored with the training
+    rows' mean and std: (labels of the test rows, whether lbfgs converged). One training class:
+    that class for every row."""
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
-    y_train = np.asarray(y_train, dtype=object).astype(str)
+    y_train = np.asarray(y_train)
     if len(np.unique(y_train)) < 2:
-        return np.full(len(X_test), y_train[0], dtype=object)
-    mu = X_train.mean(0)
-    sd = X_train.std(0)
-    sd = np.where(sd > 1e-12, sd, 1.0)
-    clf = LogisticRegression(max_iter=1000, class_weight="balanced")
-    clf.fit((X_train - mu) / sd, y_train)
-    return clf.predict((X_test - mu) / sd).astype(object)
+        return np.full(len(X_test), y_train[0], dtype=y_train.dtype), True
+    X_train = np.asarray(X_train, dtype=np.float64)
+    mean, std = zscore_fit(X_train)
+    clf = LogisticRegression(C=C, max_iter=max_iter, class_weight="balanced", random_state=seed)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        clf.fit((X_train - mean) / std, y_train)
+    converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+    return clf.predict((np.asarray(X_test, dtype=np.float64) - mean) / std), converged
+
+
+def fold_predictions(
+    X: np.ndarray,
+    y: Any,
+    folds: Sequence[tuple[np.ndarray, np.ndarray]],
+    *,
+    k: int = KNN_K,
+    temperature: float = KNN_T,
+    knn_zscore: bool = True,
+    C: float = 1.0,
+    max_iter: int = MAX_ITER,
+    seed: int = 0,
+) -> tuple[dict[str, np.ndarray], dict[str, list[float]], bool]:
+    """Both probes fitted on each fold's training rows, predicting its test rows:
+    ({"linear", "knn"}: (n,) predictions of the held-out rows, {"linear", "knn"}: sklearn's
+    macro-F1 of each fold in order, whether every linear fit converged). The kNN sees the
+    features z-scored with the fold's training rows (as the linear probe) when `knn_zscore`."""
+    from sklearn.metrics import f1_score
+
+    X = np.asarray(X, dtype=np.float64)
+    y = np.asarray(y)
+    preds = {p: np.empty_like(y) for p in PROBES}
+    f1: dict[str, list[float]] = {p: [] for p in PROBES}
+    converged = True
+    for train, test in folds:
+        pl, ok = linear_predict(X[train], y[train], X[test], C=C, max_iter=max_iter, seed=seed)
+        converged &= ok
+        K = X
+        if knn_zscore:
+            mean, std = zscore_fit(X[train])
+            K = (X - mean) / std
+        pk = knn_predict(K[train], y[train], K[test], k=k, temperature=temperature)
+        preds["linear"][test], preds["knn"][test] = pl, pk
+        for p in PROBES:
+            f1[p].append(float(f1_score(y[test], preds[p][test], average="macro")))
+    return preds, f1, bool(converged)
 
 
 def probe_scores(
@@ -123,27 +222,20 @@ def probe_scores(
     labels: Any,
     plates: Any | None = None,
     *,
-    k: int = 20,
-    temperature: float = 0.07,
     seed: int = 0,
+    **settings: Any,
 ) -> dict[str, Any]:
-    """kNN and linear macro-F1 of each held-out fold averaged over the folds:
-    {"knn20_f1", "linear_f1", "n_cells", "n_labels", "split"}."""
-    from sklearn.metrics import f1_score
-
-    X = np.asarray(X, dtype=np.float64)
+    """kNN and linear macro-F1 of each held-out fold (`probe_folds`) averaged over the folds, as
+    `celldino.eval.cell_probe` scores; `settings`: those of `fold_predictions` (k, temperature,
+    knn_zscore, C, max_iter). {"knn<k>_f1", "linear_f1", "linear_converged", "n_cells",
+    "n_labels", "split"}."""
     y = np.asarray(labels, dtype=object).astype(str)
     folds, split = probe_folds(y, plates, seed)
-    knn, lin = [], []
-    for tr, te in folds:
-        pk = knn_predict(X[tr], y[tr], X[te], k=k, temperature=temperature)
-        knn.append(f1_score(y[te], pk.astype(str), average="macro"))
-        lin.append(
-            f1_score(y[te], linear_predict(X[tr], y[tr], X[te]).astype(str), average="macro")
-        )
+    _, f1, converged = fold_predictions(X, y, folds, seed=seed, **settings)
     return {
-        "knn20_f1" if k == 20 else f"knn{k}_f1": float(np.mean(knn)),
-        "linear_f1": float(np.mean(lin)),
+        f"knn{int(settings.get('k', KNN_K))}_f1": float(np.mean(f1["knn"])),
+        "linear_f1": float(np.mean(f1["linear"])),
+        "linear_converged": converged,
         "n_cells": int(sum(len(te) for _, te in folds)),
         "n_labels": int(len(np.unique(y))),
         "split": split,

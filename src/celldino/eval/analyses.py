@@ -818,6 +818,7 @@ def run_cell_probe(meta, X, ctx: EvalContext, **params: Any) -> AnalysisResult:
     """Single-cell MoA probes (linear, DINO's weighted 20-NN), leave one plate out, on the same
     cells for every feature set, read from the `celldino run` folder (eval/cell_probe.py)."""
     from celldino.eval import cell_probe as cp
+    from celldino.probes import labelled_rows, stratified_sample
 
     name = ctx.feature_set
     src = str(getattr(ctx.sets.get(name), "source", "") or "")
@@ -845,16 +846,14 @@ def run_cell_probe(meta, X, ctx: EvalContext, **params: Any) -> AnalysisResult:
                 f"analyses.cell_probe.{role}: no column '{col}' in the per-cell tables "
                 f"(metadata columns: {', '.join(map(str, cells.columns))})"
             )
-    keep = cells[label].notna().to_numpy()
+    controls = None
     if params.get("exclude_controls", True) and c.control in cells.columns:
-        keep = keep & ~is_control_row(cells, c.control, c.control_value)  # not in place: COW
-    idx = np.flatnonzero(keep)
+        controls = is_control_row(cells, c.control, c.control_value)
+    idx = np.flatnonzero(labelled_rows(cells[label], controls))  # as train's monitor
     if len(idx) == 0:
         raise NotEvaluable(f"cell_probe: no treated cell has a {label} label")
     max_cells = int(params.get("max_cells", cp.MAX_CELLS))
-    idx = idx[
-        cp.stratified_subsample(cells[label].astype(str).to_numpy()[idx], max_cells, ctx.seed)
-    ]
+    idx = idx[stratified_sample(cells[label].astype(str).to_numpy()[idx], max_cells, ctx.seed)]
     reference = params.get("reference", "random_init")
     probed = {n: feats[n][idx] for n in dict.fromkeys([name, reference]) if n in feats}
     summary, folds, paired = cp.cell_probe(

@@ -1,13 +1,15 @@
 """Cell-level probes, as DINO and Cell-DINO evaluate: the MoA of single cells, leave one plate out.
 
 Each plate is held out in turn; the probes are fitted on the cells of the other plates and
-predict the held-out plate's cells. Two probes, on every feature set, on the same cells:
+predict the held-out plate's cells. Two probes, on every feature set, on the same cells; the one
+implementation of both, of the per-fold scoring and of the stratified subsample is
+`celldino.probes` (`fold_predictions`, `stratified_sample`), shared with train's monitor
+(`train.monitor_label`), whose learning curve therefore gives these numbers for the same cells:
 
 - `linear`: scikit-learn's `LogisticRegression` (lbfgs, `class_weight="balanced"` as
-  `classify.linear_probe`, fixed `random_state`) on features z-scored with the training plates'
-  mean and standard deviation;
-- `knn`: DINO's weighted k-NN (facebookresearch/dino `eval_knn.py`, `knn_classifier`; the one
-  implementation is `celldino.probes.knn_predict`, shared with train's monitor): features
+  `classify.linear_probe`, fixed `random_state`, `max_iter` 5000) on features z-scored with the
+  training plates' mean and standard deviation;
+- `knn`: DINO's weighted k-NN (facebookresearch/dino `eval_knn.py`, `knn_classifier`): features
   L2-normalised, cosine similarity, the k (20) most similar training cells vote with weight
   `exp(similarity / T)` (T = 0.07), the class with the largest summed weight wins. By default the
   features are z-scored with the training plates' statistics first, as for the linear probe, so
@@ -25,16 +27,13 @@ between two sets on the same cells has its own interval (`paired` table).
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
 
-from celldino.eval.classify import encode_labels, zscore_fit
+from celldino.eval.classify import encode_labels
 from celldino.eval.spec import NotEvaluable
 from celldino.eval.stats import (
     STAT_COLUMNS,
@@ -48,70 +47,16 @@ from celldino.eval.stats import (
     warn_flags,
 )
 from celldino.log import get_logger
-from celldino.probes import knn_predict
+from celldino.probes import KNN_K, KNN_T, MAX_ITER, PROBES, fold_predictions, probe_folds
 
 logger = get_logger(__name__)
 
-KNN_K = 20  # DINO's default number of neighbours ("20 is usually working the best")
-KNN_T = 0.07  # DINO's temperature of the voting weights
 MAX_CELLS = 4000  # cells probed (a stratified subsample of larger screens)
-MAX_ITER = 5000  # lbfgs iterations of the linear probe
 CELL_ID = "Metadata_CellID"
 ENGINEERED_PREFIXES = ("Nuclei_", "Cells_", "Cytoplasm_")
-PROBES = ("linear", "knn")
-
-
-# ---- the probes --------------------------------------------------------------------------------
-
-
-def linear_predict(
-    X_train: np.ndarray,
-    y_train: np.ndarray,
-    X_test: np.ndarray,
-    *,
-    C: float = 1.0,
-    max_iter: int = MAX_ITER,
-    seed: int = 0,
-) -> tuple[np.ndarray, bool]:
-    """Logistic regression fitted on the (already standardised) training rows: (class codes of
-    the test rows, whether lbfgs converged). One training class: that class for every row."""
-    y_train = np.asarray(y_train)
-    if len(np.unique(y_train)) < 2:
-        return np.full(len(X_test), y_train[0]), True
-    clf = LogisticRegression(C=C, max_iter=max_iter, class_weight="balanced", random_state=seed)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ConvergenceWarning)
-        clf.fit(X_train, y_train)
-    converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
-    return clf.predict(X_test), converged
 
 
 # ---- cells ---------------------------------------------------------------------------------------
-
-
-def stratified_subsample(labels: np.ndarray, max_cells: int, seed: int) -> np.ndarray:
-    """Sorted row indices of `max_cells` rows (more only when there are more labels than that:
-    every label keeps at least one row), each label keeping its share (largest remainders).
-    Deterministic for a seed and a row order."""
-    labels = np.asarray(labels)
-    n = len(labels)
-    if n <= max_cells:
-        return np.arange(n)
-    names, codes = np.unique(labels, return_inverse=True)
-    size = np.bincount(codes, minlength=len(names))
-    quota = size * max_cells / n
-    take = np.maximum(np.floor(quota).astype(np.int64), 1)
-    left = max_cells - int(take.sum())
-    if left > 0:  # the largest remainders get one more
-        order = np.argsort(-(quota - np.floor(quota)), kind="stable")
-        for c in order[:left]:
-            take[c] += take[c] < size[c]
-    rng = rng_for(seed, "cell_probe_subsample")
-    picked = [
-        rng.choice(np.flatnonzero(codes == c), size=int(min(take[c], size[c])), replace=False)
-        for c in range(len(names))
-    ]
-    return np.sort(np.concatenate(picked))
 
 
 def align_cells(
@@ -255,41 +200,41 @@ def cell_probe(
         flags.append("no well column: the interval resamples cells")
     knn_name = f"knn{int(k)}_f1"
     metric_of = {"linear": "linear_f1", "knn": knn_name}
-    preds = {s: {p: np.empty(len(y), np.int64) for p in PROBES} for s in sets}
-    fold_rows, chances, not_converged = [], [], set()
-    fold_f1: dict[tuple[str, str], list[float]] = {(s, p): [] for s in sets for p in PROBES}
-    for fold in folds:
-        test = fold_of == fold
-        train = ~test
-        chances.append(f1_chance(y[train], y[test], n_classes)["chance"])
-        for name, X in sets.items():
-            X = np.asarray(X, np.float64)
-            mean, std = zscore_fit(X[train])
-            Z = (X - mean) / std
-            pl, ok = linear_predict(Z[train], y[train], Z[test], C=C, max_iter=max_iter, seed=seed)
-            if not ok:
-                not_converged.add(name)
-            K = Z if knn_zscore else X
-            names = knn_predict(K[train], classes[y[train]], K[test], k=k, temperature=temperature)
-            pk = np.searchsorted(classes, names.astype(str))  # classes: sorted names
-            preds[name]["linear"][test], preds[name]["knn"][test] = pl, pk
-        n_wells = len(set(unit[test]))
-        for name in sets:
-            for p in PROBES:
-                f1 = float(macro_f1_batch(y[test], preds[name][p][test], n_classes)[0])
-                fold_f1[(name, p)].append(f1)
-                fold_rows.append(
-                    {
-                        "feature_set": name,
-                        "metric": metric_of[p],
-                        "fold": fold,
-                        "n_train": int(train.sum()),
-                        "n_test": int(test.sum()),
-                        "n_wells": n_wells,
-                        "macro_f1": f1,
-                        "chance": chances[-1],
-                    }
-                )
+    fold_idx, _ = probe_folds(y, fold_of)  # leave-one-group-out, the groups sorted as `folds`
+    chances = [f1_chance(y[tr], y[te], n_classes)["chance"] for tr, te in fold_idx]
+    preds: dict[str, dict[str, np.ndarray]] = {}
+    fold_f1: dict[tuple[str, str], list[float]] = {}
+    not_converged = set()
+    for name, X in sets.items():
+        preds[name], f1, converged = fold_predictions(
+            X,
+            y,
+            fold_idx,
+            k=k,
+            temperature=temperature,
+            knn_zscore=knn_zscore,
+            C=C,
+            max_iter=max_iter,
+            seed=seed,
+        )
+        fold_f1.update({(name, p): f1[p] for p in PROBES})
+        if not converged:
+            not_converged.add(name)
+    fold_rows = [
+        {
+            "feature_set": name,
+            "metric": metric_of[p],
+            "fold": fold,
+            "n_train": len(tr),
+            "n_test": len(te),
+            "n_wells": len(set(unit[te])),
+            "macro_f1": fold_f1[(name, p)][i],
+            "chance": chances[i],
+        }
+        for i, (fold, (tr, te)) in enumerate(zip(folds, fold_idx, strict=True))
+        for name in sets
+        for p in PROBES
+    ]
     fold_table = pd.DataFrame(fold_rows)
     boot = well_bootstrap(
         y,

@@ -32,6 +32,7 @@ from celldino.eval.spec import profiles_of
 from celldino.eval.splits import group_split
 from celldino.eval.stats import STAT_COLUMNS, f1_statistics, rng_for, warn_flags
 from celldino.log import get_logger
+from celldino.probes import zscore_fit  # one z-scoring for every probe (moa, multitask too)
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -272,14 +273,6 @@ def knn_f1(
 
 
 # ---- linear probe ----------------------------------------------------------------------------
-
-
-def zscore_fit(X_train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and std of the training rows (std 0 → 1 so constant features stay finite)."""
-    mean = X_train.mean(axis=0)
-    std = X_train.std(axis=0)
-    std[std == 0] = 1.0
-    return mean, std
 
 
 def linear_probe(

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from celldino import distributed, log
 from celldino.augment import N_GLOBAL_CROPS, MultiCrop
 from celldino.config import Config, ConfigError, load_config, to_dict
-from celldino.diagnostics import training_verdict
+from celldino.diagnostics import training_verdict, verdict_inputs
 from celldino.errors import DataError, MissingInputError, UserError
 from celldino.io.configfile import save_config
 from celldino.io.files import file_fingerprint, require_writable, write_error
@@ -729,7 +729,7 @@ def _train_locked(
                         diag = record
                         text += " " + _diagnostics_text(record, cfg.model.out_dim)
                         verdict = training_verdict(
-                            out_dim=cfg.model.out_dim, **_verdict_inputs(record)
+                            out_dim=cfg.model.out_dim, **verdict_inputs(record)
                         )
                         seen_kind = verdict.kind in warned
                         if verdict.warn and step > warmup_steps and not seen_kind:
@@ -781,22 +781,6 @@ def _train_locked(
     return run_dir
 
 
-_VERDICT_KEYS = (
-    "teacher_entropy",
-    "mean_teacher_entropy",
-    "loss_over_logk",
-    "prototypes_used",
-    "prototype_top_share",
-    "teacher_samples",
-    "effective_rank",
-    "embedding_std",
-)
-
-
-def _verdict_inputs(record: dict[str, Any]) -> dict[str, float]:
-    return {k: record[k] for k in _VERDICT_KEYS if k in record}
-
-
 def _diagnostics_text(d: dict[str, Any], out_dim: int) -> str:
     """The diagnostics in one line: prototypes used (top share), mean-teacher and per-sample
     entropy against log K, loss / log K, effective rank and embedding std."""
@@ -819,12 +803,16 @@ def _diagnostics_text(d: dict[str, Any], out_dim: int) -> str:
 
 
 class _Monitor:
-    """`train.monitor_label`: kNN and linear probes (celldino.probes) of the teacher backbone's
-    class tokens on the un-augmented crops of a fixed, stratified sample of labelled cells
-    (at most `train.monitor_cells`; rows whose label is NA or empty are left out)."""
+    """`train.monitor_label`: kNN and linear probes of the teacher backbone's class tokens on the
+    un-augmented crops of a fixed, stratified sample of labelled cells (at most
+    `train.monitor_cells`, stratified by plate x label). Scored by celldino.probes exactly as the
+    evaluation's `cell_probe` scores (z-scored features for both probes, macro-F1 per held-out
+    plate averaged over the plates); the same rows are left out: an NA or blank label, and the
+    negative controls (`evaluate.columns.control` == `control_value`, by default
+    Metadata_pert_type == 'control', when the table has that column)."""
 
     def __init__(self, cfg: Config, dataset: Dataset) -> None:
-        from celldino.probes import stratified_sample
+        from celldino.probes import labelled_rows, stratified_sample
 
         tc = cfg.train
         col = tc.monitor_label
@@ -841,14 +829,19 @@ class _Monitor:
                 "turn the probes off",
                 key="train.monitor_label",
             )
-        labels = meta[col]
-        ok = (labels.notna() & (labels.astype(str).str.strip() != "")).to_numpy()
-        rows = np.flatnonzero(ok)
-        values = labels.astype(str).to_numpy()[rows]
+        columns = cfg.evaluate.columns  # eval's defaults (celldino.eval.spec.Columns)
+        control = columns.get("control", "Metadata_pert_type")
+        controls = None
+        if control and control in meta.columns:
+            value = columns.get("control_value", "control")
+            controls = (meta[control].astype(str) == str(value)).to_numpy()
+        rows = np.flatnonzero(labelled_rows(meta[col], controls))
+        values = meta[col].astype(str).to_numpy()[rows]
         if len(np.unique(values)) < 2:
             raise ConfigError(
                 f"train.monitor_label={col!r}: {where} has {len(np.unique(values))} distinct "
-                "non-empty labels in it; the probes need at least 2 (or set it empty)",
+                "non-empty labels outside the controls; the probes need at least 2 (or set it "
+                "empty)",
                 key="train.monitor_label",
             )
         plates = (
@@ -861,6 +854,7 @@ class _Monitor:
         self.rows = rows[pick]
         self.labels = values[pick]
         self.plates = None if plates is None else plates[pick]
+        self.seed = tc.seed
         self.items = _Items(dataset)
         self.batch_size = 128
 
@@ -895,7 +889,9 @@ class _Monitor:
         from celldino.probes import probe_scores
 
         t = time.perf_counter()
-        scores = probe_scores(self.embed(meta, device, amp), self.labels, self.plates)
+        scores = probe_scores(
+            self.embed(meta, device, amp), self.labels, self.plates, seed=self.seed
+        )
         record = {
             "step": step,
             "epoch": epoch,
@@ -904,6 +900,7 @@ class _Monitor:
             "monitor_cells": scores["n_cells"],
             "monitor_labels": scores["n_labels"],
             "monitor_split": scores["split"],
+            "monitor_linear_converged": scores["linear_converged"],
             "monitor_s": time.perf_counter() - t,
         }
         try:
