@@ -331,3 +331,73 @@ def test_an_upgrade_redoes_the_cheap_stages_whose_defaults_live_in_code(monkeypa
     after = stage_fingerprints(Config())
     changed = {s for s in before if before[s] != after[s]}
     assert changed == set(VERSIONED) == {"profile", "evaluate", "report"}
+
+
+def test_checkpoint_spread_evaluates_the_last_epoch_checkpoints(tiny_screen, tmp_path, caplog):
+    """The evaluate stage also evaluates the epoch checkpoints before the final one (extracted
+    and profiled as `learned`) into eval/checkpoints/, and the spread table holds each metric at
+    every checkpoint, the final one equal to the main table's learned value, and max − min."""
+    from celldino.io.results import read_checkpoint_spread
+    from celldino.io.runlayout import RunLayout
+    from celldino.report.headline import headline_of_run
+
+    settings = [s for s in SETTINGS if not s.startswith("train.epochs")]
+    cfg = load_config(
+        None,
+        [
+            *settings,
+            "train.epochs=3",
+            "train.save_every=1",
+            "run.spread_checkpoints=2",
+            "run.baselines=random_init",
+            "run.stages=prepare,train,extract,profile,evaluate",
+            f"prepare.load_data={tiny_screen / 'load_data.csv'}",
+            f"run.out_dir={tmp_path / 'run'}",
+        ],
+    )
+    run_pipeline(cfg)
+    lay = RunLayout(tmp_path / "run")
+    spread, record = read_checkpoint_spread(lay.eval_checkpoints)
+    assert record["checkpoints"] == [1, 2, 3] and record["final_epoch"] == 3
+    assert set(spread.checkpoint) == {"epoch_0001", "epoch_0002", "final"}
+    # the well-level analyses and the cell probes, which found embeddings/learned_epochNNNN
+    assert {("nsc", "NSC"), ("map_moa", "mAP"), ("cell_probe", "linear_f1")} <= set(
+        zip(spread.analysis, spread.metric, strict=True)
+    )
+    assert {"linear_f1", "knn20_f1"} <= set(spread.metric)
+    main = pd.read_parquet(lay.eval_metrics).query("feature_set == 'learned'")
+    for (analysis, metric), g in spread.groupby(["analysis", "metric"]):
+        assert sorted(g.epoch) == [1, 2, 3], (analysis, metric)
+        final = g[g.checkpoint == "final"].value.iloc[0]
+        learned = main[(main.analysis == analysis) & (main.metric == metric)].value.iloc[0]
+        assert final == pytest.approx(learned)
+        assert g.spread.iloc[0] == pytest.approx(g.value.max() - g.value.min())
+        assert (g.low == g.value.min()).all() and (g.high == g.value.max()).all()
+    assert "(epochs 1, 2, 3)" in headline_of_run(lay.root)
+    # the main metrics table has only the run's own sets
+    assert (
+        not main.empty
+        and not pd.read_parquet(lay.eval_metrics).feature_set.str.contains("epoch").any()
+    )
+    # a rerun that redoes evaluate keeps the epoch sets' embeddings, profiles and parts
+    shards = {p: p.stat().st_mtime_ns for p in lay.embeddings("learned_epoch0001").glob("*")}
+    profile = lay.profiles("learned_epoch0002").stat().st_mtime_ns
+    caplog.set_level("INFO", logger="celldino")
+    run_pipeline(cfg, force=("evaluate",))
+    said = [r.getMessage() for r in caplog.records]
+    assert sum("extracted and profiled before, kept" in m for m in said) == 2
+    assert not [m for m in said if "checkpoint spread: extracting" in m]
+    assert {p: p.stat().st_mtime_ns for p in shards} == shards
+    assert lay.profiles("learned_epoch0002").stat().st_mtime_ns == profile
+    again, _ = read_checkpoint_spread(lay.eval_checkpoints)
+    pd.testing.assert_frame_equal(again, spread)
+    # switched off: no table, and the reason recorded for the report
+    run_pipeline(replace_run(cfg, spread_checkpoints=0))
+    spread, record = read_checkpoint_spread(lay.eval_checkpoints)
+    assert spread is None and record["skipped"] == "run.spread_checkpoints=0"
+
+
+def replace_run(cfg, **run):
+    from celldino.config import replace
+
+    return replace(cfg, **{f"run.{k}": v for k, v in run.items()})

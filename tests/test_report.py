@@ -151,3 +151,56 @@ def test_html_table_prints_count_columns_as_integers():
     df = pd.DataFrame({"n_test": [24.0, np.nan], "macro_f1": [1.0, 0.5]}, index=["a", "b"])
     text = html_table(df)
     assert "<td>24</td>" in text and "<td>1.000</td>" in text and "24.000" not in text
+
+
+def test_checkpoint_spread_sentence_and_table(tmp_path):
+    """The evaluation section states how far the metrics moved between the last checkpoints
+    (a hand-made spread table: issue 20's NSC at epochs 1, 2 and 4), or why it was not measured."""
+    from celldino.io.files import write_json
+    from celldino.io.runlayout import RunLayout
+    from celldino.io.tables import write_parquet
+    from celldino.report.headline import spread_sentence
+    from celldino.report.html import Section
+    from celldino.report.sections import spread_part
+
+    values = {
+        ("nsc", "NSC"): [0.516, 0.462, 0.559],
+        ("map_moa", "mAP"): [0.300, 0.320, 0.310],
+        ("cell_probe", "linear_f1"): [0.610, 0.640, 0.600],
+    }
+    rows = []
+    for (analysis, metric), v in values.items():
+        for checkpoint, epoch, x in zip(("epoch_0001", "epoch_0002", "final"), (1, 2, 4), v):
+            rows.append(
+                {
+                    "analysis": analysis,
+                    "metric": metric,
+                    "checkpoint": checkpoint,
+                    "epoch": epoch,
+                    "value": x,
+                    "low": min(v),
+                    "high": max(v),
+                    "spread": max(v) - min(v),
+                }
+            )
+    table = pd.DataFrame(rows)
+    assert spread_sentence(table) == (
+        "Between the last 3 checkpoints of this run (epochs 1, 2, 4) NSC moved by 0.097 "
+        "(0.462–0.559), MoA mAP by 0.020 (0.300–0.320), cell linear F1 by 0.040 (0.600–0.640): "
+        "differences between feature sets smaller than this are within checkpoint noise."
+    )
+    lay = RunLayout(tmp_path)
+    lay.eval_checkpoints.mkdir(parents=True)
+    write_parquet(table, lay.checkpoint_spread)
+    sec = Section("evaluation", "Evaluation")
+    spread_part(sec, lay)
+    page = html.unescape("".join(sec.parts))
+    assert "NSC moved by 0.097 (0.462–0.559)" in page
+    assert "<th>epoch 1</th><th>epoch 2</th><th>final</th><th>spread (max − min)</th>" in page
+    assert re.search(r"<th>nsc: NSC</th><td[^>]*>0\.516</td><td[^>]*>0\.462</td>", page)
+    # no table: the recorded reason
+    lay.checkpoint_spread.unlink()
+    write_json(lay.checkpoint_spread_record, {"skipped": "run.spread_checkpoints=0"})
+    sec = Section("evaluation", "Evaluation")
+    spread_part(sec, lay)
+    assert "Checkpoint spread: not measured (run.spread_checkpoints=0)" in "".join(sec.parts)

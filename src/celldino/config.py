@@ -331,6 +331,7 @@ class RunConfig:
     force: tuple[str, ...] = ()  # stages to redo even when their fingerprint matches (--force)
     baselines: tuple[str, ...] = BASELINES  # feature sets evaluated beside the learned embeddings
     eval_spec: str = ""  # evaluation spec YAML (empty = NSC, NSCB, mAP and kNN F1 on well profiles)
+    spread_checkpoints: int = 2  # epoch checkpoints before the last also evaluated (0 = off)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from pathlib import Path
 import celldino
 from celldino import log
 from celldino.config import Config, ConfigError, replace, to_dict
-from celldino.errors import OutputError, UserError
+from celldino.errors import DataError, OutputError, UserError
 from celldino.io.configfile import save_config
 from celldino.io.embeddings import read_manifest
 from celldino.io.files import file_fingerprint, fingerprint, read_json, write_json
@@ -147,24 +147,25 @@ def stage_train(cfg: Config, lay: RunLayout, *, resume: bool) -> None:
     train(cfg, resume=resume)
 
 
-def stage_extract(cfg: Config, lay: RunLayout, *, resume: bool) -> None:
+def _extract(cfg: Config, **settings) -> None:
+    """Extraction into the run folder (a finished folder of the same identity is kept, one of
+    another checkpoint or options replaced); `settings` override `extract.*`."""
     from celldino.extract import extract
 
-    extract(dataclasses.replace(cfg.extract, overwrite=True))
+    extract(dataclasses.replace(cfg.extract, overwrite=True, **settings))
+
+
+def stage_extract(cfg: Config, lay: RunLayout, *, resume: bool) -> None:
+    _extract(cfg)
     if "random_init" in cfg.run.baselines:
-        extract(
-            dataclasses.replace(
-                cfg.extract,
-                checkpoint=str(_random_init_checkpoint(cfg, lay)),
-                out_dir=str(lay.embeddings("random_init")),
-                overwrite=True,
-            )
+        _extract(
+            cfg,
+            checkpoint=str(_random_init_checkpoint(cfg, lay)),
+            out_dir=str(lay.embeddings("random_init")),
         )
 
 
 def stage_profile(cfg: Config, lay: RunLayout, *, resume: bool) -> None:
-    from celldino.pp.recipe import run_profile
-
     inputs = {
         "learned": (str(lay.embeddings("learned")), "emb_"),
         "random_init": (str(lay.embeddings("random_init")), "emb_"),
@@ -172,16 +173,23 @@ def stage_profile(cfg: Config, lay: RunLayout, *, resume: bool) -> None:
         "engineered": (str(lay.engineered), ("Nuclei_", "Cells_", "Cytoplasm_")),
     }
     for name in _feature_sets(cfg):
-        path, prefix = inputs[name]
-        run_profile(
-            dataclasses.replace(
-                cfg.profile,
-                input=(path,),
-                features=prefix,
-                out=str(lay.profiles(name)),
-                formats=tuple(dict.fromkeys(("h5ad", "parquet", *cfg.profile.formats))),
-            )
+        _profile(cfg, lay, name, *inputs[name])
+
+
+def _profile(cfg: Config, lay: RunLayout, name: str, path: str, prefix) -> None:
+    """Well profiles of one feature set (`profiles/<name>.h5ad` + .parquet) with the run's
+    `profile` settings: every set of a run, epoch checkpoints included, is profiled alike."""
+    from celldino.pp.recipe import run_profile
+
+    run_profile(
+        dataclasses.replace(
+            cfg.profile,
+            input=(path,),
+            features=prefix,
+            out=str(lay.profiles(name)),
+            formats=tuple(dict.fromkeys(("h5ad", "parquet", *cfg.profile.formats))),
         )
+    )
 
 
 def eval_spec(cfg: Config, lay: RunLayout) -> dict:
@@ -212,6 +220,172 @@ def stage_evaluate(cfg: Config, lay: RunLayout, *, resume: bool) -> None:
     from celldino.eval.runner import evaluate
 
     evaluate(None, spec=eval_spec(cfg, lay), cfg=cfg.evaluate)
+    checkpoint_spread(cfg, lay)
+
+
+# The well-level and cell-level scores whose checkpoint-to-checkpoint spread the report states:
+# (analysis, metric) of the main evaluation; cell_probe's kNN metric is named after its k.
+SPREAD_ANALYSES = ("nsc", "map_moa", "cell_probe")
+SPREAD_METRICS = (("nsc", "NSC"), ("nsc", "NSCB"), ("map_moa", "mAP"), ("cell_probe", "linear_f1"))
+
+
+def _spread_metric(analysis: str, metric: str) -> bool:
+    import re
+
+    return (analysis, metric) in SPREAD_METRICS or (
+        analysis == "cell_probe" and re.fullmatch(r"knn\d+_f1", metric) is not None
+    )
+
+
+def checkpoint_spread(cfg: Config, lay: RunLayout) -> Path | None:
+    """Evaluate the last `run.spread_checkpoints` epoch checkpoints before the final one, each
+    extracted and profiled as the learned set is, with nsc, map_moa and cell_probe into
+    `eval/checkpoints/`, and write the spread table (`lay.checkpoint_spread`): per metric the
+    value at each of those checkpoints and at the final one (the main evaluation's `learned`),
+    and their spread (max − min). Returns the table's path, or None when skipped (the reason
+    is recorded in `lay.checkpoint_spread_record` for the report).
+
+    Each epoch set is extracted and profiled once: a rerun keeps those whose checkpoint and
+    extract/profile settings are unchanged, and the evaluation keeps its finished parts.
+    """
+    import numpy as np
+    import pandas as pd
+
+    from celldino.eval.runner import evaluate
+    from celldino.io import results
+    from celldino.io.checkpoints import read_metadata
+    from celldino.io.embeddings import read_manifest
+    from celldino.io.tables import write_parquet
+
+    n = cfg.run.spread_checkpoints
+    if n < 0:
+        raise ConfigError(
+            f"run.spread_checkpoints={n}: give the number of epoch checkpoints to evaluate "
+            "beside the final one (0 = off)"
+        )
+    folder = lay.eval_checkpoints
+    folder.mkdir(parents=True, exist_ok=True)
+    old = read_json(lay.checkpoint_spread_record) if lay.checkpoint_spread_record.exists() else {}
+
+    def skip(reason: str) -> None:
+        logger.info("checkpoint spread skipped: %s", reason)
+        lay.checkpoint_spread.unlink(missing_ok=True)  # never a table of an earlier run
+        write_json(lay.checkpoint_spread_record, {"skipped": reason, "sets": old.get("sets", {})})
+
+    if n == 0:
+        return skip("run.spread_checkpoints=0")
+    spec = eval_spec(cfg, lay)
+    analyses = {a: p for a, p in spec["analyses"].items() if a in SPREAD_ANALYSES}
+    if not analyses:
+        return skip(
+            f"the evaluation runs none of {', '.join(SPREAD_ANALYSES)} (run.eval_spec "
+            f"{cfg.run.eval_spec})"
+        )
+    epochs = lay.epoch_checkpoints()
+    final = read_metadata(lay.checkpoint).get("epoch")
+    final = int(final) if final and str(final).isdigit() else max(epochs, default=0)
+    chosen = [e for e in epochs if e < final][-n:]
+    if not chosen:
+        return skip(
+            f"no epoch checkpoint before the final one (epoch {final}) in "
+            f"{lay.checkpoint.parent} (train.save_every={cfg.train.save_every}; set it to 1, "
+            "with train.epochs of 2 or more, to keep one per epoch)"
+        )
+    if len(chosen) < n:
+        logger.info(
+            "checkpoint spread: run.spread_checkpoints=%d but only %d epoch checkpoint(s) "
+            "before the final one",
+            n,
+            len(chosen),
+        )
+    # what makes an epoch set's embeddings and profiles: its checkpoint and the run's extract
+    # and profile settings (the speed-only ones left out, as in the stage fingerprints)
+    settings = {}
+    for section in ("extract", "profile"):
+        values = to_dict(getattr(cfg, section))
+        for key in NOT_FINGERPRINTED[section]:
+            values.pop(key, None)
+        settings[section] = values
+    made = dict(old.get("sets") or {})
+    sets = {}
+    for i, epoch in enumerate(chosen):
+        name, ckpt = lay.epoch_set(epoch), epochs[epoch]
+        key = fingerprint([file_fingerprint(ckpt), settings, celldino.__version__])
+        sets[name] = key
+        manifest = read_manifest(lay.embeddings(name))
+        if made.get(name) == key and manifest is not None and lay.profiles(name).exists():
+            logger.info(
+                "checkpoint spread: %s (epoch %d) extracted and profiled before, kept", name, epoch
+            )
+            continue
+        logger.info(
+            "checkpoint spread: extracting and profiling epoch %d (%d of %d) → %s",
+            epoch,
+            i + 1,
+            len(chosen),
+            lay.embeddings(name),
+        )
+        _extract(cfg, checkpoint=str(ckpt), out_dir=str(lay.embeddings(name)), attention_sample=0)
+        _profile(cfg, lay, name, str(lay.embeddings(name)), "emb_")
+        made[name] = key
+        write_json(lay.checkpoint_spread_record, {"sets": made})  # kept by an interrupted run
+    logger.info("checkpoint spread: evaluating %s with %s", ", ".join(sets), ", ".join(analyses))
+    spread_spec = {k: v for k, v in spec.items() if k not in ("inputs", "derived", "analyses")}
+    spread_spec["inputs"] = {s: str(lay.profiles(s).with_suffix(".parquet")) for s in sets}
+    spread_spec["analyses"] = analyses
+    try:
+        evaluate(None, spec=spread_spec, cfg=dataclasses.replace(cfg.evaluate, out_dir=str(folder)))
+    except DataError as e:  # no analysis could run on the epoch sets: the main results stand
+        logger.warning("checkpoint spread: %s", e)
+        return skip(f"no analysis could run on the epoch checkpoints' profiles ({e})")
+    tidy = pd.concat(
+        [
+            results.read_results(folder).assign(
+                epoch=lambda d: d.feature_set.map({lay.epoch_set(e): e for e in chosen})
+            ),
+            results.read_results(lay.eval).query("feature_set == 'learned'").assign(epoch=final),
+        ],
+        ignore_index=True,
+    )
+    wanted = [_spread_metric(a, m) for a, m in zip(tidy.analysis, tidy.metric, strict=True)]
+    tidy = tidy[
+        pd.Series(wanted, index=tidy.index, dtype=bool) & tidy.value.notna() & tidy.epoch.notna()
+    ]
+    rows = []
+    for (analysis, metric), g in tidy.groupby(["analysis", "metric"], sort=False):
+        g = g.sort_values("epoch")
+        low, high = float(g.value.min()), float(g.value.max())
+        for r in g.itertuples(index=False):
+            final_row = r.feature_set == "learned"
+            rows.append(
+                {
+                    "analysis": analysis,
+                    "metric": metric,
+                    "checkpoint": "final" if final_row else epochs[int(r.epoch)].stem,
+                    "epoch": int(r.epoch),
+                    "value": float(r.value),
+                    "low": low,
+                    "high": high,
+                    "spread": high - low if len(g) > 1 else np.nan,
+                }
+            )
+    table = pd.DataFrame(rows, columns=results.SPREAD_COLUMNS)
+    write_parquet(table, lay.checkpoint_spread)
+    write_json(
+        lay.checkpoint_spread_record,
+        {"sets": made, "checkpoints": [*chosen, final], "final_epoch": final},
+    )
+    for (analysis, metric), g in table.groupby(["analysis", "metric"], sort=False):
+        logger.info(
+            "checkpoint spread: %s %s moved by %.3f (%.3f–%.3f) over epochs %s",
+            analysis,
+            metric,
+            g.spread.iloc[0],
+            g.low.iloc[0],
+            g.high.iloc[0],
+            ", ".join(map(str, g.epoch)),
+        )
+    return lay.checkpoint_spread
 
 
 def stage_report(cfg: Config, lay: RunLayout, *, resume: bool) -> None:
@@ -240,7 +414,7 @@ def stage_outputs_exist(stage: str, cfg: Config, lay: RunLayout) -> bool:
             if n != "engineered"
         ),
         "profile": lambda: all(lay.profiles(n).exists() for n in _feature_sets(cfg)),
-        "evaluate": lambda: lay.eval_metrics.exists(),
+        "evaluate": lambda: lay.eval_metrics.exists() and lay.checkpoint_spread_record.exists(),
         "report": lambda: Path(cfg.report.out).exists(),
     }
     return checks[stage]()
@@ -303,6 +477,8 @@ def stage_fingerprints(
             sections["baselines"] = list(cfg.run.baselines)
         if stage in VERSIONED:  # their defaults live in code (recipes, statistics): an upgrade
             sections["celldino"] = celldino.__version__  # redoes them (seconds, not hours)
+        if stage == "evaluate":  # the epoch checkpoints it evaluates for the spread
+            sections["spread_checkpoints"] = cfg.run.spread_checkpoints
         if stage == "evaluate" and cfg.run.eval_spec and Path(cfg.run.eval_spec).exists():
             sections["eval_spec"] = file_fingerprint(Path(cfg.run.eval_spec))  # its contents
         out[stage] = upstream = fingerprint({"upstream": upstream, "sections": sections})

@@ -1,4 +1,4 @@
-"""The evaluation's outputs: the tidy metrics table and `summary.json`.
+"""The evaluation's outputs: the tidy metrics table, `summary.json` and the checkpoint spread.
 
 `evaluate` writes `metrics.parquet` and `metrics.csv` (feature_set, analysis, metric, value),
 detail tables under `tables/` and `summary.json` (notes, skipped analyses); the report reads them
@@ -18,13 +18,33 @@ METRICS = "metrics.parquet"
 METRICS_CSV = "metrics.csv"
 SUMMARY = "summary.json"
 TABLES = "tables"  # <analysis>__<feature set>__<table>.parquet
+# The checkpoint-to-checkpoint spread (`celldino run`): the epoch checkpoints' own evaluation
+# folder inside the evaluation's, its spread table and the record of what was evaluated.
+CHECKPOINTS = "checkpoints"
+CHECKPOINT_SPREAD = "checkpoint_spread.parquet"
+CHECKPOINT_RECORD = "checkpoint_spread.json"
+SPREAD_COLUMNS = [
+    "analysis",
+    "metric",
+    "checkpoint",  # epoch_NNNN, or final (the learned set of the main evaluation)
+    "epoch",
+    "value",
+    "low",  # min over the checkpoints of this metric
+    "high",  # max
+    "spread",  # high - low
+]
 
 __all__ = [
+    "CHECKPOINTS",
+    "CHECKPOINT_RECORD",
+    "CHECKPOINT_SPREAD",
     "METRICS",
     "METRICS_CSV",
     "SUMMARY",
+    "SPREAD_COLUMNS",
     "TABLES",
     "list_tables",
+    "read_checkpoint_spread",
     "read_results",
     "read_summary",
     "read_table",
@@ -63,3 +83,13 @@ def list_tables(eval_dir: str | Path) -> pd.DataFrame:
 def read_table(path: str | Path) -> pd.DataFrame:
     """One detail table of `tables/`."""
     return pd.read_parquet(path)
+
+
+def read_checkpoint_spread(folder: str | Path) -> tuple[pd.DataFrame | None, dict[str, Any]]:
+    """The checkpoint spread of a run (`eval/checkpoints/`): (the table, or None when there is
+    none; the record: `checkpoints` evaluated, or `skipped` with the reason; {} when the
+    evaluation ran without it)."""
+    folder = Path(folder)
+    record = read_json(folder / CHECKPOINT_RECORD) if (folder / CHECKPOINT_RECORD).exists() else {}
+    table = folder / CHECKPOINT_SPREAD
+    return (pd.read_parquet(table) if table.exists() else None), record

@@ -9,6 +9,7 @@
   embeddings/<name>/    Parquet shards + _manifest.json (+ attention file) per feature set
   profiles/<name>.h5ad  well profiles per feature set (+ .parquet, .csv)
   eval/                 results tables and summary.json
+  eval/checkpoints/     the epoch checkpoints' evaluation and checkpoint_spread.parquet
   report.html
   pipeline.json         fingerprints of the finished stages
 
@@ -108,6 +109,27 @@ class RunLayout:
     @property
     def eval_tables(self) -> Path:
         return self.eval / results.TABLES
+
+    @property
+    def eval_checkpoints(self) -> Path:
+        """The evaluation of the epoch checkpoints (the checkpoint spread)."""
+        return self.eval / results.CHECKPOINTS
+
+    @property
+    def checkpoint_spread(self) -> Path:
+        return self.eval_checkpoints / results.CHECKPOINT_SPREAD
+
+    @property
+    def checkpoint_spread_record(self) -> Path:
+        return self.eval_checkpoints / results.CHECKPOINT_RECORD
+
+    def epoch_checkpoints(self) -> dict[int, Path]:
+        """The training's epoch copies, by epoch ({} when none were kept)."""
+        return trainrun.epoch_weights(self.train)
+
+    def epoch_set(self, epoch: int) -> str:
+        """The feature-set name of an epoch checkpoint's embeddings and profiles."""
+        return f"learned_epoch{epoch:04d}"
 
     @property
     def config(self) -> Path:

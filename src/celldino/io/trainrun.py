@@ -3,6 +3,7 @@
   config.yaml                      the resolved config of the run
   metrics.jsonl                    one JSON object per logged step
   checkpoints/last.safetensors     the latest weights (+ last.state.pt: optimizer, RNG, position)
+  checkpoints/epoch_NNNN.safetensors  a copy of the weights every `train.save_every` epochs
 
 `train` appends a line to metrics.jsonl every `train.log_every` steps (`append_metrics`) and cuts
 the lines logged after the checkpoint it resumes from (`truncate_metrics`); the report reads it
@@ -26,14 +27,17 @@ METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 LAST_WEIGHTS = "last.safetensors"
 LAST_STATE = "last.state.pt"
+EPOCH_WEIGHTS = "epoch_{epoch:04d}.safetensors"
 
 __all__ = [
     "CHECKPOINTS",
     "CONFIG",
+    "EPOCH_WEIGHTS",
     "LAST_STATE",
     "LAST_WEIGHTS",
     "METRICS",
     "append_metrics",
+    "epoch_weights",
     "last_weights",
     "read_metrics",
     "run_channels",
@@ -45,6 +49,17 @@ __all__ = [
 def last_weights(run_dir: str | Path) -> Path:
     """`checkpoints/last.safetensors` of a training run folder."""
     return Path(run_dir) / CHECKPOINTS / LAST_WEIGHTS
+
+
+def epoch_weights(run_dir: str | Path) -> dict[int, Path]:
+    """The epoch copies of a training run folder (`checkpoints/epoch_NNNN.safetensors`), by
+    epoch, in epoch order ({} when none were kept, as with `train.save_every=0`)."""
+    found = {}
+    for p in (Path(run_dir) / CHECKPOINTS).glob("epoch_*.safetensors"):
+        digits = p.name.removeprefix("epoch_").removesuffix(".safetensors")
+        if digits.isdigit() and p.name == EPOCH_WEIGHTS.format(epoch=int(digits)):
+            found[int(digits)] = p
+    return dict(sorted(found.items()))
 
 
 def append_metrics(path: str | Path, record: dict[str, Any]) -> Path:

@@ -3,7 +3,9 @@ models apart (single-cell probes, NSC / NSCB, MoA mAP), each with its 95% interv
 sentence per probe saying which feature set wins and whether the win is resolved.
 
 `celldino run` / `demo` print `format_headline` before the report path; the report's
-`section_cell_probe` shows the same table and sentences.
+`section_cell_probe` shows the same table and sentences. `spread_sentence` says how far those
+metrics moved between the run's last checkpoints (the checkpoint spread, `eval/checkpoints/`):
+the size of a difference between feature sets that is checkpoint noise.
 """
 
 from __future__ import annotations
@@ -130,13 +132,45 @@ def format_headline(metrics: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def spread_sentence(spread: pd.DataFrame) -> str | None:
+    """One sentence on the checkpoint spread table (`io.results.SPREAD_COLUMNS`): how far each
+    headline metric moved between the checkpoints evaluated, e.g. 'Between the last 3
+    checkpoints of this run (epochs 2, 3, 4) NSC moved by 0.097 (0.462–0.559), ...: differences
+    between feature sets smaller than this are within checkpoint noise.' None when no metric was
+    measured at two checkpoints or more."""
+    if spread is None or spread.empty:
+        return None
+    titles = {(a, m): t for a, m, t in HEADLINE_METRICS}
+    parts = []
+    for (analysis, metric), g in spread.groupby(["analysis", "metric"], sort=False):
+        if g["value"].notna().sum() < 2 or math.isnan(_num(g["spread"].iloc[0])):
+            continue
+        title = titles.get((analysis, metric), f"{analysis} {metric}")
+        moved = f"{g['spread'].iloc[0]:.3f} ({g['low'].iloc[0]:.3f}–{g['high'].iloc[0]:.3f})"
+        parts.append((title, moved))
+    if not parts:
+        return None
+    epochs = sorted({int(e) for e in spread["epoch"]})
+    said = [f"{parts[0][0]} moved by {parts[0][1]}"] + [f"{t} by {m}" for t, m in parts[1:]]
+    return (
+        f"Between the last {len(epochs)} checkpoints of this run (epochs "
+        f"{', '.join(map(str, epochs))}) {', '.join(said)}: differences between feature sets "
+        "smaller than this are within checkpoint noise."
+    )
+
+
 def headline_of_run(run_dir: str | Path) -> str:
-    """`format_headline` of a run folder's eval/metrics.parquet ('' when there is none)."""
+    """`format_headline` of a run folder's eval/metrics.parquet ('' when there is none),
+    followed by the checkpoint-spread sentence when the run has one."""
     from celldino.io import results
     from celldino.io.runlayout import RunLayout
 
+    lay = RunLayout(Path(run_dir))
     try:
-        metrics = results.read_results(RunLayout(Path(run_dir)).eval)
+        metrics = results.read_results(lay.eval)
     except FileNotFoundError:
         return ""
-    return format_headline(metrics)
+    text = format_headline(metrics)
+    spread, _ = results.read_checkpoint_spread(lay.eval_checkpoints)
+    sentence = spread_sentence(spread) if spread is not None else None
+    return f"{text}\n{sentence}" if text and sentence else text

@@ -344,6 +344,7 @@ def section_evaluation(run: Path) -> Section:
         for r in flagged.itertuples(index=False):
             sec.warn(f"{r.analysis}: {r.metric} on {r.feature_set} is degenerate: {r.flags}")
     plate_warnings(sec, res)
+    spread_part(sec, lay)
     info = results.read_summary(lay.eval)
     if isinstance(info, dict):
         for note in info.get("notes") or []:
@@ -351,6 +352,44 @@ def section_evaluation(run: Path) -> Section:
         for what, why in (info.get("skipped") or {}).items():
             sec.text(f"Skipped: {what}: {why}")
     return sec
+
+
+def spread_part(sec: Section, lay: RunLayout) -> None:
+    """The checkpoint spread (`eval/checkpoints/`): how far NSC, mAP and the cell probes moved
+    between the run's last checkpoints, as a sentence and a small table; the reason when the run
+    has none."""
+    from celldino.report.headline import spread_sentence
+
+    spread, record = results.read_checkpoint_spread(lay.eval_checkpoints)
+    if spread is None or spread.empty:
+        why = record.get("skipped") or (
+            "the evaluation ran without it (celldino run evaluates the epoch checkpoints before "
+            "the final one when train.save_every keeps them and run.spread_checkpoints > 0)"
+        )
+        sec.text(f"Checkpoint spread: not measured ({why}).")
+        return
+    sentence = spread_sentence(spread)
+    if sentence:
+        sec.text(sentence)
+    spread = spread.assign(
+        row=spread["analysis"].astype(str) + ": " + spread["metric"].astype(str),
+        column=[
+            "final" if c == "final" else f"epoch {int(e)}"
+            for c, e in zip(spread["checkpoint"], spread["epoch"], strict=True)
+        ],
+    )
+    order = list(dict.fromkeys(spread.sort_values("epoch", kind="stable")["column"]))
+    table = spread.pivot_table(index="row", columns="column", values="value", aggfunc="first")
+    table = table.reindex(index=list(dict.fromkeys(spread["row"])), columns=order)
+    table["spread (max − min)"] = spread.groupby("row", sort=False)["spread"].first()
+    table.index.name = "analysis: metric"
+    table.columns.name = None
+    sec.table(
+        table,
+        caption="The same metrics of the learned model at each evaluated checkpoint (final = "
+        "the table above) and their spread: a difference between feature sets smaller than "
+        "the spread is within checkpoint noise",
+    )
 
 
 def section_cell_probe(run: Path) -> Section:
