@@ -428,3 +428,13 @@ def test_report_training_section_on_an_old_run_and_a_flat_loss(tmp_path):
     page = H.unescape(section_training(run).html())
     assert "not learning yet" in page and "No sign of collapse" not in page
     assert page.count("<img") == 1  # no probe records: no learning curve
+
+
+def test_labelled_rows_drops_blank_and_control_rows_of_read_only_arrays():
+    from celldino.probes import labelled_rows
+
+    labels = pd.Series(["a", None, " ", "b", "c"])
+    controls = np.array([False, False, False, True, False])
+    controls.flags.writeable = False  # as pandas hands back some columns
+    keep = labelled_rows(labels, controls)
+    assert keep.tolist() == [True, False, False, False, True]

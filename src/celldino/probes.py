@@ -60,8 +60,8 @@ def labelled_rows(labels: Any, controls: Any | None = None) -> np.ndarray:
     a boolean (n,) mask of negative-control rows, or None)."""
     s = pd.Series(np.asarray(labels, dtype=object))
     keep = (s.notna() & (s.astype(str).str.strip() != "")).to_numpy()
-    if controls is not None:
-        keep &= ~np.asarray(controls, dtype=bool)
+    if controls is not None:  # not in place: pandas may hand back a read-only array
+        keep = keep & ~np.asarray(controls, dtype=bool)
     return keep
 
 
