@@ -114,6 +114,34 @@ def test_embeddings_equal_direct_forward_with_metadata(prep, run, reference, tmp
     assert m["n_rows"] == len(cells) and len(m["shards"]) == -(-len(cells) // 64)
 
 
+def test_cells_resized_to_the_trained_crop_size(prep, tmp_path):
+    """A checkpoint trained on 16 px global crops sees the 32 px cells at 16 px (the patch grid it
+    learned on), sampled as training samples a whole-cell crop; resize=0 keeps them as stored."""
+    from safetensors.torch import load_file
+
+    from celldino.io.checkpoints import TRAIN_CROP_SIZE
+
+    mcfg = _model_config(patch_size=8)
+    run_dir, nets = _save_run(tmp_path / "run", mcfg)
+    file = run_dir / "checkpoints" / "last.safetensors"
+    meta = {"model_config": dataclasses.asdict(mcfg), TRAIN_CROP_SIZE: "16"}
+    write_safetensors(file, load_file(str(file)), meta)
+    x = _crops(prep)
+    small = torch.nn.functional.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        want16 = nets["teacher"](small)["cls"].numpy()
+        want32 = nets["teacher"](x)["cls"].numpy()
+    out = extract(_cfg(prep, run_dir, tmp_path / "auto"))
+    np.testing.assert_allclose(_emb(read_embeddings(out)), want16, atol=1e-5, rtol=1e-5)
+    assert read_manifest(out)["features"]["resize"] == 16
+    out = extract(_cfg(prep, run_dir, tmp_path / "stored", resize=0))
+    np.testing.assert_allclose(_emb(read_embeddings(out)), want32, atol=1e-5, rtol=1e-5)
+    assert "resize" not in read_manifest(out)["features"]
+    # the same options as the first run: kept; another size: refused (the numbers differ)
+    with pytest.raises(ExtractError, match="resize"):
+        extract(_cfg(prep, run_dir, tmp_path / "auto", resize=24))
+
+
 def test_student_network(prep, run, tmp_path):
     df = read_embeddings(extract(_cfg(prep, run[0], tmp_path / "s", which="student")))
     with torch.no_grad():

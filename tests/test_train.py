@@ -152,6 +152,11 @@ def test_cli_train_writes_run_and_freezes_last_layer(tmp_path):
     assert lines[0]["loss_ibot"] > 0
     saved = (run / "config.yaml").read_text()
     assert "ibot_weight: 0.5" in saved
+    from celldino.io.checkpoints import checkpoint_crop_size  # extract resizes cells to it
+
+    assert checkpoint_crop_size(run / "checkpoints" / "last.safetensors") == (
+        cfg.augment.global_crop_size
+    )
     # a second run into the same folder without --resume is refused
     assert cli.main(["train", str(cfg_path), "train.epochs=1"]) != 0
 

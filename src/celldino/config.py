@@ -242,6 +242,7 @@ class ExtractConfig:
     field_crop: int = 224  # level=field: side in pixels of the centre crops or tiles
     field_stride: int = 0  # level=field, tile: step between tiles in pixels (0 = field_crop)
     field_pool: str = "mean"  # level=field, tile: pooling of the tiles' features, mean or median
+    resize: int = -1  # cells resized to this side first: -1 = the trained global crop size, 0 = off
     dtype: str = "float32"  # embedding columns: float32 or float16
     batch_size: int = 128  # images per forward pass
     num_workers: int = 0  # DataLoader worker processes reading crops (0 = main process)
@@ -574,6 +575,7 @@ RANGES: dict[str, Range] = {
     "extract.batch_size": _POSITIVE,
     "extract.num_workers": _COUNT,
     "extract.threads": _COUNT,
+    "extract.resize": Range(-1.0),
     "extract.shard_size": _POSITIVE,
     "extract.attention_sample": _COUNT,
     "profile.threads": _COUNT,

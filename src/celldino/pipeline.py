@@ -89,7 +89,7 @@ def _random_init_checkpoint(cfg: Config, lay: RunLayout) -> Path:
     the learned model's channel order, so both are extracted from the same channels."""
     import torch
 
-    from celldino.io.checkpoints import checkpoint_channels, write_safetensors
+    from celldino.io.checkpoints import TRAIN_CROP_SIZE, checkpoint_channels, write_safetensors
     from celldino.models import build_model
 
     path = lay.random_init_checkpoint
@@ -99,7 +99,12 @@ def _random_init_checkpoint(cfg: Config, lay: RunLayout) -> Path:
     tensors = {
         f"teacher.backbone.{k}": v.detach().contiguous() for k, v in backbone.state_dict().items()
     }
-    metadata = {"model_config": dataclasses.asdict(model_cfg), "format": "celldino-random-init"}
+    metadata = {
+        "model_config": dataclasses.asdict(model_cfg),
+        "format": "celldino-random-init",
+        # embedded at the learned model's input size: the same cells on the same grid
+        TRAIN_CROP_SIZE: str(cfg.augment.global_crop_size),
+    }
     learned = lay.checkpoint
     channels = checkpoint_channels(learned) if learned.exists() else list(cfg.train.channels)
     return write_safetensors(path, tensors, metadata, channels=channels or None)

@@ -42,7 +42,7 @@ from celldino.extract.attention_maps import attention_outputs, pick_cells
 from celldino.extract.reader import CropBatches
 from celldino.extract.shard_plan import DTYPES, done_shards, identity_differences, shard_plan
 from celldino.io.attention_store import ATTENTION, write_attention
-from celldino.io.checkpoints import checkpoint_channels, read_metadata
+from celldino.io.checkpoints import checkpoint_channels, checkpoint_crop_size, read_metadata
 from celldino.io.embeddings import (
     EMB_PREFIX,
     H5AD,
@@ -203,9 +203,31 @@ def _load_model(cfg: ExtractConfig, file: Path, n_chans: int) -> tuple[nn.Module
     return model.eval(), dataclasses.asdict(mcfg)
 
 
+def _input_size(cfg: ExtractConfig, file: Path, side: tuple[int, int]) -> int:
+    """The side single cells are resized to before the model (0 = as stored).
+
+    `extract.resize=-1` (default): the side of the global crops the checkpoint was trained on
+    (recorded in celldino checkpoints), so the model sees the patch grid it learned on; a
+    foreign or older checkpoint records none and gets the cells as stored. Fields are never
+    resized (their crops are `extract.field_crop`)."""
+    if cfg.level != "cell" or cfg.resize == 0:
+        return 0
+    from celldino.io.checkpoints import CheckpointError
+
+    try:
+        size = cfg.resize if cfg.resize > 0 else checkpoint_crop_size(file) or 0
+    except CheckpointError as e:
+        raise ExtractError(
+            f"{e}; or set extract.resize=0 (as stored) or a side in pixels"
+        ) from None
+    return 0 if size == side[0] == side[1] else size
+
+
 def _feature_options(cfg: ExtractConfig) -> dict[str, Any]:
     """The options that decide the numbers (only those that matter for the chosen mode)."""
     opts: dict[str, Any] = {"feature": cfg.feature, "level": cfg.level}
+    if cfg.level == "cell" and cfg.resize > 0:
+        opts["resize"] = cfg.resize
     if cfg.feature == "last_blocks":
         opts["n_blocks"] = cfg.n_blocks
     if cfg.feature == "block":
@@ -259,7 +281,7 @@ class Embedder:
         """The (B, F) embeddings left on the model's device: the caller copies a whole shard at
         once (one wait for the GPU per shard, not per batch)."""
         cfg = self.cfg
-        x = x.to(self.device, non_blocking=True)  # pinned by the loader on a GPU
+        x = self.resized(x.to(self.device, non_blocking=True))  # pinned by the loader on a GPU
         with self.autocast():
             if cfg.level == "cell":
                 return self._forward(x)  # (B, F)
@@ -275,10 +297,19 @@ class Embedder:
         pool = "median" if cfg.field_mode == "center4" else cfg.field_pool
         return F.pool_views(feats.reshape(B, K, -1), pool)  # (B, F)
 
+    def resized(self, x: torch.Tensor) -> torch.Tensor:
+        """Cells at `extract.resize` px (resolved by `_input_size`; 0 = as stored), sampled as
+        training's crops are (bilinear, align_corners=False: a global crop of the whole cell)."""
+        s = self.cfg.resize
+        if self.cfg.level != "cell" or s <= 0 or x.shape[-2:] == (s, s):
+            return x
+        return torch.nn.functional.interpolate(x, size=(s, s), mode="bilinear", align_corners=False)
+
     @torch.inference_mode()
     def attention(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         with self.autocast():
-            out = attention_outputs(self.model, x.to(self.device), channel_ids=self.channel_ids)
+            x = self.resized(x.to(self.device))
+            out = attention_outputs(self.model, x, channel_ids=self.channel_ids)
         return {k: v.float().cpu() for k, v in out.items()}
 
 
@@ -337,6 +368,9 @@ def _extract(cfg: ExtractConfig, *, after_shard: Callable[[int], None] | None = 
     ds, meta, data_id, side = _open_data(cfg, channels)
     channels = list(ds.channels)
     model, model_cfg = _load_model(cfg, file, len(channels))
+    cfg = dataclasses.replace(cfg, resize=_input_size(cfg, file, side))  # -1 resolved
+    if cfg.resize:
+        side = (cfg.resize, cfg.resize)
     _check_fit(model, file, channels, side, cfg)
     vit = _vit(model)
     F.check_feature(cfg.feature, cfg.n_blocks, cfg.block, len(vit.blocks))

@@ -131,6 +131,26 @@ def checkpoint_channels(path: str | Path) -> list[str]:
     return names
 
 
+TRAIN_CROP_SIZE = "train_crop_size"  # metadata key: the global crop side trained on (pixels)
+
+
+def checkpoint_crop_size(path: str | Path) -> int | None:
+    """The side in pixels of the global crops a checkpoint was trained on (None when not
+    recorded: foreign weights, checkpoints of celldino before 0.4)."""
+    raw = read_metadata(path).get(TRAIN_CROP_SIZE)
+    if raw is None:
+        return None
+    try:
+        size = int(raw)
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise CheckpointError(
+            f"checkpoint {path}: metadata '{TRAIN_CROP_SIZE}' is {raw!r}, not a positive size"
+        )
+    return size
+
+
 def check_finite(tensors: dict[str, Any], path: str | Path) -> None:
     """Refuse weights holding NaN or infinite values, naming the file and the tensors."""
     bad = [

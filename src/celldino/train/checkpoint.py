@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from celldino.io.checkpoints import (
+    TRAIN_CROP_SIZE,
     CheckpointError,
     check_finite,
     read_metadata,
@@ -56,11 +57,13 @@ def save(
     channels: Sequence[str] | None = None,
     data_identity: dict[str, Any] | None = None,
     planned: tuple[int, int] | None = None,
+    crop_size: int | None = None,
 ) -> Path:
     """Write last.safetensors (+ an epoch copy) and last.state.pt; return the weights path.
 
     `channels`: channel names in model order; `data_identity`: what `--resume` compares;
-    `planned`: (total steps, epochs) the run was set to train for (extract warns when short).
+    `planned`: (total steps, epochs) the run was set to train for (extract warns when short);
+    `crop_size`: the side of the global crops trained on (extract resizes cells to it).
     """
     ckpt = checkpoint_dir(run_dir)
     tensors = {f"student.{k}": v for k, v in meta_arch.student.state_dict().items()}
@@ -75,6 +78,8 @@ def save(
         metadata["data"] = data_identity
     if planned is not None:
         metadata["total_steps"], metadata["epochs_planned"] = str(planned[0]), str(planned[1])
+    if crop_size is not None:
+        metadata[TRAIN_CROP_SIZE] = str(crop_size)
     chans = list(channels) if channels else None
     if epoch_copy:
         write_safetensors(

@@ -952,6 +952,7 @@ def _save(
             channels=channels,
             data_identity=identity,
             planned=planned,
+            crop_size=cfg.augment.global_crop_size,
         )
     distributed.barrier()
 
