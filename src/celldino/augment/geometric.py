@@ -226,3 +226,12 @@ def rot90(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         if idx.numel():
             out[idx] = torch.rot90(x[idx], turn, dims=(-2, -1))
     return out
+
+
+def whole_cell_view(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, C, H, W) → (B, C, size, size): the whole image resized as a random resized crop of
+    scale 1 samples it (bilinear, align_corners=False), so evaluation (extraction, the training
+    monitor) feeds the model the patch grid it trained on. `size` <= 0 or equal: unchanged."""
+    if size <= 0 or tuple(x.shape[-2:]) == (size, size):
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)

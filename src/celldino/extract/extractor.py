@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from celldino import distributed, log
+from celldino.augment.geometric import whole_cell_view
 from celldino.config import ExtractConfig
 from celldino.errors import DataError
 from celldino.extract import feature_modes as F
@@ -300,10 +301,7 @@ class Embedder:
     def resized(self, x: torch.Tensor) -> torch.Tensor:
         """Cells at `extract.resize` px (resolved by `_input_size`; 0 = as stored), sampled as
         training's crops are (bilinear, align_corners=False: a global crop of the whole cell)."""
-        s = self.cfg.resize
-        if self.cfg.level != "cell" or s <= 0 or x.shape[-2:] == (s, s):
-            return x
-        return torch.nn.functional.interpolate(x, size=(s, s), mode="bilinear", align_corners=False)
+        return x if self.cfg.level != "cell" else whole_cell_view(x, self.cfg.resize)
 
     @torch.inference_mode()
     def attention(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -857,10 +857,14 @@ class _Monitor:
         self.seed = tc.seed
         self.items = _Items(dataset)
         self.batch_size = 128
+        self.size = cfg.augment.global_crop_size  # the grid trained on, as extract resizes
 
     @torch.no_grad()
     def embed(self, meta: DINOMetaArch, device: torch.device, amp: bool) -> np.ndarray:
-        """(n, D) teacher class tokens of the sample's crops as stored (no augmentation)."""
+        """(n, D) teacher class tokens of the sample's crops, un-augmented, resized to the global
+        crop size as extraction resizes them (`augment.geometric.whole_cell_view`)."""
+        from celldino.augment.geometric import whole_cell_view
+
         backbone = meta.teacher.backbone
         was_training = backbone.training
         backbone.eval()  # no stochastic depth (before the first step the copy is in train mode)
@@ -869,6 +873,7 @@ class _Monitor:
             for i in range(0, len(self.rows), self.batch_size):
                 chunk = [int(r) for r in self.rows[i : i + self.batch_size]]
                 x = torch.stack([t[0] for t in self.items.__getitems__(chunk)]).to(device)
+                x = whole_cell_view(x, self.size)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                     out.append(backbone(x)["cls"].float().cpu())
         finally:
