@@ -147,16 +147,22 @@ class Crops(torch.utils.data.Dataset):
 # ---- embeddings --------------------------------------------------------------------------------
 
 
-def embed(model: torch.nn.Module, x: np.ndarray, feature: str = "cls", n_blocks: int = 4):
+def embed(
+    model: torch.nn.Module, x: np.ndarray, feature: str = "cls", n_blocks: int = 4, size: int = 0
+):
     """(N, F) float32 features of a backbone (`extract.feature` modes: cls, last_blocks, ...), on
-    the GPU when there is one."""
+    the GPU when there is one; `size` > 0: the cells resized to it first, as `celldino extract`
+    resizes them to the trained global crop size (`augment.geometric.whole_cell_view`)."""
+    from celldino.augment.geometric import whole_cell_view
+
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(dev).eval()
     out = []
     blocks = needs_blocks(feature)
     with torch.inference_mode():
         for i in range(0, len(x), 256):
-            o = model(torch.from_numpy(x[i : i + 256]).to(dev), return_blocks=blocks)
+            b = whole_cell_view(torch.from_numpy(x[i : i + 256]).to(dev), size)
+            o = model(b, return_blocks=blocks)
             out.append(select_features(o, feature, n_blocks=n_blocks).float().cpu().numpy())
     return np.concatenate(out)
 
@@ -388,13 +394,32 @@ def train_run(x, meta, run_dir: Path, overrides: list[str], rows=None) -> tuple[
     return run_dir, (time.perf_counter() - t0) / 60
 
 
+def trained_size(path: Path, given: int = -1) -> int:
+    """The side cells are embedded at: `given` >= 0 as it is (0 = as stored), else the global
+    crop size the checkpoint records (extract.resize=-1), else its run's config.yaml's."""
+    from celldino.io.checkpoints import checkpoint_crop_size
+    from celldino.models.build import resolve_checkpoint
+
+    if given >= 0:
+        return given
+    file = resolve_checkpoint(path)
+    if size := checkpoint_crop_size(file):
+        return size
+    for cfg in (file.parent.parent / "config.yaml", Path(path) / "config.yaml"):
+        if cfg.exists():
+            return C.load_config(cfg).augment.global_crop_size
+    return 0
+
+
 def learned_sets(
-    run_dir: Path, x, feature: str, which: str = "teacher"
-) -> tuple[np.ndarray, C.ModelConfig]:
+    run_dir: Path, x, feature: str, which: str = "teacher", size: int = -1
+) -> tuple[np.ndarray, C.ModelConfig, int]:
+    """(features, model config, the side the cells were embedded at; see `trained_size`)."""
     from celldino.models.build import load_backbone
 
     model, mcfg = load_backbone(run_dir, which=which)
-    return embed(model, x, feature), mcfg
+    size = trained_size(run_dir, size)
+    return embed(model, x, feature, size=size), mcfg, size
 
 
 # ---- commands ----------------------------------------------------------------------------------
@@ -440,11 +465,11 @@ def cmd_ablate(args) -> None:
         for plate in PLATES:
             rows = np.flatnonzero((meta["plate"] != plate).to_numpy())
             minutes += _train_or_reuse(x, meta, run_dir / plate, args.overrides, rows)
-            f[plate], mcfg = learned_sets(run_dir / plate, x, args.feature)
+            f[plate], mcfg, size = learned_sets(run_dir / plate, x, args.feature, size=args.size)
         state = run_dir / PLATES[0] / "metrics.jsonl"
     else:
         minutes = _train_or_reuse(x, meta, run_dir, args.overrides)
-        f, mcfg = learned_sets(run_dir, x, args.feature)
+        f, mcfg, size = learned_sets(run_dir, x, args.feature, size=args.size)
         state = run_dir / "metrics.jsonl"
     last = json.loads(state.read_text().splitlines()[-1]) if state.exists() else {}
     planned = C.load_config(state.parent / "config.yaml").train.epochs
@@ -458,7 +483,7 @@ def cmd_ablate(args) -> None:
     df = pd.concat(
         [
             sc.score("learned", f, **kw),
-            sc.score("random init", embed(random_init(mcfg), x, args.feature), **kw),
+            sc.score("random init", embed(random_init(mcfg), x, args.feature, size=size), **kw),
         ]
     )
     rec = {
@@ -466,6 +491,7 @@ def cmd_ablate(args) -> None:
         "overrides": args.overrides,
         "feature": args.feature,
         "norm": args.norm,
+        "size": size,
         "per_fold": args.per_fold,
         "minutes": round(minutes, 2),
         "steps": last.get("step"),
@@ -497,11 +523,14 @@ def cmd_curve(args) -> None:
     sc = Scorer(meta, n_boot=args.n_boot)
     kw = dict(tasks=("dose",), levels=("cell",))
     mcfg = load_backbone(run)[1]  # the architecture of the random-init point
-    points = [("random init", 0, sc.score("r", embed(random_init(mcfg), x, args.feature), **kw))]
+    size = trained_size(run, args.size)
+    r = embed(random_init(mcfg), x, args.feature, size=size)
+    points = [("random init", 0, sc.score("r", r, **kw))]
     for fl in files:
         ep = int(fl.stem.split("_")[1])
         m, _ = load_backbone(fl)
-        points.append((fl.stem, ep * n_train, sc.score(fl.stem, embed(m, x, args.feature), **kw)))
+        f = embed(m, x, args.feature, size=size)
+        points.append((fl.stem, ep * n_train, sc.score(fl.stem, f, **kw)))
     refs = {n: sc.score(n, f, **kw) for n, f in engineered_sets(args.cells, x, meta).items()}
     rows = []
     for name, seen, df in points:
@@ -581,9 +610,9 @@ def cmd_score(args) -> None:
     mcfg = None
     for ck in args.checkpoint:
         name = Path(ck).name
-        sets[name], mcfg = learned_sets(Path(ck), x, args.feature)
-    if mcfg is not None:
-        sets["random init"] = embed(random_init(mcfg), x, args.feature)
+        sets[name], mcfg, size = learned_sets(Path(ck), x, args.feature, size=args.size)
+    if mcfg is not None:  # at the size of the last checkpoint
+        sets["random init"] = embed(random_init(mcfg), x, args.feature, size=size)
     if not args.no_engineered:
         sets |= engineered_sets(args.cells, x, meta)
     frames = [sc.score(n, f) for n, f in sets.items()]
@@ -632,6 +661,9 @@ def main(argv=None) -> None:
     common.add_argument("--n-boot", type=int, default=1000)
     common.add_argument("--feature", default="cls", help="extract.feature mode")
     common.add_argument("--norm", default="global", choices=NORMS, help="input scaling")
+    common.add_argument(
+        "--size", type=int, default=-1, help="embed at this side (-1: trained crop, 0: as stored)"
+    )
     p = sub.add_parser("score", parents=[common])
     p.add_argument("--checkpoint", nargs="*", default=[])
     p.add_argument("--no-engineered", action="store_true")

@@ -1,16 +1,13 @@
 """Evidence: the tiny config, trained on the synthetic screen's crops on CPU, gives teacher
-embeddings whose kNN MoA macro-F1 on a held-out plate beats the same architecture at random
-initialisation (the margin is printed)."""
+embeddings whose single-cell MoA linear probe on held-out plates beats the same architecture at
+random initialisation (both probes of `celldino evaluate`'s cell_probe are printed)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from sklearn.metrics import f1_score
-from sklearn.neighbors import KNeighborsClassifier
 
 from celldino import config as C
 from train_helpers import one_thread  # noqa: F401
@@ -18,28 +15,13 @@ from train_helpers import one_thread  # noqa: F401
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _embed(model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
-    with torch.no_grad():
-        return torch.cat([model(x[i : i + 128])["cls"] for i in range(0, len(x), 128)]).numpy()
-
-
-def knn_macro_f1(emb: np.ndarray, labels: np.ndarray, train_mask: np.ndarray) -> float:
-    """Cosine 5-NN fitted on one plate, macro-F1 on the other."""
-    emb = emb / np.linalg.norm(emb, axis=1, keepdims=True)
-    clf = KNeighborsClassifier(5, metric="cosine").fit(emb[train_mask], labels[train_mask])
-    return f1_score(labels[~train_mask], clf.predict(emb[~train_mask]), average="macro")
-
-
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=False,
-    reason="since 0.3's prepare (QC keeps the dense 10 uM DNA-damage wells 0.2 dropped as "
-    "'empty'; illumination no longer over-corrects) the tiny config's teacher scores 0.400 "
-    "against 0.430 at random init; training recipe: issue 15 (docs/training.md, Evidence)",
-)
 def test_tiny_config_beats_random_init_on_held_out_plate(tmp_path):
+    from celldino.augment.geometric import whole_cell_view
     from celldino.data import CropDataset
     from celldino.data.prepare import prepare
+    from celldino.eval.cell_probe import cell_probe
+    from celldino.extract.feature_modes import select_features
     from celldino.models.build import build_model, load_backbone
     from celldino.synth import make_screen
     from celldino.train import train
@@ -59,19 +41,36 @@ def test_tiny_config_beats_random_init_on_held_out_plate(tmp_path):
     train(cfg)
 
     ds = CropDataset(tmp_path / "prep")
-    meta = ds.metadata
-    x = torch.stack([ds[i] for i in range(len(ds))])  # (N, 5, 48, 48), un-augmented crops
-    labels = meta["Metadata_MoA"].to_numpy()
-    train_plate = (meta["Metadata_Plate"] == sorted(meta["Metadata_Plate"].unique())[0]).to_numpy()
-    assert 0 < train_plate.sum() < len(ds)
+    meta = ds.metadata.reset_index(drop=True)
+    treated = (meta["Metadata_pert_type"] != "control").to_numpy()
+    x = torch.stack([ds[i] for i in range(len(ds))])[treated]  # un-augmented crops
+    x = whole_cell_view(x, cfg.augment.global_crop_size)  # the grid trained on, as extract does
+
+    def embed(model: torch.nn.Module):
+        with torch.no_grad():
+            return torch.cat(
+                [select_features(model(x[i : i + 128]), "cls") for i in range(0, len(x), 128)]
+            ).numpy()
 
     trained, _ = load_backbone(tmp_path / "run", which="teacher")
     torch.manual_seed(cfg.train.seed)  # the same initialisation training started from
     random_init = build_model(C.replace(cfg.model, drop_path_rate=0.0)).eval()
-    f1_trained = knn_macro_f1(_embed(trained, x), labels, train_plate)
-    f1_random = knn_macro_f1(_embed(random_init, x), labels, train_plate)
-    print(
-        f"\nkNN MoA macro-F1 on the held-out plate: trained teacher {f1_trained:.3f}, "
-        f"random init {f1_random:.3f}, margin {f1_trained - f1_random:+.3f}"
+    summary, _, paired = cell_probe(
+        meta[treated],
+        {"learned": embed(trained), "random_init": embed(random_init)},
+        label="Metadata_MoA",
+        split_by="Metadata_Plate",
+        well="Metadata_Well",
+        n_boot=200,
     )
-    assert f1_trained > f1_random
+    score = summary.set_index(["feature_set", "metric"])["value"]
+    print(
+        "\ncell MoA macro-F1, leave one plate out: "
+        + ", ".join(f"{s} {m} {v:.3f}" for (s, m), v in score.items())
+        + "\npaired learned - random init: "
+        + ", ".join(
+            f"{r.metric} {r.difference:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}]"
+            for r in paired.itertuples()
+        )
+    )
+    assert score["learned", "linear_f1"] > score["random_init", "linear_f1"]
