@@ -155,3 +155,54 @@ def test_dino_loss_sinkhorn_uses_no_centre():
     assert torch.equal(loss.center, torch.zeros(1, 4))  # never moved
     with pytest.raises(ValueError, match="centering"):
         DINOLoss(4, centering="sinkhorn")
+
+
+def test_sinkhorn_knopp_with_no_rows_is_empty():
+    from celldino.losses.dino_loss import sinkhorn_knopp
+
+    assert sinkhorn_knopp(torch.zeros(0, 5), 0.04).shape == (0, 5)
+    for centering in ("sinkhorn_knopp", "center"):  # a batch without masked patches: loss 0
+        student = torch.zeros(0, 5, requires_grad=True)
+        loss = iBOTPatchLoss(5, centering=centering)
+        got = loss(student, torch.zeros(0, 5), torch.zeros(0), 0.04, n_images=4)
+        assert got.item() == 0.0
+        got.backward()
+
+
+def _sinkhorn_rank(rank: int, port: int, rows: list[int], out: str) -> None:
+    import torch.distributed as dist
+
+    from celldino.losses.dino_loss import sinkhorn_knopp
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        t = torch.randn(sum(rows), 5, generator=torch.Generator().manual_seed(0))
+        t[:, 0] += 2.0
+        start = sum(rows[:rank])
+        torch.save(sinkhorn_knopp(t[start : start + rows[rank]], 0.5), f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("rows", [[4, 6], [0, 6]])
+def test_sinkhorn_knopp_over_ranks_with_unequal_rows_matches_one_process(tmp_path, rows):
+    """iBOT's masked patches differ per rank: B is the rows of every rank, not rows × world."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from celldino.losses.dino_loss import sinkhorn_knopp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "q")
+    mp.spawn(_sinkhorn_rank, args=(port, rows, out), nprocs=2, join=True)
+    got = torch.cat([torch.load(f"{out}.{r}") for r in (0, 1)])
+    t = torch.randn(sum(rows), 5, generator=torch.Generator().manual_seed(0))
+    t[:, 0] += 2.0
+    want = _dinov2_sinkhorn_numpy(t.double().numpy(), 0.5)  # one process, every row
+    assert got.shape == (sum(rows), 5)
+    np.testing.assert_allclose(got.double().numpy(), want, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got, sinkhorn_knopp(t, 0.5))

@@ -37,11 +37,30 @@ def _logsumexp_over_ranks(x: torch.Tensor, dim: int) -> torch.Tensor:
     """log(sum(exp(x))) along `dim`, summed over every rank's rows when distributed."""
     if not (dist.is_available() and dist.is_initialized()):
         return torch.logsumexp(x, dim=dim, keepdim=True)
-    m = x.amax(dim=dim, keepdim=True)
+    if x.shape[dim] == 0:  # no rows here: contribute max -inf and sum 0 (amax fails on empty)
+        shape = list(x.shape)
+        shape[dim] = 1
+        m = x.new_full(shape, -math.inf)
+        s = x.new_zeros(shape)
+    else:
+        m = x.amax(dim=dim, keepdim=True)
     dist.all_reduce(m, op=dist.ReduceOp.MAX)
-    s = torch.exp(x - m).sum(dim=dim, keepdim=True)
+    if x.shape[dim] > 0:
+        s = torch.exp(x - m).sum(dim=dim, keepdim=True)
     dist.all_reduce(s)
     return m + torch.log(s)
+
+
+def _log_rows_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """log(number of rows of `x` summed over ranks), a 0-d tensor (no host sync).
+
+    Ranks may hold different numbers of rows (iBOT's masked patches): B is their sum, not
+    rows × world size (DINOv2 passes n_masked_patches_tensor all-reduced the same way).
+    """
+    n = torch.tensor(float(x.shape[0]), device=x.device, dtype=torch.float32)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(n)
+    return torch.log(n)
 
 
 @torch.no_grad()
@@ -50,15 +69,17 @@ def sinkhorn_knopp(teacher_out: torch.Tensor, teacher_temp: float, n_iterations:
 
     Q = exp(logits / T), then `n_iterations` times: each prototype's column (over every rank's
     batch) scaled to total 1/K, then each crop's row to 1/B; returned × B. Computed in the log
-    domain (the same numbers): no overflow or 0/0 at low temperatures.
+    domain (the same numbers): no overflow or 0/0 at low temperatures. B counts every rank's
+    rows, which may differ between ranks; a rank with no rows takes part in the reductions and
+    gets an empty (0, K) tensor back.
     """
-    log_q = teacher_out.detach().float() / teacher_temp  # (B, K)
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    B, K = log_q.shape[0] * world, log_q.shape[1]
+    log_q = teacher_out.detach().float() / teacher_temp  # (B_local, K)
+    K = log_q.shape[1]
+    log_b = _log_rows_over_ranks(log_q)  # log B, B = rows over every rank
     for _ in range(n_iterations):
         log_q = log_q - _logsumexp_over_ranks(log_q, 0) - math.log(K)  # prototypes: 1/K each
-        log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True) - math.log(B)  # crops: 1/B
-    return torch.exp(log_q + math.log(B))
+        log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True) - log_b  # crops: 1/B
+    return torch.exp(log_q + log_b)
 
 
 class DINOLoss(nn.Module):
