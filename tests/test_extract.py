@@ -142,6 +142,29 @@ def test_cells_resized_to_the_trained_crop_size(prep, tmp_path):
         extract(_cfg(prep, run_dir, tmp_path / "auto", resize=24))
 
 
+def test_attention_grid_is_the_resized_cells_grid(prep, tmp_path):
+    """Cells resized to the trained 16 px crops give a 2x2 patch grid (8 px patches), not the
+    stored 32 px crops' 4x4: attrs `grid` must fit the maps and `cls_attention_maps`."""
+    from safetensors.torch import load_file
+
+    from celldino.eval.subcellular import cls_attention_maps
+    from celldino.io.attention_store import read_attention_store
+    from celldino.io.checkpoints import TRAIN_CROP_SIZE
+
+    mcfg = _model_config(patch_size=8)
+    run_dir, _ = _save_run(tmp_path / "run", mcfg)
+    file = run_dir / "checkpoints" / "last.safetensors"
+    meta = {"model_config": dataclasses.asdict(mcfg), TRAIN_CROP_SIZE: "16"}
+    write_safetensors(file, load_file(str(file)), meta)
+    out = extract(_cfg(prep, run_dir, tmp_path / "a", attention_sample=3))
+    arrays, attrs = read_attention_store(out, ("attn", "attn_maps"))
+    assert list(attrs["grid"]) == [16 // 8, 16 // 8] == list(arrays["attn_maps"].shape[-2:])
+    maps = cls_attention_maps(
+        arrays["attn"], grid=tuple(attrs["grid"]), num_prefix_tokens=1 + attrs["num_registers"]
+    )
+    np.testing.assert_allclose(maps, arrays["attn_maps"], atol=1e-6)
+
+
 def test_student_network(prep, run, tmp_path):
     df = read_embeddings(extract(_cfg(prep, run[0], tmp_path / "s", which="student")))
     with torch.no_grad():

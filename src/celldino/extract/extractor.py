@@ -706,7 +706,7 @@ def _save_attention(
             parts.setdefault(name, []).append(t.numpy())
     arrays = {name: np.concatenate(v) for name, v in parts.items()}
     p = _vit(embed.model).patch_size
-    H, W = x.shape[-2:]
+    H, W = embed.resized(x[:1]).shape[-2:]  # the model's input side, not the stored crop's
     path = write_attention(
         out_dir / ATTENTION,
         arrays,
