@@ -51,7 +51,8 @@ def test_probe_sentences_name_the_winner_and_whether_it_is_resolved():
     lin = probe_sentence(_metrics(), "linear_f1")
     assert lin == (
         "Linear probe: engineered wins (0.520 [0.490, 0.550]) over learned (0.470 [0.440, "
-        "0.500]); the intervals overlap, so the difference is not resolved."
+        "0.500]); the intervals overlap, so the difference is not shown resolved (a "
+        "conservative check: there is no paired difference for this pair)."
     )
     knn = probe_sentence(_metrics(), "knn20_f1")
     assert knn.startswith("Weighted 20-NN: learned wins (0.610 [0.580, 0.640]) over engineered")
@@ -63,6 +64,69 @@ def test_probe_sentences_name_the_winner_and_whether_it_is_resolved():
     table = headline_table(_metrics()).to_string().splitlines()
     assert text.splitlines()[1 : 1 + len(table)] == table
     assert lin in text and knn in text
+
+
+def _close_pair() -> pd.DataFrame:
+    """learned ahead of random_init with overlapping marginal intervals."""
+    rows = [
+        ("learned", "cell_probe", "linear_f1", 0.50, 0.25, 0.45, 0.55),
+        ("random_init", "cell_probe", "linear_f1", 0.47, 0.25, 0.42, 0.52),
+        ("engineered", "cell_probe", "linear_f1", 0.20, 0.25, 0.15, 0.25),
+    ]
+    cols = ["feature_set", "analysis", "metric", "value", "chance", "ci_low", "ci_high"]
+    return pd.DataFrame(rows, columns=cols).assign(flags="")
+
+
+def _paired(d, lo, hi, feature_set="learned", reference="random_init") -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "feature_set": [feature_set],
+            "reference": reference,
+            "metric": "linear_f1",
+            "difference": d,
+            "ci_low": lo,
+            "ci_high": hi,
+            "n_wells": 48,
+        }
+    )
+
+
+def test_probe_sentence_uses_the_paired_difference_of_the_pair_when_there_is_one():
+    """The same bootstrap draws for both sets: a paired interval above 0 resolves the win even
+    where the marginal intervals overlap (0.45 < 0.52)."""
+    m = _close_pair()
+    assert "intervals overlap" in probe_sentence(m, "linear_f1")  # no paired table
+    got = probe_sentence(m, "linear_f1", paired=_paired(0.03, 0.01, 0.05))
+    assert got == (
+        "Linear probe: learned wins (0.500 [0.450, 0.550]) over random_init (0.470 [0.420, "
+        "0.520]); the paired difference +0.030 [+0.010, +0.050] (same bootstrap draws) is above "
+        "0, so learned is better on these cells."
+    )
+    got = probe_sentence(m, "linear_f1", paired=_paired(0.03, -0.01, 0.07))
+    assert "+0.030 [-0.010, +0.070]" in got and "not resolved" in got
+    # the winner is the reference: the difference read the other way round
+    m2 = m.assign(feature_set=["random_init", "engineered", "learned"])
+    got = probe_sentence(m2, "linear_f1", paired=_paired(-0.03, -0.05, -0.01, "engineered"))
+    assert "random_init wins" in got and "+0.030 [+0.010, +0.050]" in got
+    assert "random_init is better" in got
+    # a paired row for another pair only: the marginal check
+    other = _paired(0.3, 0.2, 0.4, "engineered")
+    assert "intervals overlap" in probe_sentence(m, "linear_f1", paired=other)
+
+
+def test_report_and_headline_read_the_paired_difference(tmp_path):
+    from celldino.report.headline import headline_of_run
+
+    (tmp_path / "eval" / "tables").mkdir(parents=True)
+    _close_pair().to_parquet(tmp_path / "eval" / "metrics.parquet")
+    _paired(0.03, 0.01, 0.05).to_parquet(
+        tmp_path / "eval" / "tables" / "cell_probe__learned__paired_difference.parquet"
+    )
+    want = probe_sentence(_close_pair(), "linear_f1", paired=_paired(0.03, 0.01, 0.05))
+    assert "is above 0" in want
+    assert want in headline_of_run(tmp_path).splitlines()
+    page = build_report(tmp_path).read_text()
+    assert html.escape(want) in page
 
 
 def _run_with_metrics(root, metrics: pd.DataFrame):

@@ -86,9 +86,35 @@ def headline_table(metrics: pd.DataFrame) -> pd.DataFrame:
     return table.fillna("–")
 
 
-def probe_sentence(metrics: pd.DataFrame, metric: str, analysis: str = "cell_probe") -> str | None:
-    """One sentence: which feature set scores best on `metric`, the runner-up, and whether
-    their 95% intervals are apart. None when fewer than two sets were scored."""
+def _paired_row(paired: pd.DataFrame | None, metric: str, a: str, b: str):
+    """(difference a − b, ci_low, ci_high) from cell_probe's paired table (same bootstrap draws
+    for both sets), or None when it has no row for the pair or no interval."""
+    if paired is None or paired.empty:
+        return None
+    rows = paired[paired["metric"].astype(str) == metric]
+    for r in rows.itertuples(index=False):
+        d, lo, hi = _num(r.difference), _num(r.ci_low), _num(r.ci_high)
+        if math.isnan(lo) or math.isnan(hi):
+            continue
+        if (str(r.feature_set), str(r.reference)) == (a, b):
+            return d, lo, hi
+        if (str(r.feature_set), str(r.reference)) == (b, a):
+            return -d, -hi, -lo
+    return None
+
+
+def probe_sentence(
+    metrics: pd.DataFrame,
+    metric: str,
+    analysis: str = "cell_probe",
+    paired: pd.DataFrame | None = None,
+) -> str | None:
+    """One sentence: which feature set scores best on `metric`, the runner-up, and whether the
+    win is resolved. With a row for that pair in `paired` (cell_probe's paired_difference
+    tables: the difference on the same bootstrap draws), resolved means its interval is above
+    0; otherwise the marginal 95% intervals must be apart (conservative: overlapping marginal
+    intervals can hide a resolved paired difference). None when fewer than two sets were
+    scored."""
     rows = _scored(metrics, analysis, metric).copy()
     if len(rows) < 2:
         return None
@@ -104,29 +130,52 @@ def probe_sentence(metrics: pd.DataFrame, metric: str, analysis: str = "cell_pro
         return (
             f"{what}: {win.feature_set} and {second.feature_set} tie ({num(win)}), so neither wins."
         )
+    pair = _paired_row(paired, metric, str(win.feature_set), str(second.feature_set))
     lo, hi = _num(win.get("ci_low")), _num(second.get("ci_high"))
-    if math.isnan(lo) or math.isnan(hi):
+    if pair is not None:
+        d, plo, phi = pair
+        said = f"the paired difference {d:+.3f} [{plo:+.3f}, {phi:+.3f}] (same bootstrap draws)"
+        if plo > 0:
+            verdict = f"{said} is above 0, so {win.feature_set} is better on these cells"
+        else:
+            verdict = f"{said} is not above 0, so the difference is not resolved"
+    elif math.isnan(lo) or math.isnan(hi):
         verdict = "there are no intervals (evaluate.n_boot=0), so the difference is not resolved"
     elif lo > hi:
         verdict = f"the intervals are apart, so {win.feature_set} is better on these cells"
     else:
-        verdict = "the intervals overlap, so the difference is not resolved"
+        verdict = (
+            "the intervals overlap, so the difference is not shown resolved (a conservative "
+            "check: there is no paired difference for this pair)"
+        )
     return (
         f"{what}: {win.feature_set} wins ({num(win)}) over {second.feature_set} "
         f"({num(second)}); {verdict}."
     )
 
 
-def format_headline(metrics: pd.DataFrame) -> str:
-    """The headline table as plain text (aligned columns) followed by the probe sentences;
-    '' when no headline metric was measured."""
+def read_paired(eval_dir: str | Path) -> pd.DataFrame | None:
+    """cell_probe's paired_difference tables of an eval folder, concatenated (None if none)."""
+    from celldino.io import results
+
+    files = results.list_tables(Path(eval_dir))
+    files = files[(files.analysis == "cell_probe") & (files.table == "paired_difference")]
+    if not len(files):
+        return None
+    return pd.concat([results.read_table(p) for p in files.path], ignore_index=True)
+
+
+def format_headline(metrics: pd.DataFrame, paired: pd.DataFrame | None = None) -> str:
+    """The headline table as plain text (aligned columns) followed by the probe sentences
+    (`paired`: cell_probe's paired differences, see `probe_sentence`); '' when no headline
+    metric was measured."""
     table = headline_table(metrics)
     if table.empty:
         return ""
     lines = ["Headline (95% intervals in brackets; eval/metrics.parquet has them all):"]
     lines += table.to_string().splitlines()
     for metric in probe_metrics(metrics):
-        s = probe_sentence(metrics, metric)
+        s = probe_sentence(metrics, metric, paired=paired)
         if s:
             lines.append(s)
     return "\n".join(lines)
@@ -170,7 +219,7 @@ def headline_of_run(run_dir: str | Path) -> str:
         metrics = results.read_results(lay.eval)
     except FileNotFoundError:
         return ""
-    text = format_headline(metrics)
+    text = format_headline(metrics, read_paired(lay.eval))
     spread, _ = results.read_checkpoint_spread(lay.eval_checkpoints)
     sentence = spread_sentence(spread) if spread is not None else None
     return f"{text}\n{sentence}" if text and sentence else text

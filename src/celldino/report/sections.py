@@ -395,7 +395,13 @@ def spread_part(sec: Section, lay: RunLayout) -> None:
 def section_cell_probe(run: Path) -> Section:
     """The single-cell probes (analysis cell_probe): score, interval and chance per feature set,
     one sentence per probe on the winner, and the paired difference to random_init."""
-    from celldino.report.headline import probe_metrics, probe_sentence, probe_words, with_interval
+    from celldino.report.headline import (
+        probe_metrics,
+        probe_sentence,
+        probe_words,
+        read_paired,
+        with_interval,
+    )
 
     sec = Section("cell_probe", "Single-cell probes: linear and weighted 20-NN, by plate")
     lay = RunLayout(run)
@@ -413,8 +419,9 @@ def section_cell_probe(run: Path) -> Section:
         )
         return sec
     sec.text(ANALYSIS_NOTES["cell_probe"])
+    diff = read_paired(lay.eval)
     for metric in probes:
-        sentence = probe_sentence(cp, metric)
+        sentence = probe_sentence(cp, metric, paired=diff)
         if sentence:
             sec.text(sentence)
     rows = {}
@@ -430,10 +437,7 @@ def section_cell_probe(run: Path) -> Section:
     table = table.loc[order + [s for s in table.index if s not in order]].fillna("–")
     table.index.name = "feature set"
     sec.table(table, caption="Macro-F1 over held-out plates [95% interval, wells redrawn]")
-    files = results.list_tables(lay.eval)
-    paired = files[(files.analysis == "cell_probe") & (files.table == "paired_difference")]
-    if len(paired):
-        diff = pd.concat([results.read_table(p) for p in paired.path], ignore_index=True)
+    if diff is not None:
         diff["difference"] = [
             with_interval(r.difference, r.ci_low, r.ci_high) for r in diff.itertuples()
         ]
