@@ -333,6 +333,27 @@ def test_an_upgrade_redoes_the_cheap_stages_whose_defaults_live_in_code(monkeypa
     assert changed == set(VERSIONED) == {"profile", "evaluate", "report"}
 
 
+def test_what_training_reports_leaves_the_train_fingerprint_alone():
+    """The monitor's probes and the diagnostics do not change the weights (and --resume may
+    change them): no stage is redone; a setting that does change the weights still counts."""
+    import dataclasses
+
+    from celldino.config import Config
+    from celldino.pipeline import stage_fingerprints
+
+    cfg = Config()
+    before = stage_fingerprints(cfg)
+    for change in (
+        {"monitor_label": "Metadata_MoA"},
+        {"monitor_cells": 77},
+        {"diagnostics": not cfg.train.diagnostics},
+    ):
+        train = dataclasses.replace(cfg.train, **change)
+        assert stage_fingerprints(dataclasses.replace(cfg, train=train)) == before, change
+    train = dataclasses.replace(cfg.train, lr=cfg.train.lr * 2)
+    assert stage_fingerprints(dataclasses.replace(cfg, train=train))["train"] != before["train"]
+
+
 def test_checkpoint_spread_evaluates_the_last_epoch_checkpoints(tiny_screen, tmp_path, caplog):
     """The evaluate stage also evaluates the epoch checkpoints before the final one (extracted
     and profiled as `learned`) into eval/checkpoints/, and the spread table holds each metric at

@@ -429,7 +429,18 @@ def stage_outputs_exist(stage: str, cfg: Config, lay: RunLayout) -> bool:
 # paths `_stage_configs` points into the run directory (a moved or copied run stays up to date).
 NOT_FINGERPRINTED = {
     "prepare": ("workers", "out_dir"),
-    "train": ("num_workers", "threads", "device", "log_every", "run_dir", "data"),
+    "train": (
+        "num_workers",
+        "threads",
+        "device",
+        "log_every",
+        "run_dir",
+        "data",
+        # what training reports, not the weights (--resume may change them)
+        "monitor_label",
+        "monitor_cells",
+        "diagnostics",
+    ),
     "extract": ("batch_size", "num_workers", "threads", "device", "data", "checkpoint", "out_dir"),
     "profile": ("threads", "memory_limit"),
     "evaluate": ("map_memory_mb", "resume", "out_dir"),
