@@ -103,6 +103,44 @@ def test_verdict_coarse_partition_is_not_collapse():
     assert v.kind == "healthy"
 
 
+def test_verdict_does_not_judge_shares_on_a_small_sample():
+    """16 teacher distributions (a one-step log interval of batch 8) put most cells on a few
+    prototypes by chance: neither collapse nor coarse partition, but the sentence says why."""
+    spread = dict(effective_rank=30.0, embedding_std=0.8, teacher_entropy=0.2)
+    for used, top in ((1, 1.0), (2, 0.9), (5, 0.4)):
+        v = _verdict(prototypes_used=used, prototype_top_share=top, teacher_samples=16, **spread)
+        assert v.kind == "healthy" and not v.collapsed, (used, top)
+        assert "not judged" in v.message and "16 teacher distributions" in v.message
+        assert "too small" in v.message
+    # from MIN_SHARE_SAMPLES on, the rules apply
+    n = D.MIN_SHARE_SAMPLES
+    v = _verdict(prototypes_used=1, prototype_top_share=1.0, teacher_samples=n, **spread)
+    assert v.kind == "collapsed_one_prototype"
+    v = _verdict(prototypes_used=5, prototype_top_share=0.4, teacher_samples=n - 1, **spread)
+    assert v.kind == "healthy"
+
+
+def test_verdict_advice_fits_the_centering():
+    coarse = dict(prototypes_used=6, prototype_top_share=0.4, teacher_samples=3435)
+    one = dict(prototypes_used=1, prototype_top_share=1.0, teacher_samples=3435)
+    for kw, kind in ((coarse, "coarse_partition"), (one, "collapsed_one_prototype")):
+        v = _verdict(**kw)  # the default: DINO's running centre
+        assert v.kind == kind and "Try: train.centering=sinkhorn_knopp" in v.message
+        v = _verdict(**kw, centering="sinkhorn_knopp")
+        assert v.kind == kind
+        assert "Try: train.centering" not in v.message and "center_momentum" not in v.message
+        assert "already uses train.centering=sinkhorn_knopp" in v.message
+
+
+def test_verdict_rank_rule_needs_enough_rows():
+    """2 class tokens have rank at most 2: a rank of 1.8 from them is no collapse."""
+    v = _verdict(effective_rank=1.8, embedding_std=0.8, rank_rows=2)
+    assert v.kind == "healthy"
+    v = _verdict(effective_rank=1.8, embedding_std=0.8, rank_rows=D.MIN_RANK_ROWS)
+    assert v.kind == "collapsed_features"
+    assert D.verdict_inputs({"rank_rows": 2, "effective_rank": 1.8})["rank_rows"] == 2.0
+
+
 def test_verdict_not_learning_yet():
     # the audit's 2-epoch run: loss 5.548 vs log K 5.545, teacher at 97 % of max entropy
     v = _verdict(
@@ -303,9 +341,17 @@ def _labelled_prep(path, n=16):
     return write_prep(path, crops, meta), crops, meta
 
 
-def test_training_logs_diagnostics_and_monitor(tmp_path):
+def test_training_logs_diagnostics_and_monitor(tmp_path, monkeypatch):
     from celldino.models.build import build_model
-    from celldino.train import train
+    from celldino.train import loop, train
+
+    judged = []
+
+    def verdict(**kw):
+        judged.append(kw)
+        return D.training_verdict(**kw)
+
+    monkeypatch.setattr(loop, "training_verdict", verdict)
 
     prep, crops, meta = _labelled_prep(tmp_path / "prep")
     cfg = tiny_config(
@@ -316,6 +362,8 @@ def test_training_logs_diagnostics_and_monitor(tmp_path):
         data=prep,
     )
     train(cfg)
+    assert judged and all(kw["centering"] == cfg.train.centering for kw in judged)
+    assert all(kw["rank_rows"] == 8 for kw in judged)  # the loop's verdict sees the rows
     lines = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     steps = [r for r in lines if "loss" in r]
     probes = [r for r in lines if "monitor_knn20_f1" in r]
@@ -330,6 +378,7 @@ def test_training_logs_diagnostics_and_monitor(tmp_path):
         assert 0 <= r["mean_teacher_entropy"] <= math.log(32) + 1e-6
         assert r["loss_over_logk"] == pytest.approx(r["loss_dino"] / math.log(32))
         assert 1 <= r["effective_rank"] <= 8 + 1e-6  # 8 class tokens in the batch
+        assert r["rank_rows"] == 8
     for r in probes:
         assert r["monitor_cells"] == 10 and r["monitor_split"] == "leave-one-plate-out"
         assert r["monitor_labels"] == 3  # the controls (DMSO) are left out, as by cell_probe
@@ -408,6 +457,33 @@ def test_report_training_section_says_coarse_partition_and_shows_the_probe_curve
     assert page.count("<img") == 2  # the curves and the probe learning curve
     assert "<th>prototypes_used</th><td>6</td>" in page.replace("\n", "")
     assert "0.420" in page and "0.470" in page and "leave-one-plate-out" in page
+
+
+def test_report_training_section_judges_the_last_record_with_enough_samples(tmp_path):
+    """The last log interval can be one step (16 distributions): the verdict comes from the
+    last record with enough teacher samples, with advice for the run's centering."""
+    import html as H
+
+    from celldino.io.runlayout import RunLayout
+    from celldino.report.sections import section_training
+
+    step = lambda s, **kw: {"step": s, "epoch": s / 10, "loss": 3.0, "lr": 1e-4, **kw}  # noqa: E731
+    common = dict(loss_dino=2.5, teacher_entropy=0.2, effective_rank=53.0, embedding_std=0.94)
+    coarse = dict(prototypes_used=6, prototype_top_share=0.41, teacher_samples=3435)
+    tail = dict(prototypes_used=12, prototype_top_share=0.1, teacher_samples=16)
+    records = [step(10, **common, **coarse), step(11, **common, **tail)]
+    run = _run_with_metrics(tmp_path / "a", records)
+    page = H.unescape(section_training(run).html())
+    assert "coarse partition (not a collapse): 6 of 512" in page
+    assert "judged at step 10" in page and "No sign of collapse" not in page
+    assert "Try: train.centering=sinkhorn_knopp" in page
+    # a run on sinkhorn_knopp (config.yaml) is not told to switch to it
+    run = _run_with_metrics(tmp_path / "b", records)
+    cfg = RunLayout(run).train_config
+    cfg.write_text(cfg.read_text() + "  centering: sinkhorn_knopp\n")
+    page = H.unescape(section_training(run).html())
+    assert "coarse partition" in page and "Try: train.centering" not in page
+    assert "already uses train.centering=sinkhorn_knopp" in page
 
 
 def test_report_training_section_on_an_old_run_and_a_flat_loss(tmp_path):

@@ -12,9 +12,19 @@ The numbers (docs/training.md, "Diagnostics and collapse"):
   tokens (RankMe); 1 when every cell maps to one direction.
 - `embedding_std`: std over the batch of the L2-normalised class tokens times sqrt(D); ~1 spread.
 
+- `rank_rows`: how many class tokens (rows) `effective_rank` and `embedding_std` come from
+  (2 × the per-rank batch); the rank cannot exceed it.
+
 `training_verdict` turns them into one of: collapsed (uniform teacher, one prototype, or rank-1
-features), not learning yet, coarse partition, or healthy, with a sentence saying what to try;
-`verdict_inputs` picks its arguments (`VERDICT_KEYS`) out of a metrics.jsonl record.
+features), not learning yet, coarse partition, or healthy, with a sentence saying what to try
+(advice that fits the run's `train.centering`); `verdict_inputs` picks its arguments
+(`VERDICT_KEYS`) out of a metrics.jsonl record, `judged_record` the record to judge a run by.
+
+Small samples are not judged: the prototype shares (`prototypes_used`, `prototype_top_share`)
+need at least `MIN_SHARE_SAMPLES` (512) teacher distributions, a number of cells rather than a
+multiple of K (the noise of a share depends on the cells counted: at 512 a share of 0.3 has a
+standard error of about 0.02, while a 16-cell log interval puts 5 cells on one prototype by
+chance); the rank rule needs `MIN_RANK_ROWS` (8) class tokens (2 rows have rank at most 2).
 """
 
 from __future__ import annotations
@@ -33,6 +43,8 @@ NEAR_UNIFORM_FRACTION = 0.9  # per-sample entropy above this fraction of log K: 
 LOSS_AT_LOGK = 0.01  # |loss / log K - 1| within this: the loss has not left log K
 COARSE_USED_FRACTION = 0.05  # fewer prototypes used than this fraction of min(K, cells sampled)
 COARSE_TOP_SHARE = 0.3  # or the most used prototype takes more than this share
+MIN_SHARE_SAMPLES = 512  # teacher distributions needed to judge the prototype shares
+MIN_RANK_ROWS = 8  # class tokens needed to judge the effective rank (it is at most the rows)
 
 KINDS = (
     "collapsed_features",
@@ -53,12 +65,32 @@ VERDICT_KEYS = (
     "teacher_samples",
     "effective_rank",
     "embedding_std",
+    "rank_rows",
 )
 
 
 def verdict_inputs(record: Mapping[str, Any]) -> dict[str, float]:
     """`training_verdict`'s keyword arguments from a diagnostics record: those it holds."""
-    return {k: float(record[k]) for k in VERDICT_KEYS if k in record}
+    out = {}
+    for k in VERDICT_KEYS:
+        v = record.get(k)
+        if v is not None and not (isinstance(v, float) and math.isnan(v)):
+            out[k] = float(v)
+    return out
+
+
+def judged_record(records: list[Mapping[str, Any]]) -> int | None:
+    """Index of the record to judge a run by: the last one whose prototype shares come from
+    enough teacher distributions (`MIN_SHARE_SAMPLES`; a record that does not say how many
+    counts as enough), else the last one (its verdict says the sample is too small). None when
+    there are no records."""
+    if not records:
+        return None
+    for i in range(len(records) - 1, -1, -1):
+        n = records[i].get("teacher_samples")
+        if n is None or (isinstance(n, float) and math.isnan(n)) or n >= MIN_SHARE_SAMPLES:
+            return i
+    return len(records) - 1
 
 
 @dataclass(frozen=True)
@@ -111,15 +143,21 @@ def training_verdict(
     teacher_samples: float | None = None,
     effective_rank: float | None = None,
     embedding_std: float | None = None,
+    rank_rows: float | None = None,
+    centering: str = "center",
 ) -> Verdict:
     """The state of training from the logged diagnostics (any may be None: not logged).
 
-    Checked in this order: rank-1 features (`effective_rank` < 2 or `embedding_std` < 0.05),
-    one prototype (`prototypes_used` == 1 or top share > 0.95), uniform teacher (mean and
-    per-sample entropy > 99 % of log K and the loss within 1 % of log K), not learning yet (the
-    loss within 1 % of log K and the per-sample entropy > 90 % of log K), coarse partition
-    (prototypes used < 5 % of min(K, cells sampled) or top share > 0.3, backbone not collapsed),
-    else healthy. Meant for steps after the learning-rate warm-up.
+    Checked in this order: rank-1 features (`effective_rank` < 2 from at least 8 rows, or
+    `embedding_std` < 0.05), one prototype (`prototypes_used` == 1 or top share > 0.95), uniform
+    teacher (mean and per-sample entropy > 99 % of log K and the loss within 1 % of log K), not
+    learning yet (the loss within 1 % of log K and the per-sample entropy > 90 % of log K),
+    coarse partition (prototypes used < 5 % of min(K, cells sampled) or top share > 0.3,
+    backbone not collapsed), else healthy. The share rules (one prototype, coarse partition)
+    are skipped, and the sentence says so, when `teacher_samples` < `MIN_SHARE_SAMPLES`; the
+    rank rule when `rank_rows` < `MIN_RANK_ROWS` (None: not logged, the rules apply).
+    `centering` is the run's `train.centering`: a run already on sinkhorn_knopp is not told to
+    switch to it. Meant for steps after the learning-rate warm-up.
     """
     log_k = math.log(out_dim) if out_dim > 1 else 1.0
     h = teacher_entropy
@@ -135,6 +173,26 @@ def training_verdict(
     )
     ents = _entropies(h, hm, log_k)
     loss_txt = f"loss {ratio:.3f} x log K" if ratio is not None else ""
+    small = teacher_samples is not None and teacher_samples < MIN_SHARE_SAMPLES
+    if small:  # too few teacher distributions to judge the shares
+        used = top = None
+    if rank_rows is not None and rank_rows < MIN_RANK_ROWS:
+        rank = None  # bounded by the few rows, whatever the features
+    sinkhorn = centering == "sinkhorn_knopp"
+    one_try = (
+        "lower train.lr, train.koleo_weight=0.1 (the run already uses "
+        "train.centering=sinkhorn_knopp)"
+        if sinkhorn
+        else "train.centering=sinkhorn_knopp, a lower train.center_momentum (a faster centre), "
+        "lower train.lr, train.koleo_weight=0.1"
+    )
+    coarse_try = (
+        "a smaller model.out_dim, more local crops (augment.n_local_crops) (the run already "
+        "uses train.centering=sinkhorn_knopp)"
+        if sinkhorn
+        else "train.centering=sinkhorn_knopp, a smaller model.out_dim, more local crops "
+        "(augment.n_local_crops)"
+    )
 
     if (rank is not None and rank < RANK_COLLAPSED) or (std is not None and std < STD_COLLAPSED):
         return Verdict(
@@ -146,9 +204,7 @@ def training_verdict(
     if (used is not None and used <= 1) or (top is not None and top > ONE_PROTOTYPE_SHARE):
         return Verdict(
             "collapsed_one_prototype",
-            f"training COLLAPSED to one prototype: {usage}; {ents}. Try: "
-            "train.centering=sinkhorn_knopp, a lower train.center_momentum (a faster centre), "
-            "lower train.lr, train.koleo_weight=0.1.",
+            f"training COLLAPSED to one prototype: {usage}; {ents}. Try: {one_try}.",
         )
     near = lambda x, f: x is not None and x > f * log_k  # noqa: E731
     loss_flat = ratio is not None and abs(ratio - 1.0) <= LOSS_AT_LOGK
@@ -173,9 +229,12 @@ def training_verdict(
         return Verdict(
             "coarse_partition",
             f"coarse partition (not a collapse): {usage}, while the backbone is spread "
-            f"({spread}); the teacher sorts cells into a few large groups. Try: "
-            "train.centering=sinkhorn_knopp, a smaller model.out_dim, more local crops "
-            "(augment.n_local_crops).",
+            f"({spread}); the teacher sorts cells into a few large groups. Try: {coarse_try}.",
+        )
+    if small:
+        usage = (
+            f"prototype usage not judged: only {int(teacher_samples)} teacher distributions "
+            f"sampled (fewer than {MIN_SHARE_SAMPLES}, too small a sample)"
         )
     parts = [x for x in (usage, ents, loss_txt, spread) if x]
     return Verdict("healthy", "No sign of collapse: " + "; ".join(parts) + ".")

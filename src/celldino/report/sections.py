@@ -101,6 +101,7 @@ TRAINING_DIAGNOSTICS = (
     ("kl_student_teacher", "KL(student ‖ teacher) on the same views"),
     ("effective_rank", "effective rank of the teacher class tokens (collapse → 1)"),
     ("embedding_std", "spread of the L2-normalised class tokens (~1 spread, → 0 collapsed)"),
+    ("rank_rows", "class tokens the rank and spread come from (the rank is at most this)"),
 )
 
 
@@ -110,7 +111,7 @@ def section_training(run: Path) -> Section:
     if not lay.train_metrics.exists():
         sec.missing("training metrics", "celldino train")
         return sec
-    from celldino.diagnostics import training_verdict
+    from celldino.diagnostics import judged_record, training_verdict, verdict_inputs
     from celldino.pl.training import probe_curve, probe_records, training_steps
 
     metrics = trainrun.read_metrics(lay.train_metrics)
@@ -128,7 +129,7 @@ def section_training(run: Path) -> Section:
         last = df.iloc[-1].dropna()
         if out_dim and "loss_over_logk" not in last and "loss_dino" in last:
             last["loss_over_logk"] = float(last["loss_dino"]) / math.log(out_dim)
-        counts = ("step", "prototypes_used", "teacher_samples")
+        counts = ("step", "prototypes_used", "teacher_samples", "rank_rows")
         rows = {
             k: (f"{int(last[k])}" if k in counts else f"{float(last[k]):.3f}", what)
             for k, what in TRAINING_DIAGNOSTICS
@@ -152,20 +153,23 @@ def section_training(run: Path) -> Section:
             "every cell, a uniform teacher with the loss at log K, or features of rank ~1."
         )
         if out_dim:
-            keys = (
-                "teacher_entropy",
-                "mean_teacher_entropy",
-                "loss_over_logk",
-                "prototypes_used",
-                "prototype_top_share",
-                "teacher_samples",
-                "effective_rank",
-                "embedding_std",
-            )
+            # the last record with enough teacher samples (a log interval can be one step)
+            i = judged_record(df.to_dict("records"))
+            judged = df.iloc[i].dropna()
+            if "loss_over_logk" not in judged and "loss_dino" in judged:
+                judged["loss_over_logk"] = float(judged["loss_dino"]) / math.log(out_dim)
             verdict = training_verdict(
-                out_dim=int(out_dim), **{k: float(last[k]) for k in keys if k in last}
+                out_dim=int(out_dim),
+                centering=str(train_cfg.get("centering") or "center"),
+                **verdict_inputs(judged),
             )
-            (sec.warn if verdict.warn else sec.text)(verdict.message)
+            message = verdict.message
+            if i != len(df) - 1:
+                message += (
+                    f" (judged at step {int(judged['step'])}, the last record with enough "
+                    "teacher samples)"
+                )
+            (sec.warn if verdict.warn else sec.text)(message)
     probes = probe_records(metrics)
     if not probes.empty:
         label = str(train_cfg.get("monitor_label") or "")

@@ -729,7 +729,9 @@ def _train_locked(
                         diag = record
                         text += " " + _diagnostics_text(record, cfg.model.out_dim)
                         verdict = training_verdict(
-                            out_dim=cfg.model.out_dim, **verdict_inputs(record)
+                            out_dim=cfg.model.out_dim,
+                            centering=tc.centering,
+                            **verdict_inputs(record),
                         )
                         seen_kind = verdict.kind in warned
                         if verdict.warn and step > warmup_steps and not seen_kind:

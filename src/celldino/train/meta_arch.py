@@ -283,7 +283,7 @@ class DINOMetaArch(nn.Module):
 
         From this step's batch: `teacher_entropy` (mean per-sample entropy of the sharpened
         teacher), `kl_student_teacher` (on the same global views), `loss_over_logk`,
-        `effective_rank` and `embedding_std` of the teacher class tokens. From `usage` (the
+        `effective_rank` and `embedding_std` of the teacher class tokens (`rank_rows` of them). From `usage` (the
         teacher distributions accumulated over the steps since it was reset; this batch's alone
         when None): `prototypes_used`, `prototype_top_share`, `mean_teacher_entropy` and
         `teacher_samples` (how many distributions they were computed from).
@@ -302,6 +302,7 @@ class DINOMetaArch(nn.Module):
             "kl_student_teacher": float(kl),
             "embedding_std": float(emb_std),
             "effective_rank": effective_rank(cls),
+            "rank_rows": float(cls.shape[0]),  # the rank is at most this
         }
         if "loss_dino" in parts:
             out["loss_over_logk"] = float(parts["loss_dino"]) / math.log(q.shape[-1])
