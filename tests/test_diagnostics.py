@@ -323,6 +323,18 @@ def test_stratified_sample_is_proportional_and_fixed():
     assert len(stratified_sample(tail, 10)) == 10 and set(tail[stratified_sample(tail, 10)]) == set(
         tail
     )
+    # a full stratum with the largest remainder: its leftover row goes to a stratum with room
+    small = np.array(["a"] + ["b"] * 10 + ["c"] * 10)  # quotas 0.95, 9.52, 9.52 of cap 20
+    pick = stratified_sample(small, 20)
+    assert len(pick) == len(set(pick)) == 20
+    assert sorted(int((small[pick] == s).sum()) for s in "abc") == [1, 9, 10]
+    rng = np.random.default_rng(0)
+    for _ in range(200):  # exactly cap rows whenever there are more rows and few strata
+        sizes = rng.integers(1, 12, size=rng.integers(2, 6))
+        strata = np.repeat(np.arange(len(sizes)), sizes)
+        cap = int(rng.integers(len(sizes), len(strata) + 1))
+        pick = stratified_sample(strata, cap)
+        assert len(set(pick)) == len(pick) == min(cap, len(strata)), (sizes, cap)
 
 
 # ---- the loop: diagnostics in metrics.jsonl and the probe monitor ---------------------------

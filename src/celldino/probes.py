@@ -78,10 +78,12 @@ def stratified_sample(strata: Any, cap: int, seed: int = 0) -> np.ndarray:
     quota = size * cap / n
     take = np.maximum(np.floor(quota).astype(np.int64), 1)
     left = cap - int(take.sum())
-    if left > 0:  # the largest remainders get one more
-        order = np.argsort(-(quota - np.floor(quota)), kind="stable")
-        for c in order[:left]:
-            take[c] += take[c] < size[c]
+    order = np.argsort(-(quota - np.floor(quota)), kind="stable")
+    while left > 0:  # the largest remainders get one more, among the strata with rows left
+        for c in order:  # (n > cap: there is room for every leftover row)
+            if left > 0 and take[c] < size[c]:
+                take[c] += 1
+                left -= 1
     for c in np.argsort(-take, kind="stable"):  # one-row minimums overshot: the largest give back
         if left >= 0:
             break
