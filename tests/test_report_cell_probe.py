@@ -185,3 +185,23 @@ def test_run_and_demo_print_the_headline_then_the_report_path(
     table = headline_table(_metrics()).to_string().splitlines()
     assert lines[1 : 1 + len(table)] == table
     assert probe_sentence(_metrics(), "linear_f1") in lines
+
+
+def test_run_without_evaluate_says_the_headline_is_from_an_earlier_evaluation(
+    tmp_path, monkeypatch, capsys
+):
+    """eval/ left by an earlier run is not this invocation's: the headline says so."""
+    from celldino import cli
+
+    _run_with_metrics(tmp_path / "out", _metrics())  # an earlier evaluation
+
+    def fake(cfg, force=()):
+        return tmp_path / "out"
+
+    monkeypatch.setattr("celldino.pipeline.run_pipeline", fake)
+    argv = ["run", f"run.out_dir={tmp_path / 'out'}", "run.stages=prepare,train"]
+    assert cli.main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("From an earlier evaluation") and "run.stages" in lines[0]
+    assert str(tmp_path / "out" / "eval") in lines[0]
+    assert lines[1].startswith("Headline") and lines[-1] == str(tmp_path / "out")

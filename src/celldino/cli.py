@@ -132,6 +132,11 @@ def _run_pipeline(args: argparse.Namespace, demo: bool) -> int:
     from celldino.report.headline import headline_of_run
 
     headline = headline_of_run(cfg.run.out_dir)
+    if headline and "evaluate" not in cfg.run.stages:  # eval/ was neither made nor checked now
+        print(
+            f"From an earlier evaluation ({RunLayout(Path(cfg.run.out_dir)).eval}; evaluate was "
+            "not among run.stages, so it may not match these settings):"
+        )
     if headline:
         print(headline)
     print(out)
