@@ -662,7 +662,7 @@ def main(argv=None) -> None:
     common.add_argument("--feature", default="cls", help="extract.feature mode")
     common.add_argument("--norm", default="global", choices=NORMS, help="input scaling")
     common.add_argument(
-        "--size", type=int, default=-1, help="embed at this side (-1: trained crop, 0: as stored)"
+        "--size", type=int, default=0, help="embed at this side (0: as stored, -1: trained crop)"
     )
     p = sub.add_parser("score", parents=[common])
     p.add_argument("--checkpoint", nargs="*", default=[])

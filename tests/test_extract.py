@@ -131,10 +131,10 @@ def test_cells_resized_to_the_trained_crop_size(prep, tmp_path):
     with torch.no_grad():
         want16 = nets["teacher"](small)["cls"].numpy()
         want32 = nets["teacher"](x)["cls"].numpy()
-    out = extract(_cfg(prep, run_dir, tmp_path / "auto"))
+    out = extract(_cfg(prep, run_dir, tmp_path / "auto", resize=-1))
     np.testing.assert_allclose(_emb(read_embeddings(out)), want16, atol=1e-5, rtol=1e-5)
     assert read_manifest(out)["features"]["resize"] == 16
-    out = extract(_cfg(prep, run_dir, tmp_path / "stored", resize=0))
+    out = extract(_cfg(prep, run_dir, tmp_path / "stored"))  # the default: as stored
     np.testing.assert_allclose(_emb(read_embeddings(out)), want32, atol=1e-5, rtol=1e-5)
     assert "resize" not in read_manifest(out)["features"]
     # the same options as the first run: kept; another size: refused (the numbers differ)
@@ -156,7 +156,7 @@ def test_attention_grid_is_the_resized_cells_grid(prep, tmp_path):
     file = run_dir / "checkpoints" / "last.safetensors"
     meta = {"model_config": dataclasses.asdict(mcfg), TRAIN_CROP_SIZE: "16"}
     write_safetensors(file, load_file(str(file)), meta)
-    out = extract(_cfg(prep, run_dir, tmp_path / "a", attention_sample=3))
+    out = extract(_cfg(prep, run_dir, tmp_path / "a", attention_sample=3, resize=-1))
     arrays, attrs = read_attention_store(out, ("attn", "attn_maps"))
     assert list(attrs["grid"]) == [16 // 8, 16 // 8] == list(arrays["attn_maps"].shape[-2:])
     maps = cls_attention_maps(

@@ -242,7 +242,7 @@ class ExtractConfig:
     field_crop: int = 224  # level=field: side in pixels of the centre crops or tiles
     field_stride: int = 0  # level=field, tile: step between tiles in pixels (0 = field_crop)
     field_pool: str = "mean"  # level=field, tile: pooling of the tiles' features, mean or median
-    resize: int = -1  # cells resized to this side first: -1 = the trained global crop size, 0 = off
+    resize: int = 0  # cells resized to this side first: 0 = as stored, -1 = trained crop size
     dtype: str = "float32"  # embedding columns: float32 or float16
     batch_size: int = 128  # images per forward pass
     num_workers: int = 0  # DataLoader worker processes reading crops (0 = main process)

@@ -207,10 +207,10 @@ def _load_model(cfg: ExtractConfig, file: Path, n_chans: int) -> tuple[nn.Module
 def _input_size(cfg: ExtractConfig, file: Path, side: tuple[int, int]) -> int:
     """The side single cells are resized to before the model (0 = as stored).
 
-    `extract.resize=-1` (default): the side of the global crops the checkpoint was trained on
-    (recorded in celldino checkpoints), so the model sees the patch grid it learned on; a
-    foreign or older checkpoint records none and gets the cells as stored. Fields are never
-    resized (their crops are `extract.field_crop`)."""
+    `extract.resize=-1`: the side of the global crops the checkpoint was trained on (recorded in
+    celldino checkpoints), the patch grid it learned on; a foreign or older checkpoint records
+    none and gets the cells as stored. `0` (default): as stored. Fields are never resized
+    (their crops are `extract.field_crop`)."""
     if cfg.level != "cell" or cfg.resize == 0:
         return 0
     from celldino.io.checkpoints import CheckpointError

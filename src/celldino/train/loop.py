@@ -859,12 +859,13 @@ class _Monitor:
         self.seed = tc.seed
         self.items = _Items(dataset)
         self.batch_size = 128
-        self.size = cfg.augment.global_crop_size  # the grid trained on, as extract resizes
+        # the cells at the size `celldino extract` with this config embeds them
+        self.size = cfg.augment.global_crop_size if cfg.extract.resize < 0 else cfg.extract.resize
 
     @torch.no_grad()
     def embed(self, meta: DINOMetaArch, device: torch.device, amp: bool) -> np.ndarray:
-        """(n, D) teacher class tokens of the sample's crops, un-augmented, resized to the global
-        crop size as extraction resizes them (`augment.geometric.whole_cell_view`)."""
+        """(n, D) teacher class tokens of the sample's crops, un-augmented, at the size
+        extraction feeds them (`extract.resize`; `augment.geometric.whole_cell_view`)."""
         from celldino.augment.geometric import whole_cell_view
 
         backbone = meta.teacher.backbone
