@@ -291,13 +291,20 @@ def _with_interval(wide: pd.DataFrame, lo: pd.DataFrame, hi: pd.DataFrame) -> pd
     return out
 
 
+def _eval_results(sec: Section, lay: RunLayout) -> pd.DataFrame | None:
+    """The run's metrics table, or None with the section saying which stage makes it."""
+    try:
+        return results.read_results(lay.eval)
+    except FileNotFoundError:
+        sec.missing("evaluation results", "celldino evaluate")
+        return None
+
+
 def section_evaluation(run: Path) -> Section:
     sec = Section("evaluation", "Evaluation: learned embeddings vs baselines")
     lay = RunLayout(run)
-    try:
-        res = results.read_results(lay.eval)
-    except FileNotFoundError:
-        sec.missing("evaluation results", "celldino evaluate")
+    res = _eval_results(sec, lay)
+    if res is None:
         return sec
     res = res.assign(row=res["analysis"].astype(str) + ": " + res["metric"].astype(str))
 
@@ -409,10 +416,8 @@ def section_cell_probe(run: Path) -> Section:
 
     sec = Section("cell_probe", "Single-cell probes: linear and weighted 20-NN, by plate")
     lay = RunLayout(run)
-    try:
-        res = results.read_results(lay.eval)
-    except FileNotFoundError:
-        sec.missing("evaluation results", "celldino evaluate")
+    res = _eval_results(sec, lay)
+    if res is None:
         return sec
     cp = res[(res["analysis"] == "cell_probe") & (res["metric"] != "skipped")]
     probes = probe_metrics(cp)
