@@ -187,7 +187,10 @@ def test_checkpoint_spread_sentence_and_table(tmp_path):
     assert spread_sentence(table) == (
         "Between the last 3 checkpoints of this run (epochs 1, 2, 4) NSC moved by 0.097 "
         "(0.462–0.559), MoA mAP by 0.020 (0.300–0.320), cell linear F1 by 0.040 (0.600–0.640): "
-        "differences between feature sets smaller than this are within checkpoint noise."
+        "differences between feature sets smaller than this are within checkpoint noise. The "
+        "last checkpoints of a cosine schedule move little, so this is a lower bound on the noise "
+        "between training runs; the 95% intervals (and a rerun with another train.seed) are the "
+        "wider measure."
     )
     lay = RunLayout(tmp_path)
     lay.eval_checkpoints.mkdir(parents=True)

@@ -204,7 +204,9 @@ def spread_sentence(spread: pd.DataFrame) -> str | None:
     return (
         f"Between the last {len(epochs)} checkpoints of this run (epochs "
         f"{', '.join(map(str, epochs))}) {', '.join(said)}: differences between feature sets "
-        "smaller than this are within checkpoint noise."
+        "smaller than this are within checkpoint noise. The last checkpoints of a cosine "
+        "schedule move little, so this is a lower bound on the noise between training runs; "
+        "the 95% intervals (and a rerun with another train.seed) are the wider measure."
     )
 
 
