@@ -10,7 +10,12 @@ import pandas as pd
 import pytest
 
 from celldino.report import build_report
-from celldino.report.headline import format_headline, headline_table, probe_sentence
+from celldino.report.headline import (
+    format_headline,
+    headline_table,
+    learned_vs_random_sentence,
+    probe_sentence,
+)
 
 NAN = np.nan
 
@@ -89,6 +94,25 @@ def _paired(d, lo, hi, feature_set="learned", reference="random_init") -> pd.Dat
             "n_wells": 48,
         }
     )
+
+
+def test_learned_vs_random_init_sentence_reads_the_paired_interval():
+    up = learned_vs_random_sentence(_paired(0.038, 0.006, 0.067), "linear_f1")
+    assert up == (
+        "Linear probe, learned − random init on the same cells: +0.038 [+0.006, +0.067], "
+        "above 0: training helped."
+    )
+    assert "includes 0: not resolved" in learned_vs_random_sentence(
+        _paired(0.001, -0.031, 0.030), "linear_f1"
+    )
+    assert "below 0: training hurt" in learned_vs_random_sentence(
+        _paired(-0.04, -0.07, -0.01), "linear_f1"
+    )
+    # the pair stored the other way round is turned; another pair or metric gives nothing
+    turned = _paired(-0.038, -0.067, -0.006, "random_init", "learned")
+    assert "+0.038 [+0.006, +0.067]" in learned_vs_random_sentence(turned, "linear_f1")
+    assert learned_vs_random_sentence(_paired(0.1, 0.0, 0.2, "engineered"), "linear_f1") is None
+    assert learned_vs_random_sentence(_paired(0.1, 0.05, 0.2), "knn20_f1") is None
 
 
 def test_probe_sentence_uses_the_paired_difference_of_the_pair_when_there_is_one():

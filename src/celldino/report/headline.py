@@ -165,6 +165,26 @@ def read_paired(eval_dir: str | Path) -> pd.DataFrame | None:
     return pd.concat([results.read_table(p) for p in files.path], ignore_index=True)
 
 
+def learned_vs_random_sentence(paired: pd.DataFrame | None, metric: str) -> str | None:
+    """Does self-supervision beat its own random initialisation on `metric`? One sentence from
+    cell_probe's paired difference learned − random_init (None without that row)."""
+    pair = _paired_row(paired, metric, "learned", "random_init")
+    if pair is None:
+        return None
+    d, lo, hi = pair
+    verdict = (
+        "above 0: training helped"
+        if lo > 0
+        else "below 0: training hurt"
+        if hi < 0
+        else "includes 0: not resolved"
+    )
+    return (
+        f"{probe_words(metric)}, learned − random init on the same cells: {d:+.3f} "
+        f"[{lo:+.3f}, {hi:+.3f}], {verdict}."
+    )
+
+
 def format_headline(metrics: pd.DataFrame, paired: pd.DataFrame | None = None) -> str:
     """The headline table as plain text (aligned columns) followed by the probe sentences
     (`paired`: cell_probe's paired differences, see `probe_sentence`); '' when no headline
@@ -175,9 +195,12 @@ def format_headline(metrics: pd.DataFrame, paired: pd.DataFrame | None = None) -
     lines = ["Headline (95% intervals in brackets; eval/metrics.parquet has them all):"]
     lines += table.to_string().splitlines()
     for metric in probe_metrics(metrics):
-        s = probe_sentence(metrics, metric, paired=paired)
-        if s:
-            lines.append(s)
+        for s in (
+            probe_sentence(metrics, metric, paired=paired),
+            learned_vs_random_sentence(paired, metric),
+        ):
+            if s:
+                lines.append(s)
     return "\n".join(lines)
 
 

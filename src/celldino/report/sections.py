@@ -407,6 +407,7 @@ def section_cell_probe(run: Path) -> Section:
     """The single-cell probes (analysis cell_probe): score, interval and chance per feature set,
     one sentence per probe on the winner, and the paired difference to random_init."""
     from celldino.report.headline import (
+        learned_vs_random_sentence,
         probe_metrics,
         probe_sentence,
         probe_words,
@@ -430,9 +431,12 @@ def section_cell_probe(run: Path) -> Section:
     sec.text(ANALYSIS_NOTES["cell_probe"])
     diff = read_paired(lay.eval)
     for metric in probes:
-        sentence = probe_sentence(cp, metric, paired=diff)
-        if sentence:
-            sec.text(sentence)
+        for sentence in (
+            probe_sentence(cp, metric, paired=diff),
+            learned_vs_random_sentence(diff, metric),
+        ):
+            if sentence:
+                sec.text(sentence)
     rows = {}
     for r in cp[cp["metric"].isin(probes)].itertuples(index=False):
         rows.setdefault(str(r.feature_set), {})[probe_words(r.metric)] = with_interval(
