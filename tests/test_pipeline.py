@@ -234,6 +234,7 @@ def test_report_renders_in_chromium(pipeline_run, tmp_path):
         "training",
         "umap",
         "evaluation",
+        "cell_probe",
         "tables",
         "attention",
         "appendix",
