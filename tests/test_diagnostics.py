@@ -205,11 +205,13 @@ def test_meta_arch_diagnostics_match_numpy():
         }
         for _ in range(3)
     ]
-    fake = SimpleNamespace(dino_loss=DINOLoss(k, student_temp=0.1))
+    loss = DINOLoss(k, student_temp=0.1)
+    fake = SimpleNamespace(dino_loss=loss)
     usage = TeacherUsage(k)
-    for parts in steps:
-        DINOMetaArch.track_teacher(fake, parts, temp, usage)
-    out = DINOMetaArch.diagnostics(fake, steps[-1], temp, usage)
+    for parts in steps:  # the step keeps the targets it gave the loss
+        parts["teacher_probs"] = loss.teacher_probs(parts["teacher_head"], temp, parts["center"])
+        usage.add(parts["teacher_probs"])
+    out = DINOMetaArch.diagnostics(fake, steps[-1], usage)
 
     def softmax(x):
         e = np.exp(x - x.max(1, keepdims=True))
@@ -237,7 +239,7 @@ def test_meta_arch_diagnostics_match_numpy():
     Z = X / np.linalg.norm(X, axis=1, keepdims=True)
     assert out["embedding_std"] == pytest.approx(Z.std(0, ddof=1).mean() * math.sqrt(d), rel=1e-4)
     # without an accumulator: this batch alone
-    alone = DINOMetaArch.diagnostics(fake, steps[0], temp)
+    alone = DINOMetaArch.diagnostics(fake, steps[0])
     assert alone["teacher_samples"] == B2
     assert alone["prototypes_used"] == len(set(qs[0].argmax(1)))
     usage.reset()

@@ -129,11 +129,16 @@ class DINOLoss(nn.Module):
         *,
         n_global: int = 2,
         update_center: bool = True,
+        teacher_probs: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """`teacher_probs`: `self.teacher_probs(teacher_out, teacher_temp)` when the caller has
+        computed it already (the training step keeps it for its diagnostics)."""
         n_crops = student_out.shape[0] * n_global // teacher_out.shape[0]
         student_logp = F.log_softmax(student_out.float() / self.student_temp, dim=-1)
         s_chunks = student_logp.chunk(n_crops)  # n_crops x (B, K)
-        t_chunks = self.teacher_probs(teacher_out, teacher_temp).chunk(n_global)
+        if teacher_probs is None:
+            teacher_probs = self.teacher_probs(teacher_out, teacher_temp)
+        t_chunks = teacher_probs.chunk(n_global)
         total = student_out.new_zeros((), dtype=torch.float32)
         n_terms = 0
         for iq, q in enumerate(t_chunks):

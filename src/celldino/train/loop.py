@@ -681,7 +681,7 @@ def _train_locked(
                         mask_index=mask_index,
                     )
                 if usage is not None:
-                    meta.track_teacher(parts, t_temp, usage)
+                    usage.add(parts["teacher_probs"])  # on the device: no host sync
                 new_bad = ~torch.isfinite(loss.detach()) & (bad_step < 0)
                 bad_step = torch.where(new_bad, step, bad_step)
                 bad_loss = torch.where(new_bad, loss.detach().float(), bad_loss)
@@ -714,7 +714,7 @@ def _train_locked(
                         **{k: float(v) for k, v in parts.items() if k.startswith("loss_")},
                     }
                     if usage is not None:
-                        record.update(meta.diagnostics(parts, t_temp, usage))
+                        record.update(meta.diagnostics(parts, usage))
                         usage.reset()
                     record = distributed.mean_over_ranks(record, device)
                     record["step"] = step
@@ -743,7 +743,7 @@ def _train_locked(
 
                 if end_of_epoch:
                     if usage is not None and diag is None:  # no log step in this epoch
-                        diag = meta.diagnostics(parts, t_temp, usage)  # every rank: all-reduce
+                        diag = meta.diagnostics(parts, usage)  # every rank: all-reduce
                     now = time.perf_counter()
                     if info.is_main:
                         logger.info(

@@ -234,8 +234,12 @@ class DINOMetaArch(nn.Module):
             channel_ids=channel_ids,
             mask_index=mask_index,
         )
-        center = self.dino_loss.center.detach().clone()  # (1, K): the loss call moves it
-        dino = self.dino_loss(s_out["head"], t_out["head"], teacher_temp, n_global=self.n_global)
+        # (n_global*B, K): the teacher's targets, computed once for the loss and the diagnostics
+        # (centred before the loss call moves the centre; Sinkhorn-Knopp needs its reductions once)
+        q = self.dino_loss.teacher_probs(t_out["head"], teacher_temp)
+        dino = self.dino_loss(
+            s_out["head"], t_out["head"], teacher_temp, n_global=self.n_global, teacher_probs=q
+        )
         loss = dino
         parts = {"loss_dino": dino.detach()}
         if use_ibot:
@@ -256,28 +260,15 @@ class DINOMetaArch(nn.Module):
             loss = loss + self.koleo_weight * koleo
             parts["loss_koleo"] = koleo.detach()
         parts.update(
-            teacher_head=t_out["head"].detach(),
             student_head=s_out["head"][: self.n_global * B].detach(),
             teacher_cls=t_out["cls"].detach(),
-            center=center,
+            teacher_probs=q,
         )
         return loss, parts
 
     @torch.no_grad()
-    def track_teacher(
-        self, parts: dict[str, torch.Tensor], teacher_temp: float, usage: TeacherUsage
-    ) -> None:
-        """Add this step's teacher distributions to `usage` (no host sync)."""
-        usage.add(
-            self.dino_loss.teacher_probs(parts["teacher_head"], teacher_temp, parts["center"])
-        )
-
-    @torch.no_grad()
     def diagnostics(
-        self,
-        parts: dict[str, torch.Tensor],
-        teacher_temp: float,
-        usage: TeacherUsage | None = None,
+        self, parts: dict[str, torch.Tensor], usage: TeacherUsage | None = None
     ) -> dict[str, float]:
         """The training-health numbers (celldino.diagnostics explains them).
 
@@ -288,8 +279,7 @@ class DINOMetaArch(nn.Module):
         when None): `prototypes_used`, `prototype_top_share`, `mean_teacher_entropy` and
         `teacher_samples` (how many distributions they were computed from).
         """
-        # the distribution the loss used: centred with the centre before this step's update
-        q = self.dino_loss.teacher_probs(parts["teacher_head"], teacher_temp, parts["center"])
+        q = parts["teacher_probs"]  # the distribution the loss used
         logq = torch.log(q.clamp_min(1e-12))
         entropy = -(q * logq).sum(-1).mean()
         logp = F.log_softmax(parts["student_head"].float() / self.dino_loss.student_temp, dim=-1)
