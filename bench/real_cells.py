@@ -503,6 +503,8 @@ def cmd_ablate(args) -> None:
         d = sc.delta("learned", "random init", "dose", "cell", clf)
         rec[clf] = [round(r.f1, 4), round(r.ci_low, 4), round(r.ci_high, 4)]
         rec[f"{clf} random"] = round(q.f1, 4)
+        for who, row in (("", r), (" random", q)):  # every held-out plate, not only the mean
+            rec[f"{clf}{who} folds"] = {p[-5:]: round(row[p[-5:]], 4) for p in PLATES}
         rec[f"{clf} delta"] = [round(v, 4) for v in d.values()]
     RESULTS.mkdir(parents=True, exist_ok=True)
     with open(RESULTS / "real_cells.jsonl", "a") as fh:

@@ -109,29 +109,6 @@ class Verdict:
         return self.kind.startswith("collapsed")
 
 
-def entropy(p: list[float] | tuple[float, ...]) -> float:
-    """Entropy in nats of a distribution (normalised first; zeros contribute 0)."""
-    total = float(sum(p))
-    if total <= 0:
-        return 0.0
-    return -sum((x / total) * math.log(x / total) for x in p if x > 0)
-
-
-def effective_rank(singular_values: list[float] | tuple[float, ...]) -> float:
-    """RankMe: exp(entropy of the singular values normalised to sum 1); 0 for a zero matrix."""
-    if sum(singular_values) <= 0:
-        return 0.0
-    return math.exp(entropy(singular_values))
-
-
-def prototype_usage(counts: list[int] | tuple[int, ...]) -> tuple[int, float]:
-    """(number of prototypes that are some sample's argmax, share of the most used one)."""
-    total = sum(counts)
-    if total <= 0:
-        return 0, 0.0
-    return sum(1 for c in counts if c > 0), max(counts) / total
-
-
 def training_verdict(
     *,
     out_dim: int,
