@@ -78,13 +78,10 @@ class _WorkerThreads(Dataset):
 
 
 def test_loader_workers_compute_with_one_thread():
+    """torch's worker loop sets one thread per DataLoader worker: train and extract rely on it
+    (a pool per worker would put workers x cores threads on the cores)."""
     torch.set_num_threads(2)  # the main process may have more; each worker keeps 1
-    loader = DataLoader(
-        _WorkerThreads(),
-        batch_size=None,
-        num_workers=1,
-        worker_init_fn=distributed.one_thread_worker,
-    )
+    loader = DataLoader(_WorkerThreads(), batch_size=None, num_workers=1)
     assert [int(t) for t in loader] == [1, 1]
     assert torch.get_num_threads() == 2
 

@@ -8,8 +8,8 @@ rank's first collective lands on cuda:0). A group that the caller initialised is
 and left alone by `teardown`.
 
 `set_threads(n, workers=...)` sets torch's CPU threads for the process (`train.threads`,
-`extract.threads`); `auto_threads` is its rule for n = 0 (auto), and `one_thread_worker` the
-DataLoader `worker_init_fn` that keeps each loader worker at one thread.
+`extract.threads`); `auto_threads` is its rule for n = 0 (auto). DataLoader workers need nothing:
+torch's worker loop sets one thread in each (tests/test_threads.py checks it).
 """
 
 from __future__ import annotations
@@ -147,12 +147,6 @@ def set_threads(requested: int, *, workers: int = 0, key: str = "train.threads")
             pass
     logger.info("%s=%s: %d torch thread%s", key, requested or "0 (auto)", n, "s"[: n != 1])
     return previous
-
-
-def one_thread_worker(worker_id: int) -> None:
-    """DataLoader `worker_init_fn`: each loader worker computes with one torch thread (a pool
-    per worker would put workers x cores threads on the cores)."""
-    torch.set_num_threads(1)
 
 
 def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:

@@ -325,11 +325,7 @@ def _batches(
 def _loader(ds, batches: list[tuple[int, int]], cfg: ExtractConfig, device: torch.device):
     """Batches (B, C, H, W) in order: single cells read a slice at a time (`CropBatches`),
     whole fields one by one."""
-    common = dict(
-        num_workers=cfg.num_workers,
-        pin_memory=device.type == "cuda",
-        worker_init_fn=distributed.one_thread_worker,
-    )
+    common = dict(num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
     if cfg.level == "cell":
         return torch.utils.data.DataLoader(CropBatches(ds, batches), batch_size=None, **common)
     index = [list(range(s, e)) for s, e in batches]

@@ -535,7 +535,6 @@ def _train_locked(
         collate_fn=_collate,
         pin_memory=device.type == "cuda",
         generator=torch.Generator(),  # keeps the global RNG untouched (exact resume)
-        worker_init_fn=distributed.one_thread_worker,
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
     )
