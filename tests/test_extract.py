@@ -140,6 +140,8 @@ def test_cells_resized_to_the_trained_crop_size(prep, tmp_path):
     # the same options as the first run: kept; another size: refused (the numbers differ)
     with pytest.raises(ExtractError, match="resize"):
         extract(_cfg(prep, run_dir, tmp_path / "auto", resize=24))
+    with pytest.raises(ExtractError, match="extract.resize=16 applies to single cells"):
+        extract(_cfg(prep, run_dir, tmp_path / "f", resize=16, level="field"))
 
 
 def test_attention_grid_is_the_resized_cells_grid(prep, tmp_path):

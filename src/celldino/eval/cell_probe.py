@@ -83,6 +83,15 @@ def align_cells(
         s = set(t[key].astype(str))
         ids = s if ids is None else ids & s
     ids = np.array(sorted(ids or ()), dtype=object)
+    for name, t in tables.items():  # scored on the common cells only: say what is left out
+        if len(t) > len(ids):
+            logger.warning(
+                "cell_probe: %d of the %d cells of '%s' are missing from another feature set's "
+                "per-cell table and are not probed",
+                len(t) - len(ids),
+                len(t),
+                name,
+            )
     meta, feats = None, {}
     for name, t in tables.items():
         t = t.assign(**{key: t[key].astype(str)}).set_index(key).loc[ids]

@@ -104,6 +104,16 @@ def _check_options(cfg: ExtractConfig) -> None:
         raise ExtractError(f"extract.batch_size must be at least 1, not {cfg.batch_size}")
     if cfg.shard_size < 1:
         raise ExtractError(f"extract.shard_size must be at least 1, not {cfg.shard_size}")
+    if cfg.resize < -1:
+        raise ExtractError(
+            f"extract.resize={cfg.resize}: 0 (as stored), -1 (the trained crop size) or a side "
+            "in pixels"
+        )
+    if cfg.resize and cfg.level != "cell":  # would be ignored: the fields' side is field_crop
+        raise ExtractError(
+            f"extract.resize={cfg.resize} applies to single cells (extract.level=cell); whole "
+            "fields are cut into extract.field_crop px views: set that instead, or resize=0"
+        )
 
 
 def _open_data(cfg: ExtractConfig, channels: list[str] | None):

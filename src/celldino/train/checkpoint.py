@@ -36,7 +36,7 @@ from celldino.io.checkpoints import (
     write_safetensors,
 )
 from celldino.io.files import atomic_write_bytes, write_error
-from celldino.io.trainrun import CHECKPOINTS, LAST_STATE, LAST_WEIGHTS
+from celldino.io.trainrun import CHECKPOINTS, EPOCH_WEIGHTS, LAST_STATE, LAST_WEIGHTS
 
 STATE_KEYS = ("step", "epoch", "optimizer", "dino_center", "ibot_center", "torch_rng")
 
@@ -83,7 +83,7 @@ def save(
     chans = list(channels) if channels else None
     if epoch_copy:
         write_safetensors(
-            ckpt / f"epoch_{epoch:04d}.safetensors", tensors, metadata, channels=chans
+            ckpt / EPOCH_WEIGHTS.format(epoch=epoch), tensors, metadata, channels=chans
         )
     state = {
         "step": step,
