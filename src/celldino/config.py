@@ -735,6 +735,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         elif not isinstance(value, (list, tuple)):
             value = [value]
         inner = args[0] if args else Any
+        if inner is str:  # a list of names: an unquoted NO is not the name 'False'
+            for i, v in enumerate(value):
+                _refuse_non_name(v, f"{where}[{i}]", numbers=True)
         return tuple(_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value))
     if origin is list:
         if not isinstance(value, (list, tuple)):
@@ -747,6 +750,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise _key_error(where, f"expected a mapping such as {{a: b}}, got {value!r}")
         kt, vt = args if len(args) == 2 else (Any, Any)
+        for k, v in value.items():  # keys may be numbers ({5: DNA}: file channel 5); the
+            if kt is str:  # values are names (channels, columns), but for a control's value
+                _refuse_non_name(k, f"{where}[{k!r}]", numbers=False)
+            if vt is str:
+                name = k not in ("control_value", "moa_sep")
+                _refuse_non_name(v, f"{where}[{k!r}]", numbers=name)
         return {
             _coerce(k, kt, f"{where}[{k!r}]"): _coerce(v, vt, f"{where}[{k!r}]")
             for k, v in value.items()
@@ -769,10 +778,45 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is str:
         if value is None:
             return ""
+        _refuse_non_name(value, where, numbers=where in NAME_SETTINGS)
         if isinstance(value, (dict, list)):
             raise _key_error(where, f"expected a string, got {value!r}")
         return str(value)
     return value
+
+
+# Text settings that hold one name (a column, channel or plate): a YAML number there is refused
+# as in name lists (`plate: 000123` is the octal 83 to YAML 1.1, `1.10` is 1.1).
+NAME_SETTINGS = (
+    "prepare.plate",
+    "prepare.nuclei_channel",
+    "prepare.cell_channel",
+    "prepare.location_x",
+    "prepare.location_y",
+    "train.weak_label",
+    "train.monitor_label",
+    "profile.normalize_by",
+    "profile.sphere_by",
+    "profile.harmony_key",
+)
+
+
+def _refuse_non_name(value: Any, where: str, *, numbers: bool) -> None:
+    """Refuse a YAML boolean where text is expected, and a YAML number where a name is (YAML 1.1
+    reads unquoted NO, off, yes as booleans and 000123 as the octal 83: the text written cannot
+    be recovered from the value, so it is never guessed back)."""
+    if isinstance(value, bool):
+        raise _key_error(
+            where,
+            f"YAML read this as the boolean {value} (unquoted yes/no/on/off/true/false are "
+            "booleans in YAML 1.1), not as text; quote it as written, e.g. 'NO'",
+        )
+    if numbers and isinstance(value, (int, float)):
+        raise _key_error(
+            where,
+            f"YAML read this name as the number {value!r}, which may not be the text written "
+            "(000123 is 83, 1.10 is 1.1); quote it as written, e.g. '000123'",
+        )
 
 
 def _build(cls: type, data: dict, where: str = "") -> Any:
