@@ -286,7 +286,10 @@ class ProfileConfig:
     replicate_key: tuple[str, ...] = ()  # replicate selection: columns equal within replicates
     replicate_threshold: float = 0.0  # replicate: keep features with replicate correlation above it
     sphere: str = ""  # sphering on the controls: none, ZCA, PCA, ZCA-cor, PCA-cor ('' = recipe)
-    sphere_shrinkage: str = ""  # oas, ledoit_wolf, a number in [0, 1], none ('' = recipe)
+    sphere_shrinkage: str = (
+        ""  # oas, ledoit_wolf, ratio, cv, a number in [0, 1], none ('' = recipe)
+    )
+    sphere_components: int = -1  # whiten only the k leading control directions (0 = all; <0 recipe)
     sphere_epsilon: float = 1e-6  # added to singular values if sphere_shrinkage=none (pycytominer)
     sphere_by: str = ""  # fit one sphering per value of this key, e.g. Metadata_Batch ('' = global)
     harmony_key: str = ""  # batch key for Harmony on principal components ('' = skip)
@@ -420,8 +423,8 @@ PATTERNS: dict[str, tuple[str, str]] = {
     "train.device": _DEVICE,
     "extract.device": _DEVICE,
     "profile.sphere_shrinkage": (
-        r"|oas|ledoit_wolf|none|[01]|0?\.\d+|1\.0*",
-        "oas, ledoit_wolf, none, a number in [0, 1], or '' (from profile.recipe)",
+        r"|oas|ledoit_wolf|ratio|cv|none|[01]|0?\.\d+|1\.0*",
+        "oas, ledoit_wolf, ratio, cv, none, a number in [0, 1], or '' (from profile.recipe)",
     ),
     "profile.memory_limit": (
         r"(?i)\d+(\.\d+)?\s*([KMGT]i?B|B)",

@@ -43,6 +43,7 @@ from celldino.errors import DataError
 
 RECIPES = ("auto", "cellprofiler", "embeddings", "none")
 CELLPROFILER_PREFIXES = ("Cells_", "Cytoplasm_", "Nuclei_", "Image_")
+SHRINKAGES = ("oas", "ledoit_wolf", "ratio", "cv")  # estimators of profile.sphere_shrinkage
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class Steps:
     select: tuple[str, ...]
     sphere: str
     sphere_shrinkage: str | float | None  # None = pycytominer's epsilon estimator
+    sphere_components: int  # 0 = whiten every direction
     inverse_normal: bool
 
 
@@ -67,6 +69,7 @@ PRESETS: dict[str, dict] = {
         "select": ("frequency", "drop_na", "drop_outliers", "blocklist"),
         "sphere": "ZCA",
         "sphere_shrinkage": "oas",
+        "sphere_components": 0,
     },
     "embeddings": {
         "normalize": "standardize",
@@ -75,6 +78,7 @@ PRESETS: dict[str, dict] = {
         "select": (),
         "sphere": "none",  # measured: ZCA cost NSCB on the demo's embeddings (module docstring)
         "sphere_shrinkage": "oas",
+        "sphere_components": 0,
     },
     "none": {
         "normalize": "none",
@@ -83,6 +87,7 @@ PRESETS: dict[str, dict] = {
         "select": (),
         "sphere": "none",
         "sphere_shrinkage": "oas",
+        "sphere_components": 0,
     },
 }
 
@@ -103,7 +108,7 @@ def pick(features: Sequence[str]) -> str:
 def _shrinkage(text: str) -> str | float | None:
     if text == "none":
         return None
-    if text in ("oas", "ledoit_wolf"):
+    if text in SHRINKAGES:
         return text
     try:
         value = float(text)
@@ -111,7 +116,8 @@ def _shrinkage(text: str) -> str | float | None:
         value = -1.0
     if not 0 <= value <= 1:
         raise DataError(
-            f"profile.sphere_shrinkage={text!r}: choose oas, ledoit_wolf, none or a number in [0, 1]"
+            f"profile.sphere_shrinkage={text!r}: choose {', '.join(SHRINKAGES)}, none or a number "
+            "in [0, 1]"
         )
     return value
 
@@ -138,5 +144,8 @@ def resolve(cfg: ProfileConfig, features: Sequence[str], *, has_controls: bool =
         select=tuple(dict.fromkeys(select)),
         sphere=sphere,
         sphere_shrinkage=_shrinkage(cfg.sphere_shrinkage or preset["sphere_shrinkage"]),
+        sphere_components=(
+            cfg.sphere_components if cfg.sphere_components >= 0 else preset["sphere_components"]
+        ),
         inverse_normal=cfg.inverse_normal,
     )

@@ -380,6 +380,7 @@ def process(adata: ad.AnnData, cfg: ProfileConfig) -> ad.AnnData:
             method=sphere_,
             epsilon=cfg.sphere_epsilon,
             shrinkage=steps.sphere_shrinkage,
+            components=steps.sphere_components,
             by=cfg.sphere_by or None,
         )
         _check(adata, "sphere", cfg)

@@ -35,10 +35,35 @@ logger = get_logger(__name__)
 METHODS = ("ZCA", "PCA", "ZCA-cor", "PCA-cor")
 
 
-def _shrunk_covariance(Xc: np.ndarray, shrinkage: str | float) -> tuple[np.ndarray, float]:
-    """(Σ, a): covariance of the centred rows Xc shrunk toward (trace/d)·I by sklearn."""
-    from sklearn.covariance import OAS, LedoitWolf, empirical_covariance, shrunk_covariance
+SHRINKAGE_GRID = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9)  # shrinkage='cv' chooses from
 
+
+def _shrunk_covariance(Xc: np.ndarray, shrinkage: str | float) -> tuple[np.ndarray, float]:
+    """(Σ, a): covariance of the centred rows Xc shrunk toward (trace/d)·I by sklearn.
+
+    'ratio': a = d / (n + d) for n reference rows and d features: no shrinkage with many more
+    controls than features, a = 1/2 with as many, toward 1 (a diagonal scaling) with few.
+    'cv': the a of SHRINKAGE_GRID with the best held-out Gaussian likelihood of the reference
+    rows (5-fold, sklearn's ShrunkCovariance score)."""
+    from sklearn.covariance import (
+        OAS,
+        LedoitWolf,
+        ShrunkCovariance,
+        empirical_covariance,
+        shrunk_covariance,
+    )
+
+    if shrinkage == "ratio":
+        n, d = Xc.shape
+        shrinkage = d / (n + d)
+    elif shrinkage == "cv":
+        from sklearn.model_selection import GridSearchCV, KFold
+
+        folds = KFold(min(5, len(Xc)), shuffle=True, random_state=0)
+        search = GridSearchCV(
+            ShrunkCovariance(assume_centered=True), {"shrinkage": SHRINKAGE_GRID}, cv=folds
+        ).fit(Xc)
+        shrinkage = float(search.best_params_["shrinkage"])
     if shrinkage == "oas":
         est = OAS(assume_centered=True).fit(Xc)
         return est.covariance_, float(est.shrinkage_)
@@ -58,12 +83,16 @@ def fit_whitening(
     epsilon: float = 1e-6,
     center: bool = True,
     shrinkage: str | float | None = "oas",
+    components: int = 0,
     where: str = "",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(mean, scale, W) such that ((x - mean) / scale) @ W is white on `ref` (n, d).
 
-    shrinkage: 'oas', 'ledoit_wolf' or a number in [0, 1] (see the module docstring);
-    None: pycytominer's SVD estimator with `epsilon` added to the singular values."""
+    shrinkage: 'oas', 'ledoit_wolf', 'ratio', 'cv' or a number in [0, 1] (see the module
+    docstring); None: pycytominer's SVD estimator with `epsilon` added to the singular values.
+    components k > 0: whiten only the k leading directions of the reference and drop the rest
+    (PCA: W is (d, k); ZCA: W = V_k Λ_k^-1/2 V_kᵀ, rank k), so directions the controls barely
+    sample are not magnified; 0 keeps all d."""
     if method not in METHODS:
         raise DataError(f"sphering method must be one of {METHODS}, got {method!r}")
     if method.endswith("-cor") and not center:
@@ -71,6 +100,10 @@ def fit_whitening(
     n, d = ref.shape
     if n < 2:
         raise DataError(f"sphering{where} needs at least 2 reference profiles, got {n}")
+    if not 0 <= components <= d:
+        raise DataError(
+            f"sphering{where}: components={components} must be in [0, {d}] (0 = all features)"
+        )
     mean = ref.mean(axis=0) if center else np.zeros(d)
     scale = np.ones(d)
     if method.endswith("-cor"):
@@ -89,16 +122,19 @@ def fit_whitening(
         lam, V = np.linalg.eigh(cov)  # ascending
         lam, V = lam[::-1], V[:, ::-1]  # descending, as the SVD path (PC1 first)
         lam = np.maximum(lam, lam.max() * d * np.finfo(np.float64).eps)
-        W = V / np.sqrt(lam)[None, :]  # (d, d): PCA whitening
+        if components:
+            lam, V = lam[:components], V[:, :components]
+        W = V / np.sqrt(lam)[None, :]  # (d, k): PCA whitening
         if method.startswith("ZCA"):
             W = W @ V.T
         logger.info(
-            "sphering%s: shrinkage %s, intensity %.3g (%d profiles, %d features)",
+            "sphering%s: shrinkage %s, intensity %.3g (%d profiles, %d features%s)",
             where,
             shrinkage,
             a,
             n,
             d,
+            f", {components} components" if components else "",
         )
         return mean, scale, W
     _, S, Vt = np.linalg.svd(Xc, full_matrices=True)  # S (min(n, d),), Vt (d, d)
@@ -121,7 +157,9 @@ def fit_whitening(
             epsilon,
         )
     S = S + epsilon
-    W = (Vt / S[:, None]).T * np.sqrt(n - 1)  # (d, d): PCA whitening
+    if components:
+        S, Vt = S[:components], Vt[:components]
+    W = (Vt / S[:, None]).T * np.sqrt(n - 1)  # (d, k): PCA whitening
     if method.startswith("ZCA"):
         W = W @ Vt  # rotate back: ZCA whitening
     return mean, scale, W
@@ -134,6 +172,7 @@ def sphere(
     epsilon: float = 1e-6,
     center: bool = True,
     shrinkage: str | float | None = "oas",
+    components: int = 0,
     by: str | None = None,
     reference: str = "controls",
     controls: Controls = None,
@@ -148,7 +187,7 @@ def sphere(
     """
     mask = control_mask(adata, controls) if reference == "controls" else np.ones(adata.n_obs, bool)
     X = np.asarray(adata.X, dtype=np.float64)  # (n_obs, d)
-    out = np.empty_like(X)
+    parts = []
     for value, rows in groups(adata, by):
         ref_rows = rows[mask[rows]]
         where = f" ({by} {value!r})" if by else ""
@@ -160,21 +199,30 @@ def sphere(
             epsilon=epsilon,
             center=center,
             shrinkage=shrinkage,
+            components=components,
             where=where,
         )
-        out[rows] = ((X[rows] - mean) / scale) @ W
-    adata = adata.copy() if copy else adata
-    adata.X = out
+        parts.append((rows, ((X[rows] - mean) / scale) @ W))
+    out = np.empty((X.shape[0], parts[0][1].shape[1]))
+    for rows, Z in parts:
+        out[rows] = Z
     if method.startswith("PCA"):
-        names = [f"PC{i + 1}" for i in range(X.shape[1])]
+        adata = adata[:, : out.shape[1]].copy() if copy else adata
+        if not copy and out.shape[1] < adata.n_vars:
+            adata._inplace_subset_var(np.arange(out.shape[1]))
+        names = [f"PC{i + 1}" for i in range(out.shape[1])]
         adata.var = pd.DataFrame(index=pd.Index(names, dtype=str))
         for k in list(adata.varm.keys()):
             del adata.varm[k]
+    elif copy:
+        adata = adata.copy()
+    adata.X = out
     params = {
         "method": method,
         "shrinkage": "none" if shrinkage is None else shrinkage,
         "epsilon": epsilon,
         "center": center,
+        "components": components,
         "by": by or "",
     }
     record(adata, "sphere", {**params, "reference": reference, "n_reference": int(mask.sum())})
