@@ -298,6 +298,8 @@ class ProfileConfig:
     consensus: tuple[str, ...] = ()  # keys of treatment-level consensus profiles ('' = skip)
     consensus_method: str = "median"  # consensus of replicate profiles: mean or median
     allow_partial: bool = False  # profile an unfinished extraction (recorded in the output)
+    fit_controls: str = "half"  # controls the steps fit on: half (per plate; rest held out) or all
+    input_state: str = "auto"  # auto (detect already-normalised input), raw or normalized
 
 
 @dataclass(frozen=True)
@@ -314,6 +316,7 @@ class EvaluateConfig:
     n_boot: int = 1000  # bootstrap resamples for the metrics' 95% intervals (0: no intervals)
     resume: bool = True  # keep finished (feature set, analysis) parts of an earlier run
     columns: dict[str, str] = field(default_factory=dict)  # column roles (win over the spec's)
+    activity_negatives: str = "held_out"  # activity vs held_out controls (not fitted on) or all
 
 
 @dataclass(frozen=True)
@@ -409,9 +412,12 @@ CHOICES: dict[str, tuple[str, ...]] = {
         "replicate",
     ),
     "profile.consensus_method": ("mean", "median"),
+    "profile.fit_controls": ("half", "all"),
+    "profile.input_state": ("auto", "raw", "normalized"),
     "train.centering": ("center", "sinkhorn_knopp"),
     "train.clip_mode": ("global", "per_tensor"),
     "evaluate.map_method": ("auto", "copairs", "blocked"),
+    "evaluate.activity_negatives": ("held_out", "all"),
     "run.stages": PIPELINE_STAGES,
     "run.force": PIPELINE_STAGES,
     "run.baselines": BASELINES,
