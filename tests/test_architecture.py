@@ -11,17 +11,19 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "celldino"
 
 # every top-level module and package of celldino (a new one gets a place in the table below)
 ALL = set(
-    "errors log diagnostics probes config distributed io synth data augment layers models losses "
-    "train extract pp eval pl report pipeline cli".split()
+    "errors names query log diagnostics probes config distributed io synth data augment layers "
+    "models losses train extract pp eval pl report pipeline cli".split()
 )
 
 # package → celldino packages it must never import
 FORBIDDEN = {
     "errors":      ALL - {"errors"},  # every package may raise these
+    "names":       ALL - {"errors", "names"},  # path-component checks, for config and io alike
+    "query":       ALL - {"errors", "query"},  # the selection grammar (profile.controls)
     "log":         ALL - {"errors", "log"},
     "diagnostics": ALL - {"errors", "log", "diagnostics"},
     "probes":      ALL - {"errors", "log", "probes"},  # shared by train's monitor and eval
-    "config":      ALL - {"errors", "log", "config"},  # config → io would close a config ↔ io cycle
+    "config":      ALL - {"errors", "log", "config", "names", "query"},  # config → io would close a config ↔ io cycle
     "distributed": ALL - {"errors", "log", "config", "distributed"},  # shared by train and extract
     "layers":      {"config", "io", "synth", "data", "augment", "models", "losses", "train", "extract", "pp", "eval", "pl", "report", "pipeline", "cli", "diagnostics"},
     "losses":      {"config", "io", "synth", "data", "augment", "layers", "models", "train", "extract", "pp", "eval", "pl", "report", "pipeline", "cli", "diagnostics"},

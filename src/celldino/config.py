@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from celldino.errors import UserError
+from celldino.names import component_problem
 
 
 class ConfigError(UserError, ValueError):
@@ -268,7 +269,7 @@ class ProfileConfig:
     memory_limit: str = "2GB"  # DuckDB memory limit while aggregating (spills to disk beyond)
     threads: int = 0  # DuckDB threads (0 = all cores)
     nonfinite: str = "drop_feature"  # NaN/inf in profiles: drop_feature, drop_row or error
-    controls: str = "Metadata_pert_type == 'control'"  # negative controls (pandas query; '' = none)
+    controls: str = "Metadata_pert_type == 'control'"  # negative controls (selection; '' = none)
     recipe: str = "auto"  # preset filling unset steps: auto, cellprofiler, embeddings, none
     normalize: str = ""  # standardize, mad_robustize, none ('' = from profile.recipe)
     normalize_by: str = "Metadata_Plate"  # normalise within each value of this key ('' = global)
@@ -643,6 +644,17 @@ def check(cfg: Config) -> list[tuple[str, str]]:
                 if k not in KEYS[key]:
                     valid = ", ".join(KEYS[key])
                     problems.append((f"{key}.{k}", f"unknown key {k!r}; valid keys: {valid}"))
+    for name in cfg.synth.channels:  # channel names become file names (celldino.names)
+        problem = component_problem(name)
+        if problem:
+            problems.append(("synth.channels", f"{problem}; a channel name becomes a file name"))
+    if cfg.profile.controls.strip():  # text in celldino.query's grammar, never Python
+        from celldino.query import QueryError, parse
+
+        try:
+            parse(cfg.profile.controls, "profile.controls")
+        except QueryError as e:
+            problems.append(("profile.controls", str(e).removeprefix("profile.controls: ")))
     m, p = cfg.model, cfg.prepare
     if m.patch_size >= 1 and m.img_size % m.patch_size:
         problems.append(

@@ -52,6 +52,7 @@ from celldino.io.files import (
 )
 from celldino.io.lock import output_lock
 from celldino.log import get_logger, progress
+from celldino.names import safe_component
 
 logger = get_logger(__name__)
 
@@ -98,7 +99,19 @@ def load_spec(spec: str | Path | dict | None) -> tuple[dict, Path]:
     bad = [k for k in (data.get("columns") or {}) if k not in valid_cols]
     if bad:
         raise SpecError(f"unknown column role(s) {bad} under 'columns'; valid: {valid_cols}")
+    _check_set_names(data)
     return data, base
+
+
+def _check_set_names(spec: dict) -> None:
+    """Feature-set names become file and folder names (tables/<analysis>__<set>__<t>.parquet,
+    embeddings/<set>/): each must be one safe path component (celldino.names)."""
+    if "name" in spec:
+        safe_component(spec["name"], "the spec's name")
+    for key in ("inputs", "derived"):
+        names = spec.get(key)
+        for name in names if isinstance(names, dict) else ():
+            safe_component(name, f"the spec's {key}: feature set {name!r}")
 
 
 def _analyses(spec: dict) -> dict[str, dict]:
@@ -311,6 +324,7 @@ def load_feature_sets(
     messages)."""
     mp = spec.get("metadata_prefix", "Metadata_")
     fp = spec.get("feature_prefix", "")
+    _check_set_names(spec)
     paths: dict[str, Path] = {}
     if profiles:
         paths[spec.get("name", "learned")] = Path(profiles)

@@ -2,10 +2,12 @@
 
 Reading a user's mask (`read_user_mask`), by its name:
 - `*_seg.npy`: Cellpose's GUI/API output, a Python dict saved by `numpy.save` (so a pickle);
-  its `masks` entry is the label image. A pickle can run code when loaded: it is read with
-  `allow_pickle=True` only for this documented Cellpose name, from the folder the user named
-  (`prepare.mask_dir`, as trusted as the images and the config), and the result must be a dict
-  holding a 2-D integer `masks` array. Any other `.npy` is read without pickles.
+  its `masks` entry is the label image. A pickle can run code when loaded (its `__reduce__`
+  names any function), so it is never given to `pickle.load`/`np.load(allow_pickle=True)`: a
+  restricted unpickler (`SafeUnpickler`) builds only numpy arrays, dtypes and scalars and plain
+  dicts, lists, tuples, strings and numbers, and refuses any other global, naming the file and
+  the global, before calling it. The result must be a dict holding a 2-D integer `masks` array.
+  Any other `.npy` is read without pickles.
 - `*_cp_masks.png` / `*_cp_masks.tif`: Cellpose's saved label images; any other TIFF/PNG/NPY
   label or binary mask (CellProfiler's `MaskNuclei`/`MaskCells`), read as an image.
 
@@ -19,8 +21,13 @@ grey with nuclei outlines in green and cell outlines in magenta). `<site>` is th
 
 from __future__ import annotations
 
+import ast
+import codecs
 import io
+import pickle
+import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -46,6 +53,67 @@ __all__ = [
 ]
 
 
+def _numpy_core() -> tuple[Any, Any]:
+    try:  # numpy >= 2 (numpy.core still imports, with a DeprecationWarning)
+        from numpy._core import multiarray, numeric
+    except ImportError:  # numpy 1.x
+        from numpy.core import multiarray, numeric  # type: ignore[no-redef]
+    return multiarray, numeric
+
+
+def _allowed_globals() -> dict[tuple[str, str], Any]:
+    """The globals a numpy.save pickle of arrays, dicts, lists and numbers refers to (numpy 1
+    writes numpy.core.*, numpy 2 numpy._core.*): each only builds an array, dtype, scalar,
+    number, set or bytes."""
+    multiarray, numeric = _numpy_core()
+    out: dict[tuple[str, str], Any] = {
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("builtins", "complex"): complex,
+        ("builtins", "set"): set,
+        ("builtins", "frozenset"): frozenset,
+        ("builtins", "bytearray"): bytearray,
+        ("_codecs", "encode"): codecs.encode,  # bytes in protocol-2 pickles (numpy < 1.17)
+    }
+    for core in ("numpy.core", "numpy._core"):
+        out[(f"{core}.multiarray", "_reconstruct")] = multiarray._reconstruct
+        out[(f"{core}.multiarray", "scalar")] = multiarray.scalar
+        out[(f"{core}.numeric", "_frombuffer")] = numeric._frombuffer
+    return out
+
+
+class UnsafePickleError(pickle.UnpicklingError):
+    """A pickle that refers to a global outside SafeUnpickler's list (its text: module.name)."""
+
+
+class SafeUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays, dtypes and scalars and plain containers and values; refuses
+    every other global (os.system, subprocess.Popen, builtins.eval, ...) before calling it."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = _allowed_globals().get((module, name))
+        if found is None:
+            raise UnsafePickleError(f"{module}.{name}")
+        return found
+
+
+def _read_npy_restricted(path: Path) -> np.ndarray:
+    """An .npy file as numpy.load reads it, an object array through SafeUnpickler."""
+    from numpy.lib import format as npy
+
+    with open(path, "rb") as f:
+        major, _ = npy.read_magic(f)
+        size = struct.unpack("<H" if major == 1 else "<I", f.read(2 if major == 1 else 4))[0]
+        header = ast.literal_eval(f.read(size).decode("latin1" if major < 3 else "utf8"))
+        if not npy.descr_to_dtype(header["descr"]).hasobject:
+            f.seek(0)
+            return npy.read_array(f, allow_pickle=False)
+        obj = SafeUnpickler(f).load()
+    if not isinstance(obj, np.ndarray):
+        raise ValueError(f"the pickle holds a {type(obj).__name__}, not an array")
+    return obj
+
+
 def read_user_mask(path: str | Path) -> np.ndarray:
     """A user's mask (H, W) as stored: Cellpose `_seg.npy` by its `masks` key, else an image."""
     path = Path(path)
@@ -55,8 +123,15 @@ def read_user_mask(path: str | Path) -> np.ndarray:
                 f"mask {path}: file not found (check prepare.mask_dir and the template)"
             )
         try:
-            obj = np.load(path, allow_pickle=True)
+            obj = _read_npy_restricted(path)
             obj = obj.item() if obj.dtype == object and obj.shape == () else obj
+        except UnsafePickleError as e:
+            raise DataError(
+                f"mask {path}: refusing to read it: its pickle calls {e}, which is not part of a "
+                "Cellpose _seg.npy (only numpy arrays, dicts, lists and numbers are) and could run "
+                "code; save the masks from Cellpose again, or point prepare.nuclei_masks/"
+                "cell_masks at the *_cp_masks.png/.tif files"
+            ) from None
         except Exception as e:  # a truncated or foreign file
             raise DataError(
                 f"mask {path}: not a Cellpose _seg.npy ({type(e).__name__}: {e}); save the "

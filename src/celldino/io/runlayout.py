@@ -26,6 +26,7 @@ from pathlib import Path
 from celldino.config import PIPELINE_STAGES as STAGES
 from celldino.io import attention_store, cropstore, prepared, results, trainrun
 from celldino.io.embeddings import manifest_path
+from celldino.names import safe_component
 
 __all__ = ["STAGES", "RunLayout"]
 
@@ -83,7 +84,7 @@ class RunLayout:
         return self.root / "baselines" / "random_init.safetensors"
 
     def embeddings(self, name: str) -> Path:
-        return self.root / "embeddings" / name
+        return self.root / "embeddings" / safe_component(name, "feature set name")
 
     def embeddings_manifest(self, name: str) -> Path:
         return manifest_path(self.embeddings(name))
@@ -92,7 +93,7 @@ class RunLayout:
         return self.embeddings(name) / attention_store.ATTENTION
 
     def profiles(self, name: str) -> Path:
-        return self.root / "profiles" / f"{name}.h5ad"
+        return self.root / "profiles" / f"{safe_component(name, 'feature set name')}.h5ad"
 
     @property
     def eval(self) -> Path:

@@ -10,20 +10,21 @@ import pandas as pd
 
 from celldino.errors import DataError
 from celldino.pp.steps import CONTROL_COLUMN, record
+from celldino.query import evaluate
 
 Controls = str | tuple[str, object] | Sequence[bool] | np.ndarray | None
 
 
-def select(obs: pd.DataFrame, controls: Controls) -> np.ndarray:
-    """A bool mask (n_obs,) from a pandas query, a (column, value) pair, or a bool array."""
+def select(obs: pd.DataFrame, controls: Controls, setting: str = "profile.controls") -> np.ndarray:
+    """A bool mask (n_obs,) from a selection, a (column, value) pair, or a bool array.
+
+    A selection is text in `celldino.query`'s grammar (`Metadata_pert_type == 'control'`,
+    `Metadata_Compound in ['DMSO', 'none']`, joined by and/or/not), evaluated over the columns
+    without Python: never `DataFrame.query`, which runs code (`@`, attributes, calls). Refusals
+    name `setting`.
+    """
     if isinstance(controls, str):
-        try:
-            hit = obs.query(controls).index
-        except Exception as e:  # pandas raises many types for a bad expression
-            raise DataError(
-                f"controls query {controls!r} failed on columns {list(obs.columns)[:10]}: {e}"
-            ) from e
-        return obs.index.isin(hit)
+        return evaluate(obs, controls, setting)
     if isinstance(controls, tuple) and len(controls) == 2 and isinstance(controls[0], str):
         column, value = controls
         if column not in obs.columns:
@@ -80,7 +81,7 @@ def control_mask(adata: ad.AnnData, controls: Controls = None) -> np.ndarray:
     if CONTROL_COLUMN in adata.obs.columns:
         return adata.obs[CONTROL_COLUMN].to_numpy(dtype=bool)
     raise DataError(
-        "no controls found: pass controls=... (a query such as "
+        "no controls found: pass controls=... (a selection such as "
         "\"Metadata_pert_type == 'control'\" or a (column, value) pair) or run pp.annotate first"
     )
 

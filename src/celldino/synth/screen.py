@@ -31,6 +31,7 @@ from celldino.errors import OutputError
 from celldino.io.files import require_writable, write_json
 from celldino.io.images import write_tiff
 from celldino.io.tables import write_csv, write_parquet
+from celldino.names import safe_component
 from celldino.synth.biology import (
     CONTROL_COMPOUND,
     FACTORS,
@@ -163,12 +164,16 @@ def make_screen(out_dir: str | Path, cfg: SynthConfig | None = None) -> Path:
             "into (it is created if missing)"
         )
     channels = list(cfg.channels) + (["Protein"] if cfg.protein_channel else [])
+    for ch in channels:  # each becomes part of a file name: checked before anything is written
+        safe_component(ch, "synth.channels")
     if len(set(channels)) != len(channels):
         raise ConfigError(f"synth.channels has duplicates: {channels}")
     require_writable(out, "OUT_DIR")
     kinds = [channel_kind(c, i) for i, c in enumerate(channels)]
     pm = plate_map(cfg, layout)
     plates = list(dict.fromkeys(pm["Metadata_Plate"]))
+    for name in [*plates, *pm["Metadata_Well"]]:  # folder and file names below
+        safe_component(name, "synth plate and well names")
 
     # Technical variation drawn per plate (scale, vignetting), batch and well (offsets).
     tech_rng = np.random.default_rng([cfg.seed, 23])
