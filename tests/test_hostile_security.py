@@ -68,6 +68,8 @@ def test_controls_payloads_run_nothing_and_are_refused(tmp_path):
         assert "Metadata_pert_type == 'control'" in str(e.value)  # the grammar, by example
         with pytest.raises(ConfigError, match="profile.controls"):  # refused at config load too
             load_config(None, [f"profile.controls={text}"])
+        with pytest.raises(QueryError, match="^samples: "):  # feature selection's subset
+            pp.feature_select(adata, operations=["variance"], samples=text)
         assert not marker.exists(), text
 
 

@@ -122,7 +122,7 @@ def feature_select(
 ) -> ad.AnnData | None:
     """Drop features by the given operations in order.
 
-    samples: compute the statistics on a subset (a pandas query, (column, value) or mask);
+    samples: compute the statistics on a subset (a selection, (column, value) or mask);
     None uses every profile (pycytominer's samples='all'). blocklist=None uses pycytominer's
     packaged list. replicate_key: the obs columns whose equal values make replicates. Drops the features from `adata`
     itself (as scanpy's filters) and returns None; copy=True returns the selected copy instead.
@@ -142,7 +142,7 @@ def feature_select(
             )
     if blocklist is None:
         blocklist = default_blocklist() if "blocklist" in operations else []
-    rows = np.ones(adata.n_obs, bool) if samples is None else select(adata.obs, samples)
+    rows = np.ones(adata.n_obs, bool) if samples is None else select(adata.obs, samples, "samples")
     keep = np.ones(adata.n_vars, bool)
     names = np.asarray(list(map(str, adata.var_names)))
     X_all = np.asarray(adata.X, dtype=np.float64)[rows]
