@@ -339,16 +339,26 @@ def test_illumination_within_5_percent_of_planted_vignetting_demo(demo_screen):
         assert not report[plate]["warnings"]
 
 
-def test_illumination_within_5_percent_on_tiny_and_warned(tiny_screen):
-    """tiny (14-16 QC-passing sites of 128 px per plate): every channel's function is within 5 %
-    of the planted vignetting in RMS over the image (measured: at most 3.8 %), its worst pixel
-    (a corner) within 6 % (measured 5.2 %); the plate is warned about (fewer than 24 images)."""
+def test_illumination_on_tiny_applied_within_6_percent_or_flat_and_warned(tiny_screen):
+    """tiny (14-16 QC-passing sites of 128 px per plate): a channel's function is applied only
+    when two random halves of the images agree within 10 % (issue 21); an applied one is within
+    5 % of the planted vignetting in RMS and 6 % at its worst pixel (a corner); one left flat is
+    warned about by plate and channel (measured: 4 of 10 applied, within 3.8 % RMS, 5.2 % worst)."""
     errors, report = _illumination_errors(tiny_screen)
+    applied = 0
     for plate, (worst, rms) in errors.items():
-        assert max(rms) < 0.05, (plate, rms)
-        assert max(worst) < 0.06, (plate, worst)
-        assert any("fewer than 24" in w for w in report[plate]["warnings"])
-        assert all(ch["status"] == "applied" for ch in report[plate]["channels"])
+        for c, ch in enumerate(report[plate]["channels"]):
+            if ch["status"] == "applied":
+                applied += 1
+                assert rms[c] < 0.05 and worst[c] < 0.06, (plate, c, rms[c], worst[c])
+                assert ch["disagreement"] <= 0.1
+            else:
+                assert ch["status"].startswith("flat: unstable"), (plate, ch)
+                assert any(
+                    f"channel {ch['channel']}: not corrected" in w
+                    for w in report[plate]["warnings"]
+                )
+    assert applied >= 2
 
 
 NF1_MASKS = dict(

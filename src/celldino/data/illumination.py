@@ -53,6 +53,8 @@ METHODS = ("polynomial", "median", "gaussian")
 MIN_FIT_IMAGES = 10  # default prepare.illum_min_images: fewer, no correction (warned)
 MIN_IMAGES = 24  # fewer QC-passing images per plate: a noisier estimate (warned)
 MIN_SPREAD = 0.01  # relative spread of the images' background levels needed to cancel D
+MAX_DISAGREEMENT = 0.1  # two halves of the images may disagree by this much at the worst pixel
+N_SPLITS = 5  # random splits of the images into halves for the stability test
 _MIN_BG_FRACTION = 0.2  # a block needs this fraction of background pixels
 
 
@@ -143,8 +145,9 @@ def _block_slopes(g: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     relative spread of the image levels).
     """
     ok = np.isfinite(g)
-    bm = np.nanmedian(g, 0)
-    with np.errstate(all="ignore"):
+    with np.errstate(all="ignore"), warnings.catch_warnings():  # a block no image has: NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        bm = np.nanmedian(g, 0)
         level = np.nanmedian(g / bm, 1) * np.nanmean(bm)
     level = np.where(np.isfinite(level), level, np.nanmean(level))
     spread = float(np.std(level) / max(abs(np.mean(level)), 1e-12))
@@ -168,14 +171,119 @@ def _block_slopes(g: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     return slope, weight, spread
 
 
+def _surface(coef: np.ndarray, ys: np.ndarray, xs: np.ndarray, h: int, w: int) -> np.ndarray:
+    """The quadratic surface at pixel rows `ys` and columns `xs`, broadcast (no design matrix)."""
+    y = ((ys.astype(np.float64) / h - 0.5) * 2)[:, None]
+    x = ((xs.astype(np.float64) / w - 0.5) * 2)[None, :]
+    c0, c1, c2, c3, c4, c5 = coef
+    return c0 + c1 * x + c2 * y + c3 * x * x + c4 * x * y + c5 * y * y
+
+
+def _fit_channel(
+    g: np.ndarray,
+    a: np.ndarray,
+    shape: tuple[int, int],
+    grid: tuple[int, int],
+    method: str,
+    step: int,
+) -> dict:
+    """One channel's surface from its block backgrounds g (n_images, K), at every `step`-th pixel.
+
+    Returns a dict: 'surf' (None when there is none), 'status' (why there is none, or
+    'significant'/'not significant'), 'offset_cancelled', 'blocks'.
+    """
+    (h, w), (ny, nx) = shape, grid
+    n = len(g)
+    slope, weight, spread = _block_slopes(g) if n >= 3 else (None, None, 0.0)
+    cancelled = bool(slope is not None and spread >= MIN_SPREAD and (weight > 0).sum() >= 6)
+    if not cancelled:  # plain background ratio: the offset D is assumed 0
+        cnt = np.isfinite(g).sum(0)
+        with warnings.catch_warnings():  # blocks no image had background in: NaN, dropped
+            warnings.simplefilter("ignore", RuntimeWarning)
+            slope = np.nanmedian(g, 0) if cnt.any() else np.ones(g.shape[1])
+            var = np.nanvar(g - slope[None], 0) if n > 1 else np.ones(g.shape[1])
+        good = np.isfinite(slope)
+        var = np.where(np.isfinite(var), var, np.inf)
+        weight = np.where(good & (cnt > 0), cnt / np.maximum(var, 1e-12), 0.0)
+        slope = np.where(good, slope, 0.0)
+    good = weight > 0
+    fit = {"surf": None, "status": "too few background blocks", "offset_cancelled": cancelled}
+    fit["blocks"] = int(good.sum())
+    if good.sum() < 6:
+        return fit
+    sw = np.sqrt(weight[good])
+    coef, *_ = np.linalg.lstsq(a[good] * sw[:, None], slope[good] * sw, rcond=None)
+    resid = (a[good] @ coef - slope[good]) * sw
+    dof = max(int(good.sum()) - 6, 1)
+    scale = max(float(resid @ resid) / dof, 1.0)  # over-dispersion of the block slopes
+    try:
+        cov = np.linalg.inv((a[good] * weight[good][:, None]).T @ a[good]) * scale
+    except np.linalg.LinAlgError:
+        return fit
+    ys, xs = np.arange(0, h, step), np.arange(0, w, step)
+    if method == "polynomial":
+        surf = _surface(coef, ys, xs, h, w)
+    else:
+        bmap = np.where(good, slope, a @ coef).reshape(ny, nx)
+        k = max(3, min(ny, nx) // 2 | 1)
+        if method == "median":
+            bmap = ndi.median_filter(bmap, size=k, mode="nearest")
+        else:
+            bmap = ndi.gaussian_filter(bmap, sigma=k / 2.0, mode="nearest")
+        surf = ndi.zoom(bmap, (h / ny, w / nx), order=1, mode="nearest")[:h, :w]
+        if surf.shape != (h, w):
+            surf = np.pad(surf, ((0, h - surf.shape[0]), (0, w - surf.shape[1])), "edge")
+        surf = surf[::step, ::step]
+    # significance: deviation of the fitted surface from flat against its standard error
+    fitted = a @ coef
+    dev = fitted - float(np.average(fitted[good], weights=weight[good]))
+    se = np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", a, cov, a), 0))
+    fit["surf"] = surf
+    fit["status"] = "significant" if np.any(np.abs(dev) > 3 * se) else "not significant"
+    return fit
+
+
+def _disagreement(
+    g: np.ndarray, a: np.ndarray, shape: tuple[int, int], grid: tuple[int, int], method: str
+) -> float:
+    """How far two random halves of the images disagree: the median over `N_SPLITS` splits of
+    the worst pixel's |f_A / f_B - 1|, each half's surface scaled to a mean of 1 (on a grid of
+    about 32 x 32 pixels, the image's edges included). inf when a half has no usable surface."""
+    n = len(g)
+    step = max(1, min(shape) // 32)
+    rng = np.random.default_rng(0)  # the same images give the same decision
+    out = []
+    for _ in range(N_SPLITS):
+        perm = rng.permutation(n)
+        halves = [
+            _fit_channel(g[idx], a, shape, grid, method, step) for idx in np.array_split(perm, 2)
+        ]
+        s = [f["surf"] for f in halves]
+        if any(x is None or not np.isfinite(x).all() or float(x.min()) <= 0 for x in s):
+            out.append(np.inf)
+            continue
+        fa, fb = s[0] / s[0].mean(), s[1] / s[1].mean()
+        out.append(float(np.abs(fa / fb - 1).max()))
+    return float(np.median(out))
+
+
 def estimate_function(
-    blocks: np.ndarray, shape: tuple[int, int], block: int, *, method: str = "polynomial"
+    blocks: np.ndarray,
+    shape: tuple[int, int],
+    block: int,
+    *,
+    method: str = "polynomial",
+    max_disagreement: float = MAX_DISAGREEMENT,
 ) -> tuple[np.ndarray, dict]:
     """Flat field (C, H, W) float32 >= 1 from block backgrounds (n_images, C, ny, nx).
 
     Returns (function, info) with per channel: 'range' (max of the function), 'status'
     ('applied' or why it was left flat), 'blocks' used, 'offset_cancelled' (False when the image
-    levels hardly vary and D = 0 was assumed).
+    levels hardly vary and D = 0 was assumed) and, for a significant surface, 'disagreement'
+    (two random halves of the images, see `_disagreement`) and 'fitted_range' (the range the
+    function would have). A significant surface is applied only when its halves disagree by at
+    most `max_disagreement` (relative, worst pixel) and by no more than its own deviation from
+    flat (range - 1); 0 turns the test off.
     """
     if method not in METHODS:
         raise ValueError(f"illumination filter '{method}' is not one of: {', '.join(METHODS)}")
@@ -188,62 +296,29 @@ def estimate_function(
     info: dict = {"channels": []}
     for c in range(c_):
         g = blocks[:, c].reshape(n, -1)
-        slope, weight, spread = _block_slopes(g) if n >= 3 else (None, None, 0.0)
-        cancelled = bool(slope is not None and spread >= MIN_SPREAD and (weight > 0).sum() >= 6)
-        if not cancelled:  # plain background ratio: the offset D is assumed 0
-            cnt = np.isfinite(g).sum(0)
-            with warnings.catch_warnings():  # blocks no image had background in: NaN, dropped
-                warnings.simplefilter("ignore", RuntimeWarning)
-                slope = np.nanmedian(g, 0) if cnt.any() else np.ones(g.shape[1])
-                var = np.nanvar(g - slope[None], 0) if n > 1 else np.ones(g.shape[1])
-            good = np.isfinite(slope)
-            var = np.where(np.isfinite(var), var, np.inf)
-            weight = np.where(good & (cnt > 0), cnt / np.maximum(var, 1e-12), 0.0)
-            slope = np.where(good, slope, 0.0)
-        good = weight > 0
-        ch = {"range": 1.0, "status": "too few background blocks", "offset_cancelled": cancelled}
-        ch["blocks"] = int(good.sum())
-        if good.sum() < 6:
+        fit = _fit_channel(g, a, (h, w), (ny, nx), method, 1)
+        surf = fit.pop("surf")
+        ch = {"range": 1.0, **fit}
+        if surf is None:
             info["channels"].append(ch)
             continue
-        sw = np.sqrt(weight[good])
-        coef, *_ = np.linalg.lstsq(a[good] * sw[:, None], slope[good] * sw, rcond=None)
-        resid = (a[good] @ coef - slope[good]) * sw
-        dof = max(int(good.sum()) - 6, 1)
-        scale = max(float(resid @ resid) / dof, 1.0)  # over-dispersion of the block slopes
-        try:
-            cov = np.linalg.inv((a[good] * weight[good][:, None]).T @ a[good]) * scale
-        except np.linalg.LinAlgError:
-            info["channels"].append(ch)
-            continue
-        if method == "polynomial":  # the same surface, broadcast: no (h*w, 6) design matrix
-            y = ((np.arange(h, dtype=np.float64) / h - 0.5) * 2)[:, None]
-            x = ((np.arange(w, dtype=np.float64) / w - 0.5) * 2)[None, :]
-            c0, c1, c2, c3, c4, c5 = coef
-            surf = c0 + c1 * x + c2 * y + c3 * x * x + c4 * x * y + c5 * y * y
-        else:
-            grid = np.where(good, slope, a @ coef).reshape(ny, nx)
-            k = max(3, min(ny, nx) // 2 | 1)
-            if method == "median":
-                grid = ndi.median_filter(grid, size=k, mode="nearest")
-            else:
-                grid = ndi.gaussian_filter(grid, sigma=k / 2.0, mode="nearest")
-            surf = ndi.zoom(grid, (h / ny, w / nx), order=1, mode="nearest")[:h, :w]
-            if surf.shape != (h, w):
-                surf = np.pad(surf, ((0, h - surf.shape[0]), (0, w - surf.shape[1])), "edge")
-        # significance: deviation of the fitted surface from flat against its standard error
-        fitted = a @ coef
-        dev = fitted - float(np.average(fitted[good], weights=weight[good]))
-        se = np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", a, cov, a), 0))
-        significant = bool(np.any(np.abs(dev) > 3 * se))
-        if not significant:
+        if fit["status"] == "not significant":
             ch["status"] = "flat: not significant (within 3 standard errors)"
         elif not (np.isfinite(surf).all() and float(surf.min()) > 0):
             ch["status"] = "flat: implausible surface (not positive everywhere)"
         else:
             f = surf / float(surf.min())
+            effect = float(f.max()) - 1
+            ch["fitted_range"] = round(float(f.max()), 4)
+            if max_disagreement > 0:
+                d = _disagreement(g, a, (h, w), (ny, nx), method)
+                ch["disagreement"] = round(d, 4) if np.isfinite(d) else None
+                if not d <= min(max_disagreement, effect):
+                    ch["status"] = "flat: unstable (two halves of the images disagree)"
+                    info["channels"].append(ch)
+                    continue
             out[c] = f.astype(np.float32)
-            ch["range"] = round(float(f.max()), 4)
+            ch["range"] = ch["fitted_range"]
             ch["status"] = "applied"
         info["channels"].append(ch)
     return out, info
@@ -256,8 +331,15 @@ class IlluminationAccumulator:
     when a plate has more than one size; `sizes()` lists them so the caller can say so).
     """
 
-    def __init__(self, block: int = 0, nucleus_diameter: float = 0.0, dna_index: int = 0) -> None:
+    def __init__(
+        self,
+        block: int = 0,
+        nucleus_diameter: float = 0.0,
+        dna_index: int = 0,
+        channels: tuple[str, ...] | list[str] = (),
+    ) -> None:
         self.block = block
+        self.channels = list(channels)  # names for the report and warnings ('channel <i>' if none)
         self.nucleus_diameter = nucleus_diameter  # 0: estimated from the first image of a size
         self.dna_index = dna_index
         self.blocks: dict[tuple, list[tuple[str, np.ndarray]]] = {}
@@ -301,6 +383,7 @@ class IlluminationAccumulator:
         method: str = "polynomial",
         passing: set[str] | None = None,
         min_images: int = MIN_FIT_IMAGES,
+        stability: bool = True,
     ) -> tuple[dict[str, np.ndarray], dict]:
         """({name: (C, H, W) function}, {name: report}) from the images in `passing` (all when
         None). The report holds n_images, block, per-channel range and status, and warnings.
@@ -323,14 +406,28 @@ class IlluminationAccumulator:
                 info: dict = {"channels": [dict(flat) for _ in range(shape[0])]}
             else:
                 fn, info = estimate_function(
-                    np.stack(used), shape[1:], self.block_of[(plate, shape)], method=method
+                    np.stack(used),
+                    shape[1:],
+                    self.block_of[(plate, shape)],
+                    method=method,
+                    max_disagreement=MAX_DISAGREEMENT if stability else 0.0,
                 )
-            if max(min_images, 3) <= n < MIN_IMAGES:
-                warnings_.append(
-                    f"only {n} QC-passing image(s) (fewer than {MIN_IMAGES}): the background "
-                    "slopes are noisy and the function may be off by 5 % or more; channels "
-                    "whose function is not significant are left flat"
-                )
+            for c, ch in enumerate(info["channels"]):
+                ch["channel"] = self.channels[c] if c < len(self.channels) else str(c)
+                if ch["status"].startswith("flat: unstable"):
+                    d = ch.get("disagreement")
+                    warnings_.append(
+                        f"channel {ch['channel']}: not corrected (left flat): two random halves "
+                        f"of the {n} QC-passing images give functions that differ by "
+                        + (f"{100 * d:.0f} %" if d is not None else "more than can be measured")
+                        + f" at the worst pixel, against a fitted correction of "
+                        f"{100 * (ch['fitted_range'] - 1):.0f} % (range "
+                        f"{ch['fitted_range']:.2f}x; applied only within "
+                        f"{100 * MAX_DISAGREEMENT:.0f} % and within the correction): the "
+                        "estimate is noise, or the fields are too crowded to show background. "
+                        "Give the plate more images (sites) to correct it, or set "
+                        "prepare.illum_stability_test=false to apply it anyway"
+                    )
             if any(not ch.get("offset_cancelled", True) for ch in info["channels"]):
                 warnings_.append(
                     "the images' background levels hardly vary: the camera offset could not be "
