@@ -84,6 +84,7 @@ class PrepareConfig:
     illum_filter: str = "polynomial"  # illumination fit: polynomial (quadratic), median, gaussian
     illum_size: int = 0  # background block side in px (0 = 2.5 nucleus diameters, <= side/8)
     illum_min_images: int = 10  # plates with fewer QC-passing images get no illumination correction
+    illum_stability_test: bool = True  # apply a function only where two halves of the images agree
     normalization: str = "percentile_image"  # percentile_image, percentile_plate, divisor or none
     norm_percentiles: tuple[float, ...] = (1.0, 99.8)  # low/high percentiles for percentile_*
     norm_divisor: float = 65535.0  # divisor for normalization=divisor

@@ -164,6 +164,7 @@ def _pass1(iset: ImageSet, cfg, dna_index: int) -> tuple[pd.DataFrame, dict, dic
         block=cfg.illum_size,
         nucleus_diameter=float(cfg.nucleus_diameter),
         dna_index=dna_index,
+        channels=iset.channels,
     )
     samples: dict[str, list] = {}
     metrics, skipped = [], []
@@ -240,7 +241,12 @@ def _pass1(iset: ImageSet, cfg, dna_index: int) -> tuple[pd.DataFrame, dict, dic
     # would bend them); the report (images used, ranges, warnings) goes into prepare.json
     passing = set(qc.loc[qc["QC_Pass"], "Metadata_ImageKey"])
     functions, illum_report = (
-        acc.functions(method=cfg.illum_filter, passing=passing, min_images=cfg.illum_min_images)
+        acc.functions(
+            method=cfg.illum_filter,
+            passing=passing,
+            min_images=cfg.illum_min_images,
+            stability=cfg.illum_stability_test,
+        )
         if cfg.illumination
         else ({}, {})
     )
