@@ -153,7 +153,7 @@ def test_selection_hand_worked_rows():
     [
         ("Metadata_Nope == 'control'", ["no column 'Metadata_Nope'", "Metadata_pert_type"]),
         ("`Metadata Nope` == 1", ["no column 'Metadata Nope'", "Metadata_Compound"]),
-        ("Metadata_Compound < 1", ["cannot compare", "Metadata_Compound < 1"]),
+        ("Metadata_Compound < 1", ["'Metadata_Compound < 1'", "compare"]),
         ("Metadata_Compound", ["stands alone", "not true/false"]),
         ("'DMSO' in Metadata_Compound", ["'in' needs a list"]),
         ("Metadata_Dose + 1 > 2", ["arithmetic", "'Metadata_Dose + 1'"]),
@@ -163,6 +163,8 @@ def test_selection_hand_worked_rows():
         ("`Metadata_Dose == 1", ["a backtick is not closed"]),
         ("   ", ["the selection is empty"]),
         ("x == 1 " * 1000, ["longer than 5000 characters"]),
+        ("Metadata_Dose < [1, 2]", ["a list goes only with ==, !=, in or not in"]),
+        ("not " * 120 + "Metadata_is_control", ["nested more than 100 deep"]),
     ],
 )
 def test_selection_outside_the_grammar_is_refused_naming_why(text, words):

@@ -41,6 +41,7 @@ GRAMMAR = (
     "e.g. \"Metadata_pert_type == 'control'\" or \"Metadata_Compound in ['DMSO', 'none']\""
 )
 MAX_LENGTH = 5000  # characters: a selection is a line, not a program
+MAX_DEPTH = 100  # nested and/or/not
 
 _BACKTICK = "_celldino_backtick_"
 _COMPARE = {
@@ -53,6 +54,7 @@ _COMPARE = {
     ast.In: "in",
     ast.NotIn: "not in",
 }
+_LIST_OPS = (ast.Eq, ast.NotEq, ast.In, ast.NotIn)
 _IDENT = re.compile(r"[\w.]+")
 _OPS = {
     "==": operator.eq,
@@ -127,25 +129,32 @@ class _Checker:
         seg = ast.get_source_segment(self.source, node) or type(node).__name__
         for token, name in self.names.items():
             seg = seg.replace(token, f"`{name}`")
-        return " ".join(seg.split())
+        seg = " ".join(seg.split())
+        return seg if len(seg) <= 80 else seg[:77] + "..."
 
     def refuse(self, node: ast.AST, why: str) -> QueryError:
         return _refuse(self.setting, self.fragment(node), why)
 
-    def boolean(self, node: ast.AST) -> None:
+    def boolean(self, node: ast.AST, depth: int = 0) -> None:
         """A node that yields one bool per row."""
+        if depth > MAX_DEPTH:
+            raise self.refuse(node, f"nested more than {MAX_DEPTH} deep")
         if isinstance(node, ast.BoolOp):
             for v in node.values:
-                self.boolean(v)
+                self.boolean(v, depth + 1)
         elif isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.Not, ast.Invert)):
-            self.boolean(node.operand)
+            self.boolean(node.operand, depth + 1)
         elif isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
             self.operand(node.left)
-            for op, right in zip(node.ops, node.comparators):
+            for i, op in enumerate(node.ops):
                 if type(op) not in _COMPARE:
                     word = {ast.Is: "is", ast.IsNot: "is not"}.get(type(op), type(op).__name__)
                     raise self.refuse(node, f"{word!r} is not one of its comparisons")
-                self.operand(right)
+                self.operand(sides[i + 1])
+                lists = [isinstance(x, (ast.List, ast.Tuple)) for x in sides[i : i + 2]]
+                if any(lists) and type(op) not in _LIST_OPS:
+                    raise self.refuse(node, "a list goes only with ==, !=, in or not in")
         elif isinstance(node, ast.Name):
             self.column(node)
         elif isinstance(node, ast.Constant) and isinstance(node.value, bool):
@@ -280,7 +289,7 @@ class _Evaluator:
         sym = _COMPARE[type(op)]
         try:
             res = _OPS[sym](left, right)
-        except TypeError as e:
+        except (TypeError, ValueError) as e:
             raise QueryError(
                 f"{self.setting}: cannot compare in {_fragment(self.text)!r} ({e}); compare a "
                 "text column with a string and a number column with a number"
