@@ -648,7 +648,7 @@ def check(cfg: Config) -> list[tuple[str, str]]:
     for name in cfg.synth.channels:  # channel names become file names (celldino.names)
         problem = component_problem(name)
         if problem:
-            problems.append(("synth.channels", f"{problem}; a channel name becomes a file name"))
+            problems.append(("synth.channels", f"{problem}; it becomes a file name: rename it"))
     if cfg.profile.controls.strip():  # text in celldino.query's grammar, never Python
         from celldino.query import QueryError, parse
 
