@@ -68,10 +68,15 @@ def test_profile_command_writes_all_formats(tmp_path, capsys):
     adata = read_h5ad(out)
     assert adata.shape == (16, 8)
     steps = [s["step"] for s in history(adata)]
-    assert steps == ["aggregate", "nonfinite", "annotate", "recipe", "normalize", "feature_select"]
-    # MAD-robustised against each plate's controls: control medians are 0
+    assert steps == [
+        *("aggregate", "nonfinite", "annotate", "recipe", "fit_controls"),
+        *("normalize", "feature_select"),
+    ]
+    # MAD-robustised against the half of each plate's controls it was fitted on (marked in
+    # Metadata_celldino_fit_control, profile.fit_controls=half): their medians are 0
     table = pd.read_parquet(out.with_name("wells.parquet"))
-    ctrl = table[table["Metadata_pert_type"] == "control"]
+    ctrl = table[table["Metadata_celldino_fit_control"]]
+    assert set(ctrl["Metadata_pert_type"]) == {"control"}
     med = ctrl.groupby("Metadata_Plate")[[f"emb_{j:04d}" for j in range(8)]].median()
     np.testing.assert_allclose(med.to_numpy(), 0, atol=1e-9)
     # the CSV holds the same numbers

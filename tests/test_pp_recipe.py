@@ -221,6 +221,7 @@ def test_default_recipe_runs_the_documented_chain_and_records_it():
         "nonfinite",
         "annotate",
         "recipe",
+        "fit_controls",
         "normalize",
         "feature_select",
         "clip",
@@ -229,13 +230,15 @@ def test_default_recipe_runs_the_documented_chain_and_records_it():
     rec = hist[2]["params"]
     assert rec["recipe"] == "cellprofiler" and rec["requested"] == "auto"
     # the same chain by hand with the library calls
+    # (fitted on the half of each plate's controls marked in Metadata_celldino_fit_control)
+    fit = out.obs["Metadata_celldino_fit_control"].to_numpy(bool)
     b = ad.AnnData(X0, obs=a.obs.drop(columns=["Metadata_celldino_control"]).copy())
     b.var_names = [f"Cells_F{j}" for j in range(12)]
     pp.annotate(b, controls=CTRL)
-    pp.normalize(b, method="mad_robustize", scale_floor=1.0)
+    pp.normalize(b, method="mad_robustize", scale_floor=1.0, controls=fit)
     pp.feature_select(b, operations=["frequency", "drop_na", "drop_outliers", "blocklist"])
     pp.clip(b, limit=50)
-    pp.sphere(b, method="ZCA", shrinkage="oas")
+    pp.sphere(b, method="ZCA", shrinkage="oas", controls=fit)
     np.testing.assert_allclose(out.X, b.X, atol=1e-10)
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from celldino.eval.activity import phenotypic_activity
+from celldino.eval.activity import NEGATIVES, phenotypic_activity
 from celldino.eval.classify import MLPOptions, classify
 from celldino.eval.enrichment import enrichment
 from celldino.eval.factors import factor_mutual_information
@@ -39,7 +39,7 @@ from celldino.eval.spec import (
     SpecError,
     is_control_row,
 )
-from celldino.eval.stats import STAT_COLUMNS
+from celldino.eval.stats import STAT_COLUMNS, empty_stats
 from celldino.log import get_logger
 
 logger = get_logger(__name__)
@@ -190,11 +190,31 @@ def run_map_moa(meta: pd.DataFrame, X: np.ndarray, ctx: EvalContext, **params) -
 
 
 def run_activity(meta: pd.DataFrame, X: np.ndarray, ctx: EvalContext, **params) -> AnalysisResult:
-    """Phenotypic activity: each compound (all doses, or `by`) against the controls."""
+    """Phenotypic activity: each compound (all doses, or `by`) against the controls that no
+    profile step was fitted on (`negatives: held_out`, from evaluate.activity_negatives) or
+    all of them (`negatives: all`, flagged in-sample); see eval/activity.py."""
     by = params.get("by") or [ctx.cols.require(meta, "compound", "activity")]
     kw = map_kwargs(ctx, params) | _stats_kw(ctx, "activity", params)
-    _, maps, summary, st = phenotypic_activity(meta, X, by=by, **kw)
-    return AnalysisResult(summary, {"map": maps.drop(columns="indices")}, stats={"mAP": st})
+    negatives = params.get("negatives", "held_out")
+    _, maps, summary, st = phenotypic_activity(meta, X, by=by, negatives=negatives, **kw)
+    stats = {"mAP": st}
+    if st.get("flags"):  # in-sample or unknown negatives: said beside the count of actives too
+        stats["fraction_retrieved"] = empty_stats(summary["n_groups"], [st["flags"]])
+    return AnalysisResult(summary, {"map": maps.drop(columns="indices")}, stats=stats)
+
+
+def activity_defaults(analyses: dict[str, dict], negatives: str) -> dict[str, dict]:
+    """The spec's analyses with activity's `negatives` taken from evaluate.activity_negatives
+    where the spec does not set it (so the run's summary.json and fingerprints name it)."""
+    if "activity" in analyses:
+        params = analyses["activity"]
+        params.setdefault("negatives", negatives)
+        if params["negatives"] not in NEGATIVES:
+            raise SpecError(
+                f"analyses.activity.negatives={params['negatives']!r}: choose held_out (the "
+                "controls no profile step was fitted on) or all (every control, flagged in-sample)"
+            )
+    return analyses
 
 
 run_activity.needs_controls = True  # scored against the negative controls

@@ -30,7 +30,13 @@ import yaml
 
 from celldino.config import EvaluateConfig
 from celldino.errors import DataError, MissingInputError
-from celldino.eval.analyses import ANALYSES, DEFAULT_ANALYSES, map_kwargs, mlp_options
+from celldino.eval.analyses import (
+    ANALYSES,
+    DEFAULT_ANALYSES,
+    activity_defaults,
+    map_kwargs,
+    mlp_options,
+)
 from celldino.eval.map import Unpaired
 from celldino.eval.spec import (
     AnalysisResult,
@@ -594,7 +600,7 @@ def evaluate(
     """
     cfg = cfg or EvaluateConfig()
     spec_dict, base = load_spec(spec if spec is not None else (cfg.spec or None))
-    analyses = _analyses(spec_dict)
+    analyses = activity_defaults(_analyses(spec_dict), cfg.activity_negatives)
     spec_src = spec if spec is not None else (cfg.spec or None)
     where = f"spec {spec_src}" if isinstance(spec_src, (str, Path)) else "the spec"
     # column roles: the spec's, then evaluate.columns.* (config file / command line) role by role

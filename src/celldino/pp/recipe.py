@@ -37,12 +37,14 @@ from celldino.pp.clip import clip
 from celldino.pp.consensus import consensus
 from celldino.pp.controls import annotate
 from celldino.pp.feature_select import feature_select
+from celldino.pp.fit_split import FIT_COLUMN, fitted_marks, mark, split_controls
 from celldino.pp.harmony import harmony
+from celldino.pp.inputs import already_normalized
 from celldino.pp.inverse_normal import inverse_normal
 from celldino.pp.nonfinite import handle_nonfinite
 from celldino.pp.normalize import normalize
 from celldino.pp.pca import pca
-from celldino.pp.presets import _shrinkage, resolve
+from celldino.pp.presets import Steps, _shrinkage, resolve
 from celldino.pp.sphere import sphere
 from celldino.pp.steps import CONTROL_COLUMN, record
 
@@ -315,6 +317,41 @@ def _to_pcs(adata: ad.AnnData, key: str) -> ad.AnnData:
     return out
 
 
+def _source_names(cfg: ProfileConfig) -> list[str]:
+    """The input names the already-normalised rule reads: each profile.input as given and the
+    files it stands for (globs, folders), when they can be listed."""
+    names = [str(i) for i in cfg.input]
+    try:
+        names += shard_paths(list(cfg.input))
+    except (DataError, OSError):  # not there (the Python API on an AnnData): the names given
+        pass
+    return names
+
+
+def _skip_recipe_steps(steps: Steps, cfg: ProfileConfig) -> tuple[Steps, list[str]]:
+    """The recipe's normalisation, selection, clipping and sphering off, explicit ones kept;
+    returns the steps and the names of those skipped."""
+    explicit_select = tuple(op for op in cfg.select if op != "recipe")
+    new = dataclasses.replace(
+        steps,
+        normalize=cfg.normalize or "none",
+        select=tuple(dict.fromkeys(explicit_select)),
+        clip=cfg.clip if cfg.clip >= 0 else 0.0,
+        sphere=cfg.sphere or "none",
+    )
+    skipped = [
+        name
+        for name, before, after in (
+            ("normalize", steps.normalize, new.normalize),
+            ("feature selection", bool(steps.select), bool(new.select)),
+            ("clip", steps.clip > 0, new.clip > 0),
+            ("sphere", steps.sphere, new.sphere),
+        )
+        if before != after and before not in ("none", False)
+    ]
+    return new, skipped
+
+
 def process(adata: ad.AnnData, cfg: ProfileConfig) -> ad.AnnData:
     """Every configured stage after aggregation, in the field's usual order: normalise →
     select → clip → sphere → (PCA → Harmony) → inverse-normal. Unset step settings come from
@@ -327,17 +364,57 @@ def process(adata: ad.AnnData, cfg: ProfileConfig) -> ad.AnnData:
     if has_controls:
         annotate(adata, controls=cfg.controls)
     steps = resolve(cfg, list(map(str, adata.var_names)), has_controls=has_controls)
-    n_controls = int(adata.obs[CONTROL_COLUMN].sum()) if has_controls else 0
+    # an already-normalised input (pycytominer's tables, celldino's own) is not normalised,
+    # selected, clipped or sphered again unless a step is set explicitly (pp/inputs.py)
+    state = already_normalized(
+        adata, sources=_source_names(cfg), by=cfg.normalize_by or None, state=cfg.input_state
+    )
+    if state.normalized:
+        steps, skipped = _skip_recipe_steps(steps, cfg)
+        logger.info(
+            "profile.input_state=%s: the input is already normalised (%s)%s",
+            cfg.input_state,
+            "; ".join(state.evidence),
+            f": {', '.join(skipped)} skipped (set them explicitly, or profile.input_state=raw, "
+            "to run them)"
+            if skipped
+            else "; the explicitly set steps run",
+        )
+    prev = fitted_marks(adata.obs)  # an earlier celldino run's marks, kept
+    # the controls the steps fit on: half of each plate's by default, the rest held out for
+    # evaluate's activity (pp/fit_split.py)
+    split_by = cfg.normalize_by or cfg.sphere_by
+    fit = (
+        split_controls(adata, mode=cfg.fit_controls, by=split_by)
+        if has_controls
+        else np.zeros(adata.n_obs, bool)
+    )
+    n_controls = int(fit.sum())
     sphere_ = steps.sphere
     if not cfg.sphere and sphere_ != "none" and n_controls < MIN_SPHERE_CONTROLS:
         logger.warning(
             "profile.recipe=%s: sphering skipped, %d control profile(s) are too few to fit it "
-            "(set profile.sphere to force it)",
+            "(profile.fit_controls=%s; set profile.sphere to force it)",
             steps.recipe,
             n_controls,
+            cfg.fit_controls,
         )
         sphere_ = "none"
+    used_by = tuple(
+        name
+        for name, used in (
+            ("normalize", steps.normalize != "none" and cfg.normalize_reference == "controls"),
+            ("sphere", sphere_ != "none"),
+        )
+        if used
+    )
     resolved = {**dataclasses.asdict(steps), "sphere": sphere_, "requested": cfg.recipe}
+    resolved["fit_controls"] = cfg.fit_controls
+    resolved["input"] = {
+        "already_normalized": state.normalized,
+        "evidence": list(state.evidence),
+        "input_state": cfg.input_state,
+    }
     resolved["sphere_shrinkage"] = (
         "none" if steps.sphere_shrinkage is None else steps.sphere_shrinkage
     )
@@ -348,12 +425,44 @@ def process(adata: ad.AnnData, cfg: ProfileConfig) -> ad.AnnData:
         ", ".join(f"{k}={v}" for k, v in resolved.items() if k not in ("recipe", "requested")),
     )
     record(adata, "recipe", resolved)
+    fit = fit if used_by else np.zeros(adata.n_obs, bool)
+    if has_controls and state.normalized and prev is None and not used_by:
+        # normalised elsewhere, on which controls is unknown, and nothing fitted here: no
+        # column, so evaluate says "unknown" instead of calling the controls held out (a step
+        # fitted here marks its controls: a per-plate affine refit replaces the earlier one)
+        logger.info(
+            "the input was normalised before celldino (on which controls is unknown): no %s "
+            "column is written, and evaluate's activity flags its negatives as unknown",
+            FIT_COLUMN,
+        )
+    elif has_controls:
+        mark(
+            adata,
+            fit | (prev if prev is not None else False),
+            mode=cfg.fit_controls,
+            by=split_by,
+            used_by=used_by,
+        )
+        if used_by:
+            n_all = int(adata.obs[CONTROL_COLUMN].sum())
+            logger.info(
+                "profile.fit_controls=%s: %s fitted on %d of the %d control profiles%s; the "
+                "other %d are held out (obs %s False) for evaluate's activity",
+                cfg.fit_controls,
+                " and ".join(used_by),
+                n_controls,
+                n_all,
+                f" (ceil(n/2) per {split_by})" if cfg.fit_controls == "half" and split_by else "",
+                n_all - n_controls,
+                FIT_COLUMN,
+            )
     if steps.normalize != "none":
         normalize(
             adata,
             method=steps.normalize,
             by=cfg.normalize_by or None,
             reference=cfg.normalize_reference,
+            controls=fit if cfg.normalize_reference == "controls" else None,
             epsilon=cfg.mad_epsilon,
             scale_floor=steps.normalize_floor,
         )
@@ -382,6 +491,7 @@ def process(adata: ad.AnnData, cfg: ProfileConfig) -> ad.AnnData:
             shrinkage=steps.sphere_shrinkage,
             components=steps.sphere_components,
             by=cfg.sphere_by or None,
+            controls=fit,
         )
         _check(adata, "sphere", cfg)
     if cfg.harmony_key:
