@@ -230,7 +230,9 @@ ANALYSIS_NOTES = {
     "same compound (and the same batch).",
     "map_replicate": "mAP: mean average precision of replicate retrieval (copairs definition).",
     "map_moa": "MoA mAP: retrieval of same-MoA treatments of other compounds.",
-    "activity": "Phenotypic activity: mAP of each compound's replicates against the controls.",
+    "activity": "Phenotypic activity: mAP of each compound's replicates against the controls "
+    "that no profile step was fitted on (n_negatives of them; n_negatives_fitted counts fitted "
+    "ones among them, flagged in-sample; empty when unknown, for a table from elsewhere).",
     "classify": "kNN / linear / MLP F1: macro-F1 of a MoA classifier on a held-out group split.",
     "mantel": "Mantel: Spearman r between the treatments' cosine distances in this set and in "
     "the reference set (summary.json names it); baseline: null_mean / null_q95 of the "
