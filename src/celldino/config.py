@@ -293,7 +293,7 @@ class ProfileConfig:
     )
     sphere_components: int = -1  # whiten only the k leading control directions (0 = all; <0 recipe)
     sphere_epsilon: float = 1e-6  # added to singular values if sphere_shrinkage=none (pycytominer)
-    sphere_by: str = ""  # fit one sphering per value of this key, e.g. Metadata_Batch ('' = global)
+    sphere_by: str = ""  # one sphering per value of this key; global = one ('' = recipe)
     harmony_key: str = ""  # batch key for Harmony on principal components ('' = skip)
     harmony_pcs: int = 50  # principal components Harmony corrects (capped at profiles - 1)
     inverse_normal: bool = False  # rank-based inverse-normal transform of each feature (last)

@@ -59,20 +59,33 @@ def _fit(ref: np.ndarray, method: str, epsilon: float) -> tuple[np.ndarray, np.n
     return center, mad + epsilon
 
 
+def _control_fit(ref: np.ndarray, method: str) -> tuple[np.ndarray, np.ndarray]:
+    """(center, scale) of the reference rows; a MAD of 0 (more than half the controls tie)
+    falls back to their std."""
+    if method == "standardize":
+        return ref.mean(axis=0), ref.std(axis=0)
+    center, scale = _mad(ref)
+    zero = scale == 0
+    scale[zero] = ref[:, zero].std(axis=0)
+    return center, scale
+
+
 def _fit_floored(
-    ref: np.ndarray, group: np.ndarray, method: str, scale_floor: float
+    ref: np.ndarray,
+    group: np.ndarray,
+    method: str,
+    scale_floor: float,
+    pooled: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """(center, scale, number of features floored): the control scale floored at `scale_floor`
-    × the group's spread."""
-    if method == "standardize":
-        center, scale = ref.mean(axis=0), ref.std(axis=0)
+    × the group's spread, or × `pooled` (the median control scale over all groups) when given."""
+    center, scale = _control_fit(ref, method)
+    if pooled is None:
+        _, spread = _mad(group)
+        zero = spread == 0
+        spread[zero] = group[:, zero].std(axis=0)
     else:
-        center, scale = _mad(ref)
-        zero = scale == 0  # MAD 0 (more than half the controls tie): their std instead
-        scale[zero] = ref[:, zero].std(axis=0)
-    _, spread = _mad(group)
-    zero = spread == 0
-    spread[zero] = group[:, zero].std(axis=0)
+        spread = pooled
     floor = scale_floor * spread
     n_floored = int((floor > scale).sum())
     scale = np.maximum(scale, floor)
@@ -89,6 +102,7 @@ def normalize(
     controls: Controls = None,
     epsilon: float = 1e-18,
     scale_floor: float = SCALE_FLOOR,
+    floor_reference: str = "all",
     copy: bool = False,
 ) -> ad.AnnData | None:
     """Normalise features, one fit per value of obs[`by`] ('' or None: one global fit).
@@ -97,6 +111,9 @@ def normalize(
     a group without controls is an error naming it. reference='all' fits on every profile.
     scale_floor: each feature's scale is at least this fraction of its spread over all profiles
     of the group (see the module docstring); 0 gives pycytominer's arithmetic (MAD + epsilon).
+    floor_reference='controls': the floor is `scale_floor` × the median over groups of the
+    controls' scale instead (a plate's controls cannot look more precise than the typical
+    plate's controls; needs reference='controls').
     Features constant over every profile are dropped. Modifies `adata` and returns None;
     copy=True returns a normalised copy instead.
     """
@@ -106,6 +123,8 @@ def normalize(
         raise DataError(f"reference must be 'controls' or 'all', got {reference!r}")
     if not 0 <= scale_floor <= 1:
         raise DataError(f"scale_floor must be in [0, 1], got {scale_floor}")
+    if floor_reference not in ("all", "controls"):
+        raise DataError(f"floor_reference must be 'all' or 'controls', got {floor_reference!r}")
     mask = control_mask(adata, controls) if reference == "controls" else np.ones(adata.n_obs, bool)
     adata = adata.copy() if copy else adata
     X = np.asarray(adata.X, dtype=np.float64)
@@ -129,6 +148,14 @@ def normalize(
     X = X.copy()  # (n_obs, n_vars)
     out = np.empty_like(X)
     n_floored = 0
+    pooled = None
+    if scale_floor > 0 and floor_reference == "controls":
+        scales = [
+            _control_fit(X[rows[mask[rows]]], method)[1]
+            for _, rows in groups(adata, by)
+            if mask[rows].any()
+        ]
+        pooled = np.median(np.vstack(scales), axis=0) if scales else None
     for value, rows in groups(adata, by):
         ref_rows = rows[mask[rows]]
         if len(ref_rows) == 0:
@@ -138,7 +165,7 @@ def normalize(
                 "fix the controls selection, or use reference='all'"
             )
         if scale_floor > 0:
-            center, scale, floored = _fit_floored(X[ref_rows], X[rows], method, scale_floor)
+            center, scale, floored = _fit_floored(X[ref_rows], X[rows], method, scale_floor, pooled)
             n_floored += floored
             out[rows] = (X[rows] - center) / scale
             continue
@@ -183,6 +210,7 @@ def normalize(
             "reference": reference,
             "epsilon": epsilon,
             "scale_floor": scale_floor,
+            "floor_reference": floor_reference,
             "n_floored": n_floored,
             "n_constant_dropped": int(constant.sum()),
             "n_reference": int(mask.sum()),

@@ -58,18 +58,20 @@ class Steps:
     sphere: str
     sphere_shrinkage: str | float | None  # None = pycytominer's epsilon estimator
     sphere_components: int  # 0 = whiten every direction
+    sphere_by: str  # one sphering per value of this column ('' = one over all profiles)
     inverse_normal: bool
 
 
 PRESETS: dict[str, dict] = {
-    "cellprofiler": {
+    "cellprofiler": {  # chosen leave-one-week-out on real BBBC021 profiles (module docstring)
         "normalize": "mad_robustize",
-        "normalize_floor": 1.0,
-        "clip": 50.0,
+        "normalize_floor": 0.0,
+        "clip": 30.0,
         "select": ("frequency", "drop_na", "drop_outliers", "blocklist"),
         "sphere": "ZCA",
-        "sphere_shrinkage": "oas",
+        "sphere_shrinkage": "ratio",
         "sphere_components": 0,
+        "sphere_by": ("Metadata_Batch",),  # the first present; none present: global
     },
     "embeddings": {
         "normalize": "standardize",
@@ -79,6 +81,7 @@ PRESETS: dict[str, dict] = {
         "sphere": "none",  # measured: ZCA cost NSCB on the demo's embeddings (module docstring)
         "sphere_shrinkage": "oas",
         "sphere_components": 0,
+        "sphere_by": (),
     },
     "none": {
         "normalize": "none",
@@ -88,6 +91,7 @@ PRESETS: dict[str, dict] = {
         "sphere": "none",
         "sphere_shrinkage": "oas",
         "sphere_components": 0,
+        "sphere_by": (),
     },
 }
 
@@ -122,8 +126,22 @@ def _shrinkage(text: str) -> str | float | None:
     return value
 
 
-def resolve(cfg: ProfileConfig, features: Sequence[str], *, has_controls: bool = True) -> Steps:
-    """The step settings of `cfg` with the unset ones taken from its recipe."""
+def _sphere_by(cfg: ProfileConfig, preset: dict, columns: Sequence[str]) -> str:
+    """profile.sphere_by: as set ('global' = ''), or the preset's first column present."""
+    if cfg.sphere_by:
+        return "" if cfg.sphere_by == "global" else cfg.sphere_by
+    return next((c for c in preset["sphere_by"] if c in set(map(str, columns))), "")
+
+
+def resolve(
+    cfg: ProfileConfig,
+    features: Sequence[str],
+    *,
+    has_controls: bool = True,
+    columns: Sequence[str] = (),
+) -> Steps:
+    """The step settings of `cfg` with the unset ones taken from its recipe; `columns` are the
+    metadata columns (the recipe spheres per batch when there is a batch column)."""
     if cfg.recipe not in RECIPES:
         raise DataError(f"profile.recipe={cfg.recipe!r}: choose one of {', '.join(RECIPES)}")
     name = pick(features) if cfg.recipe == "auto" else cfg.recipe
@@ -147,5 +165,6 @@ def resolve(cfg: ProfileConfig, features: Sequence[str], *, has_controls: bool =
         sphere_components=(
             cfg.sphere_components if cfg.sphere_components >= 0 else preset["sphere_components"]
         ),
+        sphere_by=_sphere_by(cfg, preset, columns),
         inverse_normal=cfg.inverse_normal,
     )

@@ -178,7 +178,9 @@ def check_columns(cfg: ProfileConfig, columns) -> None:
     columns = [str(c) for c in columns]
     settings = {
         "profile.normalize_by": [cfg.normalize_by] if cfg.normalize != "none" else [],
-        "profile.sphere_by": [cfg.sphere_by] if cfg.sphere != "none" else [],
+        "profile.sphere_by": (
+            [cfg.sphere_by] if cfg.sphere != "none" and cfg.sphere_by != "global" else []
+        ),
         "profile.harmony_key": [cfg.harmony_key],
         "profile.consensus": list(cfg.consensus),
     }
@@ -352,6 +354,26 @@ def _skip_recipe_steps(steps: Steps, cfg: ProfileConfig) -> tuple[Steps, list[st
     return new, skipped
 
 
+def _sphere_groups(adata: ad.AnnData, steps: Steps) -> Steps:
+    """The recipe's sphering per batch needs MIN_SPHERE_CONTROLS controls in every batch;
+    otherwise one sphering over all profiles, with a warning naming the batches."""
+    obs = adata.obs
+    counts = obs.loc[obs[CONTROL_COLUMN].to_numpy(bool), steps.sphere_by].value_counts()
+    few = [v for v in obs[steps.sphere_by].unique() if counts.get(v, 0) < MIN_SPHERE_CONTROLS]
+    if not few:
+        return steps
+    logger.warning(
+        "profile.recipe=%s: one sphering over all profiles instead of one per %s: %s %s "
+        "fewer than %d control profiles (set profile.sphere_by to force it)",
+        steps.recipe,
+        steps.sphere_by,
+        ", ".join(map(str, few[:5])) + (f" and {len(few) - 5} more" if len(few) > 5 else ""),
+        "has" if len(few) == 1 else "have",
+        MIN_SPHERE_CONTROLS,
+    )
+    return dataclasses.replace(steps, sphere_by="")
+
+
 def process(adata: ad.AnnData, cfg: ProfileConfig) -> ad.AnnData:
     """Every configured stage after aggregation, in the field's usual order: normalise →
     select → clip → sphere → (PCA → Harmony) → inverse-normal. Unset step settings come from
@@ -363,7 +385,12 @@ def process(adata: ad.AnnData, cfg: ProfileConfig) -> ad.AnnData:
     has_controls = bool(cfg.controls.strip())
     if has_controls:
         annotate(adata, controls=cfg.controls)
-    steps = resolve(cfg, list(map(str, adata.var_names)), has_controls=has_controls)
+    steps = resolve(
+        cfg,
+        list(map(str, adata.var_names)),
+        has_controls=has_controls,
+        columns=list(adata.obs.columns),
+    )
     # an already-normalised input (pycytominer's tables, celldino's own) is not normalised,
     # selected, clipped or sphered again unless a step is set explicitly (pp/inputs.py)
     state = already_normalized(
@@ -400,6 +427,8 @@ def process(adata: ad.AnnData, cfg: ProfileConfig) -> ad.AnnData:
             cfg.fit_controls,
         )
         sphere_ = "none"
+    if steps.sphere_by and not cfg.sphere_by and sphere_ != "none":
+        steps = _sphere_groups(adata, steps)
     used_by = tuple(
         name
         for name, used in (
@@ -490,7 +519,7 @@ def process(adata: ad.AnnData, cfg: ProfileConfig) -> ad.AnnData:
             epsilon=cfg.sphere_epsilon,
             shrinkage=steps.sphere_shrinkage,
             components=steps.sphere_components,
-            by=cfg.sphere_by or None,
+            by=steps.sphere_by or None,
             controls=fit,
         )
         _check(adata, "sphere", cfg)
