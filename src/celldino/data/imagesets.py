@@ -11,6 +11,7 @@ each raise `ImageSetError` naming the rows (line numbers of a CSV table, header 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,51 @@ from celldino.io.tables import (
 )
 
 KEY_COLUMNS = ("Metadata_Plate", "Metadata_Well", "Metadata_Site")
+# Columns `celldino prepare` writes itself (the site key here; each cell's id, object number,
+# centre, box, areas and its site's QC in cells.parquet; the QC table merged into images.parquet):
+# a user's column of the same name would be silently replaced, so a load-data table holding
+# one is refused (`check_reserved`).
+RESERVED_COLUMNS = (
+    "Metadata_ImageKey",
+    "Metadata_CellID",
+    "Metadata_ObjectNumber",
+    "Metadata_Cell_Center_X",
+    "Metadata_Cell_Center_Y",
+    "Metadata_BBox_Y0",
+    "Metadata_BBox_X0",
+    "Metadata_BBox_Y1",
+    "Metadata_BBox_X1",
+    "Metadata_Nuclei_Area",
+    "Metadata_Cells_Area",
+    "Metadata_QC_Flags",
+    "Metadata_QC_Pass",
+    "Skipped",
+)
+RESERVED_PREFIXES = ("QC_",)  # the QC metrics and flags (QC_Blur, QC_Flag_blur, QC_Pass, ...)
+
+
+def check_reserved(columns, source: str) -> None:
+    """Refuse a user table holding a column celldino writes itself, naming it (renaming it
+    quietly would break the user's own references to it; replacing it would lose it)."""
+    clash = [c for c in columns if c in RESERVED_COLUMNS or str(c).startswith(RESERVED_PREFIXES)]
+    if clash:
+        raise ImageSetError(
+            f"{source}: column {clash[0]} is one celldino prepare writes itself"
+            + (f" (also {', '.join(map(str, clash[1:4]))})" if len(clash) > 1 else "")
+            + "; it would be replaced silently. Rename it in the table (e.g. Metadata_User_"
+            + str(clash[0]).removeprefix("Metadata_")
+            + ")"
+        )
+
+
+def _file_identity(path: str, frame: str) -> tuple | str:
+    """The file itself (device, inode: a symlink or hard link is the file it points at) and the
+    plane, or the path text when the file cannot be reached (reading it reports that)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return path + "#" + frame
+    return (st.st_dev, st.st_ino, frame)
 
 
 class ImageSetError(DataError):
@@ -110,12 +156,15 @@ class ImageSet:
                     "once. Remove the duplicate rows (or give each field of view its own "
                     "Metadata_Site)"
                 )
-        cols = []
+        cols, shown = [], []
         for c in self.channels:
             path = t[f"PathName_{c}"].astype(str) + "/" + t[f"FileName_{c}"].astype(str)
-            if f"Frame_{c}" in t:
-                path = path + "#" + t[f"Frame_{c}"].astype(str)
-            cols.append(path)
+            frame = t[f"Frame_{c}"].astype(str) if f"Frame_{c}" in t else pd.Series("", t.index)
+            shown.append(path + frame.map(lambda f: f"#{f}" if f else ""))
+            # the same file reached two ways (a symlink, a hard link, ../) is one file
+            cols.append(
+                pd.Series([str(_file_identity(p, f)) for p, f in zip(path, frame)], index=t.index)
+            )
         if not cols or not len(t):
             return
         files = cols[0]
@@ -135,9 +184,10 @@ class ImageSet:
                 same = t.index[cols[a] == cols[b]].tolist()
                 if same:
                     ca, cb = self.channels[a], self.channels[b]
+                    pa, pb = shown[a][same[0]], shown[b][same[0]]
                     raise ImageSetError(
                         f"{self.where(same[0])}: channels {ca} and {cb} name the same image "
-                        f"{cols[a][same[0]]}"
+                        + (pa if pa == pb else f"file ({pa} and {pb} are one file: a link)")
                         + (f" ({len(same)} rows)" if len(same) > 1 else "")
                         + f"; fix FileName_{cb}/PathName_{cb} (or Frame_{cb} for a multi-plane file)"
                     )
@@ -148,6 +198,7 @@ class ImageSet:
         chans = list(cfg.channels) or None
         if cfg.load_data:
             df, chans = read_load_data(cfg.load_data, chans)
+            check_reserved(df.columns, str(cfg.load_data))
             return cls(df, chans, source=str(cfg.load_data))
         if cfg.image_dir:
             if not cfg.pattern:
@@ -157,6 +208,7 @@ class ImageSet:
             df, chans = load_data_from_folder(
                 cfg.image_dir, cfg.pattern, dict(cfg.channel_map), chans, plate=cfg.plate
             )
+            check_reserved(df.columns, f"prepare.pattern's groups ({cfg.image_dir})")
             return cls(df, chans, source=str(cfg.image_dir))
         raise LoadDataError(
             "set prepare.load_data (a table) or prepare.image_dir + prepare.pattern"

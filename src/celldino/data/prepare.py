@@ -169,6 +169,7 @@ def _pass1(iset: ImageSet, cfg, dna_index: int) -> tuple[pd.DataFrame, dict, dic
     samples: dict[str, list] = {}
     metrics, skipped = [], []
     dtypes: dict[str, dict[str, str]] = {}  # plate → {dtype: first site of that type}
+    channel_types: dict[tuple[str, str], dict[str, list]] = {}  # → {dtype: [n, first file]}
     nonfinite: dict[str, dict] = {}  # site key → {file: pixels} of NaN/inf pixels
     for i in log.progress(range(len(iset)), total=len(iset), desc="QC + illumination"):
         plane_dtypes: list = []
@@ -188,6 +189,11 @@ def _pass1(iset: ImageSet, cfg, dna_index: int) -> tuple[pd.DataFrame, dict, dic
             str(iset.paths(i)[0]),
         )
         dtypes.setdefault(plate, {}).setdefault(str(raw.dtype), example)
+        for c, path, d in zip(iset.channels, iset.paths(i), plane_dtypes):
+            # each plane's own type: one uint8 channel in a uint16 site is stacked as uint16
+            dtypes[plate].setdefault(str(d), str(path))
+            n_ex = channel_types.setdefault((plate, c), {}).setdefault(str(d), [0, str(path)])
+            n_ex[0] += 1
         img = finite_image(raw)
         if img is not raw:
             bad = (~np.isfinite(raw)).reshape(len(raw), -1).sum(axis=1)
@@ -240,6 +246,11 @@ def _pass1(iset: ImageSet, cfg, dna_index: int) -> tuple[pd.DataFrame, dict, dic
     # the illumination functions from the QC-passing images only (blur, debris, saturation
     # would bend them); the report (images used, ranges, warnings) goes into prepare.json
     passing = set(qc.loc[qc["QC_Pass"], "Metadata_ImageKey"])
+    if cfg.illumination:  # the plates illumination fits (as IlluminationAccumulator counts)
+        plate_of = dict(zip(iset.table["Metadata_ImageKey"], iset.table["Metadata_Plate"]))
+        n_passing = pd.Series([str(plate_of[k]) for k in passing if k in plate_of]).value_counts()
+        fitted = {p for p, n in n_passing.items() if n >= max(cfg.illum_min_images, 3)}
+        _refuse_mixed_types_in_plate_functions(channel_types, fitted)
     functions, illum_report = (
         acc.functions(
             method=cfg.illum_filter,
@@ -264,6 +275,30 @@ def _pass1(iset: ImageSet, cfg, dna_index: int) -> tuple[pd.DataFrame, dict, dic
         plate_stats[plate] = {"lo": [float(x) for x in lo], "hi": [float(x) for x in hi]}
     extra = {"dtypes": dtypes, "nonfinite": nonfinite, "illumination_report": illum_report}
     return qc, functions, plate_stats, skipped, extra
+
+
+def _refuse_mixed_types_in_plate_functions(
+    channel_types: dict[tuple[str, str], dict[str, list]], fitted_plates: set[str]
+) -> None:
+    """A plate whose channel holds images of two pixel types (one site saved as uint8 or float16
+    in a uint16 screen) cannot get one illumination function: the fit averages raw values, so
+    the odd image changes the function (it turned a flat one into an applied one), and so the
+    correction and segmentation of every site of the plate. The range the odd image was scaled
+    from is unknown (a 12-bit camera in uint16 is not 0..65535), so it is not rescaled: refused
+    naming both files, before anything is written. `fitted_plates`: the plates whose function
+    is fitted (illumination on, enough QC-passing images), whatever the fit decides."""
+    for (plate, channel), seen in channel_types.items():
+        if len(seen) < 2 or plate not in fitted_plates:
+            continue
+        ranked = sorted(seen.items(), key=lambda kv: -kv[1][0])
+        (major, (n_major, ex_major)), (minor, (n_minor, ex_minor)) = ranked[0], ranked[1]
+        raise DataError(
+            f"plate {plate}, channel {channel}: images of different pixel types: {ex_minor} is "
+            f"{minor} ({n_minor} image(s)) while {ex_major} is {major} ({n_major}); the plate's "
+            "illumination function would average their raw values and change the correction "
+            "and segmentation of every site. Convert the images to one type (the range the "
+            "odd one was scaled from is not known here), or set prepare.illumination=false"
+        )
 
 
 def _store_dtype(dtypes: dict[str, dict[str, str]], cfg) -> np.dtype:

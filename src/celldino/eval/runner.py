@@ -196,7 +196,7 @@ def read_profile_table(path: str | Path) -> pd.DataFrame:
     from celldino.io.tables import read_table
 
     try:
-        return read_table(path)
+        return read_table(path, features=True)  # metadata as text, features checked
     except DataError:
         raise
     except (ValueError, OSError, UnicodeDecodeError) as e:  # pandas / pyarrow parse errors
@@ -376,6 +376,29 @@ def check_columns(sets: dict, given: dict[str, str], where: dict[str, str]) -> N
                     f"{where[role]} is {col!r}, which feature set '{fs.name}' ({fs.source}) "
                     f"lacks; its metadata columns: {', '.join(map(str, fs.meta.columns))}"
                 )
+    warn_default_dose_absent(sets, given)
+
+
+def warn_default_dose_absent(sets: dict, given: dict[str, str]) -> None:
+    """The dose role left at its default name and absent: treatments and replicate groups are
+    made of the compound alone (every dose of a compound one group), which is right for a
+    one-dose screen and wrong when the doses are in a column of another name: say so."""
+    default = Columns()
+    if given.get("dose"):
+        return
+    compound = given.get("compound") or default.compound
+    for fs in sets.values():
+        if default.dose not in fs.meta.columns and compound in fs.meta.columns:
+            logger.warning(
+                "feature set '%s' (%s) has no %s column (the dose role's default): treatments "
+                "and replicate groups are by %s alone; if the doses are in another column, set "
+                "evaluate.columns.dose=<column>",
+                fs.name,
+                fs.source,
+                default.dose,
+                compound,
+            )
+            return
 
 
 def check_controls(

@@ -291,8 +291,8 @@ def read_profiles(path: str | Path, features: list[str] | None = None) -> ad.Ann
         raise MissingInputError(f"profile file {path} does not exist")
     if name.endswith(".h5ad"):
         return read_h5ad(path)
-    if name.endswith(".parquet"):
-        return frame_to_anndata(pd.read_parquet(path), features, source=str(path))
-    if name.endswith((".csv", ".csv.gz")):
-        return frame_to_anndata(pd.read_csv(path), features, source=str(path))
+    if name.endswith((".parquet", ".csv", ".csv.gz")):  # the one reader of user tables
+        from celldino.io.tables import read_table
+
+        return frame_to_anndata(read_table(path, features=True), features, source=str(path))
     raise DataError(f"{path}: unknown profile format (use .h5ad, .parquet, .csv or .csv.gz)")

@@ -53,18 +53,96 @@ class TableMissingError(LoadDataError, MissingInputError):
 _ENCODINGS = ("utf-8-sig", "cp1252", "latin-1")  # latin-1 decodes any byte: the last resort
 
 
-def _check_header(df: pd.DataFrame, path: Path) -> None:
-    """Strip spaces around column names; refuse a column named twice (pandas renames the
-    second 'X' to 'X.1', which would silently ignore it)."""
-    df.columns = [str(c).strip() for c in df.columns]
-    cols = set(df.columns)
-    for c in df.columns:
-        m = re.fullmatch(r"(.+)\.(\d+)", c)
-        if m and m.group(1) in cols:
+def check_unique_names(names: list[str], where: str) -> None:
+    """Refuse a header that names a column twice (pandas would rename the second 'X' to 'X.1',
+    DuckDB to 'X_1': both kept, the feature counted twice)."""
+    seen: set[str] = set()
+    for c in names:
+        if c in seen:
             raise LoadDataError(
-                f"table {path}: column {m.group(1)} appears more than once in the header; "
-                "keep one of them"
+                f"table {where}: column {c} appears more than once in the header; keep one of "
+                "them (or rename one)"
             )
+        seen.add(c)
+
+
+def csv_header(path: str | Path, sep: str | None = None, encoding: str = "utf-8-sig") -> list[str]:
+    """The header of a delimited text table as written (spaces around names stripped, no
+    renaming of repeated names), the separator by suffix unless given."""
+    path = Path(path)
+    sep = sep or ("\t" if ".tsv" in path.name.lower() else ",")
+    head = pd.read_csv(
+        path, sep=sep, encoding=encoding, header=None, nrows=1, dtype=str, keep_default_na=False
+    )
+    return [str(c).strip() for c in head.iloc[0].tolist()] if len(head) else []
+
+
+# Columns that hold text whatever their cells look like: metadata (barcodes, well names, doses
+# as written), file names and locations; cytotable spells the image metadata Image_Metadata_*.
+TEXT_COLUMN = re.compile(
+    r"(?:Image_)?(?:Metadata|FileName|PathName|URL|ObjectsFileName|ObjectsPathName|MD5Digest)_"
+)
+
+
+def is_metadata(name: str) -> bool:
+    """Whether a column is metadata read as text (`Metadata_*`, cytotable's `Image_Metadata_*`)."""
+    return str(name).startswith(("Metadata_", "Image_Metadata_"))
+
+
+def _not_a_number(values: pd.Series) -> pd.Series:
+    """True where a non-empty text cell is not a number (float() accepts 1e3, nan, inf)."""
+    out = pd.Series(False, index=values.index)
+    filled = values.notna()
+    num = pd.to_numeric(values.where(filled), errors="coerce")
+    for i in values.index[filled & num.isna()]:
+        try:
+            float(str(values[i]))
+        except ValueError:
+            out[i] = True
+    return out
+
+
+def type_columns(df: pd.DataFrame, path: str | Path, *, features: bool) -> pd.DataFrame:
+    """Give a table read as text its types, the same way for every user table.
+
+    `Metadata_*` (and file-name) columns stay text as written: `000123` stays `000123`, `None`,
+    `NA`, `null`, `N/A` are values, an empty cell is missing. Any other column whose filled
+    cells are all numbers becomes numeric; one whose cells are all text stays text (a label, not
+    a feature). A column mixing numbers and text (`n/a` among the values) is refused when
+    `features` (a per-cell or per-well table: its numeric columns are the features), and always
+    for `Frame_*`, naming the column, the line and the cell; never dropped or made NaN silently.
+    """
+    for c in df.columns:
+        if TEXT_COLUMN.match(str(c)) or not pd.api.types.is_object_dtype(df[c]):
+            continue
+        col = df[c]
+        bad = _not_a_number(col)
+        if not bad.any():
+            df[c] = pd.to_numeric(col.where(col.notna()), errors="coerce")
+            continue
+        if bad.sum() == col.notna().sum():  # text throughout: not a number column
+            continue
+        if features or str(c).startswith("Frame_"):
+            i = int(bad.to_numpy().nonzero()[0][0])
+            n = int(bad.sum())
+            raise LoadDataError(
+                f"{row_label(path, i)}: column {c} holds {col.iloc[i]!r}, not a number"
+                + (f" ({n} such cells in the column)" if n > 1 else "")
+                + "; a feature column must hold numbers: write a missing value as an empty cell "
+                "(or NaN), fix the cell, or remove the column"
+            )
+    return df
+
+
+def _check_features(df: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """A Parquet table's text feature columns get the same check as a CSV's (types are the file's
+    own otherwise)."""
+    text = [c for c in df.columns if df[c].dtype == object and not TEXT_COLUMN.match(str(c))]
+    if text:
+        typed = type_columns(df[text].copy(), path, features=True)
+        for c in text:
+            df[c] = typed[c]
+    return df
 
 
 def is_text_table(path: str | Path) -> bool:
@@ -81,8 +159,15 @@ def row_label(path: str | Path, i: int) -> str:
     return f"data row {i + 1} of {path}"
 
 
-def read_table(path: str | Path) -> pd.DataFrame:
-    """CSV/TSV (optionally compressed) or Parquet, by suffix; errors name the file."""
+def read_table(path: str | Path, *, features: bool = False) -> pd.DataFrame:
+    """A user's table, CSV/TSV (optionally compressed) or Parquet by suffix: the one reader of
+    load-data, locations, per-cell and per-well tables, so their checks hold for all.
+
+    A column named twice is refused (naming the file and column). CSV cells are read as text and
+    typed by `type_columns`: `Metadata_*` stay text as written (no number or missing-value
+    guessing), the other all-number columns become numbers, and with `features` (per-cell or
+    per-well tables) a column mixing numbers and text is refused naming the cell. Parquet keeps
+    its own types (nothing is guessed); its text feature columns get the same check."""
     path = Path(path)
     if not path.exists():
         raise TableMissingError(f"table {path} does not exist")
@@ -91,11 +176,17 @@ def read_table(path: str | Path) -> pd.DataFrame:
     name = path.name.lower()
     if name.endswith(".parquet") or name.endswith(".pq"):
         try:
-            return pd.read_parquet(path)
+            import pyarrow.parquet as pq
+
+            check_unique_names(list(pq.read_schema(path).names), str(path))
+            df = pd.read_parquet(path)
+        except LoadDataError:
+            raise
         except Exception as e:  # not Parquet, truncated, unreadable
             raise LoadDataError(
                 f"table {path} cannot be read as Parquet ({type(e).__name__}: {e})"
             ) from e
+        return _check_features(df, path) if features else df
     if ".csv" in name or ".tsv" in name or name.endswith(".txt"):
         if path.stat().st_size == 0:
             raise LoadDataError(
@@ -108,13 +199,17 @@ def read_table(path: str | Path) -> pd.DataFrame:
                 if f.read(2) in (b"\xff\xfe", b"\xfe\xff"):  # Excel's "Unicode text"
                     encodings = ("utf-16",)
         for enc in encodings:
+            # every cell as text; only an empty cell is missing (None, NA, null are values)
+            as_text = {"dtype": str, "keep_default_na": False, "na_values": [""]}
             try:
-                df = pd.read_csv(path, sep=sep, encoding=enc)
+                df = pd.read_csv(path, sep=sep, encoding=enc, **as_text)
                 if len(df.columns) == 1:  # one column: another separator (Excel's ';' or tabs)?
                     head = str(df.columns[0])
                     other = next((c for c in (";", "\t", ",") if c != sep and c in head), None)
                     if other:
-                        df = pd.read_csv(path, sep=other, encoding=enc)
+                        sep = other
+                        df = pd.read_csv(path, sep=sep, encoding=enc, **as_text)
+                names = csv_header(path, sep, enc)
             except UnicodeDecodeError:
                 continue
             except pd.errors.EmptyDataError:
@@ -126,7 +221,10 @@ def read_table(path: str | Path) -> pd.DataFrame:
                 raise LoadDataError(f"table {path} cannot be parsed: {e}") from None
             except (OSError, EOFError, ValueError) as e:  # bad gzip, permission, ...
                 raise LoadDataError(f"table {path} cannot be read ({type(e).__name__}: {e})") from e
-            _check_header(df, path)
+            check_unique_names(names, str(path))
+            if len(names) == len(df.columns):
+                df.columns = names
+            df = type_columns(df, path, features=features)
             if enc not in (_ENCODINGS[0], "utf-16"):
                 logger.warning(
                     "%s is not UTF-8: read it as %s (check accented names; save the table as "

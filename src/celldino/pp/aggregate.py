@@ -9,6 +9,7 @@ group (compound, dose, batch, ...) are carried along; those that vary (cell ids,
 
 from __future__ import annotations
 
+import functools
 import glob
 import logging
 import os
@@ -26,6 +27,7 @@ import pandas as pd
 
 from celldino.errors import DataError
 from celldino.io.profiles import frame_to_anndata, shard_paths, table_kind
+from celldino.io.tables import TEXT_COLUMN, check_unique_names, csv_header, row_label
 from celldino.log import get_logger, progress
 from celldino.pp.steps import record
 
@@ -73,8 +75,49 @@ def _reader(files: list[str]) -> str:
             f"profile inputs mix Parquet and CSV files ({files[0]}, ...); give one kind"
         )
     if kinds == {"csv"}:
-        return "read_csv_auto(?, union_by_name=true)"
+        # metadata and file names as text, as written (io.tables.read_table reads them so too):
+        # DuckDB's sniffer would make the plate 000123 the number 123
+        types = ", ".join(f"'{_lit(c)}': 'VARCHAR'" for c in _duck_text_names(tuple(files)))
+        return (
+            f"read_csv(?, union_by_name=true, types={{{types}}})"
+            if types
+            else ("read_csv(?, union_by_name=true)")
+        )
     return "read_parquet(?, union_by_name=true)"
+
+
+def _duck_text_names(files: tuple[str, ...]) -> list[str]:
+    """The text columns (`TEXT_COLUMN`) as DuckDB names them: its names are case-insensitive, so
+    the second of `Metadata_plate_map_name` and `Metadata_Plate_Map_Name` is `..._1`."""
+    seen: dict[str, int] = {}
+    out = []
+    for c in _union_columns(files):
+        n = seen.get(c.lower(), 0)
+        seen[c.lower()] = n + 1
+        if TEXT_COLUMN.match(c):
+            out.append(c if n == 0 else f"{c}_{n}")
+    return out
+
+
+def _lit(text: str) -> str:
+    return text.replace("'", "''")
+
+
+def _union_columns(files: tuple[str, ...]) -> list[str]:
+    """Every file's columns, in order, each once (a name repeated within a file is refused)."""
+    stamps = []
+    for f in files:
+        try:
+            st = os.stat(f)
+            stamps.append((f, st.st_mtime_ns, st.st_size))
+        except OSError:
+            stamps.append((f, 0, 0))
+    return list(_union_columns_of(tuple(stamps)))
+
+
+@functools.lru_cache(maxsize=32)
+def _union_columns_of(stamps: tuple[tuple[str, int, int], ...]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(c for f, _, _ in stamps for c in _file_columns(f)))
 
 
 def _where(files: list[str]) -> str:
@@ -92,18 +135,70 @@ def schema(files: list[str], con: duckdb.DuckDBPyConnection | None = None) -> di
 
 
 def _file_columns(path: str) -> list[str]:
-    if table_kind(path) == "csv":
-        return [str(c) for c in pd.read_csv(path, nrows=0).columns]
-    import pyarrow.parquet as pq
+    """A file's column names as written; a name repeated in its header is refused (DuckDB would
+    keep both, the second as X_1, and a feature would count twice)."""
+    try:
+        if table_kind(path) == "csv":
+            names = csv_header(path)
+        else:
+            import pyarrow.parquet as pq
 
-    return list(pq.read_schema(path).names)
+            names = list(pq.read_schema(path).names)
+    except DataError:
+        raise
+    except Exception as e:  # unreadable: named here, as DuckDB would
+        raise DataError(f"cannot read {path}: {type(e).__name__}: {e}".splitlines()[0]) from e
+    check_unique_names(names, str(path))
+    return names
+
+
+def check_csv_features(con: duckdb.DuckDBPyConnection, files: list[str], cols: dict) -> None:
+    """A CSV column holding numbers and some text (`n/a`) is refused naming the column, file and
+    line: DuckDB would type it text and it would silently not be a feature (read_table's rule)."""
+    text = [c for c, t in cols.items() if t == "VARCHAR" and not TEXT_COLUMN.match(c)]
+    if not text or {table_kind(f) for f in files} != {"csv"}:
+        return
+    parts = []
+    for c in text:
+        num = f"TRY_CAST({_q(c)} AS DOUBLE)"
+        parts += [f"count({num})", f"count({_q(c)}) - count({num})"]
+    try:
+        counts = con.execute(
+            f"SELECT {', '.join(parts)} FROM {_reader(files)}", [duck_paths(files)]
+        ).fetchone()
+    except duckdb.Error as e:
+        raise DataError(f"cannot read {_where(files)}: {e}".splitlines()[0]) from e
+    for k, c in enumerate(text):
+        n_num, n_text = counts[2 * k], counts[2 * k + 1]
+        if n_num and n_text:
+            _refuse_text_cell(files, c, n_text)
+
+
+def _refuse_text_cell(files: list[str], column: str, n_text: int) -> None:
+    from celldino.io.tables import _not_a_number
+
+    for f in files:
+        if column not in _file_columns(f):
+            continue
+        values = pd.read_csv(f, usecols=[column], dtype=str, keep_default_na=False, na_values=[""])[
+            column
+        ]
+        bad = _not_a_number(values)
+        if bad.any():
+            i = int(bad.to_numpy().nonzero()[0][0])
+            raise DataError(
+                f"{row_label(f, i)}: column {column} holds {values.iloc[i]!r}, not a number"
+                + (f" ({n_text} such cells in the input)" if n_text > 1 else "")
+                + "; a feature column must hold numbers: write a missing value as an empty "
+                "cell (or NaN), fix the cell, or remove the column"
+            )
 
 
 def _names(files: list[str], duck: list[str]) -> dict[str, str]:
     """DuckDB name → the file's own name. DuckDB's column names are case-insensitive, so of
     `Metadata_plate_map_name` and `Metadata_Plate_Map_Name` it renames the second `..._1`;
     the profiles keep the names the files hold."""
-    orig = list(dict.fromkeys(c for f in files for c in _file_columns(f)))
+    orig = list(_union_columns(tuple(files)))
     out = {d: d for d in duck}
     if len(orig) == len(duck):
         for d, o in zip(duck, orig):
@@ -429,6 +524,7 @@ def aggregate(
             raise DataError(f"level {finer} must contain every key of the next level {coarser}")
     con = _connect(memory_limit, threads, temp_dir)
     cols = schema(files, con)
+    check_csv_features(con, files, cols)
     orig = _names(files, list(cols))  # DuckDB name → the file's name
     names = input_names(files, cols, orig)  # ... → the name in the profiles
     to_duck = {o: k for k, o in orig.items()} | {v: k for k, v in names.items()}
