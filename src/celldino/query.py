@@ -266,8 +266,40 @@ class _Evaluator:
             return [_value(e) for e in node.elts]
         return _value(node)
 
+    def numbers(self, col: pd.Series) -> pd.Series:
+        """A text column compared with a number, read as numbers: metadata are read as text as
+        written (`io.tables.read_table`), so `Metadata_Dose == 0` compares the dose '0' or '0.0'
+        as the number it is. A cell that is not a number is refused, naming it."""
+        filled = col.notna() & (col.astype(str).str.strip() != "")
+        num = pd.to_numeric(col.where(filled), errors="coerce")
+        bad = filled & num.isna() & ~col.astype(str).str.strip().str.lower().isin(["nan"])
+        if bad.any():
+            raise QueryError(
+                f"{self.setting}: {_fragment(self.text)!r} compares column {col.name!r} with a "
+                f"number, but it holds {col[bad].iloc[0]!r}; compare it with a string, e.g. "
+                f"{col.name} == '{col[bad].iloc[0]}'"
+            )
+        return num
+
+    def _as_numbers(self, left: Any, right: Any) -> tuple[Any, Any]:
+        def number(v: Any) -> bool:
+            items = v if isinstance(v, list) else [v]
+            return bool(items) and all(type(x) in (int, float) for x in items)
+
+        def text(v: Any) -> bool:
+            return isinstance(v, pd.Series) and (
+                pd.api.types.is_object_dtype(v.dtype) or pd.api.types.is_string_dtype(v.dtype)
+            )
+
+        if text(left) and number(right):
+            left = self.numbers(left)
+        elif text(right) and number(left):
+            right = self.numbers(right)
+        return left, right
+
     def compare(self, left: Any, op: ast.cmpop, right: Any) -> np.ndarray:
         n = len(self.frame)
+        left, right = self._as_numbers(left, right)
         if isinstance(op, (ast.In, ast.NotIn)) or (
             isinstance(op, (ast.Eq, ast.NotEq))
             and (isinstance(left, list) or isinstance(right, list))
