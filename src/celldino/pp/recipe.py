@@ -354,17 +354,18 @@ def _skip_recipe_steps(steps: Steps, cfg: ProfileConfig) -> tuple[Steps, list[st
     return new, skipped
 
 
-def _sphere_groups(adata: ad.AnnData, steps: Steps) -> Steps:
-    """The recipe's sphering per batch needs MIN_SPHERE_CONTROLS controls in every batch;
-    otherwise one sphering over all profiles, with a warning naming the batches."""
+def _sphere_groups(adata: ad.AnnData, steps: Steps, fit: np.ndarray) -> Steps:
+    """The recipe's sphering per batch needs MIN_SPHERE_CONTROLS controls to fit on (`fit`,
+    the profile.fit_controls half) in every batch; otherwise one sphering over all profiles,
+    with a warning naming the batches."""
     obs = adata.obs
-    counts = obs.loc[obs[CONTROL_COLUMN].to_numpy(bool), steps.sphere_by].value_counts()
+    counts = obs.loc[np.asarray(fit, bool), steps.sphere_by].value_counts()
     few = [v for v in obs[steps.sphere_by].unique() if counts.get(v, 0) < MIN_SPHERE_CONTROLS]
     if not few:
         return steps
     logger.warning(
         "profile.recipe=%s: one sphering over all profiles instead of one per %s: %s %s "
-        "fewer than %d control profiles (set profile.sphere_by to force it)",
+        "fewer than %d control profiles to fit on (set profile.sphere_by to force it)",
         steps.recipe,
         steps.sphere_by,
         ", ".join(map(str, few[:5])) + (f" and {len(few) - 5} more" if len(few) > 5 else ""),
@@ -428,7 +429,7 @@ def process(adata: ad.AnnData, cfg: ProfileConfig) -> ad.AnnData:
         )
         sphere_ = "none"
     if steps.sphere_by and not cfg.sphere_by and sphere_ != "none":
-        steps = _sphere_groups(adata, steps)
+        steps = _sphere_groups(adata, steps, fit)
     used_by = tuple(
         name
         for name, used in (
