@@ -187,6 +187,14 @@ def test_text_cell_in_a_feature_column_is_named(tmp_path, run_cli):
     pd.DataFrame({"Metadata_Plate": ["P"] * 3, "Cells_a": ["1", "2", "oops"]}).to_parquet(pq)
     with pytest.raises(DataError, match=r"data row 3 of .*Cells_a holds 'oops'"):
         read_table(pq, features=True)
+    # ... and per-cell Parquet shards given to `celldino profile` (DuckDB): the same
+    cells = tmp_path / "cells.parquet"
+    pd.DataFrame(
+        {"Metadata_Plate": ["P"] * 3, "Metadata_Well": ["A01"] * 3, "Cells_a": ["1", "n/a", "2"]}
+    ).assign(Cells_b=[1.0, 2.0, 3.0]).to_parquet(cells)
+    rc, text = run_cli("profile", f"profile.input=[{cells}]", f"profile.out={out}")
+    assert rc == 2 and f"data row 2 of {cells}" in text and "'n/a'" in text, text
+    assert not out.exists()
 
 
 def test_feature_named_twice_is_refused(tmp_path, run_cli):

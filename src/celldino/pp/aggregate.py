@@ -152,11 +152,12 @@ def _file_columns(path: str) -> list[str]:
     return names
 
 
-def check_csv_features(con: duckdb.DuckDBPyConnection, files: list[str], cols: dict) -> None:
-    """A CSV column holding numbers and some text (`n/a`) is refused naming the column, file and
-    line: DuckDB would type it text and it would silently not be a feature (read_table's rule)."""
+def check_text_features(con: duckdb.DuckDBPyConnection, files: list[str], cols: dict) -> None:
+    """A text column holding numbers and some text (`n/a`; CSV, or a Parquet string column) is
+    refused naming the column, file and line: it would silently not be a feature (read_table's
+    rule). A column of text only is a label, not a feature."""
     text = [c for c, t in cols.items() if t == "VARCHAR" and not TEXT_COLUMN.match(c)]
-    if not text or {table_kind(f) for f in files} != {"csv"}:
+    if not text:
         return
     parts = []
     for c in text:
@@ -180,9 +181,12 @@ def _refuse_text_cell(files: list[str], column: str, n_text: int) -> None:
     for f in files:
         if column not in _file_columns(f):
             continue
-        values = pd.read_csv(f, usecols=[column], dtype=str, keep_default_na=False, na_values=[""])[
-            column
-        ]
+        if table_kind(f) == "csv":
+            values = pd.read_csv(
+                f, usecols=[column], dtype=str, keep_default_na=False, na_values=[""]
+            )[column]
+        else:
+            values = pd.read_parquet(f, columns=[column])[column]
         bad = _not_a_number(values)
         if bad.any():
             i = int(bad.to_numpy().nonzero()[0][0])
@@ -192,6 +196,10 @@ def _refuse_text_cell(files: list[str], column: str, n_text: int) -> None:
                 + "; a feature column must hold numbers: write a missing value as an empty "
                 "cell (or NaN), fix the cell, or remove the column"
             )
+    raise DataError(  # (a name DuckDB changed: the cell cannot be located, the column can)
+        f"{_where(files)}: column {column} holds {n_text} text cell(s) among numbers; a feature "
+        "column must hold numbers: write a missing value as an empty cell (or NaN)"
+    )
 
 
 def _names(files: list[str], duck: list[str]) -> dict[str, str]:
@@ -524,7 +532,7 @@ def aggregate(
             raise DataError(f"level {finer} must contain every key of the next level {coarser}")
     con = _connect(memory_limit, threads, temp_dir)
     cols = schema(files, con)
-    check_csv_features(con, files, cols)
+    check_text_features(con, files, cols)
     orig = _names(files, list(cols))  # DuckDB name → the file's name
     names = input_names(files, cols, orig)  # ... → the name in the profiles
     to_duck = {o: k for k, o in orig.items()} | {v: k for k, v in names.items()}
