@@ -4,8 +4,8 @@
   mad_robustize + feature selection) is recognised by its name and by its values and passes
   through `celldino profile` unchanged; the raw BBBC021 per-well CellProfiler means are not;
   an explicit normalisation still runs (its fitted controls' medians are 0, by numpy).
-- The control split (pp/fit_split.py): ceil(n/2) controls per plate fit, independent of row
-  order; evaluate's activity drops them from the negatives, checked against average precision
+- The control split (pp/fit_split.py): ceil(n/2) controls per plate fit (at least 3),
+  independent of row order; evaluate's activity drops them from the negatives, checked against average precision
   computed here by hand with numpy.
 """
 
@@ -169,6 +169,12 @@ def test_split_is_half_per_plate_controls_only_and_row_order_free():
     fit_perm = split_controls(a[perm].copy(), mode="half", by="Metadata_Plate")
     np.testing.assert_array_equal(fit_perm, fit[perm])
     assert split_controls(a, mode="all").sum() == ctrl.sum()
+    # at least 3 fit per plate (all of them below that): a MAD of 1 or 2 wells is degenerate
+    b = _toy(n_ctrl=(2, 4, 8))
+    b.obs["Metadata_celldino_control"] = (b.obs["Metadata_pert_type"] == "control").to_numpy()
+    fit_b = split_controls(b, mode="half", by="Metadata_Plate")
+    per_plate = pd.Series(fit_b).groupby(b.obs["Metadata_Plate"].to_numpy()).sum()
+    assert per_plate.to_dict() == {"P0": 2, "P1": 3, "P2": 4}
 
 
 def _ap_by_hand(X, pos: np.ndarray, neg: np.ndarray, q: int) -> float:

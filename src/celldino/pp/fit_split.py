@@ -10,7 +10,9 @@ wrote it gives 31 of 58 (docs/profiling.md, "Held-out controls").
 
 So `celldino profile` fits the steps that use the controls on half of them by default
 (`profile.fit_controls=half`): within each value of the split key (the plate,
-`profile.normalize_by`), ceil(n/2) controls fit and floor(n/2) are held out. Which ones is fixed
+`profile.normalize_by`), ceil(n/2) controls fit, but at least `MIN_FIT` (3; all of them when the
+plate has 3 or fewer: a MAD of 1 or 2 wells is 0 or a single difference), and the rest are held
+out. Which ones is fixed
 by a hash of the seed and the profile's name (`obs_names`, plate_well for aggregated profiles),
 so a well's side does not depend on the table's row order or on the other plates. The fitted
 ones are marked True in the bool obs column `Metadata_celldino_fit_control` (every other row
@@ -36,6 +38,7 @@ from celldino.pp.steps import record
 FIT_COLUMN = "Metadata_celldino_fit_control"  # bool obs column: this control fitted a step
 FIT_MODES = ("half", "all")
 FIT_SEED = 0  # fixed: which half fits is part of the recipe, not a tuning knob
+MIN_FIT = 3  # a plate's controls fitted at least (all when it has fewer)
 _TRUE = {"true", "1", "1.0", "yes"}
 _FALSE = {"false", "0", "0.0", "no", "", "nan", "none"}
 
@@ -77,7 +80,8 @@ def split_controls(
     does, once the caller knows a step will use them).
 
     mode='half': within each value of obs[`by`] (one group when `by` is empty or not a column),
-    ceil(n/2) of its n controls fit, the others are held out; mode='all': every control fits.
+    max(ceil(n/2), min(n, MIN_FIT)) of its n controls fit, the others are held out; mode='all':
+    every control fits.
     """
     if mode not in FIT_MODES:
         raise DataError(f"profile.fit_controls={mode!r}: choose one of {', '.join(FIT_MODES)}")
@@ -91,7 +95,8 @@ def split_controls(
             fit[ctrl] = True
             continue
         order = ctrl[_rank(list(names[ctrl]), seed)]
-        fit[order[: math.ceil(len(ctrl) / 2)]] = True
+        n_fit = max(math.ceil(len(ctrl) / 2), min(len(ctrl), MIN_FIT))
+        fit[order[:n_fit]] = True
     return fit
 
 

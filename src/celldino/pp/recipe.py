@@ -482,7 +482,9 @@ def process(adata: ad.AnnData, cfg: ProfileConfig) -> ad.AnnData:
                 " and ".join(used_by),
                 n_controls,
                 n_all,
-                f" (ceil(n/2) per {split_by})" if cfg.fit_controls == "half" and split_by else "",
+                f" (half, at least 3, per {split_by})"
+                if cfg.fit_controls == "half" and split_by
+                else "",
                 n_all - n_controls,
                 FIT_COLUMN,
             )
