@@ -92,7 +92,8 @@ def choose_negatives(
         raise NotEvaluable(
             f"every one of the {n_ctrl} control profiles was used to fit the profiles' "
             f"normalisation/sphering ({fit_column} is True for all), so none is left to score "
-            "activity against: profile with profile.fit_controls=half (the default), or set "
+            "activity against: profile with profile.fit_controls=half (the default; it holds "
+            "out controls only on plates with 4 or more, fitting at least 3), or set "
             "evaluate.activity_negatives=all to score against the fitted controls (in-sample, "
             "flagged)"
         )
