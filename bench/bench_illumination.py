@@ -6,8 +6,9 @@ plate's background blocks once, then for each number of images per plate (5 to 1
 functions on random subsets of the plate's QC-passing images (`--draws` subsets per plate) and
 compares each (plate, channel) function that is used (applied, or flat) with the planted
 vignetting (`synth.render.camera`, scaled to a minimum of 1): worst pixel and median pixel
-relative error, and the fraction of (plate, channel) functions applied. `old` is the behaviour
-before the stability test (the significance test alone), `new` the default.
+relative error, and the fraction of (plate, channel) functions applied. `old` is
+`celldino.data.illumination` as it was before issue 21 (`git show BASELINE:...`: per-block free
+intercepts, the significance test alone), `new` the working tree's default.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_illumination.py [--draws 5] [--cells 30]
 """
@@ -23,6 +24,25 @@ import numpy as np
 import pandas as pd
 
 NS = (5, 10, 15, 25, 50, 100)
+BASELINE = "bb223ae"  # the last commit before issue 21's illumination changes
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def baseline_module():
+    """celldino.data.illumination as of BASELINE, imported from `git show` (a temp file)."""
+    import importlib.util
+    import subprocess
+
+    src = subprocess.run(
+        ["git", "show", f"{BASELINE}:src/celldino/data/illumination.py"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    path = Path(tempfile.mkdtemp()) / "illumination_baseline.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location("illumination_baseline", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def planted(truth: pd.Series, h: int, w: int) -> np.ndarray:
@@ -33,14 +53,14 @@ def planted(truth: pd.Series, h: int, w: int) -> np.ndarray:
     return vig / vig.min()
 
 
-def blocks_of(screen: Path):
-    from celldino.data.illumination import IlluminationAccumulator
+def blocks_of(screen: Path, module=None):
+    from celldino.data import illumination
     from celldino.data.imagesets import ImageSet
     from celldino.io.tables import read_load_data
 
     df, chans = read_load_data(screen / "load_data.csv")
     iset = ImageSet(df, chans)
-    acc = IlluminationAccumulator()
+    acc = (module or illumination).IlluminationAccumulator()
     for i in range(len(iset)):
         acc.add(str(iset.table.at[i, "Metadata_Plate"]), iset.read(i), key=iset.key(i))
     ok = iset.table.Metadata_QC_Truth == "ok"
@@ -48,7 +68,7 @@ def blocks_of(screen: Path):
     return acc, passing.to_dict(), chans
 
 
-def run(acc, passing: dict, truth: pd.DataFrame, draws: int, stability: bool) -> list[dict]:
+def run(acc, passing: dict, truth: pd.DataFrame, draws: int) -> list[dict]:
     rows = []
     for n in NS:
         for plate, keys in passing.items():
@@ -57,8 +77,7 @@ def run(acc, passing: dict, truth: pd.DataFrame, draws: int, stability: bool) ->
             rng = np.random.default_rng([n, int(plate[1:])])
             for d in range(draws):
                 sub = set(rng.choice(keys, n, replace=False))
-                kw = {} if stability else {"stability": False}
-                fns, report = acc.functions(passing=sub, **kw)
+                fns, report = acc.functions(passing=sub)
                 fn = fns[plate]
                 want = planted(truth.loc[plate], *fn.shape[1:])
                 for c, ch in enumerate(report[plate]["channels"]):
@@ -102,21 +121,19 @@ def main() -> None:
             )  # fmt: skip
             make_screen(screen, cfg)
         truth = pd.read_parquet(screen / "truth_images.parquet").groupby("Metadata_Plate").first()
-        acc, passing, chans = blocks_of(screen)
-        print(
-            f"screen: {len(passing)} plates, QC-passing images per plate "
-            f"{min(map(len, passing.values()))}-{max(map(len, passing.values()))}, "
-            f"{args.cells} cells per 128 px site, planted range "
-            f"{truth.vignette.min():.2f}-{truth.vignette.max():.2f} vignette → "
-            + ", ".join(f"{planted(t, 128, 128).max():.3f}x" for _, t in truth.iterrows())
-        )
         out = []
         for name in args.behaviours.split(","):
-            stab = name == "new"
-            df = pd.DataFrame(run(acc, passing, truth, args.draws, stab))
+            acc, passing, chans = blocks_of(screen, baseline_module() if name == "old" else None)
+            df = pd.DataFrame(run(acc, passing, truth, args.draws))
             df["behaviour"] = name
             out.append(df)
         df = pd.concat(out)
+        sizes = [len(v) for v in passing.values()]
+        print(
+            f"screen: {len(passing)} plates, {min(sizes)}-{max(sizes)} QC-passing images per "
+            f"plate, {args.cells} cells per 128 px site, planted vignetting "
+            + ", ".join(f"{planted(t, 128, 128).max():.3f}x" for _, t in truth.iterrows())
+        )
     g = df.groupby(["n", "behaviour"], sort=False)
     table = pd.DataFrame(
         {
