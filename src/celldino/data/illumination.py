@@ -14,38 +14,51 @@ true 1.2x vignetting reads as 1.08x). This module instead uses the *background*
    another), the noise measured from the image itself. A block with too little background is
    left out (NaN); non-finite pixels (NaN, inf) are left out of every statistic.
 2. The wells of a plate differ in background brightness (medium, autofluorescence, exposure):
-   `bg_i(x) = D + S(x) b_i`. Regressing each block's background on the image's level gives the
-   slope `S(x) / mean(S)`, free of `D`. Images whose block is an outlier (a cell cluster) are
-   dropped from that block's fit (3 robust sigmas) and each block is weighted by the inverse
-   variance of its slope.
-3. A quadratic surface (CellProfiler's "Fit Polynomial" smoothing) is fitted to the slopes,
+   `bg_i(x) = D + S(x) b_i`, with one dark offset `D` per plate and channel (the camera's). With
+   the image's level `L_i = D + mean(S) b_i`, each block's slope of `bg - D` on `L - D` through
+   the origin is `S(x) / mean(S)`: one number per block from all its images. `D` is the offset
+   whose block fits leave the least residual (a grid, then refined); it is identified by the
+   levels' spread together with the field's shape. (Before issue 21 each block had its own
+   intercept, which needs the levels' spread alone, a few %, and is 2-10x noisier.) Images whose
+   block is an outlier (a cell cluster) are dropped from that block's fit (3 robust sigmas);
+   each block is weighted by the inverse variance of its slope, the variance from its own
+   images shrunk toward the plate's (8 pseudo-images).
+3. Background noise is symmetric; cell signal in the "background" (fields so crowded that the
+   blocks' median is dim cytoplasm) only adds. Residuals of that fit whose quantile skewness
+   ((q90 + q10 - 2 q50) / (q90 - q10)) is beyond `MAX_SKEW` = 0.1 leave the channel flat.
+4. A quadratic surface (CellProfiler's "Fit Polynomial" smoothing) is fitted to the slopes,
    weighted; `median`/`gaussian` smooth the block map instead. The surface's standard error
    comes from the same fit: a surface whose deviation from flat is within 3 standard errors is
    not significant and the channel is left flat (1.0): already-corrected images are not
    distorted by noise.
-4. Stability: a significant surface is applied only when two random halves of the plate's
-   images give the same function: over `N_SPLITS` = 5 seeded splits, the median of the worst
-   pixel's |f_A / f_B - 1| must be within `MAX_DISAGREEMENT` = 10 % (the whole plate's error is
-   about half of that) and within the function's own correction (range - 1). Otherwise the
-   channel is left flat, with a warning naming the plate, the channel and the disagreement
-   (`prepare.illum_stability_test=false` applies it anyway). The significance test alone let
-   noise through: on the README tour's screen (30 cells per 128 px site, fields ~84 % covered,
-   14 images) plate P01's RNA function read 11.13x against a planted 1.215x. It also catches
-   the bias of crowded fields, where the "background" is dim cytoplasm, as far as the halves
-   disagree (bench/bench_illumination.py, docs/validation.md).
-5. Scaled so its minimum is 1 and saved as `illum/<plate>.npy` (C, H, W) float32
+5. Stability: a significant surface is applied only when two random halves of the plate's
+   images (`MIN_HALF` = 5 or more each) give the same function: over `N_SPLITS` = 5 seeded
+   splits, the median of the worst pixel's |f_A / f_B - 1| must be within `MAX_DISAGREEMENT` =
+   10 % (the whole plate's error is about half of that) and within the function's own
+   correction (range - 1). Otherwise the channel is left flat.
+6. Scaled so its minimum is 1 and saved as `illum/<plate>.npy` (C, H, W) float32
    (`celldino.io.prepared`); images are divided by it on read.
+
+Every channel left flat by 3 or 5 is warned about naming the plate, the channel and the
+measurement (skewness, or the halves' disagreement against the fitted range), with what to do
+(more images per plate; `prepare.illum_stability_test=false` applies the fit anyway, skipping
+3 and 5); the report (`prepare.json` -> `illumination_report`) records per channel its status,
+`fitted_range`, `disagreement` or `skew`. Why: the significance test alone let noise through: on
+the README tour's screen (30 cells per 128 px site, fields ~84 % covered, 14 images) plate P01's
+RNA function was applied at 11.13x against a planted 1.215x.
 
 The identification needs background levels that vary between images and enough images. A plate
 with fewer than `min_images` (`prepare.illum_min_images`, default `MIN_FIT_IMAGES` = 10) QC-passing
 images is not corrected (flat, warned: on NF1's five already-corrected sites a fit reads 1.13x
-and 6.1x, noise). Between 10 and ~25 images the stability test leaves many channels flat: on
-the synthetic `tiny` preset (14-16 images, 10 cells per site) 4 of 10 channels are applied,
-within 3.8 % RMS of the planted vignetting (worst pixel 5.2 %), the others flat (up to 18 %
-off); on `demo` (30-32 images of 256 px) all, worst pixel 2.4 %. When the levels hardly vary
-(relative spread below `MIN_SPREAD`), the offset cannot be cancelled and the plain background
-ratio (D = 0) is used, with a warning. A plate with sites of several sizes gets one function per
-size.
+and 6.1x, noise). Measured against the planted vignetting (bench/bench_illumination.py,
+docs/validation.md): with 10 cells per 128 px site, 39 % of channels are applied at 10 images,
+76 % at 15, 93 % at 25, all at 50 (worst pixel median 1.0 %, at most 4.2 %); on the `tiny`
+preset (14-16 images) 5 of 10 (within 6.0 % RMS), on `demo` (30-32 images of 256 px) all, worst
+pixel 1.9 %. On the tour's crowded fields nothing is applied up to 25 images, 2-14 % at 50-100
+(the AGP channel: its membrane signal leaves the residuals unskewed; up to 35-46 % off, against
+18 % left flat). When the levels hardly vary (relative spread below `MIN_SPREAD`), the offset
+cannot be cancelled and the plain background ratio (D = 0) is used, with a warning. A plate
+with sites of several sizes gets one function per size.
 """
 
 from __future__ import annotations
