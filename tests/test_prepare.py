@@ -83,7 +83,7 @@ def test_tiny_screen_outputs(tiny_prep, tiny_screen):
     t = truth[
         (truth.Metadata_Plate == r.Metadata_Plate)
         & (truth.Metadata_Well == r.Metadata_Well)
-        & (truth.Metadata_Site == r.Metadata_Site)
+        & (truth.Metadata_Site.astype(str) == r.Metadata_Site)  # prepare's metadata: text
     ]
     d = np.hypot(t.center_x - r.Metadata_Cell_Center_X, t.center_y - r.Metadata_Cell_Center_Y)
     assert d.min() < 6

@@ -199,17 +199,28 @@ def read_table(path: str | Path, *, features: bool = False) -> pd.DataFrame:
                 if f.read(2) in (b"\xff\xfe", b"\xfe\xff"):  # Excel's "Unicode text"
                     encodings = ("utf-16",)
         for enc in encodings:
-            # every cell as text; only an empty cell is missing (None, NA, null are values)
-            as_text = {"dtype": str, "keep_default_na": False, "na_values": [""]}
             try:
-                df = pd.read_csv(path, sep=sep, encoding=enc, **as_text)
-                if len(df.columns) == 1:  # one column: another separator (Excel's ';' or tabs)?
-                    head = str(df.columns[0])
-                    other = next((c for c in (";", "\t", ",") if c != sep and c in head), None)
+                names = csv_header(path, sep, enc)
+                if len(names) == 1:  # one column: another separator (Excel's ';' or tabs)?
+                    other = next((c for c in (";", "\t", ",") if c != sep and c in names[0]), None)
                     if other:
                         sep = other
-                        df = pd.read_csv(path, sep=sep, encoding=enc, **as_text)
-                names = csv_header(path, sep, enc)
+                        names = csv_header(path, sep, enc)
+                check_unique_names(names, str(path))
+                # text columns (metadata, file names) as text; only an empty cell is missing
+                # (None, NA, null are values); the other columns parsed as numbers where they are
+                df = pd.read_csv(
+                    path,
+                    sep=sep,
+                    encoding=enc,
+                    header=0,
+                    names=names,
+                    dtype={c: str for c in names if TEXT_COLUMN.match(c)},
+                    keep_default_na=False,
+                    na_values=[""],
+                )
+            except LoadDataError:
+                raise
             except UnicodeDecodeError:
                 continue
             except pd.errors.EmptyDataError:
@@ -221,9 +232,6 @@ def read_table(path: str | Path, *, features: bool = False) -> pd.DataFrame:
                 raise LoadDataError(f"table {path} cannot be parsed: {e}") from None
             except (OSError, EOFError, ValueError) as e:  # bad gzip, permission, ...
                 raise LoadDataError(f"table {path} cannot be read ({type(e).__name__}: {e})") from e
-            check_unique_names(names, str(path))
-            if len(names) == len(df.columns):
-                df.columns = names
             df = type_columns(df, path, features=features)
             if enc not in (_ENCODINGS[0], "utf-16"):
                 logger.warning(
