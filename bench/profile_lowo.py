@@ -206,8 +206,9 @@ def summary(tab: pd.DataFrame) -> dict[str, tuple[int, int]]:
 
 def _pooled(tab: pd.DataFrame) -> float:
     """The selection criterion: (NSC + NSCB) / 2, each pooled over folds."""
-    s = summary(tab)
-    return float(np.mean([s[f"{m}:all"][0] / max(s[f"{m}:all"][1], 1) for m in ("NSC", "NSCB")]))
+    s = summary(tab)  # a metric without queries (no MoA in two of the weeks) does not count
+    parts = [s[f"{m}:all"] for m in ("NSC", "NSCB") if s.get(f"{m}:all", (0, 0))[1]]
+    return float(np.mean([hit / n for hit, n in parts]))
 
 
 def _boot(v: np.ndarray, n: int = 2000, seed: int = 0) -> tuple[float, float]:

@@ -121,7 +121,7 @@ def nearest_moa(
         return MatchResult(
             accuracy=float("nan"),
             n_queries=0,
-            table=meta[cols].iloc[:0].copy(),
+            table=meta[cols].iloc[:0].assign(query=np.zeros(0, dtype=np.int64)),
             stats=empty_stats(0, flags),
         )
     Xn = X / np.linalg.norm(X, axis=1, keepdims=True)

@@ -6,31 +6,39 @@ A preset fills every step setting the user left unset ('' for strings, a negativ
 compartment `Cells_`, `Cytoplasm_`, `Nuclei_`, `Image_`, or celldino's engineered `CP_`) and
 `embeddings` for everything else (learned features, `emb_`).
 
-Why each step (measured in docs/validation.md, "Profile recipe"; reasons, not fitted constants):
-- normalise per plate to the controls, each feature's scale at least its spread over all the
-  plate's profiles (pp.normalize, scale_floor=1): a feature cannot explode when the controls
-  happen not to vary in it; CellProfiler features are heavy-tailed (median/MAD, as pycytominer),
-  embedding dimensions are not (mean/std).
-- CellProfiler selection: pycytominer's variance rule (`frequency`: near-constant and
-  few-valued features), `drop_na`, `drop_outliers` and its blocklist of known-noisy features.
-  No `correlation` selection: sphering decorrelates the features instead of discarding the
-  redundant ones (their average is less noisy than any one of them); it cost NSC on the
-  synthetic screen. Embedding dimensions have no such catalogue: none.
-- clip at ±50 control spreads: a single artefactual well cannot dominate a cosine.
-- CellProfiler features: ZCA sphering on the controls, fitted once over all plates, with OAS
-  shrinkage toward the mean eigenvalue (typical variation normalisation): raises NSC/NSCB and
-  retrieval on LINCS and the synthetic screen; the shrinkage keeps it safe with fewer controls
-  than features.
-- Embeddings: no sphering. After per-plate centring the controls hold no batch variance, so
-  whitening on them magnifies every direction that is quiet in the controls, batch x treatment
-  interactions included; learned (and random-init) embeddings carry much more of that than
-  engineered features. On the demo screen (`make demo`, 32 DMSO wells, 192 dimensions) ZCA+OAS
-  took the learned embeddings' NSCB from 0.542 to 0.375 and random init's from 0.604 to 0.333
-  (NSC 0.708 -> 0.792 and 0.583 -> 0.667), while the engineered features kept NSCB 0.854.
-  `profile.sphere=ZCA` (with `sphere_by` a batch key when there are enough controls per batch)
-  turns it on.
-- no inverse-normal transform: it cost NSCB on the synthetic screen (0.79 → 0.60); available
-  with `profile.inverse_normal=true`.
+Why each step. The `cellprofiler` preset was chosen leave-one-week-out on real data: BBBC021's
+per-well CellProfiler profiles, odd weeks (`bench/profile_lowo.py`, docs/profiling.md "How the
+cellprofiler preset was chosen"; every fold there). Each held-out week's treatments are scored
+(NSC/NSCB) with every cross-plate step fitted on the other four weeks. It beats or matches
+pycytominer's workflow on every fold (NSC 53/56 vs 36/56 pooled, NSCB 30/32 vs 29/32); choosing
+among all 30 candidates inside each fold's training weeks gives 0.911 / 0.938 on the held-out
+weeks. The synthetic screen only checks the code (its ground truth), it does not choose.
+- normalise per plate to its controls with pycytominer's arithmetic (median, 1.4826·MAD; no
+  floor): CellProfiler features are heavy-tailed. The 0.3.0 floor at each feature's spread over
+  all the plate's wells replaced control-based scaling almost everywhere and cost NSCB on every
+  fold with MoAs across weeks (0.688 vs 0.906 pooled); a floor on the median control spread
+  over plates (`normalize(floor_reference='controls')`) was no better than none.
+- clip at ±30 control spreads: with no floor, a feature nearly constant in a plate's DMSO wells
+  reaches 1e16 and decides every cosine; clipping bounds it. It is what lifts NSC (0.643 → 0.893
+  at ±20 without sphering); ±10 cost NSCB, ±50 NSC; ±30 with sphering is the candidate that
+  matched pycytominer's NSCB on every fold.
+- CellProfiler selection: pycytominer's variance rule (`frequency`), `drop_na`,
+  `drop_outliers` and its blocklist (the same scores as `variance` alone or none: kept as the
+  field's standard hygiene). No `correlation`: it cost NSCB (0.781 → 0.656).
+- ZCA sphering on the controls with the covariance shrunk toward the mean eigenvalue by
+  a = d / (n + d) for n control profiles and d features ('ratio'): half-way with as many
+  controls as features, more with fewer. OAS chose a ≈ 0.01 (whitening noise directions: NSC
+  0.786 at ±20) and cross-validated likelihood as little; PCA-whitening of the 40 or 80 leading
+  directions was between. One sphering per batch (`Metadata_Batch` when present, each batch's
+  own controls; as per-plate normalisation uses each plate's) took NSC from 0.929 to 0.964 at
+  ±20; without a batch column one global sphering (NSC 0.839 / NSCB 0.906 at ±30, still at or
+  above pycytominer on every fold).
+- Embeddings: no sphering, standardise, floor 1, clip 50, unchanged: there is no real screen
+  of embeddings with MoA labels here to choose on. On the synthetic demo screen (`make demo`,
+  32 DMSO wells, 192 dimensions) ZCA+OAS took the learned embeddings' NSCB from 0.542 to 0.375
+  and random init's from 0.604 to 0.333. `profile.sphere=ZCA` turns it on.
+- no inverse-normal transform: it cost NSCB on BBBC021 (0.781 → 0.688 at ±20); available with
+  `profile.inverse_normal=true`.
 """
 
 from __future__ import annotations
