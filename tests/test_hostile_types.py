@@ -328,6 +328,18 @@ def test_uint8_channel_in_a_uint16_site_is_no_longer_silent(run_cli, tmp_path):
     assert "different pixel types" in text and "uint8 (e.g." in text and "s2_ER.tif" in text
 
 
+def test_uint8_channel_with_plate_percentiles_is_refused(run_cli, tmp_path):
+    """The other plate statistic: one set of percentiles per plate over uint8 and uint16 images
+    (the uint8 plane, stacked as uint16, was not seen as another type)."""
+    path = _plate(tmp_path, n=4)
+    _retype(path, "s2_ER.tif", np.uint8)
+    out = tmp_path / "prep"
+    args = ("prepare.illumination=false", "prepare.normalization=percentile_plate")
+    rc, text = _prep(run_cli, path, out, *args)
+    assert rc == 2 and "different pixel types within plate P" in text and "s2_ER.tif" in text
+    assert not (out / "cells.parquet").exists()
+
+
 def test_same_types_in_a_plate_still_get_their_function(run_cli, tmp_path):
     path = _plate(tmp_path)
     out = tmp_path / "prep"
