@@ -197,6 +197,21 @@ def test_text_cell_in_a_feature_column_is_named(tmp_path, run_cli):
     assert not out.exists()
 
 
+def test_text_plane_number_in_a_load_data_table_is_named(tmp_path):
+    """Frame_<CH> (the plane of a multi-page file) with a text cell: pandas made it NaN (the
+    first plane, silently); refused naming line and cell. Other text columns are left alone."""
+    ld = tmp_path / "ld.csv"
+    ld.write_text(
+        "Metadata_Plate,FileName_DNA,PathName_DNA,Frame_DNA,Note\n"
+        "P,a.tif,.,0,1\nP,b.tif,.,two,fine\n"
+    )
+    with pytest.raises(DataError, match=r"line 3 of .*column Frame_DNA holds 'two'"):
+        read_table(ld)
+    ld.write_text(ld.read_text().replace("two", "1"))
+    df = read_table(ld)
+    assert df["Frame_DNA"].tolist() == [0, 1] and df["Note"].tolist() == ["1", "fine"]
+
+
 def test_feature_named_twice_is_refused(tmp_path, run_cli):
     header = ["Metadata_Plate", "Metadata_Well", "Cells_a", "Cells_a"]
     src = _cells_csv(tmp_path / "cells.csv", header, [["P", "A01", "1", "2"]])

@@ -128,8 +128,12 @@ def type_columns(df: pd.DataFrame, path: str | Path, *, features: bool) -> pd.Da
             raise LoadDataError(
                 f"{row_label(path, i)}: column {c} holds {col.iloc[i]!r}, not a number"
                 + (f" ({n} such cells in the column)" if n > 1 else "")
-                + "; a feature column must hold numbers: write a missing value as an empty cell "
-                "(or NaN), fix the cell, or remove the column"
+                + (
+                    "; a Frame_ column holds plane numbers: fix the cell (empty = the first plane)"
+                    if str(c).startswith("Frame_")
+                    else "; a feature column must hold numbers: write a missing value as an "
+                    "empty cell (or NaN), fix the cell, or remove the column"
+                )
             )
     return df
 
