@@ -92,7 +92,7 @@ def run(acc, passing: dict, truth: pd.DataFrame, draws: int) -> list[dict]:
                             "range": float(fn[c].max()),
                             "worst": float(rel.max()),
                             "typical": float(np.median(rel)),
-                            "flat_worst": float(want.max() - 1),
+                            "flat_worst": float(1 - 1 / want.max()),
                             "fitted_range": ch.get("fitted_range", np.nan),
                             "disagreement": ch.get("disagreement", np.nan),
                         }
@@ -147,10 +147,15 @@ def main() -> None:
         }
     )
     flat = df.groupby("n").flat_worst.median().round(3)
+    applied = df[df.applied].groupby(["n", "behaviour"], sort=False)
+    table["max applied"] = applied.worst.max().round(3)
     print(table.to_string())
+    new = df[df.applied & (df.behaviour == "new")]
+    for n, chs in new.groupby("n").channel:
+        print(f"new, {n} images: applied channels {sorted({chans[i] for i in chs})}")
     if args.dump:
         df.to_parquet(args.dump)
-    print(f"\nleft flat, the worst-pixel error is the planted range - 1: median {flat.iloc[0]}")
+    print(f"\nleft flat, the worst-pixel error is 1 - 1/planted range: median {flat.iloc[0]}")
 
 
 if __name__ == "__main__":
