@@ -326,7 +326,8 @@ def test_one_site_of_another_bit_depth_is_refused_before_the_plate_function(
     _retype(path, "s2_ER.tif", dtype)
     out = tmp_path / "prep"
     rc, text = _prep(run_cli, path, out)
-    name = "float32" if dtype == np.float16 else "uint8"  # float16 is read as float32 (exact)
+    # float16 is read as float32 (exactly): the message says both
+    name = "float32 (stored as float16)" if dtype == np.float16 else "uint8"
     assert rc == 2 and "different pixel types" in text and "s2_ER.tif" in text, text
     assert f"is {name} (1 image(s))" in text and "s0_ER.tif is uint16 (13)" in text
     assert "channel ER" in text and not (out / "qc.parquet").exists()

@@ -58,7 +58,7 @@ from celldino.io.files import (
     require_writable,
     write_json,
 )
-from celldino.io.images import ImageReadError, image_shape
+from celldino.io.images import ImageReadError, image_shape, stored_dtype
 from celldino.io.lock import output_lock
 from celldino.io.masks import MASKS, OUTLINES, read_user_mask, write_masks, write_outline
 from celldino.io.prepared import (
@@ -292,6 +292,8 @@ def _refuse_mixed_types_in_plate_functions(
             continue
         ranked = sorted(seen.items(), key=lambda kv: -kv[1][0])
         (major, (n_major, ex_major)), (minor, (n_minor, ex_minor)) = ranked[0], ranked[1]
+        stored = stored_dtype(ex_minor)  # float16 is read as float32: say what the file holds
+        minor = f"{minor} (stored as {stored})" if stored and stored != minor else minor
         raise DataError(
             f"plate {plate}, channel {channel}: images of different pixel types: {ex_minor} is "
             f"{minor} ({n_minor} image(s)) while {ex_major} is {major} ({n_major}); the plate's "

@@ -178,6 +178,24 @@ def image_shape(path: str | Path) -> tuple[int, int]:
     return read_image(path).shape  # type: ignore[return-value]
 
 
+def stored_dtype(path: str | Path) -> str | None:
+    """The pixel type as the file stores it (TIFF, NPY), which `read_image` may widen (float16 is
+    read as float32); None when it cannot be told without reading the pixels. For messages."""
+    path = Path(path)
+    suffix = _suffix(path)
+    try:
+        if suffix in TIFF_SUFFIXES:
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                return str(tif.series[0].dtype)
+        if suffix == ".npy":
+            return str(np.load(path, mmap_mode="r").dtype)
+    except Exception:
+        return None
+    return None
+
+
 def write_tiff(path: str | Path, image: np.ndarray, *, compression: str | None = None) -> Path:
     """Write one plane (or a stack) as TIFF, creating folders; used for masks and tests."""
     import tifffile
