@@ -111,7 +111,9 @@ def test_lincs_values_alone_are_recognised_and_bbbc021_raw_is_not(lincs, bbbc):
 def test_explicit_normalize_on_lincs_normalises_and_input_state_raw_runs_the_recipe(lincs):
     path, df = lincs
     a = _anndata(df)
-    cfg = ProfileConfig(input=(path,), controls=CTRL, normalize="mad_robustize")
+    cfg = ProfileConfig(
+        input=(path,), controls=CTRL, normalize="mad_robustize", fit_controls="half"
+    )
     out = process(a.copy(), cfg)
     steps = [s["step"] for s in history(out)]
     assert "normalize" in steps and "sphere" not in steps  # explicit wins, the rest skipped
@@ -192,7 +194,9 @@ def _ap_by_hand(X, pos: np.ndarray, neg: np.ndarray, q: int) -> float:
 
 def test_activity_negatives_exclude_the_fitted_controls_by_hand():
     a = _toy()
-    prof = process(a.copy(), ProfileConfig(controls=CTRL, recipe="cellprofiler"))
+    prof = process(
+        a.copy(), ProfileConfig(controls=CTRL, recipe="cellprofiler", fit_controls="half")
+    )
     meta = prof.obs.reset_index(drop=True)
     X = np.asarray(prof.X)
     fit = meta[FIT_COLUMN].to_numpy(bool)
@@ -227,7 +231,7 @@ def test_activity_refuses_when_every_control_was_fitted_and_evaluate_says_which(
     with pytest.raises(NotEvaluable, match="profile.fit_controls=half"):
         phenotypic_activity(meta, every.X, by=["Metadata_Compound"], show_progress=False)
     # evaluate: held-out negatives by default, named in the metrics table
-    half = process(a.copy(), ProfileConfig(controls=CTRL))
+    half = process(a.copy(), ProfileConfig(controls=CTRL, fit_controls="half"))
     table = pd.concat(
         [half.obs.reset_index(drop=True), pd.DataFrame(half.X, columns=list(half.var_names))],
         axis=1,
@@ -242,3 +246,35 @@ def test_activity_refuses_when_every_control_was_fitted_and_evaluate_says_which(
     out2 = evaluate(tmp_path / "p.csv", spec={"analyses": ["activity"]}, cfg=cfg_all)
     m2 = pd.read_parquet(out2 / "metrics.parquet").set_index("metric")
     assert m2.loc["n_negatives", "value"] == 18 and "in-sample" in m2.loc["mAP", "flags"]
+
+
+def test_split_default_profiles_on_every_control_and_activity_on_the_held_out_layer(tmp_path):
+    """profile.fit_controls=split (the default): X is what fit_controls=all makes (the recipe
+    chosen on BBBC021 with every control), the `activity` layer is what fit_controls=half makes
+    on the same features, and evaluate scores the .h5ad's activity on that layer against the
+    controls it was not fitted on (by hand: the same summary as phenotypic_activity on the
+    half profiles)."""
+    from celldino.eval.runner import evaluate
+    from celldino.io.profiles import write_h5ad
+    from celldino.pp.fit_split import ACTIVITY_FIT_COLUMN, ACTIVITY_LAYER
+
+    a = _toy()
+    split = process(a.copy(), ProfileConfig(controls=CTRL))
+    every = process(a.copy(), ProfileConfig(controls=CTRL, fit_controls="all"))
+    half = process(a.copy(), ProfileConfig(controls=CTRL, fit_controls="half"))
+    np.testing.assert_allclose(split.X, every.X, atol=1e-12)
+    assert list(split.var_names) == list(half.var_names)
+    np.testing.assert_allclose(split.layers[ACTIVITY_LAYER], half.X, atol=1e-12)
+    np.testing.assert_array_equal(
+        split.obs[ACTIVITY_FIT_COLUMN].to_numpy(bool), half.obs[FIT_COLUMN].to_numpy(bool)
+    )
+    assert split.obs[FIT_COLUMN].to_numpy(bool).sum() == 18  # X: every control fitted
+    write_h5ad(split, tmp_path / "p.h5ad")
+    cfg = EvaluateConfig(out_dir=str(tmp_path / "ev"), null_size=100, n_boot=20)
+    out = evaluate(tmp_path / "p.h5ad", spec={"analyses": ["activity"]}, cfg=cfg)
+    m = pd.read_parquet(out / "metrics.parquet").set_index("metric")
+    assert m.loc["n_negatives", "value"] == 8 and m.loc["n_negatives_fitted", "value"] == 0
+    assert m.loc["mAP", "flags"] == ""
+    kw = {"by": ["Metadata_Compound"], "null_size": 100, "show_progress": False}
+    _, _, by_hand = phenotypic_activity(half.obs.reset_index(drop=True), half.X, **kw)
+    assert m.loc["mAP", "value"] == pytest.approx(by_hand["mAP"], abs=1e-9)

@@ -300,7 +300,7 @@ class ProfileConfig:
     consensus: tuple[str, ...] = ()  # keys of treatment-level consensus profiles ('' = skip)
     consensus_method: str = "median"  # consensus of replicate profiles: mean or median
     allow_partial: bool = False  # profile an unfinished extraction (recorded in the output)
-    fit_controls: str = "half"  # controls the steps fit on: half (per plate; rest held out) or all
+    fit_controls: str = "split"  # X on all controls + a layer on half (split), half, or all
     input_state: str = "auto"  # auto (detect already-normalised input), raw or normalized
 
 
@@ -414,7 +414,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
         "replicate",
     ),
     "profile.consensus_method": ("mean", "median"),
-    "profile.fit_controls": ("half", "all"),
+    "profile.fit_controls": ("split", "half", "all"),
     "profile.input_state": ("auto", "raw", "normalized"),
     "train.centering": ("center", "sinkhorn_knopp"),
     "train.clip_mode": ("global", "per_tensor"),

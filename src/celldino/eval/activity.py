@@ -8,7 +8,10 @@ permutation p-value after Benjamini-Hochberg correction (copairs' phenotypic-act
 profiles' normalisation or sphering was fitted on, activity is optimistic (sphering whitens
 exactly those wells; on LINCS it called 58 of 58 compounds active where the held-out wells call
 far fewer, docs/profiling.md). `celldino profile` fits on half of each plate's controls and
-marks them in `Metadata_celldino_fit_control` (`celldino.pp.fit_split`). Here:
+marks them in `Metadata_celldino_fit_control` (`celldino.pp.fit_split`). By default
+(`profile.fit_controls=split`) the profiles are fitted on every control and the .h5ad carries a
+layer `activity` fitted on half of them: `celldino evaluate` scores activity on that layer, its
+fitted half marked as here (eval/runner.py). Here:
 
 - `negatives='held_out'` (the default): the controls marked there are left out and the others
   are the negatives. With every control marked (profiled with `profile.fit_controls=all`)
@@ -92,8 +95,9 @@ def choose_negatives(
         raise NotEvaluable(
             f"every one of the {n_ctrl} control profiles was used to fit the profiles' "
             f"normalisation/sphering ({fit_column} is True for all), so none is left to score "
-            "activity against: profile with profile.fit_controls=half (the default; it holds "
-            "out controls only on plates with 4 or more, fitting at least 3), or set "
+            "activity against: evaluate the .h5ad of celldino profile's default "
+            "profile.fit_controls=split (its 'activity' layer is fitted on half the controls; "
+            "Parquet and CSV cannot hold it), or profile with profile.fit_controls=half, or set "
             "evaluate.activity_negatives=all to score against the fitted controls (in-sample, "
             "flagged)"
         )

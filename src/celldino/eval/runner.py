@@ -212,6 +212,9 @@ class FeatureSet:
     features: list[str]
     source: str
     key: str  # fingerprint of the data, for resuming
+    # activity's profiles fitted on half the controls (`celldino profile`'s `activity` layer,
+    # fit_controls=split): the matrix scored and the metadata marking the controls it fitted
+    activity: tuple[pd.DataFrame, np.ndarray] | None = None
 
 
 def _prefixes(prefix: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
@@ -265,18 +268,34 @@ def split_features(
     return df[meta_cols].reset_index(drop=True), df[features].to_numpy(np.float64), features
 
 
-def _from_anndata(path: Path, feature_prefix: str) -> tuple[pd.DataFrame, np.ndarray, list[str]]:
+def _from_anndata(
+    path: Path, feature_prefix: str
+) -> tuple[pd.DataFrame, np.ndarray, list[str], tuple[pd.DataFrame, np.ndarray] | None]:
     """An .h5ad: features are `X` (columns `var_names`), metadata every `obs` column; an obs
-    column never becomes a feature, whatever its name or type."""
+    column never becomes a feature, whatever its name or type. The last element is the held-out
+    `activity` layer with its metadata (its fitted controls as FIT_COLUMN), or None."""
     from celldino.io.profiles import read_h5ad
+    from celldino.pp.fit_split import ACTIVITY_FIT_COLUMN, ACTIVITY_LAYER, FIT_COLUMN
 
     adata = read_h5ad(path)
     features = list(map(str, adata.var_names))
     X = np.asarray(adata.X.toarray() if hasattr(adata.X, "toarray") else adata.X, np.float64)
+    layer = None
+    if ACTIVITY_LAYER in adata.layers and ACTIVITY_FIT_COLUMN in adata.obs:
+        layer = np.asarray(adata.layers[ACTIVITY_LAYER], np.float64)
+    keep = list(range(len(features)))
     if _prefixes(feature_prefix):
         keep = [i for i, f in enumerate(features) if f.startswith(_prefixes(feature_prefix))]
         X, features = X[:, keep], [features[i] for i in keep]
-    return obs_table(adata), X, features
+    meta = obs_table(adata)
+    activity = None
+    if layer is not None:
+        act_meta = meta.drop(columns=[ACTIVITY_FIT_COLUMN]).assign(
+            **{FIT_COLUMN: meta[ACTIVITY_FIT_COLUMN].to_numpy(bool)}
+        )
+        activity = (act_meta, layer[:, keep])
+        meta = meta.drop(columns=[ACTIVITY_FIT_COLUMN])
+    return meta, X, features, activity
 
 
 def _check_matrix(X: np.ndarray, features: list[str], source: str) -> None:
@@ -348,8 +367,9 @@ def load_feature_sets(
         raise SpecError("no profiles: pass PROFILES or list feature sets under 'inputs'")
     sets: dict[str, FeatureSet] = {}
     for name, path in paths.items():
+        activity = None
         if path.name.lower().endswith(".h5ad") and path.is_file():
-            meta, X, features = _from_anndata(path, fp)
+            meta, X, features, activity = _from_anndata(path, fp)
         else:
             df = cytotable_names(read_profile_table(path), str(path))
             meta, X, features = split_features(
@@ -357,7 +377,7 @@ def load_feature_sets(
             )
         _check_matrix(X, features, str(path))
         key = fingerprint([file_fingerprint(path), mp, fp])
-        sets[name] = FeatureSet(name, meta, X, features, str(path), key)
+        sets[name] = FeatureSet(name, meta, X, features, str(path), key, activity)
     for name, how in (spec.get("derived") or {}).items():
         sets[name] = _derive(name, how, sets, seed)
     return sets
@@ -529,7 +549,10 @@ def _run_all(
                     run_ctx = dataclasses.replace(
                         run_ctx, cols=dataclasses.replace(ctx.cols, control="")
                     )
-                res = _as_result(ANALYSES[name](fs.meta, fs.X, run_ctx, **params))
+                meta_, X_ = fs.meta, fs.X
+                if name == "activity" and fs.activity is not None:  # the held-out layer
+                    meta_, X_ = fs.activity
+                res = _as_result(ANALYSES[name](meta_, X_, run_ctx, **params))
             except (Unpaired, NotEvaluable) as e:  # cannot run on these data: skip, say why
                 reason = str(e.args[0] if e.args else e)
                 skipped[f"{name} on {fs.name}"] = reason

@@ -8,8 +8,14 @@ DMSO". On the real LINCS plate the cellprofiler recipe fitted on all 24 DMSO wel
 against the same 24 called 58 of 58 compounds active (mAP 0.899), where the table as pycytominer
 wrote it gives 31 of 58 (docs/profiling.md, "Held-out controls").
 
-So `celldino profile` fits the steps that use the controls on half of them by default
-(`profile.fit_controls=half`): within each value of the split key (the plate,
+So `celldino profile` keeps controls out of a fit for activity. By default
+(`profile.fit_controls=split`) the profiles themselves (X) are fitted on every control, as the
+recipe was chosen (half the controls per plate cost BBBC021's NSC 0.95 → 0.79 and NSCB
+0.94 → 0.66 leave-one-week-out: 3 DMSO wells per plate make a poor MAD), and the same steps,
+on the same features, are fitted a second time on half of each plate's controls into the
+layer `activity` (.h5ad only), its fitted controls marked in `Metadata_celldino_activity_fit`;
+evaluate's activity scores that layer against the other half. With `profile.fit_controls=half`
+X itself is fitted on half: within each value of the split key (the plate,
 `profile.normalize_by`), ceil(n/2) controls fit, but at least `MIN_FIT` (3; all of them when the
 plate has 3 or fewer: a MAD of 1 or 2 wells is 0 or a single difference), and the rest are held
 out. Which ones is fixed
@@ -36,7 +42,9 @@ from celldino.pp.controls import control_mask, groups
 from celldino.pp.steps import record
 
 FIT_COLUMN = "Metadata_celldino_fit_control"  # bool obs column: this control fitted a step
-FIT_MODES = ("half", "all")
+FIT_MODES = ("split", "half", "all")
+ACTIVITY_LAYER = "activity"  # profiles fitted on half the controls, for evaluate's activity
+ACTIVITY_FIT_COLUMN = "Metadata_celldino_activity_fit"  # bool: this control fitted that layer
 FIT_SEED = 0  # fixed: which half fits is part of the recipe, not a tuning knob
 MIN_FIT = 3  # a plate's controls fitted at least (all when it has fewer)
 _TRUE = {"true", "1", "1.0", "yes"}
@@ -91,7 +99,7 @@ def split_controls(
     names = np.asarray(adata.obs_names.astype(str))
     for _, rows in groups(adata, key):
         ctrl = rows[controls[rows]]
-        if mode == "all":
+        if mode in ("all", "split"):  # split: X on every control (the half is the layer's)
             fit[ctrl] = True
             continue
         order = ctrl[_rank(list(names[ctrl]), seed)]

@@ -37,7 +37,14 @@ from celldino.pp.clip import clip
 from celldino.pp.consensus import consensus
 from celldino.pp.controls import annotate
 from celldino.pp.feature_select import feature_select
-from celldino.pp.fit_split import FIT_COLUMN, fitted_marks, mark, split_controls
+from celldino.pp.fit_split import (
+    ACTIVITY_FIT_COLUMN,
+    ACTIVITY_LAYER,
+    FIT_COLUMN,
+    fitted_marks,
+    mark,
+    split_controls,
+)
 from celldino.pp.harmony import harmony
 from celldino.pp.inputs import already_normalized
 from celldino.pp.inverse_normal import inverse_normal
@@ -473,7 +480,7 @@ def process(adata: ad.AnnData, cfg: ProfileConfig) -> ad.AnnData:
             by=split_by,
             used_by=used_by,
         )
-        if used_by:
+        if used_by and cfg.fit_controls != "split":  # split: _activity_layer says it
             n_all = int(adata.obs[CONTROL_COLUMN].sum())
             logger.info(
                 "profile.fit_controls=%s: %s fitted on %d of the %d control profiles%s; the "
@@ -488,6 +495,46 @@ def process(adata: ad.AnnData, cfg: ProfileConfig) -> ad.AnnData:
                 n_all - n_controls,
                 FIT_COLUMN,
             )
+    base = adata.copy() if cfg.fit_controls == "split" and used_by else None
+    adata, selected = _fit_steps(adata, steps, sphere_, cfg, fit)
+    layer = None
+    if base is not None:
+        layer = _activity_layer(base, selected, steps, sphere_, cfg, split_by, prev)
+    if cfg.harmony_key:
+        k = min(cfg.harmony_pcs, adata.n_obs - 1, adata.n_vars)
+        pca(adata, n_components=k)
+        harmony(adata, key=cfg.harmony_key, use_rep="X_pca")
+        adata = _to_pcs(adata, "X_pca_harmony")
+        _check(adata, "harmony", cfg)
+    if steps.inverse_normal:
+        inverse_normal(adata)
+        _check(adata, "inverse_normal", cfg)
+    if layer is not None and cfg.harmony_key:
+        logger.warning(
+            "profile.harmony_key: no held-out '%s' layer (Harmony's components are fitted on "
+            "every profile); evaluate's activity on these profiles is in-sample (flagged)",
+            ACTIVITY_LAYER,
+        )
+    elif layer is not None:
+        if steps.inverse_normal:
+            inverse_normal(layer)
+        _check(layer, "held-out activity layer", cfg)
+        adata.layers[ACTIVITY_LAYER] = np.asarray(layer.X, dtype=np.float64)
+        adata.obs[ACTIVITY_FIT_COLUMN] = layer.obs[ACTIVITY_FIT_COLUMN].to_numpy(bool)
+    return adata
+
+
+def _fit_steps(
+    adata: ad.AnnData,
+    steps: Steps,
+    sphere_: str,
+    cfg: ProfileConfig,
+    fit: np.ndarray,
+    features: list[str] | None = None,
+) -> tuple[ad.AnnData, list[str]]:
+    """normalise → select → clip → sphere, each fitted step on the controls `fit`; with
+    `features`, those features are kept instead of selecting (the held-out layer keeps X's).
+    Returns the profiles and the features selected (sphering's inputs)."""
     if steps.normalize != "none":
         normalize(
             adata,
@@ -499,7 +546,9 @@ def process(adata: ad.AnnData, cfg: ProfileConfig) -> ad.AnnData:
             scale_floor=steps.normalize_floor,
         )
         _check(adata, "normalize", cfg)
-    if steps.select:
+    if features is not None:
+        adata = adata[:, features].copy()
+    elif steps.select:
         feature_select(
             adata,
             operations=list(steps.select),
@@ -513,6 +562,7 @@ def process(adata: ad.AnnData, cfg: ProfileConfig) -> ad.AnnData:
             replicate_threshold=cfg.replicate_threshold,
         )
         _check(adata, "feature_select", cfg)
+    selected = list(map(str, adata.var_names))
     if steps.clip > 0:
         clip(adata, limit=steps.clip)
     if sphere_ != "none":
@@ -526,16 +576,40 @@ def process(adata: ad.AnnData, cfg: ProfileConfig) -> ad.AnnData:
             controls=fit,
         )
         _check(adata, "sphere", cfg)
-    if cfg.harmony_key:
-        k = min(cfg.harmony_pcs, adata.n_obs - 1, adata.n_vars)
-        pca(adata, n_components=k)
-        harmony(adata, key=cfg.harmony_key, use_rep="X_pca")
-        adata = _to_pcs(adata, "X_pca_harmony")
-        _check(adata, "harmony", cfg)
-    if steps.inverse_normal:
-        inverse_normal(adata)
-        _check(adata, "inverse_normal", cfg)
-    return adata
+    return adata, selected
+
+
+def _activity_layer(
+    base: ad.AnnData,
+    features: list[str],
+    steps: Steps,
+    sphere_: str,
+    cfg: ProfileConfig,
+    split_by: str,
+    prev: np.ndarray | None,
+) -> ad.AnnData:
+    """`profile.fit_controls=split`: the same steps on X's features fitted on half of each
+    plate's controls (pp/fit_split.py), the half marked in ACTIVITY_FIT_COLUMN."""
+    half = split_controls(base, mode="half", by=split_by)
+    if prev is not None:  # controls an earlier run fitted on stay fitted
+        half = half | prev
+    layer_steps = steps
+    if steps.sphere_by and not cfg.sphere_by and sphere_ != "none":
+        layer_steps = _sphere_groups(base, steps, half)
+    layer, _ = _fit_steps(base, layer_steps, sphere_, cfg, half, features=features)
+    layer.obs[ACTIVITY_FIT_COLUMN] = half
+    n_ctrl = int(base.obs[CONTROL_COLUMN].sum())
+    logger.info(
+        "profile.fit_controls=split: profiles fitted on all %d control profiles; the '%s' "
+        "layer repeats the steps fitted on %d of them (obs %s), the other %d held out for "
+        "evaluate's activity",
+        n_ctrl,
+        ACTIVITY_LAYER,
+        int((half & base.obs[CONTROL_COLUMN].to_numpy(bool)).sum()),
+        ACTIVITY_FIT_COLUMN,
+        n_ctrl - int((half & base.obs[CONTROL_COLUMN].to_numpy(bool)).sum()),
+    )
+    return layer
 
 
 def _check_rows(adata: ad.AnnData, cfg: ProfileConfig) -> None:
