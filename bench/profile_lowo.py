@@ -76,6 +76,7 @@ class Candidate:
     inverse_normal: bool = False
     consensus: str = "median"
     pycytominer: bool = False  # pycytominer.normalize + feature_select(variance_threshold)
+    fit_half: bool = False  # fit on half of each plate's controls (profile.fit_controls=half)
 
 
 def _quiet() -> None:
@@ -124,6 +125,12 @@ def apply(a: ad.AnnData, cand: Candidate, fit: np.ndarray) -> ad.AnnData:
         return _pycytominer(a, fit)
     a = a.copy()
     ctrl = (a.obs["Metadata_pert_type"] == "control").to_numpy()
+    if cand.fit_half:  # the controls celldino's fit_controls=half fits on, the rest unused
+        from celldino.pp.fit_split import split_controls
+        from celldino.pp.steps import CONTROL_COLUMN
+
+        a.obs[CONTROL_COLUMN] = ctrl
+        ctrl = split_controls(a, mode="half", by="Metadata_Plate")
     if cand.normalize != "none":
         normalize(
             a,
@@ -229,6 +236,9 @@ DEFAULT = Candidate(
 
 CANDIDATES = [
     DEFAULT,
+    dataclasses.replace(
+        DEFAULT, name="the same fitted on half of each plate's controls", fit_half=True
+    ),
     Candidate("pycytominer (mad_robustize + variance_threshold)", pycytominer=True),
     Candidate(
         "celldino 0.3.0 default (floor 1, select, clip 50, ZCA+OAS)",
