@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from copairs.compute import random_ap as copairs_random_ap
 from copairs.map import average_precision as copairs_ap
 from copairs.map import mean_average_precision as copairs_map
@@ -70,25 +73,89 @@ def ranking(request, monkeypatch):
     return request.param
 
 
-def test_blocked_ap_ties_like_copairs(ranking):
-    # few distinct integer vectors: many exact similarity ties between positives and negatives
+def _tied_rows(meta, X, rules):
+    """Queries where a positive and a negative share the float32 key copairs ranks by."""
+    Xn = X / np.linalg.norm(X, axis=1, keepdims=True)
+    key = 1 - (Xn @ Xn.T).astype(np.float32)
+    g, b = meta["g"].to_numpy(), meta["b"].to_numpy()
+    out = []
+    for i in range(len(X)):
+        pos = (g == g[i]) & (np.arange(len(X)) != i)
+        neg = (g != g[i]) & (b == b[i])
+        out.append(bool(np.isin(key[i][pos], key[i][neg]).any()))
+    return np.array(out)
+
+
+def test_blocked_ap_ties_against_copairs(ranking):
+    # few distinct integer vectors: many exact similarity ties between positives and negatives.
+    # copairs ranks a tied positive first (AP too high); celldino averages over the tie's orders
     rng = np.random.default_rng(1)
     n = 240
-    meta = pd.DataFrame({"g": rng.integers(0, 15, n).astype(str), "b": rng.integers(0, 3, n)})
+    # rows of batch 0 are integer vectors (ties); the others continuous: untied among themselves
+    b = np.where(np.arange(n) < n // 2, 0, rng.integers(1, 3, n))
+    meta = pd.DataFrame({"g": rng.integers(0, 15, n).astype(str), "b": b})
     X = rng.integers(1, 3, (n, 3)).astype(float)
+    X[n // 2 :] = rng.normal(size=(n - n // 2, 3))
     rules = dict(pos_sameby=["g"], pos_diffby=[], neg_sameby=["b"], neg_diffby=["g"])
     ref = copairs_ap(meta, X, progress_bar=False, **rules)
-    _assert_same_ap(ref, M.average_precision(meta, X, method="blocked", block_bytes=5000, **rules))
+    ours = M.average_precision(meta, X, method="blocked", block_bytes=5000, **rules)
+    tied = _tied_rows(meta, X, rules)
+    assert 20 < tied.sum() < n - 20
+    _assert_same_ap(ref[~tied], ours[~tied])  # no tie: copairs' number
+    assert (ours.average_precision[tied] < ref.average_precision[tied] - 1e-9).all()
+    assert M.average_precision(meta, X, method="auto", **rules).equals(ours)  # auto avoids copairs
+
+
+def _ap_over_tie_orders(key, pos, neg):
+    """AP averaged over every order of the tied candidates, by enumerating the orders."""
+    cand = np.flatnonzero(pos | neg)
+    runs = [cand[key[cand] == v] for v in np.unique(key[cand])]
+    aps = []
+    for perms in itertools.product(*[list(itertools.permutations(r)) for r in runs]):
+        rel = pos[np.concatenate(perms)]
+        aps.append((np.cumsum(rel) / np.arange(1, len(rel) + 1))[rel].mean())
+    return float(np.mean(aps))
+
+
+def test_tied_ap_is_the_average_over_tie_orders(ranking):
+    rng = np.random.default_rng(0)
+    g = np.array(list("aaabbbccc"))
+    X = rng.integers(1, 3, (9, 2)).astype(float)  # 3 distinct directions: ties everywhere
+    out = M.average_precision(pd.DataFrame({"g": g}), X, pos_sameby=["g"], neg_diffby=["g"])
+    Xn = X / np.linalg.norm(X, axis=1, keepdims=True)
+    key = 1 - (Xn @ Xn.T).astype(np.float32)
+    ref = [
+        _ap_over_tie_orders(key[i], (g == g[i]) & (np.arange(9) != i), g != g[i]) for i in range(9)
+    ]
+    np.testing.assert_allclose(out.average_precision, ref, rtol=0, atol=1e-12)
+    # the permutation null's kernel averages ties the same way
+    pos = torch.from_numpy(np.stack([(g == x) for x in g]) & ~np.eye(9, dtype=bool))
+    neg = torch.from_numpy(np.stack([(g != x) for x in g]))
+    null_ap = M._ap_sorted(torch.from_numpy(key)[None], pos, neg, 2)[0].numpy()
+    np.testing.assert_allclose(null_ap, ref, rtol=0, atol=1e-12)
+
+
+def test_identical_profiles_score_chance_not_one(ranking):
+    # a collapsed embedding: copairs gives every query AP 1.0; the tie average is the chance level
+    meta = pd.DataFrame({"g": np.repeat(list("abcd"), 3)})
+    X = np.ones((12, 5))
+    rules = dict(pos_sameby=["g"], pos_diffby=[], neg_sameby=[], neg_diffby=["g"])
+    assert (copairs_ap(meta, X, progress_bar=False, **rules).average_precision == 1).all()
+    out = M.average_precision(meta, X, **rules)
+    chance = [copairs_expected_ap(2, 9)] * 12  # 2 positives among 11 candidates
+    np.testing.assert_allclose(out.average_precision, chance, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(out.normalized_average_precision, 0, atol=1e-12)
 
 
 def test_average_precision_hand_worked(ranking):
     # query 0 at angle 0; ranking by similarity: 1 (pos, 10°), 2 (neg, 20°), 3 (pos, 30°)
-    # AP = (1/1 + 2/3) / 2 ; ties: 4 (neg) sits exactly on 3's angle and ranks after it.
+    # 4 (neg) sits exactly on 3's angle: that tie scores its two orders' mean precision for 3
+    # (2/3 + 2/4) / 2, so AP = (1/1 + 7/12) / 2 (copairs ranks 3 first: (1/1 + 2/3) / 2).
     ang = np.deg2rad([0, 10, 20, 30, 30])
     X = np.stack([np.cos(ang), np.sin(ang)], axis=1)
     meta = pd.DataFrame({"g": ["a", "a", "b", "a", "c"]})
     out = M.average_precision(meta, X, pos_sameby=["g"], neg_diffby=["g"], method="blocked")
-    assert out.average_precision[0] == pytest.approx((1 + 2 / 3) / 2)
+    assert out.average_precision[0] == pytest.approx((1 + 7 / 12) / 2)
     assert out.n_pos_pairs[0] == 2 and out.n_total_pairs[0] == 4
     assert np.isnan(out.average_precision[2])  # no positives
 

@@ -6,10 +6,15 @@ metadata rules (copairs' `sameby` / `diffby`: share every `sameby` column, diffe
 precision (AP) of the positives in that ranking is the query's score; mAP averages the APs of a
 group (a compound, a compound at one dose, a MoA) and a permutation null gives its p-value.
 
-`average_precision` gives the same numbers as `copairs.map.average_precision`:
-similarities are rounded to float32 and ranked by `1 - similarity` in float32, and at equal
-similarity positives rank before negatives (copairs' stable `lexsort`). Features are used in
-float64 for both backends. copairs builds every positive and negative pair in memory (it was
+`average_precision` gives the same numbers as `copairs.map.average_precision` wherever no
+positive ties a negative: similarities are rounded to float32 and ranked by `1 - similarity` in
+float32. Ties are where the two differ. copairs (0.5) ranks positives before negatives at equal
+similarity (its stable `lexsort`), so a collapsed embedding (every profile the same) scores AP 1.0
+on every query. celldino scores a tie as its average over every order of the tied candidates
+(the expected AP of breaking ties at random, `_tie_precision`), so identical profiles score the
+chance level, `expected_ap`, exactly. `method="auto"` therefore uses copairs only where no two
+candidates of a query tie (`has_ties`); `method="copairs"` keeps copairs' own numbers. Features
+are used in float64 for both backends. copairs builds every positive and negative pair in memory (it was
 killed at ~9,000 profiles on a 14 GB machine), so above `copairs_max_rows` profiles the blocked
 backend ranks one block of queries against all profiles at a time: memory grows as
 block × profiles, not profiles².
@@ -128,6 +133,40 @@ def _ordered_bits(key: torch.Tensor) -> torch.Tensor:
 
 
 SORT_ABOVE_POSITIVES = 32  # above this many positives per query, rank by sorting whole rows
+_EULER = 0.5772156649015329
+
+
+def _harmonic(x: torch.Tensor) -> torch.Tensor:
+    """H(x) = 1 + 1/2 + ... + 1/x for integer-valued float64 x >= 0 (digamma(x + 1) + γ)."""
+    return torch.special.digamma(x + 1) + _EULER
+
+
+def _tie_precision(
+    j: torch.Tensor,
+    p_less: torch.Tensor,
+    p_eq: torch.Tensor,
+    n_less: torch.Tensor,
+    n_eq: torch.Tensor,
+) -> torch.Tensor:
+    """One positive's precision term, averaged over every order of its tie group (float64).
+
+    The positive is the `j`-th (1-based) positive of its query; `p_less` positives and `n_less`
+    negatives rank strictly before it, and its tie group (equal key) holds `p_eq` positives (it
+    included) and `n_eq` negatives. Without a tied negative the term is copairs' `j / (j +
+    n_less)`. With one, the group's m = p_eq + n_eq places are equally likely to hold each of its
+    positives: position k of the group is a positive with probability p_eq / m, and then the
+    expected number of positives up to it is a + b (k - 1), with a = p_less + 1 and b = (p_eq -
+    1) / (m - 1); its precision divides by c + k, c = p_less + n_less. Each of the p_eq positives
+    takes an equal share of the group's sum over k:
+    (1 / m) Σ_k (a + b (k - 1)) / (c + k) = [(a - b - b c) (H(c + m) - H(c)) + b m] / m.
+    """
+    j, p_less, p_eq, n_less, n_eq = (t.to(torch.float64) for t in (j, p_less, p_eq, n_less, n_eq))
+    direct = j / (j + n_less)
+    m = p_eq + n_eq
+    a, c = p_less + 1, p_less + n_less
+    b = (p_eq - 1) / torch.clamp(m - 1, min=1)
+    tied = ((a - b - b * c) * (_harmonic(c + m) - _harmonic(c)) + b * m) / torch.clamp(m, min=1)
+    return torch.where(n_eq > 0, tied, direct)
 
 
 def _ap_block(
@@ -144,10 +183,8 @@ def _ap_block(
 def _ap_block_count(
     key: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, max_pos: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Few positives: rank of the j-th best positive = j + negatives with a strictly smaller key.
-
-    (Strictly: at equal similarity positives rank before negatives, as in copairs.)
-    """
+    """Few positives: rank of the j-th best positive = j + negatives with a strictly smaller key;
+    a negative with an equal key makes the term its average over the tie (`_tie_precision`)."""
     inf = torch.tensor(float("inf"), dtype=key.dtype)
     num_pos = pos.sum(dim=1)  # (B,)
     total = num_pos + neg.sum(dim=1)
@@ -156,8 +193,14 @@ def _ap_block_count(
         pos_keys = torch.topk(torch.where(pos, key, inf), max_pos, dim=1, largest=False).values
         neg_keys = torch.where(neg, key, inf)  # (B, n)
         for j in range(max_pos):  # (B,) contributions of each row's j-th positive
-            less = (neg_keys < pos_keys[:, j : j + 1]).sum(dim=1)
-            prec = (j + 1) / (j + 1 + less).to(torch.float64)
+            kj = pos_keys[:, j : j + 1]
+            prec = _tie_precision(
+                torch.full_like(num_pos, j + 1),
+                (pos_keys < kj).sum(dim=1),
+                (pos_keys == kj).sum(dim=1),
+                (neg_keys < kj).sum(dim=1),
+                (neg_keys == kj).sum(dim=1),
+            )
             ap += torch.where(num_pos > j, prec, 0.0)
     with np.errstate(divide="ignore", invalid="ignore"):
         out = ap.numpy() / num_pos.numpy()
@@ -168,23 +211,50 @@ def _ap_block_count(
 def _ap_block_sort(
     key: torch.Tensor, pos_t: torch.Tensor, neg_t: torch.Tensor
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Many positives: sort each row once by (key, negative-after-positive)."""
-    # Composite sort key: similarity order first, then positives (0) before negatives (1).
-    comp = _ordered_bits(key) * 2 + neg_t.to(torch.int64)  # (B, n)
+    """Many positives: sort each row once by key; a run of equal keys (a tie) holding a positive
+    and a negative contributes its average over the orders of the run: place i of a run of m
+    with p positives, after P positives, is a positive with probability p / m and then has
+    P + 1 + (i - 1) (p - 1) / (m - 1) positives up to it (as `_tie_precision`)."""
+    comp = _ordered_bits(key)  # (B, n)
     comp = torch.where(pos_t | neg_t, comp, torch.full_like(comp, _INF))
     del key
-    comp, _ = torch.sort(comp, dim=1)
-    rel = (comp & 1) == 0  # positives (non-candidates hold _INF, which is odd)
+    comp, order = torch.sort(comp, dim=1, stable=True)
+    rel = pos_t.gather(1, order)
+    cand = comp != _INF
+    del order
+    n = rel.shape[1]
+    idx = torch.arange(n).expand_as(comp)
+    first = torch.ones_like(cand)
+    first[:, 1:] = comp[:, 1:] != comp[:, :-1]
+    last = torch.ones_like(cand)
+    last[:, :-1] = first[:, 1:]
     del comp
+    start = torch.cummax(torch.where(first, idx, 0), dim=1).values
+    end = torch.cummin(torch.where(last, idx, n - 1).flip(1), dim=1).values.flip(1)
     tp = torch.cumsum(rel, dim=1, dtype=torch.int64)  # (B, n)
-    k = torch.arange(1, rel.shape[1] + 1, dtype=torch.float64)
+    before = (tp - rel.to(torch.int64)).gather(1, start)  # positives before the run
+    p = (tp.gather(1, end) - before).to(torch.float64)
+    m = (end - start + 1).to(torch.float64)
+    i = (idx - start).to(torch.float64)  # 0-based place in the run
+    expected_tp = (p / m) * (before + 1 + i * (p - 1) / torch.clamp(m - 1, min=1))
+    k = torch.arange(1, n + 1, dtype=torch.float64)
     num_pos = pos_t.sum(dim=1)
     total = num_pos + neg_t.sum(dim=1)
-    prec_sum = torch.where(rel, tp.to(torch.float64) / k, 0.0).sum(dim=1)
+    prec_sum = torch.where(cand & (p > 0), expected_tp / k, 0.0).sum(dim=1)
     with np.errstate(divide="ignore", invalid="ignore"):
         ap = prec_sum.numpy() / num_pos.numpy()
     ap[num_pos.numpy() == 0] = np.nan
     return ap, num_pos.numpy(), total.numpy()
+
+
+def has_ties(X: np.ndarray) -> bool:
+    """True when some profile has two others at the same float32 `1 - cosine similarity` (the
+    key copairs ranks by): there copairs' ranking and celldino's tie average differ."""
+    Xn = torch.from_numpy(X / np.linalg.norm(X, axis=1, keepdims=True))
+    key = 1 - (Xn @ Xn.T).to(torch.float32)
+    key.fill_diagonal_(float("nan"))  # a profile is not its own candidate; NaN equals nothing
+    key = torch.sort(key, dim=1).values
+    return bool((key[:, 1:] == key[:, :-1]).any())
 
 
 def _block_rows(n: int, block_bytes: int) -> int:
@@ -259,7 +329,8 @@ def average_precision(
 
     Returns `meta` (index reset) plus `n_pos_pairs`, `n_total_pairs`, `average_precision`
     (NaN without positives) and `normalized_average_precision`. `method` is `copairs`,
-    `blocked` or `auto` (copairs up to `copairs_max_rows` profiles, blocked above).
+    `blocked` or `auto` (copairs up to `copairs_max_rows` profiles without ties, else blocked):
+    the two agree except at ties, which copairs ranks positives first and blocked averages.
     """
     meta, X = profiles_of(meta, X)
     pos_sameby, pos_diffby = _as_list(pos_sameby), _as_list(pos_diffby)
@@ -267,8 +338,9 @@ def average_precision(
     if not (pos_sameby or pos_diffby) or not (neg_sameby or neg_diffby):
         raise ValueError("the positive and the negative rule each need at least one column")
     X = check_inputs(meta, X, pos_sameby + pos_diffby + neg_sameby + neg_diffby)
-    if method == "auto":
-        method = "copairs" if len(X) <= copairs_max_rows else "blocked"
+    if method == "auto":  # copairs ranks ties positives first: tied profiles go to `blocked`
+        small = len(X) <= copairs_max_rows
+        method = "copairs" if small and not has_ties(X) else "blocked"
     if method == "blocked":
         return _average_precision_blocked(
             meta, X, pos_sameby, pos_diffby, neg_sameby, neg_diffby, block_bytes, show_progress
@@ -409,14 +481,19 @@ def _ap_sorted(
 ) -> torch.Tensor:
     """AP of (R, q, n) ranking keys with fixed (q, n) positive / negative masks: each positive's
     precision from the negatives ranked before it (a binary search in the row's sorted negative
-    keys; ties count positives first, as copairs). (R, q) float64."""
+    keys; a tie averaged over its orders, `_tie_precision`). (R, q) float64."""
     inf = torch.tensor(float("inf"), dtype=key.dtype)
     pos_keys = torch.topk(torch.where(pos, key, inf), max_pos, dim=-1, largest=False).values
+    pos_keys = pos_keys.contiguous()
     neg_sorted = torch.sort(torch.where(neg, key, inf), dim=-1).values
-    less = torch.searchsorted(neg_sorted, pos_keys.contiguous())  # negatives strictly before
+    less = torch.searchsorted(neg_sorted, pos_keys)  # negatives strictly before
+    n_eq = torch.searchsorted(neg_sorted, pos_keys, right=True) - less
+    p_less = torch.searchsorted(pos_keys, pos_keys)
+    p_eq = torch.searchsorted(pos_keys, pos_keys, right=True) - p_less
     j = torch.arange(1, max_pos + 1, dtype=torch.float64)
     num = pos.sum(dim=-1)  # (q,)
-    prec = torch.where(j <= num[:, None], j / (j + less), 0.0)
+    prec = _tie_precision(j.expand_as(less), p_less, p_eq, less, n_eq)
+    prec = torch.where(j <= num[:, None], prec, 0.0)
     return prec.sum(dim=-1) / num
 
 

@@ -47,7 +47,7 @@ from celldino.eval.spec import (
     is_control_row,
     obs_table,
 )
-from celldino.eval.stats import metrics_table, stat_columns
+from celldino.eval.stats import join_flags, metrics_table, stat_columns
 from celldino.io import results
 from celldino.io.files import (
     atomic_write_text,
@@ -215,6 +215,15 @@ class FeatureSet:
     # activity's profiles fitted on half the controls (`celldino profile`'s `activity` layer,
     # fit_controls=split): the matrix scored and the metadata marking the controls it fitted
     activity: tuple[pd.DataFrame, np.ndarray] | None = None
+
+
+def no_variance(X: np.ndarray) -> str:
+    """The flag of a feature matrix whose profiles are all the same (e.g. a collapsed
+    embedding): every similarity ties, so a score on it is the chance level at best; '' else."""
+    X = np.asarray(X)
+    if len(X) > 1 and np.array_equal(X.min(axis=0), X.max(axis=0)):
+        return "every profile is the same (no variance in any feature)"
+    return ""
 
 
 def _prefixes(prefix: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
@@ -575,9 +584,13 @@ def _run_all(
                 {"key": key, "metrics": [[k, v] for k, v in metrics.items()], "stats": stats},
             )
             moves.append((part, out / "parts" / part_name))
+        flat = no_variance(fs.activity[1] if name == "activity" and fs.activity else fs.X)
+        if flat:
+            logger.warning("%s on %s: %s", name, fs.name, flat)
         rows += [
             {"feature_set": fs.name, "analysis": name, "metric": k, "value": v}
-            | stat_columns(stats.get(k))
+            | (sc := stat_columns(stats.get(k)))
+            | {"flags": join_flags([sc["flags"], flat])}
             for k, v in metrics.items()
         ]
     if not rows and skipped:
