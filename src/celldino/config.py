@@ -16,6 +16,7 @@ import inspect
 import io
 import math
 import re
+import string
 import textwrap
 import tokenize
 import types
@@ -649,6 +650,10 @@ def check(cfg: Config) -> list[tuple[str, str]]:
         problem = component_problem(name)
         if problem:
             problems.append(("synth.channels", f"{problem}; it becomes a file name: rename it"))
+    for key in ("prepare.nuclei_masks", "prepare.cell_masks"):
+        problem = name_template_problem(getattr(cfg.prepare, key.split(".")[1]))
+        if problem:
+            problems.append((key, problem))
     if cfg.profile.controls.strip():  # text in celldino.query's grammar, never Python
         from celldino.query import QueryError, parse
 
@@ -669,6 +674,28 @@ def check(cfg: Config) -> list[tuple[str, str]]:
             )
         )
     return problems
+
+
+def name_template_problem(template: str) -> str | None:
+    """Why a mask file name template is not valid, or None. Its fields are plain names (a column
+    of the image table, or stem_<channel>): no position ({0}), attribute ({x.real}), index
+    ({x[0]}), conversion ({x!r}) or format ({x:03d}) - each read a value's Python internals or
+    raise when the template is filled in, image by image."""
+    fix = "write each field as {column} or {stem_<channel>}, a literal brace as {{ or }}"
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as e:
+        return f"{template!r} is not a valid name template ({e}): {fix}"
+    for _, name, spec, conversion in parts:
+        if name is None:
+            continue
+        whole = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "")
+        whole += "}"
+        if not name.strip() or name.isdigit():
+            return f"{whole} in {template!r} is a field by position, not by name: {fix}"
+        if "." in name or "[" in name or conversion or spec:
+            return f"{whole} in {template!r} is not a plain field name: {fix}"
+    return None
 
 
 def _check_value(key: str, value: Any) -> str | None:
