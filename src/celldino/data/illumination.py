@@ -31,11 +31,13 @@ true 1.2x vignetting reads as 1.08x). This module instead uses the *background*
    comes from the same fit: a surface whose deviation from flat is within 3 standard errors is
    not significant and the channel is left flat (1.0): already-corrected images are not
    distorted by noise.
-5. Stability: a significant surface is applied only when two random halves of the plate's
-   images (`MIN_HALF` = 5 or more each) give the same function: over `N_SPLITS` = 5 seeded
-   splits, the median of the worst pixel's |f_A / f_B - 1| must be within `MAX_DISAGREEMENT` =
-   10 % (the whole plate's error is about half of that) and within the function's own
-   correction (range - 1). Otherwise the channel is left flat.
+5. Stability: a significant surface is applied only when two halves of the plate's images
+   (`MIN_HALF` = 5 or more each) give the same function: the worst pixel's |f_A / f_B - 1|, the
+   median over `N_SPLITS` = 5 seeded random splits and that of the split into the images with
+   the dimmer and the brighter background (a flat field does not depend on the background's
+   level; cell signal in it does), must both be within `MAX_DISAGREEMENT` = 10 % (the whole
+   plate's error is about half of that) and within the function's own correction (range - 1).
+   Otherwise the channel is left flat.
 6. Scaled so its minimum is 1 and saved as `illum/<plate>.npy` (C, H, W) float32
    (`celldino.io.prepared`); images are divided by it on read.
 
@@ -43,7 +45,7 @@ Every channel left flat by 3 or 5 is warned about naming the plate, the channel 
 measurement (skewness, or the halves' disagreement against the fitted range), with what to do
 (more images per plate; `prepare.illum_stability_test=false` applies the fit anyway, skipping
 3 and 5); the report (`prepare.json` -> `illumination_report`) records per channel its status,
-`fitted_range`, `disagreement` or `skew`. Why: the significance test alone let noise through: on
+`fitted_range`, `disagreement` (with `disagreement_random`, `disagreement_by_level`) or `skew`. Why: the significance test alone let noise through: on
 the README tour's screen (30 cells per 128 px site, fields ~84 % covered, 14 images) plate P01's
 RNA function was applied at 11.13x against a planted 1.215x.
 
@@ -321,29 +323,41 @@ def _fit_channel(
     return fit
 
 
+def _half_gap(
+    g: np.ndarray, halves: list, a: np.ndarray, shape: tuple, grid: tuple, method: str, step: int
+) -> float:
+    """Worst pixel's |f_A / f_B - 1| of two halves' surfaces, each scaled to a mean of 1; inf
+    when a half has no usable surface."""
+    s = [
+        _fit_channel(g[idx], a, shape, grid, method, step, check_skew=False)["surf"]
+        for idx in halves
+    ]
+    if any(x is None or not np.isfinite(x).all() or float(x.min()) <= 0 for x in s):
+        return np.inf
+    fa, fb = s[0] / s[0].mean(), s[1] / s[1].mean()
+    return float(np.abs(fa / fb - 1).max())
+
+
 def _disagreement(
     g: np.ndarray, a: np.ndarray, shape: tuple[int, int], grid: tuple[int, int], method: str
-) -> float:
-    """How far two random halves of the images disagree: the median over `N_SPLITS` splits of
-    the worst pixel's |f_A / f_B - 1|, each half's surface scaled to a mean of 1 (on a grid of
-    about 32 x 32 pixels, the image's edges included). inf when a half has no usable surface."""
+) -> tuple[float, float]:
+    """How far two halves of the images disagree (on a grid of about 32 x 32 pixels, the image's
+    edges included): (the median over `N_SPLITS` random splits, the split into the images with
+    the dimmer and the brighter background). A flat field does not depend on the background's
+    level; cell signal in the background does (it weighs more where the background is dim)."""
     n = len(g)
     step = max(1, min(shape) // 32)
     rng = np.random.default_rng(0)  # the same images give the same decision
-    out = []
-    for _ in range(N_SPLITS):
-        perm = rng.permutation(n)
-        halves = [
-            _fit_channel(g[idx], a, shape, grid, method, step, check_skew=False)
-            for idx in np.array_split(perm, 2)
-        ]
-        s = [f["surf"] for f in halves]
-        if any(x is None or not np.isfinite(x).all() or float(x.min()) <= 0 for x in s):
-            out.append(np.inf)
-            continue
-        fa, fb = s[0] / s[0].mean(), s[1] / s[1].mean()
-        out.append(float(np.abs(fa / fb - 1).max()))
-    return float(np.median(out))
+    rand = [
+        _half_gap(g, np.array_split(rng.permutation(n), 2), a, shape, grid, method, step)
+        for _ in range(N_SPLITS)
+    ]
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        level = np.nanmedian(g / np.nanmedian(g, 0), 1)
+    order = np.argsort(np.where(np.isfinite(level), level, np.nanmedian(level)), kind="stable")
+    by_level = _half_gap(g, np.array_split(order, 2), a, shape, grid, method, step)
+    return float(np.median(rand)), by_level
 
 
 def estimate_function(
@@ -358,11 +372,12 @@ def estimate_function(
 
     Returns (function, info) with per channel: 'range' (max of the function), 'status'
     ('applied' or why it was left flat), 'blocks' used, 'offset_cancelled' (False when the image
-    levels hardly vary and D = 0 was assumed) and, for a significant surface, 'disagreement'
-    (two random halves of the images, see `_disagreement`) and 'fitted_range' (the range the
-    function would have). A significant surface is applied only when its halves disagree by at
-    most `max_disagreement` (relative, worst pixel) and by no more than its own deviation from
-    flat (range - 1); 0 turns the test off.
+    levels hardly vary and D = 0 was assumed) and, for a significant surface, 'fitted_range'
+    (the range the function would have) and 'disagreement' (the larger of
+    'disagreement_random' and 'disagreement_by_level', see `_disagreement`). A significant
+    surface is applied only when its halves disagree by at most `max_disagreement` (relative,
+    worst pixel) and by no more than its own deviation from flat (range - 1); 0 turns this test
+    and the skewness check off.
     """
     if method not in METHODS:
         raise ValueError(f"illumination filter '{method}' is not one of: {', '.join(METHODS)}")
@@ -391,8 +406,15 @@ def estimate_function(
             ch["fitted_range"] = round(float(f.max()), 4)
             if max_disagreement > 0:
                 # halves of fewer than MIN_HALF images cannot be compared: not tested, flat
-                d = _disagreement(g, a, (h, w), (ny, nx), method) if n >= 2 * MIN_HALF else np.inf
+                d_rand, d_level = (
+                    _disagreement(g, a, (h, w), (ny, nx), method)
+                    if n >= 2 * MIN_HALF
+                    else (np.inf, np.inf)
+                )
+                d = max(d_rand, d_level)
                 ch["disagreement"] = round(d, 4) if np.isfinite(d) else None
+                ch["disagreement_random"] = round(d_rand, 4) if np.isfinite(d_rand) else None
+                ch["disagreement_by_level"] = round(d_level, 4) if np.isfinite(d_level) else None
                 if not d <= min(max_disagreement, effect):
                     ch["status"] = "flat: unstable (two halves of the images disagree)"
                     info["channels"].append(ch)
@@ -510,11 +532,15 @@ class IlluminationAccumulator:
                             f"{MIN_HALF} or more"
                         )
                     else:
+
+                        def pct(x: float | None) -> str:
+                            return f"{100 * x:.0f} %" if x is not None else "beyond measure"
+
                         how = (
-                            f"two random halves of the {n} QC-passing images give functions "
-                            "that differ by "
-                            + (f"{100 * d:.0f} %" if d is not None else "more than measurable")
-                            + " at the worst pixel"
+                            f"two halves of the {n} QC-passing images give functions that "
+                            f"differ by {pct(d)} at the worst pixel (random halves: "
+                            f"{pct(ch.get('disagreement_random'))}; dimmer vs brighter "
+                            f"background: {pct(ch.get('disagreement_by_level'))})"
                         )
                     warnings_.append(
                         f"channel {ch['channel']}: not corrected (left flat): {how}, against "
