@@ -81,3 +81,96 @@ def test_collapsed_embedding_scores_chance_and_is_flagged(tmp_path, run_cli):
         assert act.value.iloc[0] == pytest.approx(copairs_expected_ap(3, 8), abs=1e-9)
     summary = json.loads((out / "summary.json").read_text())
     assert any("no variance" in str(v) for v in summary["flags"].values())
+
+
+# ---- §4 a stage that produces nothing -----------------------------------------------------------
+
+CHANNELS = ["DNA", "ER", "RNA", "AGP", "Mito"]
+FAST = ("prepare.features=false", "prepare.crop_size=32", "prepare.qc_exclude=false")
+
+
+@pytest.fixture(scope="module")
+def four_sites(tmp_path_factory, tiny_screen) -> Path:
+    """A load-data table of 4 sites of the tiny screen."""
+    ld = tmp_path_factory.mktemp("four") / "ld.csv"
+    pd.read_csv(tiny_screen / "load_data.csv").head(4).to_csv(ld, index=False)
+    return ld
+
+
+def test_prepare_skipping_every_site_is_an_error(tmp_path, four_sites, run_cli):
+    table = pd.read_csv(four_sites)
+    for c in CHANNELS:  # every image file replaced by one that is not an image
+        for f in table[f"FileName_{c}"]:
+            (tmp_path / f).write_bytes(b"not a tiff")
+        table[f"PathName_{c}"] = str(tmp_path)
+    table.to_csv(tmp_path / "ld.csv", index=False)
+    out = tmp_path / "prep"
+    rc, text = run_cli(
+        "prepare",
+        f"prepare.load_data={tmp_path / 'ld.csv'}",
+        f"prepare.out_dir={out}",
+        "prepare.on_error=skip",
+        *FAST,
+    )
+    assert rc == 2, text
+    assert "no cells from the 4 sites" in text and "4 skipped" in text
+    assert table.FileName_DNA[0] in text and "skipped.parquet" in text and "not a TIFF" in text
+    assert "Traceback" not in text
+    assert not (out / "crops.zarr").exists() and not (out / "cells.parquet").exists()
+    assert len(pd.read_parquet(out / "skipped.parquet")) == 4  # the reasons, one per site
+
+
+# ---- §5 user masks and their name templates ----------------------------------------------------
+
+
+def _masks(folder: Path, table: pd.DataFrame, value: int) -> None:
+    import tifffile
+
+    folder.mkdir()
+    shape = tifffile.imread(Path(table.PathName_DNA[0]) / table.FileName_DNA[0]).shape
+    for f in table.FileName_DNA:
+        m = np.zeros(shape, np.int16)
+        m[10:20, 10:20] = value
+        m[30:40, 30:40] = 2
+        tifffile.imwrite(folder / (f.split(".")[0] + "_mask.tiff"), m)
+
+
+def test_negative_label_in_user_mask_names_the_file(tmp_path, four_sites, run_cli):
+    _masks(tmp_path / "masks", pd.read_csv(four_sites), -1)
+    rc, text = run_cli(
+        "prepare",
+        f"prepare.load_data={four_sites}",
+        f"prepare.out_dir={tmp_path / 'prep'}",
+        "prepare.segmentation=masks",
+        f"prepare.mask_dir={tmp_path / 'masks'}",
+        "prepare.nuclei_masks={stem_DNA}_mask.tiff",
+        *FAST,
+    )
+    assert rc == 2 and "Traceback" not in text, text
+    assert "_mask.tiff" in text and "100 pixels hold negative values" in text
+
+
+@pytest.mark.parametrize(
+    ("template", "says"),
+    [
+        ("{stem_DNA", "not a valid name template"),
+        ("{0}", "by position"),
+        ("{}", "by position"),
+        ("{x.real}", "not a plain field name"),
+        ("{x[99]}", "not a plain field name"),
+        ("{stem_DNA!r}", "not a plain field name"),
+    ],
+)
+def test_mask_name_template_checked_when_the_config_loads(tmp_path, template, says, run_cli):
+    out = tmp_path / "prep"
+    for key in ("nuclei_masks", "cell_masks"):
+        rc, text = run_cli(  # the load-data table does not even exist: the config is refused first
+            "prepare",
+            f"prepare.load_data={tmp_path / 'absent.csv'}",
+            f"prepare.out_dir={out}",
+            "prepare.segmentation=masks",
+            f"prepare.mask_dir={tmp_path}",
+            f"prepare.{key}={template}",
+        )
+        assert rc == 2 and f"prepare.{key}" in text and says in text, text
+        assert "Traceback" not in text and not out.exists()

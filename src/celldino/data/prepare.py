@@ -75,6 +75,7 @@ from celldino.io.prepared import (
     read_qc,
     write_illumination,
 )
+from celldino.io.provenance import refuse_overwriting_inputs
 from celldino.io.tables import read_table, row_label, write_parquet
 
 logger = log.get_logger(__name__)
@@ -338,6 +339,9 @@ def _store_dtype(dtypes: dict[str, dict[str, str]], cfg) -> np.dtype:
     return dtype
 
 
+_SKIP_COLUMNS = ["Metadata_ImageKey", "row", "file", "reason", "stage"]
+
+
 def _skip_record(iset: ImageSet, i: int, e: Exception, stage: str) -> dict:
     path = getattr(e, "path", None) or str(iset.paths(i)[0])
     logger.warning("skipping site %s (%s): %s", iset.key(i), iset.where(i), e)
@@ -348,6 +352,25 @@ def _skip_record(iset: ImageSet, i: int, e: Exception, stage: str) -> dict:
         "reason": f"{type(e).__name__}: {e}",
         "stage": stage,
     }
+
+
+def _nothing_prepared(out: Path, n_sites: int, skipped: list[dict], n_qc: int) -> DataError:
+    """The error of a prep with no cell: what was left out and why (on_error=skip, QC)."""
+    why = []
+    if skipped:
+        first = skipped[0]
+        why.append(
+            f"{len(skipped)} skipped as unreadable or failing (first: {first['file']}: "
+            f"{first['reason']}; all in {out / SKIPPED})"
+        )
+    if n_qc:
+        why.append(f"{n_qc} left out by QC (prepare.qc_exclude=true; see {out / QC})")
+    rest = n_sites - len(skipped) - n_qc
+    if rest > 0:
+        why.append(f"{rest} with no cell found (check the segmentation settings)")
+    return DataError(
+        f"no cells from the {n_sites} sites: {'; '.join(why)}; fix the inputs or settings and rerun"
+    )
 
 
 # ---- pass 2: one site ----------------------------------------------------------------------
@@ -784,6 +807,20 @@ def prepare(cfg, *, after_site: Callable[[int, str], None] | None = None) -> Pat
     iset = ImageSet.from_config(cfg)
     _check(cfg, iset.channels)
     _check_crop_fits(cfg, iset)
+    refuse_overwriting_inputs(
+        {"prepare.out_dir": [out / name for name in _OUTPUT_FILES]},
+        {
+            "prepare.load_data": cfg.load_data,
+            "prepare.image_dir": cfg.image_dir,
+            "prepare.mask_dir": cfg.mask_dir if cfg.segmentation == "masks" else "",
+            "prepare.locations": cfg.locations if cfg.segmentation == "locations" else "",
+            "the image folder": sorted(
+                {p for c in iset.channels for p in iset.table[f"PathName_{c}"].astype(str)}
+            ),
+        },
+        "prepare",
+        owned=[out / name for name in _OUTPUT_DIRS],
+    )
     require_writable(out, "prepare.out_dir")
     with output_lock(out, "prepare"):
         try:
@@ -902,6 +939,10 @@ def _prepare(cfg, iset: ImageSet, out: Path, after_site) -> Path:
     if cfg.qc_exclude:
         todo_all = [i for i in todo_all if qc_lookup.get(iset.key(i), {}).get("QC_Pass", False)]
 
+    if not todo_all and not (out / LEDGER).exists():  # nothing to crop: refuse, write no store
+        write_parquet(pd.DataFrame(skipped1, columns=_SKIP_COLUMNS), out / SKIPPED)
+        n_qc = len(iset) - len(skipped_keys)
+        raise _nothing_prepared(out, len(iset), skipped1, n_qc)
     dtype = _store_dtype(dtypes, cfg)
     store = CropStore(
         out,
@@ -961,12 +1002,13 @@ def _prepare(cfg, iset: ImageSet, out: Path, after_site) -> Path:
     if cfg.normalization == "percentile_image":
         norm["image"] = {s["key"]: s["info"] for s in store.ledger["sites"]}
     cells = store.finalize({"normalization": norm, "settings_fingerprint": fp})
-    skipped = pd.DataFrame(
-        skipped1 + skipped2, columns=["Metadata_ImageKey", "row", "file", "reason", "stage"]
-    )
+    skipped = pd.DataFrame(skipped1 + skipped2, columns=_SKIP_COLUMNS)
     write_parquet(skipped, out / SKIPPED)
     if len(skipped):
         logger.warning("%d sites skipped (see %s)", len(skipped), out / SKIPPED)
+    if len(cells) == 0:  # a prep with no cell is not a result (the rerun says it again)
+        n_qc = len(iset) - len(skipped_keys) - len(todo_all)
+        raise _nothing_prepared(out, len(iset), skipped1 + skipped2, n_qc)
     if cfg.features and cfg.segmentation != "locations":
         parts = [
             pd.read_parquet(feat_dir / s["part"])

@@ -151,8 +151,28 @@ def read_user_mask(path: str | Path) -> np.ndarray:
                 f"mask {path}: 'masks' is {masks.dtype} of shape {masks.shape}; need a 2-D "
                 "integer label image (one plane: 3-D Cellpose masks are not supported)"
             )
-        return masks
-    return read_image(path)
+        return _checked_labels(path, masks)
+    return _checked_labels(path, read_image(path))
+
+
+def _checked_labels(path: Path, mask: np.ndarray) -> np.ndarray:
+    """A mask whose values can be labels: no negative and no fractional value (each would
+    raise deep in relabelling, or be cast to another cell's label)."""
+    mask = np.asarray(mask)
+    if mask.dtype.kind in "if" and mask.size:
+        low = mask.min()
+        if low < 0:
+            n = int((mask < 0).sum())
+            raise DataError(
+                f"mask {path}: {n} pixels hold negative values (lowest {low}); labels are 0 "
+                "(background) and 1, 2, ... (one per object): save the mask as unsigned labels"
+            )
+        if mask.dtype.kind == "f" and not np.array_equal(mask, np.floor(mask)):
+            raise DataError(
+                f"mask {path}: holds fractional values ({mask.dtype}); labels are whole "
+                "numbers 0, 1, 2, ...: save the mask as an integer label image"
+            )
+    return mask
 
 
 def site_stem(key: str) -> str:
