@@ -48,7 +48,12 @@ def _shards(folder, df: pd.DataFrame, n: int = 3, manifest: bool | None = None):
 
 
 def _snapshot(folder) -> dict[str, bytes]:
-    return {str(p): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    """Every file's bytes, but the output locks' (they name the last writer)."""
+    return {
+        str(p): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.name.endswith(".celldino.lock")
+    }
 
 
 def _kept(before: dict[str, bytes], folder) -> bool:

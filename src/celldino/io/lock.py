@@ -75,10 +75,16 @@ def _holder_text(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def output_lock(folder: str | Path, stage: str) -> Iterator[Path]:
-    """Hold the write lock of `folder` (created if missing) for the body of the `with`."""
+def output_lock(folder: str | Path, stage: str, *, name: str = "") -> Iterator[Path]:
+    """Hold the write lock of `folder` (created if missing) for the body of the `with`.
+
+    With `name`, the lock covers only the files `<folder>/<name>*` (profile's outputs of one
+    `profile.out` stem): the lock file is `<folder>/.<name>.celldino.lock`, so two writers of
+    other names in one folder go on side by side.
+    """
     folder = Path(folder)
-    key = str(folder.resolve())
+    key = str(folder.resolve()) + (f"/.{name}" if name else "")
+    what = f"{folder / name}*" if name else str(folder)
     if _held.get(key):
         _held[key] += 1
         try:
@@ -90,7 +96,7 @@ def output_lock(folder: str | Path, stage: str) -> Iterator[Path]:
         raise OutputError(f"{stage}: {folder} is an input this run reads; write to another folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / LOCK_NAME
+        path = folder / (f".{name}{LOCK_NAME}" if name else LOCK_NAME)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as e:
         raise OutputError(
@@ -106,8 +112,8 @@ def output_lock(folder: str | Path, stage: str) -> Iterator[Path]:
                     "reading it); wait for it to finish or stop it, or write to another folder"
                 ) from None
             raise OutputError(
-                f"{stage}: {folder} is being written by {_holder_text(path)}; wait for it to "
-                "finish or stop it, or write to another folder"
+                f"{stage}: {what} is being written by {_holder_text(path)}; wait for it to "
+                "finish or stop it, or write to another " + ("output name" if name else "folder")
             ) from None
         info = {
             "stage": stage,

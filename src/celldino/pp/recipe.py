@@ -7,6 +7,7 @@ stage (or with other normalisation settings) skips the expensive pass over the c
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -25,12 +26,14 @@ from celldino.io.embeddings import (
     shard_name,
 )
 from celldino.io.files import fingerprint, require_writable
+from celldino.io.lock import input_lock, output_lock
 from celldino.io.profiles import (
     read_h5ad,
     shard_paths,
     write_h5ad,
     write_table,
 )
+from celldino.io.provenance import refuse_overwriting_inputs
 from celldino.log import get_logger
 from celldino.pp.aggregate import aggregate
 from celldino.pp.clip import clip
@@ -624,9 +627,41 @@ def run_profile(cfg: ProfileConfig) -> dict[str, Path]:
             f"profile.out={cfg.out} is a folder; give a file name, e.g. "
             f"profile.out={Path(cfg.out) / 'profiles.h5ad'}"
         )
-    _outputs(Path(cfg.out), tuple(cfg.formats))  # a bad format fails before any work
+    outputs = _outputs(Path(cfg.out), tuple(cfg.formats))  # a bad format fails before any work
+    _refuse_overwriting_inputs(cfg, outputs)
     require_writable(Path(cfg.out).parent, "profile.out")
     check_settings(cfg)
+    # one writer per profile.out stem (profiles, consensus and aggregation cache); the
+    # extraction folders read are held against a concurrent extract
+    stem = next(iter(_outputs(Path(cfg.out), ("h5ad",)).values())).name[: -len(".h5ad")]
+    with contextlib.ExitStack() as held:
+        held.enter_context(output_lock(Path(cfg.out).parent, "profile", name=stem))
+        for folder in dict.fromkeys(Path(i) for i in cfg.input):
+            if folder.is_dir() and manifest_path(folder).exists():
+                held.enter_context(input_lock(folder, "profile"))
+        return _run_profile(cfg)
+
+
+def _refuse_overwriting_inputs(cfg: ProfileConfig, outputs: dict[str, Path]) -> None:
+    """profile.out (every format, consensus and aggregation cache) must not be an input shard or
+    lie in an input folder (an extraction's shards, a folder of tables read on a rerun)."""
+    written = list(outputs.values())
+    written += list(_outputs(Path(cfg.out), tuple(cfg.formats), ".consensus").values())
+    written += list(_cache_paths(cfg))
+    folders = [i for i in cfg.input if Path(i).is_dir()]
+    shard_folders = [
+        str(Path(f).parent)
+        for f in shard_paths(list(cfg.input))
+        if manifest_path(Path(f).parent).exists()
+    ]
+    refuse_overwriting_inputs(
+        {"profile.out": written},
+        {"profile.input": [*shard_paths(list(cfg.input)), *folders, *shard_folders]},
+        "profile",
+    )
+
+
+def _run_profile(cfg: ProfileConfig) -> dict[str, Path]:
     adata = aggregate_cached(cfg)
     try:
         adata = process(adata, cfg)

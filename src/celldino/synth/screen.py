@@ -10,6 +10,12 @@
       truth_cells.parquet    one row per cell: centroid, phenotype factors, cell cycle, localisation
       truth_images.parquet   one row per site: QC truth and the technical variation applied
       screen.json            the resolved settings and a summary
+      .celldino-synth.json   the marker: this folder is synth's (config, complete true/false)
+
+The folder must be empty or one an earlier synth made (its marker): a folder holding anything
+else (a user's own load_data.csv) is refused before anything is written. An earlier screen there
+is cleared before the new one is drawn, and the folder is locked meanwhile (`celldino.io.lock`),
+so two synth runs never mix their images.
 
 Everything is drawn from `np.random.default_rng([seed, ...])` streams keyed by plate, well and
 site, so a seed always gives the same bytes, independently of the order sites are drawn in.
@@ -18,6 +24,7 @@ site, so a seed always gives the same bytes, independently of the order sites ar
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +35,9 @@ import pandas as pd
 from celldino import log
 from celldino.config import ConfigError, SynthConfig
 from celldino.errors import OutputError
-from celldino.io.files import require_writable, write_json
+from celldino.io.files import read_json, require_writable, write_json
 from celldino.io.images import write_tiff
+from celldino.io.lock import LOCK_NAME, output_lock
 from celldino.io.tables import write_csv, write_parquet
 from celldino.names import safe_component
 from celldino.synth.biology import (
@@ -168,7 +176,67 @@ def make_screen(out_dir: str | Path, cfg: SynthConfig | None = None) -> Path:
         safe_component(ch, "synth.channels")
     if len(set(channels)) != len(channels):
         raise ConfigError(f"synth.channels has duplicates: {channels}")
+    check_output_folder(out)
     require_writable(out, "OUT_DIR")
+    with output_lock(out, "synth"):  # one writer: two seeds never mix in one screen
+        check_output_folder(out)  # again, now that no other synth can write meanwhile
+        _clear_own_outputs(out)
+        write_json(out / MARKER, {"config": dataclasses.asdict(cfg), "complete": False})
+        _draw(out, cfg, layout, channels)
+        write_json(out / MARKER, {"config": dataclasses.asdict(cfg), "complete": True})
+    return out
+
+
+# A folder synth writes into is empty or one an earlier synth made: recognised by this file (or,
+# for screens drawn before it existed, by a screen.json holding synth's config and layout).
+MARKER = ".celldino-synth.json"
+# What synth writes (cleared before a new screen is drawn into a folder of its own: a screen of
+# other settings would leave images of the old one beside the new)
+_OWN_FILES = (
+    "load_data.csv",
+    "platemap.csv",
+    "truth_cells.parquet",
+    "truth_images.parquet",
+    "screen.json",
+)
+_OWN_DIRS = ("images", "masks")
+
+
+def _is_ours(out: Path) -> bool:
+    if (out / MARKER).is_file():
+        return True
+    try:
+        drawn = read_json(out / "screen.json")
+    except (OSError, ValueError):
+        return False
+    return isinstance(drawn, dict) and {"config", "layout", "n_sites"} <= set(drawn)
+
+
+def check_output_folder(out: Path) -> None:
+    """Refuse (OutputError) a folder that holds files synth did not make: synth would overwrite
+    or mix with them (a user's own load_data.csv, images of another screen)."""
+    if not out.is_dir() or _is_ours(out):
+        return
+    found = sorted(p.name for p in out.iterdir() if p.name not in (LOCK_NAME, MARKER))
+    found = [n for n in found if not n.startswith(".celldino-probe-")]
+    if found:
+        raise OutputError(
+            f"synth: {out} is not empty (it holds {found[0]}"
+            + (f" and {len(found) - 1} more" if len(found) > 1 else "")
+            + ") and was not made by `celldino synth`; its files would be overwritten or mixed "
+            "with the new screen's. Give an empty or new folder (nothing was written)"
+        )
+
+
+def _clear_own_outputs(out: Path) -> None:
+    for name in _OWN_FILES:
+        (out / name).unlink(missing_ok=True)
+    for name in _OWN_DIRS:
+        if (out / name).is_dir():
+            shutil.rmtree(out / name)
+
+
+def _draw(out: Path, cfg: SynthConfig, layout: Layout, channels: list[str]) -> None:
     kinds = [channel_kind(c, i) for i, c in enumerate(channels)]
     pm = plate_map(cfg, layout)
     plates = list(dict.fromkeys(pm["Metadata_Plate"]))
@@ -302,4 +370,3 @@ def make_screen(out_dir: str | Path, cfg: SynthConfig | None = None) -> Path:
         len(channels),
         out,
     )
-    return out

@@ -1,0 +1,154 @@
+"""What a stage read and where it writes: one mechanism every stage uses.
+
+Two questions every writer answers the same way, so that a check added here holds everywhere:
+
+* `refuse_overwriting_inputs(outputs, inputs, stage)`: may this stage write these paths? Refused
+  (`OutputError`, naming both settings and paths) when an output is one of the stage's inputs
+  (compared after resolving links, and by inode where both exist), when an output lies inside an
+  input folder (it would change that folder's files, or be read back as an input on a rerun), or
+  when an input lies inside an output folder the stage owns (and may clear).
+  Used by prepare, extract, profile, evaluate and report, and by `celldino run`.
+
+* `record(paths)` / `changed(recorded, paths)`: the input files a stage read, each file's path,
+  size and modification time (never its bytes: screens are terabytes), and, later, a list of
+  phrases saying which of them changed, appeared or went away since. Folders are expanded into
+  their files (hidden files, such as locks and temporary files of writers, left out). `celldino run`
+  keeps one record per stage in pipeline.json and reruns a stage whose inputs changed, saying
+  what changed; prepare describes changed image files with `describe_changes`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from celldino.errors import OutputError
+
+PathLike = str | os.PathLike
+
+
+def _real(p: PathLike) -> Path:
+    return Path(os.path.realpath(os.path.abspath(os.fspath(p))))
+
+
+def _same(a: PathLike, b: PathLike) -> bool:
+    if _real(a) == _real(b):
+        return True
+    try:
+        return os.path.samefile(a, b)  # hard links, bind mounts
+    except OSError:
+        return False
+
+
+def _inside(child: PathLike, folder: PathLike) -> bool:
+    """True when `child` lies strictly inside `folder` (after resolving links)."""
+    c, f = _real(child), _real(folder)
+    return c != f and f in c.parents
+
+
+def _items(paths: Mapping[str, PathLike | Iterable[PathLike]]) -> list[tuple[str, Path]]:
+    out = []
+    for label, value in paths.items():
+        values = [value] if isinstance(value, (str, os.PathLike)) else list(value)
+        out += [(label, Path(v)) for v in values if str(v)]
+    return out
+
+
+def refuse_overwriting_inputs(
+    outputs: Mapping[str, PathLike | Iterable[PathLike]],
+    inputs: Mapping[str, PathLike | Iterable[PathLike]],
+    stage: str,
+    *,
+    owned: Iterable[PathLike] = (),
+) -> None:
+    """Refuse (OutputError) a stage whose outputs would replace or mix with its own inputs.
+
+    `outputs` and `inputs` map the setting (or description) that names them to a path or a list
+    of paths. An output that is an input, or lies inside an input folder, is refused; so is an
+    input inside one of the `owned` output folders (folders the stage clears or replaces).
+    Nothing is written or read beyond `stat`.
+    """
+    outs, ins = _items(outputs), _items(inputs)
+    for o_label, o in outs:  # the worst first: an output that is an input
+        for i_label, i in ins:
+            if _same(o, i):
+                raise OutputError(
+                    f"{stage}: {o_label}={o} is also its input {i_label}={i}; writing it would "
+                    f"replace the input. Choose another {o_label} (nothing was written)"
+                )
+    for o_label, o in outs:
+        for i_label, i in ins:
+            if i.is_dir() and _inside(o, i):
+                raise OutputError(
+                    f"{stage}: {o_label}={o} lies inside the input folder {i_label}={i}; "
+                    "writing there would change that folder's files (or be read as an input on "
+                    f"a rerun). Choose a {o_label} outside it (nothing was written)"
+                )
+    for folder in owned:
+        for i_label, i in ins:
+            if _same(i, folder) or _inside(i, folder):
+                raise OutputError(
+                    f"{stage}: the input {i_label}={i} lies inside the output folder {folder}, "
+                    f"which {stage} writes and clears; move the input out or choose another "
+                    "output folder (nothing was written)"
+                )
+
+
+# ---- input records --------------------------------------------------------------------------
+
+
+def _files(paths: Iterable[PathLike]) -> list[Path]:
+    out: list[Path] = []
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            out += sorted(
+                f
+                for f in p.rglob("*")
+                if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)
+            )
+        else:
+            out.append(p)
+    return list(dict.fromkeys(out))
+
+
+def record(paths: Iterable[PathLike]) -> dict[str, list[int]]:
+    """{path: [size, mtime_ns]} of every file under `paths` (a missing one: [-1, -1])."""
+    rows = {}
+    for f in _files(paths):
+        try:
+            st = f.stat()
+            rows[str(f)] = [int(st.st_size), int(st.st_mtime_ns)]
+        except OSError:
+            rows[str(f)] = [-1, -1]
+    return rows
+
+
+def describe_changes(
+    old: Mapping[str, Iterable[int]], new: Mapping[str, Iterable[int]], noun: str = "file"
+) -> list[str]:
+    """Phrases naming the files of `new` that differ from `old`: changed (size or time), new,
+    and no longer there (two named, then a count)."""
+    old = {k: list(v) for k, v in old.items()}
+    new = {k: list(v) for k, v in new.items()}
+    groups = (
+        ("changed", [p for p in new if p in old and new[p] != old[p]]),
+        ("new", [p for p in new if p not in old]),
+        ("no longer used", [p for p in old if p not in new]),
+    )
+    parts = []
+    for what, paths in groups:
+        if paths:
+            shown = ", ".join(paths[:2])
+            more = f" and {len(paths) - 2} more" if len(paths) > 2 else ""
+            parts.append(f"{len(paths)} {noun}(s) {what} ({shown}{more})")
+    return parts
+
+
+def changed(recorded: Mapping[str, Iterable[int]] | None, paths: Iterable[PathLike]) -> list[str]:
+    """What changed in the files under `paths` since `recorded` (an earlier `record`); [] when
+    nothing did, or when there is no record to compare with."""
+    if recorded is None:
+        return []
+    return describe_changes(recorded, record(paths))
