@@ -241,6 +241,9 @@ CANDIDATES = [
     dataclasses.replace(
         DEFAULT, name="the same fitted on half of each plate's controls", fit_half=True
     ),
+    dataclasses.replace(
+        DEFAULT, name="the same without a batch column (one sphering)", sphere_by=""
+    ),
     Candidate("pycytominer (mad_robustize + variance_threshold)", pycytominer=True),
     Candidate(
         "celldino 0.3.0 default (floor 1, select, clip 50, ZCA+OAS)",
