@@ -99,10 +99,12 @@ def four_sites(tmp_path_factory, tiny_screen) -> Path:
 
 def test_prepare_skipping_every_site_is_an_error(tmp_path, four_sites, run_cli):
     table = pd.read_csv(four_sites)
+    bad = tmp_path / "images"
+    bad.mkdir()
     for c in CHANNELS:  # every image file replaced by one that is not an image
         for f in table[f"FileName_{c}"]:
-            (tmp_path / f).write_bytes(b"not a tiff")
-        table[f"PathName_{c}"] = str(tmp_path)
+            (bad / f).write_bytes(b"not a tiff")
+        table[f"PathName_{c}"] = str(bad)
     table.to_csv(tmp_path / "ld.csv", index=False)
     out = tmp_path / "prep"
     rc, text = run_cli(
@@ -113,7 +115,7 @@ def test_prepare_skipping_every_site_is_an_error(tmp_path, four_sites, run_cli):
         *FAST,
     )
     assert rc == 2, text
-    assert "no cells from the 4 sites" in text and "4 skipped" in text
+    assert "no site of 4 prepared" in text and "4 skipped" in text
     assert table.FileName_DNA[0] in text and "skipped.parquet" in text and "not a TIFF" in text
     assert "Traceback" not in text
     assert not (out / "crops.zarr").exists() and not (out / "cells.parquet").exists()

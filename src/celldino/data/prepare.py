@@ -355,7 +355,8 @@ def _skip_record(iset: ImageSet, i: int, e: Exception, stage: str) -> dict:
 
 
 def _nothing_prepared(out: Path, n_sites: int, skipped: list[dict], n_qc: int) -> DataError:
-    """The error of a prep with no cell: what was left out and why (on_error=skip, QC)."""
+    """The error of a prep with no site in it: what was left out and why (on_error=skip, QC).
+    (Sites read and segmented that hold no cell are a result: a warning names each.)"""
     why = []
     if skipped:
         first = skipped[0]
@@ -365,11 +366,8 @@ def _nothing_prepared(out: Path, n_sites: int, skipped: list[dict], n_qc: int) -
         )
     if n_qc:
         why.append(f"{n_qc} left out by QC (prepare.qc_exclude=true; see {out / QC})")
-    rest = n_sites - len(skipped) - n_qc
-    if rest > 0:
-        why.append(f"{rest} with no cell found (check the segmentation settings)")
     return DataError(
-        f"no cells from the {n_sites} sites: {'; '.join(why)}; fix the inputs or settings and rerun"
+        f"no site of {n_sites} prepared: {'; '.join(why)}; fix the inputs or settings and rerun"
     )
 
 
@@ -1006,7 +1004,7 @@ def _prepare(cfg, iset: ImageSet, out: Path, after_site) -> Path:
     write_parquet(skipped, out / SKIPPED)
     if len(skipped):
         logger.warning("%d sites skipped (see %s)", len(skipped), out / SKIPPED)
-    if len(cells) == 0:  # a prep with no cell is not a result (the rerun says it again)
+    if not store.ledger["sites"]:  # every site left out: not a result (a rerun says it again)
         n_qc = len(iset) - len(skipped_keys) - len(todo_all)
         raise _nothing_prepared(out, len(iset), skipped1 + skipped2, n_qc)
     if cfg.features and cfg.segmentation != "locations":
