@@ -176,3 +176,49 @@ def test_mask_name_template_checked_when_the_config_loads(tmp_path, template, sa
         )
         assert rc == 2 and f"prepare.{key}" in text and says in text, text
         assert "Traceback" not in text and not out.exists()
+
+
+# ---- §5 truncated state and record files --------------------------------------------------------
+
+
+def _truncate(path: Path) -> None:
+    text = path.read_bytes()
+    path.write_bytes(text[: len(text) // 2])
+
+
+def test_truncated_ledger_names_it_and_says_the_prep_is_redone(tmp_path, four_sites, run_cli):
+    out = tmp_path / "prep"
+    args = ("prepare", f"prepare.load_data={four_sites}", f"prepare.out_dir={out}", *FAST)
+    rc, text = run_cli(*args)
+    assert rc == 0, text
+    _truncate(out / "ledger.json")
+    before = _snapshot(out)
+    rc, text = run_cli(*args)
+    assert rc == 2 and "Traceback" not in text, text
+    assert str(out / "ledger.json") in text and "not valid JSON" in text
+    assert "delete that folder and rerun prepare" in text
+    after = _snapshot(out)
+    after.pop(".celldino.lock", None), before.pop(".celldino.lock", None)
+    assert after == before
+
+
+def test_truncated_manifest_summary_and_pipeline_record(tmp_path):
+    from celldino.errors import IncompleteInputError, UserError
+    from celldino.io import results
+    from celldino.io.embeddings import MANIFEST, read_manifest
+    from celldino.io.files import read_json, write_json
+
+    for name in (MANIFEST, "summary.json", "pipeline.json"):
+        write_json(tmp_path / name, {"complete": True, "shards": [[0, 10]], "stages": {}})
+        _truncate(tmp_path / name)
+    with pytest.raises(IncompleteInputError, match="overwrite") as e:
+        read_manifest(tmp_path)
+    assert MANIFEST in str(e.value) and "not valid JSON" in str(e.value)
+    with pytest.raises(IncompleteInputError, match="rerun evaluate") as e:
+        results.read_summary(tmp_path)
+    assert "summary.json" in str(e.value)
+    with pytest.raises(UserError, match="pipeline.json is not valid JSON"):
+        read_json(tmp_path / "pipeline.json")
+    (tmp_path / "latin.json").write_bytes(b'{"a": "\xff"}')  # not UTF-8: also named
+    with pytest.raises(IncompleteInputError, match="latin.json"):
+        read_json(tmp_path / "latin.json")

@@ -629,7 +629,8 @@ def run_pipeline(cfg: Config, *, force: tuple[str, ...] = (), demo: bool = False
 
 
 def _run_stages(cfg: Config, lay: RunLayout, *, force: tuple[str, ...], demo: bool) -> Path:
-    record = read_json(lay.manifest) if lay.manifest.exists() else {"stages": {}}
+    fix = "delete it and rerun: every stage in run.stages then runs again (none counts as done)"
+    record = read_json(lay.manifest, fix) if lay.manifest.exists() else {"stages": {}}
     forced = set(cfg.run.force) | set(force)
     inputs, old_inputs = input_fingerprint(cfg, record), record.get("inputs")
     if old_inputs is not None and old_inputs != inputs:

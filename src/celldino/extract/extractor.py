@@ -37,7 +37,7 @@ from torch import nn
 from celldino import distributed, log
 from celldino.augment.geometric import whole_cell_view
 from celldino.config import ExtractConfig
-from celldino.errors import DataError
+from celldino.errors import DataError, IncompleteInputError
 from celldino.extract import feature_modes as F
 from celldino.extract.attention_maps import attention_outputs, pick_cells
 from celldino.extract.reader import CropBatches
@@ -569,7 +569,12 @@ def _extract_into(
     }
     if progress:
         manifest["training"] = progress  # step / epoch of the checkpoint and the planned ones
-    old = read_manifest(out_dir)
+    try:
+        old = read_manifest(out_dir)
+    except IncompleteInputError:  # a damaged manifest: only overwrite may replace its shards
+        if not cfg.overwrite:
+            raise
+        old = None
     stray = out_dir.exists() and any(out_dir.glob("part-*.parquet"))
     diffs = identity_differences(old, manifest) if old is not None else []
     if not cfg.overwrite:

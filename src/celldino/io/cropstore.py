@@ -89,7 +89,11 @@ class CropStore:
         ledger_path = self.dir / LEDGER
         shape = (0, len(self.channels), self.crop_size, self.crop_size)
         if ledger_path.exists() and (self.dir / CROPS).exists():
-            self.ledger = read_json(ledger_path)
+            self.ledger = read_json(
+                ledger_path,
+                f"the prep in {self.dir} cannot be resumed: delete that folder and rerun prepare "
+                "(the whole prep is redone), or use a new prepare.out_dir",
+            )
             if self.ledger.get("fingerprint") != settings_fingerprint:
                 raise CropStoreError(
                     f"{self.dir} holds crops made with other settings "

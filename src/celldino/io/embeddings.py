@@ -57,7 +57,11 @@ def manifest_path(folder: str | Path) -> Path:
 
 def read_manifest(folder: str | Path) -> dict[str, Any] | None:
     p = manifest_path(folder)
-    return read_json(p) if p.exists() else None
+    fix = (
+        "rerun extract with extract.overwrite=true (--overwrite): it redoes the extraction into "
+        f"{Path(folder)}"
+    )
+    return read_json(p, fix) if p.exists() else None
 
 
 def write_manifest(folder: str | Path, manifest: dict[str, Any]) -> Path:

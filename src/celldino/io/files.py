@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from celldino.errors import OutputError
+from celldino.errors import IncompleteInputError, OutputError
 
 # errno values of a write that failed because of the folder or the disk, not a bug
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
@@ -69,8 +69,21 @@ def write_json(path: Path, obj: Any) -> Path:
     )
 
 
-def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())
+def read_json(path: Path, fix: str = "") -> Any:
+    """A JSON file's content. A file that is not JSON (cut off by a crash or a full disk, or
+    edited by hand) raises `IncompleteInputError` naming it and saying `fix` (what to do;
+    default: restore or delete it)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        where = (
+            f" at line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
+        )
+        raise IncompleteInputError(
+            f"{path} is not valid JSON ({getattr(e, 'msg', None) or e.reason}{where}): it is "
+            f"truncated or damaged; {fix or 'restore it from a backup, or delete it and rerun'}"
+        ) from None
 
 
 def read_yaml(path: Path) -> Any:

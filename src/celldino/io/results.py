@@ -64,7 +64,8 @@ def read_results(eval_dir: str | Path) -> pd.DataFrame:
 def read_summary(eval_dir: str | Path) -> dict[str, Any] | None:
     """`summary.json` of an evaluation folder, or None when there is none."""
     path = Path(eval_dir) / SUMMARY
-    return read_json(path) if path.exists() else None
+    fix = "rerun evaluate into this folder: it rewrites it (finished analyses are kept)"
+    return read_json(path, fix) if path.exists() else None
 
 
 def list_tables(eval_dir: str | Path) -> pd.DataFrame:
