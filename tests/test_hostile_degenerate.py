@@ -222,3 +222,67 @@ def test_truncated_manifest_summary_and_pipeline_record(tmp_path):
     (tmp_path / "latin.json").write_bytes(b'{"a": "\xff"}')  # not UTF-8: also named
     with pytest.raises(IncompleteInputError, match="latin.json"):
         read_json(tmp_path / "latin.json")
+
+
+# ---- §5 checkpoints: metadata and channel counts ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def prep(tmp_path_factory, four_sites) -> Path:
+    from celldino.cli import main
+
+    out = tmp_path_factory.mktemp("prep4") / "prep"
+    assert (
+        main(["prepare", f"prepare.load_data={four_sites}", f"prepare.out_dir={out}", *FAST]) == 0
+    )
+    return out
+
+
+def _checkpoint(path: Path, metadata: dict, channels=CHANNELS) -> Path:
+    import dataclasses
+
+    import torch
+
+    from celldino.config import ModelConfig
+    from celldino.io.checkpoints import write_safetensors
+    from celldino.models import build_model
+
+    mcfg = ModelConfig(arch="vit_tiny", patch_size=8, in_chans=5, img_size=32, depth=1)
+    torch.manual_seed(0)
+    net = build_model(mcfg).eval()
+    sd = {
+        f"{w}.backbone.{k}": v for w in ("teacher", "student") for k, v in net.state_dict().items()
+    }
+    meta = {"model_config": dataclasses.asdict(mcfg), **metadata}
+    return write_safetensors(path, sd, meta, channels=channels)
+
+
+def _extract(run_cli, ckpt: Path, prep: Path, out: Path, *extra: str):
+    return run_cli(
+        "extract",
+        f"extract.checkpoint={ckpt}",
+        f"extract.data={prep}",
+        f"extract.out_dir={out}",
+        "extract.device=cpu",
+        *extra,
+    )
+
+
+def test_checkpoint_metadata_not_json_names_file_and_key(tmp_path, prep, run_cli):
+    ckpt = _checkpoint(tmp_path / "m.safetensors", {"model_config": '{"arch": "vit_tiny", '})
+    rc, text = _extract(run_cli, ckpt, prep, tmp_path / "emb")
+    assert rc == 2 and "Traceback" not in text, text
+    assert "m.safetensors" in text and "'model_config' is not valid JSON" in text
+    assert not (tmp_path / "emb").exists() or not any((tmp_path / "emb").glob("part-*"))
+
+
+def test_channel_count_mismatch_names_its_cause(tmp_path, prep, run_cli):
+    good = _checkpoint(tmp_path / "good.safetensors", {})
+    rc, text = _extract(run_cli, good, prep, tmp_path / "e1", "extract.channels=[DNA,ER,RNA]")
+    assert rc == 2 and "extract.channels=['DNA', 'ER', 'RNA'] names 3 channels" in text, text
+    assert "takes 5" in text
+    # metadata names 4 channels, the weights take 5: the checkpoint is the cause, not the prep
+    odd = _checkpoint(tmp_path / "odd.safetensors", {}, channels=CHANNELS[:4])
+    rc, text = _extract(run_cli, odd, prep, tmp_path / "e2")
+    assert rc == 2 and "odd.safetensors: its metadata 'channels' lists 4 channels" in text, text
+    assert "weights take 5" in text and "Traceback" not in text

@@ -58,6 +58,7 @@ from celldino.io.embeddings import (
 from celldino.io.files import file_fingerprint, read_json, require_writable, write_error
 from celldino.io.lock import input_lock, output_lock
 from celldino.io.prepared import IMAGES, STATE
+from celldino.io.provenance import refuse_overwriting_inputs
 from celldino.io.trainrun import run_channels, run_epochs
 from celldino.models import ChannelwiseModel, VisionTransformer, load_backbone, resolve_checkpoint
 
@@ -165,9 +166,16 @@ def _vit(model: nn.Module) -> VisionTransformer:
 
 
 def _check_fit(
-    model: nn.Module, file: Path, channels: list[str], side: tuple[int, int], cfg: ExtractConfig
+    model: nn.Module,
+    file: Path,
+    channels: list[str],
+    side: tuple[int, int],
+    cfg: ExtractConfig,
+    known: list[str] | None = None,
 ) -> None:
-    """Channel count and patch size of the model against the data; errors name both."""
+    """Channel count and patch size of the model against the data; errors name both, and the
+    channel count's source: extract.channels, the checkpoint's recorded channels (`known`), or
+    the data."""
     vit = _vit(model)
     C = len(channels)
     p = vit.patch_size
@@ -178,6 +186,19 @@ def _check_fit(
         want, ok = vit.in_chans, C <= vit.in_chans
     else:
         want, ok = vit.in_chans, vit.in_chans == C
+    if not ok and cfg.channels:
+        raise ExtractError(
+            f"extract.channels={list(cfg.channels)} names {C} channels but checkpoint {file} "
+            f"takes {want}: list {want} of the channels it was trained on"
+            + (f" ({known})" if known else "")
+        )
+    if not ok and known and channels == list(known):
+        raise ExtractError(
+            f"checkpoint {file}: its metadata 'channels' lists {C} channels {known} but its "
+            f"weights take {want}: the metadata disagrees with the weights (a damaged or edited "
+            f"file); use the checkpoint as training wrote it, or pick {want} channels with "
+            "extract.channels=[...]"
+        )
     if not ok:
         raise ExtractError(
             f"checkpoint {file} takes {want} channels but {where} has {C} channels {channels}: "
@@ -354,6 +375,13 @@ def extract(cfg: ExtractConfig, *, after_shard: Callable[[int], None] | None = N
     rewrite it meanwhile.
     """
     _check_options(cfg)
+    # the shards must not land in (or replace) the prep folder or the checkpoint it reads
+    refuse_overwriting_inputs(
+        {"extract.out_dir": cfg.out_dir},
+        {"extract.data": cfg.data, "extract.checkpoint": cfg.checkpoint},
+        "extract",
+        owned=[cfg.out_dir],
+    )
     threads = distributed.set_threads(cfg.threads, workers=cfg.num_workers, key="extract.threads")
     try:
         with input_lock(cfg.data, "extract"):
@@ -375,7 +403,7 @@ def _extract(cfg: ExtractConfig, *, after_shard: Callable[[int], None] | None = 
     cfg = dataclasses.replace(cfg, resize=_input_size(cfg, file, side))  # -1 resolved
     if cfg.resize:
         side = (cfg.resize, cfg.resize)
-    _check_fit(model, file, channels, side, cfg)
+    _check_fit(model, file, channels, side, cfg, known)
     vit = _vit(model)
     F.check_feature(cfg.feature, cfg.n_blocks, cfg.block, len(vit.blocks))
     channel_ids = None

@@ -117,6 +117,30 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         raise CheckpointError(f"checkpoint {path} is not a readable safetensors file: {e}") from e
 
 
+def metadata_json(path: str | Path, key: str, kind: type = dict) -> Any:
+    """The metadata entry `key` of a safetensors checkpoint decoded from JSON (None when absent);
+    an entry that is not JSON of type `kind` (a damaged or hand-edited file) names the file and
+    the key."""
+    raw = read_metadata(path).get(key)
+    if raw is None:
+        return None
+    try:
+        value = json.loads(raw)
+    except ValueError as e:
+        raise CheckpointError(
+            f"checkpoint {path}: metadata {key!r} is not valid JSON ({e}): the file was "
+            "damaged or edited; use the checkpoint as training wrote it (train again, or an "
+            "earlier epoch's checkpoint)"
+        ) from None
+    if not isinstance(value, kind):
+        raise CheckpointError(
+            f"checkpoint {path}: metadata {key!r} is a {type(value).__name__}, not a "
+            f"{kind.__name__}: the file was damaged or edited; use the checkpoint as training "
+            "wrote it"
+        )
+    return value
+
+
 def checkpoint_channels(path: str | Path) -> list[str]:
     """The channel names, in model order, recorded in a checkpoint ([] when not recorded)."""
     raw = read_metadata(path).get("channels")

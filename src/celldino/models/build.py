@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 from torch import nn
@@ -12,6 +11,7 @@ from celldino.config import ModelConfig
 from celldino.io.checkpoints import (
     CheckpointError,
     check_finite,
+    metadata_json,
     read_metadata,
     read_state_dict,
 )
@@ -123,7 +123,7 @@ def load_backbone(
     file = resolve_checkpoint(path)
     meta = read_metadata(file)
     if "model_config" in meta:
-        fields = json.loads(meta["model_config"])
+        fields = metadata_json(file, "model_config")
         known = {f.name for f in dataclasses.fields(ModelConfig)}
         cfg = ModelConfig(
             **{
