@@ -53,12 +53,12 @@ The identification needs background levels that vary between images and enough i
 with fewer than `min_images` (`prepare.illum_min_images`, default `MIN_FIT_IMAGES` = 10) QC-passing
 images is not corrected (flat, warned: on NF1's five already-corrected sites a fit reads 1.13x
 and 6.1x, noise). Measured against the planted vignetting (bench/bench_illumination.py,
-docs/validation.md): with 10 cells per 128 px site, 39 % of channels are applied at 10 images,
-76 % at 15, 93 % at 25, all at 50 (worst pixel median 1.0 %, at most 4.2 %); on the `tiny`
-preset (14-16 images) 5 of 10 (within 6.0 % RMS), on `demo` (30-32 images of 256 px) all, worst
-pixel 1.9 %. On the tour's crowded fields nothing is applied up to 25 images, 2-14 % at 50-100
-(the AGP channel: its membrane signal leaves the residuals unskewed; up to 35-46 % off, against
-18 % left flat). When the levels hardly vary (relative spread below `MIN_SPREAD`), the offset
+docs/validation.md): with 10 cells per 128 px site, 16 % of channels are applied at 10 images,
+56 % at 15, 86 % at 25, all at 50 (worst pixel median 1.0 %, at most 4.2 %); the worst applied
+function is 8.1 % off (10 images), 9.5 % (15), 6.6 % (25). On the `tiny` preset (14-16 images)
+3 of 10 (within 6.0 % RMS), on `demo` (30-32 images of 256 px) all, worst pixel 1.9 %. On the
+tour's crowded fields nothing is applied up to 50 images, 1 % at 100 (AGP: its membrane signal
+leaves the residuals unskewed; 29 % off, against 18 % left flat). When the levels hardly vary (relative spread below `MIN_SPREAD`), the offset
 cannot be cancelled and the plain background ratio (D = 0) is used, with a warning. A plate
 with sites of several sizes gets one function per size.
 """
