@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -87,32 +88,12 @@ def _quiet() -> None:
 
 
 def _pycytominer(a: ad.AnnData, fit: np.ndarray) -> ad.AnnData:
-    """pycytominer's arithmetic, run by pycytominer: mad_robustize per plate to its DMSO wells,
-    then variance_threshold feature selection decided on the training weeks' wells."""
-    import pycytominer
+    """pycytominer's arithmetic, run by pycytominer (bench/profile_recipe.py): mad_robustize per
+    plate to its DMSO wells, then variance_threshold decided on the training weeks' wells."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from profile_recipe import pycytominer_workflow
 
-    feats = list(a.var_names)
-    df = pd.concat(
-        [a.obs.reset_index(drop=True), pd.DataFrame(np.asarray(a.X), columns=feats)], axis=1
-    )
-    parts = [
-        pycytominer.normalize(
-            g,
-            features=feats,
-            meta_features=list(a.obs.columns),
-            samples="Metadata_pert_type == 'control'",
-            method="mad_robustize",
-        )
-        for _, g in df.groupby("Metadata_Plate")
-    ]
-    norm = pd.concat(parts).loc[df.index]
-    sel = pycytominer.feature_select(norm[fit], features=feats, operation="variance_threshold")
-    kept = [c for c in sel.columns if c in set(feats)]
-    X = norm[kept].to_numpy(np.float64)
-    ok = np.isfinite(X).all(axis=0)  # pycytominer can leave inf where a control MAD is 0
-    out = ad.AnnData(X[:, ok], obs=a.obs.copy())
-    out.var_names = [k for k, good in zip(kept, ok) if good]
-    return out
+    return pycytominer_workflow(a, "variance_threshold", "Metadata_pert_type == 'control'", fit=fit)
 
 
 def apply(a: ad.AnnData, cand: Candidate, fit: np.ndarray) -> ad.AnnData:
@@ -236,6 +217,8 @@ DEFAULT = Candidate(
     sphere_by="Metadata_Batch",
 )
 
+PYCYTOMINER = Candidate("pycytominer (mad_robustize + variance_threshold)", pycytominer=True)
+
 CANDIDATES = [
     DEFAULT,
     dataclasses.replace(
@@ -244,7 +227,7 @@ CANDIDATES = [
     dataclasses.replace(
         DEFAULT, name="the same without a batch column (one sphering)", sphere_by=""
     ),
-    Candidate("pycytominer (mad_robustize + variance_threshold)", pycytominer=True),
+    PYCYTOMINER,
     Candidate(
         "celldino 0.3.0 default (floor 1, select, clip 50, ZCA+OAS)",
         floor=1.0,

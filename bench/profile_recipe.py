@@ -164,7 +164,11 @@ def per_well(cells: pd.DataFrame, prefix: str, name: str) -> Data:
 # ---- pipelines ------------------------------------------------------------------------------
 
 
-def pycytominer_workflow(a: ad.AnnData, ops, controls: str) -> ad.AnnData:
+def pycytominer_workflow(
+    a: ad.AnnData, ops, controls: str, fit: np.ndarray | None = None
+) -> ad.AnnData:
+    """pycytominer.normalize per plate (mad_robustize to `controls`), then feature_select with
+    `ops`, decided on the rows `fit` (all when None); features left non-finite are dropped."""
     import pycytominer
 
     feats = list(a.var_names)
@@ -182,10 +186,14 @@ def pycytominer_workflow(a: ad.AnnData, ops, controls: str) -> ad.AnnData:
         for _, g in df.groupby("Metadata_Plate")
     ]
     norm = pd.concat(parts).loc[df.index]
-    sel = pycytominer.feature_select(norm, features=feats, operation=ops)
+    sel = pycytominer.feature_select(
+        norm if fit is None else norm[fit], features=feats, operation=ops
+    )
     kept = [c for c in sel.columns if c in set(feats)]
-    out = ad.AnnData(sel[kept].to_numpy(float), obs=a.obs.copy())
-    out.var_names = kept
+    X = norm[kept].to_numpy(float)
+    ok = np.isfinite(X).all(axis=0)  # pycytominer can leave inf where a control MAD is 0
+    out = ad.AnnData(X[:, ok], obs=a.obs.copy())
+    out.var_names = [k for k, good in zip(kept, ok) if good]
     return out
 
 

@@ -61,7 +61,7 @@ def _numpy_fold(t, week: str) -> dict[str, tuple[int, int]]:
 def test_fold_scores_match_numpy(wells, lowo):
     """Every fold of the default and of pycytominer's workflow, scored by celldino.eval.nsc,
     equals the hand computation on the same treatment profiles."""
-    for cand in (lowo.DEFAULT, lowo.CANDIDATES[1]):
+    for cand in (lowo.DEFAULT, lowo.PYCYTOMINER):
         assert cand.name.startswith(("celldino 0.4.0", "pycytominer"))
         for week in sorted(wells.obs["Metadata_Batch"].unique()):
             fit = (wells.obs["Metadata_Batch"] != week).to_numpy()
@@ -75,7 +75,7 @@ def test_default_beats_or_matches_pycytominer_on_every_fold(wells, lowo):
     """The choice docs/profiling.md reports: the default's correct queries are at least
     pycytominer's on every held-out week, for NSC and NSCB, and the pooled targets hold."""
     ours = lowo.summary(lowo.lowo(wells, lowo.DEFAULT))
-    ref = lowo.summary(lowo.lowo(wells, lowo.CANDIDATES[1]))
+    ref = lowo.summary(lowo.lowo(wells, lowo.PYCYTOMINER))
     assert set(ours) == set(ref)
     for key, (hit, n) in ref.items():
         assert ours[key][1] == n  # the same queries
