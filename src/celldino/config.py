@@ -488,10 +488,12 @@ RANGES: dict[str, Range] = {
             "wells_per_compound",
             "control_wells",
             "sites_per_well",
-            "image_size",
             "cells_per_site",
         )
     },
+    # a field's pixels are drawn in memory, several float planes per channel: 4096 px is ~1 GB
+    # with 5 channels; 100000 px asked for hundreds of GB before failing (0 = the preset's)
+    "synth.image_size": Range(0, 4096),
     "synth.n_moas": Range(0, 6),
     "synth.n_bad_images": Range(-1),
     "prepare.illum_size": _COUNT,
