@@ -145,14 +145,20 @@ def test_run_refuses_engineered_baselines_without_features_before_starting(
     assert not out.exists()  # nothing was started or written
 
 
-def test_run_refuses_a_table_without_the_evaluation_columns(tiny_screen, tmp_path, run_cli):
-    table = pd.read_csv(tiny_screen / "load_data.csv").drop(columns=["Metadata_MoA"])
+def test_run_refuses_a_table_with_the_evaluation_column_misspelt(tiny_screen, tmp_path, run_cli):
+    """A table without Metadata_MoA runs (tests/test_real_screens.py: the MoA analyses are
+    skipped, the report says why); one with Metadata_moa is a spelling, refused before training."""
+    table = pd.read_csv(tiny_screen / "load_data.csv").rename(
+        columns={"Metadata_MoA": "Metadata_moa"}
+    )
     path = tmp_path / "load_data.csv"
     table.to_csv(path, index=False)
     out = tmp_path / "run"
     rc, text = run_cli("run", f"prepare.load_data={path}", f"run.out_dir={out}")
     assert rc == 2
-    assert "Metadata_MoA" in text and str(path) in text and "moa" in text
+    assert (
+        "Metadata_MoA" in text and str(path) in text and "evaluate.columns.moa=Metadata_moa" in text
+    )
     assert not out.exists()
 
 

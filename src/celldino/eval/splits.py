@@ -13,6 +13,8 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import GroupKFold, GroupShuffleSplit
 
+from celldino.eval.spec import NotEvaluable
+
 
 def group_labels(meta: pd.DataFrame, by: str | Sequence[str]) -> np.ndarray:
     """One string per row naming its group; several columns are joined ('plate1|A01')."""
@@ -35,6 +37,17 @@ def group_labels(meta: pd.DataFrame, by: str | Sequence[str]) -> np.ndarray:
     return out.astype(str)
 
 
+def _two_groups(uniq: np.ndarray, by, what: str) -> None:
+    """NotEvaluable (a ValueError: the runner skips the analysis and the report says why) when
+    there is one group or none: a one-plate screen cannot hold a plate out."""
+    if len(uniq) < 2:
+        found = f"found only {str(uniq[0])!r}" if len(uniq) else "found none"
+        raise NotEvaluable(
+            f"{what} by {by!r} needs at least 2 groups, {found}: nothing can be held out; "
+            "set the analysis's split_by to a column with 2 or more values"
+        )
+
+
 def group_split(
     meta: pd.DataFrame,
     *,
@@ -44,9 +57,7 @@ def group_split(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Row indices (train, test) with every group of `by` wholly on one side."""
     groups = group_labels(meta, by)
-    n_groups = len(np.unique(groups))
-    if n_groups < 2:
-        raise ValueError(f"group split by {by!r} needs at least 2 groups, found {n_groups}")
+    _two_groups(np.unique(groups), by, "group split")
     splitter = GroupShuffleSplit(n_splits=1, test_size=test_size, random_state=seed)
     train, test = next(splitter.split(np.zeros(len(meta)), groups=groups))
     check_no_leakage(meta, train, test, by=by)
@@ -64,8 +75,7 @@ def group_folds(
     groups = group_labels(meta, by)
     uniq = np.unique(groups)
     k = len(uniq) if n_splits is None else min(n_splits, len(uniq))
-    if k < 2:
-        raise ValueError(f"cross-validation by {by!r} needs at least 2 groups, found {len(uniq)}")
+    _two_groups(uniq, by, "cross-validation")
     # GroupKFold is deterministic; relabel the groups with a seeded permutation to shuffle.
     perm = np.random.default_rng(seed).permutation(len(uniq))
     codes = perm[np.searchsorted(uniq, groups)]

@@ -434,10 +434,16 @@ def map_statistics(
 # ---- across feature sets ----------------------------------------------------------------------
 
 
-def flag_identical_sets(tidy: pd.DataFrame) -> pd.DataFrame:
+def flag_identical_sets(
+    tidy: pd.DataFrame, same_profiles: set[frozenset[str]] | None = None
+) -> pd.DataFrame:
     """Flag two feature sets that score identically on every scored metric (a row with a chance
     level) of an analysis: usually the same data under two names, or features that were ignored.
-    Returns the table with the reason added to `flags` (and logged)."""
+    Returns the table with the reason added to `flags` (and logged).
+
+    `same_profiles` (the runner's pairs of sets whose profiles are equal): when given, only
+    those pairs are flagged; a tie between sets whose profiles differ (an NSC over 12 queries
+    takes 13 values) is logged at INFO as a tie, not as the same data."""
     if "chance" not in tidy.columns or tidy["feature_set"].nunique() < 2:
         return tidy
     tidy = tidy.copy()
@@ -451,6 +457,16 @@ def flag_identical_sets(tidy: pd.DataFrame) -> pd.DataFrame:
                 va, vb = wide[a].to_numpy(), wide[b].to_numpy()
                 ok = np.isfinite(va) & np.isfinite(vb)
                 if ok.any() and np.array_equal(va[ok], vb[ok]) and ok.sum() == len(va):
+                    if same_profiles is not None and frozenset((a, b)) not in same_profiles:
+                        logger.info(
+                            "%s: feature sets '%s' and '%s' tie on %s though their profiles "
+                            "differ: these data do not tell them apart on this analysis",
+                            analysis,
+                            a,
+                            b,
+                            ", ".join(map(str, wide.index)),
+                        )
+                        continue
                     for me, other in ((a, b), (b, a)):
                         reason = f"scores identical to feature set '{other}'"
                         rows = (
@@ -462,11 +478,13 @@ def flag_identical_sets(tidy: pd.DataFrame) -> pd.DataFrame:
                             join_flags([*f.split("; "), reason]) for f in tidy.loc[rows, "flags"]
                         ]
                     logger.warning(
-                        "%s: feature sets '%s' and '%s' score identically on every metric; "
-                        "check that they differ",
+                        "%s: feature sets '%s' and '%s' score identically on every scored "
+                        "metric (%s)%s; check that they differ",
                         analysis,
                         a,
                         b,
+                        ", ".join(map(str, wide.index)),
+                        "" if same_profiles is None else ": their profiles are equal",
                     )
     return tidy
 
@@ -479,13 +497,15 @@ def stat_columns(stats: dict | None) -> dict:
     return rec
 
 
-def metrics_table(rows: list[dict]) -> tuple[pd.DataFrame, dict[str, dict[str, str]]]:
+def metrics_table(
+    rows: list[dict], same_profiles: set[frozenset[str]] | None = None
+) -> tuple[pd.DataFrame, dict[str, dict[str, str]]]:
     """The runner's tidy table (feature_set, analysis, metric, value, *STAT_COLUMNS) from its
-    rows, with identical feature sets flagged; and the flags by 'analysis on feature set' →
-    metric → reasons, for summary.json."""
+    rows, with identical feature sets flagged (`flag_identical_sets`); and the flags by
+    'analysis on feature set' → metric → reasons, for summary.json."""
     cols = ["feature_set", "analysis", "metric", "value", *STAT_COLUMNS]
     tidy = pd.DataFrame([{**stat_columns(None), **r} for r in rows], columns=cols)
-    tidy = flag_identical_sets(tidy)
+    tidy = flag_identical_sets(tidy, same_profiles)
     flagged: dict[str, dict[str, str]] = {}
     for r in tidy[tidy["flags"].astype(str) != ""].itertuples(index=False):
         flagged.setdefault(f"{r.analysis} on {r.feature_set}", {})[r.metric] = r.flags

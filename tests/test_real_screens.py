@@ -1,0 +1,172 @@
+"""What a lab does with real screens just works (issue 22 §6): a one-plate screen without
+compound, MoA or control columns goes through `celldino run` to a report that lists every
+analysis it could not compute and why; one plate cannot be held out, so the held-out-plate
+analyses are skipped, not failed."""
+
+from __future__ import annotations
+
+import json
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+from celldino.config import EvaluateConfig
+from celldino.eval.runner import evaluate
+from celldino.eval.spec import NotEvaluable
+from celldino.eval.splits import group_folds, group_split
+
+# the tiny pipeline of tests/test_pipeline.py, without the engineered features and attention
+TINY = [
+    "prepare.crop_size=32",
+    "prepare.nuclei_min_area=30",
+    "prepare.cell_expand=8",
+    "prepare.features=false",
+    "model.depth=2",
+    "model.patch_size=8",
+    "model.img_size=32",
+    "model.out_dim=256",
+    "model.drop_path_rate=0.0",
+    "augment.global_crop_size=32",
+    "augment.local_crop_size=16",
+    "augment.n_local_crops=2",
+    "train.epochs=1",
+    "train.batch_size=32",
+    "extract.batch_size=64",
+    "extract.attention_sample=0",
+    "evaluate.null_size=50",
+    "run.baselines=random_init",
+]
+LABELS = ["Metadata_Compound", "Metadata_Dose", "Metadata_MoA", "Metadata_pert_type"]
+
+
+@pytest.mark.slow
+def test_an_unlabelled_one_plate_screen_runs_to_a_report_listing_what_was_skipped(
+    tiny_screen, tmp_path, run_cli
+):
+    """Was: refused before starting (no Metadata_Compound / Metadata_MoA / Metadata_pert_type),
+    and with those columns, one plate failed in evaluate ('group split by Metadata_Plate needs at
+    least 2 groups') with no report."""
+    table = pd.read_csv(tiny_screen / "load_data.csv", dtype=str)
+    table = table[table.Metadata_Plate == "P01"].drop(columns=LABELS)
+    path = tmp_path / "load_data.csv"
+    table.to_csv(path, index=False)
+    run = tmp_path / "run"
+    rc, text = run_cli("run", *TINY, f"prepare.load_data={path}", f"run.out_dir={run}")
+    assert rc == 0, text
+    assert (run / "report.html").exists()
+    # no controls: each plate normalised against all its wells, and the log says so
+    assert "normalised against all its wells" in text
+    prof = pd.read_parquet(run / "profiles" / "learned.parquet")
+    X = prof[[c for c in prof.columns if not c.startswith("Metadata_")]].to_numpy()
+    cells = pd.read_parquet(run / "prep" / "cells.parquet")
+    assert prof.Metadata_Plate.nunique() == 1
+    assert set(prof.Metadata_Well) == set(cells.Metadata_Well)  # one profile per well with cells
+    # the embeddings recipe standardises on every well: each feature's plate mean is 0
+    np.testing.assert_allclose(X.mean(axis=0), 0.0, atol=1e-5)
+    steps = json.loads(ad.read_h5ad(run / "profiles" / "learned.h5ad").uns["celldino"]["steps"])
+    norm = next(s["params"] for s in steps if s["step"] == "normalize")
+    assert norm["reference"] == "all" and norm["n_reference"] == len(prof)
+    # nothing could be evaluated: every (analysis, set) is listed with its reason
+    summary = json.loads((run / "eval" / "summary.json").read_text())
+    skipped = summary["skipped"]
+    assert summary["metrics"] == {}
+    for name in ("nsc", "map_moa", "classify", "cell_probe"):
+        assert "'Metadata_MoA'" in skipped[f"{name} on learned"]
+    assert "'Metadata_Compound'" in skipped["map_replicate on random_init"]
+    assert "attention" in skipped["attention_iou on learned"]
+    html = (run / "report.html").read_text()
+    for key in skipped:
+        assert f"Skipped: {key}" in html
+    assert 'id="umap"' in html and 'id="data"' in html  # what needs no labels is there
+
+
+def _one_plate_profiles(seed: int = 0) -> pd.DataFrame:
+    """12 wells of 4 compounds (3 MoAs, 3 replicates each) on one plate; the MoA shifts the
+    profile, so NSC can be computed and is above chance."""
+    rng = np.random.default_rng(seed)
+    rows, feats = [], []
+    centres = rng.normal(size=(3, 8)) * 3
+    for i, (cpd, moa) in enumerate([("a", 0), ("b", 0), ("c", 1), ("d", 2)]):
+        for r in range(3):
+            rows.append(
+                {
+                    "Metadata_Plate": "P1",
+                    "Metadata_Well": f"A{3 * i + r + 1:02d}",
+                    "Metadata_Compound": cpd,
+                    "Metadata_Dose": "1",
+                    "Metadata_MoA": f"m{moa}",
+                    "Metadata_pert_type": "trt",
+                }
+            )
+            feats.append(centres[moa] + rng.normal(size=8))
+    meta = pd.DataFrame(rows)
+    return pd.concat([meta, pd.DataFrame(feats, columns=[f"f{j}" for j in range(8)])], axis=1)
+
+
+def test_one_plate_skips_the_held_out_plate_analyses_and_runs_the_others(tmp_path):
+    path = tmp_path / "profiles.parquet"
+    _one_plate_profiles().to_parquet(path)
+    # classify as `celldino run` sets it: plates held out
+    classify = {"classifiers": ["knn"], "ks": [1], "split_by": "Metadata_Plate"}
+    spec = {"analyses": {"nsc": {}, "classify": classify, "map_replicate": {}}}
+    out = evaluate(path, spec=spec, cfg=EvaluateConfig(out_dir=str(tmp_path / "eval")))
+    summary = json.loads((out / "summary.json").read_text())
+    reason = summary["skipped"]["classify on learned"]
+    assert "needs at least 2 groups, found only 'P1'" in reason and "split_by" in reason
+    assert 0 <= summary["metrics"]["nsc"]["NSC"]["learned"] <= 1
+    assert summary["metrics"]["map_replicate"]["mAP"]["learned"] > 0
+
+
+def test_nothing_evaluable_is_refused_by_evaluate_and_listed_by_run(tmp_path):
+    """`celldino evaluate` with no analysis that can run is an error naming each reason; the
+    pipeline (allow_nothing) writes the skip list for its report instead."""
+    table = _one_plate_profiles().drop(columns=["Metadata_MoA"])
+    path = tmp_path / "profiles.parquet"
+    table.to_parquet(path)
+    spec = {"analyses": {"nsc": {}, "map_moa": {}}}
+    with pytest.raises(ValueError, match="no analysis could run.*Metadata_MoA"):
+        evaluate(path, spec=spec, cfg=EvaluateConfig(out_dir=str(tmp_path / "a")))
+    out = evaluate(
+        path, spec=spec, cfg=EvaluateConfig(out_dir=str(tmp_path / "b")), allow_nothing=True
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["skipped"]) == {"nsc on learned", "map_moa on learned"}
+    metrics = pd.read_parquet(out / "metrics.parquet")
+    assert set(metrics.metric) == {"skipped"}
+
+
+def test_a_split_over_one_group_is_not_evaluable_naming_the_group():
+    meta = pd.DataFrame({"Metadata_Plate": ["P7"] * 4})
+    for split in (group_split, group_folds):
+        with pytest.raises(NotEvaluable, match="found only 'P7'"):
+            split(meta, by="Metadata_Plate")
+
+
+def test_equal_scores_are_flagged_only_for_equal_profiles(tmp_path, caplog):
+    """The warning said learned and random_init 'score identically on every metric' when two
+    coarse scores tied (an NSC over 12 queries takes 13 values). A copy is flagged; a set whose
+    profiles differ (twice the features: every cosine the same, so every score ties) is not."""
+    table = _one_plate_profiles()
+    feats = [c for c in table.columns if c.startswith("f")]
+    twice = table.copy()
+    twice[feats] = 2 * twice[feats] + 0.5
+    for name, t in (("a", table), ("copy", table), ("twice", twice)):
+        t.to_parquet(tmp_path / f"{name}.parquet")
+    spec = {
+        "inputs": {n: str(tmp_path / f"{n}.parquet") for n in ("a", "copy", "twice")},
+        "analyses": {"nsc": {}, "map_replicate": {}},
+    }
+    caplog.set_level("INFO", logger="celldino")
+    out = evaluate(None, spec=spec, cfg=EvaluateConfig(out_dir=str(tmp_path / "eval")))
+    summary = json.loads((out / "summary.json").read_text())
+    nsc = summary["metrics"]["nsc"]["NSC"]
+    assert nsc["a"] == nsc["copy"]
+    assert set(summary["flags"]) >= {"nsc on a", "nsc on copy"}
+    assert "identical to feature set 'copy'" in summary["flags"]["nsc on a"]["NSC"]
+    twice_flags = [f for k, v in summary["flags"].items() if "twice" in k for f in v.values()]
+    assert not any("identical" in f for f in twice_flags)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("'a' and 'copy' score identically" in m for m in warned)
+    assert not any("score identically" in m and "twice" in m for m in warned)
