@@ -22,7 +22,7 @@ from pathlib import Path
 
 import celldino
 from celldino import log
-from celldino.config import Config, ConfigError, replace, to_dict
+from celldino.config import Config, ConfigError, ProfileConfig, replace, to_dict
 from celldino.errors import DataError, OutputError, UserError
 from celldino.io.configfile import save_config
 from celldino.io.embeddings import read_manifest
@@ -177,24 +177,49 @@ def stage_profile(cfg: Config, lay: RunLayout, *, resume: bool) -> None:
         # CellProfiler's measurements under CellProfiler's names (data/engineered.py)
         "engineered": (str(lay.engineered), ("Nuclei_", "Cells_", "Cytoplasm_")),
     }
-    for name in _feature_sets(cfg):
-        _profile(cfg, lay, name, *inputs[name])
+    for i, name in enumerate(_feature_sets(cfg)):
+        _profile(cfg, lay, name, *inputs[name], warn=i == 0)
 
 
-def _profile(cfg: Config, lay: RunLayout, name: str, path: str, prefix) -> None:
+def _profile(cfg: Config, lay: RunLayout, name: str, path: str, prefix, warn=False) -> None:
     """Well profiles of one feature set (`profiles/<name>.h5ad` + .parquet) with the run's
     `profile` settings: every set of a run, epoch checkpoints included, is profiled alike."""
     from celldino.pp.recipe import run_profile
 
     run_profile(
         dataclasses.replace(
-            cfg.profile,
+            _profile_controls(cfg, lay, warn=warn),
             input=(path,),
             features=prefix,
             out=str(lay.profiles(name)),
             formats=tuple(dict.fromkeys(("h5ad", "parquet", *cfg.profile.formats))),
         )
     )
+
+
+def _profile_controls(cfg: Config, lay: RunLayout, *, warn: bool = False):
+    """cfg.profile, or, when profile.controls is the default query and the prepared cells lack
+    its column (a screen without control annotation), the same settings with no controls and
+    normalisation fitted on every well of each plate (profile.normalize_reference=all), with a
+    warning: refusing would cost the user the run for a default they never chose."""
+    import pyarrow.parquet as pq
+
+    p = cfg.profile
+    if p.controls != DEFAULT_CONTROLS or not lay.cells.exists():
+        return p
+    columns = set(pq.read_schema(lay.cells).names)
+    missing = sorted(_query_columns(p.controls) - columns)
+    if not missing:
+        return p
+    (logger.warning if warn else logger.debug)(
+        "profile.controls is the default (%s) but the prepared cells have no %s column: no "
+        "negative controls, so each plate is normalised against all its wells "
+        "(profile.normalize_reference=all) and nothing is fitted on controls; name the controls "
+        "with profile.controls=<query> to normalise against them",
+        p.controls,
+        ", ".join(missing),
+    )
+    return dataclasses.replace(p, controls="", normalize_reference="all")
 
 
 def eval_spec(cfg: Config, lay: RunLayout) -> dict:
@@ -224,7 +249,9 @@ def eval_spec(cfg: Config, lay: RunLayout) -> dict:
 def stage_evaluate(cfg: Config, lay: RunLayout, *, resume: bool) -> None:
     from celldino.eval.runner import evaluate
 
-    evaluate(None, spec=eval_spec(cfg, lay), cfg=cfg.evaluate)
+    # an unlabelled or one-plate screen may allow no analysis: the report still comes, listing
+    # each skipped one and why
+    evaluate(None, spec=eval_spec(cfg, lay), cfg=cfg.evaluate, allow_nothing=True)
     checkpoint_spread(cfg, lay)
 
 
@@ -502,9 +529,14 @@ def stage_fingerprints(
 
 
 # Column roles the default analyses read (RUN_ANALYSES): nsc, map_moa and classify need the
-# MoA, nsc and map_replicate the compound. Checked against the load-data table before any stage
-# runs, so a missing column fails in a second instead of after training.
+# MoA, nsc and map_replicate the compound. A screen without them (unlabelled, or one plate of
+# one treatment) still runs: the analyses that need them are skipped, each with its reason in
+# the report. Roles the user names (evaluate.columns.*, the spec's columns) are checked against
+# the load-data table before any stage runs, so a typo fails in a second, not after training.
 DEFAULT_ROLE_COLUMNS = {"compound": "Metadata_Compound", "moa": "Metadata_MoA"}
+# profile.controls as shipped: on a table without its column the run normalises each plate
+# against all its wells (pycytominer's samples='all') and says so, instead of refusing
+DEFAULT_CONTROLS = ProfileConfig().controls
 
 
 def _query_columns(query: str) -> set[str]:
@@ -572,17 +604,26 @@ def check_preconditions(cfg: Config) -> None:
                 if (
                     cfg.profile.normalize != "none"
                     and cfg.profile.normalize_reference == "controls"
+                    and cfg.profile.controls != DEFAULT_CONTROLS  # absent: normalised on all
                 ):
                     for col in _query_columns(cfg.profile.controls):
                         need.setdefault(col, "profile.controls")
             if "evaluate" in stages:
+                # a default role whose column is absent (an unlabelled screen) is no problem:
+                # the analyses that need it are skipped and the report says why; one the user
+                # named must be there
                 roles = dict(spec.get("columns") or {})
-                if not cfg.run.eval_spec:
-                    roles = {**DEFAULT_ROLE_COLUMNS, **roles}
                 roles = {**roles, **cfg.evaluate.columns}  # evaluate.columns.* win, as in evaluate
                 for role, col in roles.items():
                     if isinstance(col, str) and col.startswith("Metadata_"):
                         need.setdefault(col, f"evaluation column '{role}'")
+                for role, col in DEFAULT_ROLE_COLUMNS.items():
+                    near = [c for c in columns if c != col and c.lower() == col.lower()]
+                    if role not in roles and col not in columns and near:  # a spelling, not
+                        problems.append(  # an unlabelled screen: the analyses would be skipped
+                            f"{table} has no column {col} (evaluation column '{role}') but has "
+                            f"{near[0]}: rename it, or set evaluate.columns.{role}={near[0]}"
+                        )
             for col, why in need.items():
                 if col not in columns:
                     problems.append(

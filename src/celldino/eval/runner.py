@@ -217,6 +217,22 @@ class FeatureSet:
     activity: tuple[pd.DataFrame, np.ndarray] | None = None
 
 
+def same_profile_pairs(sets: dict[str, FeatureSet]) -> set[frozenset[str]]:
+    """Pairs of feature sets holding the same profiles (same metadata rows, features equal to
+    float32 precision up to a column order): the same data under two names."""
+    out = set()
+    names = list(sets)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            A, B = sets[a].X, sets[b].X
+            if A.shape != B.shape or not sets[a].meta.equals(sets[b].meta):
+                continue
+            A, B = np.sort(A, axis=1), np.sort(B, axis=1)  # features in another order
+            if np.allclose(A, B, rtol=1e-6, atol=1e-7, equal_nan=True):
+                out.add(frozenset((a, b)))
+    return out
+
+
 def no_variance(X: np.ndarray) -> str:
     """The flag of a feature matrix whose profiles are all the same (e.g. a collapsed
     embedding): every similarity ties, so a score on it is the chance level at best; '' else."""
@@ -500,8 +516,11 @@ def _run_all(
     ctx: EvalContext,
     cfg: EvaluateConfig,
     out: Path,
+    allow_nothing: bool = False,
 ) -> dict:
-    """Every analysis on every feature set, written under `out`; returns the summary."""
+    """Every analysis on every feature set, written under `out`; returns the summary. When
+    every analysis was skipped: DataError naming each reason, or with `allow_nothing` (`celldino
+    run`, whose report lists what could not be computed) the skip rows and summary alone."""
     # This run's parts and tables are written under pending/ and moved to parts/ and tables/
     # only when every analysis has finished, so a failing run never leaves parts/ or tables/
     # disagreeing with summary.json; a rerun resumes from either place.
@@ -593,7 +612,7 @@ def _run_all(
             | {"flags": join_flags([sc["flags"], flat])}
             for k, v in metrics.items()
         ]
-    if not rows and skipped:
+    if not rows and skipped and not allow_nothing:
         raise DataError(
             "no analysis could run on these profiles: "
             + "; ".join(f"{k}: {v}" for k, v in skipped.items())
@@ -603,7 +622,9 @@ def _run_all(
     for src, dst in moves:  # every analysis finished: this run's parts become the run's
         os.replace(src, dst)
     shutil.rmtree(pending, ignore_errors=True)
-    tidy, flagged = metrics_table(rows)  # with chance, ci_low, ci_high, p_perm, n_queries, flags
+    # with chance, ci_low, ci_high, p_perm, n_queries, flags; equal scores are flagged only for
+    # sets whose profiles are equal (two coarse NSCs over 12 queries tie by chance)
+    tidy, flagged = metrics_table(rows, same_profiles=same_profile_pairs(sets))
     if skipped:  # one row per skipped (analysis, feature set): metric 'skipped', the reason
         skip_rows = [
             {"feature_set": k.split(" on ", 1)[1], "analysis": k.split(" on ", 1)[0]}
@@ -651,11 +672,15 @@ def evaluate(
     *,
     spec: str | Path | dict | None = None,
     cfg: EvaluateConfig | None = None,
+    allow_nothing: bool = False,
 ) -> Path:
     """Run the spec's analyses on every feature set; returns the output folder.
 
     Writes `metrics.parquet` and `metrics.csv` (feature_set, analysis, metric, value),
-    `tables/<analysis>__<feature_set>__<table>.parquet` and `summary.json`.
+    `tables/<analysis>__<feature_set>__<table>.parquet` and `summary.json`. An analysis that
+    cannot run on these profiles (a column role they lack, one plate to hold out, ...) is
+    skipped with its reason; when none can run, DataError, unless `allow_nothing` (then the
+    outputs list only what was skipped, and why).
     """
     cfg = cfg or EvaluateConfig()
     spec_dict, base = load_spec(spec if spec is not None else (cfg.spec or None))
@@ -686,6 +711,6 @@ def evaluate(
         sets = load_feature_sets(profiles, spec_dict, base, cfg.seed, where)
         check_columns(sets, given, origin)
         check_controls(sets, given, cols, origin)
-        _run_all(sets, analyses, ctx, cfg, out)
+        _run_all(sets, analyses, ctx, cfg, out, allow_nothing)
     logger.info("evaluation written to %s", out)
     return out
