@@ -233,3 +233,173 @@ def test_record_and_changed_name_what_changed(tmp_path):
     assert "1 file(s) changed" in what[0] and "a.parquet" in what[0]
     assert "new" in what[1] and "c.parquet" in what[1]
     assert "no longer used" in what[2] and "b.parquet" in what[2]
+
+
+# ---- prepare ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def screen(tmp_path_factory) -> Path:
+    return make_screen(tmp_path_factory.mktemp("screen"), SynthConfig(seed=0, **SMALL))
+
+
+def test_prepare_reading_masks_from_a_folder_it_clears_is_refused(screen, tmp_path, run_cli):
+    """prepare.out_dir=<screen> with prepare.mask_dir=<screen>/masks: prepare's own masks/ (which
+    it clears when its inputs change) would be the user's masks."""
+    before = _snapshot(screen)
+    rc, text = run_cli(
+        "prepare",
+        f"prepare.load_data={screen}/load_data.csv",
+        f"prepare.out_dir={screen}",
+        "prepare.segmentation=masks",
+        f"prepare.mask_dir={screen}/masks",
+        "prepare.nuclei_masks={stem_DNA}_nuclei.tif",
+        "prepare.crop_size=32",
+    )
+    assert rc == 2 and "prepare.mask_dir" in text and "clears" in text and str(screen) in text
+    assert _snapshot(screen) == before and not (screen / "cells.parquet").exists()
+
+
+def test_prepare_into_the_image_folder_it_scans_is_refused(screen, tmp_path, run_cli):
+    """prepare.image_dir is scanned (recursively) for images: a prep inside it would be scanned
+    on the next run (its masks and outlines are TIFFs too)."""
+    images = screen / "images"
+    before = _snapshot(images)
+    rc, text = run_cli(
+        "prepare",
+        f"prepare.image_dir={images}",
+        r"prepare.pattern=(?P<plate>[^_]+)_(?P<well>[^_]+)_s(?P<site>\d+)_(?P<channel>[^_.]+)\.tif",
+        f"prepare.out_dir={images}/prep",
+        "prepare.crop_size=32",
+    )
+    assert rc == 2 and "inside the input folder" in text and "prepare.image_dir" in text
+    assert _snapshot(images) == before and not (images / "prep").exists()
+
+
+# ---- evaluate ---------------------------------------------------------------------------------
+
+
+def test_evaluate_over_its_own_profiles_is_refused(tmp_path, run_cli):
+    """Profiles named metrics.parquet in evaluate.out_dir: the metrics would replace them."""
+    out = tmp_path / "ev"
+    out.mkdir()
+    _cells().to_parquet(out / "metrics.parquet", index=False)
+    before = _snapshot(out)
+    rc, text = run_cli("evaluate", out / "metrics.parquet", f"evaluate.out_dir={out}")
+    assert rc == 2 and "evaluate.out_dir" in text and "would replace the input" in text
+    assert _snapshot(out) == before
+    # profiles kept in the tables/ folder evaluate rewrites
+    (out / "tables").mkdir()
+    (out / "metrics.parquet").rename(out / "tables" / "p.parquet")
+    before = _snapshot(out)
+    rc, text = run_cli("evaluate", out / "tables" / "p.parquet", f"evaluate.out_dir={out}")
+    assert rc == 2 and "lies inside the output folder" in text and "tables" in text
+    assert _snapshot(out) == before
+
+
+# ---- report -----------------------------------------------------------------------------------
+
+
+def test_report_over_a_file_of_the_run_is_refused(tmp_path, run_cli):
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    (run / "pipeline.json").write_text('{"stages": {}}\n')
+    (run / "eval" / "summary.json").write_text("{}\n")
+    before = _snapshot(run)
+    rc, text = run_cli("report", run, "--out", run / "pipeline.json")
+    assert rc == 2 and "pipeline.json" in text and "would replace the input" in text
+    rc, text = run_cli("report", run, "--out", run / "eval" / "summary.json")
+    assert rc == 2 and "inside the input folder" in text and str(run / "eval") in text
+    assert _snapshot(run) == before
+    rc, text = run_cli("report", run, "--out", run / "report.html")
+    assert rc == 0, text  # beside them: the usual place
+
+
+# ---- extract ----------------------------------------------------------------------------------
+
+
+def test_extract_into_its_prep_folder_is_refused(tmp_path, run_cli):
+    prep = tmp_path / "prep"
+    prep.mkdir()
+    (prep / "cells.parquet").write_bytes(b"the user's prep")
+    ckpt = tmp_path / "w.safetensors"
+    ckpt.write_bytes(b"weights")
+    before = _snapshot(tmp_path)
+    for out, cause in ((prep / "emb", "inside the input folder"), (prep, "replace the input")):
+        rc, text = run_cli(
+            "extract",
+            f"extract.data={prep}",
+            f"extract.checkpoint={ckpt}",
+            f"extract.out_dir={out}",
+        )
+        assert rc == 2 and "extract.out_dir" in text and cause in text and "extract.data" in text
+    # the prep inside the output folder extract fills with shards
+    rc, text = run_cli(
+        "extract",
+        f"extract.data={prep}",
+        f"extract.checkpoint={ckpt}",
+        f"extract.out_dir={tmp_path}",
+    )
+    assert rc == 2 and "lies inside the output folder" in text
+    assert _snapshot(tmp_path) == before
+
+
+# ---- celldino run: a stage whose input files changed is not up to date --------------------
+
+
+def _profiles(seed: int) -> pd.DataFrame:
+    """Well profiles of 2 plates × 8 wells (2 controls, 3 compounds of 3 MoAs, replicated)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for p in ("P1", "P2"):
+        for w in range(8):
+            cpd = "DMSO" if w < 2 else f"cpd{w % 3}"
+            moa = "control" if w < 2 else f"moa{w % 3}"
+            rows.append((p, f"A{w:02d}", cpd, moa))
+    df = pd.DataFrame(
+        rows, columns=["Metadata_Plate", "Metadata_Well", "Metadata_Compound", "Metadata_MoA"]
+    )
+    for f in FEATS:
+        df[f] = rng.normal(size=len(df))
+    return df
+
+
+def test_run_reruns_a_stage_whose_input_files_were_remade_by_hand(tmp_path, caplog):
+    """Profiles re-made by hand after evaluate ran: the rerun does not call evaluate up to date;
+    it says which file changed and evaluates again (the metrics then match the new profiles)."""
+    from celldino.config import load_config
+    from celldino.pipeline import run_pipeline
+
+    run = tmp_path / "run"
+    (run / "profiles").mkdir(parents=True)
+    profiles = run / "profiles" / "learned.parquet"
+    _profiles(0).to_parquet(profiles, index=False)
+    cfg = load_config(
+        None,
+        [
+            f"run.out_dir={run}",
+            f"prepare.load_data={tmp_path / 'none.csv'}",
+            "run.stages=[evaluate,report]",
+            "run.baselines=[]",
+            "run.spread_checkpoints=0",
+            "evaluate.null_size=50",
+        ],
+    )
+    caplog.set_level("INFO", logger="celldino")
+    run_pipeline(cfg)
+    first = (run / "eval" / "summary.json").read_text()
+    caplog.clear()
+    run_pipeline(cfg)  # nothing changed: both up to date
+    assert [
+        r.getMessage().split(":")[0] for r in caplog.records if "up to date" in r.getMessage()
+    ] == [
+        "stage evaluate",
+        "stage report",
+    ]
+    _profiles(1).to_parquet(profiles, index=False)  # re-made by hand, other values
+    caplog.clear()
+    run_pipeline(cfg)
+    text = " ".join(r.getMessage() for r in caplog.records)
+    assert "up to date" not in text
+    assert "stage evaluate: the files it read changed" in text and str(profiles) in text
+    assert (run / "eval" / "summary.json").read_text() != first  # evaluated again

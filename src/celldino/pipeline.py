@@ -24,8 +24,9 @@ import celldino
 from celldino import log
 from celldino.config import Config, ConfigError, ProfileConfig, replace, to_dict
 from celldino.errors import DataError, OutputError, UserError
+from celldino.io import provenance
 from celldino.io.configfile import save_config
-from celldino.io.embeddings import read_manifest
+from celldino.io.embeddings import manifest_path, read_manifest
 from celldino.io.files import file_fingerprint, fingerprint, read_json, write_json
 from celldino.io.lock import output_lock
 from celldino.io.runlayout import STAGES, RunLayout
@@ -452,6 +453,32 @@ def stage_outputs_exist(stage: str, cfg: Config, lay: RunLayout) -> bool:
     return checks[stage]()
 
 
+def stage_reads(stage: str, cfg: Config, lay: RunLayout) -> list[Path]:
+    """The files (and folders) a stage reads that an earlier stage, or the user by hand, made:
+    their paths, sizes and times are recorded when the stage runs (`celldino.io.provenance`),
+    and a stage whose files changed since is not up to date. Prepare's inputs (the load-data
+    table and the images) are fingerprinted by prepare itself (`input_fingerprint`)."""
+    sets = _feature_sets(cfg)
+    # the prep's cell table is rewritten whenever its crops are (the crop store's chunks, and
+    # an extraction's attention maps, are too many files to list in pipeline.json)
+    if stage in ("train", "extract"):
+        return [lay.cells] + ([lay.checkpoint] if stage == "extract" else [])
+    if stage == "profile":
+        reads = [lay.engineered] if "engineered" in sets else []
+        for folder in (lay.embeddings(n) for n in sets if n != "engineered"):
+            reads += [manifest_path(folder), *sorted(folder.glob("*.parquet"))]
+        return reads
+    if stage == "evaluate":
+        try:
+            inputs = eval_spec(cfg, lay)["inputs"].values()
+        except UserError:  # the stage itself names the problem
+            inputs = [lay.profiles(n).with_suffix(".parquet") for n in sets]
+        return sorted({Path(p) for p in inputs})
+    if stage == "report":
+        return [lay.eval_metrics, lay.eval_summary]
+    return []
+
+
 # Not fingerprinted: settings that change how fast a stage runs, never what it computes, and the
 # paths `_stage_configs` points into the run directory (a moved or copied run stays up to date).
 NOT_FINGERPRINTED = {
@@ -695,9 +722,17 @@ def _run_stages(cfg: Config, lay: RunLayout, *, force: tuple[str, ...], demo: bo
             continue
         fp, old = fps[stage], record["stages"].get(stage, {})
         same = old.get("fingerprint") == fp and stage not in forced
-        if same and old.get("done") and stage_outputs_exist(stage, cfg, lay):
+        reads = stage_reads(stage, cfg, lay)
+        what = provenance.changed(old.get("read"), reads) if same and old.get("done") else []
+        if same and old.get("done") and stage_outputs_exist(stage, cfg, lay) and not what:
             logger.info("stage %s: up to date (fingerprint %s), skipped", stage, fp)
             continue
+        if what:  # its settings are the same, but the files it read were replaced or re-made
+            logger.warning(
+                "stage %s: the files it read changed since it ran (%s): it runs again",
+                stage,
+                "; ".join(what),
+            )
         resume = same and not old.get("done")
         # A later stage's fingerprint chains this one's, so a changed stage invalidates them by
         # itself; their records are kept until this stage succeeds (a failed attempt must not
@@ -708,6 +743,7 @@ def _run_stages(cfg: Config, lay: RunLayout, *, force: tuple[str, ...], demo: bo
         write_json(lay.manifest, record)
         logger.info("stage %s: %s", stage, "resuming" if resume else "running")
         t0 = time.perf_counter()
+        read = provenance.record(reads)  # what this run of the stage reads (before it runs)
         try:
             STAGE_FUNCTIONS[stage](cfg, lay, resume=resume)
         except KeyboardInterrupt:
@@ -719,6 +755,8 @@ def _run_stages(cfg: Config, lay: RunLayout, *, force: tuple[str, ...], demo: bo
             ) from e
         seconds = round(time.perf_counter() - t0, 1)
         record["stages"][stage] = {"fingerprint": fp, "done": True, "seconds": seconds}
+        if reads:
+            record["stages"][stage]["read"] = read
         if forced_now:
             for later in STAGES[i + 1 :]:
                 record["stages"].pop(later, None)

@@ -812,10 +812,13 @@ def prepare(cfg, *, after_site: Callable[[int, str], None] | None = None) -> Pat
             "prepare.image_dir": cfg.image_dir,
             "prepare.mask_dir": cfg.mask_dir if cfg.segmentation == "masks" else "",
             "prepare.locations": cfg.locations if cfg.segmentation == "locations" else "",
-            "the image folder": sorted(
-                {p for c in iset.channels for p in iset.table[f"PathName_{c}"].astype(str)}
-            ),
         },
+        "prepare",
+        owned=[out / name for name in _OUTPUT_DIRS],
+    )
+    refuse_overwriting_inputs(  # images the table names may sit beside the prep, not in its folders
+        {},
+        {"the image folder": {p for c in iset.channels for p in iset.table[f"PathName_{c}"]}},
         "prepare",
         owned=[out / name for name in _OUTPUT_DIRS],
     )

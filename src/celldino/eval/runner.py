@@ -57,6 +57,7 @@ from celldino.io.files import (
     write_json,
 )
 from celldino.io.lock import output_lock
+from celldino.io.provenance import refuse_overwriting_inputs
 from celldino.log import get_logger, progress
 from celldino.names import safe_component
 
@@ -667,6 +668,29 @@ def _run_all(
     return summary
 
 
+def _refuse_overwriting_inputs(profiles, spec: dict, base: Path, spec_src, out: Path) -> None:
+    """evaluate.out_dir's files (metrics, summary, parts/, tables/) must not be the profiles or
+    the spec it reads, nor lie in a folder of its inputs (`celldino.io.provenance`)."""
+    inputs = [Path(profiles)] if profiles else []
+    inputs += [
+        Path(p) if Path(p).is_absolute() else base / p for p in (spec.get("inputs") or {}).values()
+    ]
+    if isinstance(spec_src, (str, Path)):
+        inputs.append(Path(spec_src))
+    refuse_overwriting_inputs(
+        {
+            "evaluate.out_dir": [
+                out / results.METRICS,
+                out / results.METRICS_CSV,
+                out / results.SUMMARY,
+            ]
+        },
+        {"the profiles": inputs},
+        "evaluate",
+        owned=[out / "parts", out / results.TABLES, out / "pending"],
+    )
+
+
 def evaluate(
     profiles: str | Path | None,
     *,
@@ -706,6 +730,7 @@ def evaluate(
         block_bytes=cfg.map_memory_mb * 2**20,
         n_boot=cfg.n_boot,
     )
+    _refuse_overwriting_inputs(profiles, spec_dict, base, spec_src, Path(cfg.out_dir))
     out = require_writable(cfg.out_dir, "evaluate.out_dir")  # before reading or computing anything
     with output_lock(out, "evaluate"):
         sets = load_feature_sets(profiles, spec_dict, base, cfg.seed, where)

@@ -9,6 +9,7 @@ from pathlib import Path
 from celldino import log
 from celldino.errors import MissingInputError, OutputError
 from celldino.io.files import atomic_write_text, read_json, require_writable
+from celldino.io.provenance import refuse_overwriting_inputs
 from celldino.io.runlayout import RunLayout
 from celldino.report.html import Section, render_html
 from celldino.report.sections import DEFAULT_SECTIONS
@@ -40,6 +41,24 @@ def build_report(
         raise OutputError(
             f"report --out {path} is a folder; give a file name, e.g. --out {path / 'report.html'}"
         )
+    # the report reads the run's files: it must not replace one, nor write into a stage's folder
+    refuse_overwriting_inputs(
+        {"report --out": path},
+        {
+            "the run folder's": [
+                lay.manifest,
+                lay.config,
+                lay.prep,
+                lay.train,
+                lay.root / "embeddings",
+                lay.root / "profiles",
+                lay.root / "baselines",
+                lay.eval,
+                lay.screen,
+            ]
+        },
+        "report",
+    )
     require_writable(path.parent, "report --out")  # before drawing any figure
     built = []
     for make in sections or DEFAULT_SECTIONS:
