@@ -80,6 +80,10 @@ def test_pipeline_writes_every_stage(pipeline_run):
     emb = pd.concat(
         pd.read_parquet(p) for p in sorted((run / "embeddings" / "learned").glob("*.parquet"))
     )
+    # the folder reads as one table (docs/extraction.md), the attention store beside the shards
+    assert (run / "embeddings" / "learned" / "_attention.zarr").is_dir()
+    whole = pd.read_parquet(run / "embeddings" / "learned")
+    assert sorted(whole.Metadata_CellID) == sorted(emb.Metadata_CellID)
     assert len(emb) == len(cells)  # one embedding per prepared cell
     assert EVIL_PLATE in set(emb.Metadata_Plate)  # metadata carried through unchanged
 
@@ -287,7 +291,7 @@ def test_attention_iou_matches_a_computation_by_hand(pipeline_run):
     from celldino.io.cropstore import read_crops
 
     _, run, _ = pipeline_run
-    g = zarr.open_group(str(run / "embeddings" / "learned" / "attention.zarr"), mode="r")
+    g = zarr.open_group(str(run / "embeddings" / "learned" / "_attention.zarr"), mode="r")
     maps, ids = np.asarray(g["attn_maps"]), [str(i) for i in g.attrs["cell_ids"]]
     cells = pd.read_parquet(run / "prep" / "cells.parquet")
     pos = {c: i for i, c in enumerate(cells.Metadata_CellID.astype(str))}

@@ -170,3 +170,33 @@ def test_equal_scores_are_flagged_only_for_equal_profiles(tmp_path, caplog):
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any("'a' and 'copy' score identically" in m for m in warned)
     assert not any("score identically" in m and "twice" in m for m in warned)
+
+
+def test_an_embeddings_folder_reads_as_one_table_and_an_old_store_is_still_found(tmp_path):
+    """`pd.read_parquet(<embeddings folder>)` failed on the Zarr chunks of `attention.zarr`
+    inside it; the store is `_attention.zarr` now (pyarrow skips '_' names), and a folder of
+    celldino 0.3.0 with `attention.zarr` still gives its store to the run layout and reader."""
+    from celldino.io.attention_store import (
+        ATTENTION,
+        LEGACY_ATTENTION,
+        read_attention_store,
+        write_attention,
+    )
+    from celldino.io.runlayout import RunLayout
+
+    lay = RunLayout(tmp_path / "run")
+    folder = lay.embeddings("learned")
+    folder.mkdir(parents=True)
+    shard = pd.DataFrame({"Metadata_CellID": ["c0", "c1"], "emb_0000": [0.5, -1.0]})
+    shard.to_parquet(folder / "part-00000.parquet")
+    maps = np.arange(2 * 3 * 2 * 2, dtype=np.float32).reshape(2, 3, 2, 2)
+    store = dict(cell_ids=["c0", "c1"], channels=["DNA"], grid=(2, 2), num_registers=0)
+    write_attention(lay.attention("learned"), {"attn_maps": maps}, **store)
+    assert lay.attention("learned") == folder / ATTENTION
+    pd.testing.assert_frame_equal(pd.read_parquet(folder), shard)
+    # an older run's folder: attention.zarr, found by the layout and the reader
+    (folder / ATTENTION).rename(folder / LEGACY_ATTENTION)
+    assert lay.attention("learned") == folder / LEGACY_ATTENTION
+    arrays, attrs = read_attention_store(folder, ("attn_maps",))
+    np.testing.assert_array_equal(arrays["attn_maps"], maps)
+    assert attrs["cell_ids"] == ["c0", "c1"]

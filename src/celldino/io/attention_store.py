@@ -1,5 +1,7 @@
-"""The attention store `attention.zarr` of an embeddings folder: patch tokens and last-layer
-attention of a chosen subset of cells, for subcellular analyses and attention plots.
+"""The attention store `_attention.zarr` of an embeddings folder: patch tokens and last-layer
+attention of a chosen subset of cells, for subcellular analyses and attention plots. Its name
+begins with '_' so that `pd.read_parquet(<embeddings folder>)` reads the shards alone (pyarrow
+skips such names); a folder of celldino 0.3.0 or earlier holds `attention.zarr`, still read.
 
 A Zarr group holding, for n cells:
 - `cls` (n, D) float32: class token after the final norm;
@@ -23,9 +25,27 @@ from typing import Any
 
 import numpy as np
 
-ATTENTION = "attention.zarr"
+# '_' first: pyarrow (pd.read_parquet(<embeddings folder>), DuckDB's folder reads) skips names
+# beginning with '_' or '.', so the store does not stop the folder reading as one table
+ATTENTION = "_attention.zarr"
+LEGACY_ATTENTION = "attention.zarr"  # celldino 0.3.0 and earlier: still read
 
-__all__ = ["ATTENTION", "read_attention", "read_attention_store", "write_attention"]
+__all__ = [
+    "ATTENTION",
+    "LEGACY_ATTENTION",
+    "read_attention",
+    "read_attention_store",
+    "store_in",
+    "write_attention",
+]
+
+
+def store_in(folder: str | Path) -> Path:
+    """The attention store of an embeddings folder: `_attention.zarr`, or an older run's
+    `attention.zarr` when only that exists (the new name where neither does)."""
+    folder = Path(folder)
+    new, old = folder / ATTENTION, folder / LEGACY_ATTENTION
+    return old if not new.exists() and old.exists() else new
 
 
 def write_attention(
@@ -66,8 +86,8 @@ def _open(path: str | Path):
     import zarr
 
     path = Path(path)
-    if path.is_dir() and (path / ATTENTION).exists():
-        path = path / ATTENTION
+    if path.is_dir() and path.name not in (ATTENTION, LEGACY_ATTENTION):
+        path = store_in(path)
     if not path.exists():
         raise FileNotFoundError(
             f"{path} not found: run `celldino extract` with extract.attention_cells=[...] "

@@ -10,7 +10,8 @@ Layout of `extract.out_dir`:
   `pd.read_parquet(folder)` reads the shards as one dataset. Folders written before the rename
   hold `manifest.json`; both are read.
 - `embeddings.h5ad` (format h5ad): the same table as AnnData (X float32, obs = `Metadata_*`).
-- `attention.zarr` (attention_cells): see `celldino.io.attention_store`.
+- `_attention.zarr` (attention_cells; `attention.zarr` up to 0.3.0, still read): see
+  `celldino.io.attention_store`.
 
 `profile` and `run` call `require_complete` before using a folder, so a partial extraction is
 never aggregated silently. `read_embeddings` reads a finished folder whole; `sample_embeddings`
@@ -180,8 +181,9 @@ def clear_outputs(out_dir: Path) -> None:
         p.unlink()
     for name in (MANIFEST, LEGACY_MANIFEST, H5AD):
         (out_dir / name).unlink(missing_ok=True)
-    if (out_dir / "attention.zarr").exists():
-        shutil.rmtree(out_dir / "attention.zarr")
+    for name in ("_attention.zarr", "attention.zarr"):  # io.attention_store's, new and old
+        if (out_dir / name).exists():
+            shutil.rmtree(out_dir / name)
 
 
 def read_embeddings(out_dir: str | Path) -> pd.DataFrame:

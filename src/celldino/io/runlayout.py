@@ -6,7 +6,7 @@
   prep/                 cells.parquet, crops.zarr, qc.parquet, engineered.parquet
   train/                config.yaml, checkpoints/, metrics.jsonl
   baselines/            random_init.safetensors (the untrained backbone)
-  embeddings/<name>/    Parquet shards + _manifest.json (+ attention file) per feature set
+  embeddings/<name>/    Parquet shards + _manifest.json (+ _attention.zarr) per feature set
   profiles/<name>.h5ad  well profiles per feature set (+ .parquet, .csv)
   eval/                 results tables and summary.json
   eval/checkpoints/     the epoch checkpoints' evaluation and checkpoint_spread.parquet
@@ -90,7 +90,7 @@ class RunLayout:
         return manifest_path(self.embeddings(name))
 
     def attention(self, name: str) -> Path:
-        return self.embeddings(name) / attention_store.ATTENTION
+        return attention_store.store_in(self.embeddings(name))
 
     def profiles(self, name: str) -> Path:
         return self.root / "profiles" / f"{safe_component(name, 'feature set name')}.h5ad"
