@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _one_error_line(rc: int, text: str, *words: str) -> None:
-    """Exit 2, an `error:` line without a traceback, naming every word."""
+    """Exit 2, an `ERROR` line without a traceback, naming every word."""
     assert rc == 2, text
     assert "Traceback" not in text, text
     for w in words:
@@ -72,7 +72,7 @@ def _yaml(tmp_path: Path, text: str, name: str = "c.yaml") -> Path:
 def test_broken_yaml_names_the_file_and_line(tmp_path, run_cli):
     path = _yaml(tmp_path, "train:\n  epochs: 3\n  lr: [0.1, 0.2\nmodel:\n  arch: vit_small\n")
     rc, text = run_cli("train", path)
-    _one_error_line(rc, text, "error: train:", str(path), "line 4", "not valid YAML", "line 3")
+    _one_error_line(rc, text, "ERROR train:", str(path), "line 4", "not valid YAML", "line 3")
 
 
 def test_tab_indented_yaml_names_the_line(tmp_path, run_cli):
@@ -129,7 +129,7 @@ def test_unreadable_config_file_is_named(tmp_path, run_cli, content, words):
 
 def test_missing_config_file_is_named(tmp_path, run_cli):
     rc, text = run_cli("prepare", tmp_path / "nope.yaml")
-    _one_error_line(rc, text, "error: prepare:", str(tmp_path / "nope.yaml"), "does not exist")
+    _one_error_line(rc, text, "ERROR prepare:", str(tmp_path / "nope.yaml"), "does not exist")
 
 
 def test_two_config_files_or_a_stray_word_are_named(tmp_path, run_cli):
@@ -249,7 +249,7 @@ def test_user_error_is_one_line_and_v_adds_the_traceback(monkeypatch, run_cli):
 
     monkeypatch.setattr("celldino.pp.run_profile", broken)
     rc, text = run_cli("profile")
-    _one_error_line(rc, text, "error: profile: profile file p.parquet, column Metadata_Well")
+    _one_error_line(rc, text, "ERROR profile: profile file p.parquet, column Metadata_Well")
     rc, text = run_cli("profile", "-v")
     assert rc == 2 and "Traceback" in text and "all values are missing" in text
 
@@ -274,7 +274,7 @@ def test_stage_error_is_one_line_when_caused_by_a_user_error(monkeypatch, run_cl
 
     monkeypatch.setattr("celldino.pipeline.run_pipeline", failing)
     rc, text = run_cli("run")
-    _one_error_line(rc, text, "error: run: stage 'profile' failed", "emb/ does not exist")
+    _one_error_line(rc, text, "ERROR run: stage 'profile' failed", "emb/ does not exist")
 
     def failing_bug(cfg, force=()):
         try:

@@ -286,3 +286,48 @@ def test_channel_count_mismatch_names_its_cause(tmp_path, prep, run_cli):
     rc, text = _extract(run_cli, odd, prep, tmp_path / "e2")
     assert rc == 2 and "odd.safetensors: its metadata 'channels' lists 4 channels" in text, text
     assert "weights take 5" in text and "Traceback" not in text
+
+
+# ---- §5 messages that point at the cause --------------------------------------------------------
+
+
+def test_error_line_says_error_once(tmp_path, run_cli):
+    rc, text = run_cli("prepare", f"prepare.load_data={tmp_path / 'absent.csv'}")
+    assert rc == 2 and "ERROR prepare:" in text and "error:" not in text, text
+
+
+def test_synth_image_size_refused_before_allocating(tmp_path, run_cli):
+    from celldino.config import ConfigError, SynthConfig
+    from celldino.synth import make_screen
+
+    rc, text = run_cli("synth", tmp_path / "s", "synth.image_size=100000")
+    assert rc == 2 and "synth.image_size" in text and "<= 4096" in text, text
+    assert not (tmp_path / "s").exists()
+    with pytest.raises(ConfigError, match="synth.image_size"):  # the library call too
+        make_screen(tmp_path / "s", SynthConfig(image_size=100000))
+    assert not (tmp_path / "s").exists()
+
+
+def test_demo_folder_not_writable_names_run_out_dir(tmp_path, read_only, run_cli):
+    out = read_only(tmp_path / "ro")
+    rc, text = run_cli("demo", out)
+    assert rc == 2 and "run.out_dir=" in text and "OUT_DIR" not in text, text
+    assert list(out.iterdir()) == []
+
+
+def test_profiles_path_after_the_overrides(tmp_path, run_cli):
+    path = _collapsed(tmp_path)
+    (tmp_path / "spec.yaml").write_text("analyses: [map_replicate]\n")
+    out = tmp_path / "ev"
+    rc, text = run_cli(  # the overrides first, the profiles last: still the profiles
+        "evaluate",
+        "--spec",
+        tmp_path / "spec.yaml",
+        f"evaluate.out_dir={out}",
+        "evaluate.null_size=50",
+        path,
+    )
+    assert rc == 0, text
+    assert (out / "summary.json").exists()
+    rc, text = run_cli("profile", "profile.out=x", path)  # profile takes it as a setting
+    assert rc == 2 and "profile.input=PATH" in text and path.name in text, text

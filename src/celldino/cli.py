@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -36,11 +37,31 @@ def _split(items: list[str]) -> tuple[str | None, list[str]]:
                 f"two config files, {cfg_path} and {item}: give one, and key=value overrides"
             )
         else:
+            data = item.endswith((".parquet", ".csv", ".csv.gz", ".h5ad", ".zarr"))
+            hint = (
+                " (a data file is given by a setting such as profile.input=PATH or "
+                "extract.data=PATH, or as the first argument of `celldino evaluate`)"
+                if data
+                else ""
+            )
             raise C.ConfigError(
-                f"'{item}' is neither a .yaml config nor a key=value override "
+                f"'{item}' is neither a .yaml config nor a key=value override{hint} "
                 "(example: celldino train configs/tiny.yaml train.epochs=3)"
             )
     return cfg_path, overrides
+
+
+def _positional_first(args: argparse.Namespace, name: str) -> None:
+    """`celldino evaluate evaluate.null_size=50 p.parquet`: argparse gives the positional
+    argument the first word (an override) and the path lands among the settings. Put them back
+    where they belong when the word is an override and exactly one setting is not."""
+    given = getattr(args, name, None)
+    if given is None or not re.match(r"[A-Za-z_][\w.]*=", str(given)):
+        return
+    rest = [a for a in args.settings if "=" not in a and not a.endswith((".yaml", ".yml"))]
+    if len(rest) == 1:
+        args.settings = [str(given), *(a for a in args.settings if a != rest[0])]
+        setattr(args, name, Path(rest[0]))
 
 
 def _config(args: argparse.Namespace, extra: list[str] | None = None) -> C.Config:
@@ -81,6 +102,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from celldino.eval.runner import evaluate
 
+    _positional_first(args, "profiles")
     cfg = _config(args)
     out = evaluate(args.profiles, spec=args.spec, cfg=cfg.evaluate)
     print(out / SUMMARY)
@@ -109,6 +131,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from celldino.report import build_report
 
+    _positional_first(args, "run_dir")
     cfg = _config(args)
     out = args.out or RunLayout(Path(args.run_dir)).report
     print(build_report(args.run_dir, out=out, title=cfg.report.title))
@@ -118,6 +141,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def _run_pipeline(args: argparse.Namespace, demo: bool) -> int:
     from celldino.pipeline import run_demo, run_pipeline
 
+    _positional_first(args, "out_dir")
     out_dir = getattr(args, "out_dir", None)
     if out_dir is not None and ("=" in str(out_dir) or str(out_dir).endswith((".yaml", ".yml"))):
         args.settings, out_dir = [str(out_dir)] + list(args.settings), None  # a setting, not a dir
@@ -426,7 +450,8 @@ def _user_error(command: str, err: BaseException, verbosity: int) -> int:
     text = _one_line(err)
     if text.startswith(f"{command}: "):  # the message names the stage already: say it once
         text = text[len(command) + 2 :]
-    logger.error("error: %s: %s", command, text, exc_info=err if verbosity > 0 else None)
+    # the log line says ERROR already: "ERROR prepare: <message>", not "ERROR error: prepare: ..."
+    logger.error("%s: %s", command, text, exc_info=err if verbosity > 0 else None)
     return 2
 
 

@@ -777,5 +777,5 @@ def run_demo(cfg: Config) -> Path:
     drawn = lay.screen / "screen.json"
     if not drawn.exists() or read_json(drawn).get("config") != to_dict(cfg.synth):
         shutil.rmtree(lay.screen, ignore_errors=True)  # missing, or other synth settings
-        make_screen(lay.screen, cfg.synth)
+        make_screen(lay.screen, cfg.synth, setting="run.out_dir")
     return run_pipeline(replace(cfg, **{"prepare.load_data": str(load_data)}), demo=True)

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from celldino import log
-from celldino.config import ConfigError, SynthConfig
+from celldino.config import RANGES, ConfigError, SynthConfig
 from celldino.errors import OutputError
 from celldino.io.files import read_json, require_writable, write_json
 from celldino.io.images import write_tiff
@@ -161,9 +161,16 @@ def _site_rngs(seed: int, p: int, w: int, s: int) -> np.random.Generator:
     return np.random.default_rng([seed, 101, p, w, s])
 
 
-def make_screen(out_dir: str | Path, cfg: SynthConfig | None = None) -> Path:
-    """Write the synthetic screen into out_dir and return out_dir."""
+def make_screen(
+    out_dir: str | Path, cfg: SynthConfig | None = None, *, setting: str = "OUT_DIR"
+) -> Path:
+    """Write the synthetic screen into out_dir and return out_dir. `setting`: what chose the
+    folder, named when it cannot be written (the `celldino synth OUT_DIR` argument; run.out_dir
+    for the demo's screen)."""
     cfg = cfg or SynthConfig()
+    problem = RANGES["synth.image_size"].problem(cfg.image_size)  # before anything is allocated
+    if problem:
+        raise ConfigError(f"synth.image_size: {problem}")
     layout = resolve_layout(cfg)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -177,7 +184,7 @@ def make_screen(out_dir: str | Path, cfg: SynthConfig | None = None) -> Path:
     if len(set(channels)) != len(channels):
         raise ConfigError(f"synth.channels has duplicates: {channels}")
     check_output_folder(out)
-    require_writable(out, "OUT_DIR")
+    require_writable(out, setting)
     with output_lock(out, "synth"):  # one writer: two seeds never mix in one screen
         check_output_folder(out)  # again, now that no other synth can write meanwhile
         _clear_own_outputs(out)
