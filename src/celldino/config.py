@@ -79,6 +79,7 @@ class PrepareConfig:
     pattern: str = ""  # file-name regex with groups plate/well/site/channel, or opera_phenix, nf1
     channel_map: dict[str, str] = field(default_factory=dict)  # file channel → name: {'5': 'DNA'}
     plate: str = ""  # plate name for image_dir sets without a plate group (default: folder name)
+    platemap: str = ""  # plate-map table (Metadata_Well [, Metadata_Plate], Metadata_*) joined in
     channels: tuple[str, ...] = ()  # channel order to use and record (empty = all, table order)
     out_dir: str = "runs/prep"  # prep folder: cells.parquet, crops.zarr, qc.parquet, ...
     illumination: bool = True  # CellProfiler-style illumination correction per plate and channel
