@@ -331,3 +331,23 @@ def test_profiles_path_after_the_overrides(tmp_path, run_cli):
     assert (out / "summary.json").exists()
     rc, text = run_cli("profile", "profile.out=x", path)  # profile takes it as a setting
     assert rc == 2 and "profile.input=PATH" in text and path.name in text, text
+
+
+def test_rgb_tiff_is_named_rgb_not_a_narrow_image(tmp_path, four_sites, run_cli):
+    import tifffile
+
+    table = pd.read_csv(four_sites)
+    grey = tifffile.imread(Path(table.PathName_DNA[0]) / table.FileName_DNA[0])
+    (tmp_path / "images").mkdir()
+    rgb = tmp_path / "images" / "rgb.tif"
+    tifffile.imwrite(rgb, np.stack([grey] * 3, axis=-1), photometric="rgb")
+    table.loc[0, ["PathName_DNA", "FileName_DNA"]] = [str(rgb.parent), rgb.name]
+    table.to_csv(tmp_path / "ld.csv", index=False)
+    out = tmp_path / "prep"
+    rc, text = run_cli(
+        "prepare", f"prepare.load_data={tmp_path / 'ld.csv'}", f"prepare.out_dir={out}"
+    )
+    assert rc == 2 and "Traceback" not in text, text
+    h, w = grey.shape
+    assert "rgb.tif" in text and f"RGB image of {h}x{w} pixels with 3 colour samples" in text
+    assert "crop_size" not in text and f"{w}x3" not in text

@@ -69,6 +69,17 @@ def _select_plane(arr, frame: int | None, path: Path):
     raise ImageReadError(path, f"expected a 2-D image or a stack of planes, got shape {arr.shape}")
 
 
+def _refuse_rgb(path: Path, series) -> None:
+    """An RGB(A) TIFF (samples as the last axis): one file per channel is expected."""
+    shape = tuple(series.shape)
+    if len(shape) > 2 and shape[-1] in (3, 4) and series.axes.endswith("S"):
+        raise ImageReadError(
+            path,
+            f"is an RGB image of {shape[-3]}x{shape[-2]} pixels with {shape[-1]} colour samples "
+            f"(shape {shape}); save one grey plane per channel (one file per channel)",
+        )
+
+
 def _read_tiff(path: Path, frame: int | None) -> np.ndarray:
     import tifffile
 
@@ -76,8 +87,7 @@ def _read_tiff(path: Path, frame: int | None) -> np.ndarray:
         series = tif.series[0]
         shape = series.shape
         n_planes = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
-        if len(shape) > 2 and shape[-1] in (3, 4) and series.axes.endswith("S"):
-            raise ImageReadError(path, f"an RGB image {shape}; save one grey plane per channel")
+        _refuse_rgb(path, series)
         if n_planes == 1:
             if frame not in (None, 0):
                 raise ImageReadError(path, f"frame {frame} asked for, but the image has one plane")
@@ -170,9 +180,12 @@ def image_shape(path: str | Path) -> tuple[int, int]:
             import tifffile
 
             with tifffile.TiffFile(path) as tif:
+                _refuse_rgb(path, tif.series[0])  # its last two axes are not (H, W)
                 return tuple(tif.series[0].shape[-2:])  # type: ignore[return-value]
         if suffix == ".npy":
             return tuple(np.load(path, mmap_mode="r").shape[-2:])  # type: ignore[return-value]
+    except ImageReadError:
+        raise
     except Exception as e:
         raise ImageReadError(path, f"{type(e).__name__}: {e}") from e
     return read_image(path).shape  # type: ignore[return-value]
