@@ -200,3 +200,72 @@ def test_an_embeddings_folder_reads_as_one_table_and_an_old_store_is_still_found
     arrays, attrs = read_attention_store(folder, ("attn_maps",))
     np.testing.assert_array_equal(arrays["attn_maps"], maps)
     assert attrs["cell_ids"] == ["c0", "c1"]
+
+
+# ---- plate maps (prepare.platemap) -----------------------------------------------------------
+
+NF1 = dict(pattern="nf1", channel_map={"DAPI": "DNA", "GFP": "GFP", "RFP": "RFP"})
+
+
+def test_a_plate_map_joins_the_real_nf1_plate_by_well_whatever_the_padding(
+    cellpainting_fovs, tmp_path
+):
+    """The NF1 plate read by file-name pattern (no metadata beyond plate, well, site) gets its
+    treatments from a plate map written with zero-padded wells (B07) while the files say B7,
+    as pycytominer's annotate joins a platemap; compared with a table built by hand."""
+    from celldino.config import PrepareConfig
+    from celldino.data.imagesets import ImageSet
+
+    root = cellpainting_fovs / "NF1_cellpainting_data_shrunken" / "Plate_2_images"
+    pm = tmp_path / "platemap.csv"
+    pm.write_text(
+        "Metadata_Plate,Metadata_Well,Metadata_Genotype,Metadata_Dose\n"
+        "Plate_2_images,B07,WT,0\n"
+        "Plate_2_images,D06,Null,0.10\n"
+        "Plate_2_images,D07,Null,0.10\n"
+        "Plate_2_images,F07,WT,1e-3\n"
+        "Plate_2_images,H12,HET,000\n"
+        "Plate_2_images,H11,HET,1\n"  # a mapped well with no image: fine
+    )
+    table = ImageSet.from_config(PrepareConfig(image_dir=str(root), platemap=str(pm), **NF1)).table
+    got = table[["Metadata_Well", "Metadata_Genotype", "Metadata_Dose"]].sort_values(
+        "Metadata_Well"
+    )
+    expected = pd.DataFrame(
+        {
+            "Metadata_Well": ["B7", "D6", "D7", "F7", "H12"],  # the files' names kept
+            "Metadata_Genotype": ["WT", "Null", "Null", "WT", "HET"],
+            "Metadata_Dose": ["0", "0.10", "0.10", "1e-3", "000"],  # text as written
+        }
+    )
+    pd.testing.assert_frame_equal(got.reset_index(drop=True), expected)
+    # without a plate column the map is every plate's
+    pm.write_text("Metadata_Well,Metadata_Genotype\nb7,WT\nD6,Null\nD7,Null\nF7,WT\nH12,HET\n")
+    table = ImageSet.from_config(PrepareConfig(image_dir=str(root), platemap=str(pm), **NF1)).table
+    assert dict(zip(table.Metadata_Well, table.Metadata_Genotype, strict=True)) == {
+        "B7": "WT",
+        "D6": "Null",
+        "D7": "Null",
+        "F7": "WT",
+        "H12": "HET",
+    }
+
+
+def test_a_plate_map_joins_a_load_data_table_by_plate_and_well(tiny_screen, tmp_path):
+    """The tiny screen's treatments moved out of its load-data table into a plate map give the
+    table back, row for row (two plates: the join is on plate and well)."""
+    from celldino.config import PrepareConfig
+    from celldino.data.imagesets import ImageSet
+
+    full = pd.read_csv(tiny_screen / "load_data.csv", dtype=str)
+    moved = ["Metadata_Compound", "Metadata_Dose", "Metadata_MoA", "Metadata_pert_type"]
+    keys = ["Metadata_Plate", "Metadata_Well"]
+    platemap = full[keys + moved].drop_duplicates()
+    assert platemap.Metadata_Plate.nunique() == 2 and not platemap.duplicated(keys).any()
+    platemap.sample(frac=1, random_state=0).to_csv(tmp_path / "pm.csv", index=False)
+    full.drop(columns=moved).to_csv(tmp_path / "ld.csv", index=False)
+    cfg = PrepareConfig(load_data=str(tmp_path / "ld.csv"), platemap=str(tmp_path / "pm.csv"))
+    table = ImageSet.from_config(cfg).table
+    reference = ImageSet.from_config(PrepareConfig(load_data=str(tiny_screen / "load_data.csv")))
+    cols = [*keys, "Metadata_Site", *moved]
+    pd.testing.assert_frame_equal(table[cols], reference.table[cols].astype(table[cols].dtypes))

@@ -593,6 +593,8 @@ def check_preconditions(cfg: Config) -> None:
             problems.append(f"prepare.load_data: {p.load_data} does not exist")
         elif p.image_dir and not p.load_data and not Path(p.image_dir).is_dir():
             problems.append(f"prepare.image_dir: {p.image_dir} is not a folder")
+        if p.platemap and not Path(p.platemap).is_file():
+            problems.append(f"prepare.platemap: {p.platemap} does not exist (or is not a file)")
     engineered = [b for b in cfg.run.baselines if b in ("engineered", "pca_engineered")]
     if engineered and not p.features and stages & {"profile", "evaluate"}:
         problems.append(
@@ -621,6 +623,8 @@ def check_preconditions(cfg: Config) -> None:
 
         try:
             columns = set(read_table(table).columns)
+            if p.platemap:  # its columns are joined to the table's (data/imagesets.py)
+                columns |= set(read_table(p.platemap).columns)
         except Exception:  # prepare itself reports an unreadable table, naming the problem
             columns = None
         if columns is not None:

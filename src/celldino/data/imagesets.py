@@ -25,6 +25,7 @@ from celldino.io.tables import (
     is_text_table,
     load_data_from_folder,
     read_load_data,
+    read_table,
     row_label,
 )
 
@@ -78,6 +79,114 @@ def _file_identity(path: str, frame: str) -> tuple | str:
 
 class ImageSetError(DataError):
     """A site whose channels cannot be stacked, or a table whose rows do not name distinct sites."""
+
+
+class PlateMapError(LoadDataError):
+    """A plate map (`prepare.platemap`) that cannot be joined to the images: no well column,
+    a well named twice, a column the images already have, or an imaged well it does not name."""
+
+
+def well_key(well) -> str:
+    """A well name for matching: the row letters upper-cased and the column number without its
+    leading zeros ('a1', 'A1', 'A01', 'A001' → 'A1'); a name of another form is kept as it is."""
+    import re
+
+    text = str(well).strip()
+    m = re.fullmatch(r"([A-Za-z]{1,2})0*(\d{1,3})", text)
+    return f"{m.group(1).upper()}{int(m.group(2))}" if m else text
+
+
+def _few(values, n: int = 5) -> str:
+    values = list(dict.fromkeys(map(str, values)))
+    return ", ".join(values[:n]) + (f" (and {len(values) - n} more)" if len(values) > n else "")
+
+
+def join_platemap(table: pd.DataFrame, path: str | Path) -> pd.DataFrame:
+    """The image table with a plate map's `Metadata_*` columns joined on well (and plate when
+    the map has a `Metadata_Plate` column; without one, the map is every plate's), as
+    pycytominer's `annotate` and CellProfiler's Metadata module join a platemap.
+
+    Wells match whatever their zero padding or case ('A1' = 'A01' = 'a01'); the image table
+    keeps its own well names. Refused (`PlateMapError`, naming lines and wells): a map without
+    `Metadata_Well`, an empty key cell, a (plate, well) named twice, a column that is not
+    `Metadata_*`, a column the image table already has, and an imaged (plate, well) the map
+    does not name (its treatment would be missing). Wells of the map with no image are logged.
+    """
+    from celldino import log
+
+    path = Path(path)
+    pm = read_table(path)
+    where = f"prepare.platemap {path}"
+    if "Metadata_Well" not in pm.columns:
+        raise PlateMapError(
+            f"{where} has no Metadata_Well column (its columns: {_few(pm.columns, 10)}): name "
+            "the well column Metadata_Well (and the plate column, if any, Metadata_Plate)"
+        )
+    keys = (
+        ["Metadata_Plate", "Metadata_Well"] if "Metadata_Plate" in pm.columns else ["Metadata_Well"]
+    )
+    other = [c for c in pm.columns if not str(c).startswith("Metadata_")]
+    if other:
+        raise PlateMapError(
+            f"{where}: column(s) {_few(other)} are not metadata; name them Metadata_<name> "
+            "(e.g. Metadata_Compound) so that every stage carries them, or remove them"
+        )
+    clash = [c for c in pm.columns if c not in keys and c in table.columns]
+    if clash:
+        raise PlateMapError(
+            f"{where}: column(s) {_few(clash)} are in the image table too; keep each in one "
+            "place (remove it from the plate map or from the load-data table)"
+        )
+    for k in keys:
+        empty = pm[k].isna() | (pm[k].astype(str).str.strip() == "")
+        if empty.any():
+            i = int(np.flatnonzero(empty.to_numpy())[0])
+            raise PlateMapError(f"{where}: {k} is empty on {row_label(path, i)}; fill it")
+    pm_key = _platemap_keys(pm, keys)
+    dup = pm_key.duplicated(keep=False)
+    if dup.any():
+        rows = np.flatnonzero(dup.to_numpy())
+        first = pm_key.iloc[rows[0]]
+        same = [row_label(path, int(i)).split(" of ")[0] for i in rows if pm_key.iloc[i] == first]
+        raise PlateMapError(
+            f"{where}: {' / '.join(k.removeprefix('Metadata_') for k in keys)} {first!r} is "
+            f"named on {len(same)} lines ({', '.join(same)}); keep one row per well"
+            + (f" ({int(dup.sum())} rows in all share a well)" if dup.sum() > len(same) else "")
+        )
+    if "Metadata_Plate" in keys and "Metadata_Plate" not in table.columns:
+        raise PlateMapError(
+            f"{where} has a Metadata_Plate column but the images have none: leave it out of "
+            "the map, or give the images a plate (a load-data column or prepare.plate)"
+        )
+    img_key = _platemap_keys(table, keys)
+    missing = ~img_key.isin(set(pm_key))
+    if missing.any():
+        raise PlateMapError(
+            f"{where} does not name {int(missing.sum())} of the {len(table)} imaged sites' "
+            f"wells: {_few(img_key[missing])}; add a row for each (an untreated well too, e.g. "
+            "Metadata_pert_type=empty), or remove those images"
+        )
+    unused = ~pm_key.isin(set(img_key))
+    if unused.any():
+        log.get_logger(__name__).info(
+            "%s: %d of its %d wells have no image (%s)",
+            where,
+            int(unused.sum()),
+            len(pm),
+            _few(pm_key[unused]),
+        )
+    meta = pm.drop(columns=keys).set_axis(pm_key.to_numpy(), axis=0)
+    joined = meta.loc[img_key.to_numpy()].reset_index(drop=True)
+    out = table.reset_index(drop=True)
+    return pd.concat([out, joined.set_axis(out.index, axis=0)], axis=1)
+
+
+def _platemap_keys(df: pd.DataFrame, keys: list[str]) -> pd.Series:
+    """One matching key per row: 'plate / well' (well through `well_key`) or the well alone."""
+    well = df["Metadata_Well"].map(well_key)
+    if keys == ["Metadata_Well"]:
+        return well.reset_index(drop=True)
+    return (df["Metadata_Plate"].astype(str) + " / " + well).reset_index(drop=True)
 
 
 def site_key(row: pd.Series) -> str:
@@ -196,9 +305,13 @@ class ImageSet:
     def from_config(cls, cfg) -> ImageSet:
         """From `cfg.load_data`, or from `cfg.image_dir` + `cfg.pattern` (+ channel_map)."""
         chans = list(cfg.channels) or None
+        platemap = getattr(cfg, "platemap", "")
         if cfg.load_data:
             df, chans = read_load_data(cfg.load_data, chans)
             check_reserved(df.columns, str(cfg.load_data))
+            if platemap:
+                df = join_platemap(df, platemap)
+                check_reserved(df.columns, f"prepare.platemap {platemap}")
             return cls(df, chans, source=str(cfg.load_data))
         if cfg.image_dir:
             if not cfg.pattern:
@@ -209,6 +322,9 @@ class ImageSet:
                 cfg.image_dir, cfg.pattern, dict(cfg.channel_map), chans, plate=cfg.plate
             )
             check_reserved(df.columns, f"prepare.pattern's groups ({cfg.image_dir})")
+            if platemap:
+                df = join_platemap(df, platemap)
+                check_reserved(df.columns, f"prepare.platemap {platemap}")
             return cls(df, chans, source=str(cfg.image_dir))
         raise LoadDataError(
             "set prepare.load_data (a table) or prepare.image_dir + prepare.pattern"
