@@ -7,10 +7,12 @@ pycytominer wrote it gives 31. This prints, per data set, each way of fitting an
 
 - the table as given, against all its controls (whether it was normalised on them is unknown),
   and against only the controls the split holds out (the same wells as the rows below);
-- the old default: the recipe fitted on every control, scored against the same ones (in-sample);
-- the recipe fitted on half of each plate's controls (`profile.fit_controls=half`), scored
-  against all controls (`evaluate.activity_negatives=all`) and against the held-out half (the
-  new default, `negatives=held_out`);
+- the 0.3 default: the recipe fitted on every control (`profile.fit_controls=all`), scored
+  against the same ones (in-sample);
+- the profiles themselves fitted on half of each plate's controls (`profile.fit_controls=half`),
+  scored against all controls (`evaluate.activity_negatives=all`) and against the held-out half;
+- the default `profile.fit_controls=split`: the profiles (X) fitted on every control, activity
+  scored on the `activity` layer (the same steps fitted on half) against the held-out half;
 - `celldino profile`'s default on the table (LINCS: recognised as already normalised, passed
   through).
 
@@ -18,7 +20,9 @@ Columns: activity mAP with its chance level (copairs' expected AP of a random ra
 over compounds) and 95 % bootstrap interval over compounds, the compounds active at BH q < 0.05,
 the negatives used, and replicate retrieval (mAP of a compound's wells among all other wells,
 as `map_replicate`) to show what the split costs elsewhere. BBBC021 (raw per-well CellProfiler
-means, 29 plates × 6 DMSO) as a second, raw screen: treatments are compound × dose.
+means, 29 plates × 6 DMSO) as a second, raw screen: treatments are compound × dose, with NSC /
+NSCB (the MoA of the nearest other compound's treatment, and from another week) on the
+treatments (read on X, the profiles every other analysis reads).
 
 Run: .venv/bin/python bench/activity_negatives.py [--null-size 10000] (a few minutes on 2 cores)
 """
@@ -38,7 +42,8 @@ import pandas as pd
 from celldino.config import ProfileConfig
 from celldino.eval.activity import phenotypic_activity
 from celldino.eval.map import retrieval_map
-from celldino.pp.fit_split import FIT_COLUMN
+from celldino.eval.nsc import nsc_nscb
+from celldino.pp.fit_split import ACTIVITY_FIT_COLUMN, ACTIVITY_LAYER, FIT_COLUMN
 from celldino.pp.recipe import process
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,8 +72,24 @@ def _boot(v: np.ndarray, n: int = 2000) -> tuple[float, float]:
     return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
 
 
-def row(name, meta, X, by, negatives, args, *, fit=None) -> str:
-    meta = meta.reset_index(drop=True).copy()
+def nsc(meta: pd.DataFrame, X) -> str:
+    """NSC / NSCB over BBBC021's treatments (controls out)."""
+    meta = meta.reset_index(drop=True)
+    keep = (meta["Metadata_pert_type"] != "control").to_numpy()
+    m, _ = nsc_nscb(
+        meta[keep].reset_index(drop=True),
+        np.asarray(X)[keep],
+        moa="Metadata_MoA",
+        compound="Metadata_Compound",
+        treatment=["Metadata_Compound", "Metadata_Dose"],
+        batch="Metadata_Batch",
+    )
+    return f"{m['NSC']:.3f} / {m['NSCB']:.3f}"
+
+
+def row(name, act, main, by, negatives, args, *, fit=None) -> str:
+    """One table row: activity on `act` = (meta, X), replicate mAP and NSC on `main`."""
+    meta, X = act[0].reset_index(drop=True).copy(), act[1]
     if fit is not None:  # score the given table against the split's held-out controls
         meta[FIT_COLUMN] = fit
     kw = {"null_size": args.null_size, "seed": 0, "show_progress": False}
@@ -77,15 +98,26 @@ def row(name, meta, X, by, negatives, args, *, fit=None) -> str:
     )
     v = maps["mean_average_precision"].to_numpy()
     lo, hi = _boot(v)
-    _, rep = retrieval_map(meta, X, by=by[:1], negatives="others", **kw)
+    m_main, X_main = main[0].reset_index(drop=True), main[1]
+    _, rep = retrieval_map(m_main, X_main, by=by[:1], negatives="others", **kw)
     kind = (
         "unknown" if np.isnan(s["n_negatives_fitted"]) else f"{s['n_negatives_fitted']:.0f} fitted"
     )
-    return (
+    text = (
         f"| {name} | {s['n_negatives']:.0f} ({kind}) | {s['mAP']:.3f} [{lo:.3f}, {hi:.3f}] "
         f"(chance {st['chance']:.3f}) | {int(maps['active'].sum())} / {len(maps)} | "
         f"{rep['mean_average_precision'].mean():.3f} |"
     )
+    return text + (f" {nsc(m_main, X_main)} |" if "Metadata_MoA" in m_main.columns else "")
+
+
+def _layer(p: ad.AnnData) -> tuple[pd.DataFrame, np.ndarray]:
+    """The `activity` layer of a fit_controls=split profile, its fitted half as FIT_COLUMN
+    (what `celldino evaluate` scores activity on)."""
+    meta = p.obs.reset_index(drop=True).assign(
+        **{FIT_COLUMN: p.obs[ACTIVITY_FIT_COLUMN].to_numpy(bool)}
+    )
+    return meta.drop(columns=[ACTIVITY_FIT_COLUMN]), np.asarray(p.layers[ACTIVITY_LAYER])
 
 
 def run(name: str, a: ad.AnnData, by: list[str], source: Path, args) -> None:
@@ -93,29 +125,57 @@ def run(name: str, a: ad.AnnData, by: list[str], source: Path, args) -> None:
         ProfileConfig(), input=(str(source),), controls=CTRL, by=("Metadata_Plate", "Metadata_Well")
     )
     recipe = dataclasses.replace(base, input_state="raw")  # the cellprofiler recipe, forced
-    old = process(a.copy(), dataclasses.replace(recipe, fit_controls="all"))
-    half = process(a.copy(), recipe)
+    every = process(a.copy(), dataclasses.replace(recipe, fit_controls="all"))
+    half = process(a.copy(), dataclasses.replace(recipe, fit_controls="half"))
+    split = process(a.copy(), recipe)  # the default fit_controls=split
     default = process(a.copy(), base)
-    fit = half.obs[FIT_COLUMN].to_numpy(bool)
-    meta = a.obs
+    fit = split.obs[ACTIVITY_FIT_COLUMN].to_numpy(bool)
     print(f"\n### {name}: {a.n_obs} wells × {a.n_vars} features, {int(fit.sum())} controls fit\n")
-    print(
-        "| profiles | negatives (of which fitted) | activity mAP [95 % CI] (chance) | active q<0.05 | replicate mAP |"
-    )
-    print("|---|---|---|---|---|")
-    print(row("table as given, all controls", meta, a.X, by, "held_out", args))
-    print(row("table as given, held-out controls", meta, a.X, by, "held_out", args, fit=fit))
-    print(row("old default: fit all, score all", old.obs, old.X, by, "all", args))
-    print(row("fit half, score all (`activity_negatives=all`)", half.obs, half.X, by, "all", args))
-    print(
-        row(
-            "**new default: fit half, score held-out half**", half.obs, half.X, by, "held_out", args
-        )
-    )
+    moa = "Metadata_MoA" in a.obs.columns
+    head = "| profiles | negatives (of which fitted) | activity mAP [95 % CI] (chance) | "
+    print(head + "active q<0.05 | replicate mAP |" + (" NSC / NSCB |" if moa else ""))
+    print("|---|---|---|---|---|" + ("---|" if moa else ""))
+    given = (a.obs, a.X)
+    pairs = {k: (v.obs, v.X) for k, v in (("every", every), ("half", half), ("split", split))}
+    rows = [
+        ("table as given, all controls", given, given, "held_out", None),
+        ("table as given, held-out controls", given, given, "held_out", fit),
+        (
+            "`fit_controls=all`, score all (the 0.3 default)",
+            pairs["every"],
+            pairs["every"],
+            "all",
+            None,
+        ),
+        (
+            "`fit_controls=half`, score all (`activity_negatives=all`)",
+            pairs["half"],
+            pairs["half"],
+            "all",
+            None,
+        ),
+        (
+            "`fit_controls=half`, score the held-out half",
+            pairs["half"],
+            pairs["half"],
+            "held_out",
+            None,
+        ),
+        (
+            "**`fit_controls=split` (default): X on all, activity layer on half, scored on the held-out half**",
+            _layer(split),
+            pairs["split"],
+            "held_out",
+            None,
+        ),
+    ]
     state = "passed through" if np.array_equal(default.X, a.X) else "recipe ran"
-    print(
-        row(f"`celldino profile` default ({state})", default.obs, default.X, by, "held_out", args)
+    act = _layer(default) if ACTIVITY_LAYER in default.layers else (default.obs, default.X)
+    rows.append(
+        (f"`celldino profile` default ({state})", act, (default.obs, default.X), "held_out", None)
     )
+    for label, act_, main_, negatives, f in rows:
+        print(row(label, act_, main_, by, negatives, args, fit=f))
 
 
 def main() -> None:
