@@ -75,7 +75,7 @@ from celldino.io.prepared import (
     read_qc,
     write_illumination,
 )
-from celldino.io.provenance import refuse_overwriting_inputs
+from celldino.io.provenance import describe_changes, refuse_overwriting_inputs
 from celldino.io.tables import read_table, row_label, write_parquet
 
 logger = log.get_logger(__name__)
@@ -745,19 +745,13 @@ def _files_change(out: Path, stats: pd.DataFrame) -> str:
         old = read_inputs(out)
     except Exception:
         return "image files changed"
-    m = stats.merge(old, on="path", how="outer", suffixes=("", "_old"), indicator=True)
-    changed = m[
-        (m["_merge"] == "both")
-        & ((m["size"] != m["size_old"]) | (m["mtime_ns"] != m["mtime_ns_old"]))
-    ]
-    new = m[m["_merge"] == "left_only"]
-    gone = m[m["_merge"] == "right_only"]
-    parts = []
-    for what, sel in (("changed", changed), ("new", new), ("no longer used", gone)):
-        if len(sel):
-            shown = ", ".join(sel["path"].head(2))
-            more = f" and {len(sel) - 2} more" if len(sel) > 2 else ""
-            parts.append(f"{len(sel)} image file(s) {what} ({shown}{more})")
+
+    def rows(df: pd.DataFrame) -> dict[str, list[int]]:
+        return {
+            p: [int(n), int(t)] for p, n, t in df[["path", "size", "mtime_ns"]].itertuples(False)
+        }
+
+    parts = describe_changes(rows(old), rows(stats), "image file")  # celldino.io.provenance
     return "; ".join(parts) or "image files changed"
 
 

@@ -14,7 +14,8 @@ Two questions every writer answers the same way, so that a check added here hold
   phrases saying which of them changed, appeared or went away since. Folders are expanded into
   their files (hidden files, such as locks and temporary files of writers, left out). `celldino run`
   keeps one record per stage in pipeline.json and reruns a stage whose inputs changed, saying
-  what changed; prepare describes changed image files with `describe_changes`.
+  what changed; prepare describes changed image files with `describe_changes` (its own record of
+the load-data table and every image lives in the prep folder, `inputs.parquet`).
 """
 
 from __future__ import annotations
@@ -133,9 +134,9 @@ def describe_changes(
     old = {k: list(v) for k, v in old.items()}
     new = {k: list(v) for k, v in new.items()}
     groups = (
-        ("changed", [p for p in new if p in old and new[p] != old[p]]),
-        ("new", [p for p in new if p not in old]),
-        ("no longer used", [p for p in old if p not in new]),
+        ("changed", sorted(p for p in new if p in old and new[p] != old[p])),
+        ("new", sorted(p for p in new if p not in old)),
+        ("no longer used", sorted(p for p in old if p not in new)),
     )
     parts = []
     for what, paths in groups:
