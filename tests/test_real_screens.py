@@ -269,3 +269,33 @@ def test_a_plate_map_joins_a_load_data_table_by_plate_and_well(tiny_screen, tmp_
     reference = ImageSet.from_config(PrepareConfig(load_data=str(tiny_screen / "load_data.csv")))
     cols = [*keys, "Metadata_Site", *moved]
     pd.testing.assert_frame_equal(table[cols], reference.table[cols].astype(table[cols].dtypes))
+
+
+# ---- small ones: attention maps, heterogeneity, plate effect ---------------------------------
+
+
+def test_attention_maps_draws_stored_maps_and_the_full_matrix_alike():
+    """`pl.attention_maps` given an attention store's `attn_maps` (heads, h, w) read it as a
+    (heads, T, T) matrix and drew row 0 as a wrong grid without a word."""
+    from scipy.special import softmax
+
+    from celldino.errors import DataError
+    from celldino.pl import attention_maps
+
+    rng = np.random.default_rng(0)
+    image = rng.random((2, 32, 32)).astype(np.float32)
+    logits = rng.normal(size=(3, 17, 17))
+    full = softmax(logits, axis=-1)  # (heads, T, T), T = 1 + 16 patches
+    maps = full[:, 0, 1:].reshape(3, 4, 4)  # what the store holds for that cell
+    for given in (maps, full, maps.reshape(3, 16)):
+        fig = attention_maps(image, given, ["DNA", "RNA"])
+        drawn = [np.asarray(ax.images[0].get_array()) for ax in fig.axes[1:]]
+        assert len(drawn) == 3
+        for h in range(3):
+            np.testing.assert_allclose(drawn[h], maps[h], rtol=1e-6)
+    fig = attention_maps(image, rng.random((2, 3, 5)), ["DNA", "RNA"])  # a 3 x 5 patch grid
+    assert np.asarray(fig.axes[1].images[0].get_array()).shape == (3, 5)
+    with pytest.raises(DataError, match="15 patch tokens do not form a square"):
+        attention_maps(image, rng.random((3, 15)), ["DNA", "RNA"])
+    with pytest.raises(DataError, match=r"shape \(7,\)"):
+        attention_maps(image, rng.random(7), ["DNA", "RNA"])

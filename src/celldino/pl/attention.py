@@ -21,11 +21,6 @@ def _grid(n_tokens: int) -> int:
     return side
 
 
-def _upsample(grid: np.ndarray, size: int) -> np.ndarray:
-    rep = int(np.ceil(size / grid.shape[0]))
-    return np.kron(grid, np.ones((rep, rep)))[:size, :size]
-
-
 def attention_maps(
     image: np.ndarray,
     attention: np.ndarray,
@@ -36,26 +31,57 @@ def attention_maps(
 ) -> Figure:
     """The cell (composite) and the class token's attention over patches for each head.
 
-    attention: (heads, N) class-token attention to the N patch tokens (registers removed), or the
-    full (heads, T, T) matrix of the last block, whose row 0 is used.
+    attention, any of:
+    - (heads, h, w): the stored maps (`attn_maps` of an attention store), drawn as they are;
+      (heads, C, h, w) of a channel-adaptive model as C·heads maps;
+    - (heads, N): the class token's attention to the N patch tokens (registers removed), N a
+      square;
+    - (heads, T, T): the last block's full attention matrix (every row sums to 1), whose row 0
+      over the last square number of tokens is used.
+    Any other shape is refused (it used to be read as a matrix and drawn wrong without a word).
     """
-    att = np.asarray(attention, dtype=np.float32)
-    if att.ndim == 3:
-        att = att[:, 0, 1:]
-        att = att[:, -(_grid_tokens(att.shape[1])) :]
-    heads, n = att.shape
-    side = _grid(n)
+    maps = _head_maps(np.asarray(attention, dtype=np.float32))
+    heads = maps.shape[0]
+    height, width = np.asarray(image).shape[-2:]
     fig = new_figure(1.9 * (heads + 1), 2.2)
     ax = fig.add_subplot(1, heads + 1, 1)
     ax.imshow(composite(np.asarray(image), list(channels)))
     ax.set_title(title or "cell", fontsize=8)
     ax.axis("off")
-    for h in range(heads):
-        ax = fig.add_subplot(1, heads + 1, h + 2)
-        ax.imshow(_upsample(att[h].reshape(side, side), image.shape[-1]), cmap="inferno")
-        ax.set_title(f"head {h}", fontsize=8)
+    for i in range(heads):
+        ax = fig.add_subplot(1, heads + 1, i + 2)
+        # one block per patch over the cell's extent (h x w patches need not be square)
+        ax.imshow(maps[i], cmap="inferno", interpolation="nearest", extent=(0, width, height, 0))
+        ax.set_title(f"head {i}", fontsize=8)
         ax.axis("off")
     return finish(fig, save)
+
+
+def _head_maps(att: np.ndarray) -> np.ndarray:
+    """(heads, h, w) maps from any of the shapes `attention_maps` takes; DataError otherwise."""
+    from celldino.errors import DataError
+
+    if att.ndim == 4:  # channel-adaptive (heads, C, h, w)
+        return att.reshape(-1, *att.shape[-2:])
+    if att.ndim == 3 and att.shape[1] == att.shape[2] and att.shape[1] >= 2:
+        rows = att.sum(axis=2)
+        if np.allclose(rows, 1.0, atol=1e-3):  # softmax rows: the full (heads, T, T) matrix
+            att = att[:, 0, 1:]
+            att = att[:, -(_grid_tokens(att.shape[1])) :]
+    if att.ndim == 3:  # (heads, h, w) maps (a T x T matrix's rows sum to 1; a map's cannot)
+        return att
+    if att.ndim == 2:
+        side = int(round(np.sqrt(att.shape[1])))
+        if side * side != att.shape[1]:
+            raise DataError(
+                f"attention of shape {att.shape}: {att.shape[1]} patch tokens do not form a "
+                "square grid; pass the maps as (heads, h, w)"
+            )
+        return att.reshape(att.shape[0], side, side)
+    raise DataError(
+        f"attention of shape {att.shape}: give (heads, h, w) maps (an attention store's "
+        "attn_maps), (heads, C, h, w), (heads, N) patch attention or the (heads, T, T) matrix"
+    )
 
 
 def _grid_tokens(n: int) -> int:

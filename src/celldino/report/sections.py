@@ -554,7 +554,7 @@ def section_attention(run: Path) -> Section:
     names = list(found.loc[ids, "label"]) if label else ids
     for i in range(min(3, len(ids))):
         sec.figure(
-            attention_maps(images[i], maps[i].reshape(maps.shape[1], -1), channels, title=names[i]),
+            attention_maps(images[i], maps[i], channels, title=names[i]),
             f"Class-token attention of each head in the last block: cell {ids[i]} ({names[i]})",
         )
     _iou_heatmaps(sec, lay)
