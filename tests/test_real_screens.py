@@ -299,3 +299,31 @@ def test_attention_maps_draws_stored_maps_and_the_full_matrix_alike():
         attention_maps(image, rng.random((3, 15)), ["DNA", "RNA"])
     with pytest.raises(DataError, match=r"shape \(7,\)"):
         attention_maps(image, rng.random(7), ["DNA", "RNA"])
+
+
+def test_heterogeneity_with_an_annotation_matching_no_treatment_is_not_a_precision_of_0(caplog):
+    """An annotation list naming no ranked compound (a typo, other names) gave precision 0.0
+    without a word; now it is not evaluable, naming the names, and a partly unmatched list is
+    warned about while precision counts the matched ones (as the list without the stray)."""
+    from celldino.eval.heterogeneity import heterogeneity
+
+    rng = np.random.default_rng(0)
+    rows, feats = [], []
+    for t in ("DMSO", "a", "b", "mixed"):
+        for s in range(2):
+            for _ in range(20):
+                x = rng.normal(size=4) + (4.0 * (rng.random() < 0.5) if t == "mixed" else 0)
+                feats.append(x)
+                rows.append(
+                    {"Metadata_Plate": "P1", "Metadata_Well": t, "Metadata_Site": s}
+                    | {"Metadata_Compound": t}
+                )
+    meta, X = pd.DataFrame(rows), np.asarray(feats)
+    with pytest.raises(NotEvaluable, match="Mixed.*ranked values are e.g."):
+        heterogeneity(meta, X, annotated=["Mixed"], exclude=["DMSO"], ks=(1,))
+    _, alone = heterogeneity(meta, X, annotated=["mixed"], exclude=["DMSO"], ks=(1, 3))
+    caplog.set_level("WARNING", logger="celldino")
+    _, both = heterogeneity(meta, X, annotated=["mixed", "mixd"], exclude=["DMSO"], ks=(1, 3))
+    assert "1 of the 2 annotated treatment(s) are not ranked (mixd)" in caplog.text
+    assert both["precision_at_1"] == alone["precision_at_1"] == 1.0  # mixed ranks first
+    assert both["precision_at_3"] == pytest.approx(1 / 3) and both["n_annotated_unranked"] == 1

@@ -16,12 +16,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from celldino import log
 from celldino.eval.classify import as_matrix
-from celldino.eval.spec import profiles_of
+from celldino.eval.spec import NotEvaluable, profiles_of
 from celldino.eval.splits import group_labels
 
 if TYPE_CHECKING:
     from anndata import AnnData
+
+logger = log.get_logger(__name__)
 
 
 def field_std(
@@ -135,6 +138,27 @@ def heterogeneity(
         pos = set(map(str, annotated))
         ranked["annotated"] = ranked.treatment.isin(pos)
         summary["n_annotated"] = int(ranked.annotated.sum())
+        unmatched = sorted(pos - set(ranked.treatment))
+        given = f"column '{annotation}'" if annotation is not None else "list"
+        if not summary["n_annotated"]:  # precision 0.0 would read as a result, not a typo
+            raise NotEvaluable(
+                f"heterogeneity: no ranked {treatment} value is in the annotation {given} "
+                f"({len(pos)} name(s){': ' + ', '.join(unmatched[:5]) if unmatched else ''}); "
+                f"ranked values are e.g. {', '.join(ranked.treatment[:5].astype(str))}: name "
+                "treatments as the profiles do (excluded controls and treatments with fewer than "
+                "min_cells cells per field are not ranked)"
+            )
+        if unmatched:
+            logger.warning(
+                "heterogeneity: %d of the %d annotated treatment(s) are not ranked (%s): not in "
+                "%s, excluded, or too few cells; precision@k counts the %d that are",
+                len(unmatched),
+                len(pos),
+                ", ".join(unmatched[:5]),
+                treatment,
+                summary["n_annotated"],
+            )
+        summary["n_annotated_unranked"] = len(unmatched)
         for k in ks:
             summary[f"precision_at_{k}"] = precision_at_k(ranked.treatment, pos, k)
     return ranked, summary
