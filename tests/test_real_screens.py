@@ -327,3 +327,43 @@ def test_heterogeneity_with_an_annotation_matching_no_treatment_is_not_a_precisi
     assert "1 of the 2 annotated treatment(s) are not ranked (mixd)" in caplog.text
     assert both["precision_at_1"] == alone["precision_at_1"] == 1.0  # mixed ranks first
     assert both["precision_at_3"] == pytest.approx(1 / 3) and both["n_annotated_unranked"] == 1
+
+
+def test_the_plate_warning_advises_per_plate_normalisation_only_where_it_was_not_applied(tmp_path):
+    """It fired for every set of a `celldino run` (CellProfiler's included) advising per-plate
+    normalisation the profiles had had; it now reads each profile's recorded steps."""
+    import html
+
+    import anndata as ad_
+
+    from celldino.io.profiles import write_h5ad
+    from celldino.io.runlayout import RunLayout
+    from celldino.pp.steps import record
+    from celldino.report.html import Section
+    from celldino.report.sections import plate_warnings
+
+    lay = RunLayout(tmp_path)
+    for name, steps in (
+        ("learned", [("normalize", {"method": "standardize", "by": "Metadata_Plate"})]),
+        ("engineered", [("normalize", {"method": "mad_robustize", "by": "Metadata_Plate"})]),
+        ("raw", []),
+    ):
+        a = ad_.AnnData(np.zeros((2, 2)))
+        for step, params in steps:
+            record(a, step, {**params, "reference": "controls"})
+        write_h5ad(a, lay.profiles(name))
+    flagged = {"plate_dominates": 1.0, "plate_agreement": 0.9, "treatment_agreement": 0.2}
+    rows = [
+        {"feature_set": fs, "analysis": "plate_effect", "metric": m, "value": v}
+        for fs in ("learned", "pca_engineered", "raw")
+        for m, v in flagged.items()
+    ]
+    sec = Section("evaluation", "Evaluation")
+    plate_warnings(sec, pd.DataFrame(rows), lay)
+    warns = {p.split(":")[0].split("⚠ ")[1]: html.unescape(p) for p in sec.parts if "warn" in p}
+    assert set(warns) == {"learned", "pca_engineered", "raw"}
+    assert "already normalised (standardize per Metadata_Plate on the controls)" in warns["learned"]
+    assert "Harmony" in warns["learned"] and "per-plate normalisation" not in warns["learned"]
+    # a derived set reads its source's steps (pca_engineered ← engineered)
+    assert "(mad_robustize per Metadata_Plate" in warns["pca_engineered"]
+    assert "per-plate normalisation to controls" in warns["raw"]

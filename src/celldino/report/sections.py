@@ -356,7 +356,7 @@ def section_evaluation(run: Path) -> Section:
         flagged = res[(res["flags"].fillna("").astype(str) != "") & (res["metric"] != "skipped")]
         for r in flagged.itertuples(index=False):
             sec.warn(f"{r.analysis}: {r.metric} on {r.feature_set} is degenerate: {r.flags}")
-    plate_warnings(sec, res)
+    plate_warnings(sec, res, lay)
     spread_part(sec, lay)
     info = results.read_summary(lay.eval)
     if isinstance(info, dict):
@@ -464,10 +464,46 @@ def section_cell_probe(run: Path) -> Section:
     return sec
 
 
-def plate_warnings(sec: Section, res: pd.DataFrame) -> None:
+def plate_steps(lay: RunLayout | None, feature_set: str) -> tuple[str, bool]:
+    """What the run did against plate effects in a feature set's profiles, from the steps
+    recorded in profiles/<set>.h5ad (a derived set such as pca_engineered: its source's):
+    ('mad_robustize per Metadata_Plate on the controls', harmony applied), or ('', False) when
+    no normalisation within a group was recorded (or the file is not there to say)."""
+    if lay is None:
+        return "", False
+    from celldino.io.profiles import read_h5ad
+    from celldino.pp.steps import history
+
+    name = feature_set
+    path = lay.profiles(name)
+    if not path.exists() and name.startswith("pca_"):
+        path = lay.profiles(name.removeprefix("pca_"))
+    if not path.exists():
+        return "", False
+    try:
+        steps = history(read_h5ad(path))
+    except Exception:  # an unreadable file says nothing about its steps
+        return "", False
+    done, harmony = "", False
+    for st in steps:
+        params = st.get("params") or {}
+        by = params.get("by")
+        if st.get("step") == "normalize" and by and params.get("method") not in (None, "none"):
+            by = by if isinstance(by, str) else "+".join(map(str, by))
+            ref = params.get("reference")
+            done = f"{params.get('method')} per {by}" + (
+                f" on {'the controls' if ref == 'controls' else 'all wells'}" if ref else ""
+            )
+        harmony = harmony or st.get("step") == "harmony"
+    return done, harmony
+
+
+def plate_warnings(sec: Section, res: pd.DataFrame, lay: RunLayout | None = None) -> None:
     """A warning per feature set whose profiles separate by plate more than by treatment
-    (the evaluator's plate_effect analysis), a line saying so when none do."""
-    pe = res[res["analysis"] == "plate_effect"]
+    (the evaluator's plate_effect analysis), a line saying so when none do. The advice reads
+    the profile's recorded steps: per-plate normalisation is advised only where it was not
+    applied (it was on every set of a `celldino run`, CellProfiler's included)."""
+    pe = res[(res["analysis"] == "plate_effect") & (res["metric"] != "skipped")]
     if pe.empty:
         sec.text("Plate vs treatment: not measured (add the plate_effect analysis to the spec).")
         return
@@ -475,12 +511,30 @@ def plate_warnings(sec: Section, res: pd.DataFrame) -> None:
     ok = []
     for fs, r in v.iterrows():
         if r.get("plate_dominates", 0) >= 1:
+            done, harmony = plate_steps(lay, str(fs))
+            if not done:
+                advice = (
+                    "correct for plate effects (per-plate normalisation to controls, Harmony on "
+                    "PCs) before trusting retrieval numbers"
+                )
+            elif not harmony:
+                advice = (
+                    f"the profiles were already normalised ({done}) and the plate effect "
+                    "remains: try Harmony on PCs (profile.harmony_key=Metadata_Plate), and check "
+                    "whether treatments are confounded with plates (a treatment on one plate "
+                    "only cannot be told from its plate) before trusting retrieval numbers"
+                )
+            else:
+                advice = (
+                    f"the profiles were already normalised ({done}) and Harmony-corrected, and "
+                    "the plate effect remains: check whether treatments are confounded with "
+                    "plates before trusting retrieval numbers"
+                )
             sec.warn(
                 f"{fs}: profiles separate by plate more than by treatment (nearest-neighbour "
                 f"agreement beyond chance on plate {r['plate_agreement']:.3f} vs on treatment "
                 f"{r['treatment_agreement']:.3f}, plate p = {r.get('plate_p_value', np.nan):.3g}; "
-                f"flagged above a difference of {r.get('margin', 0.1):g}); correct for plate effects (per-plate normalisation "
-                "to controls, Harmony on PCs) before trusting retrieval numbers"
+                f"flagged above a difference of {r.get('margin', 0.1):g}); {advice}"
             )
         else:
             ok.append(str(fs))
