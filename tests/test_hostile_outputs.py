@@ -5,6 +5,7 @@ every file there before is unchanged."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -193,6 +194,10 @@ def test_two_synth_runs_into_one_folder_do_not_mix(tmp_path, run_cli):
         assert not (out / "images").exists()
     finally:
         _release(proc)
+    (out / ".DS_Store").write_bytes(b"")  # hidden files are not at risk: synth writes none
+    rc, text = run_cli("synth", out, "synth.n_plates=1", "synth.n_batches=1", "synth.image_size=64")
+    assert rc == 0, text
+    assert json.loads((out / ".celldino-synth.json").read_text())["complete"] is True
 
 
 # ---- the helper itself ---------------------------------------------------------------------

@@ -37,7 +37,7 @@ from celldino.config import RANGES, ConfigError, SynthConfig
 from celldino.errors import OutputError
 from celldino.io.files import read_json, require_writable, write_json
 from celldino.io.images import write_tiff
-from celldino.io.lock import LOCK_NAME, output_lock
+from celldino.io.lock import output_lock
 from celldino.io.tables import write_csv, write_parquet
 from celldino.names import safe_component
 from celldino.synth.biology import (
@@ -224,8 +224,8 @@ def check_output_folder(out: Path) -> None:
     or mix with them (a user's own load_data.csv, images of another screen)."""
     if not out.is_dir() or _is_ours(out):
         return
-    found = sorted(p.name for p in out.iterdir() if p.name not in (LOCK_NAME, MARKER))
-    found = [n for n in found if not n.startswith(".celldino-probe-")]
+    # hidden files (.DS_Store, the lock) are not at risk: synth writes none but its marker
+    found = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
     if found:
         raise OutputError(
             f"synth: {out} is not empty (it holds {found[0]}"
