@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -351,3 +352,106 @@ def test_rgb_tiff_is_named_rgb_not_a_narrow_image(tmp_path, four_sites, run_cli)
     h, w = grey.shape
     assert "rgb.tif" in text and f"RGB image of {h}x{w} pixels with 3 colour samples" in text
     assert "crop_size" not in text and f"{w}x3" not in text
+
+
+# ---- §5 a full disk (fault injection: the write system call fails with ENOSPC) ------------------
+
+
+def _disk_full_under(monkeypatch, folder: Path, call: str = "fsync") -> None:
+    """`os.<call>` (fsync: every atomic write; pwrite: the lock file) fails with ENOSPC for files
+    under `folder`, as on a full disk; everything else is written as usual."""
+    import errno
+    import os
+
+    real = getattr(os, call)
+
+    def fail(fd, *args):
+        if os.readlink(f"/proc/self/fd/{fd}").startswith(str(folder)):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, *args)
+
+    monkeypatch.setattr(os, call, fail)
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return [p.name for p in folder.rglob("*") if p.name.endswith(".tmp") or ".celldino-" in p.name]
+
+
+def test_disk_full_while_profile_writes_hdf5(tmp_path, monkeypatch, run_cli):
+    import anndata as ad
+
+    from celldino.io.embeddings import shard_name, write_manifest
+
+    rng = np.random.default_rng(0)
+    cells = pd.DataFrame(
+        {
+            "Metadata_Plate": "P1",
+            "Metadata_Well": np.repeat([f"A{i:02d}" for i in range(8)], 5),
+            "Metadata_pert_type": np.repeat(["control"] * 4 + ["trt"] * 4, 5),
+        }
+    )
+    for f in range(6):
+        cells[f"emb_{f}"] = rng.normal(size=len(cells))
+    emb = tmp_path / "emb"
+    emb.mkdir()
+    cells.to_parquet(emb / shard_name(0), index=False)
+    write_manifest(emb, {"complete": True, "shards": [shard_name(0)]})
+    out = tmp_path / "profiles"
+    out.mkdir()
+    (out / "kept.txt").write_text("an earlier result")
+
+    def full_disk(self, filename, *args, **kwargs):  # HDF5's own words for ENOSPC
+        Path(filename).write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)  # half a file
+        raise OSError(
+            "Can't write data (file write failed: time = Mon Dec  7 22:00:00 2026, filename = "
+            f"'{filename}', errno = 28, error message = 'No space left on device')"
+        )
+
+    monkeypatch.setattr(ad.AnnData, "write_h5ad", full_disk)
+    rc, text = run_cli("profile", f"profile.input=[{emb}]", f"profile.out={out}/wells.h5ad")
+    assert rc == 2 and "Traceback" not in text, text
+    # the file that failed: the profiles or the aggregated wells written before them
+    assert re.search(rf"{re.escape(str(out))}/wells\S*\.h5ad: No space left on device", text)
+    assert not (out / "wells.h5ad").exists() and _leftovers(out) == []
+    assert (out / "kept.txt").read_text() == "an earlier result"
+
+
+def test_disk_full_while_evaluate_writes(tmp_path, monkeypatch, run_cli):
+    path = _collapsed(tmp_path)
+    (tmp_path / "spec.yaml").write_text("analyses: [map_replicate]\n")
+    out = tmp_path / "ev"
+    out.mkdir()
+    (out / "kept.txt").write_text("an earlier result")
+    _disk_full_under(monkeypatch, out)
+    rc, text = run_cli(
+        "evaluate", path, "--spec", tmp_path / "spec.yaml", f"evaluate.out_dir={out}"
+    )
+    assert rc == 2 and "Traceback" not in text, text
+    assert str(out) in text and "No space left on device" in text
+    assert _leftovers(out) == [] and not (out / "summary.json").exists()
+    assert (out / "kept.txt").read_text() == "an earlier result"
+
+
+def test_disk_full_on_the_lock_file(tmp_path, prep, monkeypatch, run_cli):
+    ckpt = _checkpoint(tmp_path / "m.safetensors", {})
+    out = tmp_path / "emb"
+    _disk_full_under(monkeypatch, out, "pwrite")
+    rc, text = _extract(run_cli, ckpt, prep, out)
+    assert rc == 2 and "Traceback" not in text, text
+    assert f"cannot write the lock file {out / '.celldino.lock'}" in text
+    assert "No space left on device" in text
+    assert not out.exists() or list(out.iterdir()) == []  # no empty lock file left behind
+
+
+def test_disk_full_while_report_writes(tmp_path, monkeypatch, run_cli):
+    run = tmp_path / "run"
+    run.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.html").write_text("the earlier report")
+    _disk_full_under(monkeypatch, out)
+    rc, text = run_cli("report", run, "--out", out / "report.html")
+    assert rc == 2 and "Traceback" not in text, text
+    assert str(out / "report.html") in text and "No space left on device" in text
+    assert (out / "report.html").read_text() == "the earlier report"
+    assert sorted(p.name for p in out.iterdir()) == ["report.html"]  # no temp, no lock file

@@ -16,6 +16,7 @@ from pathlib import Path
 from celldino import __version__, log
 from celldino import config as C
 from celldino.errors import OutputError, UserError
+from celldino.io.files import WRITE_ERRNOS
 from celldino.io.results import SUMMARY
 from celldino.io.runlayout import RunLayout
 
@@ -510,6 +511,13 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         if isinstance(e, BrokenPipeError) or getattr(e, "_celldino_stdout", False):
             return _stdout_failed(command, e, verbosity)
+        if e.errno in WRITE_ERRNOS:  # a full disk or read-only folder met by any writer
+            what = f"writing {e.filename}" if e.filename else "writing its output"
+            err = OutputError(
+                f"{what} failed ({e.strerror or e}): free disk space or fix the folder's "
+                "permissions, then rerun"
+            )
+            return _user_error(command, err, verbosity)
         raise
     except KeyboardInterrupt:
         logger.error("interrupted; %s", _after_interrupt(command))

@@ -53,6 +53,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        if e.errno in WRITE_ERRNOS and not isinstance(e, OutputError):
+            raise write_error(path, e) from None  # a full disk names the file, not a traceback
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -136,10 +141,20 @@ def require_writable(folder: str | Path, setting: str) -> Path:
     return folder
 
 
+def _with_errno(code: int | None, err: OutputError) -> OutputError:
+    """`err` carrying the errno of the failed write, for callers that test `e.errno`."""
+    err.errno = code
+    return err
+
+
 def write_error(path: str | Path, e: OSError, *, what: str = "file") -> OutputError:
-    """The one-line OutputError of a failed write of `path` (disk full, read-only, ...)."""
+    """The one-line OutputError of a failed write of `path` (disk full, read-only, ...); one
+    already (from `atomic_write_bytes`) is returned as it is."""
+    if isinstance(e, OutputError):
+        return e
     hint = _HINTS.get(e.errno or 0, "check the folder")
-    return OutputError(
+    err = OutputError(
         f"cannot write {what} {path}: {e.strerror or e}; {hint}. What was there before is kept "
         "unchanged"
     )
+    return _with_errno(e.errno, err)

@@ -97,6 +97,7 @@ def output_lock(folder: str | Path, stage: str, *, name: str = "") -> Iterator[P
     try:
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / (f".{name}{LOCK_NAME}" if name else LOCK_NAME)
+        created = not path.exists()
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as e:
         raise OutputError(
@@ -122,8 +123,16 @@ def output_lock(folder: str | Path, stage: str, *, name: str = "") -> Iterator[P
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
             "command": " ".join(sys.argv)[:300],
         }
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(info).encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(info).encode(), 0)
+        except OSError as e:  # a full disk: no empty lock file left behind, one line
+            if created:
+                path.unlink(missing_ok=True)
+            raise OutputError(
+                f"{stage}: cannot write the lock file {path} ({e.strerror or e}): free disk "
+                f"space in {folder} (or choose another folder) and rerun; nothing was written"
+            ) from None
         _held[key] = 1
         try:
             yield folder

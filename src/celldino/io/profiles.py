@@ -9,6 +9,7 @@ JSON text of the list of {step, params} that made it (HDF5 cannot hold a list of
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import os
@@ -20,6 +21,7 @@ import pandas as pd
 
 from celldino.errors import DataError, MissingInputError
 from celldino.io.embeddings import manifest_path, manifest_shards
+from celldino.io.files import WRITE_ERRNOS, write_error
 from celldino.log import get_logger
 
 logger = get_logger(__name__)
@@ -245,8 +247,18 @@ def write_h5ad(adata: ad.AnnData, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp(path)
-    _h5ad_safe(adata).write_h5ad(tmp)
-    os.replace(tmp, path)
+    try:
+        _h5ad_safe(adata).write_h5ad(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)  # never a half-written temporary file left behind
+        full = isinstance(e, OSError) and (
+            e.errno in WRITE_ERRNOS or "errno = 28" in str(e) or "No space left" in str(e)
+        )  # HDF5 reports a full disk as an OSError without errno, the C errno in its text
+        if full:
+            code = e.errno if e.errno in WRITE_ERRNOS else errno.ENOSPC  # type: ignore[union-attr]
+            raise write_error(path, OSError(code, os.strerror(code)), what="profiles") from None
+        raise
     return path
 
 
