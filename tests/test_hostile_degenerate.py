@@ -455,3 +455,16 @@ def test_disk_full_while_report_writes(tmp_path, monkeypatch, run_cli):
     assert str(out / "report.html") in text and "No space left on device" in text
     assert (out / "report.html").read_text() == "the earlier report"
     assert sorted(p.name for p in out.iterdir()) == ["report.html"]  # no temp, no lock file
+
+
+def test_truncated_pipeline_record_through_run(tmp_path, four_sites, run_cli):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "pipeline.json").write_text('{"stages": {"prepare": {"fingerprint": "ab')
+    before = _snapshot(run)
+    rc, text = run_cli("run", f"run.out_dir={run}", f"prepare.load_data={four_sites}")
+    assert rc == 2 and "Traceback" not in text, text
+    assert str(run / "pipeline.json") in text and "not valid JSON" in text
+    assert "delete it and rerun: every stage in run.stages then runs again" in text
+    after = _snapshot(run)
+    assert {k: v for k, v in after.items() if k in before} == before
