@@ -367,3 +367,20 @@ def test_the_plate_warning_advises_per_plate_normalisation_only_where_it_was_not
     # a derived set reads its source's steps (pca_engineered ← engineered)
     assert "(mad_robustize per Metadata_Plate" in warns["pca_engineered"]
     assert "per-plate normalisation to controls" in warns["raw"]
+
+
+def test_moa_lists_without_moa_sep_are_warned_about(tmp_path, caplog):
+    """The README's LINCS example without moa_sep=| scored NSC 0.000: 'a|b' was one MoA."""
+    table = _one_plate_profiles()
+    table["Metadata_MoA"] = table["Metadata_MoA"].replace({"m0": "m0|m9"})
+    path = tmp_path / "p.parquet"
+    table.to_parquet(path)
+    spec = {"analyses": {"nsc": {}}}
+    caplog.set_level("WARNING", logger="celldino")
+    evaluate(path, spec=spec, cfg=EvaluateConfig(out_dir=str(tmp_path / "a")))
+    assert "6 of the 12 Metadata_MoA values hold '|' (e.g. 'm0|m9')" in caplog.text
+    assert "'evaluate.columns.moa_sep=|'" in caplog.text
+    caplog.clear()
+    cfg = EvaluateConfig(out_dir=str(tmp_path / "b"), columns={"moa_sep": "|"})
+    evaluate(path, spec=spec, cfg=cfg)
+    assert "moa_sep is unset" not in caplog.text

@@ -423,6 +423,39 @@ def check_columns(sets: dict, given: dict[str, str], where: dict[str, str]) -> N
                     f"lacks; its metadata columns: {', '.join(map(str, fs.meta.columns))}"
                 )
     warn_default_dose_absent(sets, given)
+    warn_moa_lists_unsplit(sets, given)
+
+
+# separators that join several MoAs in one cell (LINCS / Drug Repurposing Hub write 'a|b')
+MOA_SEPARATORS = ("|", ";")
+
+
+def warn_moa_lists_unsplit(sets: dict, given: dict[str, str]) -> None:
+    """MoA cells that look like lists ('a|b') while columns.moa_sep is unset: each combination
+    is then its own MoA (LINCS's NSC was 0.000 that way, 0.125 split): say which separator."""
+    if given.get("moa_sep"):
+        return
+    moa = given.get("moa") or Columns().moa
+    for fs in sets.values():
+        if moa not in fs.meta.columns:
+            continue
+        values = fs.meta[moa].dropna().astype(str)
+        for sep in MOA_SEPARATORS:
+            listed = values[values.str.contains(sep, regex=False)]
+            if len(listed):
+                logger.warning(
+                    "feature set '%s': %d of the %d %s values hold '%s' (e.g. %r) but "
+                    "columns.moa_sep is unset, so each combination is one MoA of its own; set "
+                    "'evaluate.columns.moa_sep=%s' to read them as sets of MoAs",
+                    fs.name,
+                    len(listed),
+                    len(values),
+                    moa,
+                    sep,
+                    listed.iloc[0],
+                    sep,
+                )
+                return
 
 
 def warn_default_dose_absent(sets: dict, given: dict[str, str]) -> None:
