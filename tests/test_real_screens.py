@@ -80,6 +80,7 @@ def test_an_unlabelled_one_plate_screen_runs_to_a_report_listing_what_was_skippe
     for key in skipped:
         assert f"Skipped: {key}" in html
     assert 'id="umap"' in html and 'id="data"' in html  # what needs no labels is there
+    assert "Example single-cell crops per Plate" in html
 
 
 def _one_plate_profiles(seed: int = 0) -> pd.DataFrame:

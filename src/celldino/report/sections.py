@@ -73,7 +73,8 @@ def section_data(run: Path) -> Section:
         sk = prepared.read_skipped(lay.prep)
         if len(sk):
             sec.table(sk.head(20).set_index(sk.columns[0]), caption=f"Skipped images ({len(sk)})")
-    label = _label_column(cols)
+    # crops per MoA or compound; an unlabelled screen's per plate (it has crops all the same)
+    label = _label_column(cols) or ("Metadata_Plate" if "Metadata_Plate" in cols else None)
     if lay.crops.exists() and label:
         channels = cropstore.crop_channels(lay.prep)
         # 6 random cells per group, chosen inside DuckDB (the table is never loaded whole)
