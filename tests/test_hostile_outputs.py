@@ -6,6 +6,7 @@ every file there before is unchanged."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -229,6 +230,8 @@ def test_record_and_changed_name_what_changed(tmp_path):
     (folder / ".lock").write_bytes(b"")  # hidden files of writers are not inputs
     rec = record([folder])
     assert sorted(Path(p).name for p in rec) == ["a.parquet", "b.parquet"]
+    assert changed(rec, [folder]) == []
+    os.utime(folder / "b.parquet", ns=(1, 10**18))  # rewritten with the same bytes: no change
     assert changed(rec, [folder]) == []
     (folder / "a.parquet").write_bytes(b"11")  # re-made by hand: other size
     (folder / "b.parquet").unlink()

@@ -7,24 +7,26 @@ Two questions every writer answers the same way, so that a check added here hold
   (compared after resolving links, and by inode where both exist), when an output lies inside an
   input folder (it would change that folder's files, or be read back as an input on a rerun), or
   when an input lies inside an output folder the stage owns (and may clear).
-  Used by prepare, extract, profile, evaluate and report, and by `celldino run`.
+  Used by prepare, extract, profile, evaluate and report.
 
 * `record(paths)` / `changed(recorded, paths)`: the input files a stage read, each file's path,
-  size and modification time (never its bytes: screens are terabytes), and, later, a list of
-  phrases saying which of them changed, appeared or went away since. Folders are expanded into
-  their files (hidden files, such as locks and temporary files of writers, left out). `celldino run`
+  size, modification time and, up to `HASH_LIMIT`, content hash (never the bytes of a large
+  file: screens are terabytes), and later the phrases saying which of them changed, appeared or
+  went away since; a file rewritten with the same bytes is no change. Folders are expanded into
+  their files (hidden files, such as locks and writers' temporary files, left out). `celldino run`
   keeps one record per stage in pipeline.json and reruns a stage whose inputs changed, saying
-  what changed; prepare describes changed image files with `describe_changes` (its own record of
-the load-data table and every image lives in the prep folder, `inputs.parquet`).
+  what changed; prepare describes its changed image files with `describe_changes` (its own
+  record of the load-data table and every image lives in the prep folder, `inputs.parquet`).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from celldino.errors import OutputError
+from celldino.io.files import file_fingerprint
 
 PathLike = str | os.PathLike
 
@@ -114,27 +116,44 @@ def _files(paths: Iterable[PathLike]) -> list[Path]:
     return list(dict.fromkeys(out))
 
 
-def record(paths: Iterable[PathLike]) -> dict[str, list[int]]:
-    """{path: [size, mtime_ns]} of every file under `paths` (a missing one: [-1, -1])."""
-    rows = {}
+# files up to this size also get a content hash, so one rewritten with the same bytes (an
+# upstream stage that was resumed or redone and came to the same result) is not a change
+HASH_LIMIT = 256 << 20
+
+
+def _stat(f: Path) -> list[int]:
+    try:
+        st = f.stat()
+        return [int(st.st_size), int(st.st_mtime_ns)]
+    except OSError:
+        return [-1, -1]
+
+
+def record(paths: Iterable[PathLike]) -> dict[str, list]:
+    """{path: [size, mtime_ns, content hash ('' above HASH_LIMIT)]} of every file under `paths`
+    (a missing one: [-1, -1, ''])."""
+    rows: dict[str, list] = {}
     for f in _files(paths):
-        try:
-            st = f.stat()
-            rows[str(f)] = [int(st.st_size), int(st.st_mtime_ns)]
-        except OSError:
-            rows[str(f)] = [-1, -1]
+        size, mtime = _stat(f)
+        digest = file_fingerprint(f) if 0 <= size <= HASH_LIMIT else ""
+        rows[str(f)] = [size, mtime, digest]
     return rows
 
 
 def describe_changes(
-    old: Mapping[str, Iterable[int]], new: Mapping[str, Iterable[int]], noun: str = "file"
+    old: Mapping[str, Iterable],
+    new: Mapping[str, Iterable],
+    noun: str = "file",
+    same: Callable[[str, list, list], bool] | None = None,
 ) -> list[str]:
-    """Phrases naming the files of `new` that differ from `old`: changed (size or time), new,
-    and no longer there (two named, then a count)."""
+    """Phrases naming the files of `new` that differ from `old` (by `same(path, old_entry,
+    new_entry)`, default: equal entries): changed, new, and no longer there (two named, then a
+    count)."""
     old = {k: list(v) for k, v in old.items()}
     new = {k: list(v) for k, v in new.items()}
+    same = same or (lambda _p, a, b: a == b)
     groups = (
-        ("changed", sorted(p for p in new if p in old and new[p] != old[p])),
+        ("changed", sorted(p for p in new if p in old and not same(p, old[p], new[p]))),
         ("new", sorted(p for p in new if p not in old)),
         ("no longer used", sorted(p for p in old if p not in new)),
     )
@@ -147,9 +166,21 @@ def describe_changes(
     return parts
 
 
-def changed(recorded: Mapping[str, Iterable[int]] | None, paths: Iterable[PathLike]) -> list[str]:
+def _unchanged(path: str, old: list, now: list) -> bool:
+    """Same size, and the same time or (a file rewritten) the same content hash."""
+    if old[:1] != now[:1]:
+        return False
+    if old[1:2] == now[1:2]:
+        return True
+    digest = old[2] if len(old) > 2 else ""
+    return bool(digest) and now[0] >= 0 and file_fingerprint(Path(path)) == digest
+
+
+def changed(recorded: Mapping[str, Iterable] | None, paths: Iterable[PathLike]) -> list[str]:
     """What changed in the files under `paths` since `recorded` (an earlier `record`); [] when
-    nothing did, or when there is no record to compare with."""
+    nothing did, or when there is no record to compare with. Only a file whose time changed but
+    whose size did not is read (to compare its content hash)."""
     if recorded is None:
         return []
-    return describe_changes(recorded, record(paths))
+    now = {str(f): _stat(f) for f in _files(paths)}
+    return describe_changes(recorded, now, same=_unchanged)
