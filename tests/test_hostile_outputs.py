@@ -409,5 +409,25 @@ def test_run_reruns_a_stage_whose_input_files_were_remade_by_hand(tmp_path, capl
     run_pipeline(cfg)
     text = " ".join(r.getMessage() for r in caplog.records)
     assert "up to date" not in text
-    assert "stage evaluate: the files it read changed" in text and str(profiles) in text
+    assert (
+        "stage evaluate: the files it read changed since it ran "
+        "(1 file(s) changed (profiles/learned.parquet))" in text
+    )
     assert (run / "eval" / "summary.json").read_text() != first  # evaluated again
+
+
+def test_a_copied_run_folder_keeps_its_record(tmp_path):
+    """Files inside the run folder are recorded relative to it: a copy is not 'changed'."""
+    import shutil
+
+    run = tmp_path / "run"
+    (run / "profiles").mkdir(parents=True)
+    (run / "profiles" / "learned.parquet").write_bytes(b"p")
+    rec = record([run / "profiles"], root=run)
+    assert list(rec) == ["profiles/learned.parquet"]
+    shutil.copytree(run, tmp_path / "copy")  # copy2 keeps the times; the bytes are the same
+    assert changed(rec, [tmp_path / "copy" / "profiles"], root=tmp_path / "copy") == []
+    (tmp_path / "copy" / "profiles" / "learned.parquet").write_bytes(b"q")  # same size
+    os.utime(tmp_path / "copy" / "profiles" / "learned.parquet", ns=(1, 10**18))
+    what = changed(rec, [tmp_path / "copy" / "profiles"], root=tmp_path / "copy")
+    assert what == ["1 file(s) changed (profiles/learned.parquet)"]

@@ -727,7 +727,9 @@ def _run_stages(cfg: Config, lay: RunLayout, *, force: tuple[str, ...], demo: bo
         fp, old = fps[stage], record["stages"].get(stage, {})
         same = old.get("fingerprint") == fp and stage not in forced
         reads = stage_reads(stage, cfg, lay)
-        what = provenance.changed(old.get("read"), reads) if same and old.get("done") else []
+        what = (
+            provenance.changed(old.get("read"), reads, lay.root) if same and old.get("done") else []
+        )
         if same and old.get("done") and stage_outputs_exist(stage, cfg, lay) and not what:
             logger.info("stage %s: up to date (fingerprint %s), skipped", stage, fp)
             continue
@@ -747,7 +749,8 @@ def _run_stages(cfg: Config, lay: RunLayout, *, force: tuple[str, ...], demo: bo
         write_json(lay.manifest, record)
         logger.info("stage %s: %s", stage, "resuming" if resume else "running")
         t0 = time.perf_counter()
-        read = provenance.record(reads)  # what this run of the stage reads (before it runs)
+        # what this run of the stage reads (before it runs), relative to the run folder
+        read = provenance.record(reads, lay.root)
         try:
             STAGE_FUNCTIONS[stage](cfg, lay, resume=resume)
         except KeyboardInterrupt:

@@ -129,14 +129,26 @@ def _stat(f: Path) -> list[int]:
         return [-1, -1]
 
 
-def record(paths: Iterable[PathLike]) -> dict[str, list]:
+def _key(f: Path, root: Path | None) -> str:
+    """The record's name of `f`: relative to `root` when inside it (a moved or copied run
+    folder keeps its record), else the path as given."""
+    if root is not None:
+        try:
+            return f.relative_to(root).as_posix()
+        except ValueError:
+            pass
+    return str(f)
+
+
+def record(paths: Iterable[PathLike], root: PathLike | None = None) -> dict[str, list]:
     """{path: [size, mtime_ns, content hash ('' above HASH_LIMIT)]} of every file under `paths`
-    (a missing one: [-1, -1, ''])."""
+    (a missing one: [-1, -1, '']); paths inside `root` are recorded relative to it."""
+    base = Path(root) if root is not None else None
     rows: dict[str, list] = {}
     for f in _files(paths):
         size, mtime = _stat(f)
         digest = file_fingerprint(f) if 0 <= size <= HASH_LIMIT else ""
-        rows[str(f)] = [size, mtime, digest]
+        rows[_key(f, base)] = [size, mtime, digest]
     return rows
 
 
@@ -166,21 +178,27 @@ def describe_changes(
     return parts
 
 
-def _unchanged(path: str, old: list, now: list) -> bool:
-    """Same size, and the same time or (a file rewritten) the same content hash."""
-    if old[:1] != now[:1]:
-        return False
-    if old[1:2] == now[1:2]:
-        return True
-    digest = old[2] if len(old) > 2 else ""
-    return bool(digest) and now[0] >= 0 and file_fingerprint(Path(path)) == digest
-
-
-def changed(recorded: Mapping[str, Iterable] | None, paths: Iterable[PathLike]) -> list[str]:
-    """What changed in the files under `paths` since `recorded` (an earlier `record`); [] when
-    nothing did, or when there is no record to compare with. Only a file whose time changed but
-    whose size did not is read (to compare its content hash)."""
+def changed(
+    recorded: Mapping[str, Iterable] | None,
+    paths: Iterable[PathLike],
+    root: PathLike | None = None,
+) -> list[str]:
+    """What changed in the files under `paths` since `recorded` (an earlier `record` with the
+    same `root`); [] when nothing did, or when there is no record to compare with. Only a file
+    whose time changed but whose size did not is read (to compare its content hash)."""
     if recorded is None:
         return []
-    now = {str(f): _stat(f) for f in _files(paths)}
-    return describe_changes(recorded, now, same=_unchanged)
+    base = Path(root) if root is not None else None
+    files = {_key(f, base): f for f in _files(paths)}
+
+    def unchanged(key: str, old: list, now: list) -> bool:
+        """Same size, and the same time or (a file rewritten) the same content hash."""
+        if old[:1] != now[:1]:
+            return False
+        if old[1:2] == now[1:2]:
+            return True
+        digest = old[2] if len(old) > 2 else ""
+        return bool(digest) and now[0] >= 0 and file_fingerprint(files[key]) == digest
+
+    now = {key: _stat(f) for key, f in files.items()}
+    return describe_changes(recorded, now, same=unchanged)
