@@ -95,9 +95,9 @@ class PrepareConfig:
     cell_channel: str = ""  # cell-body channel for cell watershed (empty = expand nuclei)
     nuclei_method: str = "adaptive"  # adaptive (settings from the nucleus diameter) or fixed (0.2)
     nucleus_diameter: float = 0.0  # typical nucleus diameter in px (0 = estimate from each image)
-    nuclei_declump: str = "shape_intensity"  # split nuclei by: shape_intensity, shape, intensity
+    nuclei_declump: str = "shape"  # split nuclei by: shape, shape_intensity, intensity
     smooth_sigma: float = 0.0  # Gaussian smoothing (px) before thresholding (0 = diameter/30)
-    nuclei_min_area: int = 0  # smallest nucleus kept, px (0 = disc of 0.2 x nucleus diameter)
+    nuclei_min_area: int = 0  # smallest nucleus kept, px (0 = disc of 0.3 x nucleus diameter)
     nuclei_max_area: int = 0  # largest nucleus kept, px (0 = disc of 3 x nucleus diameter)
     nuclei_min_distance: int = 0  # minimum distance between nucleus seeds, px (0 = diameter/3)
     exclude_border: bool = True  # drop nuclei touching the image edge (as CellProfiler does)
