@@ -431,3 +431,19 @@ def test_a_copied_run_folder_keeps_its_record(tmp_path):
     os.utime(tmp_path / "copy" / "profiles" / "learned.parquet", ns=(1, 10**18))
     what = changed(rec, [tmp_path / "copy" / "profiles"], root=tmp_path / "copy")
     assert what == ["1 file(s) changed (profiles/learned.parquet)"]
+
+
+# ---- train ------------------------------------------------------------------------------------
+
+
+def test_train_into_its_prep_folder_is_refused(tmp_path, run_cli):
+    prep = tmp_path / "prep"
+    prep.mkdir()
+    (prep / "cells.parquet").write_bytes(b"the user's prep")
+    before = _snapshot(tmp_path)
+    for run_dir, cause in ((prep / "run", "inside the input folder"), (prep, "replace the input")):
+        rc, text = run_cli("train", f"train.data={prep}", f"train.run_dir={run_dir}")
+        assert rc == 2 and "train.run_dir" in text and cause in text and "train.data" in text
+    rc, text = run_cli("train", f"train.data={prep}", f"train.run_dir={tmp_path}")
+    assert rc == 2 and "lies inside the output folder" in text
+    assert _snapshot(tmp_path) == before

@@ -40,6 +40,7 @@ from celldino.errors import DataError, MissingInputError, UserError
 from celldino.io.configfile import save_config
 from celldino.io.files import file_fingerprint, require_writable, write_error
 from celldino.io.lock import input_lock, output_lock
+from celldino.io.provenance import refuse_overwriting_inputs
 from celldino.io.trainrun import CONFIG, METRICS, append_metrics, truncate_metrics
 from celldino.log import get_logger
 from celldino.models.build import build_head, build_model
@@ -444,6 +445,13 @@ def _train(
 ) -> Path:
     # every check before anything is written into the run dir
     _check_settings(cfg)
+    if dataset is None and cfg.train.data:  # the run must not land in (or hold) the prep folder
+        refuse_overwriting_inputs(
+            {"train.run_dir": cfg.train.run_dir},
+            {"train.data": cfg.train.data},
+            "train",
+            owned=[cfg.train.run_dir],
+        )
     dataset = dataset if dataset is not None else _open_dataset(cfg)
     _check_size(cfg, dataset)
     _check_channels(cfg, dataset)
