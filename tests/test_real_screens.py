@@ -120,18 +120,22 @@ def test_one_plate_skips_the_held_out_plate_analyses_and_runs_the_others(tmp_pat
     assert summary["metrics"]["map_replicate"]["mAP"]["learned"] > 0
 
 
-def test_nothing_evaluable_is_refused_by_evaluate_and_listed_by_run(tmp_path):
+def test_nothing_evaluable_is_refused_by_evaluate_and_listed_by_run(tmp_path, caplog):
     """`celldino evaluate` with no analysis that can run is an error naming each reason; the
-    pipeline (allow_nothing) writes the skip list for its report instead."""
+    pipeline (allow_nothing) writes the skip list for its report instead, and warns once per
+    reason (not once per analysis and set)."""
     table = _one_plate_profiles().drop(columns=["Metadata_MoA"])
     path = tmp_path / "profiles.parquet"
     table.to_parquet(path)
     spec = {"analyses": {"nsc": {}, "map_moa": {}}}
     with pytest.raises(ValueError, match="no analysis could run.*Metadata_MoA"):
         evaluate(path, spec=spec, cfg=EvaluateConfig(out_dir=str(tmp_path / "a")))
+    caplog.set_level("WARNING", logger="celldino.eval.runner")
     out = evaluate(
         path, spec=spec, cfg=EvaluateConfig(out_dir=str(tmp_path / "b")), allow_nothing=True
     )
+    [warned] = [r.getMessage() for r in caplog.records if "evaluate skipped" in r.getMessage()]
+    assert "nsc, map_moa on learned: needs the moa column 'Metadata_MoA'" in warned
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["skipped"]) == {"nsc on learned", "map_moa on learned"}
     metrics = pd.read_parquet(out / "metrics.parquet")
