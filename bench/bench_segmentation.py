@@ -16,7 +16,17 @@ CellProfiler's MaskCells, whose touching cells are merged in the binary mask: ea
 nucleus with a cell takes the cell-mask pixels nearest to it, and cells touching the image edge
 are left out on both sides (CellProfiler's mask has none).
 
-    .venv/bin/python bench/bench_segmentation.py
+A synthetic grid (`celldino.synth.nuclei`, ground truth known) from sparse to confluent: 10, 30,
+100 and 300 nuclei per 512² field, typical diameters 10, 16, 24, 40 and 80 px, a low and a high
+share of touching nuclei (10 % or 60 % placed against a neighbour; the share that actually touch is
+printed), cells whose discs would cover more than 60 % of the field left out (300 nuclei of 40 px
+cannot be drawn); ceil(60 / n) fields per cell, `exclude_border=False` against every true nucleus.
+A table per cell and one per density bin (all sizes and touching shares pooled), and the case of
+issue 21 (about 125 nuclei of 24 px, most touching) with the estimated diameter.
+
+    .venv/bin/python bench/bench_segmentation.py            # real sets, then the synthetic grid
+    .venv/bin/python bench/bench_segmentation.py --synthetic  # the grid only
+    .venv/bin/python bench/bench_segmentation.py --real       # the real sets only
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ from scipy import ndimage as ndi
 from skimage import filters, segmentation
 
 from celldino.data.segmentation import (
+    estimate_nucleus_diameter,
     expand_nuclei,
     labels_from_mask,
     object_f1,
@@ -38,6 +49,7 @@ from celldino.data.segmentation import (
     segment_nuclei,
 )
 from celldino.io.images import read_image
+from celldino.synth.nuclei import coverage, nuclei_field, touching_fraction
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -129,7 +141,77 @@ def nf1_cells() -> list[tuple[str, dict]]:
     return out
 
 
+DENSITIES = (10, 30, 100, 300)  # nuclei per 512² field
+DIAMETERS = (10, 16, 24, 40, 80)  # px
+TOUCHING = (0.1, 0.6)  # share of the nuclei placed against a neighbour
+MAX_COVERAGE = 0.6
+
+
+def synthetic_cells():
+    """(n, diameter, touching, seeds) of the grid; cells that cannot be drawn are left out."""
+    for n in DENSITIES:
+        for d in DIAMETERS:
+            if coverage(n, d) > MAX_COVERAGE:
+                continue
+            for t in TOUCHING:
+                seeds = [10_000 * n + 100 * d + int(10 * t) + k for k in range(-(-60 // n))]
+                yield n, d, t, seeds
+
+
+def synthetic(methods=("adaptive", "fixed")) -> None:
+    cells, bins = [], {}
+    for n, d, t, seeds in synthetic_cells():
+        rows = {m: [] for m in methods}
+        touch, est = [], []
+        for seed in seeds:
+            img, truth = nuclei_field(n, d, t, seed=seed)
+            touch.append(touching_fraction(truth))
+            est.append(estimate_nucleus_diameter(img))
+            for m in methods:
+                rows[m].append(object_f1(METHODS[m](img, False), truth))
+        cells.append((n, d, t, float(np.mean(touch)), float(np.median(est)), rows))
+        for m in methods:
+            bins.setdefault((n, m), []).extend(rows[m])
+    print("\nSynthetic grid per cell (object F1 at IoU 0.5; all fields of a cell pooled)")
+    head = " | ".join(f"{m} F1 (P / R)" for m in methods)
+    print(f"| nuclei / 512² | diameter | touching (placed → touching) | D estimated | {head} | "
+          "nuclei (pred / true) |")  # fmt: skip
+    print("|---|---|---|---|" + "---|" * len(methods) + "---|")
+    for n, d, t, touch, est, rows in cells:
+        cols = []
+        for m in methods:
+            pr = pooled(rows[m])
+            cols.append(f"{pr['f1']:.3f} ({pr['precision']:.3f} / {pr['recall']:.3f})")
+        pr = pooled(rows[methods[0]])
+        print(f"| {n} | {d} | {t:.1f} → {touch:.2f} | {est:.1f} | {' | '.join(cols)} | "
+              f"{pr['n_pred']} / {pr['n_ref']} |")  # fmt: skip
+    print("\nSynthetic grid per density bin (every size and touching share pooled)")
+    print("| nuclei / 512² | method | F1 | precision | recall | nuclei (pred / true) |")
+    print("|---|---|---|---|---|---|")
+    for n in DENSITIES:
+        for m in methods:
+            pr = pooled(bins[(n, m)])
+            print(f"| {n} | {m} | {pr['f1']:.3f} | {pr['precision']:.3f} | {pr['recall']:.3f} | "
+                  f"{pr['n_pred']} / {pr['n_ref']} |")  # fmt: skip
+    print("\nIssue 21's case: 125 nuclei of 24 px per 512², 60 % placed touching (5 fields)")
+    print("| method | F1 | precision | recall | nuclei (pred / true) | D estimated (median) |")
+    print("|---|---|---|---|---|---|")
+    fields = [nuclei_field(125, 24, 0.6, seed=2100 + k) for k in range(5)]
+    est = float(np.median([estimate_nucleus_diameter(img) for img, _ in fields]))
+    for m in methods:
+        pr = pooled([object_f1(METHODS[m](img, False), truth) for img, truth in fields])
+        print(f"| {m} | {pr['f1']:.3f} | {pr['precision']:.3f} | {pr['recall']:.3f} | "
+              f"{pr['n_pred']} / {pr['n_ref']} | {est:.1f} |")  # fmt: skip
+
+
 def main() -> int:
+    args = set(sys.argv[1:])
+    if args - {"--synthetic", "--real"}:
+        print(f"unknown arguments {sorted(args)}: use --synthetic or --real", file=sys.stderr)
+        return 2
+    if "--synthetic" in args:
+        synthetic()
+        return 0
     if not COELHO.exists() or not NF1.exists():
         print(f"real data missing under {DATA}", file=sys.stderr)
         return 1
@@ -169,6 +251,8 @@ def main() -> int:
         pr = pooled([r for n, r in rows if n.startswith(kind + " ")])
         print(f"| {kind} | pooled | {pr['f1']:.3f} | {pr['precision']:.3f} | "
               f"{pr['recall']:.3f} | {pr['n_pred']}/{pr['n_ref']} |")  # fmt: skip
+    if "--real" not in args:
+        synthetic()
     return 0
 
 
