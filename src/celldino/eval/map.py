@@ -63,7 +63,6 @@ def _unpaired(kind: str, sameby: list[str], diffby: list[str]) -> str:
 
 COPAIRS_MAX_ROWS = 2000  # `method="auto"` uses copairs up to this many profiles
 BLOCK_BYTES = 256 * 2**20  # working memory for one block of queries (blocked backend)
-_INF = torch.iinfo(torch.int64).max
 
 
 # ---- inputs ----------------------------------------------------------------------------------
@@ -126,12 +125,6 @@ def _rule_mask(
 # ---- average precision ------------------------------------------------------------------------
 
 
-def _ordered_bits(key: torch.Tensor) -> torch.Tensor:
-    """float32 → int64 with the same order (IEEE bits; negative values flipped)."""
-    bits = (key + 0.0).view(torch.int32).to(torch.int64)  # +0.0 turns -0.0 into +0.0
-    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-
-
 SORT_ABOVE_POSITIVES = 32  # above this many positives per query, rank by sorting whole rows
 _EULER = 0.5772156649015329
 
@@ -183,25 +176,24 @@ def _ap_block(
 def _ap_block_count(
     key: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, max_pos: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Few positives: rank of the j-th best positive = j + negatives with a strictly smaller key;
-    a negative with an equal key makes the term its average over the tie (`_tie_precision`)."""
+    """Few positives: rank of the j-th best positive = j + negatives with a strictly smaller key
+    (a binary search in the row's sorted negative keys); a negative with an equal key makes the
+    term its average over the tie (`_tie_precision`)."""
     inf = torch.tensor(float("inf"), dtype=key.dtype)
     num_pos = pos.sum(dim=1)  # (B,)
     total = num_pos + neg.sum(dim=1)
     ap = torch.zeros(len(key), dtype=torch.float64)
     if max_pos > 0:
         pos_keys = torch.topk(torch.where(pos, key, inf), max_pos, dim=1, largest=False).values
-        neg_keys = torch.where(neg, key, inf)  # (B, n)
-        for j in range(max_pos):  # (B,) contributions of each row's j-th positive
-            kj = pos_keys[:, j : j + 1]
-            prec = _tie_precision(
-                torch.full_like(num_pos, j + 1),
-                (pos_keys < kj).sum(dim=1),
-                (pos_keys == kj).sum(dim=1),
-                (neg_keys < kj).sum(dim=1),
-                (neg_keys == kj).sum(dim=1),
-            )
-            ap += torch.where(num_pos > j, prec, 0.0)
+        pos_keys = pos_keys.contiguous()  # (B, max_pos), ascending
+        neg_sorted = torch.sort(torch.where(neg, key, inf), dim=1).values  # (B, n)
+        less = torch.searchsorted(neg_sorted, pos_keys)
+        n_eq = torch.searchsorted(neg_sorted, pos_keys, right=True) - less
+        p_less = torch.searchsorted(pos_keys, pos_keys)
+        p_eq = torch.searchsorted(pos_keys, pos_keys, right=True) - p_less
+        j = torch.arange(1, max_pos + 1)
+        prec = _tie_precision(j.expand_as(less), p_less, p_eq, less, n_eq)  # (B, max_pos)
+        ap = torch.where(j <= num_pos[:, None], prec, 0.0).sum(dim=1)
     with np.errstate(divide="ignore", invalid="ignore"):
         out = ap.numpy() / num_pos.numpy()
     out[(num_pos == 0).numpy()] = np.nan
@@ -211,36 +203,23 @@ def _ap_block_count(
 def _ap_block_sort(
     key: torch.Tensor, pos_t: torch.Tensor, neg_t: torch.Tensor
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Many positives: sort each row once by key; a run of equal keys (a tie) holding a positive
-    and a negative contributes its average over the orders of the run: place i of a run of m
-    with p positives, after P positives, is a positive with probability p / m and then has
-    P + 1 + (i - 1) (p - 1) / (m - 1) positives up to it (as `_tie_precision`)."""
-    comp = _ordered_bits(key)  # (B, n)
-    comp = torch.where(pos_t | neg_t, comp, torch.full_like(comp, _INF))
-    del key
-    comp, order = torch.sort(comp, dim=1, stable=True)
-    rel = pos_t.gather(1, order)
-    cand = comp != _INF
-    del order
-    n = rel.shape[1]
-    idx = torch.arange(n).expand_as(comp)
-    first = torch.ones_like(cand)
-    first[:, 1:] = comp[:, 1:] != comp[:, :-1]
-    last = torch.ones_like(cand)
-    last[:, :-1] = first[:, 1:]
-    del comp
-    start = torch.cummax(torch.where(first, idx, 0), dim=1).values
-    end = torch.cummin(torch.where(last, idx, n - 1).flip(1), dim=1).values.flip(1)
-    tp = torch.cumsum(rel, dim=1, dtype=torch.int64)  # (B, n)
-    before = (tp - rel.to(torch.int64)).gather(1, start)  # positives before the run
-    p = (tp.gather(1, end) - before).to(torch.float64)
-    m = (end - start + 1).to(torch.float64)
-    i = (idx - start).to(torch.float64)  # 0-based place in the run
-    expected_tp = (p / m) * (before + 1 + i * (p - 1) / torch.clamp(m - 1, min=1))
-    k = torch.arange(1, n + 1, dtype=torch.float64)
+    """Many positives: sort each row's positive and negative keys once; each positive's
+    precision from binary searches as in `_ap_block_count` (ties averaged, `_tie_precision`)."""
+    inf = torch.tensor(float("inf"), dtype=key.dtype)
     num_pos = pos_t.sum(dim=1)
     total = num_pos + neg_t.sum(dim=1)
-    prec_sum = torch.where(cand & (p > 0), expected_tp / k, 0.0).sum(dim=1)
+    max_pos = int(num_pos.max()) if len(num_pos) else 0
+    pos_keys = torch.sort(torch.where(pos_t, key, inf), dim=1).values[:, :max_pos].contiguous()
+    neg_sorted = torch.sort(torch.where(neg_t, key, inf), dim=1).values
+    del key
+    less = torch.searchsorted(neg_sorted, pos_keys)
+    n_eq = torch.searchsorted(neg_sorted, pos_keys, right=True) - less
+    del neg_sorted
+    p_less = torch.searchsorted(pos_keys, pos_keys)
+    p_eq = torch.searchsorted(pos_keys, pos_keys, right=True) - p_less
+    j = torch.arange(1, max_pos + 1)
+    prec = _tie_precision(j.expand_as(less), p_less, p_eq, less, n_eq)
+    prec_sum = torch.where(j <= num_pos[:, None], prec, 0.0).sum(dim=1)
     with np.errstate(divide="ignore", invalid="ignore"):
         ap = prec_sum.numpy() / num_pos.numpy()
     ap[num_pos.numpy() == 0] = np.nan
