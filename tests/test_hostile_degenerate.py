@@ -468,3 +468,19 @@ def test_truncated_pipeline_record_through_run(tmp_path, four_sites, run_cli):
     assert "delete it and rerun: every stage in run.stages then runs again" in text
     after = _snapshot(run)
     assert {k: v for k, v in after.items() if k in before} == before
+
+
+def test_damaged_evaluation_part_is_computed_again(tmp_path, run_cli):
+    path = _collapsed(tmp_path)
+    (tmp_path / "spec.yaml").write_text("analyses: [map_replicate]\n")
+    out = tmp_path / "ev"
+    args = ("evaluate", path, "--spec", tmp_path / "spec.yaml", f"evaluate.out_dir={out}")
+    assert run_cli(*args, "evaluate.null_size=50")[0] == 0
+    first = pd.read_csv(out / "metrics.csv")
+    (part,) = (out / "parts").glob("map_replicate__*.json")
+    _truncate(part)
+    rc, text = run_cli(*args, "evaluate.null_size=50")
+    assert rc == 0 and "Traceback" not in text, text
+    assert part.name in text and "runs again" in text
+    pd.testing.assert_frame_equal(pd.read_csv(out / "metrics.csv"), first)
+    json.loads(part.read_text())  # rewritten whole

@@ -589,7 +589,11 @@ def _run_all(
         done, where = None, None
         for folder in (out, pending):
             p = folder / "parts" / part_name
-            d = json.loads(p.read_text()) if p.exists() else None
+            try:
+                d = json.loads(p.read_bytes()) if p.exists() else None
+            except ValueError:  # cut off by a crash or a full disk: not done, computed again
+                logger.warning("%s is damaged (not JSON): %s on %s runs again", p, name, fs.name)
+                d = None
             if d and d.get("key") == key:
                 done, where = d, folder
                 break
