@@ -125,7 +125,7 @@ def _rule_mask(
 # ---- average precision ------------------------------------------------------------------------
 
 
-SORT_ABOVE_POSITIVES = 32  # above this many positives per query, rank by sorting whole rows
+SORT_ABOVE_POSITIVES = 32  # above this many positives per query, sort whole rows (no top-k)
 _EULER = 0.5772156649015329
 
 
@@ -165,7 +165,7 @@ def _tie_precision(
 def _ap_block(
     sim: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """AP of each query row of a (B, n) similarity block, copairs' ranking and tie rule."""
+    """AP of each query row of a (B, n) similarity block: copairs' ranking, ties averaged."""
     key = 1 - sim.to(torch.float32)  # (B, n): copairs ranks float32 `1 - similarity`
     max_pos = int(pos.sum(dim=1).max()) if len(pos) else 0
     if max_pos <= SORT_ABOVE_POSITIVES:
