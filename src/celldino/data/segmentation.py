@@ -89,7 +89,7 @@ def _threshold_li(x: np.ndarray) -> float:
     return t + lo
 
 
-def _mce_log_threshold(img: np.ndarray) -> float:
+def _mce_log_threshold(img: np.ndarray, floor: bool = True) -> float:
     """Minimum cross-entropy (Li; CellProfiler's default) threshold, robust to a bright tail.
 
     A first Li threshold on log intensities finds the objects without letting a few very bright
@@ -97,14 +97,16 @@ def _mce_log_threshold(img: np.ndarray) -> float:
     Otsu on bright, uneven fields. That one lands low on the objects' blurred edges (synthetic
     nuclei came out 1.8x too large), so the intensities above the upper quartile of the object
     pixels are clipped to it and Li on the clipped linear intensities gives the threshold.
+    With `floor`, neither is taken below `_background_floor` (nuclei on sparse fields).
     """
     lo = float(img.min())
-    first = max(float(np.expm1(_threshold_li(np.log1p(img - lo))) + lo), _background_floor(img))
+    least = _background_floor(img) if floor else -np.inf
+    first = max(float(np.expm1(_threshold_li(np.log1p(img - lo))) + lo), least)
     above = img[img > first]
     if above.size == 0:
         return first
     cap = float(np.percentile(above, CLIP_PERCENTILE))
-    return max(_threshold_li(np.minimum(img, cap)), _background_floor(img))
+    return max(_threshold_li(np.minimum(img, cap)), least)
 
 
 def _flatten_background(img: np.ndarray) -> np.ndarray:
@@ -458,7 +460,8 @@ def segment_cells(
     if hi - lo < 1e-6:
         fg = np.zeros(img.shape, bool)
     else:
-        fg = scaled > _mce_log_threshold(scaled)
+        # no background floor: the cells cover most of a field, their dim edges are wanted
+        fg = scaled > _mce_log_threshold(scaled, floor=False)
     mask = (fg | (nuclei > 0)) & near
     cells, _ = propagate(scaled.astype(np.float64), nuclei, mask, float(regularization))
     cells = np.asarray(cells, np.int32)
