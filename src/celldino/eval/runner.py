@@ -733,6 +733,7 @@ def _refuse_overwriting_inputs(profiles, spec: dict, base: Path, spec_src, out: 
     ]
     if isinstance(spec_src, (str, Path)):
         inputs.append(Path(spec_src))
+    inputs = [p for p in inputs if not p.is_dir()]  # a folder is refused as such when read
     refuse_overwriting_inputs(
         {
             "evaluate.out_dir": [
