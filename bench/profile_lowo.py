@@ -209,7 +209,9 @@ def _boot(v: np.ndarray, n: int = 2000, seed: int = 0) -> tuple[float, float]:
 
 # the `profile.recipe=cellprofiler` preset as of 0.4.0 (pp/presets.py), with a batch column
 DEFAULT = Candidate(
-    "celldino 0.4.0 default (mad, clip 30, ZCA ratio per week)",
+    "celldino 0.4.0 default (floor 1 x median control MAD, clip 30, ZCA ratio per week)",
+    floor=1.0,
+    floor_reference="controls",
     select=("frequency", "drop_na", "drop_outliers", "blocklist"),
     clip=30.0,
     sphere="ZCA",
@@ -227,6 +229,8 @@ CANDIDATES = [
     dataclasses.replace(
         DEFAULT, name="the same without a batch column (one sphering)", sphere_by=""
     ),
+    dataclasses.replace(DEFAULT, name="the same without clipping", clip=0.0),
+    dataclasses.replace(DEFAULT, name="the same without the floor (mad, clip 30)", floor=0.0),
     PYCYTOMINER,
     Candidate(
         "celldino 0.3.0 default (floor 1, select, clip 50, ZCA+OAS)",
@@ -423,10 +427,50 @@ def nested(a: ad.AnnData, cands: list[Candidate]) -> None:
     )
 
 
+def with_fewer_controls(a: ad.AnnData, keep: int, seed: int) -> ad.AnnData:
+    """The wells of `a` with only `keep` random control wells per plate (the others removed),
+    as if each plate had been run with fewer DMSO wells."""
+    rng = np.random.default_rng(seed)
+    ctrl = (a.obs["Metadata_pert_type"] == "control").to_numpy()
+    drop = np.zeros(a.n_obs, bool)
+    for _, rows in a.obs.groupby("Metadata_Plate", observed=True).indices.items():
+        c = rows[ctrl[rows]]
+        drop[rng.choice(c, max(len(c) - keep, 0), replace=False)] = True
+    return a[~drop].copy()
+
+
+def fewer_controls(a: ad.AnnData, cands: list[Candidate], keeps=(5, 4), seeds: int = 4) -> None:
+    """How much each candidate depends on which DMSO wells it is fitted on: pooled NSC / NSCB
+    with only k control wells per plate (random draws), every fold as above."""
+    print("\n### Fewer DMSO wells per plate (pooled NSC / NSCB, mean [min, max] over draws)\n")
+    print("| candidate | " + " | ".join(f"{k} of 6 per plate" for k in keeps) + " |")
+    print("|---|" + "---|" * len(keeps))
+    for cand in cands:
+        cells = []
+        for keep in keeps:
+            r = []
+            for seed in range(seeds):
+                s = summary(lowo(with_fewer_controls(a, keep, seed), cand))
+                r.append([s[f"{m}:all"][0] / s[f"{m}:all"][1] for m in ("NSC", "NSCB")])
+            r = np.array(r)
+            cells.append(
+                " / ".join(
+                    f"{r[:, j].mean():.3f} [{r[:, j].min():.3f}, {r[:, j].max():.3f}]"
+                    for j in (0, 1)
+                )
+            )
+        print(f"| {cand.name} | " + " | ".join(cells) + " |", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--nested", action="store_true", help="also the nested selection (slower)")
     p.add_argument("--only", default="", help="comma-separated candidate name prefixes")
+    p.add_argument(
+        "--fewer-controls",
+        action="store_true",
+        help="also the first candidates with 5 and 4 DMSO wells per plate (4 draws each)",
+    )
     p.add_argument(
         "--data",
         default=str(BBBC021),
@@ -443,6 +487,8 @@ def main() -> None:
     fold_rows(a, cands)
     if args.nested:
         nested(a, cands)
+    if args.fewer_controls:
+        fewer_controls(a, [c for c in cands if not c.fit_half][:4] + [PYCYTOMINER])
 
 
 if __name__ == "__main__":

@@ -32,7 +32,8 @@ def _vectors(angles: np.ndarray) -> np.ndarray:
 
 
 def test_nsc_nscb_hand_worked():
-    # NSC: A→C ok, B→C ok, C→B ok, D→C wrong, E→D ok, F→E wrong = 4/6.
+    # NSC: A→C ok, B→C ok, C→B ok, D→C wrong, E→D ok = 4/5; F (M3's only compound: no
+    # profile could match it) is not scored as a query (F→E would be wrong whatever X is).
     # NSCB: F's MoA (M3) lives in b1 only → dropped; A→C, B→C, C→B, E→D ok; D→C wrong = 4/5.
     metrics, table = nsc_nscb(
         HAND,
@@ -41,11 +42,11 @@ def test_nsc_nscb_hand_worked():
         compound="Metadata_Compound",
         batch="Metadata_Batch",
     )
-    assert metrics["NSC"] == pytest.approx(4 / 6)
+    assert metrics["NSC"] == pytest.approx(4 / 5)
     assert metrics["NSCB"] == pytest.approx(4 / 5)
-    assert metrics["NSC_n"] == 6 and metrics["NSCB_n"] == 5
+    assert metrics["NSC_n"] == 5 and metrics["NSCB_n"] == 5
     nsc = table[table.metric == "NSC"]
-    assert list(nsc["neighbour_compound"]) == ["c", "c", "a", "c", "d", "e"]
+    assert list(nsc["neighbour_compound"]) == ["c", "c", "a", "c", "d"]
     nscb = table[table.metric == "NSCB"]
     assert "f" not in set(nscb["Metadata_Compound"])
 
@@ -76,7 +77,7 @@ def test_nsc_aggregates_wells_and_drops_controls():
         treatment=["Metadata_Compound", "Metadata_Dose"],
         batch="Metadata_Batch",
     )
-    assert metrics["NSC"] == pytest.approx(4 / 6)
+    assert metrics["NSC"] == pytest.approx(4 / 5)
     assert metrics["NSCB"] == pytest.approx(4 / 5)
 
 
@@ -143,7 +144,7 @@ def test_nsc_multilabel_moa():
     metrics, _ = nsc_nscb(
         meta, _vectors(ANGLES), moa="Metadata_MoA", compound="Metadata_Compound", moa_sep="|"
     )
-    assert metrics["NSC"] == pytest.approx(5 / 6)  # D→C now shares M1
+    assert metrics["NSC"] == pytest.approx(5 / 5)  # D→C now shares M1; F (M3 alone) unscored
 
 
 def test_nsc_missing_column_is_clear():
@@ -222,5 +223,5 @@ def test_nscb_is_nan_when_every_moa_lives_in_one_batch():
         compound="Metadata_Compound",
         batch="Metadata_Batch",
     )
-    assert metrics["NSC"] == pytest.approx(4 / 6)
+    assert metrics["NSC"] == pytest.approx(4 / 5)
     assert np.isnan(metrics["NSCB"]) and metrics["NSCB_n"] == 0

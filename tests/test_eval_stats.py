@@ -43,16 +43,17 @@ def _nsc(meta, X, **kw):
 
 def test_nsc_chance_hand_worked():
     # allowed neighbours (other compounds) sharing the MoA: A 1/4 (c), B 1/4, C 2/5 (a, a),
-    # D 1/5 (e), E 1/5 (d), F 0/5 → mean 1.3 / 6.
+    # D 1/5 (e), E 1/5 (d), F 0/5: F's MoA has no other compound, no profile could match it,
+    # so it is not scored (it stays a neighbour) → mean 1.3 / 5 over 5 queries.
     # NSCB (F dropped: M3 in one batch): A: b2 = {c, e} → 1/2, B 1/2, C: b1 = {a, a, d} → 2/3,
     # D: {c, e} → 1/2, E: {a, a, d} → 1/3 → mean 2.5 / 5.
     metrics, table, st = _nsc(HAND, XHAND, batch="Metadata_Batch", n_boot=50, null_size=50)
-    assert st["NSC"]["chance"] == pytest.approx(1.3 / 6)
+    assert st["NSC"]["chance"] == pytest.approx(1.3 / 5)
     assert st["NSCB"]["chance"] == pytest.approx(2.5 / 5)
     nsc = table[table.metric == "NSC"]
-    assert nsc["chance"].to_numpy() == pytest.approx([1 / 4, 1 / 4, 2 / 5, 1 / 5, 1 / 5, 0])
-    assert st["NSC"]["n_queries"] == 6
-    assert "only 6 treatments" in st["NSC"]["flags"]  # below MIN_QUERIES
+    assert nsc["chance"].to_numpy() == pytest.approx([1 / 4, 1 / 4, 2 / 5, 1 / 5, 1 / 5])
+    assert st["NSC"]["n_queries"] == 5
+    assert "only 5 treatments" in st["NSC"]["flags"]  # below MIN_QUERIES
     lo, hi = st["NSC"]["ci_low"], st["NSC"]["ci_high"]
     assert 0 <= lo <= metrics["NSC"] <= hi <= 1
 

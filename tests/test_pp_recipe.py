@@ -183,7 +183,8 @@ def test_presets_resolve_as_documented():
     assert pick(["emb_0000", "emb_0001"]) == "embeddings"
     auto = resolve(ProfileConfig(), cp)
     assert auto.recipe == "cellprofiler"
-    assert (auto.normalize, auto.normalize_floor, auto.clip) == ("mad_robustize", 0.0, 30.0)
+    assert (auto.normalize, auto.normalize_floor, auto.clip) == ("mad_robustize", 1.0, 30.0)
+    assert auto.normalize_floor_reference == "controls"
     assert auto.select == ("frequency", "drop_na", "drop_outliers", "blocklist")
     assert (auto.sphere, auto.sphere_shrinkage, auto.inverse_normal) == ("ZCA", "ratio", False)
     # one sphering per batch when there is a batch column, else one over all profiles
@@ -241,7 +242,9 @@ def test_default_recipe_runs_the_documented_chain_and_records_it():
     b = ad.AnnData(X0, obs=a.obs.drop(columns=["Metadata_celldino_control"]).copy())
     b.var_names = [f"Cells_F{j}" for j in range(12)]
     pp.annotate(b, controls=CTRL)
-    pp.normalize(b, method="mad_robustize", scale_floor=0.0, controls=fit)
+    pp.normalize(
+        b, method="mad_robustize", scale_floor=1.0, floor_reference="controls", controls=fit
+    )
     pp.feature_select(b, operations=["frequency", "drop_na", "drop_outliers", "blocklist"])
     pp.clip(b, limit=30)
     by = "Metadata_Batch" if "Metadata_Batch" in b.obs else None  # one sphering per batch

@@ -278,6 +278,7 @@ class ProfileConfig:
     normalize_by: str = "Metadata_Plate"  # normalise within each value of this key ('' = global)
     normalize_reference: str = "controls"  # fit normalisation on: controls or all
     normalize_floor: float = -1.0  # scale >= this x feature spread (0 = pycytominer, <0 = recipe)
+    normalize_floor_reference: str = ""  # floor relative to: all (wells), controls ('' = recipe)
     mad_epsilon: float = 1e-18  # added to the MAD when normalize_floor=0 (pycytominer's epsilon)
     clip: float = -1.0  # clip normalised values to ±clip (0 = off; <0 = from profile.recipe)
     select: tuple[str, ...] = ("recipe",)  # selection; recipe = the preset's (recipe,replicate)
@@ -417,6 +418,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     ),
     "profile.consensus_method": ("mean", "median"),
     "profile.fit_controls": ("split", "half", "all"),
+    "profile.normalize_floor_reference": ("", "all", "controls"),
     "profile.input_state": ("auto", "raw", "normalized"),
     "train.centering": ("center", "sinkhorn_knopp"),
     "train.clip_mode": ("global", "per_tensor"),

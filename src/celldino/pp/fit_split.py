@@ -10,8 +10,8 @@ wrote it gives 31 of 58 (docs/profiling.md, "Held-out controls").
 
 So `celldino profile` keeps controls out of a fit for activity. By default
 (`profile.fit_controls=split`) the profiles themselves (X) are fitted on every control, as the
-recipe was chosen (half the controls per plate cost BBBC021's NSC 0.95 → 0.79 and NSCB
-0.94 → 0.66 leave-one-week-out: 3 DMSO wells per plate make a poor MAD), and the same steps,
+recipe was chosen (half the controls per plate cost BBBC021's NSCB 0.94 → 0.66 and NSC
+0.95 → 0.93 leave-one-week-out: 3 DMSO wells per plate fit the sphering poorly), and the same steps,
 on the same features, are fitted a second time on half of each plate's controls into the
 layer `activity` (.h5ad only), its fitted controls marked in `Metadata_celldino_activity_fit`;
 evaluate's activity scores that layer against the other half. With `profile.fit_controls=half`

@@ -11,17 +11,17 @@ per-well CellProfiler profiles, odd weeks (`bench/profile_lowo.py`, docs/profili
 cellprofiler preset was chosen"; every fold there). Each held-out week's treatments are scored
 (NSC/NSCB) with every cross-plate step fitted on the other four weeks. It beats or matches
 pycytominer's workflow on every fold (NSC 53/56 vs 36/56 pooled, NSCB 30/32 vs 29/32); choosing
-among all 30 candidates inside each fold's training weeks gives 0.911 / 0.938 on the held-out
+among all 36 candidates inside each fold's training weeks gives 0.857 / 0.938 on the held-out
 weeks. The synthetic screen only checks the code (its ground truth), it does not choose.
-- normalise per plate to its controls with pycytominer's arithmetic (median, 1.4826·MAD; no
-  floor): CellProfiler features are heavy-tailed. The 0.3.0 floor at each feature's spread over
-  all the plate's wells replaced control-based scaling almost everywhere and cost NSCB on every
-  fold with MoAs across weeks (0.688 vs 0.906 pooled); a floor on the median control spread
-  over plates (`normalize(floor_reference='controls')`) was no better than none.
-- clip at ±30 control spreads: with no floor, a feature nearly constant in a plate's DMSO wells
-  reaches 1e16 and decides every cosine; clipping bounds it. It is what lifts NSC (0.643 → 0.893
-  at ±20 without sphering); ±10 cost NSCB, ±50 NSC; ±30 with sphering is the candidate that
-  matched pycytominer's NSCB on every fold.
+- normalise per plate to its controls (median, 1.4826·MAD), each feature's scale at least the
+  median over plates of its control MAD (`normalize_floor_reference=controls`): with six DMSO
+  wells a plate's MAD is often near 0 by chance, and pycytominer's arithmetic then divides by it
+  (NSC 0.643). Without this floor clipping reached the same folds but fell to NSC 0.83 / NSCB
+  0.84-0.88 with 5 or 4 DMSO wells per plate (which wells were DMSO decided it); with it
+  0.94-0.96 / 0.90-0.94. The 0.3.0 floor on all the plate's wells replaced control-based
+  scaling almost everywhere and cost NSCB (0.688 vs 0.906).
+- clip at ±30 control spreads: a guard against one artefactual well; with the floor it changes
+  one query either way (docs/profiling.md).
 - CellProfiler selection: pycytominer's variance rule (`frequency`), `drop_na`,
   `drop_outliers` and its blocklist (the same scores as `variance` alone or none: kept as the
   field's standard hygiene). No `correlation`: it cost NSCB (0.781 → 0.656).
@@ -61,6 +61,7 @@ class Steps:
     recipe: str  # the preset used (auto resolved)
     normalize: str
     normalize_floor: float
+    normalize_floor_reference: str  # the floor is x the spread of: all (group's wells) or controls
     clip: float  # 0 = no clipping
     select: tuple[str, ...]
     sphere: str
@@ -73,7 +74,8 @@ class Steps:
 PRESETS: dict[str, dict] = {
     "cellprofiler": {  # chosen leave-one-week-out on real BBBC021 profiles (module docstring)
         "normalize": "mad_robustize",
-        "normalize_floor": 0.0,
+        "normalize_floor": 1.0,
+        "normalize_floor_reference": "controls",
         "clip": 30.0,
         "select": ("frequency", "drop_na", "drop_outliers", "blocklist"),
         "sphere": "ZCA",
@@ -84,6 +86,7 @@ PRESETS: dict[str, dict] = {
     "embeddings": {
         "normalize": "standardize",
         "normalize_floor": 1.0,
+        "normalize_floor_reference": "all",
         "clip": 50.0,
         "select": (),
         "sphere": "none",  # measured: ZCA cost NSCB on the demo's embeddings (module docstring)
@@ -94,6 +97,7 @@ PRESETS: dict[str, dict] = {
     "none": {
         "normalize": "none",
         "normalize_floor": 1.0,
+        "normalize_floor_reference": "all",
         "clip": 0.0,
         "select": (),
         "sphere": "none",
@@ -165,6 +169,9 @@ def resolve(
         normalize=cfg.normalize or preset["normalize"],
         normalize_floor=(
             cfg.normalize_floor if cfg.normalize_floor >= 0 else preset["normalize_floor"]
+        ),
+        normalize_floor_reference=(
+            cfg.normalize_floor_reference or preset["normalize_floor_reference"]
         ),
         clip=cfg.clip if cfg.clip >= 0 else preset["clip"],
         select=tuple(dict.fromkeys(select)),

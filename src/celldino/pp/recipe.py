@@ -547,6 +547,7 @@ def _fit_steps(
             controls=fit if cfg.normalize_reference == "controls" else None,
             epsilon=cfg.mad_epsilon,
             scale_floor=steps.normalize_floor,
+            floor_reference=steps.normalize_floor_reference,
         )
         _check(adata, "normalize", cfg)
     if features is not None:
