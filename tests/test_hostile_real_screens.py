@@ -30,10 +30,10 @@ def _rows(wells, extra=""):
 @pytest.mark.parametrize(
     ("text", "match"),
     [
-        # no well column
-        ("Well,Metadata_Compound\nB7,x\n", "no Metadata_Well column.*Well"),
-        # a column that every stage would drop
-        ("Metadata_Well,Compound\n" + _rows(WELLS), r"\['?Compound'?\]|Compound are not metadata"),
+        # no well column (Well or well_position would be one)
+        ("Position,Metadata_Compound\nB7,x\n", "no well column.*Metadata_Position"),
+        # two columns that are one once prefixed, as pycytominer prefixes
+        ("Metadata_Well,Compound,Metadata_Compound\n" + _rows(WELLS, ",y"), "Compound, Metadata_"),
         # a well the images do not name twice: B7 and B07 are one well
         (
             "Metadata_Well,Metadata_Compound\n" + _rows(WELLS) + "B07,y\n",

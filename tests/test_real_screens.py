@@ -256,6 +256,31 @@ def test_a_plate_map_joins_the_real_nf1_plate_by_well_whatever_the_padding(
     }
 
 
+def test_a_pycytominer_platemap_joins_as_it_is(cellpainting_fovs, tmp_path):
+    """pycytominer's platemaps (plate_map_name, well_position, broad_sample, ...: no Metadata_
+    prefix) join as pycytominer's annotate joins them: every column prefixed, the well from
+    well_position."""
+    from celldino.config import PrepareConfig
+    from celldino.data.imagesets import ImageSet
+
+    root = cellpainting_fovs / "NF1_cellpainting_data_shrunken" / "Plate_2_images"
+    pm = tmp_path / "platemap.txt"
+    rows = [("B07", "BRD-1", "0.1"), ("D06", "BRD-2", "1"), ("D07", "DMSO", "")]
+    rows += [("F07", "BRD-1", "1"), ("H12", "BRD-3", "10")]
+    pm.write_text(
+        "plate_map_name,well_position,broad_sample,mmoles_per_liter\n"
+        + "".join(f"C-7161-01-LM6-013,{w},{b},{d}\n" for w, b, d in rows)
+    )
+    pm = pm.rename(tmp_path / "platemap.csv")
+    table = ImageSet.from_config(PrepareConfig(image_dir=str(root), platemap=str(pm), **NF1)).table
+    got = table.set_index("Metadata_Well")
+    assert got.loc["D6", "Metadata_broad_sample"] == "BRD-2"
+    assert got.loc["H12", "Metadata_mmoles_per_liter"] == "10"
+    assert got.loc["D7", "Metadata_mmoles_per_liter"] != got.loc["D7", "Metadata_mmoles_per_liter"]
+    assert set(got.Metadata_plate_map_name) == {"C-7161-01-LM6-013"}
+    assert "Metadata_well_position" not in got.columns  # the key, as the images' Metadata_Well
+
+
 def test_a_plate_map_joins_a_load_data_table_by_plate_and_well(tiny_screen, tmp_path):
     """The tiny screen's treatments moved out of its load-data table into a plate map give the
     table back, row for row (two plates: the join is on plate and well)."""

@@ -102,35 +102,42 @@ def _few(values, n: int = 5) -> str:
 
 
 def join_platemap(table: pd.DataFrame, path: str | Path) -> pd.DataFrame:
-    """The image table with a plate map's `Metadata_*` columns joined on well (and plate when
-    the map has a `Metadata_Plate` column; without one, the map is every plate's), as
-    pycytominer's `annotate` and CellProfiler's Metadata module join a platemap.
+    """The image table with a plate map's columns joined on well (and plate when the map has
+    a `Metadata_Plate` column; without one, the map is every plate's), as pycytominer's
+    `annotate` and CellProfiler's Metadata module join a platemap.
 
+    As in pycytominer, a column without the `Metadata_` prefix gets it (`broad_sample` →
+    `Metadata_broad_sample`) and the well is `Metadata_Well` or pycytominer's `well_position`.
     Wells match whatever their zero padding or case ('A1' = 'A01' = 'a01'); the image table
     keeps its own well names. Refused (`PlateMapError`, naming lines and wells): a map without
-    `Metadata_Well`, an empty key cell, a (plate, well) named twice, a column that is not
-    `Metadata_*`, a column the image table already has, and an imaged (plate, well) the map
+    a well column, two columns that are one once prefixed, an empty key cell, a (plate, well)
+    named twice, a column the image table already has, and an imaged (plate, well) the map
     does not name (its treatment would be missing). Wells of the map with no image are logged.
     """
     from celldino import log
 
     path = Path(path)
-    pm = read_table(path)
+    pm = read_table(path, text=True)  # every column is metadata: text as written
     where = f"prepare.platemap {path}"
+    named = [c if str(c).startswith("Metadata_") else f"Metadata_{c}" for c in pm.columns]
+    twice = [n for n in dict.fromkeys(named) if named.count(n) > 1]
+    if twice:
+        raise PlateMapError(
+            f"{where}: columns {_few(c for c, n in zip(pm.columns, named) if n in twice)} are "
+            f"one column ({twice[0]}) once given the Metadata_ prefix; keep one of them"
+        )
+    pm = pm.set_axis(named, axis=1)
+    if "Metadata_Well" not in pm.columns and "Metadata_well_position" in pm.columns:
+        pm = pm.rename(columns={"Metadata_well_position": "Metadata_Well"})  # pycytominer's
     if "Metadata_Well" not in pm.columns:
         raise PlateMapError(
-            f"{where} has no Metadata_Well column (its columns: {_few(pm.columns, 10)}): name "
-            "the well column Metadata_Well (and the plate column, if any, Metadata_Plate)"
+            f"{where} has no well column (its columns: {_few(pm.columns, 10)}): name it "
+            "Metadata_Well (or well_position, as pycytominer's platemaps do), and the plate "
+            "column, if any, Metadata_Plate"
         )
     keys = (
         ["Metadata_Plate", "Metadata_Well"] if "Metadata_Plate" in pm.columns else ["Metadata_Well"]
     )
-    other = [c for c in pm.columns if not str(c).startswith("Metadata_")]
-    if other:
-        raise PlateMapError(
-            f"{where}: column(s) {_few(other)} are not metadata; name them Metadata_<name> "
-            "(e.g. Metadata_Compound) so that every stage carries them, or remove them"
-        )
     clash = [c for c in pm.columns if c not in keys and c in table.columns]
     if clash:
         raise PlateMapError(

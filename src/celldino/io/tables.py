@@ -163,7 +163,7 @@ def row_label(path: str | Path, i: int) -> str:
     return f"data row {i + 1} of {path}"
 
 
-def read_table(path: str | Path, *, features: bool = False) -> pd.DataFrame:
+def read_table(path: str | Path, *, features: bool = False, text: bool = False) -> pd.DataFrame:
     """A user's table, CSV/TSV (optionally compressed) or Parquet by suffix: the one reader of
     load-data, locations, per-cell and per-well tables, so their checks hold for all.
 
@@ -171,7 +171,8 @@ def read_table(path: str | Path, *, features: bool = False) -> pd.DataFrame:
     typed by `type_columns`: `Metadata_*` stay text as written (no number or missing-value
     guessing), the other all-number columns become numbers, and with `features` (per-cell or
     per-well tables) a column mixing numbers and text is refused naming the cell. Parquet keeps
-    its own types (nothing is guessed); its text feature columns get the same check."""
+    its own types (nothing is guessed); its text feature columns get the same check. With
+    `text` every CSV column is read as `Metadata_*` are (a plate map's, all metadata)."""
     path = Path(path)
     if not path.exists():
         raise TableMissingError(f"table {path} does not exist")
@@ -219,7 +220,7 @@ def read_table(path: str | Path, *, features: bool = False) -> pd.DataFrame:
                     encoding=enc,
                     header=0,
                     names=names,
-                    dtype={c: str for c in names if TEXT_COLUMN.match(c)},
+                    dtype={c: str for c in names if text or TEXT_COLUMN.match(c)},
                     keep_default_na=False,
                     na_values=[""],
                 )
@@ -236,7 +237,8 @@ def read_table(path: str | Path, *, features: bool = False) -> pd.DataFrame:
                 raise LoadDataError(f"table {path} cannot be parsed: {e}") from None
             except (OSError, EOFError, ValueError) as e:  # bad gzip, permission, ...
                 raise LoadDataError(f"table {path} cannot be read ({type(e).__name__}: {e})") from e
-            df = type_columns(df, path, features=features)
+            if not text:
+                df = type_columns(df, path, features=features)
             if enc not in (_ENCODINGS[0], "utf-16"):
                 logger.warning(
                     "%s is not UTF-8: read it as %s (check accented names; save the table as "
