@@ -242,7 +242,8 @@ def scores(d: Data, a: ad.AnnData, args, *, held_out: bool = False) -> dict:
         meta, X = meta[keep].reset_index(drop=True), X[keep]
         _, act, _ = phenotypic_activity(meta, X, by=list(d.activity_by), **kw)
         return {"activity_ho": act.set_index(list(d.activity_by))}
-    _, act, _ = phenotypic_activity(meta, X, by=list(d.activity_by), **kw)
+    # in-sample on purpose (the column's name): the controls the pipeline fitted on, too
+    _, act, _ = phenotypic_activity(meta, X, by=list(d.activity_by), negatives="all", **kw)
     _, ret = retrieval_map(meta, X, by=[d.cpd], pos_diffby=[d.dose], negatives="others", **kw)
     out = {"activity": act.set_index(list(d.activity_by)), "retrieval": ret.set_index(d.cpd)}
     if d.moa:
