@@ -706,7 +706,10 @@ run_block_search.reads_sets = True
 
 
 def _run_layout(
-    ctx: EvalContext, given: str | None, name: str, what: str = "its attention store (_attention.zarr) and the crops"
+    ctx: EvalContext,
+    given: str | None,
+    name: str,
+    what: str = "its attention store (_attention.zarr) and the crops",
 ):
     """The `celldino run` folder of this feature set (its profiles are `<run>/profiles/<set>.*`),
     or `given` (the analysis's run_dir); NotEvaluable when there is none."""
