@@ -634,7 +634,14 @@ NON_EMPTY = (
     "prepare.feature_families",
 )
 # List settings whose items must be distinct (a channel named twice is fed twice, another dropped).
-UNIQUE = ("prepare.channels", "train.channels", "extract.channels")
+UNIQUE = (
+    "prepare.channels",
+    "train.channels",
+    "extract.channels",
+    "profile.by",  # a key named twice: a pandas traceback in aggregation (issue 22 sweep)
+    "profile.via",
+    "profile.consensus",
+)
 
 
 def check(cfg: Config) -> list[tuple[str, str]]:
@@ -710,7 +717,8 @@ def _check_value(key: str, value: Any) -> str | None:
         repeated = [v for i, v in enumerate(value) if v in value[:i]]
         if repeated:
             what = ", ".join(map(repr, dict.fromkeys(repeated)))
-            return f"{what} named more than once in {list(value)}: list each channel once"
+            each = "channel" if key.endswith(".channels") else "column"
+            return f"{what} named more than once in {list(value)}: list each {each} once"
     if key in CHOICES:
         valid = CHOICES[key]
         items = value if isinstance(value, tuple) else (value,)
