@@ -30,6 +30,11 @@ def _cells(tmp_path, edit=None):
     return path
 
 
+def _written(folder):
+    """Files in `folder` but the output locks (they name the last writer, and stay)."""
+    return [p.name for p in folder.iterdir() if not p.name.endswith(".celldino.lock")]
+
+
 def _profile(run_cli, tmp_path, inp, *extra):
     out = tmp_path / "out"
     out.mkdir(exist_ok=True)
@@ -52,4 +57,25 @@ def test_a_profile_key_named_twice_is_refused(run_cli, tmp_path):
     )
     assert rc == 2 and "profile.by" in text and "'Metadata_Well' named more than once" in text, text
     assert "list each column once" in text and "Traceback" not in text
-    assert list(out.iterdir()) == []
+    assert _written(out) == []
+
+
+def test_a_profile_key_that_is_a_feature_is_refused(run_cli, tmp_path):
+    rc, text, out = _profile(
+        run_cli, tmp_path, _cells(tmp_path), "profile.by=[Metadata_Plate,emb_0000]"
+    )
+    assert rc == 2 and "emb_0000" in text and "feature column" in text, text
+    assert "Traceback" not in text and _written(out) == []
+
+
+def test_cells_without_a_well_are_not_averaged_into_a_profile_of_their_own(run_cli, tmp_path):
+    def blank(df):  # one cell of P1/A02 and one of P2/A03 lose their well
+        df.loc[[6, 21], "Metadata_Well"] = None
+
+    rc, text, out = _profile(run_cli, tmp_path, _cells(tmp_path, blank))
+    assert rc == 2 and "2 row(s) have no value in Metadata_Well" in text, text
+    assert _written(out) == []
+    # the same cells with their wells: 8 profiles, 3 cells each (the count numpy gives)
+    rc, text, out = _profile(run_cli, tmp_path, _cells(tmp_path))
+    wells = pd.read_parquet(out / "wells.parquet")
+    assert rc == 0 and len(wells) == 8 and (wells["Metadata_Count_Cells"] == 3).all()

@@ -552,6 +552,13 @@ def aggregate(
         raise DataError(f"{where}: {e.args[0] if e.args else e}") from None
     _check_not_mean_of_means(con, files, cols, names, by_d, where)
     all_keys = set().union(*map(set, chain))
+    keys_in_order = dict.fromkeys(k for keys in chain for k in keys)
+    as_feature = [names.get(k, k) for k in keys_in_order if k in feats]
+    if as_feature:
+        raise DataError(
+            f"{where}: grouping key(s) {as_feature} are also feature columns (profile.features "
+            "selects them); set profile.by / profile.via to label columns such as Metadata_Well"
+        )
     if carry is None:
         carry = [c for c in cols if names[c].startswith("Metadata_") and c not in all_keys]
     else:
@@ -579,6 +586,15 @@ def aggregate(
         raise DataError(
             f"{where}: 0 rows (cells) to aggregate; the input tables are empty. Check that "
             "extraction wrote cells (its log) and that profile.input names the right folder"
+        )
+    empty = df[by_d].isna()
+    if bool(empty.to_numpy().any()):  # NULL keys would make one profile of unrelated cells
+        col = by_d[int(np.flatnonzero(empty.any(axis=0).to_numpy())[0])]
+        n = int(df.loc[empty.any(axis=1), COUNT_COLUMN].sum())
+        raise DataError(
+            f"{where}: {n} row(s) have no value in {names.get(col, col)} (a key of profile.by / "
+            "profile.via): they would be averaged into one profile whatever their well; fill "
+            "the empty cells or drop those rows"
         )
     df = df.sort_values(by_d, kind="stable").reset_index(drop=True)
 
