@@ -79,3 +79,55 @@ def test_cells_without_a_well_are_not_averaged_into_a_profile_of_their_own(run_c
     rc, text, out = _profile(run_cli, tmp_path, _cells(tmp_path))
     wells = pd.read_parquet(out / "wells.parquet")
     assert rc == 0 and len(wells) == 8 and (wells["Metadata_Count_Cells"] == 3).all()
+
+
+def _moa_profiles(path):
+    """Wells of 4 compounds (2 MoAs) × 3 replicates and 3 DMSO wells, as a Parquet table."""
+    rng = np.random.default_rng(0)
+    cpds = {"a": "m1", "b": "m1", "c": "m2", "d": "m2", "DMSO": None}
+    rows = [(c, m, "control" if c == "DMSO" else "trt") for c, m in cpds.items() for _ in range(3)]
+    df = pd.DataFrame(rows, columns=["Metadata_Compound", "Metadata_MoA", "Metadata_pert_type"])
+    df["Metadata_Plate"] = "P1"
+    centre = {"m1": 2.0, "m2": -2.0, None: 0.0}
+    for j in range(5):
+        df[f"f{j}"] = [centre[m] * (j % 2) + rng.normal(scale=0.3) for m in df["Metadata_MoA"]]
+    df.to_parquet(path, index=False)
+    return path
+
+
+def _evaluate(run_cli, tmp_path, spec_text):
+    prof = _moa_profiles(tmp_path / "p.parquet")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(spec_text)
+    out = tmp_path / "ev"
+    out.mkdir(exist_ok=True)
+    (out / "metrics.csv").write_text("earlier,metrics\n")
+    rc, text = run_cli(
+        "evaluate", prof, "--spec", spec, f"evaluate.out_dir={out}", "evaluate.n_boot=0"
+    )
+    return rc, text, out
+
+
+def test_a_spec_key_set_twice_is_refused_naming_both_lines(run_cli, tmp_path):
+    rc, text, out = _evaluate(run_cli, tmp_path, "analyses: [nsc]\nanalyses: [map_replicate]\n")
+    assert rc == 2 and "spec.yaml, line 2: 'analyses' is set twice (also on line 1)" in text, text
+    assert (out / "metrics.csv").read_text() == "earlier,metrics\n"
+    rc, text, _ = _evaluate(run_cli, tmp_path, "columns: {moa: Metadata_MoA, moa: X}\n")
+    assert rc == 2 and "'columns.moa' is set twice" in text, text
+
+
+def test_spec_counts_that_yaml_or_int_would_bend_are_refused(run_cli, tmp_path):
+    for value, shown in [("yes", "True"), ("1.5", "1.5")]:
+        spec = f"analyses:\n  map_replicate: {{null_size: {value}}}\n"
+        rc, text, out = _evaluate(run_cli, tmp_path, spec)
+        assert rc == 2 and "null_size" in text and f"{shown} is not a whole number" in text, text
+        assert (out / "metrics.csv").read_text() == "earlier,metrics\n"
+    rc, text, _ = _evaluate(run_cli, tmp_path, "analyses:\n  map_replicate: {threshold: on}\n")
+    assert rc == 2 and "threshold True is not a number" in text, text
+    rc, text, _ = _evaluate(run_cli, tmp_path, "analyses:\n  activity: {permutations: 2.5}\n")
+    assert rc == 2 and "analyses.activity.permutations must be a whole number" in text, text
+    # a whole number written as a float is one
+    rc, text, out = _evaluate(
+        run_cli, tmp_path, "analyses:\n  map_replicate: {null_size: 1.0e+2}\n"
+    )
+    assert rc == 0, text

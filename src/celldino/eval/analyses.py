@@ -48,10 +48,21 @@ logger = get_logger(__name__)
 # ---- retrieval and matching ------------------------------------------------------------------
 
 
+def _whole(value: Any) -> int:
+    """A count written in the spec: 100, 1.0e+3 or '100'; not yes/no (YAML booleans, which
+    int() reads as 1/0) nor 1.5 (which int() cuts to 1)."""
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError(f"{value!r} is not a whole number")
+    return int(value)
+
+
 def map_kwargs(ctx: EvalContext, params: dict) -> dict:
     try:
-        null_size = int(params.get("null_size", ctx.null_size))
-        threshold = float(params.get("threshold", ctx.threshold))
+        null_size = _whole(params.get("null_size", ctx.null_size))
+        threshold = params.get("threshold", ctx.threshold)
+        if isinstance(threshold, bool):
+            raise ValueError(f"threshold {threshold!r} is not a number")
+        threshold = float(threshold)
     except (TypeError, ValueError) as e:
         raise SpecError(f"analysis parameters null_size / threshold must be numbers: {e}") from None
     if null_size < 1 or not 0 < threshold <= 1:
@@ -160,7 +171,7 @@ def _stats_kw(ctx: EvalContext, name: str, params: dict) -> dict:
     what = f"{name} on {ctx.feature_set}" if ctx.feature_set else name
     perms = params.get("permutations")
     try:
-        perms = None if perms is None else int(perms)
+        perms = None if perms is None else _whole(perms)
     except (TypeError, ValueError):
         perms = -1
     if perms is not None and perms < 0:

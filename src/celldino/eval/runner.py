@@ -77,6 +77,30 @@ _SPEC_KEYS = (
 )
 
 
+def _refuse_keys_set_twice(path: Path) -> None:
+    """A key given twice in one mapping of the spec: YAML keeps the last silently (the config
+    loader refuses it too)."""
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, yaml.SequenceNode):
+            for item in node.value:
+                walk(item, prefix)
+        if not isinstance(node, yaml.MappingNode):
+            return
+        seen: dict[str, int] = {}
+        for k, v in node.value:
+            key = f"{prefix}{k.value}"
+            if key in seen:
+                raise SpecError(
+                    f"{path}, line {k.start_mark.line + 1}: '{key}' is set twice (also on line "
+                    f"{seen[key]}); keep one"
+                )
+            seen[key] = k.start_mark.line + 1
+            walk(v, key + ".")
+
+    walk(yaml.compose(path.read_text()), "")
+
+
 def load_spec(spec: str | Path | dict | None) -> tuple[dict, Path]:
     """Read and check a spec; returns (spec dict, folder that relative paths start from)."""
     if spec is None or spec == "":
@@ -96,6 +120,7 @@ def load_spec(spec: str | Path | dict | None) -> tuple[dict, Path]:
             raise SpecError(f"{where}: not valid YAML ({what}); fix the spec") from None
         except UnicodeDecodeError:
             raise SpecError(f"{path}: not UTF-8 text; save the spec as UTF-8") from None
+        _refuse_keys_set_twice(path)
         base = path.resolve().parent
         if not isinstance(data, dict):
             raise SpecError(f"{path}: the spec must be a mapping (keys: {', '.join(_SPEC_KEYS)})")
