@@ -131,3 +131,25 @@ def test_spec_counts_that_yaml_or_int_would_bend_are_refused(run_cli, tmp_path):
         run_cli, tmp_path, "analyses:\n  map_replicate: {null_size: 1.0e+2}\n"
     )
     assert rc == 0, text
+
+
+def test_an_h5ad_with_a_feature_named_twice_or_also_in_obs_is_refused(run_cli, tmp_path):
+    import anndata as ad
+
+    df = pd.read_parquet(_moa_profiles(tmp_path / "p.parquet"))
+    feats = [f"f{j}" for j in range(5)]
+    obs = df.drop(columns=feats).set_axis([str(i) for i in range(len(df))])
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("analyses: [nsc]\n")
+    for var, extra, words in [
+        (["f0", "f1", "f2", "f3", "f0"], {}, ["['f0'] appear more than once in var_names"]),
+        (feats, {"f0": "label"}, ["['f0'] name both an obs (metadata) column and a feature"]),
+    ]:
+        a = ad.AnnData(X=df[feats].to_numpy(float), obs=obs.assign(**extra))
+        a.var_names = var
+        a.write_h5ad(tmp_path / "p.h5ad")
+        rc, text = run_cli(
+            "evaluate", tmp_path / "p.h5ad", "--spec", spec, f"evaluate.out_dir={tmp_path}/ev"
+        )
+        assert rc == 2 and "p.h5ad" in text and all(w in text for w in words), text
+        assert not (tmp_path / "ev" / "metrics.csv").exists()

@@ -269,6 +269,19 @@ def read_h5ad(path: str | Path) -> ad.AnnData:
         adata = ad.read_h5ad(path)
     except (OSError, ValueError, KeyError) as e:
         raise DataError(f"{path}: not a readable .h5ad file ({e}); rewrite it") from e
+    # the checks read_table makes of a table's header: one name, one column
+    twice = adata.var_names[adata.var_names.duplicated()].unique().tolist()
+    if twice:
+        raise DataError(
+            f"{path}: feature(s) {twice[:5]} appear more than once in var_names; keep one of "
+            "each (or rename: adata.var_names_make_unique())"
+        )
+    both = [c for c in adata.obs.columns if c in set(adata.var_names)]
+    if both:
+        raise DataError(
+            f"{path}: {both[:5]} name both an obs (metadata) column and a feature in var_names; "
+            "rename one of them"
+        )
     meta = dict(adata.uns.get("celldino", {}))
     if _STEPS_JSON in meta:
         meta["steps"] = str(meta.pop(_STEPS_JSON))
