@@ -153,3 +153,19 @@ def test_an_h5ad_with_a_feature_named_twice_or_also_in_obs_is_refused(run_cli, t
         )
         assert rc == 2 and "p.h5ad" in text and all(w in text for w in words), text
         assert not (tmp_path / "ev" / "metrics.csv").exists()
+
+
+def test_a_run_record_that_is_json_but_not_a_record_is_named(run_cli, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    for text in ['"hello"', "[1, 2]", '{"stages": [1]}']:
+        (run / "pipeline.json").write_text(text)
+        rc, out = run_cli("report", run, "--out", tmp_path / "r.html")
+        if text.startswith("{"):  # report reads only the fingerprint: a list of stages is fine
+            assert rc == 0, out
+            continue
+        assert rc == 2 and "pipeline.json is JSON but not a celldino run record" in out, out
+        assert "Traceback" not in out and not (tmp_path / "r.html").exists()
+    rc, out = run_cli("run", f"run.out_dir={run}", "run.stages=report")
+    assert rc == 2 and "not a celldino run record" in out and "delete it and rerun" in out, out
+    assert (run / "pipeline.json").read_text() == '{"stages": [1]}'

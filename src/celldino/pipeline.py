@@ -23,7 +23,7 @@ from pathlib import Path
 import celldino
 from celldino import log
 from celldino.config import Config, ConfigError, ProfileConfig, replace, to_dict
-from celldino.errors import DataError, OutputError, UserError
+from celldino.errors import DataError, IncompleteInputError, OutputError, UserError
 from celldino.io import provenance
 from celldino.io.configfile import save_config
 from celldino.io.embeddings import manifest_path, read_manifest
@@ -703,6 +703,11 @@ def run_pipeline(cfg: Config, *, force: tuple[str, ...] = (), demo: bool = False
 def _run_stages(cfg: Config, lay: RunLayout, *, force: tuple[str, ...], demo: bool) -> Path:
     fix = "delete it and rerun: every stage in run.stages then runs again (none counts as done)"
     record = read_json(lay.manifest, fix) if lay.manifest.exists() else {"stages": {}}
+    if not isinstance(record, dict) or not isinstance(record.get("stages", {}), dict):
+        raise IncompleteInputError(
+            f"{lay.manifest} is JSON but not a celldino run record (an object with 'stages'): "
+            f"it was edited or replaced; {fix}"
+        )
     forced = set(cfg.run.force) | set(force)
     inputs, old_inputs = input_fingerprint(cfg, record), record.get("inputs")
     if old_inputs is not None and old_inputs != inputs:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from celldino import log
-from celldino.errors import MissingInputError, OutputError
+from celldino.errors import IncompleteInputError, MissingInputError, OutputError
 from celldino.io.files import atomic_write_text, read_json, require_writable
 from celldino.io.provenance import refuse_overwriting_inputs
 from celldino.io.runlayout import RunLayout
@@ -60,6 +60,15 @@ def build_report(
         "report",
     )
     require_writable(path.parent, "report --out")  # before drawing any figure
+    subtitle = f"run directory: {run.resolve()}"
+    if lay.manifest.exists():
+        record = read_json(lay.manifest)
+        if not isinstance(record, dict):
+            raise IncompleteInputError(
+                f"{lay.manifest} is JSON but not a celldino run record (an object with "
+                "'stages'): it was edited or replaced; delete it (a `celldino run` writes it again)"
+            )
+        subtitle += f" · pipeline fingerprint {record.get('fingerprint', '?')}"
     built = []
     for make in sections or DEFAULT_SECTIONS:
         try:
@@ -73,9 +82,6 @@ def build_report(
                 f'<p class="warn">This section could not be drawn: {html.escape(str(e))}</p>'
             )
             built.append(sec)
-    subtitle = f"run directory: {run.resolve()}"
-    if lay.manifest.exists():
-        subtitle += f" · pipeline fingerprint {read_json(lay.manifest).get('fingerprint', '?')}"
     atomic_write_text(path, render_html(title, subtitle, built))
     logger.info("report written: %s", path)
     return path
