@@ -169,3 +169,10 @@ def test_a_run_record_that_is_json_but_not_a_record_is_named(run_cli, tmp_path):
     rc, out = run_cli("run", f"run.out_dir={run}", "run.stages=report")
     assert rc == 2 and "not a celldino run record" in out and "delete it and rerun" in out, out
     assert (run / "pipeline.json").read_text() == '{"stages": [1]}'
+
+
+def test_profile_out_ending_in_a_slash_is_a_folder_not_a_file_name(run_cli, tmp_path):
+    out = tmp_path / "out"
+    rc, text = run_cli("profile", f"profile.input={_cells(tmp_path)}", f"profile.out={out}/sub/")
+    assert rc == 2 and f"profile.out={out}/sub/ is a folder; give a file name" in text, text
+    assert not out.exists()  # before: out/sub.h5ad, beside the folder the user named

@@ -623,7 +623,7 @@ def _check_rows(adata: ad.AnnData, cfg: ProfileConfig) -> None:
 
 def run_profile(cfg: ProfileConfig) -> dict[str, Path]:
     """Aggregate, process and write profiles (and consensus profiles); returns written paths."""
-    if Path(cfg.out).is_dir():
+    if Path(cfg.out).is_dir() or str(cfg.out).endswith(("/", "\\")):  # 'sub/': a folder
         raise DataError(
             f"profile.out={cfg.out} is a folder; give a file name, e.g. "
             f"profile.out={Path(cfg.out) / 'profiles.h5ad'}"
