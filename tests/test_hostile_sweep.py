@@ -176,3 +176,12 @@ def test_profile_out_ending_in_a_slash_is_a_folder_not_a_file_name(run_cli, tmp_
     rc, text = run_cli("profile", f"profile.input={_cells(tmp_path)}", f"profile.out={out}/sub/")
     assert rc == 2 and f"profile.out={out}/sub/ is a folder; give a file name" in text, text
     assert not out.exists()  # before: out/sub.h5ad, beside the folder the user named
+
+
+def test_a_nul_character_in_a_plate_name_is_named_not_an_hdf5_traceback(run_cli, tmp_path):
+    def nul(df):
+        df.loc[df["Metadata_Plate"] == "P2", "Metadata_Plate"] = "P\x002"
+
+    rc, text, out = _profile(run_cli, tmp_path, _cells(tmp_path, nul))
+    assert rc == 2 and "column Metadata_Plate holds a NUL" in text and "'P\\x002'" in text, text
+    assert "Traceback" not in text and _written(out) == []

@@ -238,6 +238,25 @@ def _h5ad_safe(adata: ad.AnnData) -> ad.AnnData:
     return out
 
 
+def _refuse_nul(adata: ad.AnnData, path: Path) -> None:
+    """HDF5 cannot hold a NUL character in text: name the value rather than fail in h5py."""
+    for col, values in [*adata.obs.items(), ("obs_names", adata.obs_names)]:
+        if (
+            col == "obs_names"
+            or pd.api.types.is_string_dtype(values.dtype)
+            or isinstance(values.dtype, pd.CategoricalDtype)
+        ):
+            text = pd.Series(np.asarray(values, dtype=object)).astype(str)
+            bad = np.flatnonzero(text.str.contains("\x00", regex=False).to_numpy())
+            if bad.size:
+                where = "the profile names" if col == "obs_names" else f"column {col}"
+                raise DataError(
+                    f"cannot write {path}: {where} holds a NUL character (\\x00) in "
+                    f"{bad.size} profile(s), e.g. {text.iloc[bad[0]]!r}; HDF5 text cannot hold "
+                    "it: remove it from the input table"
+                )
+
+
 def _tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
@@ -245,6 +264,7 @@ def _tmp(path: Path) -> Path:
 def write_h5ad(adata: ad.AnnData, path: str | Path) -> Path:
     """Write AnnData atomically (temporary file, then rename); steps kept as JSON text."""
     path = Path(path)
+    _refuse_nul(adata, path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp(path)
     try:
