@@ -185,3 +185,11 @@ def test_a_nul_character_in_a_plate_name_is_named_not_an_hdf5_traceback(run_cli,
     rc, text, out = _profile(run_cli, tmp_path, _cells(tmp_path, nul))
     assert rc == 2 and "column Metadata_Plate holds a NUL" in text and "'P\\x002'" in text, text
     assert "Traceback" not in text and _written(out) == []
+
+
+def test_a_semicolon_separated_table_for_profile_names_the_separator(run_cli, tmp_path):
+    cells = pd.read_parquet(_cells(tmp_path))
+    (tmp_path / "cells.csv").write_text(cells.to_csv(index=False, sep=";"))
+    rc, text, out = _profile(run_cli, tmp_path, tmp_path / "cells.csv")
+    assert rc == 2 and "cells.csv" in text and "separated by ';', not ','" in text, text
+    assert "Binder Error" not in text and _written(out) == []

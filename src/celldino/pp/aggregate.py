@@ -140,6 +140,14 @@ def _file_columns(path: str) -> list[str]:
     try:
         if table_kind(path) == "csv":
             names = csv_header(path)
+            sep = "\t" if ".tsv" in Path(path).name.lower() else ","
+            other = next((c for c in (";", "\t", ",") if c != sep and c in names[0]), None)
+            if len(names) == 1 and other:  # Excel's ';' (read_table reads it; DuckDB's types
+                raise DataError(  # given by name would then name no column)
+                    f"{path}: its header is one column holding {other!r}: the table is "
+                    f"separated by {other!r}, not {sep!r}; save it comma-separated (or as "
+                    "Parquet) for `celldino profile`"
+                )
         else:
             import pyarrow.parquet as pq
 
