@@ -193,3 +193,11 @@ def test_a_semicolon_separated_table_for_profile_names_the_separator(run_cli, tm
     rc, text, out = _profile(run_cli, tmp_path, tmp_path / "cells.csv")
     assert rc == 2 and "cells.csv" in text and "separated by ';', not ','" in text, text
     assert "Binder Error" not in text and _written(out) == []
+
+
+def test_a_header_only_table_for_profile_says_it_has_no_rows(run_cli, tmp_path):
+    cells = pd.read_parquet(_cells(tmp_path))
+    (tmp_path / "cells.csv").write_text(",".join(cells.columns) + "\n")
+    rc, text, out = _profile(run_cli, tmp_path, tmp_path / "cells.csv")
+    assert rc == 2 and "cells.csv: a header line and no data rows" in text, text
+    assert "found no feature columns" not in text and _written(out) == []

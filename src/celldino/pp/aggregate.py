@@ -148,6 +148,10 @@ def _file_columns(path: str) -> list[str]:
                     f"separated by {other!r}, not {sep!r}; save it comma-separated (or as "
                     "Parquet) for `celldino profile`"
                 )
+            if pd.read_csv(path, sep=sep, nrows=1, dtype=str, encoding_errors="replace").empty:
+                raise DataError(  # (said before: features=infer found no feature column)
+                    f"{path}: a header line and no data rows: 0 cells to aggregate"
+                )
         else:
             import pyarrow.parquet as pq
 
