@@ -201,3 +201,15 @@ def test_a_header_only_table_for_profile_says_it_has_no_rows(run_cli, tmp_path):
     rc, text, out = _profile(run_cli, tmp_path, tmp_path / "cells.csv")
     assert rc == 2 and "cells.csv: a header line and no data rows" in text, text
     assert "found no feature columns" not in text and _written(out) == []
+
+
+def test_a_damaged_metrics_table_is_named_in_the_report(run_cli, tmp_path):
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    (run / "eval" / "metrics.parquet").write_bytes(b"")  # cut off by a crash
+    rc, text = run_cli("report", run, "--out", tmp_path / "r.html")
+    html = (tmp_path / "r.html").read_text()
+    # one broken section never loses the others (exit 0), but it says which file and why
+    assert rc == 0 and "could not be drawn" in html, text
+    assert "metrics.parquet cannot be read" in html and "rerun evaluate" in html
+    assert "No evaluation results found" not in html

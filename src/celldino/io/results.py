@@ -12,6 +12,7 @@ from typing import Any
 
 import pandas as pd
 
+from celldino.errors import IncompleteInputError
 from celldino.io.files import read_json
 
 METRICS = "metrics.parquet"
@@ -57,7 +58,13 @@ def read_results(eval_dir: str | Path) -> pd.DataFrame:
     for name in (METRICS, METRICS_CSV):
         p = eval_dir / name
         if p.exists():
-            return pd.read_parquet(p) if p.suffix == ".parquet" else pd.read_csv(p)
+            try:
+                return pd.read_parquet(p) if p.suffix == ".parquet" else pd.read_csv(p)
+            except (OSError, ValueError) as e:  # cut off (a full disk, a crash) or not a table
+                raise IncompleteInputError(
+                    f"{p} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}):"
+                    " it is truncated or damaged; rerun evaluate into this folder"
+                ) from None
     raise FileNotFoundError(f"no results table in {eval_dir}")
 
 
