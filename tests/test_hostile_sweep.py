@@ -213,3 +213,15 @@ def test_a_damaged_metrics_table_is_named_in_the_report(run_cli, tmp_path):
     assert rc == 0 and "could not be drawn" in html, text
     assert "metrics.parquet cannot be read" in html and "rerun evaluate" in html
     assert "No evaluation results found" not in html
+
+
+def test_every_count_parameter_of_an_analysis_refuses_yes_and_fractions(run_cli, tmp_path):
+    for analysis, param, value, words in [
+        ("lowshot", "n_repeats", "yes", "analyses.lowshot.n_repeats must be a whole number"),
+        ("heterogeneity", "min_cells", "2.5", "analyses.heterogeneity.min_cells must be a whole"),
+        ("classify", "test_size", "on", "analyses.classify.test_size must be a number, got True"),
+    ]:
+        spec = f"analyses:\n  {analysis}: {{{param}: {value}}}\n"
+        rc, text, out = _evaluate(run_cli, tmp_path, spec)
+        assert rc == 2 and words in text, text
+        assert (out / "metrics.csv").read_text() == "earlier,metrics\n"

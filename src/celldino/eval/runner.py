@@ -33,6 +33,7 @@ from celldino.errors import DataError, MissingInputError
 from celldino.eval.analyses import (
     ANALYSES,
     DEFAULT_ANALYSES,
+    _whole,
     activity_defaults,
     map_kwargs,
     mlp_options,
@@ -146,6 +147,32 @@ def _check_set_names(spec: dict) -> None:
             safe_component(name, f"the spec's {key}: feature set {name!r}")
 
 
+# analysis parameters read with int() / float(): YAML's yes/no would be 1/0 and int(1.5) 1
+_COUNTS = {
+    "epochs", "k", "max_cells", "max_iter", "max_tokens", "min_cells", "min_compounds",
+    "n_bins", "n_components", "n_dcs", "n_neighbors", "n_pcs", "n_permutations", "n_repeats",
+}  # fmt: skip
+_NUMBERS = {"alpha", "margin", "purity", "temperature", "test_size"}
+
+
+def _check_numbers(name: str, params: dict) -> None:
+    for key in sorted(_COUNTS.intersection(params)):
+        try:
+            _whole(params[key])
+        except (TypeError, ValueError):
+            raise SpecError(
+                f"analyses.{name}.{key} must be a whole number, got {params[key]!r}"
+            ) from None
+    for key in sorted(_NUMBERS.intersection(params)):
+        value = params[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise SpecError(f"analyses.{name}.{key} must be a number, got {value!r}")
+        try:
+            float(value)
+        except ValueError:
+            raise SpecError(f"analyses.{name}.{key} must be a number, got {value!r}") from None
+
+
 def _analyses(spec: dict) -> dict[str, dict]:
     raw = spec.get("analyses", list(DEFAULT_ANALYSES))
     if isinstance(raw, (list, tuple)):
@@ -167,6 +194,7 @@ def _analyses(spec: dict) -> dict[str, dict]:
                 f"analyses.{name}: unknown parameter(s) {bad}; valid parameters of {name}: "
                 f"{', '.join(sorted(valid)) or '(none)'}"
             )
+        _check_numbers(name, params)
         if "null_size" in params or "threshold" in params:
             map_kwargs(EvalContext(), params)  # values checked before any analysis runs
         if "mlp" in params:
