@@ -225,3 +225,9 @@ def test_every_count_parameter_of_an_analysis_refuses_yes_and_fractions(run_cli,
         rc, text, out = _evaluate(run_cli, tmp_path, spec)
         assert rc == 2 and words in text, text
         assert (out / "metrics.csv").read_text() == "earlier,metrics\n"
+
+
+def test_synth_channels_differing_only_in_case_are_refused(run_cli, tmp_path):
+    rc, text = run_cli("synth", tmp_path / "s", "synth.channels=[DNA,ER,er]")
+    assert rc == 2 and "differ only in case" in text and "['DNA', 'ER', 'er']" in text, text
+    assert not (tmp_path / "s").exists() or not any((tmp_path / "s").rglob("*.tif"))

@@ -183,6 +183,11 @@ def make_screen(
         safe_component(ch, "synth.channels")
     if len(set(channels)) != len(channels):
         raise ConfigError(f"synth.channels has duplicates: {channels}")
+    if len({c.casefold() for c in channels}) != len(channels):  # ER.tif, er.tif: one file on
+        raise ConfigError(  # macOS and Windows disks
+            f"synth.channels {channels} has names that differ only in case; their image files "
+            "would be one file on a case-insensitive disk (macOS, Windows): rename one"
+        )
     check_output_folder(out)
     require_writable(out, setting)
     with output_lock(out, "synth"):  # one writer: two seeds never mix in one screen
