@@ -11,7 +11,7 @@
   nuclei split by a watershed on the distance transform seeded by its maxima at least D/5 apart,
   pieces joined again where the neck between them is not narrower than the smaller one
   ("shape" declumping; "shape_intensity" and "intensity" on request), objects outside 0.3 D (at least
-  4 px) to 3 D (equivalent diameter) dropped. `method="fixed"` gives the 0.2 behaviour (Otsu, fixed pixel
+  6 px) to 3 D (equivalent diameter) dropped. `method="fixed"` gives the 0.2 behaviour (Otsu, fixed pixel
   settings).
 - `segment_cells(body, nuclei)`: CellProfiler's IdentifySecondaryObjects "Propagation" (centrosome's
   own `propagate`) on the cell-body channel, inside its foreground and within a distance tied to
@@ -50,7 +50,7 @@ SEED_SMOOTH_PER_D = 1 / 30  # smoothing of the distance transform for seeds
 # intensity seeds: CellProfiler's automatic smoothing, FWHM 2.35 x (D/2) / 3.5, i.e. sigma D/7
 INTENSITY_SMOOTH_PER_D = 1 / 7
 MIN_DIAMETER_PER_D, MAX_DIAMETER_PER_D = 0.3, 3.0  # kept equivalent diameters
-MIN_DIAMETER_PX = 4.0  # and at least 4 px: a speck of one blurred point is no nucleus
+MIN_DIAMETER_PX = 6.0  # and at least 6 px: debris specks of 12-19 px² are no nuclei
 BACKGROUND_FLOOR_SD = 6.0  # a threshold at least this many background SDs above it
 HOLE_RADIUS_PER_D = 0.25  # holes filled unless a disc of D/4 radius fits (enclosed background)
 BACKGROUND_BLOCK, BACKGROUND_WINDOW = 32, 7  # background: 10th pct of blocks, min over 7x7
