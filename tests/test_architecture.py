@@ -11,7 +11,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "celldino"
 
 # every top-level module and package of celldino (a new one gets a place in the table below)
 ALL = set(
-    "errors names query log diagnostics probes config distributed io synth data augment layers "
+    "errors names query marks log diagnostics probes config distributed io synth data augment layers "
     "models losses train extract pp eval pl report pipeline cli".split()
 )
 
@@ -20,6 +20,7 @@ FORBIDDEN = {
     "errors":      ALL - {"errors"},  # every package may raise these
     "names":       ALL - {"errors", "names"},  # path-component checks, for config and io alike
     "query":       ALL - {"errors", "query"},  # the selection grammar (profile.controls)
+    "marks":       ALL - {"errors", "marks"},  # profile's fit marks, read by pp and eval
     "log":         ALL - {"errors", "log"},
     "diagnostics": ALL - {"errors", "log", "diagnostics"},
     "probes":      ALL - {"errors", "log", "probes"},  # shared by train's monitor and eval

@@ -37,7 +37,7 @@ from celldino.eval.map import BLOCK_BYTES, retrieval_map, summarize
 from celldino.eval.spec import NotEvaluable, is_control_row, profiles_of
 from celldino.eval.stats import join_flags
 from celldino.log import get_logger
-from celldino.pp.fit_split import FIT_COLUMN, fitted_marks
+from celldino.marks import FIT_COLUMN, fitted_marks
 
 if TYPE_CHECKING:
     from anndata import AnnData

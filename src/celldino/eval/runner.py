@@ -354,7 +354,7 @@ def _from_anndata(
     column never becomes a feature, whatever its name or type. The last element is the held-out
     `activity` layer with its metadata (its fitted controls as FIT_COLUMN), or None."""
     from celldino.io.profiles import read_h5ad
-    from celldino.pp.fit_split import ACTIVITY_FIT_COLUMN, ACTIVITY_LAYER, FIT_COLUMN
+    from celldino.marks import ACTIVITY_FIT_COLUMN, ACTIVITY_LAYER, FIT_COLUMN
 
     adata = read_h5ad(path)
     features = list(map(str, adata.var_names))

@@ -35,40 +35,16 @@ import zlib
 
 import anndata as ad
 import numpy as np
-import pandas as pd
+import pandas as pd  # noqa: F401
 
 from celldino.errors import DataError
+from celldino.marks import ACTIVITY_FIT_COLUMN, ACTIVITY_LAYER, FIT_COLUMN, fitted_marks  # noqa: F401 (re-exported)
 from celldino.pp.controls import control_mask, groups
 from celldino.pp.steps import record
 
-FIT_COLUMN = "Metadata_celldino_fit_control"  # bool obs column: this control fitted a step
 FIT_MODES = ("split", "half", "all")
-ACTIVITY_LAYER = "activity"  # profiles fitted on half the controls, for evaluate's activity
-ACTIVITY_FIT_COLUMN = "Metadata_celldino_activity_fit"  # bool: this control fitted that layer
 FIT_SEED = 0  # fixed: which half fits is part of the recipe, not a tuning knob
 MIN_FIT = 3  # a plate's controls fitted at least (all when it has fewer)
-_TRUE = {"true", "1", "1.0", "yes"}
-_FALSE = {"false", "0", "0.0", "no", "", "nan", "none"}
-
-
-def fitted_marks(meta: pd.DataFrame, column: str = FIT_COLUMN) -> np.ndarray | None:
-    """The `column` marks as bool (n,), or None when the table has no such column. Booleans,
-    0/1 and the texts True/False (a CSV's) are read; a missing value is False; anything else is
-    refused naming the column and the value."""
-    if column not in meta.columns:
-        return None
-    col = meta[column]
-    if pd.api.types.is_bool_dtype(col):
-        return col.to_numpy(dtype=bool)
-    text = col.astype(object).where(col.notna(), "").astype(str).str.strip().str.lower()
-    bad = ~text.isin(_TRUE | _FALSE)
-    if bad.any():
-        row = int(np.flatnonzero(bad.to_numpy())[0])
-        raise DataError(
-            f"column {column} holds {col.iloc[row]!r} (row {row}), expected True/False: it marks "
-            "the controls `celldino profile` fitted its steps on; fix or drop the column"
-        )
-    return text.isin(_TRUE).to_numpy()
 
 
 def _rank(names: list[str], seed: int) -> np.ndarray:
