@@ -741,6 +741,29 @@ def _check_value(key: str, value: Any) -> str | None:
 # --------------------------------------------------------------------------------------------
 
 
+def yaml_key_lines(
+    node: Any, where: str, error: type[Exception], prefix: str = "", lines: dict | None = None
+) -> dict[str, int]:
+    """The line of every key (dotted path; list items as their index) of a composed YAML
+    node. A key given twice in one mapping, which YAML keeps the last of silently, raises
+    `error` naming `where` and both lines (the config loader's and the evaluation spec's)."""
+    lines = {} if lines is None else lines
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            yaml_key_lines(item, where, error, f"{prefix}{i}.", lines)
+    elif isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            key = f"{prefix}{k.value}"
+            if key in lines:
+                raise error(
+                    f"{where}, line {k.start_mark.line + 1}: '{key}' is set twice (also on line "
+                    f"{lines[key]}); keep one"
+                )
+            lines[key] = k.start_mark.line + 1
+            yaml_key_lines(v, where, error, key + ".", lines)
+    return lines
+
+
 def _valid_keys(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
@@ -1059,23 +1082,7 @@ def _read_yaml(p: Path) -> tuple[dict, dict[str, int]]:
             f"config file {p}: the top level must be a mapping of sections "
             f"({', '.join(_valid_keys(Config))}), not a {type(loaded).__name__}"
         )
-    lines: dict[str, int] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        if not isinstance(node, yaml.MappingNode):
-            return
-        for k, v in node.value:
-            key = f"{prefix}{k.value}"
-            if key in lines:
-                raise ConfigError(
-                    f"config file {p}, line {k.start_mark.line + 1}: '{key}' is set twice "
-                    f"(also on line {lines[key]}); keep one"
-                )
-            lines[key] = k.start_mark.line + 1
-            walk(v, key + ".")
-
-    walk(root, "")
-    return loaded, lines
+    return loaded, yaml_key_lines(root, f"config file {p}", ConfigError)
 
 
 def _innermost(table: dict[str, Any], key: str) -> Any:

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from celldino.config import EvaluateConfig
+from celldino.config import EvaluateConfig, yaml_key_lines
 from celldino.errors import DataError, MissingInputError
 from celldino.eval.analyses import (
     ANALYSES,
@@ -82,24 +82,7 @@ def _refuse_keys_set_twice(path: Path) -> None:
     """A key given twice in one mapping of the spec: YAML keeps the last silently (the config
     loader refuses it too)."""
 
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, yaml.SequenceNode):
-            for item in node.value:
-                walk(item, prefix)
-        if not isinstance(node, yaml.MappingNode):
-            return
-        seen: dict[str, int] = {}
-        for k, v in node.value:
-            key = f"{prefix}{k.value}"
-            if key in seen:
-                raise SpecError(
-                    f"{path}, line {k.start_mark.line + 1}: '{key}' is set twice (also on line "
-                    f"{seen[key]}); keep one"
-                )
-            seen[key] = k.start_mark.line + 1
-            walk(v, key + ".")
-
-    walk(yaml.compose(path.read_text()), "")
+    yaml_key_lines(yaml.compose(path.read_text()), str(path), SpecError)
 
 
 def load_spec(spec: str | Path | dict | None) -> tuple[dict, Path]:
