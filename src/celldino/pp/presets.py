@@ -31,8 +31,8 @@ weeks. The synthetic screen only checks the code (its ground truth), it does not
   0.786 at ±20) and cross-validated likelihood as little; PCA-whitening of the 40 or 80 leading
   directions was between. One sphering per batch (`Metadata_Batch` when present, each batch's
   own controls; as per-plate normalisation uses each plate's) took NSC from 0.929 to 0.964 at
-  ±20; without a batch column one global sphering (NSC 0.839 / NSCB 0.906 at ±30, still at or
-  above pycytominer on every fold).
+  ±20; without a batch column one global sphering (with the floor: NSC 0.929 / NSCB 0.906,
+  still at or above pycytominer on every fold).
 - Embeddings: no sphering, standardise, floor 1, clip 50, unchanged: there is no real screen
   of embeddings with MoA labels here to choose on. On the synthetic demo screen (`make demo`,
   32 DMSO wells, 192 dimensions) ZCA+OAS took the learned embeddings' NSCB from 0.542 to 0.375
