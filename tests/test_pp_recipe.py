@@ -304,3 +304,31 @@ def test_the_floored_count_is_the_features_whose_scale_the_floor_raised():
     assert n == 1 and scale[0] == group[:, 0].std() and scale[1] == ref[:, 1].std()
     _, scale, n = _fit_floored(ref, group, "mad_robustize", 0.1)
     assert n == 1 and scale[1] == ref[:, 1].std()  # MAD 0 → std 4.33, above 0.1 × spread
+
+
+def test_control_floor_falls_back_to_the_plate_spread_when_controls_never_vary():
+    """floor_reference='controls' floors at the median control MAD over plates; with one control
+    well per plate that is 0 everywhere, and the plate's spread ('all') must take over instead of
+    leaving the features unscaled. With varying controls it is the median of the plates' control
+    MADs, by hand."""
+    rng = np.random.default_rng(5)
+    rows = [(p, "control" if w == 0 else "trt") for p in ("P1", "P2") for w in range(8)]
+    obs = pd.DataFrame(rows, columns=["Metadata_Plate", "Metadata_pert_type"])
+    X = rng.normal(size=(16, 4)) * [1.0, 10.0, 100.0, 0.1]
+    a = ad.AnnData(X, obs=obs)
+    a.var_names = [f"Cells_F{j}" for j in range(4)]
+    ctrl = (obs["Metadata_pert_type"] == "control").to_numpy()
+    ours = pp.normalize(a, controls=ctrl, scale_floor=1.0, floor_reference="controls", copy=True)
+    plate = pp.normalize(a, controls=ctrl, scale_floor=1.0, floor_reference="all", copy=True)
+    np.testing.assert_allclose(ours.X, plate.X)
+    # three controls per plate: scale = max(plate's control MAD, median over plates of it)
+    ctrl3 = (np.arange(16) % 8) < 3
+    got = pp.normalize(a, controls=ctrl3, scale_floor=1.0, floor_reference="controls", copy=True)
+    mad = [
+        1.4826 * np.median(np.abs(X[r] - np.median(X[r], 0)), 0)
+        for r in (ctrl3 & (np.arange(16) < 8), ctrl3 & (np.arange(16) >= 8))
+    ]
+    floor = np.median(np.vstack(mad), axis=0)
+    for k, r in enumerate((np.arange(16) < 8, np.arange(16) >= 8)):
+        c = np.median(X[r & ctrl3], axis=0)
+        np.testing.assert_allclose(got.X[r], (X[r] - c) / np.maximum(mad[k], floor))

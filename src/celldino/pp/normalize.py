@@ -85,7 +85,12 @@ def _fit_floored(
         zero = spread == 0
         spread[zero] = group[:, zero].std(axis=0)
     else:
-        spread = pooled
+        spread = pooled.copy()
+        zero = spread == 0  # the controls vary in it on no plate: the group's spread instead
+        if zero.any():
+            _, g = _mad(group[:, zero])
+            g[g == 0] = group[:, zero][:, g == 0].std(axis=0)
+            spread[zero] = g
     floor = scale_floor * spread
     n_floored = int((floor > scale).sum())
     scale = np.maximum(scale, floor)
@@ -113,7 +118,8 @@ def normalize(
     of the group (see the module docstring); 0 gives pycytominer's arithmetic (MAD + epsilon).
     floor_reference='controls': the floor is `scale_floor` × the median over groups of the
     controls' scale instead (a plate's controls cannot look more precise than the typical
-    plate's controls; needs reference='controls').
+    plate's controls), or, for a feature the controls vary in on no plate (one control well per
+    plate), the group's spread as with 'all'.
     Features constant over every profile are dropped. Modifies `adata` and returns None;
     copy=True returns a normalised copy instead.
     """
