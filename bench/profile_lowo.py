@@ -221,6 +221,12 @@ DEFAULT = Candidate(
 
 PYCYTOMINER = Candidate("pycytominer (mad_robustize + variance_threshold)", pycytominer=True)
 
+
+def _var(name: str, **kw) -> Candidate:
+    """A candidate with pycytominer's plain variance selection (the grid's common base)."""
+    return Candidate(name, select=("variance",), **kw)
+
+
 CANDIDATES = [
     DEFAULT,
     dataclasses.replace(
@@ -244,71 +250,62 @@ CANDIDATES = [
     Candidate("mad, floor 1 (median control spread)", floor=1.0, floor_reference="controls"),
     Candidate("mad, floor 0.5 (median control spread)", floor=0.5, floor_reference="controls"),
     Candidate("standardize", normalize="standardize", select=("variance",)),
-    Candidate("mad, clip 10", select=("variance",), clip=10.0),
-    Candidate("mad, clip 20", select=("variance",), clip=20.0),
-    Candidate("mad, clip 50", select=("variance",), clip=50.0),
+    _var("mad, clip 10", clip=10.0),
+    _var("mad, clip 20", clip=20.0),
+    _var("mad, clip 50", clip=50.0),
     Candidate("standardize, clip 20", normalize="standardize", select=("variance",), clip=20.0),
     Candidate("mad, floor 1, clip 20", floor=1.0, clip=20.0),
     Candidate("mad, clip 20, blocklist", select=("variance", "blocklist"), clip=20.0),
     Candidate("mad, clip 20, correlation 0.9", select=("variance", "correlation"), clip=20.0),
-    Candidate("mad, clip 20, inverse-normal", select=("variance",), clip=20.0, inverse_normal=True),
-    Candidate("mad, clip 20, mean consensus", select=("variance",), clip=20.0, consensus="mean"),
-    Candidate("mad, clip 20, ZCA OAS", select=("variance",), clip=20.0, sphere="ZCA"),
-    Candidate(
+    _var("mad, clip 20, inverse-normal", clip=20.0, inverse_normal=True),
+    _var("mad, clip 20, mean consensus", clip=20.0, consensus="mean"),
+    _var("mad, clip 20, ZCA OAS", clip=20.0, sphere="ZCA"),
+    _var(
         "mad, clip 20, ZCA ratio d/(n+d)",
-        select=("variance",),
         clip=20.0,
         sphere="ZCA",
         shrinkage="ratio",
     ),
-    Candidate(
+    _var(
         "mad, clip 20, ZCA shrinkage by CV",
-        select=("variance",),
         clip=20.0,
         sphere="ZCA",
         shrinkage="cv",
     ),
-    Candidate(
+    _var(
         "mad, clip 20, ZCA ratio per week",
-        select=("variance",),
         clip=20.0,
         sphere="ZCA",
         shrinkage="ratio",
         sphere_by="Metadata_Batch",
     ),
-    Candidate(
+    _var(
         "mad, clip 20, PCA-whiten 40 of ~260 controls",
-        select=("variance",),
         clip=20.0,
         sphere="PCA",
         shrinkage=None,
         components=40,
     ),
-    Candidate(
+    _var(
         "mad, clip 20, PCA-whiten 80",
-        select=("variance",),
         clip=20.0,
         sphere="PCA",
         shrinkage=None,
         components=80,
     ),
-    Candidate(
+    _var(
         "mad, clip 50, ZCA ratio d/(n+d)",
-        select=("variance",),
         clip=50.0,
         sphere="ZCA",
         shrinkage="ratio",
     ),
-    Candidate(
+    _var(
         "mad, clip 30, ZCA ratio d/(n+d)",
-        select=("variance",),
         clip=30.0,
         sphere="ZCA",
         shrinkage="ratio",
     ),
-    Candidate(
-        "mad, clip 20, ZCA 0.9", select=("variance",), clip=20.0, sphere="ZCA", shrinkage=0.9
-    ),
+    _var("mad, clip 20, ZCA 0.9", clip=20.0, sphere="ZCA", shrinkage=0.9),
     Candidate(
         "mad, floor 1, clip 20, ZCA ratio d/(n+d)",
         floor=1.0,
@@ -324,25 +321,22 @@ CANDIDATES = [
         sphere="ZCA",
         shrinkage="ratio",
     ),
-    Candidate(
+    _var(
         "mad, clip 30, ZCA ratio per week",
-        select=("variance",),
         clip=30.0,
         sphere="ZCA",
         shrinkage="ratio",
         sphere_by="Metadata_Batch",
     ),
-    Candidate(
+    _var(
         "mad, clip 20, ZCA ratio per plate",
-        select=("variance",),
         clip=20.0,
         sphere="ZCA",
         shrinkage="ratio",
         sphere_by="Metadata_Plate",
     ),
-    Candidate(
+    _var(
         "mad, clip 30, ZCA ratio per plate",
-        select=("variance",),
         clip=30.0,
         sphere="ZCA",
         shrinkage="ratio",
@@ -356,9 +350,8 @@ CANDIDATES = [
         shrinkage="ratio",
         sphere_by="Metadata_Batch",
     ),
-    Candidate(
+    _var(
         "mad, clip 10, ZCA ratio d/(n+d)",
-        select=("variance",),
         clip=10.0,
         sphere="ZCA",
         shrinkage="ratio",
