@@ -161,12 +161,10 @@ def fold_table(t: ad.AnnData) -> pd.DataFrame:
     meta, X = t.obs.reset_index(drop=True), np.asarray(t.X, dtype=np.float64)
     rows = []
     for metric, batch in (("NSC", None), ("NSCB", WEEK)):
-        res = nearest_moa(meta, X, moa=MOA, compound=CPD, batch=batch)
-        kept = meta
-        if batch:  # NSCB drops MoAs seen in one week before numbering its queries
-            kept = meta[meta.groupby(MOA)[WEEK].transform("nunique") > 1].reset_index(drop=True)
-        tab = res.table.assign(metric=metric, week=kept[WEEK].to_numpy()[res.table["query"]])
-        rows.append(tab)
+        tab = nearest_moa(meta, X, moa=MOA, compound=CPD, batch=batch).table
+        # NSCB's table carries the week; NSC's queries are rows of `meta`
+        week = tab[WEEK] if batch else meta[WEEK].to_numpy()[tab["query"]]
+        rows.append(tab.assign(metric=metric, week=week))
     return pd.concat(rows, ignore_index=True)[["metric", "week", CPD, MOA, "correct", "chance"]]
 
 
@@ -373,6 +371,8 @@ def fold_rows(a: ad.AnnData, cands: list[Candidate]) -> dict[str, pd.DataFrame]:
     )
     print("|---|" + "---:|" * (2 * len(weeks) + 4))
     tabs = {}
+    trt = a.obs.loc[a.obs["Metadata_pert_type"] != "control", TREATMENT]
+    n_treatments = len(trt.drop_duplicates())
     for cand in cands:
         t0 = time.time()
         tab = lowo(a, cand, weeks)
@@ -385,8 +385,7 @@ def fold_rows(a: ad.AnnData, cands: list[Candidate]) -> dict[str, pd.DataFrame]:
             lo, hi = _boot(v)
             cells += per + [f"{v.mean():.3f} [{lo:.3f}, {hi:.3f}]"]
             if m == "NSC":
-                n_treatments = a.obs.loc[a.obs["Metadata_pert_type"] != "control", TREATMENT]
-                cells.append(f"{s['NSC:all'][0] / len(n_treatments.drop_duplicates()):.3f}")
+                cells.append(f"{s['NSC:all'][0] / n_treatments:.3f}")
         print(f"| {cand.name} | " + " | ".join(cells) + f" |  <!-- {time.time() - t0:.0f}s -->")
     chance = tabs[cands[0].name].groupby("metric")["chance"].mean()
     print(f"\nchance (mean over queries): NSC {chance['NSC']:.3f}, NSCB {chance['NSCB']:.3f}")
