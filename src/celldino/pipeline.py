@@ -755,7 +755,7 @@ def _run_stages(cfg: Config, lay: RunLayout, *, force: tuple[str, ...], demo: bo
         logger.info("stage %s: %s", stage, "resuming" if resume else "running")
         t0 = time.perf_counter()
         # what this run of the stage reads (before it runs), relative to the run folder
-        read = provenance.record(reads, lay.root)
+        read = provenance.record(reads, lay.root, old.get("read"))
         try:
             STAGE_FUNCTIONS[stage](cfg, lay, resume=resume)
         except KeyboardInterrupt:

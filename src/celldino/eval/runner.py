@@ -337,7 +337,7 @@ def _from_anndata(
     column never becomes a feature, whatever its name or type. The last element is the held-out
     `activity` layer with its metadata (its fitted controls as FIT_COLUMN), or None."""
     from celldino.io.profiles import read_h5ad
-    from celldino.marks import ACTIVITY_FIT_COLUMN, ACTIVITY_LAYER, FIT_COLUMN
+    from celldino.marks import ACTIVITY_FIT_COLUMN, ACTIVITY_LAYER, FIT_COLUMN, fitted_marks
 
     adata = read_h5ad(path)
     features = list(map(str, adata.var_names))
@@ -353,7 +353,7 @@ def _from_anndata(
     activity = None
     if layer is not None:
         act_meta = meta.drop(columns=[ACTIVITY_FIT_COLUMN]).assign(
-            **{FIT_COLUMN: meta[ACTIVITY_FIT_COLUMN].to_numpy(bool)}
+            **{FIT_COLUMN: fitted_marks(meta, ACTIVITY_FIT_COLUMN)}
         )
         activity = (act_meta, layer[:, keep])
         meta = meta.drop(columns=[ACTIVITY_FIT_COLUMN])

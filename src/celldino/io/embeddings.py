@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from celldino.errors import IncompleteInputError, MissingInputError
+from celldino.io.attention_store import ATTENTION, LEGACY_ATTENTION
 from celldino.io.files import atomic_write_bytes, read_json, write_json
 
 MANIFEST = "_manifest.json"
@@ -181,7 +182,7 @@ def clear_outputs(out_dir: Path) -> None:
         p.unlink()
     for name in (MANIFEST, LEGACY_MANIFEST, H5AD):
         (out_dir / name).unlink(missing_ok=True)
-    for name in ("_attention.zarr", "attention.zarr"):  # io.attention_store's, new and old
+    for name in (ATTENTION, LEGACY_ATTENTION):
         if (out_dir / name).exists():
             shutil.rmtree(out_dir / name)
 

@@ -140,15 +140,26 @@ def _key(f: Path, root: Path | None) -> str:
     return str(f)
 
 
-def record(paths: Iterable[PathLike], root: PathLike | None = None) -> dict[str, list]:
+def record(
+    paths: Iterable[PathLike],
+    root: PathLike | None = None,
+    previous: Mapping[str, Iterable] | None = None,
+) -> dict[str, list]:
     """{path: [size, mtime_ns, content hash ('' above HASH_LIMIT)]} of every file under `paths`
-    (a missing one: [-1, -1, '']); paths inside `root` are recorded relative to it."""
+    (a missing one: [-1, -1, '']); paths inside `root` are recorded relative to it. A file whose
+    size and time equal its entry in `previous` keeps that entry's hash (not read again)."""
     base = Path(root) if root is not None else None
+    previous = {k: list(v) for k, v in (previous or {}).items()}
     rows: dict[str, list] = {}
     for f in _files(paths):
+        key = _key(f, base)
         size, mtime = _stat(f)
-        digest = file_fingerprint(f) if 0 <= size <= HASH_LIMIT else ""
-        rows[_key(f, base)] = [size, mtime, digest]
+        old = previous.get(key, [])
+        if old[:2] == [size, mtime] and len(old) > 2:
+            digest = old[2]
+        else:
+            digest = file_fingerprint(f) if 0 <= size <= HASH_LIMIT else ""
+        rows[key] = [size, mtime, digest]
     return rows
 
 

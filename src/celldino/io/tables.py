@@ -84,11 +84,6 @@ TEXT_COLUMN = re.compile(
 )
 
 
-def is_metadata(name: str) -> bool:
-    """Whether a column is metadata read as text (`Metadata_*`, cytotable's `Image_Metadata_*`)."""
-    return str(name).startswith(("Metadata_", "Image_Metadata_"))
-
-
 def _not_a_number(values: pd.Series) -> pd.Series:
     """True where a non-empty text cell is not a number (float() accepts 1e3, nan, inf)."""
     out = pd.Series(False, index=values.index)

@@ -35,7 +35,6 @@ import zlib
 
 import anndata as ad
 import numpy as np
-import pandas as pd  # noqa: F401
 
 from celldino.errors import DataError
 from celldino.marks import ACTIVITY_FIT_COLUMN, ACTIVITY_LAYER, FIT_COLUMN, fitted_marks  # noqa: F401 (re-exported)

@@ -34,8 +34,8 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 
+from celldino.marks import FIT_COLUMN, fitted_marks
 from celldino.pp.controls import groups
-from celldino.pp.fit_split import FIT_COLUMN, fitted_marks
 from celldino.pp.steps import CONTROL_COLUMN, steps
 
 CENTER_TOL = 0.1  # |median| (or |mean|) below this counts as centred
@@ -113,13 +113,12 @@ def name_evidence(adata: ad.AnnData, sources: Sequence[str] = ()) -> list[str]:
     done = [s for s in steps(adata) if s in ("normalize", "sphere")]
     if done:
         found.append(f"the profiles record celldino's {' and '.join(dict.fromkeys(done))} step")
-    if FIT_COLUMN in adata.obs.columns:
-        marks = fitted_marks(adata.obs)
-        if marks is not None and marks.any():
-            found.append(
-                f"{FIT_COLUMN} marks {int(marks.sum())} control(s) a celldino normalisation or "
-                "sphering was fitted on"
-            )
+    marks = fitted_marks(adata.obs)
+    if marks is not None and marks.any():
+        found.append(
+            f"{FIT_COLUMN} marks {int(marks.sum())} control(s) a celldino normalisation or "
+            "sphering was fitted on"
+        )
     return found
 
 

@@ -81,16 +81,12 @@ def _fit_floored(
     × the group's spread, or × `pooled` (the median control scale over all groups) when given."""
     center, scale = _control_fit(ref, method)
     if pooled is None:
-        _, spread = _mad(group)
-        zero = spread == 0
-        spread[zero] = group[:, zero].std(axis=0)
+        spread = _control_fit(group, "mad_robustize")[1]  # MAD, std where it is 0
     else:
         spread = pooled.copy()
         zero = spread == 0  # the controls vary in it on no plate: the group's spread instead
         if zero.any():
-            _, g = _mad(group[:, zero])
-            g[g == 0] = group[:, zero][:, g == 0].std(axis=0)
-            spread[zero] = g
+            spread[zero] = _control_fit(group[:, zero], "mad_robustize")[1]
     floor = scale_floor * spread
     n_floored = int((floor > scale).sum())
     scale = np.maximum(scale, floor)

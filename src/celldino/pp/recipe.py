@@ -364,10 +364,14 @@ def _skip_recipe_steps(steps: Steps, cfg: ProfileConfig) -> tuple[Steps, list[st
     return new, skipped
 
 
-def _sphere_groups(adata: ad.AnnData, steps: Steps, fit: np.ndarray) -> Steps:
-    """The recipe's sphering per batch needs MIN_SPHERE_CONTROLS controls to fit on (`fit`,
-    the profile.fit_controls half) in every batch; otherwise one sphering over all profiles,
-    with a warning naming the batches."""
+def _sphere_groups(
+    adata: ad.AnnData, steps: Steps, sphere_: str, cfg: ProfileConfig, fit: np.ndarray
+) -> Steps:
+    """The recipe's sphering per batch (a `sphere_by` the user did not set) needs
+    MIN_SPHERE_CONTROLS controls to fit on (`fit`) in every batch; otherwise one sphering over
+    all profiles, with a warning naming the batches. Other steps are returned as they are."""
+    if not steps.sphere_by or cfg.sphere_by or sphere_ == "none":
+        return steps
     obs = adata.obs
     counts = obs.loc[np.asarray(fit, bool), steps.sphere_by].value_counts()
     few = [v for v in obs[steps.sphere_by].unique() if counts.get(v, 0) < MIN_SPHERE_CONTROLS]
@@ -438,8 +442,7 @@ def process(adata: ad.AnnData, cfg: ProfileConfig) -> ad.AnnData:
             cfg.fit_controls,
         )
         sphere_ = "none"
-    if steps.sphere_by and not cfg.sphere_by and sphere_ != "none":
-        steps = _sphere_groups(adata, steps, fit)
+    steps = _sphere_groups(adata, steps, sphere_, cfg, fit)
     used_by = tuple(
         name
         for name, used in (
@@ -597,21 +600,20 @@ def _activity_layer(
     half = split_controls(base, mode="half", by=split_by)
     if prev is not None:  # controls an earlier run fitted on stay fitted
         half = half | prev
-    layer_steps = steps
-    if steps.sphere_by and not cfg.sphere_by and sphere_ != "none":
-        layer_steps = _sphere_groups(base, steps, half)
+    layer_steps = _sphere_groups(base, steps, sphere_, cfg, half)
     layer, _ = _fit_steps(base, layer_steps, sphere_, cfg, half, features=features)
     layer.obs[ACTIVITY_FIT_COLUMN] = half
-    n_ctrl = int(base.obs[CONTROL_COLUMN].sum())
+    ctrl = base.obs[CONTROL_COLUMN].to_numpy(bool)
+    n_ctrl, n_half = int(ctrl.sum()), int((half & ctrl).sum())
     logger.info(
         "profile.fit_controls=split: profiles fitted on all %d control profiles; the '%s' "
         "layer repeats the steps fitted on %d of them (obs %s), the other %d held out for "
         "evaluate's activity",
         n_ctrl,
         ACTIVITY_LAYER,
-        int((half & base.obs[CONTROL_COLUMN].to_numpy(bool)).sum()),
+        n_half,
         ACTIVITY_FIT_COLUMN,
-        n_ctrl - int((half & base.obs[CONTROL_COLUMN].to_numpy(bool)).sum()),
+        n_ctrl - n_half,
     )
     return layer
 
@@ -650,14 +652,11 @@ def _refuse_overwriting_inputs(cfg: ProfileConfig, outputs: dict[str, Path]) -> 
     written += list(_outputs(Path(cfg.out), tuple(cfg.formats), ".consensus").values())
     written += list(_cache_paths(cfg))
     folders = [i for i in cfg.input if Path(i).is_dir()]
-    shard_folders = [
-        str(Path(f).parent)
-        for f in shard_paths(list(cfg.input))
-        if manifest_path(Path(f).parent).exists()
-    ]
+    files = shard_paths(list(cfg.input))
+    shard_folders = [str(Path(f).parent) for f in files if manifest_path(Path(f).parent).exists()]
     refuse_overwriting_inputs(
         {"profile.out": written},
-        {"profile.input": [*shard_paths(list(cfg.input)), *folders, *shard_folders]},
+        {"profile.input": [*files, *folders, *shard_folders]},
         "profile",
     )
 
