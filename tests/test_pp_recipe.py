@@ -237,8 +237,9 @@ def test_default_recipe_runs_the_documented_chain_and_records_it():
     rec = hist[2]["params"]
     assert rec["recipe"] == "cellprofiler" and rec["requested"] == "auto"
     # the same chain by hand with the library calls
-    # (fitted on the half of each plate's controls marked in Metadata_celldino_fit_control)
+    # (profile.fit_controls=split: X is fitted on every control, all marked True)
     fit = out.obs["Metadata_celldino_fit_control"].to_numpy(bool)
+    assert (fit == out.obs["Metadata_celldino_control"].to_numpy(bool)).all()
     b = ad.AnnData(X0, obs=a.obs.drop(columns=["Metadata_celldino_control"]).copy())
     b.var_names = [f"Cells_F{j}" for j in range(12)]
     pp.annotate(b, controls=CTRL)

@@ -116,7 +116,7 @@ def test_one_plate_skips_the_held_out_plate_analyses_and_runs_the_others(tmp_pat
     summary = json.loads((out / "summary.json").read_text())
     reason = summary["skipped"]["classify on learned"]
     assert "needs at least 2 groups, found only 'P1'" in reason and "split_by" in reason
-    assert 0 <= summary["metrics"]["nsc"]["NSC"]["learned"] <= 1
+    assert summary["metrics"]["nsc"]["NSC"]["learned"] > 0.5  # 3 MoAs 3 sigma apart: above chance
     assert summary["metrics"]["map_replicate"]["mAP"]["learned"] > 0
 
 

@@ -11,7 +11,7 @@ per-well CellProfiler profiles, odd weeks (`bench/profile_lowo.py`, docs/profili
 cellprofiler preset was chosen"; every fold there). Each held-out week's treatments are scored
 (NSC/NSCB) with every cross-plate step fitted on the other four weeks. It beats or matches
 pycytominer's workflow on every fold (NSC 53/56 vs 36/56 pooled, NSCB 30/32 vs 29/32); choosing
-among all 36 candidates inside each fold's training weeks gives 0.857 / 0.938 on the held-out
+among all 37 candidates inside each fold's training weeks gives 0.857 / 0.938 on the held-out
 weeks. The synthetic screen only checks the code (its ground truth), it does not choose.
 - normalise per plate to its controls (median, 1.4826·MAD), each feature's scale at least the
   median over plates of its control MAD (`normalize_floor_reference=controls`): with six DMSO
