@@ -70,6 +70,8 @@ class SynthConfig:
     channels: tuple[str, ...] = ("DNA", "ER", "RNA", "AGP", "Mito")  # channel names, DNA first
     protein_channel: bool = False  # add a 'Protein' channel with HPA-like localisation classes
     n_bad_images: int = -1  # planted out-of-focus and debris images (-1 = preset)
+    artefacts: tuple[str, ...] = ()  # artefact types to plant, with truth (empty = none)
+    artefact_rate: float = 0.03  # fraction of sites given each type in synth.artefacts
 
 
 @dataclass(frozen=True)
@@ -367,6 +369,15 @@ class Config:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "synth.preset": ("tiny", "demo", "custom"),
+    "synth.artefacts": (  # celldino.synth.artefacts.PLANTERS
+        "blur",
+        "saturated",
+        "debris",
+        "debris_dim",
+        "autofluorescence",
+        "noise",
+        "empty",
+    ),
     "prepare.illum_filter": ("polynomial", "median", "gaussian"),
     "prepare.normalization": ("percentile_image", "percentile_plate", "divisor", "none"),
     "prepare.segmentation": ("watershed", "masks", "locations"),
@@ -499,6 +510,7 @@ RANGES: dict[str, Range] = {
     "synth.image_size": Range(0, 4096),
     "synth.n_moas": Range(0, 6),
     "synth.n_bad_images": Range(-1),
+    "synth.artefact_rate": Range(0.0, 0.5),
     "prepare.illum_size": _COUNT,
     "prepare.illum_min_images": _COUNT,
     "prepare.norm_percentiles": Range(0.0, 100.0, pair=True),
@@ -635,6 +647,7 @@ NON_EMPTY = (
 )
 # List settings whose items must be distinct (a channel named twice is fed twice, another dropped).
 UNIQUE = (
+    "synth.artefacts",
     "prepare.channels",
     "train.channels",
     "extract.channels",
@@ -662,6 +675,10 @@ def check(cfg: Config) -> list[tuple[str, str]]:
         problem = component_problem(name)
         if problem:
             problems.append(("synth.channels", f"{problem}; it becomes a file name: rename it"))
+    if cfg.synth.artefact_rate != SynthConfig.artefact_rate and not cfg.synth.artefacts:
+        problems.append(  # a rate without types would plant nothing, silently
+            ("synth.artefact_rate", "is set but synth.artefacts is empty: name the types to plant")
+        )
     for key in ("prepare.nuclei_masks", "prepare.cell_masks"):
         problem = name_template_problem(getattr(cfg.prepare, key.split(".")[1]))
         if problem:
