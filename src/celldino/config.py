@@ -127,6 +127,10 @@ class PrepareConfig:
     feature_families: tuple[str, ...] = ("all",)  # measurement set: all, fast, or families
     feature_scale: float = 0.0  # divide intensities by this before measuring (0 = type max, 65535)
     workers: int = 1  # processes for segmentation, cropping and features
+    parts: int = 0  # split the screen into this many parts, each its own job (docs/cluster.md)
+    part: int = -1  # with parts: prepare only this part, 0 .. parts-1 (-1: plan/merge/all)
+    parts_dir: str = ""  # folder of the parts' outputs (empty = <out_dir>/prepare_parts)
+    scheduler: str = ""  # prepare-cluster: Dask scheduler address (empty = local, `workers`)
     seed: int = 0  # random seed for anything sampled while preparing
 
 
