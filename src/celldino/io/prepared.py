@@ -7,6 +7,9 @@
 `Cytoplasm_*`), `images.parquet` (the image set with QC, for the field dataset and reports),
 `inputs.parquet` (path, size, mtime_ns of every input file of the last prepare), `prepare.json` (fingerprint, channels, illumination file names,
 normalisation statistics) and `illum/<plate>.npy` (illumination functions, (C, H, W) float32).
+`celldino qc` (learned QC) adds `field_embeddings.parquet` (one row per field:
+`Metadata_Plate/Well/Site/ImageKey` + `femb_####`, with its identity in the Parquet key-value
+metadata `celldino`) and its `QC_Learned_*` columns to qc.parquet (`write_qc`).
 These tables are small (one row per image) or read by the profile stage through DuckDB; the
 readers load them whole.
 """
@@ -14,6 +17,7 @@ readers load them whole.
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +32,13 @@ IMAGES = "images.parquet"
 INPUTS = "inputs.parquet"
 STATE = "prepare.json"
 ILLUM = "illum"
+FIELD_EMBEDDINGS = "field_embeddings.parquet"
+FEMB_PREFIX = "femb_"
 
 __all__ = [
     "ENGINEERED",
+    "FEMB_PREFIX",
+    "FIELD_EMBEDDINGS",
     "ILLUM",
     "IMAGES",
     "INPUTS",
@@ -39,17 +47,60 @@ __all__ = [
     "STATE",
     "read_illumination",
     "read_engineered",
+    "read_field_embeddings",
     "read_images",
     "read_inputs",
     "read_qc",
     "read_skipped",
+    "write_field_embeddings",
     "write_illumination",
+    "write_qc",
 ]
 
 
 def read_qc(prep_dir: str | Path) -> pd.DataFrame:
     """The image QC table of a prepared folder (one row per image)."""
     return pd.read_parquet(Path(prep_dir) / QC)
+
+
+def write_qc(qc: pd.DataFrame, prep_dir: str | Path) -> Path:
+    """Write qc.parquet atomically (readers never see half a file); the caller holds the prep's
+    write lock (`celldino.io.lock.output_lock`)."""
+    from celldino.io.tables import write_parquet
+
+    return write_parquet(qc, Path(prep_dir) / QC)
+
+
+def write_field_embeddings(df: pd.DataFrame, prep_dir: str | Path, identity: dict) -> Path:
+    """Write field_embeddings.parquet atomically, with `identity` (JSON) in its metadata."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    meta = dict(table.schema.metadata or {})
+    meta[b"celldino"] = json.dumps(identity, sort_keys=True).encode()
+    buf = io.BytesIO()
+    pq.write_table(table.replace_schema_metadata(meta), buf)
+    return atomic_write_bytes(Path(prep_dir) / FIELD_EMBEDDINGS, buf.getvalue())
+
+
+def read_field_embeddings(prep_dir: str | Path, *, identity: bool = False):
+    """The field embeddings table of a prep folder (None when there is none); with `identity`,
+    (table, identity dict) (identity {} when unreadable)."""
+    import pyarrow.parquet as pq
+
+    path = Path(prep_dir) / FIELD_EMBEDDINGS
+    if not path.exists():
+        return None
+    table = pq.read_table(path)
+    df = table.to_pandas()
+    if not identity:
+        return df
+    try:
+        ident = json.loads((table.schema.metadata or {}).get(b"celldino", b"{}"))
+    except ValueError:
+        ident = {}
+    return df, ident
 
 
 def read_skipped(prep_dir: str | Path) -> pd.DataFrame:

@@ -1,0 +1,162 @@
+"""Learned artefact detection over field embeddings (issue 24): numpy and scikit-learn only.
+
+Two detectors over a (n_fields, F) matrix of field embeddings (`celldino.extract.fields`):
+
+- `outlier_scores(emb, groups, k)`: unsupervised, against the screen's own fields, per plate
+  (`groups`). Each feature is centred and scaled by the plate's median and MAD (robust: the
+  artefacts do not set the scale), each field's mean Euclidean distance to its k nearest other
+  fields of the plate is taken, and those distances are turned into a robust z-score within the
+  plate ((d − median) / (1.4826 · MAD)). Higher = more artefact-like; a plate of fewer than 3
+  fields gets 0 (nothing to compare with).
+- `FewShotDetector().fit(emb, labels)`: a few labelled fields ("clean" or an artefact type name)
+  → an L2-regularised multinomial logistic regression (`C=1`, `class_weight="balanced"`: no
+  setting to tune) on standardised embeddings. The standardisation is fitted on `reference`
+  (all the screen's fields, unlabelled) when given, else on the labelled fields. `.score(emb)`
+  is the probability of any artefact (1 − P(clean)), `.predict_type(emb)` the likeliest class.
+  Each class needs at least `MIN_PER_CLASS` (2) examples; 5 per class is the intended use.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from celldino.errors import DataError
+
+CLEAN = "clean"
+MIN_PER_CLASS = 2
+_MAD = 1.4826
+
+
+class ArtefactLabelError(DataError):
+    """Labels a few-shot detector cannot learn from (the message names the class and count)."""
+
+
+def _robust_center_scale(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column median and MAD·1.4826; a column whose MAD is 0 is scaled by its standard
+    deviation, and one with neither by 1."""
+    med = np.median(x, axis=0)
+    mad = _MAD * np.median(np.abs(x - med), axis=0)
+    sd = x.std(axis=0)
+    scale = np.where(mad > 1e-12, mad, np.where(sd > 1e-12, sd, 1.0))
+    return med, scale
+
+
+def robust_z(values: np.ndarray) -> np.ndarray:
+    """(values − median) / (1.4826 · MAD); the standard deviation stands in for a zero MAD,
+    and a constant vector gives zeros."""
+    v = np.asarray(values, dtype=np.float64)
+    if len(v) == 0:
+        return v
+    med = np.median(v)
+    mad = _MAD * np.median(np.abs(v - med))
+    if mad <= 1e-12:
+        mad = v.std()
+    if mad <= 1e-12:
+        return np.zeros_like(v)
+    return (v - med) / mad
+
+
+def knn_mean_distance(x: np.ndarray, k: int) -> np.ndarray:
+    """(n,) each row's mean Euclidean distance to its k nearest other rows (k capped at n − 1)."""
+    n = len(x)
+    if n < 2:
+        return np.zeros(n)
+    k = min(int(k), n - 1)
+    sq = np.einsum("ij,ij->i", x, x)
+    d2 = sq[:, None] + sq[None, :] - 2.0 * (x @ x.T)
+    np.fill_diagonal(d2, np.inf)
+    d2 = np.maximum(d2, 0.0)
+    part = np.partition(d2, k - 1, axis=1)[:, :k]
+    return np.sqrt(part).mean(axis=1)
+
+
+def outlier_scores(emb: np.ndarray, groups: np.ndarray | None = None, k: int = 10) -> np.ndarray:
+    """(n,) unsupervised artefact scores: per group (plate), robust-standardised embeddings,
+    mean distance to the k nearest other fields, as a robust z-score within the group (see the
+    module docstring). Groups of fewer than 3 fields score 0."""
+    x = np.asarray(emb, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"emb must be (n_fields, n_features), not shape {x.shape}")
+    if k < 1:
+        raise ValueError(f"k must be at least 1, not {k}")
+    n = len(x)
+    g = np.zeros(n, dtype=object) if groups is None else np.asarray(groups, dtype=object)
+    if len(g) != n:
+        raise ValueError(f"groups has {len(g)} values for {n} fields")
+    if not np.isfinite(x).all():
+        raise ValueError("emb holds non-finite values")
+    out = np.zeros(n)
+    for grp in dict.fromkeys(g.tolist()):
+        idx = np.flatnonzero(g == grp)
+        if len(idx) < 3:
+            continue
+        xg = x[idx]
+        med, scale = _robust_center_scale(xg)
+        d = knn_mean_distance((xg - med) / scale, k)
+        out[idx] = robust_z(d)
+    return out
+
+
+class FewShotDetector:
+    """Few-shot artefact classifier: standardised embeddings → regularised logistic regression.
+
+    `fit(emb, labels, reference=None)`: labels are strings, `"clean"` or an artefact type;
+    `score(emb)`: probability of any artefact; `predict_type(emb)`: the likeliest label.
+    """
+
+    def __init__(self, *, C: float = 1.0, clean: str = CLEAN, max_iter: int = 5000):
+        self.C, self.clean, self.max_iter = float(C), clean, int(max_iter)
+
+    def fit(
+        self, emb: np.ndarray, labels, *, reference: np.ndarray | None = None
+    ) -> FewShotDetector:
+        from sklearn.linear_model import LogisticRegression
+
+        x = np.asarray(emb, dtype=np.float64)
+        y = np.asarray([str(v) for v in labels], dtype=object)
+        if x.ndim != 2 or len(x) != len(y):
+            raise ValueError(f"emb {x.shape} and {len(y)} labels do not match")
+        classes, counts = np.unique(y, return_counts=True)
+        few = [(c, int(n)) for c, n in zip(classes, counts) if n < MIN_PER_CLASS]
+        if few:
+            shown = ", ".join(f"{c!r} ({n})" for c, n in few)
+            raise ArtefactLabelError(
+                f"label class(es) {shown} have fewer than {MIN_PER_CLASS} examples: label at "
+                f"least {MIN_PER_CLASS} fields of each class (5 or more is better), or drop "
+                "the class"
+            )
+        if self.clean not in classes:
+            raise ArtefactLabelError(
+                f"no field is labelled {self.clean!r} (labels: {sorted(classes)}): the "
+                f"detector learns artefacts against clean fields; label some {self.clean!r}"
+            )
+        if len(classes) < 2:
+            raise ArtefactLabelError(
+                f"every labelled field is {self.clean!r}: label at least {MIN_PER_CLASS} fields "
+                "of an artefact type (e.g. blur, debris) too"
+            )
+        ref = x if reference is None else np.asarray(reference, dtype=np.float64)
+        self.mean_ = ref.mean(axis=0)
+        sd = ref.std(axis=0)
+        self.scale_ = np.where(sd > 1e-12, sd, 1.0)
+        self.model_ = LogisticRegression(
+            C=self.C, class_weight="balanced", max_iter=self.max_iter
+        ).fit(self._z(x), y)
+        self.classes_ = np.asarray(self.model_.classes_, dtype=object)
+        self._clean_col = int(np.flatnonzero(self.classes_ == self.clean)[0])
+        return self
+
+    def _z(self, emb: np.ndarray) -> np.ndarray:
+        return (np.asarray(emb, dtype=np.float64) - self.mean_) / self.scale_
+
+    def proba(self, emb: np.ndarray) -> np.ndarray:
+        """(n, n_classes) class probabilities, columns in `classes_` order."""
+        return self.model_.predict_proba(self._z(emb))
+
+    def score(self, emb: np.ndarray) -> np.ndarray:
+        """(n,) probability that a field holds any artefact (1 − P(clean))."""
+        return 1.0 - self.proba(emb)[:, self._clean_col]
+
+    def predict_type(self, emb: np.ndarray) -> np.ndarray:
+        """(n,) the likeliest label of each field ("clean" or an artefact type)."""
+        return self.classes_[np.argmax(self.proba(emb), axis=1)]
