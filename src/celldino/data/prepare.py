@@ -151,7 +151,8 @@ def _check_crop_fits(cfg, iset: ImageSet) -> None:
 
 def _settings(cfg) -> dict:
     d = dataclasses.asdict(cfg)
-    for k in ("workers", "on_error", "out_dir"):
+    # how the work is spread (processes, parts, where they go) never changes a result
+    for k in ("workers", "on_error", "out_dir", "parts", "part", "parts_dir", "scheduler"):
         d.pop(k, None)
     return d
 
@@ -831,6 +832,30 @@ def prepare(cfg, *, after_site: Callable[[int, str], None] | None = None) -> Pat
 
 
 def _prepare(cfg, iset: ImageSet, out: Path, after_site) -> Path:
+    p1 = _pass1_cached(cfg, iset, out)
+    store, skipped2 = _pass2(cfg, iset, out, p1, p1.todo, after_site)
+    return _finish(cfg, iset, out, store, p1, skipped2)
+
+
+@dataclasses.dataclass
+class Pass1:
+    """What pass 1 hands pass 2: computed, or read back from prepare.json, qc.parquet and illum/
+    (`celldino.data.parts` hands the same to every part of a screen)."""
+
+    fp: str  # the prep's fingerprint (settings, sites, channels, inputs)
+    state: dict  # prepare.json
+    qc: pd.DataFrame
+    functions: dict  # illumination functions {plate: (C, H, W)}
+    skipped: list[dict]  # sites left out at reading (on_error=skip)
+    todo: list[int]  # the rows pass 2 prepares, in table order
+    qc_lookup: dict
+    dtype: np.dtype  # the crop store's
+    locations: pd.DataFrame | None
+
+
+def _pass1_cached(cfg, iset: ImageSet, out: Path, *, compute: bool = True) -> Pass1:
+    """Pass 1 (QC, illumination) of `out`: reused when prepare.json's fingerprint matches,
+    else computed (`compute=False`: refused instead, for `celldino prepare-merge`)."""
     chans = iset.channels
     dna_name = cfg.nuclei_channel if cfg.nuclei_channel in chans else chans[0]
     dna_index = chans.index(dna_name)
@@ -864,6 +889,14 @@ def _prepare(cfg, iset: ImageSet, out: Path, after_site) -> Path:
         state = read_json(state_path) if state_path.exists() else {}
     except ValueError:
         state = {}
+    if not compute and not (state.get("fingerprint") == fp and (out / QC).exists()):
+        what = _what_changed(out, state, inputs, stats, iset, cfg) if state else "no prepare.json"
+        if state.get("settings") not in (None, _json_like(settings)):
+            what = "the settings changed"
+        raise PrepareError(
+            f"{out} was planned from other inputs or settings than these ({what}); run "
+            "`celldino prepare-plan` again and then every part (docs/cluster.md)"
+        )
     has_store = (out / LEDGER).exists()  # our own files only: never clear a stranger's folder
     if state.get("fingerprint") != fp and (state or has_store):
         old_settings, new_settings = state.get("settings"), _json_like(settings)
@@ -888,45 +921,64 @@ def _prepare(cfg, iset: ImageSet, out: Path, after_site) -> Path:
 
     if state.get("fingerprint") == fp and (out / QC).exists():
         logger.info("pass 1 (QC, illumination) already done: reusing %s", out / QC)
+        return _read_pass1(cfg, iset, out, state, locations=locations, write_images=True)
+    qc, functions, plate_stats, skipped1, extra = _pass1(iset, cfg, dna_index)
+    dtypes = extra["dtypes"]
+    _store_dtype(dtypes, cfg)  # refuses before anything is written
+    write_parquet(stats, out / INPUTS)
+    write_parquet(qc, out / QC)
+    names = write_illumination(functions, out / ILLUM) if functions else {}
+    state = {
+        "fingerprint": fp,
+        "channels": chans,
+        "illumination": names,
+        "illumination_report": extra["illumination_report"],
+        "normalization": {
+            "method": cfg.normalization,
+            "percentiles": list(cfg.norm_percentiles),
+            "divisor": cfg.norm_divisor,
+            "plate": plate_stats,
+        },
+        "skipped_read": skipped1,
+        "settings": settings,
+        "inputs": inputs,
+        "dtypes": dtypes,
+        "nonfinite": extra["nonfinite"],
+    }
+    write_json(state_path, state)
+    return _read_pass1(
+        cfg, iset, out, state, locations=locations, write_images=True, computed=(qc, functions)
+    )
+
+
+def _read_pass1(
+    cfg,
+    iset: ImageSet,
+    out: Path,
+    state: dict,
+    *,
+    locations: pd.DataFrame | None = None,
+    write_images: bool = False,
+    computed: tuple | None = None,
+) -> Pass1:
+    """The Pass1 of a prep folder whose prepare.json is `state` (its fingerprint checked by the
+    caller); `write_images`: write images.parquet (the image set with QC) into `out`."""
+    if computed is not None:
+        qc, functions = computed
+    else:
         qc = read_qc(out)
         functions = (
             read_illumination(out / ILLUM, state["illumination"]) if state["illumination"] else {}
         )
-        plate_stats = state["normalization"].get("plate", {})
-        skipped1 = state.get("skipped_read", [])
-        dtypes = state.get("dtypes", {})
-    else:
-        qc, functions, plate_stats, skipped1, extra = _pass1(iset, cfg, dna_index)
-        dtypes = extra["dtypes"]
-        _store_dtype(dtypes, cfg)  # refuses before anything is written
-        write_parquet(stats, out / INPUTS)
-        write_parquet(qc, out / QC)
-        names = write_illumination(functions, out / ILLUM) if functions else {}
-        state = {
-            "fingerprint": fp,
-            "channels": chans,
-            "illumination": names,
-            "illumination_report": extra["illumination_report"],
-            "normalization": {
-                "method": cfg.normalization,
-                "percentiles": list(cfg.norm_percentiles),
-                "divisor": cfg.norm_divisor,
-                "plate": plate_stats,
-            },
-            "skipped_read": skipped1,
-            "settings": settings,
-            "inputs": inputs,
-            "dtypes": dtypes,
-            "nonfinite": extra["nonfinite"],
-        }
-        write_json(state_path, state)
+    skipped1 = state.get("skipped_read", [])
+    dtypes = state.get("dtypes", {})
     logger.info(qcmod.summary(qc))
-    # images.parquet: the image set with QC, for the field dataset and reports
-    images = iset.table.merge(qc, on="Metadata_ImageKey", how="left")
     skipped_keys = {s["Metadata_ImageKey"] for s in skipped1}
-    images["Skipped"] = images["Metadata_ImageKey"].isin(skipped_keys)
-    images["QC_Pass"] = images["QC_Pass"].astype("boolean").fillna(False).astype(bool)
-    write_parquet(images, out / IMAGES)
+    if write_images:  # images.parquet: the image set with QC, for the field dataset and reports
+        images = iset.table.merge(qc, on="Metadata_ImageKey", how="left")
+        images["Skipped"] = images["Metadata_ImageKey"].isin(skipped_keys)
+        images["QC_Pass"] = images["QC_Pass"].astype("boolean").fillna(False).astype(bool)
+        write_parquet(images, out / IMAGES)
 
     qc_cols = ["QC_Flags", "QC_Pass"]
     qc_lookup = {r["Metadata_ImageKey"]: {c: r[c] for c in qc_cols} for _, r in qc.iterrows()}
@@ -938,32 +990,47 @@ def _prepare(cfg, iset: ImageSet, out: Path, after_site) -> Path:
         write_parquet(pd.DataFrame(skipped1, columns=_SKIP_COLUMNS), out / SKIPPED)
         n_qc = len(iset) - len(skipped_keys)
         raise _nothing_prepared(out, len(iset), skipped1, n_qc)
-    dtype = _store_dtype(dtypes, cfg)
+    return Pass1(
+        fp=state["fingerprint"],
+        state=state,
+        qc=qc,
+        functions=functions,
+        skipped=skipped1,
+        todo=todo_all,
+        qc_lookup=qc_lookup,
+        dtype=_store_dtype(dtypes, cfg),
+        locations=locations,
+    )
+
+
+def _pass2(cfg, iset: ImageSet, out: Path, p1: Pass1, rows: list[int], after_site):
+    """Pass 2 of the sites `rows` (QC-passing, in table order) into the crop store in `out`,
+    resuming after the sites it holds: (store, sites skipped with on_error=skip)."""
     store = CropStore(
         out,
-        channels=chans,
+        channels=iset.channels,
         crop_size=cfg.crop_size,
-        dtype=dtype,
+        dtype=p1.dtype,
         attrs={"source": str(cfg.load_data or cfg.image_dir)},
-        settings_fingerprint=fp,
+        settings_fingerprint=p1.fp,
     )
-    todo = [i for i in todo_all if not store.has(iset.key(i))]
-    if len(todo) < len(todo_all):
+    todo = [i for i in rows if not store.has(iset.key(i))]
+    if len(todo) < len(rows):
         logger.info(
             "resuming: %d of %d sites already in the store",
-            len(todo_all) - len(todo),
-            len(todo_all),
+            len(rows) - len(todo),
+            len(rows),
         )
-    ctx = {"cfg": cfg, "iset": iset, "illum": functions, "qc": qc_lookup}
-    if locations is not None:
-        ctx["locations"] = locations
+    ctx = {"cfg": cfg, "iset": iset, "illum": p1.functions, "qc": p1.qc_lookup}
+    if p1.locations is not None:
+        ctx["locations"] = p1.locations
     if cfg.features and cfg.segmentation == "locations":
         logger.warning("engineered features need masks: none computed with segmentation=locations")
     feat_dir = out / "features_parts"
     feat_dir.mkdir(exist_ok=True)
     skipped2 = []
     n_outside = 0
-    done = len(todo_all) - len(todo)
+    done = len(rows) - len(todo)
     for res in log.progress(
         _run_sites(todo, ctx, cfg.workers), total=len(todo), desc="cells → crops"
     ):
@@ -992,18 +1059,24 @@ def _prepare(cfg, iset: ImageSet, out: Path, after_site) -> Path:
         done += 1
         if after_site is not None:
             after_site(done, key)
+    return store, skipped2
 
-    norm = dict(state["normalization"])
+
+def _finish(cfg, iset: ImageSet, out: Path, store: CropStore, p1: Pass1, skipped2) -> Path:
+    """cells.parquet, the store's attributes, skipped.parquet and engineered.parquet of a store
+    holding every site of the prep (a single run's, or the parts' merged)."""
+    norm = dict(p1.state["normalization"])
     if cfg.normalization == "percentile_image":
         norm["image"] = {s["key"]: s["info"] for s in store.ledger["sites"]}
-    cells = store.finalize({"normalization": norm, "settings_fingerprint": fp})
-    skipped = pd.DataFrame(skipped1 + skipped2, columns=_SKIP_COLUMNS)
+    cells = store.finalize({"normalization": norm, "settings_fingerprint": p1.fp})
+    skipped = pd.DataFrame(p1.skipped + skipped2, columns=_SKIP_COLUMNS)
     write_parquet(skipped, out / SKIPPED)
     if len(skipped):
         logger.warning("%d sites skipped (see %s)", len(skipped), out / SKIPPED)
     if not store.ledger["sites"]:  # every site left out: not a result (a rerun says it again)
-        n_qc = len(iset) - len(skipped_keys) - len(todo_all)
-        raise _nothing_prepared(out, len(iset), skipped1 + skipped2, n_qc)
+        n_qc = len(iset) - len({s["Metadata_ImageKey"] for s in p1.skipped}) - len(p1.todo)
+        raise _nothing_prepared(out, len(iset), p1.skipped + skipped2, n_qc)
+    feat_dir = out / "features_parts"
     if cfg.features and cfg.segmentation != "locations":
         parts = [
             pd.read_parquet(feat_dir / s["part"])
