@@ -18,6 +18,7 @@ prepare writes it; every failure the user can fix is a `celldino.errors.UserErro
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -796,6 +797,14 @@ def prepare(cfg, *, after_site: Callable[[int, str], None] | None = None) -> Pat
     before anything is computed. A disk that fills up (or a folder that turns read-only) raises
     `OutputError`; what was committed stays intact and the rerun resumes.
     """
+    iset, out = open_inputs(cfg)
+    with output_lock(out, "prepare"), write_errors(out):
+        return _prepare(cfg, iset, out, after_site)
+
+
+def open_inputs(cfg) -> tuple[ImageSet, Path]:
+    """(image set, prep folder) of a PrepareConfig: the table and settings checked, no input
+    written over, the folder proven writable; nothing computed, nothing locked."""
     out = Path(cfg.out_dir)
     iset = ImageSet.from_config(cfg)
     _check(cfg, iset.channels)
@@ -818,17 +827,23 @@ def prepare(cfg, *, after_site: Callable[[int, str], None] | None = None) -> Pat
         owned=[out / name for name in _OUTPUT_DIRS],
     )
     require_writable(out, "prepare.out_dir")
-    with output_lock(out, "prepare"):
-        try:
-            return _prepare(cfg, iset, out, after_site)
-        except OSError as e:
-            if isinstance(e, UserError) or e.errno not in WRITE_ERRNOS:
-                raise
-            raise OutputError(
-                f"prepare: writing {e.filename or out} failed ({e.strerror or e}); free space "
-                f"or fix permissions in {out} and rerun: the sites already committed are kept "
-                "and the rerun resumes after them"
-            ) from e
+    return iset, out
+
+
+@contextlib.contextmanager
+def write_errors(out: Path):
+    """A full disk or read-only folder met while writing `out`: `OutputError` saying a rerun
+    resumes (what was committed stays intact)."""
+    try:
+        yield
+    except OSError as e:
+        if isinstance(e, UserError) or e.errno not in WRITE_ERRNOS:
+            raise
+        raise OutputError(
+            f"prepare: writing {e.filename or out} failed ({e.strerror or e}); free space "
+            f"or fix permissions in {out} and rerun: the sites already committed are kept "
+            "and the rerun resumes after them"
+        ) from e
 
 
 def _prepare(cfg, iset: ImageSet, out: Path, after_site) -> Path:
