@@ -121,6 +121,14 @@ def cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_qc(args: argparse.Namespace) -> int:
+    from celldino.extract.learned_qc import run_learned_qc
+
+    cfg = _config(args)
+    print(run_learned_qc(cfg.qc))
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from celldino.train import train
 
@@ -243,6 +251,12 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int], list[str], l
         "images → cells table, single-cell crop store, QC and engineered features",
         cmd_prepare,
         ["prepare"],
+        [],
+    ),
+    "qc": (
+        "learned image QC: field embeddings → outlier and few-shot artefact flags in qc.parquet",
+        cmd_qc,
+        ["qc"],
         [],
     ),
     "train": (

@@ -331,6 +331,22 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class QCConfig:
+    prep: str = ""  # prepared folder (prepare.out_dir) whose fields learned QC scores
+    checkpoint: str = "random"  # encoder: run dir, checkpoint, DINO/DINOv2 weights, or random
+    which: str = "teacher"  # network of a two-network checkpoint: teacher or student
+    detector: str = "outlier"  # outlier (no labels), fewshot (labelled fields) or both
+    labels: str = ""  # table of Metadata_ImageKey, Metadata_QC_Label (empty = load-data column)
+    outlier_z: float = 5.0  # flag learned_outlier above this outlier score (robust z per plate)
+    fewshot_threshold: float = 0.5  # flag learned_fewshot above this artefact probability
+    neighbours: int = 10  # outlier score: mean distance to this many nearest fields of the plate
+    tile: int = 0  # tile side in px, resized to the model's input (0 = the model's input side)
+    batch_size: int = 16  # tiles per forward pass
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    exclude: bool = False  # learned flags exclude images from prepare's cells (as classical QC)
+
+
+@dataclass(frozen=True)
 class ReportConfig:
     out: str = "runs/report.html"  # the self-contained HTML report
     title: str = "celldino report"  # heading of the report
@@ -362,6 +378,7 @@ class Config:
     extract: ExtractConfig = field(default_factory=ExtractConfig)  # checkpoint → embeddings
     profile: ProfileConfig = field(default_factory=ProfileConfig)  # embeddings → profiles
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)  # profiles → metrics
+    qc: QCConfig = field(default_factory=QCConfig)  # learned artefact detection (`celldino qc`)
     report: ReportConfig = field(default_factory=ReportConfig)  # metrics → report.html
     run: RunConfig = field(default_factory=RunConfig)  # the whole pipeline (`celldino run`, `demo`)
 
@@ -414,6 +431,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "extract.field_pool": ("mean", "median"),
     "extract.dtype": ("float32", "float16"),
     "extract.format": ("parquet", "h5ad"),
+    "qc.which": ("teacher", "student"),
+    "qc.detector": ("outlier", "fewshot", "both"),
     "profile.formats": ("h5ad", "parquet", "csv"),
     "profile.method": ("mean", "median"),
     "profile.nonfinite": ("drop_feature", "drop_row", "error"),
@@ -449,6 +468,7 @@ _DEVICE = (r"auto|cpu|(cuda|mps|xpu)(:\d+)?", "auto, cpu, cuda, cuda:N (or mps, 
 PATTERNS: dict[str, tuple[str, str]] = {
     "train.device": _DEVICE,
     "extract.device": _DEVICE,
+    "qc.device": _DEVICE,
     "profile.sphere_shrinkage": (
         r"|oas|ledoit_wolf|ratio|cv|none|[01]|0?\.\d+|1\.0*",
         "oas, ledoit_wolf, ratio, cv, none, a number in [0, 1], or '' (from profile.recipe)",
@@ -611,6 +631,10 @@ RANGES: dict[str, Range] = {
     "extract.resize": Range(-1.0),
     "extract.shard_size": _POSITIVE,
     "extract.attention_sample": _COUNT,
+    "qc.fewshot_threshold": Range(0.0, 1.0, low_open=True),
+    "qc.neighbours": _POSITIVE,
+    "qc.tile": _COUNT,
+    "qc.batch_size": _POSITIVE,
     "profile.threads": _COUNT,
     "profile.mad_epsilon": Range(0.0),
     "profile.sphere_epsilon": Range(0.0),

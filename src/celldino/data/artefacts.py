@@ -97,6 +97,31 @@ def outlier_scores(emb: np.ndarray, groups: np.ndarray | None = None, k: int = 1
     return out
 
 
+def check_labels(labels, *, clean: str = CLEAN) -> None:
+    """Refuse labels a few-shot detector cannot learn from (ArtefactLabelError naming the class
+    and its count): a class with fewer than `MIN_PER_CLASS` examples, no `clean` class, or
+    clean fields only."""
+    y = np.asarray([str(v) for v in labels], dtype=object)
+    classes, counts = np.unique(y, return_counts=True)
+    few = [(c, int(n)) for c, n in zip(classes, counts) if n < MIN_PER_CLASS]
+    if few:
+        shown = ", ".join(f"{c!r} ({n})" for c, n in few)
+        raise ArtefactLabelError(
+            f"label class(es) {shown} have fewer than {MIN_PER_CLASS} examples: label at "
+            f"least {MIN_PER_CLASS} fields of each class (5 or more is better), or drop the class"
+        )
+    if clean not in classes:
+        raise ArtefactLabelError(
+            f"no field is labelled {clean!r} (labels: {sorted(classes)}): the detector learns "
+            f"artefacts against clean fields; label some {clean!r}"
+        )
+    if len(classes) < 2:
+        raise ArtefactLabelError(
+            f"every labelled field is {clean!r}: label at least {MIN_PER_CLASS} fields of an "
+            "artefact type (e.g. blur, debris) too"
+        )
+
+
 class FewShotDetector:
     """Few-shot artefact classifier: standardised embeddings → regularised logistic regression.
 
@@ -116,25 +141,7 @@ class FewShotDetector:
         y = np.asarray([str(v) for v in labels], dtype=object)
         if x.ndim != 2 or len(x) != len(y):
             raise ValueError(f"emb {x.shape} and {len(y)} labels do not match")
-        classes, counts = np.unique(y, return_counts=True)
-        few = [(c, int(n)) for c, n in zip(classes, counts) if n < MIN_PER_CLASS]
-        if few:
-            shown = ", ".join(f"{c!r} ({n})" for c, n in few)
-            raise ArtefactLabelError(
-                f"label class(es) {shown} have fewer than {MIN_PER_CLASS} examples: label at "
-                f"least {MIN_PER_CLASS} fields of each class (5 or more is better), or drop "
-                "the class"
-            )
-        if self.clean not in classes:
-            raise ArtefactLabelError(
-                f"no field is labelled {self.clean!r} (labels: {sorted(classes)}): the "
-                f"detector learns artefacts against clean fields; label some {self.clean!r}"
-            )
-        if len(classes) < 2:
-            raise ArtefactLabelError(
-                f"every labelled field is {self.clean!r}: label at least {MIN_PER_CLASS} fields "
-                "of an artefact type (e.g. blur, debris) too"
-            )
+        check_labels(y, clean=self.clean)
         ref = x if reference is None else np.asarray(reference, dtype=np.float64)
         self.mean_ = ref.mean(axis=0)
         sd = ref.std(axis=0)

@@ -205,6 +205,61 @@ class CropStore:
         return cells
 
 
+def store_sites(prep_dir: str | Path) -> list[str]:
+    """The keys of the sites in a prep folder's crop store, in store order ([] without one)."""
+    path = Path(prep_dir) / LEDGER
+    if not path.exists():
+        return []
+    return [str(s["key"]) for s in read_json(path, _redo(prep_dir))["sites"]]
+
+
+def drop_sites(prep_dir: str | Path, keys: set[str]) -> list[str]:
+    """Cut the store back to the sites before the first site in `keys`; returns the keys of
+    every site removed (those in `keys` and all after them, which a rerun of prepare redoes).
+
+    The ledger is the truth (as for missing chunks): it is cut back and marked unfinished,
+    cells.parquet removed (never a stale finished table) and the array shrunk to the ledger.
+    The caller holds the prep folder's write lock. Nothing happens when no site is in `keys`.
+    """
+    prep = Path(prep_dir)
+    path = prep / LEDGER
+    if not path.exists():
+        return []
+    ledger = read_json(path, _redo(prep))
+    sites = ledger["sites"]
+    first = next((i for i, s in enumerate(sites) if str(s["key"]) in keys), None)
+    if first is None:
+        return []
+    keep = sites[:first]
+    new_n = keep[-1]["start"] + keep[-1]["count"] if keep else 0
+    (prep / CELLS).unlink(missing_ok=True)
+    ledger.update({"sites": keep, "n": new_n, "done": False})
+    write_json(path, ledger)  # the commit point: a kill after it leaves a store prepare resumes
+    if (prep / CROPS).exists():
+        import zarr
+
+        arr = zarr.open_array(str(prep / CROPS), mode="r+", config=_ARRAY_CONFIG)
+        if arr.shape[0] > new_n:
+            arr.resize((new_n, *arr.shape[1:]))
+    return [str(s["key"]) for s in sites[first:]]
+
+
+def mark_unfinished(prep_dir: str | Path) -> bool:
+    """Mark a finished store unfinished (cells.parquet removed, ledger `done` false) so that
+    readers refuse it until prepare adds the sites it lacks; True when it was finished."""
+    prep = Path(prep_dir)
+    path = prep / LEDGER
+    if not path.exists():
+        return False
+    ledger = read_json(path, _redo(prep))
+    was = bool(ledger.get("done")) or (prep / CELLS).exists()
+    (prep / CELLS).unlink(missing_ok=True)
+    if ledger.get("done"):
+        ledger["done"] = False
+        write_json(path, ledger)
+    return was
+
+
 def _redo(prep_dir: str | Path) -> str:
     return f"rerun `celldino prepare` with prepare.out_dir={prep_dir}"
 

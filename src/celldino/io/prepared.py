@@ -54,6 +54,7 @@ __all__ = [
     "read_skipped",
     "write_field_embeddings",
     "write_illumination",
+    "write_images",
     "write_qc",
 ]
 
@@ -69,6 +70,13 @@ def write_qc(qc: pd.DataFrame, prep_dir: str | Path) -> Path:
     from celldino.io.tables import write_parquet
 
     return write_parquet(qc, Path(prep_dir) / QC)
+
+
+def write_images(images: pd.DataFrame, prep_dir: str | Path) -> Path:
+    """Write images.parquet atomically (prepare, and `celldino qc` updating its QC columns)."""
+    from celldino.io.tables import write_parquet
+
+    return write_parquet(images, Path(prep_dir) / IMAGES)
 
 
 def write_field_embeddings(df: pd.DataFrame, prep_dir: str | Path, identity: dict) -> Path:
