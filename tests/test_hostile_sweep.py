@@ -187,12 +187,38 @@ def test_a_nul_character_in_a_plate_name_is_named_not_an_hdf5_traceback(run_cli,
     assert "Traceback" not in text and _written(out) == []
 
 
-def test_a_semicolon_separated_table_for_profile_names_the_separator(run_cli, tmp_path):
+def test_a_semicolon_separated_table_for_profile_is_read_as_prepare_reads_it(run_cli, tmp_path):
+    """Excel's `;` CSV: read_table (prepare, evaluate) splits it on `;`, and so does profile's
+    DuckDB reader now: the profiles equal those of the same cells given as Parquet."""
     cells = pd.read_parquet(_cells(tmp_path))
+    cells["Metadata_Plate"] = cells["Metadata_Plate"].str.replace("P", "00")  # text as written
+    cells.to_parquet(tmp_path / "cells.parquet", index=False)
     (tmp_path / "cells.csv").write_text(cells.to_csv(index=False, sep=";"))
     rc, text, out = _profile(run_cli, tmp_path, tmp_path / "cells.csv")
-    assert rc == 2 and "cells.csv" in text and "separated by ';', not ','" in text, text
-    assert "Binder Error" not in text and _written(out) == []
+    assert rc == 0, text
+    from_csv = pd.read_parquet(out / "wells.parquet")
+    rc, text = run_cli(
+        "profile",
+        f"profile.input={tmp_path / 'cells.parquet'}",
+        f"profile.out={tmp_path / 'pq' / 'wells'}",
+        "profile.formats=parquet",
+    )
+    assert rc == 0, text
+    from_parquet = pd.read_parquet(tmp_path / "pq" / "wells.parquet")
+    assert set(from_csv["Metadata_Plate"]) == {"001", "002"}  # not the numbers 1 and 2
+    pd.testing.assert_frame_equal(from_csv, from_parquet, check_exact=False, rtol=1e-9)
+
+
+def test_csv_inputs_split_two_ways_are_refused_naming_both(run_cli, tmp_path):
+    cells = pd.read_parquet(_cells(tmp_path))
+    folder = tmp_path / "cells"
+    folder.mkdir()
+    half = len(cells) // 2
+    (folder / "a.csv").write_text(cells.iloc[:half].to_csv(index=False, sep=";"))
+    (folder / "b.csv").write_text(cells.iloc[half:].to_csv(index=False))
+    rc, text, out = _profile(run_cli, tmp_path, folder)
+    assert rc == 2 and "a.csv by ';'" in text and "b.csv by ','" in text, text
+    assert "Traceback" not in text and _written(out) == []
 
 
 def test_a_header_only_table_for_profile_says_it_has_no_rows(run_cli, tmp_path):

@@ -51,7 +51,9 @@ LAYOUTS = [
 ]
 
 
-def _screen(tmp_path: Path, plates=("P",) * 4, moas=("a",) * 4, extra=None, ld="ld.csv"):
+def _screen(
+    tmp_path: Path, plates=("P",) * 4, moas=("a",) * 4, extra=None, ld="ld.csv", wells=None
+):
     """Four hand-made 2-channel sites (3 nuclei each); the load-data CSV written as text so the
     file holds exactly the strings given."""
     folder = tmp_path / "img"
@@ -60,7 +62,7 @@ def _screen(tmp_path: Path, plates=("P",) * 4, moas=("a",) * 4, extra=None, ld="
     for k, yx in enumerate(LAYOUTS):
         row = {
             "Metadata_Plate": plates[k],
-            "Metadata_Well": f"A0{k + 1}",
+            "Metadata_Well": wells[k] if wells else f"A0{k + 1}",
             "Metadata_Site": "1",
             "Metadata_MoA": moas[k],
         }
@@ -428,3 +430,109 @@ def test_a_selection_comparing_text_metadata_with_a_number_reads_numbers(tmp_pat
     assert select(df, "Metadata_Dose == '0.0'").tolist() == [False, True, False, False]
     with pytest.raises(QueryError, match="Metadata_Compound.*'DMSO'"):
         select(df, "Metadata_Compound == 0")
+
+
+# ---- names that meet after `/` → `_`, doses spelt two ways, counts, channels last ------------
+
+
+def test_sites_whose_names_meet_after_underscores_keep_their_own_masks(run_cli, tmp_path):
+    """Plate `P_1` well `A01` and plate `P` well `1_A01` both read `P_1_A01_1` with `/` → `_`:
+    the second site's saved masks replaced the first's. Each key now has its own files, and each
+    holds its own site's nuclei (the hand-placed centres of its layout)."""
+    from celldino.io.masks import mask_paths, read_masks, site_stem
+
+    path = _screen(tmp_path, plates=("P_1", "P", "Q", "Q"), wells=("A01", "1_A01", "A03", "A04"))
+    out = tmp_path / "prep"
+    rc, text = _prep(run_cli, path, out, "prepare.illumination=false", "prepare.save_masks=true")
+    assert rc == 0, text
+    keys = ["P_1/A01/1", "P/1_A01/1"]
+    assert mask_paths(out, keys[0]) != mask_paths(out, keys[1])
+    assert site_stem("Q/A03/1") == "Q_A03_1"  # a plain key keeps the readable name of 0.3
+    for k, key in enumerate(keys):
+        nuclei, _ = read_masks(out, key)
+        assert all(nuclei[y, x] > 0 for y, x in LAYOUTS[k]), key
+        other = LAYOUTS[1 - k]
+        assert sum(nuclei[y, x] > 0 for y, x in other) < len(other), key
+    assert len(list((out / "masks").glob("*_nuclei.tiff"))) == 4
+
+
+def test_one_dose_spelt_two_ways_is_one_treatment(caplog):
+    """Doses are text as written: `1` and `1.0` were two treatments (replicate groups of one
+    well each). The evaluation makes them one, warning with the spellings; `10 uM` is left as
+    written."""
+    from celldino.eval.runner import FeatureSet, check_columns
+
+    meta = pd.DataFrame(
+        {"Metadata_Compound": ["a", "a", "a", "b"], "Metadata_Dose": ["1", "1.0", "3", "1e0"]}
+    )
+    fs = {"cp": FeatureSet("cp", meta, np.zeros((4, 2)), ["f0", "f1"], "wells.csv", "k")}
+    with caplog.at_level(logging.WARNING, logger="celldino"):
+        check_columns(fs, {}, {})
+    assert fs["cp"].meta["Metadata_Dose"].tolist() == ["1", "1", "3", "1"]
+    said = [r.getMessage() for r in caplog.records if "spells one dose" in r.getMessage()]
+    assert len(said) == 1 and "1 = 1.0 = 1e0" in said[0], said
+    worded = meta.assign(Metadata_Dose=["1", "1.0", "10 uM", "1"])
+    fs = {"cp": FeatureSet("cp", worded.copy(), np.zeros((4, 2)), ["f0", "f1"], "w.csv", "k")}
+    check_columns(fs, {}, {})
+    assert fs["cp"].meta["Metadata_Dose"].tolist() == worded["Metadata_Dose"].tolist()
+
+
+def test_consensus_groups_doses_by_number_and_keeps_the_users_count(caplog):
+    """pp.consensus: `1` and `1.0` one group (its median equals pandas' over float doses), and
+    a Metadata_Count_Replicates already in the input is kept as ..._input, not overwritten."""
+    import anndata as ad
+
+    from celldino.pp import consensus
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(6, 3))
+    obs = pd.DataFrame(
+        {
+            "Metadata_Compound": ["a", "a", "a", "b", "b", "b"],
+            "Metadata_Dose": ["1", "1.0", "1", "3", "3.0", "0.3"],
+            "Metadata_Count_Replicates": ["4", "4", "4", "2", "2", "2"],
+        },
+        index=[str(i) for i in range(6)],
+    )
+    adata = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=["f0", "f1", "f2"]))
+    with caplog.at_level(logging.WARNING, logger="celldino"):
+        out = consensus(adata, by=["Metadata_Compound", "Metadata_Dose"])
+    truth = (
+        pd.DataFrame(X, columns=["f0", "f1", "f2"])
+        .assign(c=obs["Metadata_Compound"].to_numpy(), d=obs["Metadata_Dose"].astype(float).values)
+        .groupby(["c", "d"])
+        .median()
+    )
+    assert out.n_obs == len(truth) == 3
+    got = out.obs.assign(d=out.obs["Metadata_Dose"].astype(float))
+    for i, (c, d) in enumerate(zip(got["Metadata_Compound"], got["d"])):
+        np.testing.assert_allclose(out.X[i], truth.loc[(c, d)].to_numpy())
+    counts = dict(zip(out.obs["Metadata_Dose"], out.obs["Metadata_Count_Replicates"]))
+    assert counts == {"1": 3, "3": 2, "0.3": 1}
+    kept = dict(zip(out.obs["Metadata_Dose"], out.obs["Metadata_Count_Replicates_input"]))
+    assert kept == {"1": "4", "3": "2", "0.3": "2"}
+    assert any("Metadata_Count_Replicates_input" in r.getMessage() for r in caplog.records)
+
+
+def test_a_channels_last_npy_is_refused_not_read_as_rows(run_cli, tmp_path):
+    """An (H, W, C) .npy was a stack of H planes: `Frame_DNA=0` read the first row of pixels
+    (64 x 2) as the image. It is refused naming the shape and the fix; (C, H, W) and
+    (H, W, 1) still read."""
+    from celldino.io.images import ImageReadError, read_image
+
+    img = np.stack([_disk(LAYOUTS[0]), _disk(LAYOUTS[0], value=1500.0, seed=3)], axis=-1)
+    np.save(tmp_path / "hwc.npy", img)
+    with pytest.raises(ImageReadError, match=r"shape \(64, 64, 2\).*np.moveaxis"):
+        read_image(tmp_path / "hwc.npy", frame=0)
+    np.save(tmp_path / "chw.npy", np.moveaxis(img, -1, 0))
+    np.testing.assert_array_equal(read_image(tmp_path / "chw.npy", frame=1), img[..., 1])
+    np.save(tmp_path / "hw1.npy", img[..., :1])
+    np.testing.assert_array_equal(read_image(tmp_path / "hw1.npy"), img[..., 0])
+    ld = tmp_path / "ld.csv"
+    ld.write_text(
+        "Metadata_Plate,Metadata_Well,Metadata_Site,FileName_DNA,PathName_DNA,Frame_DNA,"
+        f"FileName_ER,PathName_ER,Frame_ER\nP,A01,1,hwc.npy,{tmp_path},0,hwc.npy,{tmp_path},1\n"
+    )
+    rc, text = _prep(run_cli, ld, tmp_path / "prep")
+    assert rc == 2 and "hwc.npy" in text and "channels as the last axis" in text, text
+    assert "Traceback" not in text

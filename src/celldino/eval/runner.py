@@ -460,6 +460,30 @@ def check_columns(sets: dict, given: dict[str, str], where: dict[str, str]) -> N
                 )
     warn_default_dose_absent(sets, given)
     warn_moa_lists_unsplit(sets, given)
+    one_dose_per_number(sets, given.get("dose") or Columns().dose)
+
+
+def one_dose_per_number(sets: dict, dose: str) -> None:
+    """Doses are read as text as written; `1` and `1.0` are one dose, so the spellings of one
+    number become one (`io.tables.one_spelling_per_number`) before any treatment or replicate
+    group is made, with a warning naming them."""
+    from celldino.io.tables import one_spelling_per_number
+
+    for fs in sets.values():
+        tables = [fs.meta] + ([fs.activity[0]] if fs.activity is not None else [])
+        for k, meta in enumerate(tables):
+            if dose not in meta.columns:
+                continue
+            meta[dose], merged = one_spelling_per_number(meta[dose])
+            if merged and k == 0:
+                logger.warning(
+                    "feature set '%s' (%s): column %s spells one dose several ways (%s); each "
+                    "number is one dose, named by its first spelling",
+                    fs.name,
+                    fs.source,
+                    dose,
+                    "; ".join(" = ".join(sp) for sp in merged[:5]),
+                )
 
 
 # separators that join several MoAs in one cell (LINCS / Drug Repurposing Hub write 'a|b')

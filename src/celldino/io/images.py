@@ -47,8 +47,24 @@ def _suffix(path: Path) -> str:
     return path.suffix.lower()
 
 
+def _refuse_channels_last(shape: tuple[int, ...], path: Path) -> None:
+    """An array of (H, W, channels), as numpy and scikit-image write colour and multi-channel
+    images: read as a stack of planes it would be H planes of W x channels pixels, so refuse it.
+    Taken for channels last: a last axis of at most 16 that is at least 4 times smaller than
+    each of the two before it (a stack of 1080 planes of 1080 x 5 pixels is not an image)."""
+    if len(shape) == 3 and 1 < shape[2] <= 16 and min(shape[0], shape[1]) >= 4 * shape[2]:
+        raise ImageReadError(
+            path,
+            f"has shape {tuple(shape)}: {shape[0]}x{shape[1]} pixels with {shape[2]} channels as "
+            "the last axis; celldino reads a stack as (planes, height, width): save it as "
+            "np.moveaxis(image, -1, 0) (then Frame_<CH> picks the channel) or one file per "
+            "channel",
+        )
+
+
 def _select_plane(arr, frame: int | None, path: Path):
     """Reduce an array-like of ndim 2 or 3 to one (H, W) plane."""
+    _refuse_channels_last(tuple(arr.shape), path)
     if arr.ndim == 2:
         if frame not in (None, 0):
             raise ImageReadError(path, f"frame {frame} asked for, but the image has one plane")
@@ -183,7 +199,9 @@ def image_shape(path: str | Path) -> tuple[int, int]:
                 _refuse_rgb(path, tif.series[0])  # its last two axes are not (H, W)
                 return tuple(tif.series[0].shape[-2:])  # type: ignore[return-value]
         if suffix == ".npy":
-            return tuple(np.load(path, mmap_mode="r").shape[-2:])  # type: ignore[return-value]
+            shape = np.load(path, mmap_mode="r").shape
+            _refuse_channels_last(shape, path)
+            return tuple(shape[-2:])  # type: ignore[return-value]
     except ImageReadError:
         raise
     except Exception as e:

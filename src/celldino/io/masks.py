@@ -16,13 +16,15 @@ What prepare saves (`prepare.save_masks`), per site, under the prep folder:
 TIFF, readable by napari, Fiji and tifffile; label k is the cell whose `Metadata_ObjectNumber` is k
 in cells.parquet) and, with `prepare.save_outlines`, `outlines/<site>.png` (the DNA channel in
 grey with nuclei outlines in green and cell outlines in magenta). `<site>` is the image key with
-`/` replaced by `_` (`site_stem`).
+`/` replaced by `_`, plus `~` and a hash of the key where a name holds `_` or another character
+that would make two keys one file name (`site_stem`).
 """
 
 from __future__ import annotations
 
 import ast
 import codecs
+import hashlib
 import io
 import pickle
 import struct
@@ -176,8 +178,19 @@ def _checked_labels(path: Path, mask: np.ndarray) -> np.ndarray:
 
 
 def site_stem(key: str) -> str:
-    """A file-name-safe stem for an image key ('P01/A01/1' → 'P01_A01_1')."""
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in key)
+    """A file-name-safe stem for an image key, one per key ('P01/A01/1' → 'P01_A01_1').
+
+    `/` becomes `_`. Where that loses information (a name holding `_` or a character other than
+    letters, digits, `-` and `.`), two keys could meet in one stem (plate `P_1` well `A01` and
+    plate `P` well `1_A01` both read `P_1_A01_1`), so such a stem ends in `~` and 12 hex digits
+    of the key's SHA-1: `~` never occurs in a plain stem, so stems stay one per key.
+    """
+    parts = key.split("/")
+    plain = all(p and all(ch.isalnum() or ch in "-." for ch in p) for p in parts)
+    stem = "_".join("".join(ch if ch.isalnum() or ch in "-." else "_" for ch in p) for p in parts)
+    if plain:
+        return stem
+    return f"{stem}~{hashlib.sha1(key.encode('utf-8')).hexdigest()[:12]}"
 
 
 def mask_paths(prep_dir: str | Path, key: str) -> tuple[Path, Path]:

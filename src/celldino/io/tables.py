@@ -77,6 +77,20 @@ def csv_header(path: str | Path, sep: str | None = None, encoding: str = "utf-8-
     return [str(c).strip() for c in head.iloc[0].tolist()] if len(head) else []
 
 
+def csv_separator(path: str | Path, encoding: str = "utf-8-sig") -> str:
+    """The separator of a delimited text table: a tab for `.tsv`, else a comma, unless the
+    header read so is one column holding `;`, a tab or a comma (Excel writes `;` where the
+    decimal mark is a comma): then that one. Every reader of user tables (pandas here, DuckDB in
+    `pp.aggregate`) splits a file by this, so none reads a table another refuses."""
+    sep = "\t" if ".tsv" in Path(path).name.lower() else ","
+    names = csv_header(path, sep, encoding)
+    if len(names) == 1:
+        other = next((c for c in (";", "\t", ",") if c != sep and c in names[0]), None)
+        if other:
+            return other
+    return sep
+
+
 # Columns that hold text whatever their cells look like: metadata (barcodes, well names, doses
 # as written), file names and locations; cytotable spells the image metadata Image_Metadata_*.
 TEXT_COLUMN = re.compile(
@@ -95,6 +109,31 @@ def _not_a_number(values: pd.Series) -> pd.Series:
         except ValueError:
             out[i] = True
     return out
+
+
+def one_spelling_per_number(values: pd.Series) -> tuple[pd.Series, list[list[str]]]:
+    """A column of a numeric role read as text, as `Metadata_*` are (doses `1`, `1.0`, `1e0`):
+    the spellings of one number made one (the first in the column), so they group as one value;
+    also the merged spellings, for a warning. Unchanged, with none merged, when the column is not
+    text or a filled cell is not a number (`10 uM` stays as written)."""
+    original = values
+    if isinstance(values.dtype, pd.CategoricalDtype):  # an .h5ad's obs
+        values = values.astype(object)
+    if not (pd.api.types.is_object_dtype(values) or pd.api.types.is_string_dtype(values)):
+        return original, []
+    filled = values.dropna().astype(str)
+    if filled.empty or _not_a_number(filled).any():
+        return original, []
+    spellings: dict[float, list[str]] = {}
+    for text in dict.fromkeys(filled):  # each spelling once, in the column's order
+        number = float(text)
+        if number == number:  # NaN spelt out stays as written
+            spellings.setdefault(number, []).append(text)
+    merged = [sp for sp in spellings.values() if len(sp) > 1]
+    if not merged:
+        return original, []
+    one = {t: sp[0] for sp in merged for t in sp}
+    return values.map(lambda v: one.get(v, v) if isinstance(v, str) else v), merged
 
 
 def type_columns(df: pd.DataFrame, path: str | Path, *, features: bool) -> pd.DataFrame:
@@ -192,7 +231,6 @@ def read_table(path: str | Path, *, features: bool = False, text: bool = False) 
             raise LoadDataError(
                 f"table {path} is empty (0 bytes); it needs a header line and one row per site"
             )
-        sep = "\t" if ".tsv" in name else ","
         encodings = _ENCODINGS
         if not name.endswith((".gz", ".bz2", ".zip", ".xz", ".zst")):
             with open(path, "rb") as f:
@@ -200,12 +238,8 @@ def read_table(path: str | Path, *, features: bool = False, text: bool = False) 
                     encodings = ("utf-16",)
         for enc in encodings:
             try:
+                sep = csv_separator(path, enc)  # Excel's ';' or tabs in a .csv too
                 names = csv_header(path, sep, enc)
-                if len(names) == 1:  # one column: another separator (Excel's ';' or tabs)?
-                    other = next((c for c in (";", "\t", ",") if c != sep and c in names[0]), None)
-                    if other:
-                        sep = other
-                        names = csv_header(path, sep, enc)
                 check_unique_names(names, str(path))
                 # text columns (metadata, file names) as text; only an empty cell is missing
                 # (None, NA, null are values); the other columns parsed as numbers where they are

@@ -27,7 +27,13 @@ import pandas as pd
 
 from celldino.errors import DataError
 from celldino.io.profiles import frame_to_anndata, shard_paths, table_kind
-from celldino.io.tables import TEXT_COLUMN, check_unique_names, csv_header, row_label
+from celldino.io.tables import (
+    TEXT_COLUMN,
+    check_unique_names,
+    csv_header,
+    csv_separator,
+    row_label,
+)
 from celldino.log import get_logger, progress
 from celldino.pp.steps import record
 
@@ -78,12 +84,27 @@ def _reader(files: list[str]) -> str:
         # metadata and file names as text, as written (io.tables.read_table reads them so too):
         # DuckDB's sniffer would make the plate 000123 the number 123
         types = ", ".join(f"'{_lit(c)}': 'VARCHAR'" for c in _duck_text_names(tuple(files)))
+        # split as read_table splits (Excel's ';'): DuckDB's sniffer would guess per file
+        delim = f"delim='{_lit(_separator(files))}'"
         return (
-            f"read_csv(?, union_by_name=true, types={{{types}}})"
+            f"read_csv(?, union_by_name=true, {delim}, types={{{types}}})"
             if types
-            else ("read_csv(?, union_by_name=true)")
+            else f"read_csv(?, union_by_name=true, {delim})"
         )
     return "read_parquet(?, union_by_name=true)"
+
+
+def _separator(files: list[str]) -> str:
+    """The one separator of the CSV inputs (`io.tables.csv_separator`); DuckDB reads them all
+    with one, so files written with two are refused naming one of each."""
+    seps = {f: csv_separator(f) for f in files}
+    if len(set(seps.values())) > 1:
+        a, b = ({s: f for f, s in seps.items()}[s] for s in sorted(set(seps.values()))[:2])
+        raise DataError(
+            f"profile inputs are separated two ways: {a} by {seps[a]!r} and {b} by {seps[b]!r}; "
+            "save them with one separator (or as Parquet)"
+        )
+    return next(iter(seps.values()))
 
 
 def _duck_text_names(files: tuple[str, ...]) -> list[str]:
@@ -139,15 +160,8 @@ def _file_columns(path: str) -> list[str]:
     keep both, the second as X_1, and a feature would count twice)."""
     try:
         if table_kind(path) == "csv":
-            names = csv_header(path)
-            sep = "\t" if ".tsv" in Path(path).name.lower() else ","
-            other = next((c for c in (";", "\t", ",") if c != sep and c in names[0]), None)
-            if len(names) == 1 and other:  # Excel's ';' (read_table reads it; DuckDB's types
-                raise DataError(  # given by name would then name no column)
-                    f"{path}: its header is one column holding {other!r}: the table is "
-                    f"separated by {other!r}, not {sep!r}; save it comma-separated (or as "
-                    "Parquet) for `celldino profile`"
-                )
+            sep = csv_separator(path)
+            names = csv_header(path, sep)
             if pd.read_csv(path, sep=sep, nrows=1, dtype=str, encoding_errors="replace").empty:
                 raise DataError(  # (said before: features=infer found no feature column)
                     f"{path}: a header line and no data rows: 0 cells to aggregate"
@@ -195,7 +209,12 @@ def _refuse_text_cell(files: list[str], column: str, n_text: int) -> None:
             continue
         if table_kind(f) == "csv":
             values = pd.read_csv(
-                f, usecols=[column], dtype=str, keep_default_na=False, na_values=[""]
+                f,
+                sep=csv_separator(f),
+                usecols=[column],
+                dtype=str,
+                keep_default_na=False,
+                na_values=[""],
             )[column]
         else:
             values = pd.read_parquet(f, columns=[column])[column]
