@@ -24,6 +24,7 @@ site, so a seed always gives the same bytes, independently of the order sites ar
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import string
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from celldino.io.images import write_tiff
 from celldino.io.lock import output_lock
 from celldino.io.tables import write_csv, write_parquet
 from celldino.names import safe_component
+from celldino.synth import artefacts
 from celldino.synth.biology import (
     CONTROL_COMPOUND,
     FACTORS,
@@ -171,6 +173,15 @@ def make_screen(
     problem = RANGES["synth.image_size"].problem(cfg.image_size)  # before anything is allocated
     if problem:
         raise ConfigError(f"synth.image_size: {problem}")
+    unknown = [k for k in cfg.artefacts if k not in artefacts.ARTEFACTS]
+    if unknown:  # a config file is checked on loading; a SynthConfig built in Python is not
+        raise ConfigError(
+            f"synth.artefacts: {unknown[0]!r} is not an artefact type; choose from "
+            + ", ".join(artefacts.ARTEFACTS)
+        )
+    problem = RANGES["synth.artefact_rate"].problem(cfg.artefact_rate)
+    if problem:
+        raise ConfigError(f"synth.artefact_rate: {problem}")
     layout = resolve_layout(cfg)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -188,6 +199,8 @@ def make_screen(
             f"synth.channels {channels} has names that differ only in case; their image files "
             "would be one file on a case-insensitive disk (macOS, Windows): rename one"
         )
+    if cfg.artefacts:  # too many artefacts for the sites: refused before anything is written
+        _planted_sites(cfg, layout, len(plate_map(cfg, layout)) * layout.sites_per_well)
     check_output_folder(out)
     require_writable(out, setting)
     with output_lock(out, "synth"):  # one writer: two seeds never mix in one screen
@@ -248,6 +261,24 @@ def _clear_own_outputs(out: Path) -> None:
             shutil.rmtree(out / name)
 
 
+def _planted_sites(
+    cfg: SynthConfig, layout: Layout, n_sites: int
+) -> tuple[dict[int, str], dict[int, str]]:
+    """({site index: 'blur' | 'debris'} drawn by the camera (n_bad_images), {site index:
+    artefact type} planted after it (synth.artefacts, in sites free of the first))."""
+    bad_rng = np.random.default_rng([cfg.seed, 31])
+    bad_idx = bad_rng.choice(n_sites, size=min(layout.n_bad_images, n_sites), replace=False)
+    bad_kind = {int(i): ("blur" if j % 2 == 0 else "debris") for j, i in enumerate(sorted(bad_idx))}
+    # own streams: every site without an artefact keeps its bytes
+    try:
+        art_kind = artefacts.pick_sites(
+            n_sites, tuple(cfg.artefacts), cfg.artefact_rate, cfg.seed, set(bad_kind)
+        )
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return bad_kind, art_kind
+
+
 def _draw(out: Path, cfg: SynthConfig, layout: Layout, channels: list[str]) -> None:
     kinds = [channel_kind(c, i) for i, c in enumerate(channels)]
     pm = plate_map(cfg, layout)
@@ -271,10 +302,7 @@ def _draw(out: Path, cfg: SynthConfig, layout: Layout, channels: list[str]) -> N
                 float(v) for v in layout.image_size * (0.5 + tech_rng.normal(0, 0.05, 2))
             ),
         }
-    n_sites = len(pm) * layout.sites_per_well
-    bad_rng = np.random.default_rng([cfg.seed, 31])
-    bad_idx = bad_rng.choice(n_sites, size=min(layout.n_bad_images, n_sites), replace=False)
-    bad_kind = {int(i): ("blur" if j % 2 == 0 else "debris") for j, i in enumerate(sorted(bad_idx))}
+    bad_kind, art_kind = _planted_sites(cfg, layout, len(pm) * layout.sites_per_well)
 
     load_rows, cell_rows, image_rows = [], [], []
     sites = [(wi, s) for wi in range(len(pm)) for s in range(layout.sites_per_well)]
@@ -298,11 +326,12 @@ def _draw(out: Path, cfg: SynthConfig, layout: Layout, channels: list[str]) -> N
             cells.append(CellSpec(cx, cy, f, mitotic, loc))
         signal, nuc_lab, cell_lab, info = render_site(layout.image_size, cells, kinds, rng)
 
-        qc = bad_kind.get(site_idx, "ok")
+        legacy = bad_kind.get(site_idx, "ok")  # drawn by the camera
+        qc = art_kind.get(site_idx, legacy)
         tech = plate_tech[plate]
         offset = rng.uniform(0, 30, len(channels)).astype(np.float32)  # per-well background offset
         debris = None
-        if qc == "debris":
+        if legacy == "debris":
             debris = (*rng.uniform(0.3, 0.7, 2) * layout.image_size, layout.image_size * 0.12)
         img = camera(
             signal,
@@ -310,10 +339,17 @@ def _draw(out: Path, cfg: SynthConfig, layout: Layout, channels: list[str]) -> N
             offset=offset,
             vignette=tech["vignette"],
             vignette_centre=tech["centre"],
-            defocus=4.0 if qc == "blur" else 0.0,
+            defocus=4.0 if legacy == "blur" else 0.0,
             debris=debris,
             rng=rng,
         )
+        planted: dict = {}
+        if site_idx in art_kind:
+            art_rng = np.random.default_rng([cfg.seed, 41, p_idx, wi, s])
+            img, planted = artefacts.plant(qc, img, art_rng, nucleus_px=artefacts.SYNTH_NUCLEUS_PX)
+            if qc == "empty":  # no cells left: none in the truth, none in the masks
+                cells, info = [], []
+                nuc_lab, cell_lab = np.zeros_like(nuc_lab), np.zeros_like(cell_lab)
         stem = f"{plate}_{well}_s{s + 1}"
         img_dir, mask_dir = out / "images" / plate, out / "masks" / plate
         load = {}
@@ -338,6 +374,8 @@ def _draw(out: Path, cfg: SynthConfig, layout: Layout, channels: list[str]) -> N
                 **{f"offset_{ch}": float(offset[c]) for c, ch in enumerate(channels)},
                 "mask_nuclei": str((mask_dir / f"{stem}_nuclei.tif").resolve()),
                 "mask_cells": str((mask_dir / f"{stem}_cells.tif").resolve()),
+                # what was planted (only in screens asked for artefacts: default tables unchanged)
+                **({"artefact_params": json.dumps(planted, sort_keys=True)} if art_kind else {}),
             }
         )
         for i, (cell, m) in enumerate(zip(cells, info)):
@@ -372,6 +410,11 @@ def _draw(out: Path, cfg: SynthConfig, layout: Layout, channels: list[str]) -> N
             "n_sites": len(load_df),
             "n_cells": len(cell_rows),
             "n_bad_images": len(bad_kind),
+            **(
+                {"n_artefacts": {k: list(art_kind.values()).count(k) for k in cfg.artefacts}}
+                if art_kind
+                else {}
+            ),
         },
     )
     logger.info(
