@@ -167,63 +167,48 @@ def _ap_block(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """AP of each query row of a (B, n) similarity block: copairs' ranking, ties averaged."""
     key = 1 - sim.to(torch.float32)  # (B, n): copairs ranks float32 `1 - similarity`
-    max_pos = int(pos.sum(dim=1).max()) if len(pos) else 0
-    if max_pos <= SORT_ABOVE_POSITIVES:
-        return _ap_block_count(key, pos, neg, max_pos)
-    return _ap_block_sort(key, pos, neg)
-
-
-def _ap_block_count(
-    key: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, max_pos: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Few positives: rank of the j-th best positive = j + negatives with a strictly smaller key
-    (a binary search in the row's sorted negative keys); a negative with an equal key makes the
-    term its average over the tie (`_tie_precision`)."""
-    inf = torch.tensor(float("inf"), dtype=key.dtype)
     num_pos = pos.sum(dim=1)  # (B,)
     total = num_pos + neg.sum(dim=1)
+    max_pos = int(num_pos.max()) if len(pos) else 0
     ap = torch.zeros(len(key), dtype=torch.float64)
     if max_pos > 0:
-        pos_keys = torch.topk(torch.where(pos, key, inf), max_pos, dim=1, largest=False).values
-        pos_keys = pos_keys.contiguous()  # (B, max_pos), ascending
-        neg_sorted = torch.sort(torch.where(neg, key, inf), dim=1).values  # (B, n)
-        less = torch.searchsorted(neg_sorted, pos_keys)
-        n_eq = torch.searchsorted(neg_sorted, pos_keys, right=True) - less
-        p_less = torch.searchsorted(pos_keys, pos_keys)
-        p_eq = torch.searchsorted(pos_keys, pos_keys, right=True) - p_less
-        j = torch.arange(1, max_pos + 1)
-        prec = _tie_precision(j.expand_as(less), p_less, p_eq, less, n_eq)  # (B, max_pos)
-        ap = torch.where(j <= num_pos[:, None], prec, 0.0).sum(dim=1)
+        ap = _precision_sum(*_sorted_keys(key, pos, neg, max_pos), num_pos)
     with np.errstate(divide="ignore", invalid="ignore"):
         out = ap.numpy() / num_pos.numpy()
     out[(num_pos == 0).numpy()] = np.nan
     return out, num_pos.numpy(), total.numpy()
 
 
-def _ap_block_sort(
-    key: torch.Tensor, pos_t: torch.Tensor, neg_t: torch.Tensor
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Many positives: sort each row's positive and negative keys once; each positive's
-    precision from binary searches as in `_ap_block_count` (ties averaged, `_tie_precision`)."""
+def _sorted_keys(
+    key: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, max_pos: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query's `max_pos` smallest positive keys and all its negative keys, ascending (inf
+    where a candidate is not one). `key` (..., n) and the masks broadcast. Few positives: the
+    smallest by `topk`; many: one full sort is faster."""
     inf = torch.tensor(float("inf"), dtype=key.dtype)
-    num_pos = pos_t.sum(dim=1)
-    total = num_pos + neg_t.sum(dim=1)
-    max_pos = int(num_pos.max()) if len(num_pos) else 0
-    pos_keys = torch.sort(torch.where(pos_t, key, inf), dim=1).values[:, :max_pos].contiguous()
-    neg_sorted = torch.sort(torch.where(neg_t, key, inf), dim=1).values
-    del key
-    less = torch.searchsorted(neg_sorted, pos_keys)
+    pos_key = torch.where(pos, key, inf)
+    if max_pos <= SORT_ABOVE_POSITIVES:
+        pos_keys = torch.topk(pos_key, max_pos, dim=-1, largest=False).values
+    else:
+        pos_keys = torch.sort(pos_key, dim=-1).values[..., :max_pos]
+    del pos_key
+    return pos_keys.contiguous(), torch.sort(torch.where(neg, key, inf), dim=-1).values
+
+
+def _precision_sum(
+    pos_keys: torch.Tensor, neg_sorted: torch.Tensor, num_pos: torch.Tensor
+) -> torch.Tensor:
+    """Σ of each query's precision terms (float64): the rank of its j-th best positive is j plus
+    the negatives with a strictly smaller key (a binary search in its sorted negative keys); a
+    negative with an equal key makes the term its average over the tie (`_tie_precision`).
+    `pos_keys` (..., max_pos) of which the first `num_pos` (...,) are positives."""
+    less = torch.searchsorted(neg_sorted, pos_keys)  # negatives strictly before
     n_eq = torch.searchsorted(neg_sorted, pos_keys, right=True) - less
-    del neg_sorted
     p_less = torch.searchsorted(pos_keys, pos_keys)
     p_eq = torch.searchsorted(pos_keys, pos_keys, right=True) - p_less
-    j = torch.arange(1, max_pos + 1)
+    j = torch.arange(1, pos_keys.shape[-1] + 1)
     prec = _tie_precision(j.expand_as(less), p_less, p_eq, less, n_eq)
-    prec_sum = torch.where(j <= num_pos[:, None], prec, 0.0).sum(dim=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ap = prec_sum.numpy() / num_pos.numpy()
-    ap[num_pos.numpy() == 0] = np.nan
-    return ap, num_pos.numpy(), total.numpy()
+    return torch.where(j <= num_pos[..., None], prec, 0.0).sum(dim=-1)
 
 
 def has_ties(X: np.ndarray) -> bool:
@@ -458,22 +443,10 @@ PERM_MAX_ROWS = 4000  # above this many profiles the summary mAP gets no p_perm
 def _ap_sorted(
     key: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, max_pos: int
 ) -> torch.Tensor:
-    """AP of (R, q, n) ranking keys with fixed (q, n) positive / negative masks: each positive's
-    precision from the negatives ranked before it (a binary search in the row's sorted negative
-    keys; a tie averaged over its orders, `_tie_precision`). (R, q) float64."""
-    inf = torch.tensor(float("inf"), dtype=key.dtype)
-    pos_keys = torch.topk(torch.where(pos, key, inf), max_pos, dim=-1, largest=False).values
-    pos_keys = pos_keys.contiguous()
-    neg_sorted = torch.sort(torch.where(neg, key, inf), dim=-1).values
-    less = torch.searchsorted(neg_sorted, pos_keys)  # negatives strictly before
-    n_eq = torch.searchsorted(neg_sorted, pos_keys, right=True) - less
-    p_less = torch.searchsorted(pos_keys, pos_keys)
-    p_eq = torch.searchsorted(pos_keys, pos_keys, right=True) - p_less
-    j = torch.arange(1, max_pos + 1, dtype=torch.float64)
+    """AP of (R, q, n) ranking keys with fixed (q, n) positive / negative masks, as `_ap_block`
+    ranks (ties averaged). (R, q) float64."""
     num = pos.sum(dim=-1)  # (q,)
-    prec = _tie_precision(j.expand_as(less), p_less, p_eq, less, n_eq)
-    prec = torch.where(j <= num[:, None], prec, 0.0)
-    return prec.sum(dim=-1) / num
+    return _precision_sum(*_sorted_keys(key, pos, neg, max_pos), num) / num
 
 
 def permuted_map_null(
