@@ -1,0 +1,305 @@
+"""Learned artefact detection (issue 24): field embeddings, the two detectors, `celldino qc`.
+
+Each piece is checked against an independent computation: the pooled field embedding against
+tiles cut and embedded by hand, the outlier score against scikit-learn's NearestNeighbors, the
+few-shot detector against scikit-learn's LogisticRegression, and the command's qc.parquet
+columns against the detectors run on the stored field embeddings. Exclusion is checked on the
+cells prepare writes afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from celldino.config import ModelConfig, PrepareConfig
+from celldino.data.artefacts import FewShotDetector, outlier_scores, robust_z
+from celldino.data.prepare import prepare
+from celldino.extract.fields import field_embeddings, field_scale, pool_tiles
+from celldino.io.checkpoints import write_safetensors
+from celldino.models import VisionTransformer, build_model
+
+CHANNELS = ["DNA", "ER", "RNA", "AGP", "Mito"]
+
+
+# ---- field embeddings ----------------------------------------------------------------------
+
+
+def _tiny_vit(in_chans: int = 2, side: int = 16) -> VisionTransformer:
+    torch.manual_seed(0)
+    return VisionTransformer(
+        img_size=side, patch_size=8, in_chans=in_chans, embed_dim=8, depth=1, num_heads=2
+    ).eval()
+
+
+def _by_hand(model, field: np.ndarray, scale: np.ndarray, tile: int, side: int) -> np.ndarray:
+    """Tiles of a centred grid, embedded one at a time, [mean, max] of their class tokens."""
+    x = field.astype(np.float32) / scale[:, None, None]
+    _, H, W = x.shape
+    ny, nx = H // tile, W // tile
+    y0, x0 = (H - ny * tile) // 2, (W - nx * tile) // 2
+    feats = []
+    for i in range(ny):
+        for j in range(nx):
+            t = torch.from_numpy(
+                np.ascontiguousarray(
+                    x[:, y0 + i * tile : y0 + (i + 1) * tile, x0 + j * tile : x0 + (j + 1) * tile]
+                )
+            )[None]
+            if tile != side:
+                t = torch.nn.functional.interpolate(
+                    t, size=(side, side), mode="bilinear", align_corners=False, antialias=True
+                )
+            with torch.no_grad():
+                feats.append(model(t)["cls"][0].numpy())
+    f = np.stack(feats)
+    return np.concatenate([f.mean(0), f.max(0)])
+
+
+def test_field_embeddings_pool_tiles_as_computed_by_hand():
+    model = _tiny_vit()
+    rng = np.random.default_rng(0)
+    # 37 x 50 px: a 2 x 3 grid of 16 px tiles with a border of 5 / 2 px left over
+    fields = [rng.integers(0, 4000, (2, 37, 50)).astype(np.uint16) for _ in range(3)]
+    fields[1][1, 3:20, 4:30] = 4095  # a bright blob in one field
+    scale = np.array([1000.0, 2000.0], np.float32)
+    got = field_embeddings(fields, model, channels_in=["a", "b"], batch_size=4, scale=scale)
+    want = np.stack([_by_hand(model, f, scale, 16, 16) for f in fields])
+    assert got.shape == (3, 16) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    # tiles of another side are resized to the model's input
+    got32 = field_embeddings(fields, model, channels_in=["a", "b"], tile=24, scale=scale)
+    want32 = np.stack([_by_hand(model, f, scale, 24, 16) for f in fields])
+    np.testing.assert_allclose(got32, want32, rtol=1e-4, atol=1e-5)
+    # pool_tiles is [mean, max]
+    f = rng.normal(size=(5, 3))
+    np.testing.assert_allclose(pool_tiles(f), np.r_[f.mean(0), f.max(0)], rtol=1e-6)
+
+
+def test_field_channels_matched_by_name_and_scale_is_per_plate_not_per_image():
+    model = _tiny_vit()
+    rng = np.random.default_rng(1)
+    fields = [rng.integers(0, 4000, (2, 32, 32)).astype(np.uint16) for _ in range(5)]
+    scale = field_scale(fields)
+    # the plate scale: the median over fields of each field's 99.8th percentile
+    want = np.median([np.percentile(f.reshape(2, -1), 99.8, axis=1) for f in fields], axis=0)
+    np.testing.assert_allclose(scale, want, rtol=1e-5)
+    base = field_embeddings(fields, model, channels_in=["a", "b"])
+    swapped = [f[::-1] for f in fields]
+    by_name = field_embeddings(swapped, model, channels_in=["b", "a"], model_channels=["a", "b"])
+    np.testing.assert_allclose(by_name, base, rtol=1e-5, atol=1e-6)
+    # a field twice as bright embeds differently (per-image scaling would make it identical)
+    bright = field_embeddings(
+        [fields[0] * 2, fields[0]], model, channels_in=["a", "b"], scale=scale
+    )
+    assert np.abs(bright[0] - bright[1]).max() > 1e-3
+
+
+# ---- detectors -----------------------------------------------------------------------------
+
+
+def test_outlier_scores_match_sklearn_nearest_neighbours():
+    from sklearn.neighbors import NearestNeighbors
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 6))
+    groups = np.repeat(["P1", "P2"], 30)
+    x[30:] = x[30:] * 3 + 5  # the second plate has another centre and spread
+    planted = [3, 17, 44]
+    x[planted] += 8.0
+    k = 5
+    got = outlier_scores(x, groups, k=k)
+    want = np.zeros(60)
+    for g in ("P1", "P2"):
+        idx = np.flatnonzero(groups == g)
+        xg = x[idx]
+        med = np.median(xg, axis=0)
+        mad = 1.4826 * np.median(np.abs(xg - med), axis=0)
+        z = (xg - med) / mad
+        dist, _ = NearestNeighbors(n_neighbors=k + 1).fit(z).kneighbors(z)
+        d = dist[:, 1:].mean(axis=1)  # the first neighbour is the field itself
+        dmed = np.median(d)
+        want[idx] = (d - dmed) / (1.4826 * np.median(np.abs(d - dmed)))
+    np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-8)
+    # the planted outliers are the three highest, per plate scaled alike
+    assert set(np.argsort(got)[-3:]) == set(planted)
+    np.testing.assert_allclose(robust_z(np.array([1.0, 1.0, 1.0])), 0.0)
+
+
+def test_fewshot_detector_is_balanced_logistic_regression_on_standardised_embeddings():
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(200, 10))
+    ref[:, 0] *= 5
+    shift = {"clean": 0.0, "blur": 3.0, "debris": -3.0}
+    labels = np.array(["clean"] * 5 + ["blur"] * 5 + ["debris"] * 5)
+    x = rng.normal(size=(15, 10))
+    for i, lab in enumerate(labels):
+        x[i, 1] += shift[lab]
+    det = FewShotDetector().fit(x, labels, reference=ref)
+    mean, sd = ref.mean(0), ref.std(0)
+    lr = LogisticRegression(C=1.0, class_weight="balanced", max_iter=5000).fit(
+        (x - mean) / sd, labels
+    )
+    test = rng.normal(size=(30, 10))
+    test[:10, 1] += 3
+    p = lr.predict_proba((test - mean) / sd)
+    clean = list(lr.classes_).index("clean")
+    np.testing.assert_allclose(det.score(test), 1 - p[:, clean], rtol=1e-6, atol=1e-8)
+    assert list(det.predict_type(test)) == list(lr.classes_[p.argmax(1)])
+    # held-out blurred fields score above clean ones (5 labels per class suffice)
+    assert det.score(test[:10]).mean() > det.score(test[10:]).mean()
+
+
+# ---- celldino qc on a prepared screen ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def made(tiny_screen, tmp_path_factory):
+    """(load-data table, prep folder, a tiny 5-channel checkpoint with its channel names)."""
+    root = tmp_path_factory.mktemp("learned_qc")
+    ld = tiny_screen / "load_data.csv"
+    prep = prepare(
+        PrepareConfig(load_data=str(ld), out_dir=str(root / "prep"), features=False, crop_size=32)
+    )
+    mcfg = ModelConfig(
+        arch="vit_tiny", patch_size=8, in_chans=5, img_size=32, depth=1, drop_path_rate=0.0
+    )
+    torch.manual_seed(0)
+    net = build_model(mcfg).eval()
+    sd = {f"teacher.backbone.{k}": v for k, v in net.state_dict().items()}
+    ckpt = root / "model.safetensors"
+    write_safetensors(ckpt, sd, {"model_config": dataclasses.asdict(mcfg)}, channels=CHANNELS)
+    return ld, prep, ckpt
+
+
+def _copy(prep: Path, dest: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(prep, dest, ignore=shutil.ignore_patterns(".celldino.lock")))
+
+
+def _labels(prep: Path, path: Path) -> Path:
+    """2 'artefact' labels (the planted blur and debris images) and 6 'clean' ones."""
+    images = pd.read_parquet(prep / "images.parquet")
+    bad = images.loc[images["Metadata_QC_Truth"] != "ok", "Metadata_ImageKey"].tolist()
+    ok = images.loc[images["Metadata_QC_Truth"] == "ok", "Metadata_ImageKey"].tolist()[:6]
+    pd.DataFrame(
+        {
+            "Metadata_ImageKey": bad + ok,
+            "Metadata_QC_Label": ["artefact"] * len(bad) + ["clean"] * len(ok),
+        }
+    ).to_csv(path, index=False)
+    return path
+
+
+def test_qc_command_writes_the_detectors_scores_into_qc_parquet(made, tmp_path, run_cli):
+    _, prep0, ckpt = made
+    prep = _copy(prep0, tmp_path / "prep")
+    labels = _labels(prep, tmp_path / "labels.csv")
+    before = pd.read_parquet(prep / "qc.parquet")
+    rc, text = run_cli(
+        "qc",
+        f"qc.prep={prep}",
+        f"qc.checkpoint={ckpt}",
+        "qc.detector=both",
+        f"qc.labels={labels}",
+        "qc.outlier_z=3",
+        "-q",
+    )
+    assert rc == 0, text
+    qc = pd.read_parquet(prep / "qc.parquet")
+    emb = pd.read_parquet(prep / "field_embeddings.parquet")
+    assert len(emb) == len(qc) == 32
+    feats = [c for c in emb.columns if c.startswith("femb_")]
+    assert len(feats) == 2 * 192  # [mean, max] of vit_tiny's class tokens
+    # the scores are the detectors' on the stored embeddings, row for row by image key
+    e = emb.set_index("Metadata_ImageKey").loc[qc["Metadata_ImageKey"]]
+    X = e[feats].to_numpy(float)
+    want = outlier_scores(X, e["Metadata_Plate"].to_numpy(), k=10)
+    np.testing.assert_allclose(qc["QC_Learned_Outlier"], want, rtol=1e-6)
+    lab = pd.read_csv(labels).set_index("Metadata_ImageKey")["Metadata_QC_Label"]
+    det = FewShotDetector().fit(
+        e.loc[lab.index, feats].to_numpy(float), lab.to_numpy(), reference=X
+    )
+    np.testing.assert_allclose(qc["QC_Learned_FewShot"], det.score(X), rtol=1e-6)
+    assert list(qc["QC_Learned_Type"]) == list(det.predict_type(X))
+    # flags by detector, beside the classical ones, which are unchanged
+    assert (qc["QC_Flag_learned_outlier"] == (qc["QC_Learned_Outlier"] > 3)).all()
+    assert (qc["QC_Flag_learned_fewshot"] == (qc["QC_Learned_FewShot"] > 0.5)).all()
+    for c in ("QC_Blur", "QC_Flag_blur", "QC_Flag_debris"):
+        assert (qc[c] == before[c]).all()
+    for flags, o, f in zip(
+        qc["QC_Flags"], qc["QC_Flag_learned_outlier"], qc["QC_Flag_learned_fewshot"]
+    ):
+        assert ("learned_outlier" in flags.split(";")) == o
+        assert ("learned_fewshot" in flags.split(";")) == f
+    # not excluding (the default): QC_Pass is classical QC's alone
+    assert (qc["QC_Pass"] == before["QC_Pass"]).all() and not qc["QC_Learned_Excluded"].any()
+    # a rerun gives the same table (the embeddings are reused)
+    rc, _ = run_cli(
+        "qc", f"qc.prep={prep}", f"qc.checkpoint={ckpt}", "qc.detector=both",
+        f"qc.labels={labels}", "qc.outlier_z=3", "-q",
+    )  # fmt: skip
+    assert rc == 0
+    pd.testing.assert_frame_equal(pd.read_parquet(prep / "qc.parquet"), qc)
+
+
+def test_excluded_images_lose_their_cells_after_prepare(made, tmp_path, run_cli):
+    ld, prep0, ckpt = made
+    prep = _copy(prep0, tmp_path / "prep")
+    cells0 = pd.read_parquet(prep / "cells.parquet")
+    run = ["qc", f"qc.prep={prep}", f"qc.checkpoint={ckpt}", "-q"]
+    rc, _ = run_cli(*run)  # scores only: find a threshold that flags two cropped images
+    assert rc == 0
+    qc = pd.read_parquet(prep / "qc.parquet")
+    cropped = qc[qc["Metadata_ImageKey"].isin(set(cells0["Metadata_ImageKey"]))]
+    top = cropped.sort_values("QC_Learned_Outlier")["QC_Learned_Outlier"].to_numpy()
+    z = float((top[-2] + top[-3]) / 2)
+    flagged = set(cropped.loc[cropped["QC_Learned_Outlier"] > z, "Metadata_ImageKey"])
+    assert len(flagged) == 2
+    rc, text = run_cli(*run, f"qc.outlier_z={z}", "qc.exclude=true")
+    assert rc == 0, text
+    # the store is cut back: nothing reads a stale cells table until prepare has run
+    assert not (prep / "cells.parquet").exists()
+    rc, text = run_cli(
+        "prepare",
+        f"prepare.load_data={ld}",
+        f"prepare.out_dir={prep}",
+        "prepare.features=false",
+        "prepare.crop_size=32",
+        "-q",
+    )
+    assert rc == 0, text
+    cells = pd.read_parquet(prep / "cells.parquet")
+    kept = set(cells0["Metadata_ImageKey"]) - flagged
+    assert set(cells["Metadata_ImageKey"]) == kept
+    # every other image's cells are the same cells as before
+    key = ["Metadata_ImageKey", "Metadata_ObjectNumber"]
+    a = cells0[cells0["Metadata_ImageKey"].isin(kept)].sort_values(key)[key]
+    b = cells.sort_values(key)[key]
+    assert a.reset_index(drop=True).equals(b.reset_index(drop=True))
+    qc = pd.read_parquet(prep / "qc.parquet")
+    learned = set(qc.loc[qc["QC_Learned_Outlier"] > z, "Metadata_ImageKey"])  # cropped or not
+    assert set(qc.loc[qc["QC_Learned_Excluded"], "Metadata_ImageKey"]) == learned >= flagged
+    assert not qc.loc[qc["Metadata_ImageKey"].isin(flagged), "QC_Pass"].any()
+    # a rerun changes nothing; turning exclusion off brings the images back through prepare
+    rc, _ = run_cli(*run, f"qc.outlier_z={z}", "qc.exclude=true")
+    assert rc == 0 and (prep / "cells.parquet").exists()
+    rc, _ = run_cli(*run, f"qc.outlier_z={z}")
+    assert rc == 0 and not (prep / "cells.parquet").exists()
+    rc, _ = run_cli(
+        "prepare", f"prepare.load_data={ld}", f"prepare.out_dir={prep}",
+        "prepare.features=false", "prepare.crop_size=32", "-q",
+    )  # fmt: skip
+    assert rc == 0
+    back = pd.read_parquet(prep / "cells.parquet")
+    assert set(back["Metadata_ImageKey"]) == set(cells0["Metadata_ImageKey"])
+    assert json.loads((prep / "ledger.json").read_text())["done"]
