@@ -310,17 +310,14 @@ class ImageSet:
 
     @classmethod
     def from_config(cls, cfg) -> ImageSet:
-        """From `cfg.load_data`, or from `cfg.image_dir` + `cfg.pattern` (+ channel_map)."""
+        """From `cfg.load_data`, or from `cfg.image_dir` + `cfg.pattern` (+ channel_map), then
+        the plate map (`cfg.platemap`) joined to either."""
         chans = list(cfg.channels) or None
-        platemap = getattr(cfg, "platemap", "")
         if cfg.load_data:
             df, chans = read_load_data(cfg.load_data, chans)
             check_reserved(df.columns, str(cfg.load_data))
-            if platemap:
-                df = join_platemap(df, platemap)
-                check_reserved(df.columns, f"prepare.platemap {platemap}")
-            return cls(df, chans, source=str(cfg.load_data))
-        if cfg.image_dir:
+            source = str(cfg.load_data)
+        elif cfg.image_dir:
             if not cfg.pattern:
                 raise LoadDataError(
                     "prepare.image_dir needs prepare.pattern (e.g. opera_phenix, nf1)"
@@ -329,13 +326,15 @@ class ImageSet:
                 cfg.image_dir, cfg.pattern, dict(cfg.channel_map), chans, plate=cfg.plate
             )
             check_reserved(df.columns, f"prepare.pattern's groups ({cfg.image_dir})")
-            if platemap:
-                df = join_platemap(df, platemap)
-                check_reserved(df.columns, f"prepare.platemap {platemap}")
-            return cls(df, chans, source=str(cfg.image_dir))
-        raise LoadDataError(
-            "set prepare.load_data (a table) or prepare.image_dir + prepare.pattern"
-        )
+            source = str(cfg.image_dir)
+        else:
+            raise LoadDataError(
+                "set prepare.load_data (a table) or prepare.image_dir + prepare.pattern"
+            )
+        if cfg.platemap:
+            df = join_platemap(df, cfg.platemap)
+            check_reserved(df.columns, f"prepare.platemap {cfg.platemap}")
+        return cls(df, chans, source=source)
 
     def __len__(self) -> int:
         return len(self.table)
