@@ -93,6 +93,25 @@ def barrier() -> None:
         dist.barrier()
 
 
+def broadcast_object(obj, src: int = 0):
+    """Rank `src`'s `obj` on every rank (itself when not distributed): one reading of the shared
+    folder that every rank acts on, rather than each rank's own, possibly later, reading."""
+    if not _initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def gather_objects(obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank ([obj] when not distributed)."""
+    if not _initialized():
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def available_cores() -> int:
     """CPU cores this process may run on: its affinity mask where the OS has one, else all."""
     if hasattr(os, "sched_getaffinity"):

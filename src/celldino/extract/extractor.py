@@ -5,9 +5,13 @@ and checkpoints, or foreign DINO / DINOv2 / DINO4Cells weights), checks that it 
 (channels, patch size), and writes Parquet shards joined with every `Metadata_*` column (see
 `celldino.io.embeddings`). Inference is batched under `torch.inference_mode`, reads crops with
 DataLoader workers and uses bf16 autocast on CUDA. Shard k covers rows [k·S, (k+1)·S) whatever
-the number of processes; under `torchrun` rank r computes shards r, r + W, r + 2W, ... so the
-union of the ranks' output is the single-process output. Shards on disk are whole (atomic
-writes) and skipped on a rerun: killed and rerun, every cell is there exactly once. A rerun with
+the number of processes; under `torchrun` (one node or several: ranks are global) the shards
+not yet on disk, as rank 0 lists them, are dealt round-robin over the W ranks, so the union of
+the ranks' output is the single-process output. Shards on disk are whole (atomic writes) and
+skipped on a rerun: killed (a lost node too) and rerun with any number of processes, every cell
+is there exactly once and only the unfinished shards are computed. Every rank writes its shards
+into `extract.out_dir`, so on several nodes it must be a folder every node shares; a shard a rank
+wrote that rank 0 cannot see is an error saying so. A rerun with
 another checkpoint, other options or other data is refused unless `extract.overwrite=true`.
 
 Channels are matched by name: a checkpoint records the ordered channel names it was trained on
@@ -41,7 +45,14 @@ from celldino.errors import DataError, IncompleteInputError
 from celldino.extract import feature_modes as F
 from celldino.extract.attention_maps import attention_outputs, pick_cells
 from celldino.extract.reader import CropBatches
-from celldino.extract.shard_plan import DTYPES, done_shards, identity_differences, shard_plan
+from celldino.extract.shard_plan import (
+    DTYPES,
+    assign_shards,
+    done_shards,
+    identity_differences,
+    shard_plan,
+)
+from celldino.io import provenance
 from celldino.io.attention_store import ATTENTION, write_attention
 from celldino.io.checkpoints import checkpoint_channels, checkpoint_crop_size, read_metadata
 from celldino.io.embeddings import (
@@ -55,7 +66,7 @@ from celldino.io.embeddings import (
     write_manifest,
     write_shard,
 )
-from celldino.io.files import file_fingerprint, read_json, require_writable, write_error
+from celldino.io.files import read_json, require_writable, write_error
 from celldino.io.lock import input_lock, output_lock
 from celldino.io.prepared import IMAGES, STATE
 from celldino.io.provenance import refuse_overwriting_inputs
@@ -145,7 +156,10 @@ def _open_data(cfg: ExtractConfig, channels: list[str] | None):
         side = (cfg.field_crop, cfg.field_crop)
         fp = str(read_json(prep / STATE).get("fingerprint", ""))
     meta = ds.metadata[[c for c in ds.metadata.columns if str(c).startswith("Metadata_")]]
-    identity = {"fingerprint": fp, "n_rows": len(meta), "level": cfg.level}
+    # the prep's cell (or image) table by content: a prep remade or edited by hand is other data
+    table = CELLS if cfg.level == "cell" else IMAGES
+    identity = {"fingerprint": fp, "n_rows": len(meta), "level": cfg.level, "table": table}
+    identity["table_sha256_16"] = provenance.digest(prep / table)
     return ds, meta.reset_index(drop=True), identity, side
 
 
@@ -581,7 +595,7 @@ def _extract_into(
     out_dir = Path(cfg.out_dir)
     plan = shard_plan(len(meta), cfg.shard_size)
     manifest = {
-        "checkpoint": {"sha256_16": file_fingerprint(file), "which": cfg.which},
+        "checkpoint": {"sha256_16": provenance.digest(file), "which": cfg.which},
         "features": _feature_options(cfg),
         "channels": channels,
         "data": data_id,
@@ -608,7 +622,7 @@ def _extract_into(
     if not cfg.overwrite:
         if diffs:
             raise ExtractError(
-                f"{out_dir} holds embeddings made with other settings ("
+                f"{out_dir} holds embeddings made from other inputs or settings ("
                 + "; ".join(diffs[:6])
                 + "): set extract.overwrite=true (--overwrite) to replace them, or choose "
                 "another extract.out_dir"
@@ -630,8 +644,10 @@ def _extract_into(
             _write_manifest(out_dir, manifest)
     ranks.barrier()
 
-    done = done_shards(out_dir, plan)
-    mine = [k for k in range(len(plan)) if k % ranks.world_size == ranks.rank and k not in done]
+    # one reading of the folder for every rank: a rank reading it after another rank's first
+    # write would deal the shards differently and leave one undone
+    done = distributed.broadcast_object(done_shards(out_dir, plan) if ranks.rank == 0 else None)
+    mine = assign_shards(len(plan), done, ranks.rank, ranks.world_size)
     if ranks.rank == 0:
         logger.info(
             "extract: %d %ss, %s %s (%d features, channels %s) → %s; %d of %d shards to do%s",
@@ -681,14 +697,29 @@ def _extract_into(
                 k = next(shard_iter, -1)
                 if k >= 0:
                     start, stop = plan[k]
-    ranks.barrier()
+    written = distributed.gather_objects(mine)  # (also the barrier) every rank's shards
 
+    problem = None  # rank 0's verdict, raised on every rank (no rank left waiting for another)
     if ranks.rank == 0:
         missing = sorted(set(range(len(plan))) - done_shards(out_dir, plan))
-        if missing:
-            raise ExtractError(
+        unseen = {r: sorted(set(w) & set(missing)) for r, w in enumerate(written)}
+        unseen = {r: ks for r, ks in unseen.items() if ks}
+        if unseen:
+            r, ks = next(iter(unseen.items()))
+            problem = (
+                f"{out_dir}: rank {r} wrote shards {[shard_name(k) for k in ks[:3]]} that rank 0 "
+                "does not see there: extract.out_dir must be a folder every node shares (a "
+                "network filesystem), not a node's local disk; set it to a shared path and rerun"
+            )
+        elif missing:
+            problem = (
                 f"{out_dir}: shards {missing[:5]} are missing after extraction; rerun to finish"
             )
+    problem = distributed.broadcast_object(problem)
+    if problem:
+        raise ExtractError(problem)
+
+    if ranks.rank == 0:
         if cfg.attention_cells or cfg.attention_sample:
             _save_attention(embed, ds, meta, channels, out_dir, cfg)
         if cfg.format == "h5ad":
