@@ -259,13 +259,18 @@ def same_profile_pairs(sets: dict[str, FeatureSet]) -> set[frozenset[str]]:
     float32 precision up to a column order): the same data under two names."""
     out = set()
     names = list(sets)
+    rows: dict[str, np.ndarray] = {}  # each set's rows sorted once (features in another order)
+
+    def sorted_rows(name: str) -> np.ndarray:
+        if name not in rows:
+            rows[name] = np.sort(sets[name].X, axis=1)
+        return rows[name]
+
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
-            A, B = sets[a].X, sets[b].X
-            if A.shape != B.shape or not sets[a].meta.equals(sets[b].meta):
+            if sets[a].X.shape != sets[b].X.shape or not sets[a].meta.equals(sets[b].meta):
                 continue
-            A, B = np.sort(A, axis=1), np.sort(B, axis=1)  # features in another order
-            if np.allclose(A, B, rtol=1e-6, atol=1e-7, equal_nan=True):
+            if np.allclose(sorted_rows(a), sorted_rows(b), rtol=1e-6, atol=1e-7, equal_nan=True):
                 out.add(frozenset((a, b)))
     return out
 
