@@ -86,7 +86,33 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from celldino.data.prepare import prepare
 
     cfg = _config(args)
+    if cfg.prepare.parts or cfg.prepare.part != -1:  # one part of a planned screen
+        from celldino.data.parts import run_part
+
+        print(run_part(cfg.prepare))
+        return 0
     print(prepare(cfg.prepare))
+    return 0
+
+
+def cmd_prepare_plan(args: argparse.Namespace) -> int:
+    from celldino.data.parts import plan
+
+    print(plan(_config(args).prepare))
+    return 0
+
+
+def cmd_prepare_merge(args: argparse.Namespace) -> int:
+    from celldino.data.parts import merge
+
+    print(merge(_config(args).prepare))
+    return 0
+
+
+def cmd_prepare_cluster(args: argparse.Namespace) -> int:
+    from celldino.data.parts import run_parts_dask
+
+    print(run_parts_dask(_config(args).prepare))
     return 0
 
 
@@ -257,6 +283,27 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int], list[str], l
         "learned image QC: field embeddings → outlier and few-shot artefact flags in qc.parquet",
         cmd_qc,
         ["qc"],
+        [],
+    ),
+    "prepare-plan": (
+        "prepare in parts, step 1: QC and illumination of the whole screen, and the plan of "
+        "prepare.parts parts (then `celldino prepare ... prepare.part=i` per part; docs/cluster.md)",
+        cmd_prepare_plan,
+        ["prepare"],
+        [],
+    ),
+    "prepare-merge": (
+        "prepare in parts, last step: join the complete parts into prepare.out_dir (the same "
+        "files as one prepare)",
+        cmd_prepare_merge,
+        ["prepare"],
+        [],
+    ),
+    "prepare-cluster": (
+        "plan, every part as a Dask task (prepare.scheduler, or a local cluster of "
+        "prepare.workers processes), merge",
+        cmd_prepare_cluster,
+        ["prepare"],
         [],
     ),
     "train": (
@@ -493,7 +540,15 @@ def _after_interrupt(command: str) -> str:
             "the last checkpoint is kept: rerun the same command with --resume to continue "
             "(a plain rerun is refused)"
         )
-    if command in ("prepare", "extract", "evaluate", "run", "demo"):
+    if command in (
+        "prepare",
+        "prepare-plan",
+        "prepare-cluster",
+        "extract",
+        "evaluate",
+        "run",
+        "demo",
+    ):
         return f"finished work is kept: rerun the same `celldino {command}` command to resume"
     return f"rerun the same `celldino {command}` command to start it again"
 
