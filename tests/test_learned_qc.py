@@ -303,3 +303,22 @@ def test_excluded_images_lose_their_cells_after_prepare(made, tmp_path, run_cli)
     back = pd.read_parquet(prep / "cells.parquet")
     assert set(back["Metadata_ImageKey"]) == set(cells0["Metadata_ImageKey"])
     assert json.loads((prep / "ledger.json").read_text())["done"]
+
+
+def test_report_shows_the_learned_flags_with_scores_and_thumbnails(made, tmp_path, run_cli):
+    from celldino.report.sections import section_data
+
+    _, prep0, ckpt = made
+    prep = _copy(prep0, tmp_path / "run" / "prep")  # the run layout's prep folder
+    rc, _ = run_cli("qc", f"qc.prep={prep}", f"qc.checkpoint={ckpt}", "qc.outlier_z=2", "-q")
+    assert rc == 0
+    qc = pd.read_parquet(prep / "qc.parquet")
+    flagged = qc.loc[qc["QC_Flag_learned_outlier"]].sort_values("QC_Learned_Outlier")
+    assert len(flagged) >= 1
+    html = section_data(tmp_path / "run").html()
+    assert f"Fields flagged by learned QC ({len(flagged)} of 32 images" in html
+    top = flagged.iloc[-1]
+    assert top["Metadata_ImageKey"] in html and f"{top['QC_Learned_Outlier']:.3g}"[:4] in html
+    assert "learned_outlier" in html and "highest-scoring fields flagged by learned QC" in html
+    assert "learned flags are not: qc.exclude=false" in html
+    assert html.count("data:image/png;base64") >= 2  # the crop montage and the thumbnails

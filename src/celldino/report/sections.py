@@ -65,10 +65,15 @@ def section_data(run: Path) -> Section:
             counts = qc[flag_cols].sum().rename("images flagged").to_frame()
             counts.index = [c.removeprefix("QC_Flag_") for c in flag_cols]
             counts.loc["total images"] = len(qc)
+            learned_kept = any(c.startswith("QC_Flag_learned_") for c in flag_cols) and not (
+                "QC_Learned_Excluded" in qc and qc["QC_Learned_Excluded"].any()
+            )
             sec.table(
                 counts.rename_axis("QC flag"),
-                caption="Image quality control (flagged images are excluded)",
+                caption="Image quality control (flagged images are excluded"
+                + ("; learned flags are not: qc.exclude=false)" if learned_kept else ")"),
             )
+        learned_qc_part(sec, lay, qc)
     if lay.skipped.exists():
         sk = prepared.read_skipped(lay.prep)
         if len(sk):
@@ -87,6 +92,75 @@ def section_data(run: Path) -> Section:
             + "; colour map in docs/pipeline.md)",
         )
     return sec
+
+
+MAX_QC_THUMBNAILS = 12  # learned-QC-flagged fields drawn (the highest scores)
+LEARNED_QC_SCORES = {  # flag column → (score column, its name in the report)
+    "QC_Flag_learned_outlier": ("QC_Learned_Outlier", "outlier z"),
+    "QC_Flag_learned_fewshot": ("QC_Learned_FewShot", "few-shot p"),
+}
+
+
+def _read_field(images: pd.DataFrame, key: str, channels: list[str]) -> np.ndarray:
+    """The (C, H, W) field of one image key, read plane by plane with `io.images`."""
+    from celldino.io.images import read_image
+
+    row = images.loc[images["Metadata_ImageKey"].astype(str) == key].iloc[0]
+    planes = []
+    for c in channels:
+        frame = row.get(f"Frame_{c}")
+        frame = None if frame is None or pd.isna(frame) else int(frame)
+        planes.append(
+            read_image(Path(str(row[f"PathName_{c}"])) / str(row[f"FileName_{c}"]), frame=frame)
+        )
+    return np.stack(planes).astype(np.float32)
+
+
+def learned_qc_part(sec: Section, lay: RunLayout, qc: pd.DataFrame) -> None:
+    """The fields learned QC (`celldino qc`) flagged: a table of their scores and detectors and
+    thumbnails of the highest-scoring ones (false colour, each field stretched on its own)."""
+    from celldino.io.files import read_json
+    from celldino.pl.fields import field_thumbnails
+
+    flags = [c for c in LEARNED_QC_SCORES if c in qc]
+    if not flags:
+        return
+    hit = qc[qc[flags].astype(bool).any(axis=1)].copy()
+    if not len(hit):
+        sec.text(f"Learned QC (celldino qc) flagged none of the {len(qc)} images.")
+        return
+    hit["detector"] = [
+        ", ".join(c.removeprefix("QC_Flag_") for c in flags if row[c]) for _, row in hit.iterrows()
+    ]
+    score_cols = [LEARNED_QC_SCORES[c][0] for c in flags]
+    hit = hit.sort_values(score_cols, ascending=False)
+    shown = ["Metadata_ImageKey", "detector", *score_cols]
+    shown += [c for c in ("QC_Learned_Type", "QC_Flags", "QC_Learned_Excluded") if c in hit]
+    sec.table(
+        hit[shown].head(50).set_index("Metadata_ImageKey"),
+        caption=f"Fields flagged by learned QC ({len(hit)} of {len(qc)} images; highest score first)",
+    )
+    try:
+        images = prepared.read_images(lay.prep)
+        channels = list(read_json(lay.prep / prepared.STATE)["channels"])
+        top = hit.head(MAX_QC_THUMBNAILS)
+        fields, titles = [], []
+        for _, row in top.iterrows():
+            key = str(row["Metadata_ImageKey"])
+            fields.append(_read_field(images, key, channels))
+            scores = ", ".join(
+                f"{LEARNED_QC_SCORES[c][1]} {row[LEARNED_QC_SCORES[c][0]]:.2f}" for c in flags
+            )
+            titles.append(f"{key}\n{row['detector']}\n{scores}")
+    except (OSError, ValueError, KeyError) as e:  # images moved since prepare: the table stays
+        sec.warn(f"the flagged fields' images could not be read for thumbnails ({e})")
+        return
+    sec.figure(
+        field_thumbnails(fields, titles, channels),
+        f"The {len(fields)} highest-scoring fields flagged by learned QC, with the detector that "
+        "flagged them and its score (false colour: " + ", ".join(channels) + "; each field "
+        "stretched to its own 1st-99.8th percentiles)",
+    )
 
 
 # the training diagnostics shown at the end of training: (key, what it says)
