@@ -35,11 +35,11 @@ import pandas as pd
 from celldino import log
 from celldino.data import prepare as P
 from celldino.errors import IncompleteInputError, MissingInputError, UserError
-from celldino.io.cropstore import CROPS, LEDGER, PARTS, CropStore, missing_chunks
+from celldino.io.cropstore import CELLS, CROPS, LEDGER, PARTS, CropStore, missing_chunks
 from celldino.io.files import read_json, require_writable, write_json
 from celldino.io.lock import output_lock
 from celldino.io.masks import MASKS, OUTLINES
-from celldino.io.prepared import CELLS, ENGINEERED, SKIPPED, STATE
+from celldino.io.prepared import ENGINEERED, SKIPPED, STATE
 
 logger = log.get_logger(__name__)
 
