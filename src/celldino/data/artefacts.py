@@ -14,6 +14,9 @@ Two detectors over a (n_fields, F) matrix of field embeddings (`celldino.extract
   (all the screen's fields, unlabelled) when given, else on the labelled fields. `.score(emb)`
   is the probability of any artefact (1 − P(clean)), `.predict_type(emb)` the likeliest class.
   Each class needs at least `MIN_PER_CLASS` (2) examples; 5 per class is the intended use.
+
+`classical_features` turns the classical QC metrics (and each channel's pixel noise,
+`channel_noise`) into extra columns a caller may append to the embeddings.
 """
 
 from __future__ import annotations
@@ -120,6 +123,43 @@ def check_labels(labels, *, clean: str = CLEAN) -> None:
             f"every labelled field is {clean!r}: label at least {MIN_PER_CLASS} fields of an "
             "artefact type (e.g. blur, debris) too"
         )
+
+
+def channel_noise(image: np.ndarray) -> np.ndarray:
+    """(C,) robust pixel noise sigma of each channel of a (C, H, W) field: 1.4826 MAD of the
+    horizontal neighbour differences over sqrt(2) (as `celldino.data.qc` measures noise)."""
+    x = np.asarray(image, dtype=np.float64)
+    out = np.empty(len(x))
+    for c, plane in enumerate(x):
+        d = np.diff(np.nan_to_num(plane), axis=1).ravel()
+        out[c] = _MAD * float(np.median(np.abs(d - np.median(d)))) / np.sqrt(2) if d.size else 0.0
+    return out
+
+
+CLASSICAL_FEATURES = ("QC_Blur", "QC_Saturation", "QC_Foreground", "QC_LargestObject")
+
+
+def classical_features(
+    metrics: dict[str, np.ndarray], noise: np.ndarray, groups: np.ndarray | None = None
+) -> np.ndarray:
+    """(n, 4 + C) the classical QC metrics as extra detector features: QC_Blur, QC_Saturation,
+    log(QC_Foreground + 0.001), QC_LargestObject (NaN → 0), and each channel's log pixel noise
+    (`channel_noise`) less its median in the group (plate), which no classical flag uses."""
+    n = len(noise)
+    g = np.zeros(n, dtype=object) if groups is None else np.asarray(groups, dtype=object)
+    lognoise = np.log(np.asarray(noise, dtype=np.float64) + 1e-6)
+    for grp in dict.fromkeys(g.tolist()):
+        rows = g == grp
+        lognoise[rows] -= np.median(lognoise[rows], axis=0)
+    base = np.column_stack(
+        [
+            np.nan_to_num(np.asarray(metrics["QC_Blur"], dtype=np.float64)),
+            np.nan_to_num(np.asarray(metrics["QC_Saturation"], dtype=np.float64)),
+            np.log(np.nan_to_num(np.asarray(metrics["QC_Foreground"], dtype=np.float64)) + 1e-3),
+            np.nan_to_num(np.asarray(metrics["QC_LargestObject"], dtype=np.float64)),
+        ]
+    )
+    return np.hstack([base, lognoise])
 
 
 class FewShotDetector:

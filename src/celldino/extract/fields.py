@@ -39,11 +39,13 @@ import torch
 from torch import nn
 
 from celldino import log
+from celldino.data.artefacts import channel_noise
 from celldino.errors import DataError, MissingInputError
 from celldino.io.files import file_fingerprint, read_json
 from celldino.io.prepared import (
     FEMB_PREFIX,
     IMAGES,
+    NOISE_PREFIX,
     STATE,
     read_field_embeddings,
     read_images,
@@ -306,16 +308,21 @@ def field_embeddings(
 
 
 class _Fields:
-    """The fields of an image set, read when indexed (a lazy sequence)."""
+    """The fields of an image set, read when indexed (a lazy sequence); each field's channel
+    noise (`channel_noise`) is kept from its first reading."""
 
     def __init__(self, iset, rows: list[int]):
         self.iset, self.rows = iset, rows
+        self.noise: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, k: int) -> np.ndarray:
-        return self.iset.read(self.rows[k])
+        img = self.iset.read(self.rows[k])
+        if k not in self.noise:
+            self.noise[k] = channel_noise(img)
+        return img
 
 
 def prep_fields(prep_dir: str | Path):
@@ -411,7 +418,8 @@ def embed_prep_fields(
     model_channels: list[str] | None = None,
 ) -> pd.DataFrame:
     """The field embeddings of every readable field of a prepared folder (one intensity scale
-    per plate and channel), as a table: Metadata_Plate/Well/Site/ImageKey + femb_####.
+    per plate and channel), as a table: Metadata_Plate/Well/Site/ImageKey + femb_#### (+ each
+    channel's pixel noise, `noise_<channel>`, for `classical_features`).
 
     `checkpoint_or_model`: a celldino run dir or checkpoint, foreign DINO/DINOv2/DINO4Cells
     weights, `"random"` (a seeded random-init ViT-S/16), or a backbone module (then
@@ -439,6 +447,7 @@ def embed_prep_fields(
         "keys": int(len(iset)),
         "pool": "mean+max",
         "scale": f"plate median of field p{SCALE_PERCENTILE}",
+        "columns": 2,  # femb_ and noise_ (a table of an older layout is recomputed)
     }
     reuse = write and ident["model"] != "module"
     if reuse:
@@ -454,6 +463,7 @@ def embed_prep_fields(
     table = iset.table
     plates = table["Metadata_Plate"].astype(str)
     emb = np.zeros((len(table), 0), np.float32)
+    noise = np.zeros((len(table), len(channels)), np.float64)
     for plate in dict.fromkeys(plates):
         rows = list(np.flatnonzero((plates == plate).to_numpy()))
         fields = _Fields(iset, rows)
@@ -477,11 +487,13 @@ def embed_prep_fields(
         if emb.shape[1] == 0:
             emb = np.zeros((len(table), e.shape[1]), np.float32)
         emb[rows] = e
+        noise[rows] = np.stack([fields.noise[k] for k in range(len(rows))])
     cols = [c for c in ("Metadata_Plate", "Metadata_Well", "Metadata_Site") if c in table]
     meta = table[cols + ["Metadata_ImageKey"]].astype(str).reset_index(drop=True)
     width = max(4, int(math.log10(max(emb.shape[1], 1))) + 1)
     feats = pd.DataFrame(emb, columns=[f"{FEMB_PREFIX}{j:0{width}d}" for j in range(emb.shape[1])])
-    df = pd.concat([meta, feats], axis=1)
+    noisy = pd.DataFrame(noise, columns=[f"{NOISE_PREFIX}{c}" for c in channels])
+    df = pd.concat([meta, feats, noisy], axis=1)
     if write:
         with output_lock(prep, "qc"):
             write_field_embeddings(df, prep, identity)

@@ -35,10 +35,12 @@ from celldino import log
 from celldino.config import QCConfig
 from celldino.data import qc as classical
 from celldino.data.artefacts import (
+    CLASSICAL_FEATURES,
     CLEAN,
     ArtefactLabelError,
     FewShotDetector,
     check_labels,
+    classical_features,
     outlier_scores,
 )
 from celldino.errors import DataError, MissingInputError
@@ -50,6 +52,7 @@ from celldino.io.prepared import (
     ENGINEERED,
     FEMB_PREFIX,
     IMAGES,
+    NOISE_PREFIX,
     QC,
     STATE,
     read_images,
@@ -230,6 +233,19 @@ def _run(cfg: QCConfig, prep: Path) -> Path:
     plates = emb_table["Metadata_Plate"].astype(str).to_numpy()
 
     qc = read_qc(prep)
+    if cfg.classical_features:
+        by_key = qc.set_index(qc[KEY].astype(str)).loc[keys]
+        noise = emb_table[[c for c in emb_table.columns if c.startswith(NOISE_PREFIX)]]
+        emb = np.hstack(
+            [
+                emb,
+                classical_features(
+                    {c: by_key[c].to_numpy(float) for c in CLASSICAL_FEATURES},
+                    noise.to_numpy(float),
+                    plates,
+                ),
+            ]
+        )
     qc = qc.drop(columns=[c for c in LEARNED_COLUMNS if c in qc])
     row = {k: i for i, k in enumerate(keys)}
     at = np.array([row.get(str(k), -1) for k in qc[KEY]])  # qc row → embedding row

@@ -8,7 +8,7 @@
 `inputs.parquet` (path, size, mtime_ns of every input file of the last prepare), `prepare.json` (fingerprint, channels, illumination file names,
 normalisation statistics) and `illum/<plate>.npy` (illumination functions, (C, H, W) float32).
 `celldino qc` (learned QC) adds `field_embeddings.parquet` (one row per field:
-`Metadata_Plate/Well/Site/ImageKey` + `femb_####`, with its identity in the Parquet key-value
+`Metadata_Plate/Well/Site/ImageKey` + `femb_####` + `noise_<channel>`, with its identity in the Parquet key-value
 metadata `celldino`) and its `QC_Learned_*` columns to qc.parquet (`write_qc`).
 These tables are small (one row per image) or read by the profile stage through DuckDB; the
 readers load them whole.
@@ -34,11 +34,13 @@ STATE = "prepare.json"
 ILLUM = "illum"
 FIELD_EMBEDDINGS = "field_embeddings.parquet"
 FEMB_PREFIX = "femb_"
+NOISE_PREFIX = "noise_"  # field_embeddings.parquet: each channel's pixel noise
 
 __all__ = [
     "ENGINEERED",
     "FEMB_PREFIX",
     "FIELD_EMBEDDINGS",
+    "NOISE_PREFIX",
     "ILLUM",
     "IMAGES",
     "INPUTS",
