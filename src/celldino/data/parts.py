@@ -366,20 +366,25 @@ def _check_parts(cfg, n: int, plan_: dict) -> list[_Part]:
             )
         skipped = list(done.get("skipped", []))
         have = [s["key"] for s in ledger["sites"]] + [s["Metadata_ImageKey"] for s in skipped]
-        for k in have:
-            if k in owner:
+        for k in have:  # a site twice: named with both folders before anything else
+            if k in owner and owner[k] != d:
                 raise PartsError(
                     f"site {k} is in two parts, {owner[k]} and {d}; delete the wrong folder "
                     "and rerun its part"
                 )
-            owner[k] = d
+            owner.setdefault(k, d)
+        parts.append(_Part(i, d, ledger, skipped))
+    for p in parts:
+        i, d, ledger, skipped = p.index, p.folder, p.ledger, p.skipped
+        keys = plan_["parts"][i]["sites"]
+        have = [s["key"] for s in ledger["sites"]] + [s["Metadata_ImageKey"] for s in skipped]
         if sorted(have) != sorted(keys):
             extra = sorted(set(have) - set(keys))
             lack = sorted(set(keys) - set(have))
             raise PartsError(
                 f"{d}: its sites are not part {i}'s of the plan ("
                 + (f"{len(lack)} missing, e.g. {lack[0]}" if lack else f"extra {extra[0]}")
-                + "); delete it and run `celldino prepare` with "
+                + "; or one twice); delete it and run `celldino prepare` with "
                 + redo.format(i=i)
             )
         import zarr
@@ -391,7 +396,6 @@ def _check_parts(cfg, n: int, plan_: dict) -> list[_Part]:
                 f"{d / CROPS}: crops of committed sites are missing on disk; run `celldino "
                 "prepare` with " + redo.format(i=i) + " (it redoes their sites)"
             )
-        parts.append(_Part(i, d, ledger, skipped))
     return parts
 
 
