@@ -322,3 +322,48 @@ def test_report_shows_the_learned_flags_with_scores_and_thumbnails(made, tmp_pat
     assert "learned_outlier" in html and "highest-scoring fields flagged by learned QC" in html
     assert "learned flags are not: qc.exclude=false" in html
     assert html.count("data:image/png;base64") >= 2  # the crop montage and the thumbnails
+
+
+def test_classical_features_join_the_embeddings_by_image_key(made, tmp_path, run_cli):
+    from celldino.data.artefacts import channel_noise
+
+    _, prep0, ckpt = made
+    prep = _copy(prep0, tmp_path / "prep")
+    rc, text = run_cli(
+        "qc", f"qc.prep={prep}", f"qc.checkpoint={ckpt}", "qc.classical_features=true", "-q"
+    )
+    assert rc == 0, text
+    qc = pd.read_parquet(prep / "qc.parquet")
+    emb = pd.read_parquet(prep / "field_embeddings.parquet").set_index("Metadata_ImageKey")
+    e = emb.loc[qc["Metadata_ImageKey"]]
+    # the stored noise is each channel's robust neighbour-difference sigma, by hand
+    images = pd.read_parquet(prep / "images.parquet").set_index("Metadata_ImageKey")
+    key = qc["Metadata_ImageKey"].iloc[3]
+    from celldino.io.images import read_image
+
+    img = np.stack(
+        [read_image(Path(images.at[key, f"PathName_{c}"]) / images.at[key, f"FileName_{c}"])
+         for c in CHANNELS]
+    ).astype(float)  # fmt: skip
+    d = np.diff(img, axis=2).reshape(len(CHANNELS), -1)
+    mad = np.median(np.abs(d - np.median(d, axis=1, keepdims=True)), axis=1)
+    want_noise = 1.4826 * mad / np.sqrt(2)
+    got_noise = e.loc[key, [f"noise_{c}" for c in CHANNELS]].to_numpy(float)
+    np.testing.assert_allclose(got_noise, want_noise, rtol=1e-9)
+    np.testing.assert_allclose(channel_noise(img), want_noise, rtol=1e-9)
+    # the detector saw [embedding, blur, saturation, log foreground, largest object, log noise
+    # less its plate median]
+    noise = np.log(e[[f"noise_{c}" for c in CHANNELS]].to_numpy(float) + 1e-6)
+    plates = e["Metadata_Plate"].to_numpy()
+    for p in set(plates):
+        noise[plates == p] -= np.median(noise[plates == p], axis=0)
+    X = np.hstack(
+        [
+            e.filter(like="femb_").to_numpy(float),
+            np.nan_to_num(qc[["QC_Blur", "QC_Saturation"]].to_numpy(float)),
+            np.log(qc[["QC_Foreground"]].to_numpy(float) + 1e-3),
+            qc[["QC_LargestObject"]].to_numpy(float),
+            noise,
+        ]
+    )
+    np.testing.assert_allclose(qc["QC_Learned_Outlier"], outlier_scores(X, plates), rtol=1e-6)
