@@ -284,10 +284,11 @@ def _read_done(folder: Path) -> dict | None:
 # ---- 3. merge ------------------------------------------------------------------------------
 
 
-def merge(cfg) -> Path:
+def merge(cfg, *, timings: dict | None = None) -> Path:
     """Join the complete parts of the plan into prepare.out_dir (the single run's files, bit
     for bit); refused, naming the part folder, when a part is missing, incomplete, of another
-    plan, settings or inputs, or holds a site twice. Returns the prep folder."""
+    plan, settings or inputs, or holds a site twice. Returns the prep folder. `timings` (a dict)
+    receives the seconds of the checks, the crop copy and the finishing step."""
     n = _n_parts(cfg)
     if cfg.part != -1:
         raise PartsError(
@@ -304,8 +305,12 @@ def merge(cfg) -> Path:
                 f"{parts_dir(cfg) / PLAN} was made from another pass 1 than {out / STATE}; run "
                 f"{_cmd(cfg, 'prepare-plan')} again, then the parts"
             )
+        t0 = time.perf_counter()
         parts = _check_parts(cfg, n, plan_)
-        _merge_into(cfg, iset, out, p1, plan_, parts)
+        t_check = time.perf_counter() - t0
+        t_copy, t_finish = _merge_into(cfg, iset, out, p1, plan_, parts)
+    if timings is not None:
+        timings.update(check=t_check, copy=t_copy, finish=t_finish)
     return out
 
 
@@ -420,7 +425,7 @@ def _link(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def _merge_into(cfg, iset, out: Path, p1, plan_: dict, parts: list[_Part]) -> None:
+def _merge_into(cfg, iset, out: Path, p1, plan_: dict, parts: list[_Part]) -> tuple[float, float]:
     import zarr
 
     t0 = time.perf_counter()
@@ -498,6 +503,7 @@ def _merge_into(cfg, iset, out: Path, p1, plan_: dict, parts: list[_Part]) -> No
         t_copy,
         out,
     )
+    return t_copy, time.perf_counter() - t0 - t_copy
 
 
 # ---- an engine: Dask ----------------------------------------------------------------------
@@ -566,7 +572,14 @@ def run_parts_dask(cfg, client=None, *, timings: dict | None = None) -> Path:
         for c in own:
             c.close()
     t2 = time.perf_counter()
-    out = merge(dataclasses.replace(cfg, part=-1))
+    detail: dict = {}
+    out = merge(dataclasses.replace(cfg, part=-1), timings=detail)
     if timings is not None:
-        timings.update(plan=t_plan, parts=t_parts, merge=time.perf_counter() - t2, results=results)
+        timings.update(
+            plan=t_plan,
+            parts=t_parts,
+            merge=time.perf_counter() - t2,
+            merge_detail=detail,
+            results=results,
+        )
     return out
