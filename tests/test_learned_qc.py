@@ -367,3 +367,23 @@ def test_classical_features_join_the_embeddings_by_image_key(made, tmp_path, run
         ]
     )
     np.testing.assert_allclose(qc["QC_Learned_Outlier"], outlier_scores(X, plates), rtol=1e-6)
+
+
+def test_prep_fields_are_embedded_with_one_scale_per_plate(made):
+    from celldino.extract.fields import embed_prep_fields, load_qc_model
+    from celldino.io.images import read_image
+
+    _, prep, ckpt = made
+    model, known, _ = load_qc_model(ckpt, 5)
+    got = embed_prep_fields(prep, ckpt, write=False)
+    images = pd.read_parquet(prep / "images.parquet")
+    assert list(got["Metadata_ImageKey"]) == list(images["Metadata_ImageKey"])
+    for plate in ("P01", "P02"):
+        rows = images[images["Metadata_Plate"] == plate]
+        fields = [
+            np.stack([read_image(Path(r[f"PathName_{c}"]) / r[f"FileName_{c}"]) for c in CHANNELS])
+            for _, r in rows.iterrows()
+        ]
+        want = field_embeddings(fields, model, channels_in=CHANNELS, model_channels=known)
+        mine = got.loc[rows.index].filter(like="femb_").to_numpy()
+        np.testing.assert_allclose(mine, want, rtol=1e-5, atol=1e-6)

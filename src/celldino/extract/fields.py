@@ -20,7 +20,8 @@ celldino loads (`load_backbone`, `build_model`, random init as the baseline):
 
 `embed_prep_fields(prep_dir, checkpoint_or_model)` does this for every readable field of a
 prepared folder (images through `celldino.data.imagesets.ImageSet`, i.e. `celldino.io.images`),
-one scale per plate, and stores the table (`Metadata_Plate/Well/Site/ImageKey` + `femb_####`) as
+one scale per plate (from at most `SCALE_FIELDS` fields spread over it: the others are read
+once), and stores the table (`Metadata_Plate/Well/Site/ImageKey` + `femb_####`) as
 `field_embeddings.parquet` in the prep folder (`celldino.io.prepared`), with its identity
 (checkpoint, tiles, prep): a rerun with the same identity reads it back instead of recomputing.
 
@@ -56,6 +57,7 @@ from celldino.models import ChannelwiseModel, VisionTransformer
 logger = log.get_logger(__name__)
 
 SCALE_PERCENTILE = 99.8  # per field; the plate's scale is the median over its fields
+SCALE_FIELDS = 64  # a prep's plate scale: from at most this many fields, spread over the plate
 CLIP = 50.0  # scaled intensities above this (50x the plate's bright level) are clipped
 RANDOM = "random"  # checkpoint_or_model: a randomly initialised ViT (the baseline)
 RANDOM_SEED = 0
@@ -180,7 +182,7 @@ def field_scale(images: Sequence[np.ndarray], q: float = SCALE_PERCENTILE) -> np
     scale is not positive gets 1."""
     if len(images) == 0:
         raise FieldQCError("no fields to compute an intensity scale from")
-    per = np.stack([_field_percentile(img, q) for img in images])  # (n, C)
+    per = np.stack([_field_percentile(images[i], q) for i in range(len(images))])  # (n, C)
     scale = np.median(per, axis=0)
     return np.where(np.isfinite(scale) & (scale > 0), scale, 1.0).astype(np.float32)
 
@@ -325,6 +327,19 @@ class _Fields:
         return img
 
 
+class _Subset:
+    """Some items of a lazy sequence, still lazy."""
+
+    def __init__(self, seq, idx: list[int]):
+        self.seq, self.idx = seq, idx
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def __getitem__(self, k: int) -> np.ndarray:
+        return self.seq[self.idx[k]]
+
+
 def prep_fields(prep_dir: str | Path):
     """(ImageSet of the prep's readable fields, their channels, the prep's fingerprint)."""
     from celldino.data.imagesets import ImageSet
@@ -446,7 +461,7 @@ def embed_prep_fields(
         "prep": prep_fp,
         "keys": int(len(iset)),
         "pool": "mean+max",
-        "scale": f"plate median of field p{SCALE_PERCENTILE}",
+        "scale": f"plate median of field p{SCALE_PERCENTILE} over <= {SCALE_FIELDS} fields",
         "columns": 2,  # femb_ and noise_ (a table of an older layout is recomputed)
     }
     reuse = write and ident["model"] != "module"
@@ -467,7 +482,9 @@ def embed_prep_fields(
     for plate in dict.fromkeys(plates):
         rows = list(np.flatnonzero((plates == plate).to_numpy()))
         fields = _Fields(iset, rows)
-        scale = field_scale(fields)
+        # the scale from at most SCALE_FIELDS fields spread over the plate (a median: robust)
+        pick = np.unique(np.linspace(0, len(rows) - 1, min(len(rows), SCALE_FIELDS)).round())
+        scale = field_scale(_Subset(fields, pick.astype(int).tolist()))
         logger.info(
             "learned QC: embedding %d fields of plate %s (scale %s)",
             len(rows),
