@@ -407,4 +407,4 @@ def plant_real(
 
 
 def _meta(site: dict) -> dict:
-    return {"site": site["site"], "source": site["source"]}
+    return {k: site[k] for k in ("site", "source", "channels", "nucleus_px") if k in site}
