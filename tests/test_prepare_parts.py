@@ -53,10 +53,13 @@ def single(one_plate, tmp_path_factory) -> Path:
     return prepare(PrepareConfig(**settings(one_plate, tmp_path_factory.mktemp("single"))))
 
 
-def assert_same_prep(a: Path, b: Path) -> None:
+def assert_same_prep(a: Path, b: Path, min_cells: int = 100) -> None:
     """Every output of two prep folders equal: tables exactly (values, dtypes, row order),
     prepare.json and the ledger as JSON, illumination files and crop chunks byte for byte."""
     for name in TABLES:
+        assert (a / name).exists() == (b / name).exists(), name
+        if name == "engineered.parquet" and not (a / name).exists():
+            continue  # features off
         pd.testing.assert_frame_equal(
             pd.read_parquet(a / name), pd.read_parquet(b / name), check_exact=True, obj=name
         )
@@ -64,7 +67,7 @@ def assert_same_prep(a: Path, b: Path) -> None:
         assert json.loads((a / name).read_text()) == json.loads((b / name).read_text()), name
     za, zb = zarr.open_array(str(a / "crops.zarr")), zarr.open_array(str(b / "crops.zarr"))
     assert za.shape == zb.shape and za.dtype == zb.dtype and za.chunks == zb.chunks
-    assert za.shape[0] > 100
+    assert za.shape[0] > min_cells
     assert np.array_equal(za[:], zb[:])
     assert dict(za.attrs) == dict(zb.attrs)
     for folder in ("crops.zarr", "illum"):
@@ -171,3 +174,18 @@ def test_killed_part_resumes_alone_and_dask_local_cluster_equals_one_run(
         PrepareConfig(**{**cfg.__dict__, "part": 0}), after_site=lambda n, k: seen.append(k)
     )
     assert seen == []
+
+
+def test_prepare_cluster_command_on_a_local_cluster_equals_one_run(tiny_screen, tmp_path, run_cli):
+    """`celldino prepare-cluster` (a LocalCluster of prepare.workers=2 processes), features off."""
+    ld = tmp_path / "ld.csv"
+    pd.read_csv(tiny_screen / "load_data.csv").head(12).to_csv(ld, index=False)
+    s = [f"prepare.load_data={ld}", "prepare.features=false", "prepare.crop_size=32"]
+    s.append("prepare.qc_exclude=false")
+    rc, msg = run_cli("prepare", *s, f"prepare.out_dir={tmp_path / 'plain'}")
+    assert rc == 0, msg
+    args = [*s, f"prepare.out_dir={tmp_path / 'parted'}", "prepare.parts=3", "prepare.workers=2"]
+    rc, msg = run_cli("prepare-cluster", *args)
+    assert rc == 0, msg
+    assert len(list((tmp_path / "parted" / "prepare_parts").glob("part-*/part.json"))) == 3
+    assert_same_prep(tmp_path / "plain", tmp_path / "parted", min_cells=50)
