@@ -143,7 +143,7 @@ def test_fewshot_detector_is_balanced_logistic_regression_on_standardised_embedd
     x = rng.normal(size=(15, 10))
     for i, lab in enumerate(labels):
         x[i, 1] += shift[lab]
-    det = FewShotDetector().fit(x, labels, reference=ref)
+    det = FewShotDetector().fit(x, labels, reference=ref, typical=False)
     mean, sd = ref.mean(0), ref.std(0)
     lr = LogisticRegression(C=1.0, class_weight="balanced", max_iter=5000).fit(
         (x - mean) / sd, labels
@@ -156,6 +156,17 @@ def test_fewshot_detector_is_balanced_logistic_regression_on_standardised_embedd
     assert list(det.predict_type(test)) == list(lr.classes_[p.argmax(1)])
     # held-out blurred fields score above clean ones (5 labels per class suffice)
     assert det.score(test[:10]).mean() > det.score(test[10:]).mean()
+    # by default the reference fields more typical than their plate's median join the clean
+    # class: the same regression on the labels plus those rows
+    groups = np.repeat(["P1", "P2"], 100)
+    semi = FewShotDetector().fit(x, labels, reference=ref, groups=groups)
+    typical = ref[outlier_scores(ref, groups) < 0]
+    assert semi.n_typical_ == len(typical) == 100  # half of each plate
+    lr2 = LogisticRegression(C=1.0, class_weight="balanced", max_iter=5000).fit(
+        (np.vstack([x, typical]) - mean) / sd, np.r_[labels, ["clean"] * len(typical)]
+    )
+    p2 = lr2.predict_proba((test - mean) / sd)[:, list(lr2.classes_).index("clean")]
+    np.testing.assert_allclose(semi.score(test), 1 - p2, rtol=1e-6, atol=1e-8)
 
 
 # ---- celldino qc on a prepared screen ------------------------------------------------------
@@ -227,7 +238,10 @@ def test_qc_command_writes_the_detectors_scores_into_qc_parquet(made, tmp_path, 
     np.testing.assert_allclose(qc["QC_Learned_Outlier"], want, rtol=1e-6)
     lab = pd.read_csv(labels).set_index("Metadata_ImageKey")["Metadata_QC_Label"]
     det = FewShotDetector().fit(
-        e.loc[lab.index, feats].to_numpy(float), lab.to_numpy(), reference=X
+        e.loc[lab.index, feats].to_numpy(float),
+        lab.to_numpy(),
+        reference=X,
+        groups=e["Metadata_Plate"].to_numpy(),
     )
     np.testing.assert_allclose(qc["QC_Learned_FewShot"], det.score(X), rtol=1e-6)
     assert list(qc["QC_Learned_Type"]) == list(det.predict_type(X))

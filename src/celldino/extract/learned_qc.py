@@ -261,7 +261,9 @@ def _run(cfg: QCConfig, prep: Path) -> Path:
         assert labels is not None
         lab_rows = np.array([row[k] for k in labels.index])
         try:
-            det = FewShotDetector().fit(emb[lab_rows], labels.to_numpy(), reference=emb)
+            det = FewShotDetector().fit(
+                emb[lab_rows], labels.to_numpy(), reference=emb, groups=plates
+            )
         except ArtefactLabelError as e:  # checked before embedding; kept for library callers
             raise LearnedQCError(f"{_label_source(cfg)}: {e}") from None
         prob = np.full(n, np.nan)
