@@ -223,6 +223,7 @@ def test_qc_command_writes_the_detectors_scores_into_qc_parquet(made, tmp_path, 
         "qc.detector=both",
         f"qc.labels={labels}",
         "qc.outlier_z=3",
+        "qc.classical_features=false",  # the embeddings alone (the other test has both)
         "-q",
     )
     assert rc == 0, text
@@ -260,7 +261,7 @@ def test_qc_command_writes_the_detectors_scores_into_qc_parquet(made, tmp_path, 
     # a rerun gives the same table (the embeddings are reused)
     rc, _ = run_cli(
         "qc", f"qc.prep={prep}", f"qc.checkpoint={ckpt}", "qc.detector=both",
-        f"qc.labels={labels}", "qc.outlier_z=3", "-q",
+        f"qc.labels={labels}", "qc.outlier_z=3", "qc.classical_features=false", "-q",
     )  # fmt: skip
     assert rc == 0
     pd.testing.assert_frame_equal(pd.read_parquet(prep / "qc.parquet"), qc)

@@ -340,7 +340,7 @@ class QCConfig:
     outlier_z: float = 5.0  # flag learned_outlier above this outlier score (robust z per plate)
     fewshot_threshold: float = 0.5  # flag learned_fewshot above this artefact probability
     neighbours: int = 10  # outlier score: mean distance to this many nearest fields of the plate
-    classical_features: bool = False  # append classical QC metrics and pixel noise to the embedding
+    classical_features: bool = True  # append classical QC metrics and pixel noise to the embedding
     tile: int = 0  # tile side in px, resized to the model's input (0 = the model's input side)
     batch_size: int = 16  # tiles per forward pass
     device: str = "auto"  # auto, cpu, cuda, cuda:N
