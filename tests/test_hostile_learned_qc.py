@@ -181,3 +181,48 @@ def test_a_prep_locked_by_another_writer_is_refused(made, tmp_path, run_cli):
         proc.stdin.write("\n")
         proc.stdin.flush()
         proc.wait(timeout=60)
+
+
+def test_a_damaged_field_embeddings_file_is_computed_again(made, tmp_path, run_cli):
+    prep = _copy(made, tmp_path)
+    ck = _ckpt(tmp_path / "m.safetensors", CHANNELS)
+    rc, _ = run_cli("qc", f"qc.prep={prep}", f"qc.checkpoint={ck}", "-q")
+    assert rc == 0
+    good = pd.read_parquet(prep / "qc.parquet")
+    path = prep / "field_embeddings.parquet"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # cut short
+    rc, text = run_cli("qc", f"qc.prep={prep}", f"qc.checkpoint={ck}")
+    assert rc == 0 and "cannot be read: computed again" in text
+    pd.testing.assert_frame_equal(pd.read_parquet(prep / "qc.parquet"), good)
+    from celldino.errors import IncompleteInputError
+    from celldino.io.prepared import read_field_embeddings
+
+    path.write_bytes(b"not parquet")
+    with pytest.raises(IncompleteInputError, match="field_embeddings.parquet cannot be read"):
+        read_field_embeddings(prep)
+
+
+def test_labels_from_the_load_data_column_and_its_bad_values(made, tmp_path, run_cli):
+    """Without qc.labels the load-data table's Metadata_QC_Label (kept in images.parquet) is
+    read: empty cells are unlabelled, a label on a key is taken, bad text refused naming it."""
+    prep = _copy(made, tmp_path)
+    ck = _ckpt(tmp_path / "m.safetensors", CHANNELS)
+    images = pd.read_parquet(prep / "images.parquet")
+    truth = images["Metadata_QC_Truth"]
+    label = pd.Series([""] * len(images), dtype=object)
+    label[truth != "ok"] = "artefact"
+    label[(truth == "ok").to_numpy().nonzero()[0][:6]] = "clean"
+    images["Metadata_QC_Label"] = label.to_numpy()
+    images.to_parquet(prep / "images.parquet", index=False)
+    rc, text = run_cli("qc", f"qc.prep={prep}", f"qc.checkpoint={ck}", "qc.detector=fewshot", "-q")
+    assert rc == 0, text
+    qc = pd.read_parquet(prep / "qc.parquet")
+    assert (
+        set(qc["QC_Learned_Type"]) <= {"clean", "artefact"}
+        and qc["QC_Learned_FewShot"].notna().all()
+    )
+    images.loc[0, "Metadata_QC_Label"] = "CLEAN"
+    images.to_parquet(prep / "images.parquet", index=False)
+    text = _refused(run_cli, prep, f"qc.checkpoint={ck}", "qc.detector=fewshot")
+    assert "Metadata_QC_Label column of the load-data table" in text and "'CLEAN'" in text
+    assert f"image {images.loc[0, 'Metadata_ImageKey']}" in text

@@ -45,6 +45,7 @@ from celldino.errors import DataError, MissingInputError
 from celldino.io.files import file_fingerprint, read_json
 from celldino.io.prepared import (
     FEMB_PREFIX,
+    FIELD_EMBEDDINGS,
     IMAGES,
     NOISE_PREFIX,
     STATE,
@@ -470,6 +471,8 @@ def embed_prep_fields(
         if old is not None and old[1] == identity:
             logger.info("field embeddings already in %s: reused", prep)
             return old[0]
+        if old is None and (prep / FIELD_EMBEDDINGS).exists():
+            logger.warning("%s cannot be read: computed again", prep / FIELD_EMBEDDINGS)
     dev = None
     if device and device != "auto":
         dev = torch.device(device)

@@ -96,13 +96,24 @@ def write_field_embeddings(df: pd.DataFrame, prep_dir: str | Path, identity: dic
 
 def read_field_embeddings(prep_dir: str | Path, *, identity: bool = False):
     """The field embeddings table of a prep folder (None when there is none); with `identity`,
-    (table, identity dict) (identity {} when unreadable)."""
+    (table, identity dict), or None when the file cannot be read (a cache: recomputed). Without
+    `identity` an unreadable file is an `IncompleteInputError` naming it."""
     import pyarrow.parquet as pq
+
+    from celldino.errors import IncompleteInputError
 
     path = Path(prep_dir) / FIELD_EMBEDDINGS
     if not path.exists():
         return None
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # truncated, not Parquet
+        if identity:
+            return None
+        raise IncompleteInputError(
+            f"{path} cannot be read ({type(e).__name__}: {e}); run `celldino qc` again to "
+            "recompute it"
+        ) from None
     df = table.to_pandas()
     if not identity:
         return df
