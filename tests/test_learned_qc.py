@@ -402,3 +402,47 @@ def test_prep_fields_are_embedded_with_one_scale_per_plate(made):
         want = field_embeddings(fields, model, channels_in=CHANNELS, model_channels=known)
         mine = got.loc[rows.index].filter(like="femb_").to_numpy()
         np.testing.assert_allclose(mine, want, rtol=1e-5, atol=1e-6)
+
+
+def test_channel_adaptive_and_channelwise_models_get_the_fields_channels_by_name(tmp_path):
+    from celldino.extract.fields import load_qc_model
+    from celldino.models import ChannelwiseModel
+
+    rng = np.random.default_rng(2)
+    fields = [rng.integers(0, 4000, (2, 32, 32)).astype(np.uint16) for _ in range(3)]
+    scale = np.array([1500.0, 900.0], np.float32)
+    # a channel-adaptive model knowing A, B, C; the fields hold C then A
+    torch.manual_seed(0)
+    ada = VisionTransformer(
+        img_size=16, patch_size=8, in_chans=3, embed_dim=8, depth=1, num_heads=2,
+        channel_adaptive=True,
+    ).eval()  # fmt: skip
+    got = field_embeddings(
+        fields, ada, channels_in=["C", "A"], scale=scale, model_channels=["A", "B", "C"]
+    )
+    ids = torch.tensor([0, 2])  # A, C in the model's table
+
+    class Fed(torch.nn.Module):  # the model fed A then C with their ids, by hand
+        def forward(self, x):
+            return ada(x, channel_ids=ids)
+
+    swapped = [f[::-1] for f in fields]  # A, C
+    want = np.stack([_by_hand(Fed(), f, scale[::-1], 16, 16) for f in swapped])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    # a foreign RGB model without channel names runs on each channel alone
+    rcfg = ModelConfig(
+        arch="vit_tiny", patch_size=8, in_chans=3, img_size=16, depth=1, drop_path_rate=0.0
+    )
+    torch.manual_seed(0)
+    rgb = build_model(rcfg).eval()
+    ck = tmp_path / "rgb.safetensors"
+    sd = {f"teacher.backbone.{k}": v for k, v in rgb.state_dict().items()}
+    write_safetensors(ck, sd, {"model_config": dataclasses.asdict(rcfg)})
+    model, known, _ = load_qc_model(ck, 2)
+    assert isinstance(model, ChannelwiseModel) and known is None
+    got = field_embeddings(fields, model, channels_in=["a", "b"], scale=scale)
+    want = np.stack(
+        [_by_hand(ChannelwiseModel(model.backbone, 2), f, scale, 16, 16) for f in fields]
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert got.shape == (3, 2 * 2 * model.backbone.embed_dim)
