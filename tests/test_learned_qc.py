@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from celldino.config import ModelConfig, PrepareConfig
-from celldino.data.artefacts import FewShotDetector, outlier_scores, robust_z
+from celldino.data.artefacts import FewShotDetector, knn_mean_distance, outlier_scores, robust_z
 from celldino.data.prepare import prepare
 from celldino.extract.fields import field_embeddings, field_scale, pool_tiles
 from celldino.io.checkpoints import write_safetensors
@@ -124,6 +124,7 @@ def test_outlier_scores_match_sklearn_nearest_neighbours():
         z = (xg - med) / mad
         dist, _ = NearestNeighbors(n_neighbors=k + 1).fit(z).kneighbors(z)
         d = dist[:, 1:].mean(axis=1)  # the first neighbour is the field itself
+        np.testing.assert_allclose(knn_mean_distance(z, k, block=7), d, rtol=1e-9)  # in blocks
         dmed = np.median(d)
         want[idx] = (d - dmed) / (1.4826 * np.median(np.abs(d - dmed)))
     np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-8)

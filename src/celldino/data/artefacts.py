@@ -69,18 +69,23 @@ def robust_z(values: np.ndarray) -> np.ndarray:
     return (v - med) / mad
 
 
-def knn_mean_distance(x: np.ndarray, k: int) -> np.ndarray:
-    """(n,) each row's mean Euclidean distance to its k nearest other rows (k capped at n − 1)."""
+def knn_mean_distance(x: np.ndarray, k: int, block: int = 1024) -> np.ndarray:
+    """(n,) each row's mean Euclidean distance to its k nearest other rows (k capped at n − 1);
+    computed `block` rows at a time (memory block × n, not n × n)."""
     n = len(x)
     if n < 2:
         return np.zeros(n)
     k = min(int(k), n - 1)
     sq = np.einsum("ij,ij->i", x, x)
-    d2 = sq[:, None] + sq[None, :] - 2.0 * (x @ x.T)
-    np.fill_diagonal(d2, np.inf)
-    d2 = np.maximum(d2, 0.0)
-    part = np.partition(d2, k - 1, axis=1)[:, :k]
-    return np.sqrt(part).mean(axis=1)
+    out = np.empty(n)
+    for start in range(0, n, block):
+        stop = min(start + block, n)
+        d2 = sq[start:stop, None] + sq[None, :] - 2.0 * (x[start:stop] @ x.T)  # (b, n)
+        d2[np.arange(stop - start), np.arange(start, stop)] = np.inf  # not itself
+        d2 = np.maximum(d2, 0.0)
+        part = np.partition(d2, k - 1, axis=1)[:, :k]
+        out[start:stop] = np.sqrt(part).mean(axis=1)
+    return out
 
 
 def outlier_scores(emb: np.ndarray, groups: np.ndarray | None = None, k: int = 10) -> np.ndarray:
