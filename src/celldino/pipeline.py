@@ -23,11 +23,11 @@ from pathlib import Path
 import celldino
 from celldino import log
 from celldino.config import Config, ConfigError, ProfileConfig, replace, to_dict
-from celldino.errors import DataError, IncompleteInputError, OutputError, UserError
+from celldino.errors import DataError, OutputError, UserError
 from celldino.io import provenance
 from celldino.io.configfile import save_config
 from celldino.io.embeddings import manifest_path, read_manifest
-from celldino.io.files import file_fingerprint, fingerprint, read_json, write_json
+from celldino.io.files import fingerprint, read_json, write_json
 from celldino.io.lock import output_lock
 from celldino.io.runlayout import STAGES, RunLayout
 
@@ -343,7 +343,7 @@ def checkpoint_spread(cfg: Config, lay: RunLayout) -> Path | None:
     sets = {}
     for i, epoch in enumerate(chosen):
         name, ckpt = lay.epoch_set(epoch), epochs[epoch]
-        key = fingerprint([file_fingerprint(ckpt), settings, celldino.__version__])
+        key = fingerprint([provenance.digest(ckpt), settings, celldino.__version__])
         sets[name] = key
         manifest = read_manifest(lay.embeddings(name))
         if made.get(name) == key and manifest is not None and lay.profiles(name).exists():
@@ -455,9 +455,10 @@ def stage_outputs_exist(stage: str, cfg: Config, lay: RunLayout) -> bool:
 
 def stage_reads(stage: str, cfg: Config, lay: RunLayout) -> list[Path]:
     """The files (and folders) a stage reads that an earlier stage, or the user by hand, made:
-    their paths, sizes and times are recorded when the stage runs (`celldino.io.provenance`),
-    and a stage whose files changed since is not up to date. Prepare's inputs (the load-data
-    table and the images) are fingerprinted by prepare itself (`input_fingerprint`)."""
+    their paths, sizes, times and content hashes are recorded when the stage runs
+    (`celldino.io.provenance.record`), and a stage whose files changed since is not up to date
+    (`provenance.changed`). Prepare's inputs (the load-data table and the images) are
+    fingerprinted by prepare itself (`input_fingerprint`, with the same module)."""
     sets = _feature_sets(cfg)
     # the prep's cell table is rewritten whenever its crops are (the crop store's chunks, and
     # an extraction's attention maps, are too many files to list in pipeline.json)
@@ -550,7 +551,7 @@ def stage_fingerprints(
         if stage == "evaluate":  # the epoch checkpoints it evaluates for the spread
             sections["spread_checkpoints"] = cfg.run.spread_checkpoints
         if stage == "evaluate" and cfg.run.eval_spec and Path(cfg.run.eval_spec).exists():
-            sections["eval_spec"] = file_fingerprint(Path(cfg.run.eval_spec))  # its contents
+            sections["eval_spec"] = provenance.digest(cfg.run.eval_spec)  # its contents
         out[stage] = upstream = fingerprint({"upstream": upstream, "sections": sections})
     return out
 
@@ -702,12 +703,8 @@ def run_pipeline(cfg: Config, *, force: tuple[str, ...] = (), demo: bool = False
 
 def _run_stages(cfg: Config, lay: RunLayout, *, force: tuple[str, ...], demo: bool) -> Path:
     fix = "delete it and rerun: every stage in run.stages then runs again (none counts as done)"
-    record = read_json(lay.manifest, fix) if lay.manifest.exists() else {"stages": {}}
-    if not isinstance(record, dict) or not isinstance(record.get("stages", {}), dict):
-        raise IncompleteInputError(
-            f"{lay.manifest} is JSON but not a celldino run record (an object with 'stages'): "
-            f"it was edited or replaced; {fix}"
-        )
+    record = provenance.read_run_record(lay.manifest, fix) if lay.manifest.exists() else {}
+    record.setdefault("stages", {})
     forced = set(cfg.run.force) | set(force)
     inputs, old_inputs = input_fingerprint(cfg, record), record.get("inputs")
     if old_inputs is not None and old_inputs != inputs:

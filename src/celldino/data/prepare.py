@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import shutil
 import time
@@ -50,10 +49,10 @@ from celldino.data.segmentation import (
 )
 from celldino.data.user_masks import cells_from_mask, labels_from_mask, outline_overlay
 from celldino.errors import DataError, MissingInputError, OutputError, UserError
+from celldino.io import provenance
 from celldino.io.cropstore import CELLS, CROPS, LEDGER, PARTS, CropStore, CropStoreError
 from celldino.io.files import (
     WRITE_ERRNOS,
-    file_fingerprint,
     fingerprint,
     read_json,
     require_writable,
@@ -76,7 +75,7 @@ from celldino.io.prepared import (
     read_qc,
     write_illumination,
 )
-from celldino.io.provenance import describe_changes, refuse_overwriting_inputs
+from celldino.io.provenance import refuse_overwriting_inputs
 from celldino.io.tables import read_table, row_label, write_parquet
 
 logger = log.get_logger(__name__)
@@ -628,14 +627,7 @@ def _locations_table(cfg, iset: ImageSet) -> pd.DataFrame:
     return table
 
 
-# ---- inputs: what the results are computed from ------------------------------------------
-
-
-def _table_hash(table: pd.DataFrame) -> str:
-    """Hash of a table's content as read (columns, dtypes and every cell)."""
-    h = hashlib.sha256(json.dumps([[str(c), str(t)] for c, t in table.dtypes.items()]).encode())
-    h.update(pd.util.hash_pandas_object(table.astype(str), index=False).to_numpy().tobytes())
-    return h.hexdigest()[:16]
+# ---- inputs: what the results are computed from (`celldino.io.provenance`) -----------------
 
 
 def _input_files(iset: ImageSet, cfg) -> list[str]:
@@ -672,24 +664,19 @@ def _row_of(iset: ImageSet, path: str) -> tuple[int, str]:
 
 
 def _inputs(iset: ImageSet, cfg) -> tuple[dict, pd.DataFrame]:
-    """(summary, per-file stats): the table's content hash, and each input file's size and
-    modification time (never its bytes: screens are terabytes)."""
-    rows = []
-    for f in _input_files(iset, cfg):
-        try:
-            st = Path(f).stat()
-            rows.append((f, int(st.st_size), int(st.st_mtime_ns)))
-        except OSError:
-            rows.append((f, -1, -1))  # missing: reported (or skipped) when read
-    stats = pd.DataFrame(rows, columns=["path", "size", "mtime_ns"])
-    blob = "\n".join(f"{p}\t{n}\t{t}" for p, n, t in rows).encode()
+    """(summary, per-file stats as kept in inputs.parquet): the table's content hash, and each
+    input file's size and modification time (never its bytes: screens are terabytes)."""
+    files = provenance.record(_input_files(iset, cfg), hash_up_to=-1)  # missing: size -1
+    stats = pd.DataFrame(
+        [(p, n, t) for p, (n, t, _) in files.items()], columns=["path", "size", "mtime_ns"]
+    )
     summary = {
-        "table": _table_hash(iset.table),
-        "images": hashlib.sha256(blob).hexdigest()[:16],
-        "n_images": len(rows),
+        "table": provenance.table_digest(iset.table),
+        "images": provenance.stat_digest(files),
+        "n_images": len(files),
     }
     if cfg.segmentation == "locations" and cfg.locations and Path(cfg.locations).is_file():
-        summary["locations"] = file_fingerprint(Path(cfg.locations))
+        summary["locations"] = provenance.digest(cfg.locations)
     return summary, stats
 
 
@@ -708,41 +695,21 @@ def input_fingerprint(cfg: PrepareConfig) -> dict:
 
 
 def _table_change(out: Path, iset: ImageSet) -> str:
-    """One phrase saying how the table differs from the one the prep in `out` was made from."""
+    """One phrase saying how the table differs from the one the prep in `out` was made from
+    (images.parquet, less the QC columns prepare added)."""
     try:
         old = read_images(out)
     except Exception:
         return "content changed"
-    new = iset.table
-    cols = [
-        c for c in old.columns if c in new.columns or not (c.startswith("QC_") or c == "Skipped")
+    ours = [
+        c
+        for c in old.columns
+        if c not in iset.table.columns and (str(c).startswith("QC_") or c == "Skipped")
     ]
-    added = [c for c in new.columns if c not in old.columns]
-    removed = [c for c in cols if c not in new.columns]
-    parts = []
-    if added:
-        parts.append(f"column(s) added {added[:5]}")
-    if removed:
-        parts.append(f"column(s) removed {removed[:5]}")
-    if len(old) != len(new):
-        parts.append(f"{len(old)} → {len(new)} rows")
-    else:
-        common = [c for c in new.columns if c in old.columns]
-        a = old[common].astype(str).reset_index(drop=True)
-        b = new[common].astype(str).reset_index(drop=True)
-        diff = a != b
-        n = int(diff.to_numpy().sum())
-        if n:
-            r, c = np.argwhere(diff.to_numpy())[0]
-            col = common[c]
-            parts.append(
-                f"{iset.where(int(r))}, {col}: {a.at[r, col]!r} → {b.at[r, col]!r}"
-                + (f" ({n} cells changed)" if n > 1 else "")
-            )
-    return "; ".join(parts) or "content changed"
+    return provenance.describe_table_changes(old.drop(columns=ours), iset.table, iset.where)
 
 
-def _files_change(out: Path, stats: pd.DataFrame) -> str:
+def _files_change(out: Path, stats: pd.DataFrame, iset: ImageSet) -> str:
     try:
         old = read_inputs(out)
     except Exception:
@@ -753,7 +720,11 @@ def _files_change(out: Path, stats: pd.DataFrame) -> str:
             p: [int(n), int(t)] for p, n, t in df[["path", "size", "mtime_ns"]].itertuples(False)
         }
 
-    parts = describe_changes(rows(old), rows(stats), "image file")  # celldino.io.provenance
+    def name(path: str) -> str:  # the file and its load-data row
+        i, c = _row_of(iset, path)
+        return f"{path} [{iset.where(i)}, channel {c}]" if i >= 0 else path
+
+    parts = provenance.describe_changes(rows(old), rows(stats), "image file", name=name)
     return "; ".join(parts) or "image files changed"
 
 
@@ -765,7 +736,7 @@ def _what_changed(out: Path, state: dict, inputs: dict, stats: pd.DataFrame, ise
     if old.get("table") != inputs["table"]:
         parts.append(f"load-data table {iset.source}: {_table_change(out, iset)}")
     if old.get("images") != inputs["images"]:
-        parts.append(_files_change(out, stats))
+        parts.append(_files_change(out, stats, iset))
     if old.get("locations") != inputs.get("locations"):
         parts.append(f"locations table {cfg.locations} content changed")
     if state.get("channels") not in (None, list(iset.channels)):

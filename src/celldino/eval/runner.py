@@ -49,10 +49,9 @@ from celldino.eval.spec import (
     obs_table,
 )
 from celldino.eval.stats import join_flags, metrics_table, stat_columns
-from celldino.io import results
+from celldino.io import provenance, results
 from celldino.io.files import (
     atomic_write_text,
-    file_fingerprint,
     fingerprint,
     require_writable,
     write_json,
@@ -443,7 +442,8 @@ def load_feature_sets(
                 df, metadata_prefix=mp, feature_prefix=fp, source=str(path)
             )
         _check_matrix(X, features, str(path))
-        key = fingerprint([file_fingerprint(path), mp, fp])
+        # its content (`celldino.io.provenance`): a part of a changed file is computed again
+        key = fingerprint([provenance.digest(path), mp, fp])
         sets[name] = FeatureSet(name, meta, X, features, str(path), key, activity)
     for name, how in (spec.get("derived") or {}).items():
         sets[name] = _derive(name, how, sets, seed)

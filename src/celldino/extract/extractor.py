@@ -52,6 +52,7 @@ from celldino.extract.shard_plan import (
     identity_differences,
     shard_plan,
 )
+from celldino.io import provenance
 from celldino.io.attention_store import ATTENTION, write_attention
 from celldino.io.checkpoints import checkpoint_channels, checkpoint_crop_size, read_metadata
 from celldino.io.embeddings import (
@@ -65,7 +66,7 @@ from celldino.io.embeddings import (
     write_manifest,
     write_shard,
 )
-from celldino.io.files import file_fingerprint, read_json, require_writable, write_error
+from celldino.io.files import read_json, require_writable, write_error
 from celldino.io.lock import input_lock, output_lock
 from celldino.io.prepared import IMAGES, STATE
 from celldino.io.provenance import refuse_overwriting_inputs
@@ -155,7 +156,10 @@ def _open_data(cfg: ExtractConfig, channels: list[str] | None):
         side = (cfg.field_crop, cfg.field_crop)
         fp = str(read_json(prep / STATE).get("fingerprint", ""))
     meta = ds.metadata[[c for c in ds.metadata.columns if str(c).startswith("Metadata_")]]
-    identity = {"fingerprint": fp, "n_rows": len(meta), "level": cfg.level}
+    # the prep's cell (or image) table by content: a prep remade or edited by hand is other data
+    table = CELLS if cfg.level == "cell" else IMAGES
+    identity = {"fingerprint": fp, "n_rows": len(meta), "level": cfg.level, "table": table}
+    identity["table_sha256_16"] = provenance.digest(prep / table)
     return ds, meta.reset_index(drop=True), identity, side
 
 
@@ -591,7 +595,7 @@ def _extract_into(
     out_dir = Path(cfg.out_dir)
     plan = shard_plan(len(meta), cfg.shard_size)
     manifest = {
-        "checkpoint": {"sha256_16": file_fingerprint(file), "which": cfg.which},
+        "checkpoint": {"sha256_16": provenance.digest(file), "which": cfg.which},
         "features": _feature_options(cfg),
         "channels": channels,
         "data": data_id,
@@ -618,7 +622,7 @@ def _extract_into(
     if not cfg.overwrite:
         if diffs:
             raise ExtractError(
-                f"{out_dir} holds embeddings made with other settings ("
+                f"{out_dir} holds embeddings made from other inputs or settings ("
                 + "; ".join(diffs[:6])
                 + "): set extract.overwrite=true (--overwrite) to replace them, or choose "
                 "another extract.out_dir"

@@ -33,7 +33,9 @@ def done_shards(out_dir: Path, plan: list[tuple[int, int]]) -> set[int]:
 
 
 def identity_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Human-readable list of identity entries on which two manifests differ."""
+    """Human-readable list of identity entries on which two manifests differ. A content change
+    (`celldino.io.provenance.digest`) names the file: the checkpoint, the prep's cell table. A
+    data entry the old manifest lacks (recorded only by a later celldino) is not compared."""
     diffs = []
     for key in IDENTITY:
         a, b = old.get(key), new.get(key)
@@ -41,11 +43,28 @@ def identity_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
             continue
         if isinstance(a, dict) and isinstance(b, dict):
             for sub in sorted(set(a) | set(b)):
+                if key == "data" and sub not in a:
+                    continue
                 if a.get(sub) != b.get(sub):
-                    diffs.append(f"{key}.{sub}: {a.get(sub)!r} → {b.get(sub)!r}")
+                    diffs.append(_difference(old, new, key, sub))
         else:
             diffs.append(f"{key}: {a!r} → {b!r}")
     return diffs
+
+
+def _difference(old: dict[str, Any], new: dict[str, Any], key: str, sub: str) -> str:
+    a, b = old[key].get(sub), new[key].get(sub)
+    if (key, sub) == ("checkpoint", "sha256_16"):
+        was, now = old.get("checkpoint_path"), new.get("checkpoint_path")
+        if was == now:
+            return (
+                f"checkpoint {now}: its content changed since (checkpoint.sha256_16 {a!r} → {b!r})"
+            )
+        return f"checkpoint.sha256_16: {a!r} → {b!r} (the file {was} → {now})"
+    if (key, sub) == ("data", "table_sha256_16"):
+        table = Path(str(new.get("data_path", ""))) / str(new[key].get("table", ""))
+        return f"data {table}: its content changed since (data.table_sha256_16 {a!r} → {b!r})"
+    return f"{key}.{sub}: {a!r} → {b!r}"
 
 
 def assign_shards(n_shards: int, done: set[int], rank: int, world_size: int) -> list[int]:

@@ -1,14 +1,17 @@
 """`celldino profile`: the configured chain of stages, from shards to written profile files.
 
 The aggregated profiles are cached beside the output (`<out stem>.aggregated.h5ad`) with a
-fingerprint of the inputs and aggregation settings, so a rerun after a failure in a later
-stage (or with other normalisation settings) skips the expensive pass over the cells.
+fingerprint of the aggregation settings and a record of the input files (`celldino.io.provenance`:
+each file's size and modification time), so a rerun after a failure in a later stage (or with
+other normalisation settings) skips the expensive pass over the cells; a rerun after an input
+file changed aggregates again, saying which.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import re
 from pathlib import Path
@@ -18,6 +21,7 @@ import numpy as np
 
 from celldino.config import ProfileConfig
 from celldino.errors import DataError, IncompleteInputError
+from celldino.io import provenance
 from celldino.io.embeddings import (
     MANIFEST,
     manifest_path,
@@ -214,27 +218,39 @@ def aggregate_cached(cfg: ProfileConfig) -> ad.AnnData:
     partial = check_inputs(cfg)
     files = shard_paths(list(cfg.input))
     _check_distinct_cells(cfg, files)
-    key = fingerprint(
+    key = fingerprint(  # the aggregation settings (the files' state is in the record below)
         {
-            "files": [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files],
+            "files": files,
             "features": _features(cfg.features),
             "by": cfg.by,
             "via": cfg.via,
             "method": cfg.method,
             # 2: file column names kept, plate_well obs_names, steps as JSON text; 3: feature
-            # tokens (names or prefixes, infer), Image_Metadata_ aliases, profiles as input
-            "version": 3,
+            # tokens (names or prefixes, infer), Image_Metadata_ aliases, profiles as input;
+            # 4: the input files' sizes and times in a provenance record beside the key
+            "version": 4,
         }
     )
     cache, pending = _cache_paths(cfg)
     for path in (cache, pending):
         if path.exists() and not partial:
             cached = read_h5ad(path)
-            if cached.uns.get("celldino", {}).get("aggregate_key") == key:
-                logger.info("reusing aggregated profiles %s (inputs unchanged)", path)
-                check_columns(cfg, cached.obs.columns)
-                _OURS.add(str(path))
-                return cached
+            made = cached.uns.get("celldino", {})
+            if made.get("aggregate_key") != key:
+                continue
+            what = _inputs_changed(made.get("aggregate_inputs"), files)
+            if what:  # the same settings, but the files were replaced or re-made since
+                logger.warning(
+                    "profile.input changed since %s was aggregated (%s): aggregating again",
+                    path,
+                    "; ".join(what),
+                )
+                continue
+            logger.info("reusing aggregated profiles %s (inputs unchanged)", path)
+            check_columns(cfg, cached.obs.columns)
+            _OURS.add(str(path))
+            return cached
+    inputs = provenance.record(files, hash_up_to=-1)  # before reading: a later change is seen
     _check_keys(cfg, files)
     levels = [list(cfg.by) + list(cfg.via)] if cfg.via else []
     adata = aggregate(
@@ -247,6 +263,7 @@ def aggregate_cached(cfg: ProfileConfig) -> ad.AnnData:
         threads=cfg.threads,
     )
     adata.uns["celldino"]["aggregate_key"] = key
+    adata.uns["celldino"]["aggregate_inputs"] = json.dumps(inputs)
     if partial:
         adata.uns["celldino"]["partial_input"] = {
             "folders": list(partial),
@@ -257,6 +274,18 @@ def aggregate_cached(cfg: ProfileConfig) -> ad.AnnData:
     write_h5ad(adata, target)
     _OURS.add(str(target))
     return adata
+
+
+def _inputs_changed(recorded, files: list[str]) -> list[str]:
+    """What changed in the input files since the cache's record (`celldino.io.provenance`); a
+    cache without a readable record counts as changed."""
+    try:
+        old = json.loads(recorded) if isinstance(recorded, str) else None
+    except ValueError:
+        old = None
+    if not isinstance(old, dict):
+        return ["the cache holds no record of its input files"]
+    return provenance.changed(old, files)
 
 
 def _check_keys(cfg: ProfileConfig, files: list[str]) -> None:

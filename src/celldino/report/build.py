@@ -7,9 +7,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from celldino import log
-from celldino.errors import IncompleteInputError, MissingInputError, OutputError
-from celldino.io.files import atomic_write_text, read_json, require_writable
-from celldino.io.provenance import refuse_overwriting_inputs
+from celldino.errors import MissingInputError, OutputError
+from celldino.io.files import atomic_write_text, require_writable
+from celldino.io.provenance import read_run_record, refuse_overwriting_inputs
 from celldino.io.runlayout import RunLayout
 from celldino.report.html import Section, render_html
 from celldino.report.sections import DEFAULT_SECTIONS
@@ -62,12 +62,9 @@ def build_report(
     require_writable(path.parent, "report --out")  # before drawing any figure
     subtitle = f"run directory: {run.resolve()}"
     if lay.manifest.exists():
-        record = read_json(lay.manifest)
-        if not isinstance(record, dict):
-            raise IncompleteInputError(
-                f"{lay.manifest} is JSON but not a celldino run record (an object with "
-                "'stages'): it was edited or replaced; delete it (a `celldino run` writes it again)"
-            )
+        # the report reads only the run's fingerprint: a record of any stages will do
+        fix = "delete it (a `celldino run` writes it again)"
+        record = read_run_record(lay.manifest, fix, stages=False)
         subtitle += f" · pipeline fingerprint {record.get('fingerprint', '?')}"
     built = []
     for make in sections or DEFAULT_SECTIONS:

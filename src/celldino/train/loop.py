@@ -37,8 +37,9 @@ from celldino.augment import N_GLOBAL_CROPS, MultiCrop
 from celldino.config import Config, ConfigError, load_config, to_dict
 from celldino.diagnostics import training_verdict, verdict_inputs
 from celldino.errors import DataError, MissingInputError, UserError
+from celldino.io import provenance
 from celldino.io.configfile import save_config
-from celldino.io.files import file_fingerprint, require_writable, write_error
+from celldino.io.files import require_writable, write_error
 from celldino.io.lock import input_lock, output_lock
 from celldino.io.provenance import refuse_overwriting_inputs
 from celldino.io.trainrun import CONFIG, METRICS, append_metrics, truncate_metrics
@@ -286,7 +287,7 @@ def data_identity(dataset: Dataset) -> dict[str, Any]:
     if prep is not None:
         from celldino.io.cropstore import CELLS
 
-        ident["cells_sha256_16"] = file_fingerprint(Path(prep) / CELLS)
+        ident["cells_sha256_16"] = provenance.digest(Path(prep) / CELLS)  # content
         arr = getattr(dataset, "array", None)
         if arr is not None:
             ident["crops_shape"] = [int(x) for x in arr.shape]
@@ -334,6 +335,11 @@ def resume_differences(cfg: Config, run_dir: Path, identity: dict[str, Any] | No
                     diffs.append(f"data channels: {a} → {b}")
                 elif key == "n":
                     diffs.append(f"data cells: {a} → {b}")
+                elif key == "cells_sha256_16" and cfg.train.data:  # name the file
+                    from celldino.io.cropstore import CELLS
+
+                    table = Path(cfg.train.data) / CELLS
+                    diffs.append(f"data {table}: its content changed (cells_sha256_16 {a} → {b})")
                 else:
                     diffs.append(f"data {key}: {a} → {b}")
     return diffs
