@@ -552,9 +552,9 @@ def run_parts_dask(cfg, client=None, *, timings: dict | None = None) -> Path:
     try:
         t1 = time.perf_counter()
         cfgs = [dataclasses.replace(cfg, part=i, workers=1) for i in range(n)]
-        futures = client.map(
-            _part_task, cfgs, key=[f"celldino-prepare-part-{i:04d}" for i in range(n)], pure=False
-        )
+        run = os.urandom(4).hex()  # keys of this run only: never an earlier run's result
+        keys = [f"celldino-prepare-part-{i:04d}-{run}" for i in range(n)]
+        futures = client.map(_part_task, cfgs, key=keys, pure=False)
         wait(futures)
         failed = [(i, f) for i, f in enumerate(futures) if f.status != "finished"]
         if failed:
