@@ -195,3 +195,39 @@ def test_replan_after_a_setting_changed_removes_stale_parts(run_cli, copy):
     rc, msg = run_cli("prepare-plan", *_args(ld, prep, "prepare.parts=3", "prepare.qc_blur_z=-4"))
     assert rc == 0, msg
     assert not any(_part(prep, i).exists() for i in range(3))  # another fingerprint: redone
+
+
+def test_dask_run_with_a_failing_part_names_it_and_keeps_the_others(tmp_path, done, read_only):
+    """Part 1's folder unwritable: the Dask run fails naming part 1 after parts 0 and 2 are
+    complete; once writable, a rerun redoes part 1 alone and the merge equals a plain run."""
+    from distributed import Client, LocalCluster
+
+    from celldino.config import PrepareConfig
+    from celldino.data import parts as PT
+    from celldino.data.prepare import prepare
+
+    ld, _ = done
+    base = dict(load_data=str(ld), features=False, crop_size=32, qc_exclude=False)
+    plain = prepare(PrepareConfig(out_dir=str(tmp_path / "plain"), **base))
+    cfg = PrepareConfig(out_dir=str(tmp_path / "prep"), parts=3, **base)
+    read_only(PT.part_dir(cfg, 1))
+    with (
+        LocalCluster(
+            n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        with pytest.raises(PT.PartsError) as e:
+            PT.run_parts_dask(cfg, client)
+        assert "part(s) 1 of 3 failed" in str(e.value) and "part-0001" in str(e.value)
+        assert (PT.part_dir(cfg, 0) / "part.json").exists()
+        assert (PT.part_dir(cfg, 2) / "part.json").exists()
+        _not_merged(tmp_path / "prep")
+        kept = {i: (PT.part_dir(cfg, i) / "part.json").stat().st_mtime_ns for i in (0, 2)}
+        os.system(f"chattr -i {PT.part_dir(cfg, 1)} 2>/dev/null")
+        PT.part_dir(cfg, 1).chmod(0o755)
+        timings: dict = {}
+        out = PT.run_parts_dask(cfg, client, timings=timings)
+    assert kept == {i: (PT.part_dir(cfg, i) / "part.json").stat().st_mtime_ns for i in (0, 2)}
+    cells = pd.read_parquet(out / "cells.parquet")
+    pd.testing.assert_frame_equal(cells, pd.read_parquet(plain / "cells.parquet"), check_exact=True)
