@@ -471,24 +471,31 @@ def check_columns(sets: dict, given: dict[str, str], where: dict[str, str]) -> N
 def one_dose_per_number(sets: dict, dose: str) -> None:
     """Doses are read as text as written; `1` and `1.0` are one dose, so the spellings of one
     number become one (`io.tables.one_spelling_per_number`) before any treatment or replicate
-    group is made, with a warning naming them."""
+    group is made, with a warning naming them. A set whose doses were merged gets another key:
+    parts an older celldino computed with the spellings apart are not kept as done. Every
+    spelling is read before any is changed (a derived set shares its base set's metadata)."""
     from celldino.io.tables import one_spelling_per_number
 
+    found = []
     for fs in sets.values():
         tables = [fs.meta] + ([fs.activity[0]] if fs.activity is not None else [])
         for k, meta in enumerate(tables):
-            if dose not in meta.columns:
-                continue
-            meta[dose], merged = one_spelling_per_number(meta[dose])
-            if merged and k == 0:
-                logger.warning(
-                    "feature set '%s' (%s): column %s spells one dose several ways (%s); each "
-                    "number is one dose, named by its first spelling",
-                    fs.name,
-                    fs.source,
-                    dose,
-                    "; ".join(" = ".join(sp) for sp in merged[:5]),
-                )
+            if dose in meta.columns:
+                found.append((fs, k, meta, *one_spelling_per_number(meta[dose])))
+    for fs, k, meta, values, merged in found:
+        if not merged:
+            continue
+        meta[dose] = values
+        fs.key = fingerprint([fs.key, "doses merged", dose, k, merged])
+        if k == 0:
+            logger.warning(
+                "feature set '%s' (%s): column %s spells one dose several ways (%s); each "
+                "number is one dose, named by its first spelling",
+                fs.name,
+                fs.source,
+                dose,
+                "; ".join(" = ".join(sp) for sp in merged[:5]),
+            )
 
 
 # separators that join several MoAs in one cell (LINCS / Drug Repurposing Hub write 'a|b')

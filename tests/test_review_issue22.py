@@ -1,0 +1,63 @@
+"""Review of issue 22's provenance module and last silent results (reviewer R1): each test is a
+case the first version of that work got wrong."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from celldino.eval import runner
+
+# ---- evaluate: a part computed before doses were merged is not "done" ------------------------
+
+
+def _dose_profiles(path):
+    """Two compounds, each at one dose spelt `1` in two wells and `1.0` in two others."""
+    rng = np.random.default_rng(0)
+    meta = pd.DataFrame(
+        {
+            "Metadata_Compound": ["a"] * 4 + ["b"] * 4,
+            "Metadata_Dose": ["1", "1", "1.0", "1.0"] * 2,
+            "Metadata_Plate": ["P"] * 8,
+        }
+    )
+    feats = pd.DataFrame(rng.normal(size=(8, 3)), columns=["f0", "f1", "f2"])
+    pd.concat([meta, feats], axis=1).to_csv(path, index=False)
+
+
+def test_an_evaluation_made_before_doses_were_merged_is_computed_again(tmp_path, monkeypatch):
+    """An evaluation an older celldino made (doses `1` and `1.0` two treatments) had the same
+    part key as one made now: resuming kept its numbers ('done before, kept'). A feature set
+    whose doses were merged gets another key, so the part is computed again."""
+    _dose_profiles(tmp_path / "p.csv")
+
+    def n_doses(meta, X, ctx, **params):  # the treatments an analysis sees
+        return {"n": meta["Metadata_Dose"].nunique()}
+
+    monkeypatch.setitem(runner.ANALYSES, "n_doses", n_doses)
+    cfg = runner.EvaluateConfig(out_dir=str(tmp_path / "out"))
+    spec = {"analyses": ["n_doses"]}
+    with monkeypatch.context() as old:  # the celldino before the merge
+        old.setattr(runner, "one_dose_per_number", lambda sets, dose: None)
+        runner.evaluate(tmp_path / "p.csv", spec=spec, cfg=cfg)
+    assert pd.read_parquet(tmp_path / "out" / "metrics.parquet")["value"].tolist() == [2]
+    runner.evaluate(tmp_path / "p.csv", spec=spec, cfg=cfg)  # upgraded, resuming
+    assert pd.read_parquet(tmp_path / "out" / "metrics.parquet")["value"].tolist() == [1]
+
+
+def test_a_derived_set_of_merged_doses_is_computed_again_too(tmp_path, monkeypatch):
+    """A derived (PCA) set shares its base set's metadata: its key changes with the merge."""
+    _dose_profiles(tmp_path / "p.csv")
+
+    def n_doses(meta, X, ctx, **params):
+        return {"n": meta["Metadata_Dose"].nunique()}
+
+    monkeypatch.setitem(runner.ANALYSES, "n_doses", n_doses)
+    cfg = runner.EvaluateConfig(out_dir=str(tmp_path / "out"))
+    spec = {"analyses": ["n_doses"], "derived": {"pca": {"pca": "learned", "n_components": 2}}}
+    with monkeypatch.context() as old:
+        old.setattr(runner, "one_dose_per_number", lambda sets, dose: None)
+        runner.evaluate(tmp_path / "p.csv", spec=spec, cfg=cfg)
+    runner.evaluate(tmp_path / "p.csv", spec=spec, cfg=cfg)
+    got = pd.read_parquet(tmp_path / "out" / "metrics.parquet")
+    assert dict(zip(got["feature_set"], got["value"])) == {"learned": 1, "pca": 1}
