@@ -61,3 +61,27 @@ def test_a_derived_set_of_merged_doses_is_computed_again_too(tmp_path, monkeypat
     runner.evaluate(tmp_path / "p.csv", spec=spec, cfg=cfg)
     got = pd.read_parquet(tmp_path / "out" / "metrics.parquet")
     assert dict(zip(got["feature_set"], got["value"])) == {"learned": 1, "pca": 1}
+
+
+def test_an_evaluation_part_of_another_celldino_version_is_computed_again(tmp_path, monkeypatch):
+    """`celldino run` redoes evaluate after an upgrade (its statistics live in code), yet the
+    parts were keyed by the data and settings alone, so the upgraded run kept every number the
+    old code computed. The version is in the key; the same version still resumes."""
+    import celldino
+
+    _dose_profiles(tmp_path / "p.csv")
+    calls = []
+
+    def counted(meta, X, ctx, **params):
+        calls.append(1)
+        return {"n": len(meta)}
+
+    monkeypatch.setitem(runner.ANALYSES, "counted", counted)
+    cfg = runner.EvaluateConfig(out_dir=str(tmp_path / "out"))
+    spec = {"analyses": ["counted"]}
+    runner.evaluate(tmp_path / "p.csv", spec=spec, cfg=cfg)
+    runner.evaluate(tmp_path / "p.csv", spec=spec, cfg=cfg)
+    assert len(calls) == 1  # resumed: kept
+    monkeypatch.setattr(celldino, "__version__", celldino.__version__ + ".post1")
+    runner.evaluate(tmp_path / "p.csv", spec=spec, cfg=cfg)
+    assert len(calls) == 2

@@ -442,8 +442,11 @@ def load_feature_sets(
                 df, metadata_prefix=mp, feature_prefix=fp, source=str(path)
             )
         _check_matrix(X, features, str(path))
-        # its content (`celldino.io.provenance`): a part of a changed file is computed again
-        key = fingerprint([provenance.digest(path), mp, fp])
+        # its content (`celldino.io.provenance`): a part of a changed file is computed again;
+        # and celldino's version: the statistics live in code (an upgrade computes them again)
+        import celldino
+
+        key = fingerprint([provenance.digest(path), mp, fp, celldino.__version__])
         sets[name] = FeatureSet(name, meta, X, features, str(path), key, activity)
     for name, how in (spec.get("derived") or {}).items():
         sets[name] = _derive(name, how, sets, seed)
