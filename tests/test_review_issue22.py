@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from celldino.eval import runner
 
@@ -85,3 +86,26 @@ def test_an_evaluation_part_of_another_celldino_version_is_computed_again(tmp_pa
     monkeypatch.setattr(celldino, "__version__", celldino.__version__ + ".post1")
     runner.evaluate(tmp_path / "p.csv", spec=spec, cfg=cfg)
     assert len(calls) == 2
+
+
+# ---- images: the channels-last refusal holds for TIFF as for .npy ------------------------------
+
+
+def test_a_channels_last_tiff_is_refused_as_the_npy_is(tmp_path):
+    """tifffile writes an (H, W, 5) array as H pages of W x 5 pixels: `Frame_DNA=0` read the first
+    row of pixels as the image and image_shape said 64x5, where the same array as .npy is
+    refused. Refused the same way; (C, H, W) TIFFs and one plane still read."""
+    import tifffile
+
+    from celldino.io.images import ImageReadError, image_shape, read_image
+
+    img = np.random.default_rng(0).integers(0, 4000, size=(64, 64, 5)).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "hwc.tif", img)
+    for read in (lambda p: read_image(p, frame=0), image_shape, read_image):
+        with pytest.raises(ImageReadError, match=r"hwc.tif.*5 channels as the last axis"):
+            read(tmp_path / "hwc.tif")
+    tifffile.imwrite(tmp_path / "chw.tif", np.moveaxis(img, -1, 0))
+    np.testing.assert_array_equal(read_image(tmp_path / "chw.tif", frame=3), img[..., 3])
+    assert image_shape(tmp_path / "chw.tif") == (64, 64)
+    tifffile.imwrite(tmp_path / "one.tif", img[..., 0])
+    np.testing.assert_array_equal(read_image(tmp_path / "one.tif"), img[..., 0])

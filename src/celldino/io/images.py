@@ -104,6 +104,7 @@ def _read_tiff(path: Path, frame: int | None) -> np.ndarray:
         shape = series.shape
         n_planes = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
         _refuse_rgb(path, series)
+        _refuse_channels_last(tuple(shape), path)  # tifffile writes (H, W, C) as H pages
         if n_planes == 1:
             if frame not in (None, 0):
                 raise ImageReadError(path, f"frame {frame} asked for, but the image has one plane")
@@ -197,6 +198,7 @@ def image_shape(path: str | Path) -> tuple[int, int]:
 
             with tifffile.TiffFile(path) as tif:
                 _refuse_rgb(path, tif.series[0])  # its last two axes are not (H, W)
+                _refuse_channels_last(tuple(tif.series[0].shape), path)
                 return tuple(tif.series[0].shape[-2:])  # type: ignore[return-value]
         if suffix == ".npy":
             shape = np.load(path, mmap_mode="r").shape
