@@ -109,3 +109,63 @@ def test_a_channels_last_tiff_is_refused_as_the_npy_is(tmp_path):
     assert image_shape(tmp_path / "chw.tif") == (64, 64)
     tifffile.imwrite(tmp_path / "one.tif", img[..., 0])
     np.testing.assert_array_equal(read_image(tmp_path / "one.tif"), img[..., 0])
+
+
+# ---- masks saved by an older celldino stay readable --------------------------------------------
+
+
+def _old_prep(tmp_path, keys):
+    """A prep an older celldino saved masks in: `/` → `_` only (no `~hash` suffix), and its
+    images.parquet listing the keys."""
+    from celldino.io.masks import MASKS, _tiff_bytes
+    from celldino.io.prepared import IMAGES
+
+    prep = tmp_path / "prep"
+    (prep / MASKS).mkdir(parents=True)
+    pd.DataFrame({"Metadata_ImageKey": keys}).to_parquet(prep / IMAGES)
+    labels = {}
+    for k, key in enumerate(keys):
+        nuclei = np.zeros((8, 8), np.uint16)
+        nuclei[k, k] = k + 1
+        stem = key.replace("/", "_")
+        (prep / MASKS / f"{stem}_nuclei.tiff").write_bytes(_tiff_bytes(nuclei))
+        (prep / MASKS / f"{stem}_cells.tiff").write_bytes(_tiff_bytes(nuclei * 2))
+        labels[key] = nuclei
+    return prep, labels
+
+
+def test_masks_an_older_celldino_saved_are_still_read(tmp_path):
+    """Keys holding `_` (plate `Plate_1`, common) got a `~hash` file name this release: an
+    existing prep's masks were 'not found' (a raw FileNotFoundError) by read_masks, the
+    documented reader, though the files are there under the name the older celldino gave."""
+    from celldino.io.masks import read_masks
+
+    prep, labels = _old_prep(tmp_path, ["Plate_1/A01/1", "Plate_1/A02/1", "P1/A01/1"])
+    for key, nuclei in labels.items():
+        got_n, got_c = read_masks(prep, key)
+        np.testing.assert_array_equal(got_n, nuclei)
+        np.testing.assert_array_equal(got_c, nuclei * 2)
+
+
+def test_an_old_mask_name_two_sites_shared_is_refused_not_read_as_either(tmp_path):
+    """Under the old names plate `P_1` well `A01` and plate `P` well `1_A01` shared one file (the
+    second site's replaced the first's): reading it for either would be another site's masks."""
+    from celldino.errors import UserError
+    from celldino.io.masks import read_masks
+
+    prep, _ = _old_prep(tmp_path, ["P_1/A01/1"])
+    pd.DataFrame({"Metadata_ImageKey": ["P_1/A01/1", "P/1_A01/1"]}).to_parquet(
+        prep / "images.parquet"
+    )
+    for key in ("P_1/A01/1", "P/1_A01/1"):
+        with pytest.raises(UserError, match=r"P_1_A01_1_nuclei.tiff.*P/1_A01/1.*P_1/A01/1"):
+            read_masks(prep, key)
+
+
+def test_masks_of_a_site_without_saved_masks_name_the_file_and_the_setting(tmp_path):
+    from celldino.errors import UserError
+    from celldino.io.masks import read_masks
+
+    prep, _ = _old_prep(tmp_path, ["P1/A01/1"])
+    with pytest.raises(UserError, match=r"P1_A02_1_nuclei.tiff.*prepare.save_masks"):
+        read_masks(prep, "P1/A02/1")

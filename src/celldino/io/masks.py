@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from celldino.errors import DataError
+from celldino.errors import DataError, MissingInputError
 from celldino.io.files import atomic_write_bytes
 from celldino.io.images import read_image
 
@@ -226,11 +226,54 @@ def write_masks(prep_dir: str | Path, key: str, nuclei: np.ndarray, cells: np.nd
 
 
 def read_masks(prep_dir: str | Path, key: str) -> tuple[np.ndarray, np.ndarray]:
-    """(nuclei, cells) labels of a site saved by prepare."""
+    """(nuclei, cells) labels of a site saved by prepare (also under the name an older celldino
+    gave them, `_legacy_stem`, where no other site of the prep shares that name)."""
     import tifffile
 
-    n_path, c_path = mask_paths(prep_dir, key)
+    n_path, c_path = _saved_masks(Path(prep_dir), key)
     return tifffile.imread(n_path), tifffile.imread(c_path)
+
+
+def _legacy_stem(key: str) -> str:
+    """The stem celldino before 0.3's `site_stem` gave: `/` and other characters → `_` (two keys
+    could share it)."""
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in key)
+
+
+def _saved_masks(prep: Path, key: str) -> tuple[Path, Path]:
+    paths = mask_paths(prep, key)
+    if all(p.exists() for p in paths):
+        return paths
+    old = _legacy_stem(key)
+    legacy = (prep / MASKS / f"{old}_nuclei.tiff", prep / MASKS / f"{old}_cells.tiff")
+    if old == site_stem(key) or not all(p.exists() for p in legacy):
+        raise MissingInputError(
+            f"{paths[0]}: no saved masks of site {key!r} in {prep}; prepare saves them with "
+            "prepare.save_masks=true"
+        )
+    import pandas as pd
+
+    from celldino.io.prepared import IMAGES
+
+    try:
+        keys = pd.read_parquet(prep / IMAGES, columns=["Metadata_ImageKey"])["Metadata_ImageKey"]
+        sharing = sorted({str(k) for k in keys if _legacy_stem(str(k)) == old})
+    except Exception:
+        sharing = None
+    if sharing != [key]:
+        who = (
+            "cannot be told to be this site's (its site list is unreadable)"
+            if sharing is None
+            else f"sites {', '.join(sharing)} share"
+            if len(sharing) > 1
+            else f"is site {', '.join(sharing) or '(none listed)'}'s, not {key!r}'s"
+        )
+        raise DataError(
+            f"{legacy[0]}: masks saved by an older celldino under a name that {who} (in "
+            f"{prep / IMAGES}); run prepare again with prepare.save_masks=true into a new "
+            "prepare.out_dir to save one file per site"
+        )
+    return legacy
 
 
 def write_outline(prep_dir: str | Path, key: str, rgb: np.ndarray) -> Path:
