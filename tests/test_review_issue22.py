@@ -169,3 +169,21 @@ def test_masks_of_a_site_without_saved_masks_name_the_file_and_the_setting(tmp_p
     prep, _ = _old_prep(tmp_path, ["P1/A01/1"])
     with pytest.raises(UserError, match=r"P1_A02_1_nuclei.tiff.*prepare.save_masks"):
         read_masks(prep, "P1/A02/1")
+
+
+def test_a_site_key_too_long_for_a_file_name_gets_a_short_one_per_key(tmp_path):
+    """A plate name of 250 characters made a mask file name over the 255-byte limit of Linux
+    and macOS file systems: prepare.save_masks ended in a raw OSError (File name too long). Such
+    a stem is cut and ends in its key's hash, one per key; every stem that fit keeps its name."""
+    from celldino.io.masks import read_masks, site_stem, write_masks
+
+    keys = ["P" * 250 + "/A01/1", "P" * 250 + "/A01/2", "é" * 130 + "/A01/1", "P_" * 125 + "/A1/1"]
+    stems = {site_stem(k) for k in keys}
+    assert len(stems) == len(keys) and all(len(s.encode()) <= 229 for s in stems)
+    for k, key in enumerate(keys):
+        write_masks(tmp_path, key, np.full((4, 4), k, np.uint16), np.zeros((4, 4), np.uint16))
+    for k, key in enumerate(keys):
+        assert (read_masks(tmp_path, key)[0] == k).all()
+    assert site_stem("Q/A03/1") == "Q_A03_1"
+    fits = "Q" * 200 + "/A01/1"  # 207 bytes: wrote before, keeps its name
+    assert site_stem(fits) == fits.replace("/", "_")

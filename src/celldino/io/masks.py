@@ -177,20 +177,27 @@ def _checked_labels(path: Path, mask: np.ndarray) -> np.ndarray:
     return mask
 
 
+# the longest stem: `.<stem>_nuclei.tiff.<8>.tmp` (atomic_write_bytes' temporary file) within the
+# 255 bytes a file name may have; a longer one is cut and ends in its key's hash
+STEM_BYTES = 229
+
+
 def site_stem(key: str) -> str:
     """A file-name-safe stem for an image key, one per key ('P01/A01/1' → 'P01_A01_1').
 
     `/` becomes `_`. Where that loses information (a name holding `_` or a character other than
     letters, digits, `-` and `.`), two keys could meet in one stem (plate `P_1` well `A01` and
     plate `P` well `1_A01` both read `P_1_A01_1`), so such a stem ends in `~` and 12 hex digits
-    of the key's SHA-1: `~` never occurs in a plain stem, so stems stay one per key.
+    of the key's SHA-1: `~` never occurs in a plain stem, so stems stay one per key. A stem
+    over `STEM_BYTES` (a file name's limit) is cut before its `~` and hash.
     """
     parts = key.split("/")
     plain = all(p and all(ch.isalnum() or ch in "-." for ch in p) for p in parts)
     stem = "_".join("".join(ch if ch.isalnum() or ch in "-." else "_" for ch in p) for p in parts)
-    if plain:
+    if plain and len(stem.encode()) <= STEM_BYTES:
         return stem
-    return f"{stem}~{hashlib.sha1(key.encode('utf-8')).hexdigest()[:12]}"
+    cut = stem.encode()[: STEM_BYTES - 13].decode("utf-8", errors="ignore")  # a file name's limit
+    return f"{cut}~{hashlib.sha1(key.encode('utf-8')).hexdigest()[:12]}"
 
 
 def mask_paths(prep_dir: str | Path, key: str) -> tuple[Path, Path]:
