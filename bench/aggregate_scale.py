@@ -16,8 +16,8 @@ three wells (first, middle, last) are recomputed with numpy from their rows, rea
 pyarrow, and compared.
 
 Features are written without Parquet dictionary encoding (pyarrow's default tries a dictionary
-for every column, which for distinct floats makes the files ~1.4x larger: 3.67 GiB for 10^7 rows
-instead of ~2.6). The shards of a size are deleted before the next size is written. Before each size the free disk
+for every column, which for distinct floats makes the files 1.5x larger: 3.67 GiB for 10^7 rows
+instead of 2.39). The shards of a size are deleted before the next size is written. Before each size the free disk
 is checked (`--keep-free` GiB must stay free; median needs a second, partitioned copy of the cells
 under the temp directory), and a size that does not fit is skipped and said so.
 
