@@ -187,3 +187,28 @@ def test_a_site_key_too_long_for_a_file_name_gets_a_short_one_per_key(tmp_path):
     assert site_stem("Q/A03/1") == "Q_A03_1"
     fits = "Q" * 200 + "/A01/1"  # 207 bytes: wrote before, keeps its name
     assert site_stem(fits) == fits.replace("/", "_")
+
+
+# ---- one_spelling_per_number: a column mixing numbers and text -------------------------------
+
+
+def test_doses_mixing_numbers_and_text_are_one_group_per_number(caplog):
+    """pp.consensus on profiles joined from a set with float doses and one with text doses:
+    the warning said `1.0 = 1` were one group, yet the float 1.0 and the text '1.0' stayed two
+    (pandas groups by value and type). Every filled cell is grouped by its text."""
+    import anndata as ad
+
+    from celldino.io.tables import one_spelling_per_number
+    from celldino.pp import consensus
+
+    X = np.arange(12, dtype=float).reshape(6, 2)
+    dose = pd.Series([1.0, "1", "1.0", 3.0, "3", "3.0"], dtype=object)
+    obs = pd.DataFrame(
+        {"Metadata_Compound": ["a"] * 3 + ["b"] * 3, "Metadata_Dose": dose.to_numpy()},
+        index=[str(i) for i in range(6)],
+    )
+    out = consensus(ad.AnnData(X=X, obs=obs), by=["Metadata_Compound", "Metadata_Dose"])
+    assert out.n_obs == 2 and out.obs["Metadata_Count_Replicates"].tolist() == [3, 3]
+    np.testing.assert_allclose(out.X, [np.median(X[:3], axis=0), np.median(X[3:], axis=0)])
+    values, _ = one_spelling_per_number(pd.Series([1, "1", None, "2"], dtype=object))
+    assert values.tolist() == ["1", "1", None, "2"]

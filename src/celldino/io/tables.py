@@ -130,10 +130,13 @@ def one_spelling_per_number(values: pd.Series) -> tuple[pd.Series, list[list[str
         if number == number:  # NaN spelt out stays as written
             spellings.setdefault(number, []).append(text)
     merged = [sp for sp in spellings.values() if len(sp) > 1]
-    if not merged:
+    # numbers among the text (a join of a float and a text column): grouped by their text too
+    mixed = values.dropna().map(lambda v: not isinstance(v, str)).any()
+    if not merged and not mixed:
         return original, []
     one = {t: sp[0] for sp in merged for t in sp}
-    return values.map(lambda v: one.get(v, v) if isinstance(v, str) else v), merged
+    text = values.where(values.isna(), values.astype(str))
+    return text.map(lambda v: one.get(v, v) if isinstance(v, str) else v), merged
 
 
 def type_columns(df: pd.DataFrame, path: str | Path, *, features: bool) -> pd.DataFrame:
