@@ -212,3 +212,40 @@ def test_doses_mixing_numbers_and_text_are_one_group_per_number(caplog):
     np.testing.assert_allclose(out.X, [np.median(X[:3], axis=0), np.median(X[3:], axis=0)])
     values, _ = one_spelling_per_number(pd.Series([1, "1", None, "2"], dtype=object))
     assert values.tolist() == ["1", "1", None, "2"]
+
+
+# ---- prepare's input record: an image that is a folder (Zarr) is one input --------------------
+
+
+def test_a_zarr_image_is_one_input_file_as_before(tmp_path):
+    """Prepare's input record moved to io.provenance.record, which expands folders: a Zarr image
+    (a folder of chunk files) became its chunks, so every existing prep of Zarr images read as
+    'image files changed' after the upgrade and was started afresh, and inputs.parquet listed
+    each chunk. Each image of the table is one entry, its (size, time) as `stat` gives them: the
+    fingerprint equals the one an older celldino recorded."""
+    import hashlib
+
+    import zarr
+
+    from celldino.config import PrepareConfig
+    from celldino.data.prepare import input_fingerprint
+
+    rows = []
+    for site in (1, 2):
+        row = {"Metadata_Plate": "P", "Metadata_Well": "A01", "Metadata_Site": str(site)}
+        for ch in ("DNA", "ER"):
+            z = zarr.create_array(
+                str(tmp_path / f"s{site}_{ch}.zarr"), shape=(32, 32), chunks=(8, 8), dtype="uint16"
+            )
+            z[:] = np.arange(32 * 32, dtype=np.uint16).reshape(32, 32)
+            row |= {f"FileName_{ch}": f"s{site}_{ch}.zarr", f"PathName_{ch}": str(tmp_path)}
+        rows.append(row)
+    pd.DataFrame(rows).to_csv(tmp_path / "ld.csv", index=False)
+    cfg = PrepareConfig(load_data=str(tmp_path / "ld.csv"), out_dir=str(tmp_path / "o"))
+    got = input_fingerprint(cfg)
+    files = [str(tmp_path / f"s{s}_{c}.zarr") for c in ("DNA", "ER") for s in (1, 2)]
+    blob = "\n".join(
+        f"{p}\t{(st := __import__('os').stat(p)).st_size}\t{st.st_mtime_ns}" for p in files
+    )
+    assert got["n_images"] == 4
+    assert got["images"] == hashlib.sha256(blob.encode()).hexdigest()[:16]

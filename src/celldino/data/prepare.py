@@ -666,7 +666,8 @@ def _row_of(iset: ImageSet, path: str) -> tuple[int, str]:
 def _inputs(iset: ImageSet, cfg) -> tuple[dict, pd.DataFrame]:
     """(summary, per-file stats as kept in inputs.parquet): the table's content hash, and each
     input file's size and modification time (never its bytes: screens are terabytes)."""
-    files = provenance.record(_input_files(iset, cfg), hash_up_to=-1)  # missing: size -1
+    # one entry per file the table names (a Zarr image's folder too); missing: size -1
+    files = provenance.record(_input_files(iset, cfg), hash_up_to=-1, expand=False)
     stats = pd.DataFrame(
         [(p, n, t) for p, (n, t, _) in files.items()], columns=["path", "size", "mtime_ns"]
     )

@@ -122,10 +122,13 @@ def refuse_overwriting_inputs(
 # ---- the files under some paths -------------------------------------------------------------
 
 
-def _listing(paths: Iterable[PathLike]) -> list[tuple[Path, os.stat_result | None]]:
+def _listing(
+    paths: Iterable[PathLike], expand: bool = True
+) -> list[tuple[Path, os.stat_result | None]]:
     """(file, its stat or None when missing) of every file under `paths`, each once, in order:
     a folder is expanded into its files (sorted; hidden ones, such as locks and writers'
-    temporary files, left out). One `stat` per file (screens have millions)."""
+    temporary files, left out), or with `expand=False` kept as one entry (a Zarr image).
+    One `stat` per file (screens have millions)."""
     out: dict[Path, os.stat_result | None] = {}
     for p in paths:
         p = Path(p)
@@ -134,7 +137,7 @@ def _listing(paths: Iterable[PathLike]) -> list[tuple[Path, os.stat_result | Non
         except OSError:
             out.setdefault(p, None)  # missing: recorded as such, named when it matters
             continue
-        if not stat_mod.S_ISDIR(st.st_mode):
+        if not expand or not stat_mod.S_ISDIR(st.st_mode):
             out.setdefault(p, st)
             continue
         for f in sorted(p.rglob("*")):
@@ -207,22 +210,26 @@ def record(
     previous: Mapping[str, Iterable] | None = None,
     *,
     hash_up_to: int = HASH_LIMIT,
+    expand: bool = True,
 ) -> dict[str, list]:
     """{path: [size, mtime_ns, content hash]} of every file under `paths` (a missing one:
     [-1, -1, '']), in order; paths inside `root` are recorded relative to it. The hash ('' when
     not taken) is taken of files up to `hash_up_to` bytes (-1: of none, only `stat`); a file
-    whose size and time equal its entry in `previous` keeps that entry's hash (not read again)."""
+    whose size and time equal its entry in `previous` keeps that entry's hash (not read again).
+    `expand=False`: a folder among `paths` is one entry, its own `stat` (prepare's images: a
+    Zarr image is one input, as prepare has always recorded it)."""
     base = Path(root) if root is not None else None
     previous = {k: list(v) for k, v in (previous or {}).items()}
     rows: dict[str, list] = {}
-    for f, st in _listing(paths):
+    for f, st in _listing(paths, expand):
         key = _key(f, base)
         size, mtime = _size_time(st)
         old = previous.get(key, [])
         if old[:2] == [size, mtime] and len(old) > 2:
             digest_ = old[2]
         else:
-            digest_ = file_fingerprint(f) if 0 <= size <= hash_up_to else ""
+            regular = st is not None and stat_mod.S_ISREG(st.st_mode)  # not a kept folder
+            digest_ = file_fingerprint(f) if regular and size <= hash_up_to else ""
         rows[key] = [size, mtime, digest_]
     return rows
 
