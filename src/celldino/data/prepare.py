@@ -652,14 +652,15 @@ def _input_files(iset: ImageSet, cfg) -> list[str]:
 
 
 def _row_of(iset: ImageSet, path: str) -> tuple[int, str]:
-    """(row, channel) of an image file of the set (or (-1, '') for a mask file)."""
+    """(row, channel) of an image file of the set (or (-1, '') for a mask file). Only the rows
+    whose file name ends as `path` does are compared whole (a screen has a million rows)."""
+    name = Path(path).name
     for c in iset.channels:
-        full = (
-            iset.table[f"PathName_{c}"].astype(str) + "/" + iset.table[f"FileName_{c}"].astype(str)
-        )
-        hit = [i for i, p in enumerate(full) if str(Path(p)) == path]
-        if hit:
-            return hit[0], c
+        files = iset.table[f"FileName_{c}"].astype(str)
+        for i in np.flatnonzero(files.str.endswith(name).to_numpy()):
+            p = f"{iset.table[f'PathName_{c}'].iat[i]}/{files.iat[i]}"
+            if str(Path(p)) == path:
+                return int(i), c
     return -1, "mask"
 
 
