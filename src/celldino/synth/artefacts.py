@@ -17,8 +17,9 @@ strong in either.
   the camera's ceiling (clipped).
 - `debris`: bright junk that saturates: an irregular blob of 5 to 12 % of the field's side in
   radius, over the ceiling in every channel at its core.
-- `debris_dim`: junk that does not saturate: a textured clump or a fibre in 1 to 3 channels, as
-  bright as the cells' upper range (0.6 to 1.5 x the channel's 99.5th percentile above
+- `debris_dim`: junk that does not saturate: a textured clump (1.5 to 3 nucleus diameters in
+  radius, at most a quarter of the side: larger than a cell) or a long fibre in 1 to 3 channels,
+  as bright as the cells' upper range (0.6 to 1.5 x the channel's 99.5th percentile above
   background) and kept below the ceiling (no pixel at the dtype's maximum).
 - `autofluorescence`: 1 or 2 broad smooth blobs (sigma 12 to 25 % of the side), bright
   (0.5 to 1.2 x the channel's 99.5th percentile above background) in at least 3 channels (all if
@@ -205,8 +206,8 @@ def debris_dim(
     if shape_kind == "fibre":
         width = rng.uniform(0.15, 0.35) * nucleus_px
         mask = _fibre(image.shape[1:], rng.uniform(0.5, 0.9) * side, width, rng)
-    else:
-        radius = rng.uniform(0.05, 0.12) * side
+    else:  # larger than a cell: 1.5 to 3 nucleus diameters in radius (at most a quarter side)
+        radius = min(rng.uniform(1.5, 3.0) * nucleus_px, 0.25 * side)
         mask = _irregular_blob(image.shape[1:], radius, rng, roughness=0.4)
     pattern = mask * (0.3 + 0.7 * _texture(image.shape[1:], 0.08 * nucleus_px + 0.5, rng))
     pattern /= pattern.max() + 1e-8
@@ -407,4 +408,4 @@ def plant_real(
 
 
 def _meta(site: dict) -> dict:
-    return {k: site[k] for k in ("site", "source", "channels", "nucleus_px") if k in site}
+    return {k: site[k] for k in ("site", "source", "channels", "nucleus_px", "sub") if k in site}
