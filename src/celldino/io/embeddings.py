@@ -163,7 +163,9 @@ def write_shard(path: Path, meta: pd.DataFrame, emb: np.ndarray, dtype: str = "f
     for name, col in zip(feature_names(emb.shape[1]), emb.T):
         table = table.append_column(name, pa.array(col))
     buf = io.BytesIO()
-    pq.write_table(table, buf)
+    # dictionary-encode the metadata only: an embedding value almost never repeats, so a
+    # dictionary page per float column made shards 1.37x larger (docs/benchmarks.md)
+    pq.write_table(table, buf, use_dictionary=list(meta.columns.astype(str)))
     return atomic_write_bytes(Path(path), buf.getvalue())
 
 
