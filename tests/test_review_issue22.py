@@ -281,3 +281,37 @@ def test_the_row_of_a_changed_image_is_found_as_by_comparing_every_row():
 
     for path in ("/d/a.tif", "/d/xa.tif", "/d/sub/a.tif", "/e/a.tif", "/d/er4.tif", "/x/m.tif"):
         assert _row_of(iset, path) == every_row(path), path
+
+
+# ---- profile: each CSV header read once per file state -----------------------------------------
+
+
+def test_profile_reads_each_csv_header_once_and_again_when_the_file_changes(tmp_path, monkeypatch):
+    """profile's DuckDB reader is built for every query; since it took the separator from each
+    file's header (`csv_separator`) every build read every header again (8 s a build for 1,000
+    CSV files; a run builds it several times). The separator is kept per file state, as the
+    columns are: read once, and again for a file rewritten with another separator."""
+    import importlib
+
+    aggregate = importlib.import_module("celldino.pp.aggregate")
+    from celldino.io import tables
+
+    reads = []
+
+    def counted(path, *a, **k):
+        reads.append(path)
+        return tables.csv_separator(path, *a, **k)
+
+    monkeypatch.setattr(aggregate, "csv_separator", counted)
+    df = pd.DataFrame({"Metadata_Plate": ["P", "Q"], "f0": [1.5, 2.5]})
+    files = [str(tmp_path / f"c{i}.csv") for i in range(3)]
+    for f in files:
+        df.to_csv(f, index=False)
+    assert "delim=','" in aggregate._reader(files)
+    first = len(reads)  # the separator, and the columns (each header once)
+    for _ in range(3):
+        assert "delim=','" in aggregate._reader(files)
+    assert len(reads) == first and set(reads) == set(files)
+    df.assign(f1=0.0).to_csv(files[1], index=False, sep=";")  # another size, another time
+    with pytest.raises(Exception, match=r"c1.csv by ';'"):
+        aggregate._reader(files)

@@ -96,8 +96,9 @@ def _reader(files: list[str]) -> str:
 
 def _separator(files: list[str]) -> str:
     """The one separator of the CSV inputs (`io.tables.csv_separator`); DuckDB reads them all
-    with one, so files written with two are refused naming one of each."""
-    seps = {f: csv_separator(f) for f in files}
+    with one, so files written with two are refused naming one of each. Each header is read
+    once per file state (size, time), as the columns are: every query builds its reader."""
+    seps = dict(zip(files, _separators_of(_stamps(files))))
     if len(set(seps.values())) > 1:
         a, b = ({s: f for f, s in seps.items()}[s] for s in sorted(set(seps.values()))[:2])
         raise DataError(
@@ -124,8 +125,8 @@ def _lit(text: str) -> str:
     return text.replace("'", "''")
 
 
-def _union_columns(files: tuple[str, ...]) -> list[str]:
-    """Every file's columns, in order, each once (a name repeated within a file is refused)."""
+def _stamps(files) -> tuple[tuple[str, int, int], ...]:
+    """(file, mtime_ns, size) of each file: the key of what is cached of its header."""
     stamps = []
     for f in files:
         try:
@@ -133,7 +134,17 @@ def _union_columns(files: tuple[str, ...]) -> list[str]:
             stamps.append((f, st.st_mtime_ns, st.st_size))
         except OSError:
             stamps.append((f, 0, 0))
-    return list(_union_columns_of(tuple(stamps)))
+    return tuple(stamps)
+
+
+def _union_columns(files: tuple[str, ...]) -> list[str]:
+    """Every file's columns, in order, each once (a name repeated within a file is refused)."""
+    return list(_union_columns_of(_stamps(files)))
+
+
+@functools.lru_cache(maxsize=32)
+def _separators_of(stamps: tuple[tuple[str, int, int], ...]) -> tuple[str, ...]:
+    return tuple(csv_separator(f) for f, _, _ in stamps)
 
 
 @functools.lru_cache(maxsize=32)
