@@ -226,3 +226,18 @@ def test_labels_from_the_load_data_column_and_its_bad_values(made, tmp_path, run
     text = _refused(run_cli, prep, f"qc.checkpoint={ck}", "qc.detector=fewshot")
     assert "Metadata_QC_Label column of the load-data table" in text and "'CLEAN'" in text
     assert f"image {images.loc[0, 'Metadata_ImageKey']}" in text
+
+
+def test_a_missing_labels_table_and_a_read_only_prep_are_refused(
+    made, tmp_path, run_cli, read_only
+):
+    prep = _copy(made, tmp_path)
+    text = _refused(run_cli, prep, "qc.detector=fewshot", f"qc.labels={tmp_path / 'none.csv'}")
+    assert "none.csv" in text and "does not exist" in text
+    text = _refused(run_cli, prep, "qc.detector=fewshot", f"qc.labels={tmp_path}")
+    assert "is a folder" in text
+    before = _snapshot(prep)
+    read_only(prep)
+    rc, text = run_cli("qc", f"qc.prep={prep}")
+    assert rc == 2 and "qc.prep" in text and str(prep) in text
+    assert _snapshot(prep) == before
