@@ -315,3 +315,13 @@ def test_profile_reads_each_csv_header_once_and_again_when_the_file_changes(tmp_
     df.assign(f1=0.0).to_csv(files[1], index=False, sep=";")  # another size, another time
     with pytest.raises(Exception, match=r"c1.csv by ';'"):
         aggregate._reader(files)
+
+
+def test_a_site_whose_cell_mask_is_missing_names_that_file(tmp_path):
+    from celldino.errors import UserError
+    from celldino.io.masks import mask_paths, read_masks, write_masks
+
+    write_masks(tmp_path, "P1/A01/1", np.ones((4, 4), np.uint16), np.ones((4, 4), np.uint16))
+    mask_paths(tmp_path, "P1/A01/1")[1].unlink()
+    with pytest.raises(UserError, match=r"P1_A01_1_cells.tiff: no saved masks"):
+        read_masks(tmp_path, "P1/A01/1")

@@ -254,8 +254,9 @@ def _saved_masks(prep: Path, key: str) -> tuple[Path, Path]:
     old = _legacy_stem(key)
     legacy = (prep / MASKS / f"{old}_nuclei.tiff", prep / MASKS / f"{old}_cells.tiff")
     if old == site_stem(key) or not all(p.exists() for p in legacy):
+        missing = next(p for p in paths if not p.exists())
         raise MissingInputError(
-            f"{paths[0]}: no saved masks of site {key!r} in {prep}; prepare saves them with "
+            f"{missing}: no saved masks of site {key!r} in {prep}; prepare saves them with "
             "prepare.save_masks=true"
         )
     import pandas as pd
