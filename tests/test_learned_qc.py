@@ -309,6 +309,11 @@ def test_excluded_images_lose_their_cells_after_prepare(made, tmp_path, run_cli)
     # a rerun changes nothing; turning exclusion off brings the images back through prepare
     rc, _ = run_cli(*run, f"qc.outlier_z={z}", "qc.exclude=true")
     assert rc == 0 and (prep / "cells.parquet").exists()
+    # as a run killed after writing the tables without the exclusion would leave them: the
+    # next run still sees, from the store itself, that excluded images must come back
+    images = pd.read_parquet(prep / "images.parquet")
+    images["QC_Learned_Excluded"] = False
+    images.to_parquet(prep / "images.parquet", index=False)
     rc, _ = run_cli(*run, f"qc.outlier_z={z}")
     assert rc == 0 and not (prep / "cells.parquet").exists()
     rc, _ = run_cli(

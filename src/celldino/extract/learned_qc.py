@@ -54,9 +54,11 @@ from celldino.io.prepared import (
     IMAGES,
     NOISE_PREFIX,
     QC,
+    SKIPPED,
     STATE,
     read_images,
     read_qc,
+    read_skipped,
     write_images,
     write_qc,
 )
@@ -286,7 +288,6 @@ def _run(cfg: QCConfig, prep: Path) -> Path:
     all_flags = np.column_stack([classical_flags, *[flags[f] for f in LEARNED_FLAGS if f in flags]])
     qc["QC_Flags"] = [";".join(f for f, b in zip(names, r) if b) for r in all_flags]
     excluded = any_learned & bool(cfg.exclude)
-    was_excluded = _previously_excluded(images)
     qc["QC_Learned_Excluded"] = excluded
     qc["QC_Pass"] = ~classical_flags.any(axis=1) & ~excluded
     write_qc(qc, prep)
@@ -294,7 +295,7 @@ def _run(cfg: QCConfig, prep: Path) -> Path:
     merged = images.drop(columns=ours).merge(qc, on=KEY, how="left")
     merged["QC_Pass"] = merged["QC_Pass"].astype("boolean").fillna(False).astype(bool)
     write_images(merged, prep)
-    _sync_store(prep, qc, excluded, was_excluded)
+    _sync_store(prep, qc, excluded)
     _log_summary(cfg, qc, flags, excluded)
     return prep / QC
 
@@ -313,15 +314,10 @@ def _check_label_counts(labels: pd.Series, cfg: QCConfig) -> None:
         raise LearnedQCError(f"{_label_source(cfg)} ({shown}): {e}") from None
 
 
-def _previously_excluded(images: pd.DataFrame) -> set[str]:
-    if "QC_Learned_Excluded" not in images:
-        return set()
-    col = images["QC_Learned_Excluded"].astype("boolean").fillna(False).astype(bool)
-    return set(images.loc[col, KEY].astype(str))
-
-
-def _sync_store(prep: Path, qc: pd.DataFrame, excluded: np.ndarray, was: set[str]) -> None:
-    """Keep the crop store in step with the exclusion (see the module docstring)."""
+def _sync_store(prep: Path, qc: pd.DataFrame, excluded: np.ndarray) -> None:
+    """Keep the crop store in step with QC (see the module docstring). Decided from the store
+    itself, not from what an earlier run wrote, so a run killed half-way is put right by the
+    next one."""
     in_store = set(store_sites(prep))
     if not in_store:
         return
@@ -341,11 +337,17 @@ def _sync_store(prep: Path, qc: pd.DataFrame, excluded: np.ndarray, was: set[str
             prep,
         )
         return
-    back = (was - now) - in_store
+    # images that pass QC now but have no cells (an earlier qc.exclude=true left them out)
+    skipped = set()
+    if (prep / SKIPPED).exists():
+        skipped = set(read_skipped(prep)["Metadata_ImageKey"].astype(str))
+    passing = set(qc.loc[qc["QC_Pass"].astype(bool), KEY].astype(str)) - skipped
+    back = passing - in_store
     if back and mark_unfinished(prep):
         logger.warning(
-            "%d image(s) an earlier `celldino qc` excluded pass now: %s is marked unfinished; "
-            "run `celldino prepare` again with prepare.out_dir=%s to add their cells",
+            "%d image(s) that pass QC have no cells in %s (an earlier `celldino qc` excluded "
+            "them): it is marked unfinished; run `celldino prepare` again with "
+            "prepare.out_dir=%s to add their cells",
             len(back),
             prep,
             prep,
