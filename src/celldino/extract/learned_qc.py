@@ -290,12 +290,14 @@ def _run(cfg: QCConfig, prep: Path) -> Path:
     excluded = any_learned & bool(cfg.exclude)
     qc["QC_Learned_Excluded"] = excluded
     qc["QC_Pass"] = ~classical_flags.any(axis=1) & ~excluded
+    # the store first: killed at any point, qc.parquet never says an image is excluded while
+    # a finished store still holds its cells (prepare would finish on the old store)
+    _sync_store(prep, qc, excluded)
     write_qc(qc, prep)
     ours = [c for c in images.columns if str(c).startswith("QC_")]
     merged = images.drop(columns=ours).merge(qc, on=KEY, how="left")
     merged["QC_Pass"] = merged["QC_Pass"].astype("boolean").fillna(False).astype(bool)
     write_images(merged, prep)
-    _sync_store(prep, qc, excluded)
     _log_summary(cfg, qc, flags, excluded)
     return prep / QC
 
