@@ -39,7 +39,7 @@ def test_an_evaluation_made_before_doses_were_merged_is_computed_again(tmp_path,
     cfg = runner.EvaluateConfig(out_dir=str(tmp_path / "out"))
     spec = {"analyses": ["n_doses"]}
     with monkeypatch.context() as old:  # the celldino before the merge
-        old.setattr(runner, "one_dose_per_number", lambda sets, dose: None)
+        old.setattr(runner, "one_dose_per_number", lambda *a, **k: None)
         runner.evaluate(tmp_path / "p.csv", spec=spec, cfg=cfg)
     assert pd.read_parquet(tmp_path / "out" / "metrics.parquet")["value"].tolist() == [2]
     runner.evaluate(tmp_path / "p.csv", spec=spec, cfg=cfg)  # upgraded, resuming
@@ -57,7 +57,7 @@ def test_a_derived_set_of_merged_doses_is_computed_again_too(tmp_path, monkeypat
     cfg = runner.EvaluateConfig(out_dir=str(tmp_path / "out"))
     spec = {"analyses": ["n_doses"], "derived": {"pca": {"pca": "learned", "n_components": 2}}}
     with monkeypatch.context() as old:
-        old.setattr(runner, "one_dose_per_number", lambda sets, dose: None)
+        old.setattr(runner, "one_dose_per_number", lambda *a, **k: None)
         runner.evaluate(tmp_path / "p.csv", spec=spec, cfg=cfg)
     runner.evaluate(tmp_path / "p.csv", spec=spec, cfg=cfg)
     got = pd.read_parquet(tmp_path / "out" / "metrics.parquet")
@@ -325,3 +325,24 @@ def test_a_site_whose_cell_mask_is_missing_names_that_file(tmp_path):
     mask_paths(tmp_path, "P1/A01/1")[1].unlink()
     with pytest.raises(UserError, match=r"P1_A01_1_cells.tiff: no saved masks"):
         read_masks(tmp_path, "P1/A01/1")
+
+
+def test_controls_named_by_a_dose_spelt_two_ways_stay_controls():
+    """Controls named by the dose column (`control=Metadata_Dose control_value=0`, as for DMSO at
+    dose 0): with `0.0` written first, merging made every `0` a `0.0`, and the three wells that
+    were controls before matched the control value no more (activity skipped, the controls
+    scored as a treatment). The merged dose keeps the control value's spelling."""
+    from celldino.eval.runner import FeatureSet, check_columns
+    from celldino.eval.spec import is_control_row
+
+    meta = pd.DataFrame(
+        {
+            "Metadata_Compound": ["d", "d", "d", "a", "a"],
+            "Metadata_Dose": ["0.0", "0", "0", "1", "1.0"],
+        }
+    )
+    fs = {"cp": FeatureSet("cp", meta, np.zeros((5, 2)), ["f0", "f1"], "wells.csv", "k")}
+    check_columns(fs, {"control": "Metadata_Dose", "control_value": "0"}, {})
+    got = fs["cp"].meta
+    assert is_control_row(got, "Metadata_Dose", "0").tolist() == [True, True, True, False, False]
+    assert got["Metadata_Dose"].tolist() == ["0", "0", "0", "1", "1"]

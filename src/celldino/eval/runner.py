@@ -468,15 +468,21 @@ def check_columns(sets: dict, given: dict[str, str], where: dict[str, str]) -> N
                 )
     warn_default_dose_absent(sets, given)
     warn_moa_lists_unsplit(sets, given)
-    one_dose_per_number(sets, given.get("dose") or Columns().dose)
+    dose, c = given.get("dose") or Columns().dose, Columns()
+    controls = given.get("control_value", c.control_value)  # named by the dose: keep them
+    keep = controls if (given.get("control") or c.control) == dose else ()
+    many = isinstance(keep, (list, tuple))
+    one_dose_per_number(sets, dose, keep=[str(v) for v in keep] if many else [str(keep)])
 
 
-def one_dose_per_number(sets: dict, dose: str) -> None:
+def one_dose_per_number(sets: dict, dose: str, keep: list[str] | tuple[str, ...] = ()) -> None:
     """Doses are read as text as written; `1` and `1.0` are one dose, so the spellings of one
     number become one (`io.tables.one_spelling_per_number`) before any treatment or replicate
     group is made, with a warning naming them. A set whose doses were merged gets another key:
     parts an older celldino computed with the spellings apart are not kept as done. Every
-    spelling is read before any is changed (a derived set shares its base set's metadata)."""
+    spelling is read before any is changed (a derived set shares its base set's metadata). A
+    spelling in `keep` (the control value, where the dose column names the controls) names its
+    number, whichever came first."""
     from celldino.io.tables import one_spelling_per_number
 
     found = []
@@ -488,12 +494,15 @@ def one_dose_per_number(sets: dict, dose: str) -> None:
     for fs, k, meta, values, merged in found:
         if not merged:
             continue
+        for spellings in merged:
+            kept = next((str(v) for v in keep if str(v) in spellings), spellings[0])
+            values = values.mask(values == spellings[0], kept)
         meta[dose] = values
         fs.key = fingerprint([fs.key, "doses merged", dose, k, merged])
         if k == 0:
             logger.warning(
                 "feature set '%s' (%s): column %s spells one dose several ways (%s); each "
-                "number is one dose, named by its first spelling",
+                "number is one dose, named by its first spelling (or the control value)",
                 fs.name,
                 fs.source,
                 dose,
