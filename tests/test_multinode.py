@@ -2,10 +2,13 @@
 --rdzv-backend=c10d --rdzv-endpoint=127.0.0.1:<port> --node-rank=<0|1>` started twice, as SLURM's
 `srun torchrun ...` starts it once per node (docs/cluster.md).
 
-- `celldino train` on two nodes moves the weights as one process with the same global batch does
-  (each rank takes its own half of every global batch: the same halves twice, or one image
-  twice, would give other gradients), and its checkpoint loads as a backbone.
-- `celldino extract` on two nodes writes the single-process embeddings, row for row.
+- `celldino train` on two nodes moves the weights as one process with the same global batch does,
+  each rank reading its own half of every global batch (the rows each rank's loader yielded,
+  against the single process's batches: the weights alone cannot tell, since every rank taking
+  the whole global batch averages to the same gradient), and its checkpoint loads as a backbone.
+- `celldino extract` on two nodes writes the single-process embeddings, row for row, each shard
+  computed by one rank (both ranks computing every shard, or rank 0 all of them, would write
+  the same files).
 - A node lost in the middle of an extraction (its agent and worker SIGKILLed after its first
   shard): rerun on one process or on two nodes, only the shards not on disk are computed (the
   finished ones keep their files) and the result is the single-process one.
@@ -13,6 +16,7 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import os
 import re
@@ -34,7 +38,6 @@ from celldino.io.configfile import save_config
 from celldino.io.embeddings import read_manifest, shard_name
 from celldino.models import build_model, load_backbone, resolve_checkpoint
 from celldino.train import train
-from celldino.train.sampler import StepBatchSampler
 from train_helpers import DETERMINISTIC_AUG, one_thread, random_prep, tiny_config, weights  # noqa: F401
 
 WORKER = str(Path(__file__).with_name("multinode_worker.py"))
@@ -95,20 +98,49 @@ def _ranks(text: str) -> set[int]:
 # ---- training ----------------------------------------------------------------------------------
 
 
+def _reported(texts: list[str], tag: str) -> dict[int, list]:
+    """What the worker printed (`<tag> <rank> <value>` lines), by rank, in order."""
+    out: dict[int, list] = {}
+    for line in "\n".join(texts).splitlines():
+        if line.startswith(f"{tag} "):
+            _, rank, value = line.split(" ", 2)
+            out.setdefault(int(rank), []).append(ast.literal_eval(value))
+    return out
+
+
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_two_nodes_train_like_one_process(tmp_path):
+def test_two_nodes_train_like_one_process(tmp_path, monkeypatch):
+    from celldino.train import loop
+
     prep = random_prep(tmp_path / "prep", n=8)
     extra = (*DETERMINISTIC_AUG, "train.epochs=1", "train.freeze_last_layer=0", "train.lr=0.1")
     single = tiny_config(tmp_path / "single", *extra, data=prep)  # global batch 4: 2 steps
+    batches: list[list[int]] = []  # the rows of each batch the single process trained on
+    collate = loop._collate
+
+    def reporting(items):
+        batch = collate(items)
+        batches.append(batch[-2].flatten().tolist())
+        return batch
+
+    monkeypatch.setattr(loop, "_collate", reporting)
     train(single)
+    monkeypatch.undo()
 
     nodes = tiny_config(tmp_path / "nodes", *extra, data=prep)  # 2 nodes x 2 images
     cfg_path = save_config(nodes, tmp_path / "nodes.yaml")
-    runs = _two_nodes(tmp_path, ["-m", "celldino", "train", str(cfg_path)], "train")
+    runs = _two_nodes(tmp_path, [WORKER, "train", str(cfg_path)], "train")  # the CLI's train
     for rc, text in runs:
         assert rc == 0, text[-3000:]
     assert [_ranks(t) for _, t in runs] in ([{0}, {1}], [{1}, {0}])  # one global rank per node
+    # each step, the two ranks read disjoint halves of the single process's global batch
+    rows = _reported([t for _, t in runs], "ROWS")
+    assert len(batches) == 2 and sorted(rows) == [0, 1]
+    assert len(rows[0]) == len(rows[1]) == len(batches)
+    for a, b, whole in zip(rows[0], rows[1], batches):
+        assert len(a) == len(b) == 2 and not set(a) & set(b)
+        assert sorted(a + b) == sorted(whole)
 
     a, b = weights(tmp_path / "single"), weights(tmp_path / "nodes")
     assert a.keys() == b.keys()
@@ -116,19 +148,6 @@ def test_two_nodes_train_like_one_process(tmp_path):
     moved = max((a[k] - b_ini).abs().max().item() for k, b_ini in _initial(single).items())
     assert moved > 1e-3  # training moved the weights ...
     assert worst < 1e-5  # ... and two nodes moved them as one process does
-
-    # the shares the two ranks drew: disjoint halves of each global batch (the sampler the run
-    # used; the weights above are the evidence that the run used them so)
-    for epoch in range(1):
-        shares = []
-        for rank in (0, 1):
-            s = StepBatchSampler(8, 4, seed=nodes.train.seed, rank=rank, world_size=2)
-            s.set_epoch(epoch)
-            shares.append(list(s))
-        whole = StepBatchSampler(8, 4, seed=nodes.train.seed)
-        whole.set_epoch(epoch)
-        for x, y, g in zip(*shares, whole):
-            assert not set(x) & set(y) and x + y == g
 
     model, mcfg = load_backbone(resolve_checkpoint(tmp_path / "nodes"), "teacher")  # it loads
     assert mcfg.arch == "vit_tiny"
@@ -192,10 +211,16 @@ def _cfg(prep: Path, run: Path, out: Path) -> ExtractConfig:
 def test_two_nodes_extract_equals_one_process(screen, tmp_path):
     prep, run, single = screen
     out = tmp_path / "two"
-    runs = _two_nodes(tmp_path, ["-m", "celldino", "extract", *_overrides(prep, run, out)], "ex")
+    runs = _two_nodes(tmp_path, [WORKER, "-1", *_overrides(prep, run, out)], "ex")  # none dies
     for rc, text in runs:
         assert rc == 0, text[-3000:]
     assert [_ranks(t) for _, t in runs] in ([{0}, {1}], [{1}, {0}])
+    # every shard computed once, by the rank it was dealt (none done: shard k to rank k % 2)
+    shards = _reported([t for _, t in runs], "SHARD")
+    n = N_CELLS // SHARD
+    assert {r: sorted(ks) for r, ks in shards.items()} == {
+        r: [k for k in range(n) if k % 2 == r] for r in (0, 1)
+    }
     m = read_manifest(out)
     assert m["complete"] and m["world_size"] == 2 and len(m["shards"]) == N_CELLS // SHARD
     df = read_embeddings(out)
