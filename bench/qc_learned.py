@@ -120,13 +120,24 @@ def classical(images: list[np.ndarray]) -> pd.DataFrame:
     return flag_images(pd.DataFrame([image_metrics(img) for img in images]))
 
 
+def _synth_code() -> str:
+    import hashlib
+
+    synth = ROOT / "src" / "celldino" / "synth"
+    return hashlib.sha256(b"".join(p.read_bytes() for p in sorted(synth.glob("*.py")))).hexdigest()
+
+
 def synthetic_fields(out: Path, cfg: SynthConfig) -> Fields:
     """The screen drawn into `out` (reused when a complete one of the same settings is there)."""
     marker = out / ".celldino-synth.json"
     want = json.loads(json.dumps(dataclasses.asdict(cfg)))
     old = json.loads(marker.read_text()) if marker.is_file() else {}
-    if old.get("config") != want or not old.get("complete"):
+    # the synth code drawn with, beside the folder: a changed planter redraws the screen
+    stamp, code = out.parent / f"{out.name}.code", _synth_code()
+    fresh = stamp.is_file() and stamp.read_text() == code
+    if old.get("config") != want or not old.get("complete") or not fresh:
         make_screen(out, cfg)
+        stamp.write_text(code)
     ld = pd.read_csv(out / "load_data.csv")
     images = [
         np.stack([read_image(Path(r[f"PathName_{c}"]) / r[f"FileName_{c}"]) for c in CHANNELS])
