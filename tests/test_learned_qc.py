@@ -170,6 +170,64 @@ def test_fewshot_detector_is_balanced_logistic_regression_on_standardised_embedd
     np.testing.assert_allclose(semi.score(test), 1 - p2, rtol=1e-6, atol=1e-8)
 
 
+def test_fewshot_components_are_whitened_principal_components_beside_passthrough_columns():
+    """components=k, passthrough=p: the standardised embedding part reduced to its k leading
+    principal components over the reference (unit variance each, as sklearn's PCA whitens
+    them, up to its n-1), the last p columns standardised only, then the same regression."""
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(1)
+    n, f, p, k = 300, 30, 3, 4
+    ref = rng.normal(size=(n, f + p)) @ np.diag(np.r_[np.linspace(5, 1, f), np.ones(p)])
+    labels = np.array(["clean"] * 6 + ["dim"] * 6)
+    x = ref[:12].copy()
+    x[6:, -1] += 4.0  # the artefact is in a passthrough (classical) column only
+    det = FewShotDetector(components=k, passthrough=p).fit(x, labels, reference=ref, typical=False)
+    mean, sd = ref.mean(0), ref.std(0)
+    zr, zx = (ref - mean) / sd, (x - mean) / sd
+    pca = PCA(n_components=k).fit(zr[:, :f])
+    whiten = np.sqrt(pca.explained_variance_ * (n - 1) / n)
+
+    def feats(z):
+        return np.hstack([pca.transform(z[:, :f]) / whiten, z[:, f:]])
+
+    lr = LogisticRegression(C=1.0, class_weight="balanced", max_iter=5000).fit(feats(zx), labels)
+    test = rng.normal(size=(40, f + p)) * sd + mean
+    test[:20, -1] += 4.0
+    want = 1 - lr.predict_proba(feats((test - mean) / sd))[:, list(lr.classes_).index("clean")]
+    np.testing.assert_allclose(det.score(test), want, rtol=1e-6, atol=1e-8)
+    assert det.score(test[:20]).mean() > det.score(test[20:]).mean()
+    # no components: the full standardised matrix, as before
+    assert FewShotDetector().fit(x, labels, reference=ref, typical=False)._z(x).shape == x.shape
+
+
+def test_bright_objects_measure_the_largest_connected_bright_region():
+    from celldino.data.artefacts import bright_objects, classical_features
+
+    img = np.full((3, 64, 64), 100.0)
+    img[0, 10:30, 20:40] += 50.0  # a 20 x 20 clump: 400 of 4096 pixels
+    for y in range(4, 60, 8):  # channel 1: 3 x 3 specks, 8 px apart (no two touch)
+        for x in range(4, 60, 8):
+            img[1, y : y + 3, x : x + 3] += 50.0
+    got = bright_objects(img)
+    # the sigma-1 blur keeps an edge pixel above half-way (~Phi(0.5) = 0.69 of the step) but
+    # not a corner one (~0.69^2 = 0.48): the square less its 4 corners
+    assert got[0] == 396 / 4096
+    assert 0 < got[1] < 30 / 4096  # one speck, not their union
+    assert got[2] == 0.0  # a flat channel has no bright object
+    # as detector columns: log (+1e-4) less the group's median, and their max over channels
+    b = np.array([[0.01, 0.02], [0.04, 0.02], [0.01, 0.08]])
+    m = {c: np.zeros(3) for c in ("QC_Blur", "QC_Saturation", "QC_LargestObject")}
+    m["QC_Foreground"] = np.full(3, 0.1)
+    x = classical_features(m, np.ones((3, 2)), np.array(["a", "a", "a"]), bright=b)
+    lb = np.log(b + 1e-4)
+    lb -= np.median(lb, axis=0)
+    np.testing.assert_allclose(x[:, -3:-1], lb)
+    np.testing.assert_allclose(x[:, -1], lb.max(axis=1))
+    assert x.shape == (3, 4 + 2 + 2 + 1)
+
+
 # ---- celldino qc on a prepared screen ------------------------------------------------------
 
 
@@ -346,7 +404,7 @@ def test_report_shows_the_learned_flags_with_scores_and_thumbnails(made, tmp_pat
 
 
 def test_classical_features_join_the_embeddings_by_image_key(made, tmp_path, run_cli):
-    from celldino.data.artefacts import channel_noise
+    from celldino.data.artefacts import bright_objects, channel_noise
 
     _, prep0, ckpt = made
     prep = _copy(prep0, tmp_path / "prep")
@@ -372,12 +430,17 @@ def test_classical_features_join_the_embeddings_by_image_key(made, tmp_path, run
     got_noise = e.loc[key, [f"noise_{c}" for c in CHANNELS]].to_numpy(float)
     np.testing.assert_allclose(got_noise, want_noise, rtol=1e-9)
     np.testing.assert_allclose(channel_noise(img), want_noise, rtol=1e-9)
+    # the stored bright objects are bright_objects' of the field
+    got_bright = e.loc[key, [f"bright_{c}" for c in CHANNELS]].to_numpy(float)
+    np.testing.assert_allclose(got_bright, bright_objects(img), rtol=1e-9)
     # the detector saw [embedding, blur, saturation, log foreground, largest object, log noise
-    # less its plate median]
+    # less its plate median, log bright objects less their plate median, their max]
     noise = np.log(e[[f"noise_{c}" for c in CHANNELS]].to_numpy(float) + 1e-6)
+    bright = np.log(e[[f"bright_{c}" for c in CHANNELS]].to_numpy(float) + 1e-4)
     plates = e["Metadata_Plate"].to_numpy()
     for p in set(plates):
         noise[plates == p] -= np.median(noise[plates == p], axis=0)
+        bright[plates == p] -= np.median(bright[plates == p], axis=0)
     X = np.hstack(
         [
             e.filter(like="femb_").to_numpy(float),
@@ -385,6 +448,8 @@ def test_classical_features_join_the_embeddings_by_image_key(made, tmp_path, run
             np.log(qc[["QC_Foreground"]].to_numpy(float) + 1e-3),
             qc[["QC_LargestObject"]].to_numpy(float),
             noise,
+            bright,
+            bright.max(axis=1, keepdims=True),
         ]
     )
     np.testing.assert_allclose(qc["QC_Learned_Outlier"], outlier_scores(X, plates), rtol=1e-6)

@@ -34,6 +34,7 @@ from celldino.errors import DataError
 
 CLEAN = "clean"
 MIN_PER_CLASS = 2
+EMBED_COMPONENTS = 4  # `celldino qc`'s few-shot detector: embedding components (docs/qc.md)
 MAX_TYPICAL = 5000  # typical unlabelled fields added to the clean class, at most (speed)
 _MAD = 1.4826
 
@@ -149,21 +150,51 @@ def channel_noise(image: np.ndarray) -> np.ndarray:
     return out
 
 
+def bright_objects(image: np.ndarray, level: float = 0.5) -> np.ndarray:
+    """(C,) the largest connected bright object of each channel of a (C, H, W) field, as a
+    fraction of the field: pixels of the sigma-1 smoothed plane more than `level` of the way
+    from its median to its 99.5th percentile, 8-connected. A cell is a small object; a clump or
+    fibre of junk, saturating or not, is a large one (no classical flag sees dim junk)."""
+    from scipy import ndimage as ndi
+
+    x = np.asarray(image, dtype=np.float64)
+    out = np.zeros(len(x))
+    for c, plane in enumerate(x):
+        s = ndi.gaussian_filter(np.nan_to_num(plane), 1.0)
+        med, hi = np.median(s), np.percentile(s, 99.5)
+        if hi - med <= 1e-12:
+            continue
+        lab, n = ndi.label(s > med + level * (hi - med), structure=np.ones((3, 3)))
+        if n:
+            out[c] = np.bincount(lab.ravel())[1:].max() / s.size
+    return out
+
+
 CLASSICAL_FEATURES = ("QC_Blur", "QC_Saturation", "QC_Foreground", "QC_LargestObject")
 
 
 def classical_features(
-    metrics: dict[str, np.ndarray], noise: np.ndarray, groups: np.ndarray | None = None
+    metrics: dict[str, np.ndarray],
+    noise: np.ndarray,
+    groups: np.ndarray | None = None,
+    bright: np.ndarray | None = None,
 ) -> np.ndarray:
-    """(n, 4 + C) the classical QC metrics as extra detector features: QC_Blur, QC_Saturation,
-    log(QC_Foreground + 0.001), QC_LargestObject (NaN → 0), and each channel's log pixel noise
-    (`channel_noise`) less its median in the group (plate), which no classical flag uses."""
+    """(n, 4 + C [+ C + 1]) the classical QC metrics as extra detector features: QC_Blur,
+    QC_Saturation, log(QC_Foreground + 0.001), QC_LargestObject (NaN → 0), and each channel's
+    log pixel noise (`channel_noise`) less its median in the group (plate), which no classical
+    flag uses. With `bright` ((n, C), `bright_objects`): each channel's log largest bright object
+    (+ 1e-4) less its group median, and the largest of those over the channels (dim junk lands
+    in any 1-3 channels; a linear detector cannot take that maximum itself)."""
     n = len(noise)
     g = np.zeros(n, dtype=object) if groups is None else np.asarray(groups, dtype=object)
-    lognoise = np.log(np.asarray(noise, dtype=np.float64) + 1e-6)
-    for grp in dict.fromkeys(g.tolist()):
-        rows = g == grp
-        lognoise[rows] -= np.median(lognoise[rows], axis=0)
+
+    def centred(v: np.ndarray) -> np.ndarray:
+        for grp in dict.fromkeys(g.tolist()):
+            rows = g == grp
+            v[rows] -= np.median(v[rows], axis=0)
+        return v
+
+    lognoise = centred(np.log(np.asarray(noise, dtype=np.float64) + 1e-6))
     base = np.column_stack(
         [
             np.nan_to_num(np.asarray(metrics["QC_Blur"], dtype=np.float64)),
@@ -172,7 +203,11 @@ def classical_features(
             np.nan_to_num(np.asarray(metrics["QC_LargestObject"], dtype=np.float64)),
         ]
     )
-    return np.hstack([base, lognoise])
+    parts = [base, lognoise]
+    if bright is not None:
+        logb = centred(np.log(np.asarray(bright, dtype=np.float64) + 1e-4))
+        parts += [logb, logb.max(axis=1, keepdims=True)]
+    return np.hstack(parts)
 
 
 class FewShotDetector:
@@ -182,8 +217,18 @@ class FewShotDetector:
     `score(emb)`: probability of any artefact; `predict_type(emb)`: the likeliest label.
     """
 
-    def __init__(self, *, C: float = 1.0, clean: str = CLEAN, max_iter: int = 5000):
+    def __init__(
+        self,
+        *,
+        C: float = 1.0,
+        clean: str = CLEAN,
+        max_iter: int = 5000,
+        components: int | None = None,
+        passthrough: int = 0,
+    ):
         self.C, self.clean, self.max_iter = float(C), clean, int(max_iter)
+        self.components = None if components is None else int(components)
+        self.passthrough = int(passthrough)
 
     def fit(
         self,
@@ -215,6 +260,17 @@ class FewShotDetector:
         self.mean_ = ref.mean(axis=0)
         sd = ref.std(axis=0)
         self.scale_ = np.where(sd > 1e-12, sd, 1.0)
+        self.basis_ = None
+        n_emb = ref.shape[1] - self.passthrough
+        if self.components is not None and 0 < self.components < n_emb:
+            # the embedding part reduced to its leading principal components over the screen's
+            # fields (unsupervised), each scaled to unit variance
+            zr = ((ref - self.mean_) / self.scale_)[:, :n_emb]
+            _, sv, vt = np.linalg.svd(zr, full_matrices=False)
+            k = min(self.components, len(sv))
+            sdk = sv[:k] / np.sqrt(max(len(zr), 1))
+            self.basis_ = vt[:k].T / np.where(sdk > 1e-12, sdk, 1.0)
+            self.n_emb_ = n_emb
         self.n_typical_ = 0
         if reference is not None and typical:
             z = outlier_scores(ref, groups)
@@ -234,7 +290,10 @@ class FewShotDetector:
         return self
 
     def _z(self, emb: np.ndarray) -> np.ndarray:
-        return (np.asarray(emb, dtype=np.float64) - self.mean_) / self.scale_
+        z = (np.asarray(emb, dtype=np.float64) - self.mean_) / self.scale_
+        if self.basis_ is None:
+            return z
+        return np.hstack([z[:, : self.n_emb_] @ self.basis_, z[:, self.n_emb_ :]])
 
     def proba(self, emb: np.ndarray) -> np.ndarray:
         """(n, n_classes) class probabilities, columns in `classes_` order."""

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from celldino import log
-from celldino.data.artefacts import channel_noise
+from celldino.data.artefacts import bright_objects, channel_noise
 from celldino.errors import DataError, MissingInputError
 from celldino.io.files import file_fingerprint, read_json
 from celldino.io.prepared import (
@@ -62,6 +62,7 @@ SCALE_FIELDS = 64  # a prep's plate scale: from at most this many fields, spread
 CLIP = 50.0  # scaled intensities above this (50x the plate's bright level) are clipped
 RANDOM = "random"  # checkpoint_or_model: a randomly initialised ViT (the baseline)
 RANDOM_SEED = 0
+BRIGHT_PREFIX = "bright_"  # field_embeddings.parquet: each channel's largest bright object
 _SAMPLE = 65536  # pixels per field and channel for its percentile (strided, deterministic)
 
 
@@ -312,11 +313,13 @@ def field_embeddings(
 
 class _Fields:
     """The fields of an image set, read when indexed (a lazy sequence); each field's channel
-    noise (`channel_noise`) is kept from its first reading."""
+    noise (`channel_noise`) and largest bright objects (`bright_objects`) are kept from its
+    first reading."""
 
     def __init__(self, iset, rows: list[int]):
         self.iset, self.rows = iset, rows
         self.noise: dict[int, np.ndarray] = {}
+        self.bright: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -325,6 +328,7 @@ class _Fields:
         img = self.iset.read(self.rows[k])
         if k not in self.noise:
             self.noise[k] = channel_noise(img)
+            self.bright[k] = bright_objects(img)
         return img
 
 
@@ -435,7 +439,8 @@ def embed_prep_fields(
 ) -> pd.DataFrame:
     """The field embeddings of every readable field of a prepared folder (one intensity scale
     per plate and channel), as a table: Metadata_Plate/Well/Site/ImageKey + femb_#### (+ each
-    channel's pixel noise, `noise_<channel>`, for `classical_features`).
+    channel's pixel noise, `noise_<channel>`, and largest bright object, `bright_<channel>`, for
+    `classical_features`).
 
     `checkpoint_or_model`: a celldino run dir or checkpoint, foreign DINO/DINOv2/DINO4Cells
     weights, `"random"` (a seeded random-init ViT-S/16), or a backbone module (then
@@ -463,7 +468,7 @@ def embed_prep_fields(
         "keys": int(len(iset)),
         "pool": "mean+max",
         "scale": f"plate median of field p{SCALE_PERCENTILE} over <= {SCALE_FIELDS} fields",
-        "columns": 2,  # femb_ and noise_ (a table of an older layout is recomputed)
+        "columns": 3,  # femb_, noise_, bright_ (a table of an older layout is recomputed)
     }
     reuse = write and ident["model"] != "module"
     if reuse:
@@ -482,6 +487,7 @@ def embed_prep_fields(
     plates = table["Metadata_Plate"].astype(str)
     emb = np.zeros((len(table), 0), np.float32)
     noise = np.zeros((len(table), len(channels)), np.float64)
+    bright = np.zeros((len(table), len(channels)), np.float64)
     for plate in dict.fromkeys(plates):
         rows = list(np.flatnonzero((plates == plate).to_numpy()))
         fields = _Fields(iset, rows)
@@ -508,12 +514,14 @@ def embed_prep_fields(
             emb = np.zeros((len(table), e.shape[1]), np.float32)
         emb[rows] = e
         noise[rows] = np.stack([fields.noise[k] for k in range(len(rows))])
+        bright[rows] = np.stack([fields.bright[k] for k in range(len(rows))])
     cols = [c for c in ("Metadata_Plate", "Metadata_Well", "Metadata_Site") if c in table]
     meta = table[cols + ["Metadata_ImageKey"]].astype(str).reset_index(drop=True)
     width = max(4, int(math.log10(max(emb.shape[1], 1))) + 1)
     feats = pd.DataFrame(emb, columns=[f"{FEMB_PREFIX}{j:0{width}d}" for j in range(emb.shape[1])])
     noisy = pd.DataFrame(noise, columns=[f"{NOISE_PREFIX}{c}" for c in channels])
-    df = pd.concat([meta, feats, noisy], axis=1)
+    brights = pd.DataFrame(bright, columns=[f"{BRIGHT_PREFIX}{c}" for c in channels])
+    df = pd.concat([meta, feats, noisy, brights], axis=1)
     if write:
         with output_lock(prep, "qc"):
             write_field_embeddings(df, prep, identity)

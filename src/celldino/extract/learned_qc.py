@@ -37,6 +37,7 @@ from celldino.data import qc as classical
 from celldino.data.artefacts import (
     CLASSICAL_FEATURES,
     CLEAN,
+    EMBED_COMPONENTS,
     ArtefactLabelError,
     FewShotDetector,
     check_labels,
@@ -44,7 +45,7 @@ from celldino.data.artefacts import (
     outlier_scores,
 )
 from celldino.errors import DataError, MissingInputError
-from celldino.extract.fields import embed_prep_fields
+from celldino.extract.fields import BRIGHT_PREFIX, embed_prep_fields
 from celldino.io.cropstore import drop_sites, mark_unfinished, store_sites
 from celldino.io.files import read_json, require_writable
 from celldino.io.lock import output_lock
@@ -235,19 +236,19 @@ def _run(cfg: QCConfig, prep: Path) -> Path:
     plates = emb_table["Metadata_Plate"].astype(str).to_numpy()
 
     qc = read_qc(prep)
+    n_classical = 0
     if cfg.classical_features:
         by_key = qc.set_index(qc[KEY].astype(str)).loc[keys]
         noise = emb_table[[c for c in emb_table.columns if c.startswith(NOISE_PREFIX)]]
-        emb = np.hstack(
-            [
-                emb,
-                classical_features(
-                    {c: by_key[c].to_numpy(float) for c in CLASSICAL_FEATURES},
-                    noise.to_numpy(float),
-                    plates,
-                ),
-            ]
+        bright = emb_table[[c for c in emb_table.columns if c.startswith(BRIGHT_PREFIX)]]
+        extra = classical_features(
+            {c: by_key[c].to_numpy(float) for c in CLASSICAL_FEATURES},
+            noise.to_numpy(float),
+            plates,
+            bright=bright.to_numpy(float),
         )
+        n_classical = extra.shape[1]
+        emb = np.hstack([emb, extra])
     qc = qc.drop(columns=[c for c in LEARNED_COLUMNS if c in qc])
     row = {k: i for i, k in enumerate(keys)}
     at = np.array([row.get(str(k), -1) for k in qc[KEY]])  # qc row → embedding row
@@ -263,9 +264,11 @@ def _run(cfg: QCConfig, prep: Path) -> Path:
         assert labels is not None
         lab_rows = np.array([row[k] for k in labels.index])
         try:
-            det = FewShotDetector().fit(
-                emb[lab_rows], labels.to_numpy(), reference=emb, groups=plates
-            )
+            # with the classical columns: the embedding reduced to its leading components
+            # beside them (10 labels cannot weigh hundreds of dimensions; docs/qc.md)
+            det = FewShotDetector(
+                components=EMBED_COMPONENTS if n_classical else None, passthrough=n_classical
+            ).fit(emb[lab_rows], labels.to_numpy(), reference=emb, groups=plates)
         except ArtefactLabelError as e:  # checked before embedding; kept for library callers
             raise LearnedQCError(f"{_label_source(cfg)}: {e}") from None
         prob = np.full(n, np.nan)
