@@ -431,16 +431,18 @@ def test_classical_features_join_the_embeddings_by_image_key(made, tmp_path, run
     np.testing.assert_allclose(got_noise, want_noise, rtol=1e-9)
     np.testing.assert_allclose(channel_noise(img), want_noise, rtol=1e-9)
     # the stored bright objects are bright_objects' of the field
-    got_bright = e.loc[key, [f"bright_{c}" for c in CHANNELS]].to_numpy(float)
-    np.testing.assert_allclose(got_bright, bright_objects(img), rtol=1e-9)
+    for lv in (50, 80):
+        got_bright = e.loc[key, [f"bright{lv}_{c}" for c in CHANNELS]].to_numpy(float)
+        np.testing.assert_allclose(got_bright, bright_objects(img, lv / 100), rtol=1e-9)
     # the detector saw [embedding, blur, saturation, log foreground, largest object, log noise
     # less its plate median, log bright objects less their plate median, their max]
     noise = np.log(e[[f"noise_{c}" for c in CHANNELS]].to_numpy(float) + 1e-6)
-    bright = np.log(e[[f"bright_{c}" for c in CHANNELS]].to_numpy(float) + 1e-4)
+    b50 = np.log(e[[f"bright50_{c}" for c in CHANNELS]].to_numpy(float) + 1e-4)
+    b80 = np.log(e[[f"bright80_{c}" for c in CHANNELS]].to_numpy(float) + 1e-4)
     plates = e["Metadata_Plate"].to_numpy()
     for p in set(plates):
-        noise[plates == p] -= np.median(noise[plates == p], axis=0)
-        bright[plates == p] -= np.median(bright[plates == p], axis=0)
+        for v in (noise, b50, b80):
+            v[plates == p] -= np.median(v[plates == p], axis=0)
     X = np.hstack(
         [
             e.filter(like="femb_").to_numpy(float),
@@ -448,8 +450,10 @@ def test_classical_features_join_the_embeddings_by_image_key(made, tmp_path, run
             np.log(qc[["QC_Foreground"]].to_numpy(float) + 1e-3),
             qc[["QC_LargestObject"]].to_numpy(float),
             noise,
-            bright,
-            bright.max(axis=1, keepdims=True),
+            b50,
+            b50.max(axis=1, keepdims=True),
+            b80,
+            b80.max(axis=1, keepdims=True),
         ]
     )
     np.testing.assert_allclose(qc["QC_Learned_Outlier"], outlier_scores(X, plates), rtol=1e-6)

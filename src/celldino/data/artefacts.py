@@ -150,6 +150,9 @@ def channel_noise(image: np.ndarray) -> np.ndarray:
     return out
 
 
+BRIGHT_LEVELS = (0.5, 0.8)  # `bright_objects` levels `celldino qc` stores and uses
+
+
 def bright_objects(image: np.ndarray, level: float = 0.5) -> np.ndarray:
     """(C,) the largest connected bright object of each channel of a (C, H, W) field, as a
     fraction of the field: pixels of the sigma-1 smoothed plane more than `level` of the way
@@ -177,14 +180,15 @@ def classical_features(
     metrics: dict[str, np.ndarray],
     noise: np.ndarray,
     groups: np.ndarray | None = None,
-    bright: np.ndarray | None = None,
+    bright: np.ndarray | list[np.ndarray] | None = None,
 ) -> np.ndarray:
-    """(n, 4 + C [+ C + 1]) the classical QC metrics as extra detector features: QC_Blur,
+    """(n, 4 + C [+ L (C + 1)]) the classical QC metrics as extra detector features: QC_Blur,
     QC_Saturation, log(QC_Foreground + 0.001), QC_LargestObject (NaN → 0), and each channel's
     log pixel noise (`channel_noise`) less its median in the group (plate), which no classical
-    flag uses. With `bright` ((n, C), `bright_objects`): each channel's log largest bright object
-    (+ 1e-4) less its group median, and the largest of those over the channels (dim junk lands
-    in any 1-3 channels; a linear detector cannot take that maximum itself)."""
+    flag uses. With `bright` ((n, C) `bright_objects`, or a list of L of them at `BRIGHT_LEVELS`):
+    each channel's log largest bright object (+ 1e-4) less its group median, and the largest of
+    those over the channels (dim junk lands in any 1-3 channels; a linear detector cannot take
+    that maximum itself)."""
     n = len(noise)
     g = np.zeros(n, dtype=object) if groups is None else np.asarray(groups, dtype=object)
 
@@ -205,8 +209,9 @@ def classical_features(
     )
     parts = [base, lognoise]
     if bright is not None:
-        logb = centred(np.log(np.asarray(bright, dtype=np.float64) + 1e-4))
-        parts += [logb, logb.max(axis=1, keepdims=True)]
+        for b in [bright] if isinstance(bright, np.ndarray) else bright:
+            logb = centred(np.log(np.asarray(b, dtype=np.float64) + 1e-4))
+            parts += [logb, logb.max(axis=1, keepdims=True)]
     return np.hstack(parts)
 
 

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from celldino import log
-from celldino.data.artefacts import bright_objects, channel_noise
+from celldino.data.artefacts import BRIGHT_LEVELS, bright_objects, channel_noise
 from celldino.errors import DataError, MissingInputError
 from celldino.io.files import file_fingerprint, read_json
 from celldino.io.prepared import (
@@ -62,7 +62,14 @@ SCALE_FIELDS = 64  # a prep's plate scale: from at most this many fields, spread
 CLIP = 50.0  # scaled intensities above this (50x the plate's bright level) are clipped
 RANDOM = "random"  # checkpoint_or_model: a randomly initialised ViT (the baseline)
 RANDOM_SEED = 0
-BRIGHT_PREFIX = "bright_"  # field_embeddings.parquet: each channel's largest bright object
+BRIGHT_PREFIX = "bright"  # field_embeddings.parquet: each channel's largest bright object
+
+
+def bright_columns(channels: list[str]) -> list[str]:
+    """bright<level %>_<channel> for each of `BRIGHT_LEVELS` (outer) and channel (inner)."""
+    return [f"{BRIGHT_PREFIX}{round(lv * 100)}_{c}" for lv in BRIGHT_LEVELS for c in channels]
+
+
 _SAMPLE = 65536  # pixels per field and channel for its percentile (strided, deterministic)
 
 
@@ -328,7 +335,7 @@ class _Fields:
         img = self.iset.read(self.rows[k])
         if k not in self.noise:
             self.noise[k] = channel_noise(img)
-            self.bright[k] = bright_objects(img)
+            self.bright[k] = np.concatenate([bright_objects(img, lv) for lv in BRIGHT_LEVELS])
         return img
 
 
@@ -439,8 +446,8 @@ def embed_prep_fields(
 ) -> pd.DataFrame:
     """The field embeddings of every readable field of a prepared folder (one intensity scale
     per plate and channel), as a table: Metadata_Plate/Well/Site/ImageKey + femb_#### (+ each
-    channel's pixel noise, `noise_<channel>`, and largest bright object, `bright_<channel>`, for
-    `classical_features`).
+    channel's pixel noise, `noise_<channel>`, and largest bright object at each of
+    `BRIGHT_LEVELS`, `bright50_<channel>`, `bright80_<channel>`, for `classical_features`).
 
     `checkpoint_or_model`: a celldino run dir or checkpoint, foreign DINO/DINOv2/DINO4Cells
     weights, `"random"` (a seeded random-init ViT-S/16), or a backbone module (then
@@ -468,7 +475,7 @@ def embed_prep_fields(
         "keys": int(len(iset)),
         "pool": "mean+max",
         "scale": f"plate median of field p{SCALE_PERCENTILE} over <= {SCALE_FIELDS} fields",
-        "columns": 3,  # femb_, noise_, bright_ (a table of an older layout is recomputed)
+        "columns": 3,  # femb_, noise_, bright (a table of an older layout is recomputed)
     }
     reuse = write and ident["model"] != "module"
     if reuse:
@@ -487,7 +494,7 @@ def embed_prep_fields(
     plates = table["Metadata_Plate"].astype(str)
     emb = np.zeros((len(table), 0), np.float32)
     noise = np.zeros((len(table), len(channels)), np.float64)
-    bright = np.zeros((len(table), len(channels)), np.float64)
+    bright = np.zeros((len(table), len(BRIGHT_LEVELS) * len(channels)), np.float64)
     for plate in dict.fromkeys(plates):
         rows = list(np.flatnonzero((plates == plate).to_numpy()))
         fields = _Fields(iset, rows)
@@ -520,7 +527,7 @@ def embed_prep_fields(
     width = max(4, int(math.log10(max(emb.shape[1], 1))) + 1)
     feats = pd.DataFrame(emb, columns=[f"{FEMB_PREFIX}{j:0{width}d}" for j in range(emb.shape[1])])
     noisy = pd.DataFrame(noise, columns=[f"{NOISE_PREFIX}{c}" for c in channels])
-    brights = pd.DataFrame(bright, columns=[f"{BRIGHT_PREFIX}{c}" for c in channels])
+    brights = pd.DataFrame(bright, columns=bright_columns(channels))
     df = pd.concat([meta, feats, noisy, brights], axis=1)
     if write:
         with output_lock(prep, "qc"):

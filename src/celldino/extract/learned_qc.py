@@ -45,7 +45,7 @@ from celldino.data.artefacts import (
     outlier_scores,
 )
 from celldino.errors import DataError, MissingInputError
-from celldino.extract.fields import BRIGHT_PREFIX, embed_prep_fields
+from celldino.extract.fields import bright_columns, embed_prep_fields
 from celldino.io.cropstore import drop_sites, mark_unfinished, store_sites
 from celldino.io.files import read_json, require_writable
 from celldino.io.lock import output_lock
@@ -240,12 +240,14 @@ def _run(cfg: QCConfig, prep: Path) -> Path:
     if cfg.classical_features:
         by_key = qc.set_index(qc[KEY].astype(str)).loc[keys]
         noise = emb_table[[c for c in emb_table.columns if c.startswith(NOISE_PREFIX)]]
-        bright = emb_table[[c for c in emb_table.columns if c.startswith(BRIGHT_PREFIX)]]
+        n_ch = noise.shape[1]
+        bright = emb_table[bright_columns([c[len(NOISE_PREFIX) :] for c in noise.columns])]
+        bright = bright.to_numpy(float)
         extra = classical_features(
             {c: by_key[c].to_numpy(float) for c in CLASSICAL_FEATURES},
             noise.to_numpy(float),
             plates,
-            bright=bright.to_numpy(float),
+            bright=[bright[:, j : j + n_ch] for j in range(0, bright.shape[1], n_ch)],
         )
         n_classical = extra.shape[1]
         emb = np.hstack([emb, extra])
