@@ -9,6 +9,7 @@ machine stand for two nodes here by giving each rank its own folder under the sa
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import socket
 
 import pytest
@@ -37,7 +38,15 @@ def _as_rank(rank: int, port: int, root: str, what: str) -> None:
     from celldino.config import load_config
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    # a rank left waiting (a refusal gone, the ranks training different steps) fails in minutes,
+    # not at gloo's default 30
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=2,
+        timeout=datetime.timedelta(seconds=120),
+    )
     root_p = Path(root)
     local = root_p / f"node{rank}"
     try:
