@@ -20,10 +20,15 @@ Two detectors over a (n_fields, F) matrix of field embeddings (`celldino.extract
   held (docs/qc.md). The scores are transductive, as the detector is used: every field of the
   screen is scored, the typical half included. `.score(emb)` is the probability of any
   artefact (1 − P(clean)), `.predict_type(emb)` the likeliest class. Each class needs at least
-  `MIN_PER_CLASS` (2) examples; 5 per class is the intended use.
+  `MIN_PER_CLASS` (2) examples; 5 per class is the intended use. `FewShotDetector(components=k,
+  passthrough=p)` first reduces the standardised columns before the last p (the embedding) to
+  their k leading principal components over `reference`, each scaled to unit variance, and keeps
+  the last p (classical columns) beside them: `celldino qc` does so with k = `EMBED_COMPONENTS`
+  when the classical columns are on (10 labels cannot weigh hundreds of dimensions; docs/qc.md).
 
 `classical_features` turns the classical QC metrics (and each channel's pixel noise,
-`channel_noise`) into extra columns a caller may append to the embeddings.
+`channel_noise`, and largest bright object, `bright_objects`) into extra columns a caller may
+append to the embeddings.
 """
 
 from __future__ import annotations
