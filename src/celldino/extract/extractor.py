@@ -702,7 +702,8 @@ def _extract_into(
     problem = None  # rank 0's verdict, raised on every rank (no rank left waiting for another)
     if ranks.rank == 0:
         missing = sorted(set(range(len(plan))) - done_shards(out_dir, plan))
-        unseen = {r: sorted(set(w) & set(missing)) for r, w in enumerate(written)}
+        # rank 0 sees its own folder: a shard of its own that is gone was removed, not unshared
+        unseen = {r: sorted(set(w) & set(missing)) for r, w in enumerate(written) if r}
         unseen = {r: ks for r, ks in unseen.items() if ks}
         if unseen:
             r, ks = next(iter(unseen.items()))
