@@ -203,7 +203,7 @@ def test_fewshot_components_are_whitened_principal_components_beside_passthrough
 
 
 def test_bright_objects_measure_the_largest_connected_bright_region():
-    from celldino.data.artefacts import bright_objects, classical_features
+    from celldino.data.artefacts import bright_extent, bright_objects, classical_features
 
     img = np.full((3, 64, 64), 100.0)
     img[0, 10:30, 20:40] += 50.0  # a 20 x 20 clump: 400 of 4096 pixels
@@ -216,16 +216,22 @@ def test_bright_objects_measure_the_largest_connected_bright_region():
     assert got[0] == 396 / 4096
     assert 0 < got[1] < 30 / 4096  # one speck, not their union
     assert got[2] == 0.0  # a flat channel has no bright object
+    ext = bright_extent(img)  # the longest bounding-box side over the shorter field side
+    assert ext[0] == 20 / 64 and 0 < ext[1] <= 5 / 64 and ext[2] == 0.0
     # as detector columns: log (+1e-4) less the group's median, and their max over channels
     b = np.array([[0.01, 0.02], [0.04, 0.02], [0.01, 0.08]])
     m = {c: np.zeros(3) for c in ("QC_Blur", "QC_Saturation", "QC_LargestObject")}
     m["QC_Foreground"] = np.full(3, 0.1)
-    x = classical_features(m, np.ones((3, 2)), np.array(["a", "a", "a"]), bright=b)
+    x = classical_features(m, np.ones((3, 2)), np.array(["a", "a", "a"]), bright=b, extent=b)
     lb = np.log(b + 1e-4)
     lb -= np.median(lb, axis=0)
-    np.testing.assert_allclose(x[:, -3:-1], lb)
-    np.testing.assert_allclose(x[:, -1], lb.max(axis=1))
-    assert x.shape == (3, 4 + 2 + 2 + 1)
+    le = np.log(b + 1e-3)
+    le -= np.median(le, axis=0)
+    np.testing.assert_allclose(x[:, -6:-4], lb)
+    np.testing.assert_allclose(x[:, -4], lb.max(axis=1))
+    np.testing.assert_allclose(x[:, -3:-1], le)
+    np.testing.assert_allclose(x[:, -1], le.max(axis=1))
+    assert x.shape == (3, 4 + 2 + 3 + 3)
 
 
 # ---- celldino qc on a prepared screen ------------------------------------------------------
@@ -397,14 +403,16 @@ def test_report_shows_the_learned_flags_with_scores_and_thumbnails(made, tmp_pat
     html = section_data(tmp_path / "run").html()
     assert f"Fields flagged by learned QC ({len(flagged)} of 32 images" in html
     top = flagged.iloc[-1]
-    assert top["Metadata_ImageKey"] in html and f"{top['QC_Learned_Outlier']:.3g}"[:4] in html
+    # the table shows the score to 3 decimals (a 3-significant-digit prefix matched only by luck)
+    assert f"<tr><th>{top['Metadata_ImageKey']}</th>" in html
+    assert f"{top['QC_Learned_Outlier']:.3f}" in html
     assert "learned_outlier" in html and "highest-scoring fields flagged by learned QC" in html
     assert "learned flags are not: qc.exclude=false" in html
     assert html.count("data:image/png;base64") >= 2  # the crop montage and the thumbnails
 
 
 def test_classical_features_join_the_embeddings_by_image_key(made, tmp_path, run_cli):
-    from celldino.data.artefacts import bright_objects, channel_noise
+    from celldino.data.artefacts import bright_extent, bright_objects, channel_noise
 
     _, prep0, ckpt = made
     prep = _copy(prep0, tmp_path / "prep")
@@ -434,14 +442,17 @@ def test_classical_features_join_the_embeddings_by_image_key(made, tmp_path, run
     for lv in (50, 80):
         got_bright = e.loc[key, [f"bright{lv}_{c}" for c in CHANNELS]].to_numpy(float)
         np.testing.assert_allclose(got_bright, bright_objects(img, lv / 100), rtol=1e-9)
+    got_ext = e.loc[key, [f"extent50_{c}" for c in CHANNELS]].to_numpy(float)
+    np.testing.assert_allclose(got_ext, bright_extent(img), rtol=1e-9)
     # the detector saw [embedding, blur, saturation, log foreground, largest object, log noise
     # less its plate median, log bright objects less their plate median, their max]
     noise = np.log(e[[f"noise_{c}" for c in CHANNELS]].to_numpy(float) + 1e-6)
     b50 = np.log(e[[f"bright50_{c}" for c in CHANNELS]].to_numpy(float) + 1e-4)
     b80 = np.log(e[[f"bright80_{c}" for c in CHANNELS]].to_numpy(float) + 1e-4)
+    ext = np.log(e[[f"extent50_{c}" for c in CHANNELS]].to_numpy(float) + 1e-3)
     plates = e["Metadata_Plate"].to_numpy()
     for p in set(plates):
-        for v in (noise, b50, b80):
+        for v in (noise, b50, b80, ext):
             v[plates == p] -= np.median(v[plates == p], axis=0)
     X = np.hstack(
         [
@@ -454,6 +465,8 @@ def test_classical_features_join_the_embeddings_by_image_key(made, tmp_path, run
             b50.max(axis=1, keepdims=True),
             b80,
             b80.max(axis=1, keepdims=True),
+            ext,
+            ext.max(axis=1, keepdims=True),
         ]
     )
     np.testing.assert_allclose(qc["QC_Learned_Outlier"], outlier_scores(X, plates), rtol=1e-6)

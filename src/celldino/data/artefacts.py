@@ -158,23 +158,42 @@ def channel_noise(image: np.ndarray) -> np.ndarray:
 BRIGHT_LEVELS = (0.5, 0.8)  # `bright_objects` levels `celldino qc` stores and uses
 
 
+def _bright_labels(plane: np.ndarray, level: float):
+    """The 8-connected regions of the sigma-1 smoothed plane more than `level` of the way from
+    its median to its 99.5th percentile: (labels, count); (None, 0) for a flat plane."""
+    from scipy import ndimage as ndi
+
+    s = ndi.gaussian_filter(np.nan_to_num(np.asarray(plane, dtype=np.float64)), 1.0)
+    med, hi = np.median(s), np.percentile(s, 99.5)
+    if hi - med <= 1e-12:
+        return None, 0
+    return ndi.label(s > med + level * (hi - med), structure=np.ones((3, 3)))
+
+
 def bright_objects(image: np.ndarray, level: float = 0.5) -> np.ndarray:
     """(C,) the largest connected bright object of each channel of a (C, H, W) field, as a
     fraction of the field: pixels of the sigma-1 smoothed plane more than `level` of the way
     from its median to its 99.5th percentile, 8-connected. A cell is a small object; a clump or
     fibre of junk, saturating or not, is a large one (no classical flag sees dim junk)."""
+    out = np.zeros(len(image))
+    for c, plane in enumerate(image):
+        lab, n = _bright_labels(plane, level)
+        if n:
+            out[c] = np.bincount(lab.ravel())[1:].max() / lab.size
+    return out
+
+
+def bright_extent(image: np.ndarray, level: float = 0.5) -> np.ndarray:
+    """(C,) the longest bounding-box side of any bright object (as `bright_objects` finds them)
+    of each channel, over the field's shorter side: a thin fibre of junk is long, not large."""
     from scipy import ndimage as ndi
 
-    x = np.asarray(image, dtype=np.float64)
-    out = np.zeros(len(x))
-    for c, plane in enumerate(x):
-        s = ndi.gaussian_filter(np.nan_to_num(plane), 1.0)
-        med, hi = np.median(s), np.percentile(s, 99.5)
-        if hi - med <= 1e-12:
-            continue
-        lab, n = ndi.label(s > med + level * (hi - med), structure=np.ones((3, 3)))
+    out = np.zeros(len(image))
+    for c, plane in enumerate(image):
+        lab, n = _bright_labels(plane, level)
         if n:
-            out[c] = np.bincount(lab.ravel())[1:].max() / s.size
+            ext = max(max(a.stop - a.start, b.stop - b.start) for a, b in ndi.find_objects(lab))
+            out[c] = ext / min(lab.shape)
     return out
 
 
@@ -186,14 +205,15 @@ def classical_features(
     noise: np.ndarray,
     groups: np.ndarray | None = None,
     bright: np.ndarray | list[np.ndarray] | None = None,
+    extent: np.ndarray | None = None,
 ) -> np.ndarray:
-    """(n, 4 + C [+ L (C + 1)]) the classical QC metrics as extra detector features: QC_Blur,
+    """(n, 4 + C [+ L (C + 1)] [+ C + 1]) the classical QC metrics as extra detector features: QC_Blur,
     QC_Saturation, log(QC_Foreground + 0.001), QC_LargestObject (NaN → 0), and each channel's
     log pixel noise (`channel_noise`) less its median in the group (plate), which no classical
     flag uses. With `bright` ((n, C) `bright_objects`, or a list of L of them at `BRIGHT_LEVELS`):
     each channel's log largest bright object (+ 1e-4) less its group median, and the largest of
     those over the channels (dim junk lands in any 1-3 channels; a linear detector cannot take
-    that maximum itself)."""
+    that maximum itself). With `extent` ((n, C), `bright_extent`): the same of its log (+ 1e-3)."""
     n = len(noise)
     g = np.zeros(n, dtype=object) if groups is None else np.asarray(groups, dtype=object)
 
@@ -217,6 +237,9 @@ def classical_features(
         for b in [bright] if isinstance(bright, np.ndarray) else bright:
             logb = centred(np.log(np.asarray(b, dtype=np.float64) + 1e-4))
             parts += [logb, logb.max(axis=1, keepdims=True)]
+    if extent is not None:
+        loge = centred(np.log(np.asarray(extent, dtype=np.float64) + 1e-3))
+        parts += [loge, loge.max(axis=1, keepdims=True)]
     return np.hstack(parts)
 
 

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from celldino import log
-from celldino.data.artefacts import BRIGHT_LEVELS, bright_objects, channel_noise
+from celldino.data.artefacts import BRIGHT_LEVELS, bright_extent, bright_objects, channel_noise
 from celldino.errors import DataError, MissingInputError
 from celldino.io.files import file_fingerprint, read_json
 from celldino.io.prepared import (
@@ -66,8 +66,10 @@ BRIGHT_PREFIX = "bright"  # field_embeddings.parquet: each channel's largest bri
 
 
 def bright_columns(channels: list[str]) -> list[str]:
-    """bright<level %>_<channel> for each of `BRIGHT_LEVELS` (outer) and channel (inner)."""
-    return [f"{BRIGHT_PREFIX}{round(lv * 100)}_{c}" for lv in BRIGHT_LEVELS for c in channels]
+    """bright<level %>_<channel> for each of `BRIGHT_LEVELS` (outer) and channel (inner), then
+    extent50_<channel> (`bright_extent`)."""
+    cols = [f"{BRIGHT_PREFIX}{round(lv * 100)}_{c}" for lv in BRIGHT_LEVELS for c in channels]
+    return cols + [f"extent50_{c}" for c in channels]
 
 
 _SAMPLE = 65536  # pixels per field and channel for its percentile (strided, deterministic)
@@ -335,7 +337,9 @@ class _Fields:
         img = self.iset.read(self.rows[k])
         if k not in self.noise:
             self.noise[k] = channel_noise(img)
-            self.bright[k] = np.concatenate([bright_objects(img, lv) for lv in BRIGHT_LEVELS])
+            self.bright[k] = np.concatenate(
+                [bright_objects(img, lv) for lv in BRIGHT_LEVELS] + [bright_extent(img)]
+            )
         return img
 
 
@@ -447,7 +451,8 @@ def embed_prep_fields(
     """The field embeddings of every readable field of a prepared folder (one intensity scale
     per plate and channel), as a table: Metadata_Plate/Well/Site/ImageKey + femb_#### (+ each
     channel's pixel noise, `noise_<channel>`, and largest bright object at each of
-    `BRIGHT_LEVELS`, `bright50_<channel>`, `bright80_<channel>`, for `classical_features`).
+    `BRIGHT_LEVELS`, `bright50_<channel>`, `bright80_<channel>`, and longest bright object,
+    `extent50_<channel>`, for `classical_features`).
 
     `checkpoint_or_model`: a celldino run dir or checkpoint, foreign DINO/DINOv2/DINO4Cells
     weights, `"random"` (a seeded random-init ViT-S/16), or a backbone module (then
@@ -494,7 +499,7 @@ def embed_prep_fields(
     plates = table["Metadata_Plate"].astype(str)
     emb = np.zeros((len(table), 0), np.float32)
     noise = np.zeros((len(table), len(channels)), np.float64)
-    bright = np.zeros((len(table), len(BRIGHT_LEVELS) * len(channels)), np.float64)
+    bright = np.zeros((len(table), (len(BRIGHT_LEVELS) + 1) * len(channels)), np.float64)
     for plate in dict.fromkeys(plates):
         rows = list(np.flatnonzero((plates == plate).to_numpy()))
         fields = _Fields(iset, rows)

@@ -247,7 +247,8 @@ def _run(cfg: QCConfig, prep: Path) -> Path:
             {c: by_key[c].to_numpy(float) for c in CLASSICAL_FEATURES},
             noise.to_numpy(float),
             plates,
-            bright=[bright[:, j : j + n_ch] for j in range(0, bright.shape[1], n_ch)],
+            bright=[bright[:, j : j + n_ch] for j in range(0, bright.shape[1] - n_ch, n_ch)],
+            extent=bright[:, -n_ch:],
         )
         n_classical = extra.shape[1]
         emb = np.hstack([emb, extra])
