@@ -35,7 +35,7 @@ import pandas as pd
 from celldino import log
 from celldino.data import prepare as P
 from celldino.errors import IncompleteInputError, MissingInputError, UserError
-from celldino.io.cropstore import CELLS, CROPS, LEDGER, PARTS, CropStore, missing_chunks
+from celldino.io.cropstore import CELLS, CROPS, LEDGER, PARTS, missing_chunks
 from celldino.io.files import read_json, require_writable, write_json
 from celldino.io.lock import output_lock
 from celldino.io.masks import MASKS, OUTLINES
@@ -74,6 +74,15 @@ def _part_index(cfg) -> int:
             "(on SLURM: prepare.part=$SLURM_ARRAY_TASK_ID with --array=0-" + f"{n - 1})"
         )
     return int(cfg.part)
+
+
+def _no_part(cfg, command: str, does: str) -> None:
+    """A command over every part refuses a part index (it would read as 'only that part')."""
+    if cfg.part != -1:
+        raise PartsError(
+            f"prepare.part={cfg.part} is given to `celldino {command}`, which {does} every "
+            "part: leave prepare.part out here"
+        )
 
 
 def parts_dir(cfg) -> Path:
@@ -142,11 +151,7 @@ def plan(cfg) -> Path:
     returns plan.json's path. Rerun with the same settings and inputs, it reuses pass 1 and
     keeps the parts already done; after a change, stale parts are removed."""
     n = _n_parts(cfg)
-    if cfg.part != -1:
-        raise PartsError(
-            f"prepare.part={cfg.part} is given to `celldino prepare-plan`, which plans every part: "
-            "leave prepare.part out here"
-        )
+    _no_part(cfg, "prepare-plan", "plans")
     iset, out = P.open_inputs(cfg)
     with output_lock(out, "prepare-plan"), P.write_errors(out):
         p1 = P._pass1_cached(cfg, iset, out)
@@ -290,11 +295,7 @@ def merge(cfg, *, timings: dict | None = None) -> Path:
     plan, settings or inputs, or holds a site twice. Returns the prep folder. `timings` (a dict)
     receives the seconds of the checks, the crop copy and the finishing step."""
     n = _n_parts(cfg)
-    if cfg.part != -1:
-        raise PartsError(
-            f"prepare.part={cfg.part} is given to `celldino prepare-merge`, which joins every "
-            "part: leave prepare.part out here"
-        )
+    _no_part(cfg, "prepare-merge", "joins")
     iset, out = P.open_inputs(cfg)
     plan_ = read_plan(cfg, iset)
     with output_lock(out, "prepare-merge"), P.write_errors(out):
@@ -434,14 +435,7 @@ def _merge_into(cfg, iset, out: Path, p1, plan_: dict, parts: list[_Part]) -> tu
     sites = sorted(
         ((p, s) for p in parts for s in p.ledger["sites"]), key=lambda ps: order[ps[1]["key"]]
     )
-    store = CropStore(  # a new, empty store: the single run's array settings and attributes
-        out,
-        channels=iset.channels,
-        crop_size=cfg.crop_size,
-        dtype=p1.dtype,
-        attrs={"source": str(cfg.load_data or cfg.image_dir)},
-        settings_fingerprint=p1.fp,
-    )
+    store = P.open_store(cfg, iset, out, p1)  # a new, empty store, as the single run's
     n_total = sum(int(s["count"]) for _, s in sites)
     dst = zarr.open_array(str(out / CROPS), mode="r+", config={"write_empty_chunks": True})
     dst.resize((n_total, *dst.shape[1:]))
@@ -481,14 +475,7 @@ def _merge_into(cfg, iset, out: Path, p1, plan_: dict, parts: list[_Part]) -> tu
     store.ledger.update({"sites": ledger_sites, "n": start, "done": False})
     write_json(out / LEDGER, store.ledger)  # the commit point, as in a single run
     t_copy = time.perf_counter() - t0
-    store = CropStore(
-        out,
-        channels=iset.channels,
-        crop_size=cfg.crop_size,
-        dtype=p1.dtype,
-        attrs={"source": str(cfg.load_data or cfg.image_dir)},
-        settings_fingerprint=p1.fp,
-    )
+    store = P.open_store(cfg, iset, out, p1)
     if store.n_cells != n_total:
         raise RuntimeError(f"merge: {store.n_cells} cells committed for {n_total} copied")
     skipped = [r for p in parts for r in p.skipped]

@@ -991,10 +991,10 @@ def _read_pass1(
     )
 
 
-def _pass2(cfg, iset: ImageSet, out: Path, p1: Pass1, rows: list[int], after_site):
-    """Pass 2 of the sites `rows` (QC-passing, in table order) into the crop store in `out`,
-    resuming after the sites it holds: (store, sites skipped with on_error=skip)."""
-    store = CropStore(
+def open_store(cfg, iset: ImageSet, out: Path, p1: Pass1) -> CropStore:
+    """The crop store in `out` with this prepare's array settings and attributes (a single run,
+    a part and the merge of parts open it alike, so their stores are one format)."""
+    return CropStore(
         out,
         channels=iset.channels,
         crop_size=cfg.crop_size,
@@ -1002,6 +1002,12 @@ def _pass2(cfg, iset: ImageSet, out: Path, p1: Pass1, rows: list[int], after_sit
         attrs={"source": str(cfg.load_data or cfg.image_dir)},
         settings_fingerprint=p1.fp,
     )
+
+
+def _pass2(cfg, iset: ImageSet, out: Path, p1: Pass1, rows: list[int], after_site):
+    """Pass 2 of the sites `rows` (QC-passing, in table order) into the crop store in `out`,
+    resuming after the sites it holds: (store, sites skipped with on_error=skip)."""
+    store = open_store(cfg, iset, out, p1)
     todo = [i for i in rows if not store.has(iset.key(i))]
     if len(todo) < len(rows):
         logger.info(
