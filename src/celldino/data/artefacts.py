@@ -158,16 +158,30 @@ def channel_noise(image: np.ndarray) -> np.ndarray:
 BRIGHT_LEVELS = (0.5, 0.8)  # `bright_objects` levels `celldino qc` stores and uses
 
 
-def _bright_labels(plane: np.ndarray, level: float):
-    """The 8-connected regions of the sigma-1 smoothed plane more than `level` of the way from
-    its median to its 99.5th percentile: (labels, count); (None, 0) for a flat plane."""
+def _bright_regions(plane: np.ndarray, levels: tuple[float, ...]) -> list[tuple]:
+    """For each level: the 8-connected regions of the sigma-1 smoothed plane more than `level`
+    of the way from its median to its 99.5th percentile, as (labels, count); (None, 0) for a
+    flat plane. The plane is smoothed and its percentiles taken once for every level."""
     from scipy import ndimage as ndi
 
     s = ndi.gaussian_filter(np.nan_to_num(np.asarray(plane, dtype=np.float64)), 1.0)
     med, hi = np.median(s), np.percentile(s, 99.5)
     if hi - med <= 1e-12:
-        return None, 0
-    return ndi.label(s > med + level * (hi - med), structure=np.ones((3, 3)))
+        return [(None, 0)] * len(levels)
+    return [ndi.label(s > med + lv * (hi - med), structure=np.ones((3, 3))) for lv in levels]
+
+
+def _largest(lab, n: int) -> float:
+    return float(np.bincount(lab.ravel())[1:].max() / lab.size) if n else 0.0
+
+
+def _longest(lab, n: int) -> float:
+    from scipy import ndimage as ndi
+
+    if not n:
+        return 0.0
+    ext = max(max(a.stop - a.start, b.stop - b.start) for a, b in ndi.find_objects(lab))
+    return ext / min(lab.shape)
 
 
 def bright_objects(image: np.ndarray, level: float = 0.5) -> np.ndarray:
@@ -175,26 +189,22 @@ def bright_objects(image: np.ndarray, level: float = 0.5) -> np.ndarray:
     fraction of the field: pixels of the sigma-1 smoothed plane more than `level` of the way
     from its median to its 99.5th percentile, 8-connected. A cell is a small object; a clump or
     fibre of junk, saturating or not, is a large one (no classical flag sees dim junk)."""
-    out = np.zeros(len(image))
-    for c, plane in enumerate(image):
-        lab, n = _bright_labels(plane, level)
-        if n:
-            out[c] = np.bincount(lab.ravel())[1:].max() / lab.size
-    return out
+    return np.array([_largest(*_bright_regions(plane, (level,))[0]) for plane in image])
 
 
 def bright_extent(image: np.ndarray, level: float = 0.5) -> np.ndarray:
     """(C,) the longest bounding-box side of any bright object (as `bright_objects` finds them)
     of each channel, over the field's shorter side: a thin fibre of junk is long, not large."""
-    from scipy import ndimage as ndi
+    return np.array([_longest(*_bright_regions(plane, (level,))[0]) for plane in image])
 
-    out = np.zeros(len(image))
-    for c, plane in enumerate(image):
-        lab, n = _bright_labels(plane, level)
-        if n:
-            ext = max(max(a.stop - a.start, b.stop - b.start) for a, b in ndi.find_objects(lab))
-            out[c] = ext / min(lab.shape)
-    return out
+
+def bright_measures(image: np.ndarray) -> np.ndarray:
+    """((len(BRIGHT_LEVELS) + 1) * C,) what `celldino qc` stores of a field, in
+    `extract.fields.bright_columns` order: `bright_objects` at each of `BRIGHT_LEVELS`, then
+    `bright_extent` at the first level; each plane smoothed and labelled once per level."""
+    regions = [_bright_regions(plane, BRIGHT_LEVELS) for plane in image]  # [channel][level]
+    areas = [[_largest(*r[k]) for r in regions] for k in range(len(BRIGHT_LEVELS))]
+    return np.concatenate([np.ravel(areas), [_longest(*r[0]) for r in regions]])
 
 
 CLASSICAL_FEATURES = ("QC_Blur", "QC_Saturation", "QC_Foreground", "QC_LargestObject")

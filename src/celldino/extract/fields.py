@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from celldino import log
-from celldino.data.artefacts import BRIGHT_LEVELS, bright_extent, bright_objects, channel_noise
+from celldino.data.artefacts import BRIGHT_LEVELS, bright_measures, channel_noise
 from celldino.errors import DataError, MissingInputError
 from celldino.io.files import file_fingerprint, read_json
 from celldino.io.prepared import (
@@ -67,7 +67,7 @@ BRIGHT_PREFIX = "bright"  # field_embeddings.parquet: each channel's largest bri
 
 def bright_columns(channels: list[str]) -> list[str]:
     """bright<level %>_<channel> for each of `BRIGHT_LEVELS` (outer) and channel (inner), then
-    extent50_<channel> (`bright_extent`)."""
+    extent50_<channel> (`bright_extent`): `bright_measures`' order."""
     cols = [f"{BRIGHT_PREFIX}{round(lv * 100)}_{c}" for lv in BRIGHT_LEVELS for c in channels]
     return cols + [f"extent50_{c}" for c in channels]
 
@@ -337,9 +337,7 @@ class _Fields:
         img = self.iset.read(self.rows[k])
         if k not in self.noise:
             self.noise[k] = channel_noise(img)
-            self.bright[k] = np.concatenate(
-                [bright_objects(img, lv) for lv in BRIGHT_LEVELS] + [bright_extent(img)]
-            )
+            self.bright[k] = bright_measures(img)
         return img
 
 
